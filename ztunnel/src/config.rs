@@ -1,0 +1,587 @@
+//! The daemon's one validated configuration.
+//!
+//! Settings come from three places, strongest first: command-line flags, `ZTUNNEL_*`
+//! environment variables (clap reads both), and an optional YAML file (`--config`). Everything
+//! is checked here, before any socket is bound or any program is loaded, so that a typo stops the
+//! daemon with a message naming the setting instead of half-starting it.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+/// Command line of the `ztunnel` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Node-level ambient mesh tunnel daemon: captures enrolled pods' traffic with eBPF and \
+             carries it between nodes in HBONE (HTTP/2 CONNECT over mutual TLS 1.3).",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// Operator commands; without one, the daemon runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Daemon settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands besides running the daemon.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the built-in file certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `ztunnel ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the root key and certificate in --ca-dir unless they already exist.
+    Init {
+        /// Directory holding root-cert.pem and root-key.pem.
+        #[arg(long, env = "ZTUNNEL_CA_DIR")]
+        ca_dir: PathBuf,
+        /// Trust domain written into the root certificate's subject.
+        #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Every daemon setting as it may arrive from flags, environment or file. All optional here;
+/// defaults and checks are applied by [`Config::resolve`].
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunArgs {
+    /// YAML file with any of these settings (keys as the long flag names, e.g. `hbone-port: 15008`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "ZTUNNEL_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Kubernetes name of the node this daemon serves. Only pods with this `spec.nodeName` are
+    /// captured and get certificates. Required.
+    #[arg(long, env = "ZTUNNEL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// File or directory of Kubernetes YAML (Namespaces, Pods, Services), watched for changes.
+    /// Required.
+    #[arg(long, env = "ZTUNNEL_STATE")]
+    pub state: Option<PathBuf>,
+    /// How often the state source is checked for changes [default: 500ms].
+    #[arg(long, env = "ZTUNNEL_STATE_POLL_INTERVAL")]
+    pub state_poll_interval: Option<String>,
+    /// Directory of the built-in file CA (root-cert.pem, root-key.pem; created when absent).
+    /// Required.
+    #[arg(long, env = "ZTUNNEL_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities [default: cluster.local].
+    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Kubernetes cluster DNS domain [default: cluster.local].
+    #[arg(long, env = "ZTUNNEL_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// Lifetime of issued workload certificates; renewed at half-life [default: 24h].
+    #[arg(long, env = "ZTUNNEL_CERT_TTL")]
+    pub cert_ttl: Option<String>,
+    /// Node interfaces that face other nodes; inbound traffic is captured there
+    /// (repeat or comma-separate) [default: eth0].
+    #[arg(long, env = "ZTUNNEL_UPLINK", value_delimiter = ',')]
+    #[serde(default)]
+    pub uplink: Vec<String>,
+    /// Load and attach the eBPF capture. `false` runs only the proxies (for debugging) [default: true].
+    #[arg(long, env = "ZTUNNEL_CAPTURE")]
+    pub capture: Option<bool>,
+    /// Packet mark the capture programs set on steered packets; routed locally by an ip rule
+    /// [default: 0x2000].
+    #[arg(long, env = "ZTUNNEL_CAPTURE_MARK")]
+    pub capture_mark: Option<String>,
+    /// Socket mark on every socket of the daemon, so the capture never catches its own traffic
+    /// [default: 0x539].
+    #[arg(long, env = "ZTUNNEL_DAEMON_MARK")]
+    pub daemon_mark: Option<String>,
+    /// Routing table used for the local route of captured packets [default: 1501].
+    #[arg(long, env = "ZTUNNEL_ROUTE_TABLE")]
+    pub route_table: Option<u32>,
+    /// Outbound capture listener (traffic leaving enrolled pods) [default: 15001].
+    #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT")]
+    pub outbound_port: Option<u16>,
+    /// Inbound plaintext capture listener (non-mesh sources to enrolled pods) [default: 15006].
+    #[arg(long, env = "ZTUNNEL_INBOUND_PLAINTEXT_PORT")]
+    pub inbound_plaintext_port: Option<u16>,
+    /// HBONE (mTLS + HTTP/2 CONNECT) listener; also the port dialled on remote pods [default: 15008].
+    #[arg(long, env = "ZTUNNEL_HBONE_PORT")]
+    pub hbone_port: Option<u16>,
+    /// Admin API, bound to loopback [default: 15000].
+    #[arg(long, env = "ZTUNNEL_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+    /// Prometheus metrics [default: 15020].
+    #[arg(long, env = "ZTUNNEL_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Readiness probe, `GET /healthz/ready` [default: 15021].
+    #[arg(long, env = "ZTUNNEL_READINESS_PORT")]
+    pub readiness_port: Option<u16>,
+    /// Maximum concurrent flows on one pooled HBONE connection; never above what the peer
+    /// allows [default: 100].
+    #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS")]
+    pub hbone_max_streams: Option<u32>,
+    /// A pooled HBONE connection without flows is closed after this long [default: 60s].
+    #[arg(long, env = "ZTUNNEL_HBONE_IDLE_TIMEOUT")]
+    pub hbone_idle_timeout: Option<String>,
+    /// Timeout for TCP connect plus TLS handshake to a peer or a pod [default: 5s].
+    #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, env = "ZTUNNEL_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. `info` or `info,ztunnel::hbone=debug` [default: info].
+    #[arg(long, env = "ZTUNNEL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// A setting that failed validation. The message names the flag, its environment variable and
+/// its file key, so the operator can find it wherever it was set.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting has a bad or missing value.
+    #[error("invalid setting --{flag} (env {env}, config key `{flag}`): {message}")]
+    Invalid {
+        /// Long flag name, which is also the config file key.
+        flag: &'static str,
+        /// Environment variable name.
+        env: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+    /// The `--config` file could not be read or parsed.
+    #[error("config file {path}: {message}")]
+    File {
+        /// Path of the file.
+        path: PathBuf,
+        /// Read or parse error, with the offending key when known.
+        message: String,
+    },
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        env: format!("ZTUNNEL_{}", flag.replace('-', "_").to_uppercase()),
+        message: message.into(),
+    }
+}
+
+/// Listener ports inside the node's network namespace.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ports {
+    /// Outbound capture.
+    pub outbound: u16,
+    /// Inbound plaintext capture.
+    pub inbound_plaintext: u16,
+    /// HBONE inbound, and the port dialled on destination pods.
+    pub hbone: u16,
+    /// Admin API (loopback).
+    pub admin: u16,
+    /// Prometheus metrics.
+    pub metrics: u16,
+    /// Readiness probe.
+    pub readiness: u16,
+}
+
+/// Capture settings; `None` in [`Config::capture`] when capture is off.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureConfig {
+    /// Interfaces facing other nodes.
+    pub uplinks: Vec<String>,
+    /// Mark set on steered packets.
+    pub capture_mark: u32,
+    /// Routing table of the local route for marked packets.
+    pub route_table: u32,
+}
+
+/// HBONE client pool and connection settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct HboneConfig {
+    /// Stream cap per pooled connection.
+    pub max_streams: u32,
+    /// Idle pooled connections are released after this.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// TCP connect + TLS handshake timeout.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// HTTP/2 stream flow-control window.
+    pub stream_window: u32,
+    /// HTTP/2 connection flow-control window.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept.
+    pub max_frame_size: u32,
+}
+
+/// The validated configuration the daemon runs with. Serialized for the admin config dump.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// This node's Kubernetes name.
+    pub node_name: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Cluster DNS domain.
+    pub cluster_domain: String,
+    /// State source (file or directory).
+    pub state_path: PathBuf,
+    /// State poll interval.
+    #[serde(with = "duration_str")]
+    pub state_poll_interval: Duration,
+    /// File CA directory.
+    pub ca_dir: PathBuf,
+    /// Workload certificate lifetime.
+    #[serde(with = "duration_str")]
+    pub cert_ttl: Duration,
+    /// Listener ports.
+    pub ports: Ports,
+    /// Address the admin API binds.
+    pub admin_addr: IpAddr,
+    /// eBPF capture, or `None` when disabled.
+    pub capture: Option<CaptureConfig>,
+    /// SO_MARK of every daemon socket.
+    pub daemon_mark: u32,
+    /// HBONE settings.
+    pub hbone: HboneConfig,
+    /// `text` or `json`.
+    pub log_json: bool,
+    /// tracing filter directive.
+    pub log_level: String,
+}
+
+impl Config {
+    /// Merges flags/env with the optional config file and validates the result.
+    pub fn resolve(args: RunArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => RunArgs::default(),
+        };
+        let a = merge(args, file);
+
+        let node_name = a.node_name.ok_or_else(|| invalid("node-name", "is required"))?;
+        if !is_dns_label_ish(&node_name) {
+            return Err(invalid(
+                "node-name",
+                format!("`{node_name}` is not a valid Kubernetes node name"),
+            ));
+        }
+        let trust_domain = a
+            .trust_domain
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+        if !is_dns_label_ish(&trust_domain) {
+            return Err(invalid(
+                "trust-domain",
+                format!("`{trust_domain}` must be lowercase letters, digits, '-', '.' and '_'"),
+            ));
+        }
+        let cluster_domain = a.cluster_domain.unwrap_or_else(|| "cluster.local".into());
+        if !is_dns_label_ish(&cluster_domain) {
+            return Err(invalid(
+                "cluster-domain",
+                format!("`{cluster_domain}` is not a DNS domain"),
+            ));
+        }
+        let state_path = a.state.ok_or_else(|| invalid("state", "is required"))?;
+        if !state_path.exists() {
+            return Err(invalid(
+                "state",
+                format!("{} does not exist", state_path.display()),
+            ));
+        }
+        let ca_dir = a.ca_dir.ok_or_else(|| invalid("ca-dir", "is required"))?;
+        let ports = Ports {
+            outbound: a.outbound_port.unwrap_or(15001),
+            inbound_plaintext: a.inbound_plaintext_port.unwrap_or(15006),
+            hbone: a.hbone_port.unwrap_or(15008),
+            admin: a.admin_port.unwrap_or(15000),
+            metrics: a.metrics_port.unwrap_or(15020),
+            readiness: a.readiness_port.unwrap_or(15021),
+        };
+        check_ports(&ports)?;
+
+        let daemon_mark = parse_mark("daemon-mark", a.daemon_mark.as_deref(), 0x539)?;
+        let capture = if a.capture.unwrap_or(true) {
+            let capture_mark = parse_mark("capture-mark", a.capture_mark.as_deref(), 0x2000)?;
+            if capture_mark & daemon_mark != 0 {
+                return Err(invalid(
+                    "capture-mark",
+                    format!(
+                        "{capture_mark:#x} shares bits with --daemon-mark {daemon_mark:#x}; the \
+                         daemon's own packets would be routed to loopback"
+                    ),
+                ));
+            }
+            let uplinks = if a.uplink.is_empty() {
+                vec!["eth0".to_string()]
+            } else {
+                a.uplink
+            };
+            if let Some(bad) = uplinks.iter().find(|u| u.is_empty() || u.len() > 15) {
+                return Err(invalid(
+                    "uplink",
+                    format!("`{bad}` is not an interface name (1 to 15 characters)"),
+                ));
+            }
+            let route_table = a.route_table.unwrap_or(1501);
+            if matches!(route_table, 0 | 253..=255) {
+                return Err(invalid(
+                    "route-table",
+                    format!("{route_table} is a reserved routing table; pick another"),
+                ));
+            }
+            Some(CaptureConfig {
+                uplinks,
+                capture_mark,
+                route_table,
+            })
+        } else {
+            None
+        };
+
+        let max_streams = a.hbone_max_streams.unwrap_or(100);
+        if max_streams == 0 {
+            return Err(invalid("hbone-max-streams", "must be at least 1"));
+        }
+        let hbone = HboneConfig {
+            max_streams,
+            idle_timeout: duration("hbone-idle-timeout", a.hbone_idle_timeout, "60s")?,
+            connect_timeout: duration("connect-timeout", a.connect_timeout, "5s")?,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+        };
+        let cert_ttl = duration("cert-ttl", a.cert_ttl, "24h")?;
+        if cert_ttl < Duration::from_secs(60) {
+            return Err(invalid("cert-ttl", "must be at least 1m"));
+        }
+        let log_json = match a.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format!("`{other}`: expected `text` or `json`"),
+                ))
+            }
+        };
+        let log_level = a.log_level.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            return Err(invalid("log-level", e.to_string()));
+        }
+        Ok(Config {
+            node_name,
+            trust_domain,
+            cluster_domain,
+            state_path,
+            state_poll_interval: duration("state-poll-interval", a.state_poll_interval, "500ms")?,
+            ca_dir,
+            cert_ttl,
+            ports,
+            admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            capture,
+            daemon_mark,
+            hbone,
+            log_json,
+            log_level,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<RunArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| ConfigError::File {
+        path: path.into(),
+        message: format!("key `{}`: {}", e.path(), e.inner()),
+    })
+}
+
+/// Flags and environment (already merged by clap) win over the file.
+fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
+    RunArgs {
+        config: cli.config,
+        node_name: cli.node_name.or(file.node_name),
+        state: cli.state.or(file.state),
+        state_poll_interval: cli.state_poll_interval.or(file.state_poll_interval),
+        ca_dir: cli.ca_dir.or(file.ca_dir),
+        trust_domain: cli.trust_domain.or(file.trust_domain),
+        cluster_domain: cli.cluster_domain.or(file.cluster_domain),
+        cert_ttl: cli.cert_ttl.or(file.cert_ttl),
+        uplink: if cli.uplink.is_empty() {
+            file.uplink
+        } else {
+            cli.uplink
+        },
+        capture: cli.capture.or(file.capture),
+        capture_mark: cli.capture_mark.or(file.capture_mark),
+        daemon_mark: cli.daemon_mark.or(file.daemon_mark),
+        route_table: cli.route_table.or(file.route_table),
+        outbound_port: cli.outbound_port.or(file.outbound_port),
+        inbound_plaintext_port: cli.inbound_plaintext_port.or(file.inbound_plaintext_port),
+        hbone_port: cli.hbone_port.or(file.hbone_port),
+        admin_port: cli.admin_port.or(file.admin_port),
+        metrics_port: cli.metrics_port.or(file.metrics_port),
+        readiness_port: cli.readiness_port.or(file.readiness_port),
+        hbone_max_streams: cli.hbone_max_streams.or(file.hbone_max_streams),
+        hbone_idle_timeout: cli.hbone_idle_timeout.or(file.hbone_idle_timeout),
+        connect_timeout: cli.connect_timeout.or(file.connect_timeout),
+        log_format: cli.log_format.or(file.log_format),
+        log_level: cli.log_level.or(file.log_level),
+    }
+}
+
+fn check_ports(p: &Ports) -> Result<(), ConfigError> {
+    let all = [
+        ("outbound-port", p.outbound),
+        ("inbound-plaintext-port", p.inbound_plaintext),
+        ("hbone-port", p.hbone),
+        ("admin-port", p.admin),
+        ("metrics-port", p.metrics),
+        ("readiness-port", p.readiness),
+    ];
+    for (i, (flag, port)) in all.iter().enumerate() {
+        if *port == 0 {
+            return Err(invalid(flag, "port 0 is not allowed"));
+        }
+        if let Some((other, _)) = all[..i].iter().find(|(_, q)| q == port) {
+            return Err(invalid(
+                flag,
+                format!("port {port} is already used by --{other}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_mark(flag: &'static str, value: Option<&str>, default: u32) -> Result<u32, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    match parsed {
+        Ok(0) | Err(_) => Err(invalid(
+            flag,
+            format!("`{v}`: expected a non-zero mark such as 0x539"),
+        )),
+        Ok(m) => Ok(m),
+    }
+}
+
+fn duration(
+    flag: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let v = value.unwrap_or_else(|| default.into());
+    parse_duration(&v).ok_or_else(|| {
+        invalid(
+            flag,
+            format!("`{v}`: expected a duration such as 500ms, 30s, 5m or 24h"),
+        )
+    })
+}
+
+/// Parses `<number><unit>` with unit ms, s, m or h.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    let split = v.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+fn is_dns_label_ish(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')
+        })
+}
+
+/// Durations print as `<n>ms` in the config dump, the same form they are written in.
+mod duration_str {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RunArgs {
+        RunArgs {
+            node_name: Some("node1".into()),
+            state: Some(std::env::temp_dir()),
+            ca_dir: Some("/tmp/ca".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_istio_ports() {
+        let c = Config::resolve(base()).expect("valid");
+        assert_eq!(c.ports.hbone, 15008);
+        assert_eq!(c.ports.outbound, 15001);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let mut a = base();
+        a.hbone_port = Some(15001);
+        let e = Config::resolve(a).expect_err("port clash").to_string();
+        assert!(e.contains("--hbone-port") && e.contains("ZTUNNEL_HBONE_PORT"), "{e}");
+        assert!(e.contains("--outbound-port"), "{e}");
+
+        let mut a = base();
+        a.node_name = None;
+        let e = Config::resolve(a).expect_err("missing").to_string();
+        assert!(e.contains("--node-name"), "{e}");
+
+        let mut a = base();
+        a.connect_timeout = Some("5 parsecs".into());
+        let e = Config::resolve(a).expect_err("bad duration").to_string();
+        assert!(e.contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn file_is_overridden_by_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("z.yaml");
+        std::fs::write(&path, "hbone-port: 16008\nadmin-port: 16000\n").expect("write");
+        let mut a = base();
+        a.config = Some(path.clone());
+        a.admin_port = Some(17000);
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(c.ports.hbone, 16008);
+        assert_eq!(c.ports.admin, 17000);
+
+        std::fs::write(&path, "hbone-prot: 1\n").expect("write");
+        let mut a = base();
+        a.config = Some(path);
+        let e = Config::resolve(a).expect_err("unknown key").to_string();
+        assert!(e.contains("z.yaml") && e.contains("hbone-prot"), "{e}");
+    }
+}

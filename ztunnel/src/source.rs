@@ -1,0 +1,204 @@
+//! Where state comes from: a file or a directory of Kubernetes YAML, watched by polling.
+//!
+//! Polling (default every 500 ms) is used instead of inotify because it behaves the same for
+//! plain files, editors' rename-on-save, and ConfigMap volumes (whose files are symlinks that
+//! are swapped atomically), and the files are small. Each file is parsed on its own: a file
+//! with a bad document keeps its last good content in force while the other files update, and
+//! the rejection is logged with file, document and field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::state::kube::{self, Object};
+use crate::state::State;
+
+/// Why the state source cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The path vanished or is unreadable.
+    #[error("state source {path}: {error}")]
+    Read {
+        /// File or directory.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+struct FileEntry {
+    /// Raw text last read, to detect changes.
+    text: String,
+    /// Objects of the last text that parsed.
+    objects: Vec<Object>,
+}
+
+/// Polls a file or directory and publishes a new [`State`] whenever the accepted objects change.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    trust_domain: String,
+    files: BTreeMap<PathBuf, FileEntry>,
+    generation: u64,
+}
+
+impl FileSource {
+    /// A source for `path` (file or directory).
+    pub fn new(path: &Path, trust_domain: &str) -> Self {
+        FileSource {
+            path: path.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+            files: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Reads the source once. Returns a new state when anything accepted changed.
+    pub fn poll(&mut self) -> Result<Option<State>, SourceError> {
+        let paths = self.list()?;
+        let mut changed = false;
+        self.files.retain(|p, _| {
+            let keep = paths.contains(p);
+            changed |= !keep;
+            keep
+        });
+        for p in paths {
+            let text = match std::fs::read_to_string(&p) {
+                Ok(t) => t,
+                // Removed between listing and reading: the next poll sees it gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(SourceError::Read { path: p, error }),
+            };
+            if self.files.get(&p).is_some_and(|f| f.text == text) {
+                continue;
+            }
+            match kube::parse_file(&p, &text) {
+                Ok(objects) => {
+                    self.files.insert(p, FileEntry { text, objects });
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        file = %e.file.display(),
+                        document = e.document,
+                        field = %e.field,
+                        error = %e.message,
+                        "state rejected"
+                    );
+                    // Remember the bad text so it is reported once, but keep the last good
+                    // objects of this file in force.
+                    let objects = self.files.remove(&p).map(|f| f.objects).unwrap_or_default();
+                    self.files.insert(p, FileEntry { text, objects });
+                }
+            }
+        }
+        if !changed && self.generation > 0 {
+            return Ok(None);
+        }
+        self.generation += 1;
+        let objects: Vec<Object> = self
+            .files
+            .values()
+            .flat_map(|f| f.objects.iter().cloned())
+            .collect();
+        Ok(Some(State::build(
+            self.generation,
+            &self.trust_domain,
+            &objects,
+        )))
+    }
+
+    fn list(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let read_err = |error| SourceError::Read {
+            path: self.path.clone(),
+            error,
+        };
+        let meta = std::fs::metadata(&self.path).map_err(read_err)?;
+        if !meta.is_dir() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.path).map_err(read_err)? {
+            let p = entry.map_err(read_err)?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let yaml = name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json");
+            if yaml && !name.starts_with('.') && p.is_file() {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Polls forever, publishing each new state. Read errors are logged and retried: the
+    /// daemon keeps its last good state while the source is unavailable.
+    pub async fn run(mut self, interval: Duration, tx: watch::Sender<Arc<State>>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            ticker.tick().await;
+            match self.poll() {
+                Ok(Some(state)) => {
+                    failing = false;
+                    log_applied(&state);
+                    tx.send_replace(Arc::new(state));
+                }
+                Ok(None) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "state source unreadable; keeping last good state");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// The log line tests and operators watch for after each accepted change.
+pub fn log_applied(state: &State) {
+    tracing::info!(
+        generation = state.generation,
+        pods = state.workloads.len(),
+        services = state.services.len(),
+        enrolled = state.workloads.values().filter(|w| w.enrolled).count(),
+        "state applied"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1, phase: Running}\n";
+
+    #[test]
+    fn bad_file_keeps_its_last_good_objects_while_others_update() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
+        std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
+        let mut src = FileSource::new(dir.path(), "cluster.local");
+        let s = src.poll().expect("reads").expect("first state");
+        assert_eq!(s.workloads.len(), 1);
+        assert!(src.poll().expect("reads").is_none(), "no change, no new state");
+
+        std::fs::write(dir.path().join("pod.yaml"), POD.replace("10.0.0.1", "not-an-ip"))
+            .expect("write");
+        // The bad file changes nothing: no new state, the pod stays.
+        assert!(src.poll().expect("reads").is_none());
+
+        std::fs::write(
+            dir.path().join("ns.yaml"),
+            NS.replace("{name: a}", "{name: a, labels: {istio.io/dataplane-mode: ambient}}"),
+        )
+        .expect("write");
+        let s = src.poll().expect("reads").expect("ns changed");
+        let w = s.workloads.values().next().expect("pod kept from last good file");
+        assert!(w.enrolled, "other file's update applied");
+    }
+}

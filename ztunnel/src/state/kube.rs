@@ -1,0 +1,363 @@
+//! The subset of Kubernetes objects the daemon reads, parsed from multi-document YAML in the
+//! shape `kubectl get -o yaml` prints (single objects or `kind: List`).
+//!
+//! Only the fields the data plane needs are typed; everything else is ignored, so real cluster
+//! dumps load as they are. A document that does not fit is reported with the file, its 0-based
+//! document index and the path of the offending field, which is what an operator needs to fix it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Why a document was rejected.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: document {document}: field `{field}`: {message}", file.display())]
+pub struct ParseError {
+    /// File the document came from.
+    pub file: PathBuf,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
+    /// Dotted path of the offending field (`spec.ports[0].port`), or `.` for the whole document.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Object metadata the daemon uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Object name.
+    pub name: String,
+    /// Namespace (empty for cluster-scoped objects).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Labels; enrollment and selectors use them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Object UID, when the source has one.
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
+/// `v1/Namespace`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Namespace {
+    /// Metadata; labels carry `istio.io/dataplane-mode`.
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/Pod`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Pod {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: PodSpec,
+    /// Status; the pod IP lives here.
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// The parts of a pod spec the daemon needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Node the pod runs on; a daemon captures and certifies only its own node's pods.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Service account: the identity's last path segment.
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    /// Host-network pods share the node's address and are never captured.
+    #[serde(default)]
+    pub host_network: bool,
+    /// Containers, for named target ports.
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+/// A container, for its named ports.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Container {
+    /// Declared ports.
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// A declared container port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    /// Port name, referenced by Service `targetPort`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Port number.
+    pub container_port: u16,
+}
+
+/// The parts of pod status the daemon needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Primary pod IP; a pod without one is not routable yet.
+    #[serde(default, rename = "podIP", deserialize_with = "empty_as_none")]
+    pub pod_ip: Option<IpAddr>,
+    /// Phase; only `Running` pods receive traffic.
+    #[serde(default)]
+    pub phase: Option<String>,
+}
+
+/// `v1/Service`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Service {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+/// The parts of a service spec the daemon needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Pod selector; a service without one has no endpoints here.
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Virtual IP, `None` for headless services.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    /// All virtual IPs (dual stack).
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+/// A service port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Port name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Port on the virtual IP.
+    pub port: u16,
+    /// Port on the pods; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    /// Only TCP is proxied.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// Kubernetes `IntOrString`, used by `targetPort`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// A port number.
+    Int(u16),
+    /// A named container port.
+    String(String),
+}
+
+/// One object of a kind the daemon understands.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// A namespace.
+    Namespace(Namespace),
+    /// A pod.
+    Pod(Pod),
+    /// A service.
+    Service(Service),
+}
+
+/// Parses every document of one file. Kinds the daemon does not use are skipped; the first
+/// document that does not parse fails the whole file, so a half-applied file never happens.
+pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |field: String, message: String| ParseError {
+            file: file.to_path_buf(),
+            document: index,
+            field,
+            message,
+        };
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| err(".".into(), format!("not valid YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        if kind == "List" {
+            let items = match value.get("items") {
+                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                None | Some(serde_yaml::Value::Null) => Vec::new(),
+                Some(_) => return Err(err("items".into(), "must be a list".into())),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                if let Some(obj) =
+                    parse_object(item).map_err(|(f, m)| err(format!("items[{i}].{f}"), m))?
+                {
+                    out.push(obj);
+                }
+            }
+        } else if let Some(obj) = parse_object(value).map_err(|(f, m)| err(f, m))? {
+            out.push(obj);
+        }
+    }
+    Ok(out)
+}
+
+type FieldError = (String, String);
+
+fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> {
+    let kind = match value.get("kind") {
+        Some(serde_yaml::Value::String(k)) => k.clone(),
+        _ => return Err(("kind".into(), "missing or not a string".into())),
+    };
+    let api = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let obj = match (api, kind.as_str()) {
+        ("v1", "Namespace") => Object::Namespace(typed(value)?),
+        ("v1", "Pod") => {
+            let pod: Pod = typed(value)?;
+            require_namespace(&pod.metadata)?;
+            Object::Pod(pod)
+        }
+        ("v1", "Service") => {
+            let svc: Service = typed(value)?;
+            require_namespace(&svc.metadata)?;
+            check_service(&svc)?;
+            Object::Service(svc)
+        }
+        _ => {
+            tracing::debug!(kind, api, "skipping object of a kind the daemon does not use");
+            return Ok(None);
+        }
+    };
+    Ok(Some(obj))
+}
+
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        (path, e.into_inner().to_string())
+    })
+}
+
+fn require_namespace(meta: &ObjectMeta) -> Result<(), FieldError> {
+    match meta.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => Ok(()),
+        _ => Err(("metadata.namespace".into(), "is required".into())),
+    }
+}
+
+fn check_service(svc: &Service) -> Result<(), FieldError> {
+    let vips = svc
+        .spec
+        .cluster_ip
+        .iter()
+        .chain(&svc.spec.cluster_ips)
+        .enumerate();
+    for (i, ip) in vips {
+        if ip.is_empty() || ip == "None" || ip.parse::<IpAddr>().is_ok() {
+            continue;
+        }
+        let field = if i == 0 && svc.spec.cluster_ip.is_some() {
+            "spec.clusterIP".to_string()
+        } else {
+            format!("spec.clusterIPs[{}]", i - usize::from(svc.spec.cluster_ip.is_some()))
+        };
+        return Err((field, format!("`{ip}` is not an IP address or `None`")));
+    }
+    for (i, p) in svc.spec.ports.iter().enumerate() {
+        if p.port == 0 {
+            return Err((format!("spec.ports[{i}].port"), "must not be 0".into()));
+        }
+        if p.target_port == Some(IntOrString::Int(0)) {
+            return Err((format!("spec.ports[{i}].targetPort"), "must not be 0".into()));
+        }
+    }
+    Ok(())
+}
+
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: demo, labels: {app: a}}
+  spec: {nodeName: node1, serviceAccountName: sa, containers: [{ports: [{name: http, containerPort: 8080}]}]}
+  status: {podIP: 10.244.1.11, phase: Running}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: ignored, namespace: demo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: demo}
+spec: {clusterIP: 10.96.0.10, selector: {app: a}, ports: [{port: 80, targetPort: http}]}
+"#;
+
+    #[test]
+    fn parses_kinds_and_lists() {
+        let objs = parse_file(Path::new("x.yaml"), GOOD).expect("parses");
+        assert_eq!(objs.len(), 3);
+        let Object::Service(svc) = &objs[2] else {
+            panic!("third object is the service")
+        };
+        assert_eq!(
+            svc.spec.ports[0].target_port,
+            Some(IntOrString::String("http".into()))
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let bad = GOOD.replace("port: 80", "port: abc");
+        let e = parse_file(Path::new("/s/x.yaml"), &bad).expect_err("bad port");
+        assert_eq!(e.document, 2);
+        assert_eq!(e.field, "spec.ports[0].port");
+        assert!(e.to_string().starts_with("/s/x.yaml: document 2: field `spec.ports[0].port`"));
+
+        let bad = GOOD.replace("podIP: 10.244.1.11", "podIP: 10.244.1");
+        let e = parse_file(Path::new("x.yaml"), &bad).expect_err("bad ip");
+        assert_eq!((e.document, e.field.as_str()), (1, "items[0].status.podIP"));
+
+        let bad = GOOD.replace("clusterIP: 10.96.0.10", "clusterIP: ten");
+        let e = parse_file(Path::new("x.yaml"), &bad).expect_err("bad vip");
+        assert_eq!(e.field, "spec.clusterIP");
+
+        let e = parse_file(Path::new("x.yaml"), "a: [1,\n").expect_err("syntax");
+        assert_eq!((e.document, e.field.as_str()), (0, "."));
+    }
+}

@@ -1,0 +1,379 @@
+//! The one registry of workloads and services the data path reads.
+//!
+//! A [`State`] is an immutable snapshot built from Kubernetes objects; the source publishes a
+//! new snapshot on every accepted change (through a `tokio::sync::watch` channel), so a flow
+//! always sees one consistent view and readers never take a lock on the hot path.
+
+pub mod kube;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::identity::SpiffeId;
+use kube::{IntOrString, Object};
+
+/// Namespace label that enrolls a namespace's pods, and pod label value that opts one out.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// A pod as the data plane sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Service account (default `default`).
+    pub service_account: String,
+    /// Node the pod runs on.
+    pub node: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// In the mesh: namespace labelled ambient, pod not opted out, not host-network. Enrolled
+    /// workloads are reached over HBONE and their outbound traffic is captured.
+    pub enrolled: bool,
+    /// Named container ports, for services' named `targetPort`.
+    pub named_ports: BTreeMap<String, u16>,
+    /// SPIFFE identity.
+    pub identity: SpiffeId,
+}
+
+impl Workload {
+    /// `namespace/name`, the form logs and tools use.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a service port maps onto its pods.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePort {
+    /// Port on the virtual IP.
+    pub port: u16,
+    /// Port on the pods: a number, or a container port name resolved per pod.
+    pub target: TargetPort,
+}
+
+/// A service `targetPort`.
+#[derive(Debug, Clone, Serialize)]
+pub enum TargetPort {
+    /// Same number on every pod.
+    Number(u16),
+    /// Container port name, looked up in each endpoint pod.
+    Named(String),
+}
+
+/// A service with its endpoints resolved.
+#[derive(Debug, Serialize)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// Virtual IPs; empty for headless services.
+    pub vips: Vec<IpAddr>,
+    /// TCP ports.
+    pub ports: Vec<ServicePort>,
+    /// Ready pods selected by the service.
+    pub endpoints: Vec<Arc<Workload>>,
+    /// Round-robin cursor over endpoints.
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+impl Service {
+    /// `name.namespace.svc.<domain>` is built by DNS; this is `namespace/name` for logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Picks the next endpoint (round robin) that serves `port`, and the pod port to dial.
+    pub fn pick(&self, port: u16) -> Option<(Arc<Workload>, u16)> {
+        let sp = self.ports.iter().find(|p| p.port == port)?;
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| {
+            let w = &self.endpoints[(start + i) % n];
+            let target = match &sp.target {
+                TargetPort::Number(p) => *p,
+                TargetPort::Named(name) => *w.named_ports.get(name)?,
+            };
+            Some((w.clone(), target))
+        })
+    }
+}
+
+/// Where a destination address leads.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A pod, and the port to dial on it.
+    Workload(Arc<Workload>, u16),
+    /// Not known to the mesh: passed through unchanged.
+    External(SocketAddr),
+}
+
+/// Why a destination could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The VIP belongs to a service that has no ready endpoint for the port.
+    #[error("service {service} has no ready endpoint for port {port}")]
+    NoEndpoint {
+        /// `namespace/name`.
+        service: String,
+        /// Service port asked for.
+        port: u16,
+    },
+}
+
+/// An immutable snapshot of everything the daemon knows.
+#[derive(Debug, Default, Serialize)]
+pub struct State {
+    /// Increases with every accepted change.
+    pub generation: u64,
+    /// Workloads by pod IP.
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Services by virtual IP.
+    #[serde(skip)]
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl State {
+    /// Builds a snapshot from objects. Later objects with the same identity replace earlier ones.
+    pub fn build(generation: u64, trust_domain: &str, objects: &[Object]) -> State {
+        let mut namespaces = HashMap::new();
+        let mut pods = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        for o in objects {
+            match o {
+                Object::Namespace(n) => {
+                    let ambient = n.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
+                        == Some("ambient");
+                    namespaces.insert(n.metadata.name.clone(), ambient);
+                }
+                Object::Pod(p) => {
+                    let ns = p.metadata.namespace.clone().unwrap_or_default();
+                    pods.insert((ns, p.metadata.name.clone()), p);
+                }
+                Object::Service(s) => {
+                    let ns = s.metadata.namespace.clone().unwrap_or_default();
+                    services.insert((ns, s.metadata.name.clone()), s);
+                }
+            }
+        }
+
+        let mut workloads = HashMap::new();
+        for ((ns, name), p) in &pods {
+            let (Some(ip), Some("Running")) = (p.status.pod_ip, p.status.phase.as_deref()) else {
+                continue;
+            };
+            if p.spec.host_network {
+                continue;
+            }
+            let opted_out =
+                p.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none");
+            let service_account = p
+                .spec
+                .service_account_name
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into());
+            let named_ports = p
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
+                .collect();
+            let w = Workload {
+                name: name.clone(),
+                namespace: ns.clone(),
+                identity: SpiffeId::new(trust_domain, ns, &service_account),
+                service_account,
+                node: p.spec.node_name.clone().unwrap_or_default(),
+                ip,
+                labels: p.metadata.labels.clone(),
+                enrolled: namespaces.get(ns).copied().unwrap_or(false) && !opted_out,
+                named_ports,
+            };
+            if let Some(prev) = workloads.insert(ip, Arc::new(w)) {
+                tracing::warn!(ip = %ip, pod = %prev.key(), "two running pods share an IP; the later one wins");
+            }
+        }
+
+        let mut by_key = BTreeMap::new();
+        let mut by_vip = HashMap::new();
+        for ((ns, name), s) in services {
+            let mut endpoints: Vec<Arc<Workload>> = match &s.spec.selector {
+                Some(sel) if !sel.is_empty() => workloads
+                    .values()
+                    .filter(|w| {
+                        w.namespace == ns && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .cloned()
+                    .collect(),
+                _ => Vec::new(),
+            };
+            endpoints.sort_by_key(|w| w.ip);
+            let vips: Vec<IpAddr> = s
+                .spec
+                .cluster_ip
+                .iter()
+                .chain(&s.spec.cluster_ips)
+                .filter_map(|v| v.parse().ok())
+                .fold(Vec::new(), |mut acc, ip| {
+                    if !acc.contains(&ip) {
+                        acc.push(ip);
+                    }
+                    acc
+                });
+            let ports = s
+                .spec
+                .ports
+                .iter()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .map(|p| ServicePort {
+                    port: p.port,
+                    target: match &p.target_port {
+                        None => TargetPort::Number(p.port),
+                        Some(IntOrString::Int(n)) => TargetPort::Number(*n),
+                        Some(IntOrString::String(s)) => match s.parse() {
+                            Ok(n) => TargetPort::Number(n),
+                            Err(_) => TargetPort::Named(s.clone()),
+                        },
+                    },
+                })
+                .collect();
+            let svc = Arc::new(Service {
+                name: name.clone(),
+                namespace: ns.clone(),
+                vips,
+                ports,
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+            for vip in &svc.vips {
+                by_vip.insert(*vip, svc.clone());
+            }
+            by_key.insert(svc.key(), svc);
+        }
+        State {
+            generation,
+            workloads,
+            services: by_key,
+            by_vip,
+        }
+    }
+
+    /// The workload with this pod IP.
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    /// Resolves an original destination: a service VIP picks an endpoint and maps the port to
+    /// the target port; a pod IP is that pod; anything else is outside the mesh.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
+        if let Some(svc) = self.by_vip.get(&dst.ip()) {
+            return svc
+                .pick(dst.port())
+                .map(|(w, port)| Destination::Workload(w, port))
+                .ok_or_else(|| ResolveError::NoEndpoint {
+                    service: svc.key(),
+                    port: dst.port(),
+                });
+        }
+        Ok(match self.workloads.get(&dst.ip()) {
+            Some(w) => Destination::Workload(w.clone(), dst.port()),
+            None => Destination::External(dst),
+        })
+    }
+
+    /// Pods scheduled on `node`, sorted by IP: what capture and certificates are about.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        let mut v: Vec<_> = self.workloads.values().filter(|w| w.node == node).collect();
+        v.sort_by_key(|w| w.ip);
+        v.into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn state(yaml: &str) -> State {
+        let objs = kube::parse_file(Path::new("t.yaml"), yaml).expect("parses");
+        State::build(1, "cluster.local", &objs)
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1, serviceAccountName: sa-a, containers: [{ports: [{name: web, containerPort: 8080}]}]}, status: {podIP: 10.0.0.1, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: b, namespace: mesh, labels: {app: s, istio.io/dataplane-mode: none}}, spec: {nodeName: n2, containers: [{ports: [{name: web, containerPort: 9090}]}]}, status: {podIP: 10.0.0.2, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: c, namespace: plain}, spec: {nodeName: n1}, status: {podIP: 10.0.0.3, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: d, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1}, status: {phase: Pending}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: s, namespace: mesh}, spec: {clusterIP: 10.96.0.1, selector: {app: s}, ports: [{port: 80, targetPort: web}]}}
+"#;
+
+    #[test]
+    fn enrollment_follows_labels() {
+        let s = state(BASE);
+        let ip = |x: &str| x.parse::<IpAddr>().expect("ip");
+        assert!(s.workload(ip("10.0.0.1")).expect("a").enrolled);
+        assert!(!s.workload(ip("10.0.0.2")).expect("b").enrolled, "pod opt-out");
+        assert!(!s.workload(ip("10.0.0.3")).expect("c").enrolled, "namespace not ambient");
+        assert_eq!(s.workloads.len(), 3, "pending pod without IP is skipped");
+        assert_eq!(
+            s.workload(ip("10.0.0.1")).expect("a").identity.to_string(),
+            "spiffe://cluster.local/ns/mesh/sa/sa-a"
+        );
+        assert_eq!(
+            s.workload(ip("10.0.0.3")).expect("c").identity.to_string(),
+            "spiffe://cluster.local/ns/plain/sa/default"
+        );
+        assert_eq!(s.local_workloads("n1").count(), 2);
+    }
+
+    #[test]
+    fn vip_round_robins_over_endpoints_with_named_target_port() {
+        let s = state(BASE);
+        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            match s.resolve(vip).expect("resolves") {
+                Destination::Workload(w, port) => {
+                    seen.insert((w.name.clone(), port));
+                }
+                Destination::External(_) => panic!("vip is a service"),
+            }
+        }
+        let want: std::collections::BTreeSet<_> =
+            [("a".to_string(), 8080), ("b".to_string(), 9090)].into();
+        assert_eq!(seen, want);
+        assert!(matches!(
+            s.resolve("10.96.0.1:81".parse().expect("addr")),
+            Err(ResolveError::NoEndpoint { .. })
+        ));
+        assert!(matches!(
+            s.resolve("1.2.3.4:80".parse().expect("addr")),
+            Ok(Destination::External(_))
+        ));
+    }
+}
