@@ -266,7 +266,9 @@ impl Config {
         };
         let a = merge(args, file);
 
-        let node_name = a.node_name.ok_or_else(|| invalid("node-name", "is required"))?;
+        let node_name = a
+            .node_name
+            .ok_or_else(|| invalid("node-name", "is required"))?;
         if !is_dns_label_ish(&node_name) {
             return Err(invalid(
                 "node-name",
@@ -511,9 +513,8 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 fn is_dns_label_ish(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')
-        })
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'))
 }
 
 /// Durations print as `<n>ms` in the config dump, the same form they are written in.
@@ -552,7 +553,10 @@ mod tests {
         let mut a = base();
         a.hbone_port = Some(15001);
         let e = Config::resolve(a).expect_err("port clash").to_string();
-        assert!(e.contains("--hbone-port") && e.contains("ZTUNNEL_HBONE_PORT"), "{e}");
+        assert!(
+            e.contains("--hbone-port") && e.contains("ZTUNNEL_HBONE_PORT"),
+            "{e}"
+        );
         assert!(e.contains("--outbound-port"), "{e}");
 
         let mut a = base();

@@ -2,8 +2,15 @@
 //! command line and calls [`app::run`]; everything else lives in the modules below, each named
 //! after the one concern it handles. See ARCHITECTURE.md for how they fit together.
 
+pub mod admin;
+pub mod app;
+pub mod capture;
 pub mod config;
+pub mod hbone;
 pub mod identity;
+pub mod proxy;
+pub mod socket;
 pub mod source;
 pub mod state;
+pub mod telemetry;
 pub mod tls;

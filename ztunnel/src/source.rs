@@ -185,20 +185,33 @@ mod tests {
         let mut src = FileSource::new(dir.path(), "cluster.local");
         let s = src.poll().expect("reads").expect("first state");
         assert_eq!(s.workloads.len(), 1);
-        assert!(src.poll().expect("reads").is_none(), "no change, no new state");
+        assert!(
+            src.poll().expect("reads").is_none(),
+            "no change, no new state"
+        );
 
-        std::fs::write(dir.path().join("pod.yaml"), POD.replace("10.0.0.1", "not-an-ip"))
-            .expect("write");
+        std::fs::write(
+            dir.path().join("pod.yaml"),
+            POD.replace("10.0.0.1", "not-an-ip"),
+        )
+        .expect("write");
         // The bad file changes nothing: no new state, the pod stays.
         assert!(src.poll().expect("reads").is_none());
 
         std::fs::write(
             dir.path().join("ns.yaml"),
-            NS.replace("{name: a}", "{name: a, labels: {istio.io/dataplane-mode: ambient}}"),
+            NS.replace(
+                "{name: a}",
+                "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
+            ),
         )
         .expect("write");
         let s = src.poll().expect("reads").expect("ns changed");
-        let w = s.workloads.values().next().expect("pod kept from last good file");
+        let w = s
+            .workloads
+            .values()
+            .next()
+            .expect("pod kept from last good file");
         assert!(w.enrolled, "other file's update applied");
     }
 }

@@ -255,7 +255,10 @@ mod tests {
     async fn handshake(
         client: ClientConfig,
         server: ServerConfig,
-    ) -> (Result<Option<SpiffeId>, String>, Result<Option<SpiffeId>, String>) {
+    ) -> (
+        Result<Option<SpiffeId>, String>,
+        Result<Option<SpiffeId>, String>,
+    ) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = TlsConnector::from(Arc::new(client));
         let acceptor = TlsAcceptor::from(Arc::new(server));
@@ -277,8 +280,18 @@ mod tests {
         let other_id = SpiffeId::new("cluster.local", "b", "other");
         let m = manager(dir.path(), "cluster.local", &[&client_id, &server_id]).await;
         let wait = Duration::from_secs(5);
-        let cc = m.fetch(&client_id, wait).await.expect("client cert").certified.clone();
-        let sc = m.fetch(&server_id, wait).await.expect("server cert").certified.clone();
+        let cc = m
+            .fetch(&client_id, wait)
+            .await
+            .expect("client cert")
+            .certified
+            .clone();
+        let sc = m
+            .fetch(&server_id, wait)
+            .await
+            .expect("server cert")
+            .certified
+            .clone();
 
         // Expected identity: both sides see each other.
         let client = client_config(cc.clone(), m.roots(), vec![server_id.clone()]).expect("cfg");

@@ -132,7 +132,11 @@ impl CertManager {
     }
 
     /// The certificate, waiting up to `wait` for a first issuance in progress.
-    pub async fn fetch(&self, id: &SpiffeId, wait: Duration) -> Result<Arc<WorkloadCert>, CertError> {
+    pub async fn fetch(
+        &self,
+        id: &SpiffeId,
+        wait: Duration,
+    ) -> Result<Arc<WorkloadCert>, CertError> {
         let mut rx = {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             match entries.get(id) {
@@ -158,7 +162,11 @@ impl CertManager {
         v
     }
 
-    async fn keep_fresh(self: Arc<Self>, id: SpiffeId, tx: watch::Sender<Option<Arc<WorkloadCert>>>) {
+    async fn keep_fresh(
+        self: Arc<Self>,
+        id: SpiffeId,
+        tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    ) {
         let mut backoff = Duration::from_millis(500);
         loop {
             match self.issue(&id).await {
@@ -202,16 +210,19 @@ impl CertManager {
             .map_err(|e| bad(e.to_string()))?;
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(
-            id.to_string().try_into().map_err(|e: rcgen::Error| bad(e.to_string()))?,
+            id.to_string()
+                .try_into()
+                .map_err(|e: rcgen::Error| bad(e.to_string()))?,
         )];
         let csr = params
             .serialize_request(&key)
             .and_then(|c| c.pem())
             .map_err(|e| bad(e.to_string()))?;
         let issued = self.ca.sign(&csr, self.ttl).await?;
-        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut issued.chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(format!("chain is not PEM: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut issued.chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(format!("chain is not PEM: {e}")))?;
         let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
         let got = identity_of(leaf).map_err(bad)?;
         if &got != id {
@@ -223,7 +234,10 @@ impl CertManager {
         let to_system = |t: x509_parser::time::ASN1Time| {
             SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0).unsigned_abs())
         };
-        let serial = parsed.tbs_certificate.raw_serial_as_string().replace(':', "");
+        let serial = parsed
+            .tbs_certificate
+            .raw_serial_as_string()
+            .replace(':', "");
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
             .map_err(|e| bad(e.to_string()))?;

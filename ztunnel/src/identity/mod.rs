@@ -4,7 +4,7 @@ mod ca;
 mod manager;
 
 pub use ca::{CaError, CertificateAuthority, FileCa, IssuedChain};
-pub use manager::{CertManager, WorkloadCert};
+pub use manager::{CertError, CertManager, WorkloadCert};
 
 use std::fmt;
 

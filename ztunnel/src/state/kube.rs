@@ -243,7 +243,11 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
             Object::Service(svc)
         }
         _ => {
-            tracing::debug!(kind, api, "skipping object of a kind the daemon does not use");
+            tracing::debug!(
+                kind,
+                api,
+                "skipping object of a kind the daemon does not use"
+            );
             return Ok(None);
         }
     };
@@ -278,7 +282,10 @@ fn check_service(svc: &Service) -> Result<(), FieldError> {
         let field = if i == 0 && svc.spec.cluster_ip.is_some() {
             "spec.clusterIP".to_string()
         } else {
-            format!("spec.clusterIPs[{}]", i - usize::from(svc.spec.cluster_ip.is_some()))
+            format!(
+                "spec.clusterIPs[{}]",
+                i - usize::from(svc.spec.cluster_ip.is_some())
+            )
         };
         return Err((field, format!("`{ip}` is not an IP address or `None`")));
     }
@@ -287,7 +294,10 @@ fn check_service(svc: &Service) -> Result<(), FieldError> {
             return Err((format!("spec.ports[{i}].port"), "must not be 0".into()));
         }
         if p.target_port == Some(IntOrString::Int(0)) {
-            return Err((format!("spec.ports[{i}].targetPort"), "must not be 0".into()));
+            return Err((
+                format!("spec.ports[{i}].targetPort"),
+                "must not be 0".into(),
+            ));
         }
     }
     Ok(())
@@ -347,7 +357,9 @@ spec: {clusterIP: 10.96.0.10, selector: {app: a}, ports: [{port: 80, targetPort:
         let e = parse_file(Path::new("/s/x.yaml"), &bad).expect_err("bad port");
         assert_eq!(e.document, 2);
         assert_eq!(e.field, "spec.ports[0].port");
-        assert!(e.to_string().starts_with("/s/x.yaml: document 2: field `spec.ports[0].port`"));
+        assert!(e
+            .to_string()
+            .starts_with("/s/x.yaml: document 2: field `spec.ports[0].port`"));
 
         let bad = GOOD.replace("podIP: 10.244.1.11", "podIP: 10.244.1");
         let e = parse_file(Path::new("x.yaml"), &bad).expect_err("bad ip");

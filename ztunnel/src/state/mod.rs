@@ -153,7 +153,11 @@ impl State {
         for o in objects {
             match o {
                 Object::Namespace(n) => {
-                    let ambient = n.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
+                    let ambient = n
+                        .metadata
+                        .labels
+                        .get(DATAPLANE_MODE_LABEL)
+                        .map(String::as_str)
                         == Some("ambient");
                     namespaces.insert(n.metadata.name.clone(), ambient);
                 }
@@ -176,8 +180,12 @@ impl State {
             if p.spec.host_network {
                 continue;
             }
-            let opted_out =
-                p.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none");
+            let opted_out = p
+                .metadata
+                .labels
+                .get(DATAPLANE_MODE_LABEL)
+                .map(String::as_str)
+                == Some("none");
             let service_account = p
                 .spec
                 .service_account_name
@@ -337,8 +345,14 @@ metadata: {name: plain}
         let s = state(BASE);
         let ip = |x: &str| x.parse::<IpAddr>().expect("ip");
         assert!(s.workload(ip("10.0.0.1")).expect("a").enrolled);
-        assert!(!s.workload(ip("10.0.0.2")).expect("b").enrolled, "pod opt-out");
-        assert!(!s.workload(ip("10.0.0.3")).expect("c").enrolled, "namespace not ambient");
+        assert!(
+            !s.workload(ip("10.0.0.2")).expect("b").enrolled,
+            "pod opt-out"
+        );
+        assert!(
+            !s.workload(ip("10.0.0.3")).expect("c").enrolled,
+            "namespace not ambient"
+        );
         assert_eq!(s.workloads.len(), 3, "pending pod without IP is skipped");
         assert_eq!(
             s.workload(ip("10.0.0.1")).expect("a").identity.to_string(),

@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Traffic capture for the node tunnel daemon (see ebpf/README.md and DESIGN.md section 3).
+ *
+ * One TC ingress program, `zt_capture`, attached (as a TCX link) to the node-side veth of
+ * every local pod and to the node's uplinks. It steers TCP of enrolled pods into the daemon's
+ * sockets with bpf_sk_assign(); the packet keeps its addresses, so the daemon reads the
+ * original destination with getsockname(). Assigned packets get `zt_capture_mark`, which an
+ * `ip rule fwmark` routes to a `local default dev lo` table: without that the kernel would
+ * forward the packet (its destination is not a local address) instead of delivering it.
+ *
+ * Per packet, cheapest test first:
+ *   1. not IPv4 TCP, or a non-first fragment, or carrying the daemon's socket mark -> untouched;
+ *   2. neither source nor destination IP is an enrolled local pod -> untouched
+ *      (one or two hash lookups; no socket lookup for traffic outside the mesh);
+ *   3. a socket (not a listener) owns the packet's 4-tuple -> assign it: return traffic of
+ *      connections the daemon opened with a pod's IP (IP_TRANSPARENT), and every packet after
+ *      the SYN of captured flows (their request/established sockets carry the original tuple);
+ *   4. a SYN (no ACK): from an enrolled pod -> outbound listener; to an enrolled pod's HBONE
+ *      port -> HBONE listener; to an enrolled pod otherwise -> inbound plaintext listener.
+ *      No listener -> untouched (fail open; nothing is logged from the data path).
+ *
+ * Return codes: TC_ACT_OK (= TCX_PASS) once a packet is assigned (it is ours: deliver it
+ * locally); TC_ACT_UNSPEC (= TCX_NEXT) for everything untouched, so that programs attached
+ * after ours on the same hook (a CNI's, say) still see that traffic. Alone on a hook both
+ * mean "pass".
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+/*
+ * Settings, written by the loader (aya EbpfLoader::override_global) before the program is
+ * loaded. They live in a frozen read-only map, so the verifier sees them as constants.
+ * Ports are in network byte order, marks as the skb carries them.
+ */
+volatile const __u32 zt_capture_mark = 0;
+volatile const __u32 zt_daemon_mark = 0;
+volatile const __u16 zt_outbound_port = 0;
+volatile const __u16 zt_inbound_port = 0;
+volatile const __u16 zt_hbone_port = 0;
+
+/* Value flags of zt_enrolled. */
+#define ZT_POD_ENROLLED 1u
+
+/* Enrolled pods on this node: key IPv4 address (network byte order), value ZT_POD_* flags.
+ * Written by the daemon on every sync; the programs never change it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} zt_enrolled SEC(".maps");
+
+#define IP_FRAG_OFFSET_MASK 0x1fff
+#define TCP_FLAG_BYTE 13
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+/* Longest headers we may need in the linear part: Ethernet + IPv4 with options + TCP. */
+#define MAX_HDR_LEN (ETH_HLEN + 60 + sizeof(struct tcphdr))
+
+struct zt_flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 tcp_flags;
+};
+
+enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2 };
+
+/* Reads the IPv4/TCP tuple. PARSE_SHORT: headers not (all) in the linear area. */
+static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_SHORT;
+	if (ip->protocol != IPPROTO_TCP)
+		return PARSE_SKIP;
+	if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET_MASK))
+		return PARSE_SKIP;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return PARSE_SKIP;
+	struct tcphdr *th = (void *)ip + ihl;
+	if ((void *)(th + 1) > data_end)
+		return PARSE_SHORT;
+
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->sport = th->source;
+	f->dport = th->dest;
+	f->tcp_flags = ((__u8 *)th)[TCP_FLAG_BYTE];
+	return PARSE_OK;
+}
+
+/* Assigns the packet to `sk` and marks it for local delivery. Does not release `sk`. */
+static __always_inline int zt_assign(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+	if (bpf_sk_assign(skb, sk, 0) != 0)
+		return TC_ACT_UNSPEC;
+	skb->mark |= zt_capture_mark;
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int zt_capture(struct __sk_buff *skb)
+{
+	struct zt_flow f;
+	int rc;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	if (skb->mark & zt_daemon_mark)
+		return TC_ACT_UNSPEC;
+
+	rc = zt_parse(skb, &f);
+	if (rc == PARSE_SHORT) {
+		__u32 len = skb->len < MAX_HDR_LEN ? skb->len : MAX_HDR_LEN;
+		if (bpf_skb_pull_data(skb, len) != 0)
+			return TC_ACT_UNSPEC;
+		rc = zt_parse(skb, &f);
+	}
+	if (rc != PARSE_OK)
+		return TC_ACT_UNSPEC;
+
+	/* Read the flags (not just test the pointers: clang would OR the two map value
+	 * pointers, which the verifier rejects). The destination only matters when the source
+	 * is not enrolled. */
+	__u32 key = f.saddr;
+	__u32 *v = bpf_map_lookup_elem(&zt_enrolled, &key);
+	__u32 src_enrolled = v ? (*v & ZT_POD_ENROLLED) : 0;
+	if (!src_enrolled) {
+		key = f.daddr;
+		v = bpf_map_lookup_elem(&zt_enrolled, &key);
+		if (!v || !(*v & ZT_POD_ENROLLED))
+			return TC_ACT_UNSPEC;
+	}
+
+	/* Here the source or the destination is an enrolled pod.
+	 * Established (or request / time-wait) socket owning this exact tuple. A listener found
+	 * here matched only by destination port (e.g. a host service on 0.0.0.0): never ours. */
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = f.saddr;
+	t.ipv4.daddr = f.daddr;
+	t.ipv4.sport = f.sport;
+	t.ipv4.dport = f.dport;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN) {
+			rc = zt_assign(skb, sk);
+			bpf_sk_release(sk);
+			return rc;
+		}
+		bpf_sk_release(sk);
+	}
+
+	if ((f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return TC_ACT_UNSPEC;
+
+	__u16 port;
+	if (src_enrolled)
+		port = zt_outbound_port;
+	else if (f.dport == zt_hbone_port)
+		port = zt_hbone_port;
+	else
+		port = zt_inbound_port;
+
+	/* The daemon's listeners: 127.0.0.1:<outbound|inbound>, 0.0.0.0:<hbone>. A lookup for
+	 * 127.0.0.1:<port> finds either. */
+	t.ipv4.daddr = bpf_htonl(0x7f000001);
+	t.ipv4.dport = port;
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return TC_ACT_UNSPEC;
+	rc = TC_ACT_UNSPEC;
+	if (sk->state == BPF_TCP_LISTEN)
+		rc = zt_assign(skb, sk);
+	bpf_sk_release(sk);
+	return rc;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

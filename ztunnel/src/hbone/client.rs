@@ -1,0 +1,340 @@
+//! Outgoing HBONE with connection pooling.
+//!
+//! Flows share an HTTP/2 connection only when everything that shows on the wire or in the
+//! handshake is the same: source identity (client certificate), source IP (the spoofed TCP
+//! source), the set of identities accepted from the server, and the destination address. Each
+//! connection carries at most `max_streams` flows; one dial per key runs at a time, so a burst
+//! of new flows to one destination opens one connection, not a hundred. Connections without
+//! flows are released after the idle timeout; broken ones (GOAWAY, I/O error) are dropped.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{HboneError, BAGGAGE, FORWARDED, TRACEPARENT};
+use crate::config::HboneConfig;
+use crate::identity::{CertManager, SpiffeId};
+use crate::{socket, tls};
+
+/// What makes two flows eligible to share a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Client certificate identity.
+    pub src_identity: SpiffeId,
+    /// Source IP of the TCP connection (the source pod's).
+    pub src_ip: IpAddr,
+    /// Server identities accepted, sorted.
+    pub dst_identities: Vec<SpiffeId>,
+    /// Where the connection goes (`<pod ip>:15008`).
+    pub dst: SocketAddr,
+}
+
+/// Per-flow request data sent in the CONNECT headers.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// `:authority`: the destination pod address and target port.
+    pub authority: SocketAddr,
+    /// The original client address, for `forwarded`.
+    pub client: SocketAddr,
+    /// `baggage` value with the source's Kubernetes names.
+    pub baggage: String,
+}
+
+/// One established flow: the stream halves plus a guard that returns the stream slot to the
+/// pool when dropped.
+#[derive(Debug)]
+pub struct Flow {
+    /// Data towards the destination.
+    pub send: SendStream<Bytes>,
+    /// Data from the destination.
+    pub recv: RecvStream,
+    /// Identity the server proved in the handshake.
+    pub peer_identity: Option<SpiffeId>,
+    _slot: Slot,
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    sender: h2::client::SendRequest<Bytes>,
+    peer_identity: Option<SpiffeId>,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+#[derive(Debug)]
+struct Slot(Arc<Conn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+type DialLocks = HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>;
+
+/// The HBONE connection pool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: HboneConfig,
+    mark: u32,
+    certs: Arc<CertManager>,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    dialing: Mutex<DialLocks>,
+    next_id: AtomicUsize,
+}
+
+/// Pool gauges for status and metrics.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct PoolStats {
+    /// Open connections.
+    pub connections: usize,
+    /// Flows in progress over them.
+    pub streams: usize,
+}
+
+impl Pool {
+    /// A pool issuing client certificates from `certs`; every socket gets `mark`.
+    pub fn new(cfg: HboneConfig, mark: u32, certs: Arc<CertManager>) -> Pool {
+        let pool = Pool {
+            inner: Arc::new(Inner {
+                cfg,
+                mark,
+                certs,
+                conns: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashMap::new()),
+                next_id: AtomicUsize::new(1),
+            }),
+        };
+        let weak = Arc::downgrade(&pool.inner);
+        let every = (pool.inner.cfg.idle_timeout / 2).min(Duration::from_secs(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.reap();
+            }
+        });
+        pool
+    }
+
+    /// Opens a flow: reuses a pooled connection with a free slot, or dials one.
+    pub async fn connect(&self, key: &PoolKey, req: &ConnectRequest) -> Result<Flow, HboneError> {
+        // A pooled connection may turn out closed only when used; retry once on a fresh one.
+        for attempt in 0..2 {
+            let conn = match self.inner.take(key) {
+                Some(c) => c,
+                None => self.dial_or_reuse(key).await?,
+            };
+            let slot = Slot(conn.clone());
+            match send_connect(&conn, key, req).await {
+                Ok((send, recv)) => {
+                    return Ok(Flow {
+                        send,
+                        recv,
+                        peer_identity: conn.peer_identity.clone(),
+                        _slot: slot,
+                    })
+                }
+                Err(HboneError::H2 { error, .. }) if attempt == 0 && !error.is_reset() => {
+                    tracing::debug!(conn = conn.id, %error, "pooled connection unusable; redialling");
+                    conn.closed.store(true, Ordering::Release);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(HboneError::Connect {
+            addr: key.dst,
+            error: std::io::Error::other("connection closed twice in a row"),
+        })
+    }
+
+    /// Waits for (or performs) the single dial for `key`, then takes a slot.
+    async fn dial_or_reuse(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
+        let lock = {
+            let mut d = self.inner.dialing.lock().unwrap_or_else(|p| p.into_inner());
+            d.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(c) = self.inner.take(key) {
+            return Ok(c);
+        }
+        let result = self.inner.dial(key).await;
+        self.inner
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        let conn = result?;
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Current pool size.
+    pub fn stats(&self) -> PoolStats {
+        let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns
+            .values()
+            .flatten()
+            .fold(PoolStats::default(), |mut s, c| {
+                s.connections += 1;
+                s.streams += c.active.load(Ordering::Relaxed);
+                s
+            })
+    }
+}
+
+impl Inner {
+    /// Takes a slot on a live pooled connection for `key`, if one has room.
+    fn take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        let max = self.cfg.max_streams as usize;
+        list.iter()
+            .find(|c| {
+                c.active
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .is_ok()
+            })
+            .cloned()
+    }
+
+    async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
+        let addr = key.dst;
+        let cert = self
+            .certs
+            .fetch(&key.src_identity, self.cfg.connect_timeout)
+            .await?;
+        let tls_cfg = tls::client_config(
+            cert.certified.clone(),
+            self.certs.roots(),
+            key.dst_identities.clone(),
+        )?;
+        let tcp = socket::connect(Some(key.src_ip), addr, self.mark, self.cfg.connect_timeout)
+            .await
+            .map_err(|error| HboneError::Connect { addr, error })?;
+        let connector = TlsConnector::from(Arc::new(tls_cfg));
+        let tls_stream = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Tls {
+            addr,
+            error: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+        })?
+        .map_err(|error| HboneError::Tls { addr, error })?;
+        let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(self.cfg.stream_window)
+            .initial_connection_window_size(self.cfg.connection_window)
+            .max_frame_size(self.cfg.max_frame_size)
+            .max_send_buffer_size(self.cfg.stream_window as usize)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|error| HboneError::H2 { addr, error })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let done = closed.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(conn = id, %addr, %error, "HBONE connection ended with an error");
+            }
+            done.store(true, Ordering::Release);
+        });
+        tracing::debug!(conn = id, %addr, src = %key.src_identity, "HBONE connection established");
+        Ok(Arc::new(Conn {
+            id,
+            sender,
+            peer_identity,
+            active: AtomicUsize::new(1),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Drops closed connections and those idle longer than the idle timeout.
+    fn reap(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = self.cfg.idle_timeout;
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let unused = c.active.load(Ordering::Acquire) == 0;
+                let stale = unused
+                    && c.idle_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
+                        >= idle;
+                !(c.closed.load(Ordering::Acquire) || stale)
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+    }
+}
+
+async fn send_connect(
+    conn: &Conn,
+    key: &PoolKey,
+    req: &ConnectRequest,
+) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+    let addr = key.dst;
+    let h2err = |error| HboneError::H2 { addr, error };
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(req.authority.to_string())
+        .header(FORWARDED, format!("for=\"{}\"", req.client))
+        .header(BAGGAGE, &req.baggage)
+        .header(TRACEPARENT, traceparent())
+        .body(())
+        .map_err(|e| HboneError::Connect {
+            addr,
+            error: std::io::Error::other(e),
+        })?;
+    let mut sender = conn.sender.clone().ready().await.map_err(h2err)?;
+    let (response, send) = sender.send_request(request, false).map_err(h2err)?;
+    let response = response.await.map_err(h2err)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status {
+            addr,
+            authority: req.authority,
+            status: response.status(),
+        });
+    }
+    Ok((send, response.into_body()))
+}
+
+/// A fresh W3C trace context (sampled flag off): enough for a downstream tracer to join.
+fn traceparent() -> String {
+    let mut b = [0u8; 24];
+    let _ = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}

@@ -1,0 +1,167 @@
+//! HBONE: TCP flows carried as HTTP/2 CONNECT streams over mutual TLS 1.3 (Istio's wire
+//! protocol, port 15008). `client` pools outgoing connections, `server` terminates incoming
+//! ones; this module holds what both sides share: header names, the splice between a TCP socket
+//! and an HTTP/2 stream, and errors.
+
+pub mod client;
+pub mod server;
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Header carrying the original client address: `for="ip:port"`.
+pub const FORWARDED: &str = "forwarded";
+/// W3C baggage with the source's Kubernetes names (Istio uses it for telemetry).
+pub const BAGGAGE: &str = "baggage";
+/// W3C trace context, so a trace can follow a flow through the tunnel.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Read buffer per direction. Large reads mean few, large DATA frames.
+const READ_BUF: usize = 256 * 1024;
+
+/// Errors of the HBONE layer, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    /// TCP connect to the peer failed.
+    #[error("connect to {addr}: {error}")]
+    Connect {
+        /// Peer address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        error: io::Error,
+    },
+    /// TLS handshake failed (wrong identity, unknown CA, protocol mismatch).
+    #[error("TLS handshake with {addr}: {error}")]
+    Tls {
+        /// Peer address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        error: io::Error,
+    },
+    /// HTTP/2 failure on the connection or stream.
+    #[error("HTTP/2 with {addr}: {error}")]
+    H2 {
+        /// Peer address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        error: h2::Error,
+    },
+    /// The peer answered the CONNECT with something other than 200.
+    #[error("peer {addr} answered CONNECT {authority} with {status}")]
+    Status {
+        /// Peer address.
+        addr: std::net::SocketAddr,
+        /// Requested authority.
+        authority: std::net::SocketAddr,
+        /// Response status.
+        status: http::StatusCode,
+    },
+    /// No certificate for the source identity.
+    #[error(transparent)]
+    Cert(#[from] crate::identity::CertError),
+    /// Building the TLS configuration failed.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Bytes moved by a finished splice, counted from the TCP side's point of view.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transferred {
+    /// Read from the TCP socket and sent into the tunnel.
+    pub to_tunnel: u64,
+    /// Received from the tunnel and written to the TCP socket.
+    pub from_tunnel: u64,
+}
+
+/// Copies both ways between a TCP socket and an HTTP/2 stream until both directions end.
+/// A clean EOF on one side half-closes the other; an error on either side aborts both (the TCP
+/// side is reset, the stream cancelled) so that neither application mistakes a failure for a
+/// clean end of data.
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (Transferred, Option<io::Error>) {
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut to_tunnel = 0u64;
+    let mut from_tunnel = 0u64;
+    let err = {
+        let up = async {
+            let mut buf = BytesMut::with_capacity(READ_BUF);
+            loop {
+                if buf.capacity() < READ_BUF / 4 {
+                    buf.reserve(READ_BUF);
+                }
+                let n = rd.read_buf(&mut buf).await?;
+                if n == 0 {
+                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                    return Ok::<_, io::Error>(());
+                }
+                let mut chunk = buf.split().freeze();
+                while !chunk.is_empty() {
+                    send.reserve_capacity(chunk.len());
+                    let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(c)) => c,
+                        Some(Err(e)) => return Err(h2_io(e)),
+                        None => {
+                            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))
+                        }
+                    };
+                    if cap == 0 {
+                        continue;
+                    }
+                    let part = chunk.split_to(cap.min(chunk.len()));
+                    to_tunnel += part.len() as u64;
+                    send.send_data(part, false).map_err(h2_io)?;
+                }
+            }
+        };
+        let down = async {
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.map_err(h2_io)?;
+                wr.write_all(&chunk).await?;
+                from_tunnel += chunk.len() as u64;
+                // An error here only means the stream is already gone; data() reports it next.
+                let _ = recv.flow_control().release_capacity(chunk.len());
+            }
+            wr.shutdown().await
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => match r { Ok(()) => (&mut down).await.err(), Err(e) => Some(e) },
+            r = &mut down => match r { Ok(()) => (&mut up).await.err(), Err(e) => Some(e) },
+        }
+    };
+    if err.is_some() {
+        send.send_reset(h2::Reason::CANCEL);
+        if let Ok(tcp) = rd.reunite(wr) {
+            reset_on_close(&tcp);
+        }
+    }
+    (
+        Transferred {
+            to_tunnel,
+            from_tunnel,
+        },
+        err,
+    )
+}
+
+/// Makes the next close send RST instead of FIN, so the application sees a failure.
+pub fn reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}

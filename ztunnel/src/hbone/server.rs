@@ -1,0 +1,218 @@
+//! Incoming HBONE: accept TCP on 15008, terminate mutual TLS with the certificate of the pod
+//! the connection was addressed to, then serve each HTTP/2 CONNECT stream with a [`Handler`].
+//!
+//! The certificate is chosen by the connection's local address: capture delivers connections
+//! for `<pod ip>:15008` with that pod IP as the local address, so the server proves exactly the
+//! identity the client expects for that pod.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Method, Response, StatusCode};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::HboneConfig;
+use crate::identity::{CertManager, SpiffeId};
+use crate::tls;
+
+/// One CONNECT stream, validated as far as HBONE itself goes.
+#[derive(Debug)]
+pub struct InboundRequest {
+    /// TCP peer of the HBONE connection.
+    pub peer: SocketAddr,
+    /// Local address the connection was made to (the destination pod's IP and 15008).
+    pub local: SocketAddr,
+    /// Identity from the client certificate.
+    pub peer_identity: SpiffeId,
+    /// Parsed `:authority`.
+    pub authority: SocketAddr,
+    /// All request headers.
+    pub headers: HeaderMap,
+}
+
+/// Answers to an inbound stream: either a status that ends it, or 200 and the two halves.
+#[derive(Debug)]
+pub struct Responder {
+    respond: SendResponse<Bytes>,
+    /// Data from the client.
+    pub recv: RecvStream,
+}
+
+impl Responder {
+    /// Refuses the stream with `status` (400, 401, 503, …).
+    pub fn refuse(mut self, status: StatusCode) {
+        let resp = Response::builder().status(status).body(());
+        if let Ok(resp) = resp {
+            let _ = self.respond.send_response(resp, true);
+        }
+    }
+
+    /// Accepts the stream; returns the send half.
+    pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .map_err(|_| h2::Error::from(h2::Reason::INTERNAL_ERROR))?;
+        let send = self.respond.send_response(resp, false)?;
+        Ok((send, self.recv))
+    }
+}
+
+/// What the proxy layer supplies to the server.
+pub trait Handler: Send + Sync + 'static {
+    /// Identity whose certificate to present for connections to `local`; `None` refuses the
+    /// connection (no local enrolled pod has that address).
+    fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId>;
+    /// Serves one stream to the end.
+    fn serve(
+        self: Arc<Self>,
+        req: InboundRequest,
+        responder: Responder,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The HBONE listener.
+pub struct Server<H> {
+    cfg: HboneConfig,
+    trust_domain: String,
+    certs: Arc<CertManager>,
+    handler: Arc<H>,
+    /// Server configs by identity and certificate serial, rebuilt on renewal.
+    configs: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
+}
+
+impl<H: Handler> Server<H> {
+    /// A server presenting certificates from `certs` and trusting clients of `trust_domain`.
+    pub fn new(
+        cfg: HboneConfig,
+        trust_domain: &str,
+        certs: Arc<CertManager>,
+        handler: Arc<H>,
+    ) -> Arc<Self> {
+        Arc::new(Server {
+            cfg,
+            trust_domain: trust_domain.to_string(),
+            certs,
+            handler,
+            configs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Accepts connections forever.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.serve_connection(tcp, peer).await {
+                            tracing::warn!(%peer, error = %e, "HBONE connection refused");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn tls_config(&self, id: &SpiffeId) -> Result<Arc<ServerConfig>, String> {
+        let cert = self
+            .certs
+            .fetch(id, self.cfg.connect_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, cfg)) = configs.get(id) {
+            if *serial == cert.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(
+            tls::server_config(
+                cert.certified.clone(),
+                self.certs.roots(),
+                &self.trust_domain,
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        configs.insert(id.clone(), (cert.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    async fn serve_connection(
+        &self,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), String> {
+        let local = tcp.local_addr().map_err(|e| e.to_string())?;
+        let id = self
+            .handler
+            .identity_for(local)
+            .ok_or_else(|| format!("no local enrolled workload at {local}"))?;
+        let acceptor = TlsAcceptor::from(self.tls_config(&id).await?);
+        let tls_stream = tokio::time::timeout(self.cfg.connect_timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+            .ok_or_else(|| "client certificate has no SPIFFE identity".to_string())?;
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(self.cfg.stream_window)
+            .initial_connection_window_size(self.cfg.connection_window)
+            .max_frame_size(self.cfg.max_frame_size)
+            .max_send_buffer_size(self.cfg.stream_window as usize)
+            .max_concurrent_streams(1000)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+        tracing::debug!(%peer, %local, client = %peer_identity, "HBONE connection accepted");
+        while let Some(next) = conn.accept().await {
+            let (request, respond) = match next {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                    break;
+                }
+            };
+            let (parts, recv) = request.into_parts();
+            let responder = Responder { respond, recv };
+            let authority = parts
+                .uri
+                .authority()
+                .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+            let authority = match (parts.method == Method::CONNECT, authority) {
+                (true, Some(a)) => a,
+                _ => {
+                    tracing::info!(%peer, method = %parts.method, uri = %parts.uri,
+                        "HBONE request refused: not CONNECT to ip:port");
+                    responder.refuse(StatusCode::BAD_REQUEST);
+                    continue;
+                }
+            };
+            let req = InboundRequest {
+                peer,
+                local,
+                peer_identity: peer_identity.clone(),
+                authority,
+                headers: parts.headers,
+            };
+            tokio::spawn(self.handler.clone().serve(req, responder));
+        }
+        poll_fn(|cx| conn.poll_closed(cx))
+            .await
+            .map_err(|e| format!("HTTP/2 connection error: {e}"))
+    }
+}

@@ -1,0 +1,90 @@
+//! Socket set-up the data path depends on.
+//!
+//! - Capture listeners need `IP_TRANSPARENT` before `bind()`: the eBPF programs assign packets
+//!   addressed to pod IPs to them, and the kernel only completes such handshakes on transparent
+//!   sockets.
+//! - Connections made on behalf of a pod bind to that pod's IP (transparent, port chosen at
+//!   connect time) so peers see pod addresses, never the node's.
+//! - Every daemon socket carries the daemon mark, which the capture programs skip and which
+//!   must not match the capture route's mark.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Binds a listener; `transparent` sockets may accept connections to any address.
+pub fn listener(addr: SocketAddr, transparent: bool, mark: u32) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.set_mark(mark)?;
+    if transparent {
+        set_transparent(&s, addr.ip())?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+fn set_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => s.set_ip_transparent_v4(true),
+        IpAddr::V6(_) => s.set_ip_transparent_v6(true),
+    }
+}
+
+/// Connects to `dst` with source address `src` (any address, not only the node's own: the
+/// socket is transparent) and the daemon mark, within `timeout`.
+pub async fn connect(
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    {
+        let s = SockRef::from(&sock);
+        s.set_mark(mark)?;
+        s.set_tcp_nodelay(true)?;
+        if let Some(ip) = src {
+            set_transparent(&s, ip)?;
+            bind_address_no_port(&sock)?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+        }
+    }
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
+/// IP to different destinations then never run out of ports.
+fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of_val(&one) as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
