@@ -66,6 +66,9 @@ fn bind(
     socket::listener(addr, transparent, mark).map_err(|error| AppError::Bind { what, addr, error })
 }
 
+/// How often capture is re-checked against the state without a state change.
+const CAPTURE_RESYNC: Duration = Duration::from_secs(2);
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
@@ -154,22 +157,29 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         })?),
         None => None,
     };
-    sync_capture(&cfg, capture.as_mut(), &state, &attached);
+    sync_capture(&cfg, capture.as_mut(), &state, &attached, true);
     readiness.set_ready();
     tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
 
     tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    // Re-sync capture now and then: a pod's veth may appear after its object does.
+    let mut resync = tokio::time::interval(CAPTURE_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = resync.tick() => {
+                let state = state_rx.borrow().clone();
+                sync_capture(&cfg, capture.as_mut(), &state, &attached, false);
+            }
             changed = state_rx.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let state = state_rx.borrow_and_update().clone();
                 update_certificates(&cfg, &certs, &state);
-                sync_capture(&cfg, capture.as_mut(), &state, &attached);
+                sync_capture(&cfg, capture.as_mut(), &state, &attached, true);
             }
             _ = term.recv() => { tracing::info!("SIGTERM received; shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT received; shutting down"); break; }
@@ -194,11 +204,14 @@ fn update_certificates(cfg: &Config, certs: &Arc<CertManager>, state: &State) {
     certs.set_identities(&local_identities(cfg, state));
 }
 
+/// Brings capture in line with `state`. Logs `capture updated` after a state change, and after
+/// a periodic resync only when the attached interfaces changed.
 fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
     attached: &Mutex<Vec<String>>,
+    state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
     let pods: Vec<LocalPod> = state
@@ -212,15 +225,25 @@ fn sync_capture(
             IpAddr::V6(_) => None,
         })
         .collect();
-    for (pod, error) in capture.sync(&pods) {
-        tracing::warn!(%pod, %error, "capture not in place for pod; retrying on the next change");
+    let problems = capture.sync(&pods);
+    for (pod, error) in &problems {
+        // Warn once per state change; the periodic retries stay quiet.
+        if state_changed {
+            tracing::warn!(%pod, %error, "capture not in place for pod; retrying");
+        } else {
+            tracing::debug!(%pod, %error, "capture still not in place for pod");
+        }
     }
     let now = capture.attached();
-    tracing::info!(
-        generation = state.generation,
-        enrolled = pods.iter().filter(|p| p.enrolled).count(),
-        interfaces = now.len(),
-        "capture updated"
-    );
-    *attached.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    let mut last = attached.lock().unwrap_or_else(|p| p.into_inner());
+    let enrolled = pods.iter().filter(|p| p.enrolled).count();
+    if state_changed || *last != now {
+        tracing::info!(
+            generation = state.generation,
+            enrolled,
+            interfaces = now.len(),
+            "capture updated"
+        );
+    }
+    *last = now;
 }

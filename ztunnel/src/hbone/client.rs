@@ -8,7 +8,9 @@
 //! flows are released after the idle timeout; broken ones (GOAWAY, I/O error) are dropped.
 
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +69,8 @@ struct Conn {
     sender: h2::client::SendRequest<Bytes>,
     peer_identity: Option<SpiffeId>,
     active: AtomicUsize,
+    /// The peer's concurrent stream limit, updated as its SETTINGS arrive.
+    peer_max: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
 }
@@ -81,6 +85,10 @@ impl Drop for Slot {
         }
     }
 }
+
+/// How often a pooled connection is pinged, and how long the answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type DialLocks = HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>;
 
@@ -212,9 +220,10 @@ impl Inner {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Acquire));
-        let max = self.cfg.max_streams as usize;
+        let cap = self.cfg.max_streams as usize;
         list.iter()
             .find(|c| {
+                let max = cap.min(c.peer_max.load(Ordering::Relaxed));
                 c.active
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                         (n < max).then_some(n + 1)
@@ -259,10 +268,23 @@ impl Inner {
             .await
             .map_err(|error| HboneError::H2 { addr, error })?;
         let closed = Arc::new(AtomicBool::new(false));
+        let peer_max = Arc::new(AtomicUsize::new(usize::MAX));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-        let done = closed.clone();
+        let mut connection = connection;
+        if let Some(ping) = connection.ping_pong() {
+            tokio::spawn(keepalive(ping, closed.clone(), id));
+        }
+        let (done, max) = (closed.clone(), peer_max.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // Drive the connection, tracking the peer's SETTINGS_MAX_CONCURRENT_STREAMS so the
+            // pool never queues flows behind a limit the peer imposes.
+            let result = poll_fn(|cx| {
+                let r = Pin::new(&mut connection).poll(cx);
+                max.store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
+                r
+            })
+            .await;
+            if let Err(error) = result {
                 tracing::debug!(conn = id, %addr, %error, "HBONE connection ended with an error");
             }
             done.store(true, Ordering::Release);
@@ -273,6 +295,7 @@ impl Inner {
             sender,
             peer_identity,
             active: AtomicUsize::new(1),
+            peer_max,
             closed,
             idle_since: Mutex::new(Instant::now()),
         }))
@@ -295,6 +318,23 @@ impl Inner {
             });
         }
         conns.retain(|_, l| !l.is_empty());
+    }
+}
+
+/// Pings an otherwise quiet connection; one unanswered ping marks it closed so no new flow
+/// is put on a connection whose peer or path has died.
+async fn keepalive(mut ping: h2::PingPong, closed: Arc<AtomicBool>, id: u64) {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await;
+        if !matches!(pong, Ok(Ok(_))) {
+            tracing::info!(conn = id, "HBONE keepalive failed; connection dropped from the pool");
+            closed.store(true, Ordering::Release);
+            return;
+        }
     }
 }
 

@@ -1,0 +1,328 @@
+//! `meshapp`: the application the acceptance tests, the demo and the benchmarks run in pods.
+//!
+//! ```text
+//! meshapp serve   --port P --name N
+//! meshapp send    --to IP:PORT --bytes N [--marker STR] [--conns K] [--hold SECS] [--timeout SECS]
+//! meshapp connect --to IP:PORT [--timeout SECS]
+//! ```
+//!
+//! `serve` greets every connection with `HELLO <name> <peer ip:port as seen>\n` and then echoes
+//! until EOF: the greeting tells the client which endpoint answered and which source address
+//! the server saw (the mesh must preserve it), the echo lets the client verify every byte.
+//! `send` prints one JSON object per connection and exits 0 only when all were intact.
+//! `connect` reports how a single connection attempt ended (hello, refused, reset, eof,
+//! timeout, unreachable), for tests that expect a failure.
+//!
+//! Plain std threads: a handful of connections per run, and nothing here should be harder to
+//! trust than the thing it tests.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.split_first() {
+        Some((cmd, rest)) => parse_flags(rest).and_then(|flags| match cmd.as_str() {
+            "serve" => serve(&flags),
+            "send" => send(&flags),
+            "connect" => connect(&flags),
+            other => Err(format!("unknown command `{other}`")),
+        }),
+        None => Err("usage: meshapp serve|send|connect [flags]".to_string()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("meshapp: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct Flags(HashMap<String, String>);
+
+fn parse_flags(args: &[String]) -> Res<Flags> {
+    let mut map = HashMap::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let key = a
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument `{a}`"))?;
+        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+        map.insert(key.to_string(), value.clone());
+    }
+    Ok(Flags(map))
+}
+
+impl Flags {
+    fn get<T: std::str::FromStr>(&self, key: &str, default: Option<T>) -> Res<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.0.get(key) {
+            Some(v) => v.parse().map_err(|e| format!("--{key} `{v}`: {e}")),
+            None => default.ok_or_else(|| format!("--{key} is required")),
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+// ---------------------------------------------------------------- serve
+
+fn serve(flags: &Flags) -> Res<bool> {
+    let port: u16 = flags.get("port", None)?;
+    let name: String = flags.get("name", Some("meshapp".to_string()))?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening {local}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    match echo(s, &name) {
+                        Ok(n) => eprintln!("conn from {peer}: echoed {n} bytes"),
+                        Err(e) => eprintln!("conn from {peer}: {e}"),
+                    }
+                });
+            }
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+    Ok(true)
+}
+
+fn echo(mut s: TcpStream, name: &str) -> std::io::Result<u64> {
+    let peer = s.peer_addr()?;
+    s.write_all(format!("HELLO {name} {peer}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(total)
+}
+
+// ---------------------------------------------------------------- send
+
+/// The bytes a client sends: a fixed block repeated, built from the marker so that a capture
+/// of plaintext would contain it many times. Byte `o` of the stream is `block[o % len]`.
+struct Pattern(Vec<u8>);
+
+impl Pattern {
+    fn new(marker: &str) -> Pattern {
+        let mut block = Vec::new();
+        if marker.is_empty() {
+            block.extend((0..65521u32).map(|i| ((i * 7 + 3) % 251) as u8));
+        } else {
+            let mut k = 0u32;
+            while block.len() < 64 * 1024 {
+                block.extend_from_slice(format!("{marker}#{k:06}.").as_bytes());
+                k += 1;
+            }
+        }
+        Pattern(block)
+    }
+
+    fn fill(&self, offset: u64, out: &mut [u8]) {
+        let len = self.0.len() as u64;
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = self.0[((offset + i as u64) % len) as usize];
+        }
+    }
+}
+
+fn send(flags: &Flags) -> Res<bool> {
+    let to: SocketAddr = flags.get("to", None)?;
+    let bytes: u64 = flags.get("bytes", Some(1024))?;
+    let marker: String = flags.get("marker", Some(String::new()))?;
+    let conns: usize = flags.get("conns", Some(1))?;
+    let hold = secs(flags.get("hold", Some(0.0))?);
+    let timeout = secs(flags.get("timeout", Some(20.0))?);
+    let pattern = std::sync::Arc::new(Pattern::new(&marker));
+    let handles: Vec<_> = (0..conns)
+        .map(|i| {
+            let pattern = pattern.clone();
+            std::thread::spawn(move || one_conn(i, to, bytes, &pattern, hold, timeout))
+        })
+        .collect();
+    let mut all_ok = true;
+    for h in handles {
+        let report = h
+            .join()
+            .unwrap_or_else(|_| json!({"ok": false, "error": "connection thread panicked"}));
+        all_ok &= report["ok"].as_bool() == Some(true);
+        println!("{report}");
+    }
+    Ok(all_ok)
+}
+
+fn one_conn(
+    conn: usize,
+    to: SocketAddr,
+    bytes: u64,
+    pattern: &Pattern,
+    hold: Duration,
+    timeout: Duration,
+) -> serde_json::Value {
+    let mut report = json!({"conn": conn, "to": to.to_string(), "bytes": bytes, "ok": false});
+    let mut fill = |key: &str, v: String| report[key] = json!(v);
+    let result = (|| -> Res<()> {
+        let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
+        fill(
+            "local",
+            s.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        );
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let hello = read_line(&s).map_err(|e| format!("reading HELLO: {e}"))?;
+        let mut parts = hello.split_whitespace();
+        if parts.next() != Some("HELLO") {
+            return Err(format!("unexpected greeting `{hello}`"));
+        }
+        fill("server", parts.next().unwrap_or_default().to_string());
+        fill("peer_seen", parts.next().unwrap_or_default().to_string());
+        exchange(&s, bytes, pattern)?;
+        std::thread::sleep(hold);
+        s.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let mut rest = Vec::new();
+        (&s).read_to_end(&mut rest)
+            .map_err(|e| format!("waiting for the server's EOF: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("{} unexpected bytes after the echo", rest.len()));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => report["ok"] = json!(true),
+        Err(e) => report["error"] = json!(e),
+    }
+    report
+}
+
+/// Writes `bytes` of the pattern from a second thread while reading the echo here, so neither
+/// side's buffers can fill up and deadlock; compares every byte read.
+fn exchange(s: &TcpStream, bytes: u64, pattern: &Pattern) -> Res<()> {
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> Res<()> {
+            let mut w = s;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off = 0u64;
+            while off < bytes {
+                let n = (bytes - off).min(buf.len() as u64) as usize;
+                pattern.fill(off, &mut buf[..n]);
+                w.write_all(&buf[..n])
+                    .map_err(|e| format!("write at {off}: {e}"))?;
+                off += n as u64;
+            }
+            Ok(())
+        });
+        let mut r = s;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut want = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        let read_result = loop {
+            if off >= bytes {
+                break Ok(());
+            }
+            let cap = (bytes - off).min(buf.len() as u64) as usize;
+            match r.read(&mut buf[..cap]) {
+                Ok(0) => break Err(format!("EOF after {off} of {bytes} echoed bytes")),
+                Ok(n) => {
+                    pattern.fill(off, &mut want[..n]);
+                    if buf[..n] != want[..n] {
+                        break Err(format!("echoed bytes differ near offset {off}"));
+                    }
+                    off += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(format!("read at {off} of {bytes}: {e}")),
+            }
+        };
+        if read_result.is_err() {
+            // Unblock the writer so the scope can end.
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let write_result = writer
+            .join()
+            .unwrap_or_else(|_| Err("writer thread panicked".to_string()));
+        read_result.and(write_result)
+    })
+}
+
+/// Reads one `\n`-terminated line byte by byte, so no echoed data is consumed with it.
+fn read_line(mut s: &TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "EOF")),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if line.len() > 1024 {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, "line too long"));
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+// ---------------------------------------------------------------- connect
+
+fn connect(flags: &Flags) -> Res<bool> {
+    let to: SocketAddr = flags.get("to", None)?;
+    let timeout = secs(flags.get("timeout", Some(10.0))?);
+    let (result, detail) = match TcpStream::connect_timeout(&to, timeout) {
+        Err(e) => (classify(&e), e.to_string()),
+        Ok(s) => {
+            let _ = s.set_read_timeout(Some(timeout));
+            match read_line(&s) {
+                Ok(line) => ("hello", line),
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => ("eof", e.to_string()),
+                Err(e) => (classify(&e), e.to_string()),
+            }
+        }
+    };
+    let report = if result == "hello" {
+        json!({"to": to.to_string(), "result": result, "hello": detail})
+    } else {
+        json!({"to": to.to_string(), "result": result, "error": detail})
+    };
+    println!("{report}");
+    Ok(result == "hello")
+}
+
+fn classify(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused",
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => "reset",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => "unreachable",
+        _ => "error",
+    }
+}

@@ -1,0 +1,327 @@
+//! The network-namespace test cluster (DESIGN.md §11, topology in docs/CONTRACTS.md).
+//!
+//! [`Cluster::start`] builds fabric, nodes and pods and writes the Kubernetes state; daemons are
+//! started per node on demand. Dropping the cluster tears everything down, also when the test
+//! panicked; the work dir (state, logs, captures) is kept after a panic or when
+//! `MESH_KEEP_WORKDIR=1`, and its path printed, so a failure can be investigated.
+
+mod capture;
+mod daemon;
+mod net;
+mod pod;
+mod spec;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+pub use capture::Capture;
+pub use daemon::{field, message, Daemon, READY_TIMEOUT};
+pub use net::{in_netns, run};
+pub use pod::Pod;
+pub use spec::{
+    node_ip, pod_ip, render_docs, split_key, ClusterSpec, NsSpec, PodSpec, SvcSpec, DATAPLANE_MODE,
+    NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
+};
+
+/// A running test cluster. See the module docs.
+#[derive(Debug)]
+pub struct Cluster {
+    names: net::Names,
+    spec: ClusterSpec,
+    workdir: PathBuf,
+    /// Namespaces in creation order; teardown deletes them in reverse.
+    created: Vec<String>,
+    pods: Vec<Pod>,
+    /// Index = node - 1.
+    daemons: Vec<Option<Daemon>>,
+    ca_initialised: bool,
+    captures: AtomicUsize,
+}
+
+impl Cluster {
+    /// Builds the cluster described by `spec`. Fails (never skips) without root or tools.
+    pub fn start(spec: ClusterSpec) -> Result<Cluster> {
+        crate::require_root()?;
+        crate::require_tool("ip", "iproute2")?;
+        crate::require_tool("setsid", "util-linux")?;
+        spec.validate()?;
+        net::remove_stale();
+
+        let names = net::Names {
+            prefix: net::new_prefix(),
+        };
+        let workdir = std::env::temp_dir().join(&names.prefix);
+        if workdir.exists() {
+            // Left by an earlier process with the same pid; its namespaces are gone already.
+            std::fs::remove_dir_all(&workdir)
+                .with_context(|| format!("removing old {}", workdir.display()))?;
+        }
+        std::fs::create_dir_all(&workdir)
+            .with_context(|| format!("creating {}", workdir.display()))?;
+
+        let placements: Vec<(PodSpec, usize, std::net::Ipv4Addr)> = spec
+            .placements()
+            .into_iter()
+            .map(|(p, j, ip)| (p.clone(), j, ip))
+            .collect();
+        let mut cluster = Cluster {
+            daemons: (0..spec.nodes).map(|_| None).collect(),
+            names,
+            spec,
+            workdir,
+            created: Vec::new(),
+            pods: Vec::new(),
+            ca_initialised: false,
+            captures: AtomicUsize::new(0),
+        };
+        for (p, j, ip) in placements {
+            let logdir = cluster
+                .workdir
+                .join("pods")
+                .join(format!("{}-{}", p.namespace, p.name));
+            std::fs::create_dir_all(&logdir)
+                .with_context(|| format!("creating {}", logdir.display()))?;
+            cluster.pods.push(Pod {
+                netns: cluster.names.pod(p.node, j),
+                name: p.name,
+                namespace: p.namespace,
+                service_account: p.service_account,
+                ip,
+                node: p.node,
+                logdir,
+            });
+        }
+        for node in 1..=cluster.spec.nodes {
+            let dir = cluster.state_dir(node);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        cluster.write_all_state()?;
+        // On error `cluster` is dropped here, which removes whatever was created.
+        net::build(&cluster.names, &cluster.spec, &mut cluster.created)
+            .context("building the cluster's namespaces")?;
+        Ok(cluster)
+    }
+
+    /// The run prefix shared by all namespace names.
+    pub fn prefix(&self) -> &str {
+        &self.names.prefix
+    }
+
+    /// The spec as currently written to the state files.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// Work dir: state, CA, logs, captures.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+
+    /// The fabric namespace (bridge `br0`).
+    pub fn fabric_netns(&self) -> String {
+        self.names.fabric()
+    }
+
+    /// Node i's namespace.
+    pub fn node_netns(&self, node: usize) -> String {
+        self.names.node(node)
+    }
+
+    /// Runs a program inside node i's namespace (e.g. `ss`, `bpftool`).
+    pub fn node_exec(&self, node: usize, program: &str, args: &[&str]) -> Result<Output> {
+        in_netns(&self.node_netns(node), program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program} in node{node}"))
+    }
+
+    /// A pod by `"ns/name"`. Panics if there is none: that is a mistake in the test.
+    pub fn pod(&self, key: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.key() == key)
+            .unwrap_or_else(|| {
+                let known: Vec<String> = self.pods.iter().map(Pod::key).collect();
+                panic!("no pod `{key}` in the cluster (pods: {known:?})")
+            })
+    }
+
+    /// All pods.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The state directory node i's daemon reads (`--state`). Each node has its own, so a test
+    /// can give one node a different view ([`Cluster::write_node_state_file`]).
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        self.workdir.join("state").join(format!("node{node}"))
+    }
+
+    /// Path of state file `name` as node i's daemon sees it (what `state rejected` names).
+    pub fn state_path(&self, node: usize, name: &str) -> PathBuf {
+        self.state_dir(node).join(name)
+    }
+
+    /// Writes state file `name` for every node.
+    pub fn write_state_file(&self, name: &str, yaml: &str) -> Result<()> {
+        (1..=self.spec.nodes).try_for_each(|n| self.write_node_state_file(n, name, yaml))
+    }
+
+    /// Writes state file `name` for node i only. Atomic (write to a dot-file, then rename), so
+    /// a polling daemon never reads half a file; the daemon ignores dot-files.
+    pub fn write_node_state_file(&self, node: usize, name: &str, yaml: &str) -> Result<()> {
+        let dir = self.state_dir(node);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(name))
+            .with_context(|| format!("renaming {} into place", tmp.display()))
+    }
+
+    fn write_all_state(&self) -> Result<()> {
+        for (name, text) in self.spec.render_all()? {
+            self.write_state_file(name, &text)?;
+        }
+        Ok(())
+    }
+
+    /// Changes labels, service accounts or services and rewrites every node's state files.
+    /// Pods and namespaces cannot be added or moved: their network namespaces already exist.
+    pub fn update_spec(&mut self, change: impl FnOnce(&mut ClusterSpec)) -> Result<()> {
+        let mut next = self.spec.clone();
+        change(&mut next);
+        let layout = |s: &ClusterSpec| -> Vec<(String, String, usize)> {
+            s.pods
+                .iter()
+                .map(|p| (p.namespace.clone(), p.name.clone(), p.node))
+                .collect()
+        };
+        if layout(&next) != layout(&self.spec) || next.nodes != self.spec.nodes {
+            bail!("update_spec cannot add, remove or move pods or nodes");
+        }
+        next.validate()?;
+        self.spec = next;
+        self.write_all_state()
+    }
+
+    /// Sets (`Some`) or removes (`None`) a namespace label and rewrites the state.
+    pub fn set_namespace_label(&mut self, ns: &str, key: &str, value: Option<&str>) -> Result<()> {
+        if !self.spec.namespaces.iter().any(|n| n.name == ns) {
+            bail!("no namespace `{ns}` in the cluster");
+        }
+        self.update_spec(|s| {
+            if let Some(n) = s.namespaces.iter_mut().find(|n| n.name == ns) {
+                match value {
+                    Some(v) => n.labels.insert(key.to_string(), v.to_string()),
+                    None => n.labels.remove(key),
+                };
+            }
+        })
+    }
+
+    /// The CA directory, initialised with `ztunnel ca init` on first use. Lazy so that tests
+    /// without daemons do not need the daemon binary.
+    pub fn ca_dir(&mut self) -> Result<PathBuf> {
+        let dir = self.workdir.join("ca");
+        if !self.ca_initialised {
+            let bin = crate::ztunnel_bin();
+            // Run in the fabric namespace: it binds nothing, but nothing of ours runs in the
+            // root namespace.
+            run(in_netns(&self.fabric_netns(), &bin)
+                .args(["ca", "init", "--ca-dir"])
+                .arg(&dir))
+            .context("initialising the cluster CA")?;
+            self.ca_initialised = true;
+        }
+        Ok(dir)
+    }
+
+    /// Starts node i's daemon with the standard flags plus `extra` and waits for `ready`.
+    /// A stopped daemon of that node is replaced; a running one is an error.
+    pub fn start_daemon(&mut self, node: usize, extra: &[&str]) -> Result<&Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let idx = node - 1;
+        if self.daemons[idx].as_ref().is_some_and(Daemon::is_running) {
+            bail!("node{node} daemon is already running");
+        }
+        let ca = self.ca_dir()?;
+        let mut args: Vec<OsString> = vec![
+            "--node-name".into(),
+            format!("node{node}").into(),
+            "--state".into(),
+            self.state_dir(node).into(),
+            "--ca-dir".into(),
+            ca.into(),
+            "--uplink".into(),
+            "eth0".into(),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let logdir = self.workdir.join("logs");
+        std::fs::create_dir_all(&logdir)
+            .with_context(|| format!("creating {}", logdir.display()))?;
+        let bin = crate::ztunnel_bin();
+        let daemon = Daemon::start(node, &self.node_netns(node), &bin, args, &logdir)?;
+        Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// Starts every node's daemon with the standard flags.
+    pub fn start_all_daemons(&mut self) -> Result<()> {
+        for node in 1..=self.spec.nodes {
+            self.start_daemon(node, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Node i's daemon. Panics if it was never started: that is a mistake in the test.
+    pub fn daemon(&self, node: usize) -> &Daemon {
+        self.daemons
+            .get(node.wrapping_sub(1))
+            .and_then(Option::as_ref)
+            .unwrap_or_else(|| panic!("node{node} has no daemon; call start_daemon first"))
+    }
+
+    /// Starts a capture on the fabric bridge (`filter`: pcap expression, "" for all).
+    pub fn capture_fabric(&self, filter: &str) -> Result<Capture> {
+        let n = self.captures.fetch_add(1, Ordering::Relaxed);
+        let path = self.workdir.join(format!("fabric-{n}.pcap"));
+        Capture::start(&self.fabric_netns(), "br0", filter, &path)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            for d in self.daemons.iter().flatten() {
+                eprintln!(
+                    "----- node{} daemon log tail ({}):\n{}",
+                    d.node(),
+                    d.log_path().display(),
+                    d.log_tail(40)
+                );
+            }
+        }
+        for d in self.daemons.iter_mut().filter_map(Option::take) {
+            d.shutdown();
+        }
+        for ns in self.created.drain(..).rev() {
+            net::delete_netns(&ns);
+        }
+        let keep = std::env::var("MESH_KEEP_WORKDIR").is_ok_and(|v| v == "1");
+        if panicking || keep {
+            eprintln!("mesh-tests: kept work dir {}", self.workdir.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
+            eprintln!(
+                "mesh-tests: teardown: removing {}: {e}",
+                self.workdir.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Network namespaces, links and routes of the test cluster, driven through `ip`.
+//!
+//! Shelling out to iproute2 keeps every step visible and reproducible by hand (the commands are
+//! the ones in CONTRACTS.md); the cost, a few milliseconds per command, is irrelevant next to a
+//! test's runtime.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+use super::spec::{node_ip, ClusterSpec};
+
+/// Prefix of every namespace the harness creates: `zt<pid hex>x<sequence hex>`. The pid lets a
+/// later run recognise namespaces whose creator died without cleaning up.
+pub fn new_prefix() -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("zt{:x}x{:x}", std::process::id(), seq)
+}
+
+/// The creating pid encoded in a harness namespace name, if it is one.
+fn creator_pid(netns: &str) -> Option<u32> {
+    let rest = netns.strip_prefix("zt")?;
+    let (prefix, _) = rest.split_once('-')?;
+    let (pid, seq) = prefix.split_once('x')?;
+    if seq.is_empty() || !seq.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(pid, 16).ok()
+}
+
+/// Runs `ip <args>`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+/// Runs a command, failing with the command line and stderr unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A command run inside network namespace `netns`.
+pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(program);
+    cmd
+}
+
+/// Sets a sysctl inside `netns` (without needing procps' `sysctl`).
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    run(in_netns(netns, "sh").args(["-c", &format!("echo {value} > {path}")]))
+        .map(drop)
+        .with_context(|| format!("sysctl {key}={value} in {netns}"))
+}
+
+/// Lists the names of all named network namespaces.
+pub fn list_netns() -> Result<Vec<String>> {
+    let out = run(Command::new("ip").args(["netns", "list"]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
+
+/// Removes namespaces left by harness runs whose process is gone.
+pub fn remove_stale() {
+    let names = match list_netns() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("mesh-tests: cannot list namespaces for stale cleanup: {e:#}");
+            return;
+        }
+    };
+    for name in names {
+        let Some(pid) = creator_pid(&name) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("mesh-tests: removing stale namespace {name} (creator pid {pid} is gone)");
+        delete_netns(&name);
+    }
+}
+
+/// Kills every process inside `netns` and deletes it. Never fails: teardown must get as far
+/// as it can, so problems are logged and skipped.
+pub fn delete_netns(netns: &str) {
+    kill_all_in(netns);
+    if let Err(e) = ip(&["netns", "del", netns]) {
+        eprintln!("mesh-tests: teardown: {e:#}");
+    }
+}
+
+/// SIGKILLs every process whose network namespace is `netns`.
+pub fn kill_all_in(netns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // Already-exited processes give ESRCH, which is what we wanted anyway.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Creates a namespace with `lo` up, and records it in `created` before touching it so that
+/// teardown removes it even when a later step fails.
+fn add_netns(name: &str, created: &mut Vec<String>) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    created.push(name.to_string());
+    ip(&["-n", name, "link", "set", "lo", "up"])?;
+    // Interfaces created later get no IPv6: nothing here uses it, and link-local chatter
+    // (router solicitations, MLD) would only clutter captures. `lo` keeps ::1.
+    sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+}
+
+/// Names of a cluster's namespaces.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// Run prefix.
+    pub prefix: String,
+}
+
+impl Names {
+    /// The fabric (bridge) namespace.
+    pub fn fabric(&self) -> String {
+        format!("{}-fab", self.prefix)
+    }
+    /// Node i's namespace.
+    pub fn node(&self, node: usize) -> String {
+        format!("{}-n{node}", self.prefix)
+    }
+    /// Pod j of node i.
+    pub fn pod(&self, node: usize, j: usize) -> String {
+        format!("{}-n{node}p{j}", self.prefix)
+    }
+}
+
+/// Builds fabric, nodes and pods as CONTRACTS.md describes. Every namespace is appended to
+/// `created` as soon as it exists.
+pub fn build(names: &Names, spec: &ClusterSpec, created: &mut Vec<String>) -> Result<()> {
+    let fab = names.fabric();
+    add_netns(&fab, created)?;
+    // No multicast snooping: a snooping bridge joins the all-snoopers group and announces it
+    // (IGMP from 0.0.0.0), noise in captures that are meant to show only the cluster's traffic.
+    ip(&[
+        "-n",
+        &fab,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ])?;
+    ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+
+    for i in 1..=spec.nodes {
+        let node = names.node(i);
+        add_netns(&node, created)?;
+        ip(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
+        sysctl(&node, "net.ipv4.ip_forward", "1")?;
+        sysctl(&node, "net.ipv4.conf.all.rp_filter", "0")?;
+        sysctl(&node, "net.ipv4.conf.default.rp_filter", "0")?;
+        let uplink = format!("n{i}");
+        ip(&[
+            "-n", &fab, "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns",
+            &node,
+        ])?;
+        ip(&["-n", &fab, "link", "set", &uplink, "master", "br0", "up"])?;
+        let addr = format!("{}/24", node_ip(i));
+        ip(&["-n", &node, "addr", "add", &addr, "dev", "eth0"])?;
+        ip(&["-n", &node, "link", "set", "eth0", "up"])?;
+        for k in (1..=spec.nodes).filter(|&k| k != i) {
+            let cidr = format!("10.244.{k}.0/24");
+            let via = node_ip(k).to_string();
+            ip(&[
+                "-n", &node, "route", "add", &cidr, "via", &via, "dev", "eth0",
+            ])?;
+        }
+    }
+
+    for (pod, j, pod_ip) in spec.placements() {
+        add_pod(names, pod.node, j, pod_ip, created)
+            .with_context(|| format!("creating pod {}/{}", pod.namespace, pod.name))?;
+    }
+    Ok(())
+}
+
+fn add_pod(
+    names: &Names,
+    i: usize,
+    j: usize,
+    pod_ip: Ipv4Addr,
+    created: &mut Vec<String>,
+) -> Result<()> {
+    let node = names.node(i);
+    let pod = names.pod(i, j);
+    add_netns(&pod, created)?;
+    let veth = format!("veth{j}");
+    ip(&[
+        "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod,
+    ])?;
+    ip(&["-n", &node, "link", "set", &veth, "up"])?;
+    ip(&[
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &pod,
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    for cidr in ["10.244.0.0/16", "10.96.0.0/16"] {
+        ip(&[
+            "-n",
+            &pod,
+            "route",
+            "add",
+            cidr,
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+    }
+    let host = format!("{pod_ip}/32");
+    ip(&[
+        "-n", &node, "route", "add", &host, "dev", &veth, "scope", "link",
+    ])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_round_trips_the_pid() {
+        let p = new_prefix();
+        assert_eq!(creator_pid(&format!("{p}-n1p2")), Some(std::process::id()));
+        assert_eq!(creator_pid("zt12x-fab"), None);
+        assert_eq!(creator_pid("other-ns"), None);
+        assert_eq!(creator_pid("zt1fx3-n1"), Some(0x1f));
+    }
+}

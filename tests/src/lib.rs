@@ -1,0 +1,106 @@
+//! Test infrastructure shared by the acceptance tests, `cargo xtask demo` and the benchmarks.
+//!
+//! - [`cluster`]: a Kubernetes-like cluster built from Linux network namespaces (fabric bridge,
+//!   nodes, pods), the YAML state the daemons read, the daemons themselves and fabric captures.
+//! - [`app`]: typed wrappers around the `meshapp` test application running inside pods.
+//! - [`bpf`]: which eBPF programs are attached in a namespace (cleanup checks).
+//! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
+//!
+//! Everything here needs root. Missing privileges or tools are reported as errors naming what
+//! to do; nothing is ever skipped silently, so a green test run always means the checks ran.
+
+pub mod app;
+pub mod bpf;
+pub mod cluster;
+pub mod pcap;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// Fails unless the process runs as root. Tests call this (via [`cluster::Cluster::start`]) so
+/// that an unprivileged run fails loudly instead of passing without having checked anything.
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the mesh test cluster needs root (network namespaces, eBPF); run as root, e.g. \
+             `sudo -E cargo xtask test`. Refusing to skip: a skipped test would look like a pass."
+        );
+    }
+    Ok(())
+}
+
+/// Finds `tool` on `PATH` (plus the sbin directories, which a non-login root shell may lack).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Fails with the apt package to install when `tool` is missing.
+pub fn require_tool(tool: &str, apt_package: &str) -> Result<()> {
+    if find_tool(tool).is_none() {
+        bail!(
+            "`{tool}` not found; install it with `apt-get install -y {apt_package}` \
+             (or run `cargo xtask test`, which installs the test tools)"
+        );
+    }
+    Ok(())
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set, else derived from the running
+/// executable (`<target>/debug/deps/<test>` or `<target>/debug/xtask`), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        return if dir.is_absolute() {
+            dir
+        } else {
+            workspace_root().join(dir)
+        };
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let profile = exe.ancestors().find(|p| {
+            p.file_name()
+                .is_some_and(|n| n == "debug" || n == "release")
+        });
+        if let Some(parent) = profile.and_then(Path::parent) {
+            return parent.to_path_buf();
+        }
+    }
+    workspace_root().join("target")
+}
+
+/// The workspace root (parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The daemon binary: `ZTUNNEL_BIN`, else `<target>/debug/ztunnel`.
+///
+/// Panics when it does not exist: every caller is a test or the demo, and the fix (build the
+/// workspace) is the same for all of them.
+pub fn ztunnel_bin() -> PathBuf {
+    binary("ZTUNNEL_BIN", "ztunnel", "cargo build -p ztunnel")
+}
+
+/// The test application: `MESHAPP_BIN`, else `<target>/debug/meshapp`. Panics when missing.
+pub fn meshapp_bin() -> PathBuf {
+    binary("MESHAPP_BIN", "meshapp", "cargo build -p mesh-tests --bins")
+}
+
+fn binary(env: &str, name: &str, build: &str) -> PathBuf {
+    let path = match std::env::var_os(env) {
+        Some(p) => PathBuf::from(p),
+        None => target_dir().join("debug").join(name),
+    };
+    assert!(
+        path.is_file(),
+        "{name} binary not found at {} (set {env} or run `{build}`)",
+        path.display()
+    );
+    path
+}

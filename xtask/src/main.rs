@@ -1,0 +1,93 @@
+//! `cargo xtask <command>`: project automation that needs more than a cargo invocation.
+//!
+//! - `test [cargo-test-args] [-- test-binary-args]`: as root, install the system packages the
+//!   tests need (only the missing ones), build everything, run the whole test suite.
+//! - `demo [--once]`: build, start a two-node demo cluster, drive traffic through it and print
+//!   a report with PASS/FAIL checks; then keep it running for poking until Ctrl-C (or, with
+//!   `--once`, tear down and exit non-zero if a check failed).
+
+mod demo;
+mod test;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.split_first() {
+        Some((cmd, rest)) => match cmd.as_str() {
+            "test" => test::run(rest),
+            "demo" => demo::run(rest),
+            "help" | "-h" | "--help" => {
+                usage();
+                Ok(true)
+            }
+            other => {
+                usage();
+                Err(anyhow::anyhow!("unknown command `{other}`"))
+            }
+        },
+        None => {
+            usage();
+            Ok(false)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() {
+    eprintln!(
+        "usage: cargo xtask <command>\n\
+         \n  test [cargo-test-args] [-- test-args]   install test tools, build, run all tests (root)\
+         \n  demo [--once]                           run the demo cluster and its checks (root)"
+    );
+}
+
+/// The cargo that runs us (so toolchain overrides carry over).
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs a command, failing unless it exits 0.
+fn run_status(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Cargo's target directory, as cargo itself resolves it (CARGO_TARGET_DIR, config, default).
+fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(mesh_tests::workspace_root())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
+/// Points the harness at the binaries of this build (read by `mesh_tests::*_bin`).
+fn binaries_env(cmd: &mut Command) -> Result<()> {
+    let debug = target_dir()?.join("debug");
+    cmd.env("ZTUNNEL_BIN", debug.join("ztunnel"))
+        .env("MESHAPP_BIN", debug.join("meshapp"));
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `cargo xtask test`: the one command that takes a fresh machine to a full test run.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+/// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
+/// bpftool, nftables for fallbacks, socat/tshark for humans) need.
+const PACKAGES: &[&str] = &[
+    "clang",
+    "libbpf-dev",
+    "bpftool",
+    "iproute2",
+    "nftables",
+    "tcpdump",
+    "tshark",
+    "socat",
+];
+
+pub fn run(args: &[String]) -> Result<bool> {
+    mesh_tests::require_root()?;
+    install_missing_packages()?;
+    let root = mesh_tests::workspace_root();
+
+    super::run_status(
+        super::cargo()
+            .args(["build", "--workspace", "--all-targets"])
+            .current_dir(&root),
+    )?;
+
+    let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut cmd = super::cargo();
+    cmd.arg("test").current_dir(&root);
+    let picks_packages = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package"));
+    if !picks_packages {
+        cmd.arg("--workspace");
+    }
+    cmd.args(cargo_args)
+        .args(["--", "--test-threads", "2"])
+        .args(test_args);
+    super::binaries_env(&mut cmd)?;
+    match super::run_status(&mut cmd) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            Ok(false)
+        }
+    }
+}
+
+/// Installs whichever of [`PACKAGES`] dpkg does not report as installed.
+fn install_missing_packages() -> Result<()> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${Status}\\n"])
+        .args(PACKAGES)
+        .output()
+        .context("running dpkg-query (is this Debian?)")?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let installed = |pkg: &str| {
+        listed.lines().any(|l| {
+            l.split_whitespace().next() == Some(pkg) && l.ends_with("install ok installed")
+        })
+    };
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing missing packages: {}", missing.join(" "));
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["-o", "DPkg::Lock::Timeout=300", "install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        super::run_status(&mut cmd)
+    };
+    if install().is_err() {
+        eprintln!("xtask: install failed; refreshing package lists and retrying");
+        super::run_status(
+            Command::new("apt-get")
+                .args(["-o", "DPkg::Lock::Timeout=300", "update"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        install()?;
+    }
+    Ok(())
+}
