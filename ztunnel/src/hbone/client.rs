@@ -331,7 +331,10 @@ async fn keepalive(mut ping: h2::PingPong, closed: Arc<AtomicBool>, id: u64) {
         }
         let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await;
         if !matches!(pong, Ok(Ok(_))) {
-            tracing::info!(conn = id, "HBONE keepalive failed; connection dropped from the pool");
+            tracing::info!(
+                conn = id,
+                "HBONE keepalive failed; connection dropped from the pool"
+            );
             closed.store(true, Ordering::Release);
             return;
         }
