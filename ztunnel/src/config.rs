@@ -50,6 +50,25 @@ pub enum CaCommand {
         #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Issue a workload certificate to files, for a peer outside the daemon (an Envoy sidecar
+    /// joining the mesh, a test client). Creates the CA if absent.
+    Issue {
+        /// Directory holding root-cert.pem and root-key.pem.
+        #[arg(long, env = "ZTUNNEL_CA_DIR")]
+        ca_dir: PathBuf,
+        /// SPIFFE identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+        #[arg(long)]
+        identity: String,
+        /// Where to write the PEM certificate chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the PEM private key (mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Certificate lifetime.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
 }
 
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

@@ -7,13 +7,9 @@ use ztunnel::config::{CaCommand, Cli, Command, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Ca(CaCommand::Init {
-        ca_dir,
-        trust_domain,
-    })) = cli.command
-    {
-        return match ztunnel::identity::FileCa::load_or_create(&ca_dir, &trust_domain) {
-            Ok(_) => ExitCode::SUCCESS,
+    if let Some(Command::Ca(ca)) = cli.command {
+        return match run_ca(ca) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ztunnel: {e}");
                 ExitCode::FAILURE
@@ -46,4 +42,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ztunnel ca …`: file CA maintenance, no daemon needed.
+fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
+    use ztunnel::identity::{FileCa, SpiffeId};
+    match cmd {
+        CaCommand::Init {
+            ca_dir,
+            trust_domain,
+        } => {
+            FileCa::load_or_create(&ca_dir, &trust_domain)?;
+        }
+        CaCommand::Issue {
+            ca_dir,
+            identity,
+            cert,
+            key,
+            ttl,
+        } => {
+            let id = SpiffeId::parse(&identity)?;
+            let ttl = ztunnel::config::parse_duration(&ttl)
+                .ok_or_else(|| anyhow::anyhow!("--ttl `{ttl}`: expected e.g. 30m or 24h"))?;
+            let ca = FileCa::load_or_create(&ca_dir, &id.trust_domain)?;
+            ca.issue_to_files(&id, ttl, &cert, &key)?;
+        }
+    }
+    Ok(())
 }

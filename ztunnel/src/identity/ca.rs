@@ -16,6 +16,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use super::SpiffeId;
+
 /// A certificate authority failure, with what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -169,6 +171,23 @@ impl FileCa {
     }
 }
 
+impl FileCa {
+    /// Issues a certificate for `id` and writes the chain and the key (mode 0600) to files:
+    /// for peers outside the daemon, such as an Envoy sidecar that must join the mesh.
+    pub fn issue_to_files(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<(), CaError> {
+        let (key, csr) = new_key_and_csr(id)?;
+        let chain = self.sign_now(&csr, ttl)?;
+        write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(cert_path, chain.chain_pem.as_bytes(), 0o644)
+    }
+}
+
 impl CertificateAuthority for FileCa {
     fn sign<'a>(
         &'a self,
@@ -181,6 +200,22 @@ impl CertificateAuthority for FileCa {
     fn roots_pem(&self) -> String {
         self.root_pem.clone()
     }
+}
+
+/// A fresh ECDSA P-256 key and a PEM CSR for `id` (its only SAN). Keys are generated where
+/// they are used and never sent anywhere; only the CSR goes to the CA.
+pub(crate) fn new_key_and_csr(id: &SpiffeId) -> Result<(KeyPair, String), CaError> {
+    let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id.to_string().try_into().map_err(sign_err)?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(sign_err)?;
+    Ok((key, csr))
 }
 
 /// 16 random bytes with the top bit clear (serials must be positive).

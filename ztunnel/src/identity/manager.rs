@@ -206,18 +206,7 @@ impl CertManager {
             id: id.clone(),
             reason,
         };
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| bad(e.to_string()))?;
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            id.to_string()
-                .try_into()
-                .map_err(|e: rcgen::Error| bad(e.to_string()))?,
-        )];
-        let csr = params
-            .serialize_request(&key)
-            .and_then(|c| c.pem())
-            .map_err(|e| bad(e.to_string()))?;
+        let (key, csr) = super::ca::new_key_and_csr(id)?;
         let issued = self.ca.sign(&csr, self.ttl).await?;
         let chain: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut issued.chain_pem.as_bytes())
