@@ -251,3 +251,90 @@ mod unix_secs {
         s.serialize_u64(secs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{CaError, FileCa, IssuedChain};
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// The real file CA behind a switch that makes it refuse, standing in for a remote CA
+    /// (istiod) that becomes unreachable; there is no such CA on this machine to unplug.
+    #[derive(Debug)]
+    struct Switchable {
+        inner: FileCa,
+        down: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl CertificateAuthority for Switchable {
+        fn sign<'a>(
+            &'a self,
+            csr_pem: &'a str,
+            ttl: Duration,
+        ) -> Pin<Box<dyn Future<Output = Result<IssuedChain, CaError>> + Send + 'a>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(CaError::Sign("CA unreachable".into())) });
+            }
+            self.inner.sign(csr_pem, ttl)
+        }
+        fn roots_pem(&self) -> String {
+            self.inner.roots_pem()
+        }
+    }
+
+    #[tokio::test]
+    async fn renews_at_half_life_and_keeps_a_valid_certificate_while_the_ca_is_down() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(Switchable {
+            inner: FileCa::load_or_create(dir.path(), "cluster.local").expect("ca"),
+            down: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        });
+        // Certificates are backdated one minute by the CA, so a 64 s lifetime reaches its
+        // half-life (renewal) about two seconds after issuance.
+        let m = CertManager::new(ca.clone(), Duration::from_secs(64)).expect("manager");
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        m.set_identities(&[id.clone()].into());
+        let first = m.fetch(&id, Duration::from_secs(5)).await.expect("issued");
+
+        ca.down.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ca.calls.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "renewal never attempted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Two failed renewals in: the old, still valid certificate is still served.
+        let kept = m
+            .get(&id)
+            .expect("still valid certificate kept while renewal fails");
+        assert_eq!(kept.serial, first.serial);
+
+        ca.down.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = m.get(&id).expect("certificate");
+            if now.serial != first.serial {
+                assert_eq!(now.identity, id);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no renewal after the CA recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        m.set_identities(&BTreeSet::new());
+        assert!(
+            m.get(&id).is_none(),
+            "identity without local pods is dropped"
+        );
+    }
+}
