@@ -659,3 +659,49 @@ fn hbone_pooling() {
     ok(held_c.wait().expect("c finishes"), "c's held connections");
     ok(held_a.wait().expect("a finishes"), "a's held connections");
 }
+
+#[test]
+fn hbone_stream_cap_and_idle_release() {
+    let mut cluster = start(two_pods(true));
+    for n in 1..=2 {
+        cluster
+            .start_daemon(
+                n,
+                &["--hbone-max-streams", "4", "--hbone-idle-timeout", "2s"],
+            )
+            .expect("daemon ready");
+    }
+    let (a, b) = (cluster.pod("mesh/a").clone(), cluster.pod("mesh/b").clone());
+    let _sb = b.serve(8080, "b").expect("serve b");
+    let to_b = || {
+        let (s, d) = (a.ip.to_string(), b.ip.to_string());
+        ss_count(&cluster, 1, &["src", &s, "dst", &d, "dport", "=", ":15008"])
+    };
+
+    let held = a
+        .spawn_send(&SendOpts::to(&at(&b, 8080)).conns(10).hold(3.0))
+        .expect("a");
+    eventually(
+        Duration::from_secs(8),
+        "10 connections from a established at b",
+        || pod_ss_count(&b, "sport = :8080") >= 10,
+    );
+    assert_eq!(
+        to_b(),
+        3,
+        "10 flows at 4 streams per connection need 3 connections"
+    );
+    ok(held.wait().expect("a finishes"), "a's held connections");
+
+    // Idle for longer than --hbone-idle-timeout: the pool lets the connections go.
+    eventually(
+        Duration::from_secs(10),
+        "idle HBONE connections released",
+        || to_b() == 0,
+    );
+    // And a new flow dials afresh.
+    ok(
+        a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),
+        "after idle release",
+    );
+}
