@@ -4,9 +4,25 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztunnel::config::{CaCommand, Cli, Command, Config};
+use ztunnel::status::View;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let status = match &cli.command {
+        Some(Command::Status(a)) => Some((View::Status, a)),
+        Some(Command::Workloads(a)) => Some((View::Workloads, a)),
+        Some(Command::Certificates(a)) => Some((View::Certificates, a)),
+        _ => None,
+    };
+    if let Some((view, args)) = status {
+        return match ztunnel::status::run(view, args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztunnel: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Ca(CaCommand::Init {
         ca_dir,
         trust_domain,
