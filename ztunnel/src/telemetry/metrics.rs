@@ -425,7 +425,30 @@ mod tests {
     #[test]
     fn exposition_is_prometheus_text() {
         let m = Metrics::new();
+        let meter = m.open(&ConnLabels::new(&ConnInfo {
+            reporter: "source",
+            src: None,
+            src_identity: None,
+            dst: None,
+            dst_identity: None,
+            service: None,
+            cluster_domain: "cluster.local",
+            mtls: false,
+            flags: "UF",
+        }));
+        meter.client_side().to_tunnel(7);
+        drop(meter);
         let text = m.encode();
+        assert!(
+            text.contains(
+                "istio_tcp_received_bytes_total{reporter=\"source\",source_workload=\"unknown\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("response_flags=\"UF\",connection_security_policy=\"none\"} 7\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE istio_tcp_connections_opened_total counter\n"));
         assert!(text.contains("# HELP istio_tcp_sent_bytes_total "));
         assert!(text.contains("# TYPE istio_build gauge\n"));
