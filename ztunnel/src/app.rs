@@ -2,8 +2,9 @@
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
 //! capture is attached, so no captured SYN ever finds its listener missing; readiness turns on
-//! only when certificates for all local workloads exist and capture is attached. On SIGTERM or
-//! SIGINT capture is detached first (traffic then flows directly again), then the process exits.
+//! only when the first complete state is loaded, certificates for all local workloads exist and
+//! capture is attached. On SIGTERM, SIGINT or admin `/quitquitquit` the daemon drains (see
+//! [`crate::drain`]), then detaches capture (traffic then flows directly again) and exits.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Readiness, Reply};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
@@ -24,6 +26,7 @@ use crate::proxy::Proxy;
 use crate::socket;
 use crate::source::{self, FileSource, SourceError};
 use crate::state::State;
+use crate::telemetry::{self, Metrics};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -69,15 +72,23 @@ fn bind(
 /// How often capture is re-checked against the state without a state change.
 const CAPTURE_RESYNC: Duration = Duration::from_secs(2);
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// What the admin API and metrics show of capture; updated by the main task.
+#[derive(Debug, Default, Clone)]
+struct CaptureView {
+    interfaces: Vec<String>,
+    enrolled: Vec<Ipv4Addr>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or admin `/quitquitquit`), then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let ca = FileCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
     let certs = CertManager::new(Arc::new(ca), cfg.cert_ttl)?;
+    let metrics = Metrics::new();
+    let drain = Drain::default();
 
     let mut source = FileSource::new(&cfg.state_path, &cfg.trust_domain);
     let first = source.poll()?.unwrap_or_default();
-    source::log_applied(&first);
     let (state_tx, mut state_rx) = watch::channel(Arc::new(first));
 
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -88,10 +99,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let plaintext = bind("inbound-plaintext", local, p.inbound_plaintext, true, mark)?;
     let hbone = bind("hbone", any, p.hbone, true, mark)?;
     let admin_l = bind("admin", cfg.admin_addr, p.admin, false, mark)?;
+    let metrics_l = bind("metrics", any, p.metrics, false, mark)?;
     let ready_l = bind("readiness", any, p.readiness, false, mark)?;
 
     let pool = Pool::new(cfg.hbone.clone(), mark, certs.clone());
-    let proxy = Proxy::new(cfg.clone(), state_rx.clone(), pool.clone());
+    let proxy = Proxy::new(
+        cfg.clone(),
+        state_rx.clone(),
+        pool.clone(),
+        metrics.clone(),
+        drain.clone(),
+    );
     let server = Server::new(
         cfg.hbone.clone(),
         &cfg.trust_domain,
@@ -103,7 +121,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     tokio::spawn(server.run(hbone));
 
     let readiness = Arc::new(Readiness::default());
-    let attached: Arc<Mutex<Vec<String>>> = Arc::default();
+    let view: Arc<Mutex<CaptureView>> = Arc::default();
     {
         let r = readiness.clone();
         tokio::spawn(admin::serve(ready_l, move |path| match path {
@@ -111,35 +129,59 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             "/healthz/ready" => Reply::text(503, "not ready\n"),
             _ => Reply::text(404, "not found\n"),
         }));
-        let (cfg, rx, certs, pool, attached) = (
-            cfg.clone(),
-            state_rx.clone(),
-            certs.clone(),
-            pool.clone(),
-            attached.clone(),
-        );
-        tokio::spawn(admin::serve(admin_l, move |path| match path {
-            "/config_dump" => {
-                let state = rx.borrow().clone();
-                let certificates: Vec<_> = certs
-                    .snapshot()
-                    .into_iter()
-                    .map(|(id, c)| json!({"identity": id, "certificate": c}))
-                    .collect();
-                let dump = json!({
-                    "config": &*cfg,
-                    "state": &*state,
-                    "certificates": certificates,
-                    "hbone_pool": pool.stats(),
-                    "capture_attached": *attached.lock().unwrap_or_else(|p| p.into_inner()),
-                });
-                Reply::json(serde_json::to_string_pretty(&dump).unwrap_or_default())
+        let (m_certs, m_pool, m_view, metrics) =
+            (certs.clone(), pool.clone(), view.clone(), metrics.clone());
+        tokio::spawn(admin::serve(metrics_l, move |path| {
+            let (certs, pool, view) = (&m_certs, &m_pool, &m_view);
+            match path.split('?').next().unwrap_or("") {
+                "/metrics" | "/stats/prometheus" => {
+                    let stats = pool.stats();
+                    metrics.pool_connections.set(gauge(stats.connections));
+                    metrics.pool_streams.set(gauge(stats.streams));
+                    let v = view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    metrics.capture_enrolled_pods.set(gauge(v.enrolled.len()));
+                    metrics
+                        .capture_attached_programs
+                        .set(gauge(v.interfaces.len()));
+                    metrics.set_certificates(&certs.snapshot());
+                    Reply::new(200, telemetry::metrics::CONTENT_TYPE, metrics.encode())
+                }
+                _ => Reply::text(404, "not found\n"),
             }
-            _ => Reply::text(404, "not found\n"),
         }));
+        let admin = AdminContext {
+            cfg: cfg.clone(),
+            state: state_rx.clone(),
+            certs: certs.clone(),
+            pool: pool.clone(),
+            view: view.clone(),
+            readiness: readiness.clone(),
+            drain: drain.clone(),
+        };
+        tokio::spawn(admin::serve(admin_l, move |path| admin.route(path)));
     }
 
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+
+    // The first state counts as loaded once every file in the source has parsed; until then
+    // the daemon is not ready (a pod file that never parsed leaves its pods unknown).
+    while !source.complete() {
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.state_poll_interval) => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+        match source.poll() {
+            Ok(Some(s)) => {
+                state_tx.send_replace(Arc::new(s));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "state source unreadable; not ready"),
+        }
+    }
     let state = state_rx.borrow_and_update().clone();
+    source::log_applied(&state);
     update_certificates(&cfg, &certs, &state);
     for id in local_identities(&cfg, &state) {
         // Wait for first issuance so the first flows don't race it; renewal goes on after.
@@ -157,13 +199,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         })?),
         None => None,
     };
-    sync_capture(&cfg, capture.as_mut(), &state, &attached, true);
+    sync_capture(&cfg, capture.as_mut(), &state, &view, true);
     readiness.set_ready();
     tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
 
     tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     // Re-sync capture now and then: a pod's veth may appear after its object does.
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,7 +211,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         tokio::select! {
             _ = resync.tick() => {
                 let state = state_rx.borrow().clone();
-                sync_capture(&cfg, capture.as_mut(), &state, &attached, false);
+                sync_capture(&cfg, capture.as_mut(), &state, &view, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -179,17 +219,168 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 }
                 let state = state_rx.borrow_and_update().clone();
                 update_certificates(&cfg, &certs, &state);
-                sync_capture(&cfg, capture.as_mut(), &state, &attached, true);
+                sync_capture(&cfg, capture.as_mut(), &state, &view, true);
             }
-            _ = term.recv() => { tracing::info!("SIGTERM received; shutting down"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT received; shutting down"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM received; draining"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT received; draining"); break; }
+            _ = drain.started() => { tracing::info!("drain requested through the admin API"); break; }
         }
     }
+    drain.start();
+    let active = drain.active();
+    tracing::info!(
+        active,
+        timeout = ?cfg.drain_timeout,
+        "draining: new connections refused, waiting for open ones"
+    );
+    let left = tokio::select! {
+        n = drain.wait_idle(cfg.drain_timeout) => n,
+        _ = term.recv() => drain.active(),
+        _ = int.recv() => drain.active(),
+    };
+    tracing::info!(left, "drain finished");
     if let Some(c) = capture {
         c.shutdown()?;
     }
     tracing::info!("capture removed; exiting");
     Ok(())
+}
+
+fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// What the admin API (15000) reads.
+struct AdminContext {
+    cfg: Arc<Config>,
+    state: watch::Receiver<Arc<State>>,
+    certs: Arc<CertManager>,
+    pool: Pool,
+    view: Arc<Mutex<CaptureView>>,
+    readiness: Arc<Readiness>,
+    drain: Drain,
+}
+
+impl AdminContext {
+    fn route(&self, target: &str) -> Reply {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        match path {
+            "/config_dump" => {
+                Reply::json(serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default())
+            }
+            "/logging" => {
+                let level = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("level="))
+                    .map(percent_decode);
+                match level {
+                    None => Reply::text(
+                        200,
+                        format!(
+                            "level: {}\n",
+                            telemetry::current_log_level().unwrap_or_default()
+                        ),
+                    ),
+                    Some(l) => match telemetry::set_log_level(&l) {
+                        Ok(now) => {
+                            tracing::info!(level = %now, "log level changed");
+                            Reply::text(200, format!("level: {now}\n"))
+                        }
+                        Err(e) => Reply::text(400, format!("{e}\n")),
+                    },
+                }
+            }
+            "/quitquitquit" => {
+                self.drain.start();
+                Reply::text(200, "draining\n")
+            }
+            _ => Reply::text(404, "not found\n"),
+        }
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let state = self.state.borrow().clone();
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let certificates: Vec<_> = self
+            .certs
+            .snapshot()
+            .into_iter()
+            .map(|(id, c)| match c {
+                Some(c) => json!({
+                    "identity": id,
+                    "state": "issued",
+                    "serial": c.serial,
+                    "not_before": unix_secs(c.not_before),
+                    "not_after": unix_secs(c.not_after),
+                    "expires_in_secs": telemetry::metrics::seconds_until(c.not_after),
+                }),
+                None => json!({"identity": id, "state": "pending"}),
+            })
+            .collect();
+        let mut local: Vec<_> = state.local_workloads(&self.cfg.node_name).collect();
+        local.sort_by_key(|w| w.key());
+        let enrolled_pods: Vec<_> = local
+            .iter()
+            .map(|w| {
+                let captured = matches!(w.ip, IpAddr::V4(ip) if view.enrolled.contains(&ip));
+                json!({
+                    "pod": w.key(),
+                    "ip": w.ip,
+                    "workload": w.workload_name,
+                    "identity": w.identity,
+                    "enrolled": w.enrolled,
+                    "captured": captured,
+                })
+            })
+            .collect();
+        let mut workloads: Vec<_> = state.workloads.values().collect();
+        workloads.sort_by_key(|w| w.key());
+        json!({
+            "node": self.cfg.node_name,
+            "ready": self.readiness.is_ready(),
+            "draining": self.drain.is_draining(),
+            "active_flows": self.drain.active(),
+            "config": &*self.cfg,
+            "generation": state.generation,
+            "workloads": workloads,
+            "services": state.services,
+            "enrolled_pods": enrolled_pods,
+            "certificates": certificates,
+            "hbone_pool": self.pool.stats(),
+            "capture": {"attached_interfaces": view.interfaces},
+        })
+    }
+}
+
+/// Decodes `%XX` and `+` in a query value (log directives contain `=` and `,`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn local_identities(cfg: &Config, state: &State) -> BTreeSet<SpiffeId> {
@@ -210,7 +401,7 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
-    attached: &Mutex<Vec<String>>,
+    view: &Mutex<CaptureView>,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
@@ -235,9 +426,9 @@ fn sync_capture(
         }
     }
     let now = capture.attached();
-    let mut last = attached.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = view.lock().unwrap_or_else(|p| p.into_inner());
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
-    if state_changed || *last != now {
+    if state_changed || last.interfaces != now {
         tracing::info!(
             generation = state.generation,
             enrolled,
@@ -245,5 +436,6 @@ fn sync_capture(
             "capture updated"
         );
     }
-    *last = now;
+    last.interfaces = now;
+    last.enrolled = capture.enrolled();
 }

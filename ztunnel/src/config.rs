@@ -36,6 +36,12 @@ pub enum Command {
     /// Manage the built-in file certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Summary of a running daemon: readiness, pods, captures, certificates, HBONE pool.
+    Status(crate::status::StatusArgs),
+    /// Workloads a running daemon knows, with enrollment and capture state.
+    Workloads(crate::status::StatusArgs),
+    /// Workload certificates a running daemon holds: identity, serial, expiry.
+    Certificates(crate::status::StatusArgs),
 }
 
 /// `ztunnel ca …`
@@ -107,6 +113,10 @@ pub struct RunArgs {
     /// Lifetime of issued workload certificates; renewed at half-life [default: 24h].
     #[arg(long, env = "ZTUNNEL_CERT_TTL")]
     pub cert_ttl: Option<String>,
+    /// On SIGTERM or /quitquitquit, how long open connections may go on before the daemon
+    /// detaches capture and exits [default: 30s].
+    #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
     /// Node interfaces that face other nodes; inbound traffic is captured there
     /// (repeat or comma-separate) [default: eth0].
     #[arg(long, env = "ZTUNNEL_UPLINK", value_delimiter = ',')]
@@ -260,6 +270,9 @@ pub struct Config {
     /// Workload certificate lifetime.
     #[serde(with = "duration_str")]
     pub cert_ttl: Duration,
+    /// Longest graceful drain on shutdown.
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
     /// Listener ports.
     pub ports: Ports,
     /// Address the admin API binds.
@@ -405,6 +418,7 @@ impl Config {
             state_poll_interval: duration("state-poll-interval", a.state_poll_interval, "500ms")?,
             ca_dir,
             cert_ttl,
+            drain_timeout: duration("drain-timeout", a.drain_timeout, "30s")?,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             capture,
@@ -439,6 +453,7 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         trust_domain: cli.trust_domain.or(file.trust_domain),
         cluster_domain: cli.cluster_domain.or(file.cluster_domain),
         cert_ttl: cli.cert_ttl.or(file.cert_ttl),
+        drain_timeout: cli.drain_timeout.or(file.drain_timeout),
         uplink: if cli.uplink.is_empty() {
             file.uplink
         } else {

@@ -4,19 +4,30 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztunnel::config::{CaCommand, Cli, Command, Config};
+use ztunnel::status::{self, View};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Ca(ca)) = cli.command {
-        return match run_ca(ca) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ztunnel: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    let result = match cli.command {
+        None => return run_daemon(cli.run),
+        Some(Command::Ca(ca)) => run_ca(ca),
+        Some(Command::Status(a)) => status::run(View::Status, &a).map_err(Into::into),
+        Some(Command::Workloads(a)) => status::run(View::Workloads, &a).map_err(Into::into),
+        Some(Command::Certificates(a)) => status::run(View::Certificates, &a).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ztunnel: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    let cfg = match Config::resolve(cli.run) {
+}
+
+/// Runs the daemon: exit 2 for invalid configuration (before anything is bound), 1 when it
+/// stops on an error, 0 after a clean shutdown.
+fn run_daemon(args: ztunnel::config::RunArgs) -> ExitCode {
+    let cfg = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ztunnel: {e}");

@@ -35,6 +35,8 @@ struct FileEntry {
     text: String,
     /// Objects of the last text that parsed.
     objects: Vec<Object>,
+    /// Some version of this file has parsed.
+    good: bool,
 }
 
 /// Polls a file or directory and publishes a new [`State`] whenever the accepted objects change.
@@ -78,7 +80,14 @@ impl FileSource {
             }
             match kube::parse_file(&p, &text) {
                 Ok(objects) => {
-                    self.files.insert(p, FileEntry { text, objects });
+                    self.files.insert(
+                        p,
+                        FileEntry {
+                            text,
+                            objects,
+                            good: true,
+                        },
+                    );
                     changed = true;
                 }
                 Err(e) => {
@@ -91,8 +100,19 @@ impl FileSource {
                     );
                     // Remember the bad text so it is reported once, but keep the last good
                     // objects of this file in force.
-                    let objects = self.files.remove(&p).map(|f| f.objects).unwrap_or_default();
-                    self.files.insert(p, FileEntry { text, objects });
+                    let (objects, good) = self
+                        .files
+                        .remove(&p)
+                        .map(|f| (f.objects, f.good))
+                        .unwrap_or_default();
+                    self.files.insert(
+                        p,
+                        FileEntry {
+                            text,
+                            objects,
+                            good,
+                        },
+                    );
                 }
             }
         }
@@ -110,6 +130,13 @@ impl FileSource {
             &self.trust_domain,
             &objects,
         )))
+    }
+
+    /// Whether every file present has parsed at least once: until then the state is
+    /// incomplete (a pod file that never parsed would leave its pods unknown), and the daemon
+    /// does not report ready.
+    pub fn complete(&self) -> bool {
+        self.files.values().all(|f| f.good)
     }
 
     fn list(&self) -> Result<Vec<PathBuf>, SourceError> {

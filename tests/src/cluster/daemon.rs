@@ -63,12 +63,45 @@ impl Daemon {
         Ok(d)
     }
 
+    /// Like [`Daemon::start`] but returns as soon as the process runs (for readiness tests).
+    pub(crate) fn spawn_unready(
+        node: usize,
+        netns: &str,
+        program: &Path,
+        args: Vec<OsString>,
+        logdir: &Path,
+    ) -> Result<Daemon> {
+        let d = Daemon {
+            node,
+            netns: netns.to_string(),
+            program: program.to_path_buf(),
+            args,
+            logdir: logdir.to_path_buf(),
+            proc: Mutex::new(Proc {
+                child: None,
+                log: PathBuf::new(),
+            }),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Waits until the daemon logs `ready`.
+    pub fn wait_ready(&self) -> Result<()> {
+        self.wait_ready_inner()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Proc> {
         // A panic while holding the lock leaves plain data behind; keep using it.
         self.proc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn spawn_and_wait_ready(&self) -> Result<()> {
+        self.spawn()?;
+        self.wait_ready_inner()
+    }
+
+    fn spawn(&self) -> Result<()> {
         {
             let mut p = self.lock();
             if p.child.is_some() {
@@ -100,6 +133,10 @@ impl Daemon {
                 .with_context(|| format!("spawning {}", self.program.display()))?;
             p.child = Some(child);
         }
+        Ok(())
+    }
+
+    fn wait_ready_inner(&self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if self.log_lines().iter().any(|l| message(l) == "ready") {

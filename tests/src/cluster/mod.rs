@@ -242,6 +242,15 @@ impl Cluster {
     /// Starts node i's daemon with the standard flags plus `extra` and waits for `ready`.
     /// A stopped daemon of that node is replaced; a running one is an error.
     pub fn start_daemon(&mut self, node: usize, extra: &[&str]) -> Result<&Daemon> {
+        self.launch_daemon(node, extra, true)
+    }
+
+    /// Starts node i's daemon like [`Cluster::start_daemon`] without waiting for `ready`.
+    pub fn start_daemon_unready(&mut self, node: usize, extra: &[&str]) -> Result<&Daemon> {
+        self.launch_daemon(node, extra, false)
+    }
+
+    fn launch_daemon(&mut self, node: usize, extra: &[&str], wait: bool) -> Result<&Daemon> {
         if !(1..=self.spec.nodes).contains(&node) {
             bail!("node {node} does not exist");
         }
@@ -262,12 +271,20 @@ impl Cluster {
             "--log-format".into(),
             "json".into(),
         ];
+        // Short drain by default so teardown's SIGTERM is quick; a test may set its own.
+        if !extra.iter().any(|a| a.starts_with("--drain-timeout")) {
+            args.extend(["--drain-timeout".into(), "3s".into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let logdir = self.workdir.join("logs");
         std::fs::create_dir_all(&logdir)
             .with_context(|| format!("creating {}", logdir.display()))?;
         let bin = crate::ztunnel_bin();
-        let daemon = Daemon::start(node, &self.node_netns(node), &bin, args, &logdir)?;
+        let daemon = if wait {
+            Daemon::start(node, &self.node_netns(node), &bin, args, &logdir)?
+        } else {
+            Daemon::spawn_unready(node, &self.node_netns(node), &bin, args, &logdir)?
+        };
         Ok(self.daemons[idx].insert(daemon))
     }
 

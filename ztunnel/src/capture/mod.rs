@@ -392,6 +392,11 @@ impl Capture {
         set.into_iter().cloned().collect()
     }
 
+    /// Pod IPs in the enrolled map (their traffic is captured), for status and metrics.
+    pub fn enrolled(&self) -> Vec<Ipv4Addr> {
+        self.enrolled.iter().copied().collect()
+    }
+
     /// Detaches every program and removes the ip rule and route. Also done (best effort, errors
     /// only logged) when a `Capture` is dropped.
     pub fn shutdown(mut self) -> Result<(), CaptureError> {

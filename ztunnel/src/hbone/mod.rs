@@ -81,11 +81,13 @@ pub struct Transferred {
 /// Copies both ways between a TCP socket and an HTTP/2 stream until both directions end.
 /// A clean EOF on one side half-closes the other; an error on either side aborts both (the TCP
 /// side is reset, the stream cancelled) so that neither application mistakes a failure for a
-/// clean end of data.
+/// clean end of data. Bytes are reported to `sink` as they move, so metrics advance during
+/// long transfers.
 pub async fn splice(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    sink: &crate::telemetry::ByteSink,
 ) -> (Transferred, Option<io::Error>) {
     let (mut rd, mut wr) = tcp.into_split();
     let mut to_tunnel = 0u64;
@@ -117,6 +119,7 @@ pub async fn splice(
                     }
                     let part = chunk.split_to(cap.min(chunk.len()));
                     to_tunnel += part.len() as u64;
+                    sink.to_tunnel(part.len());
                     send.send_data(part, false).map_err(h2_io)?;
                 }
             }
@@ -126,6 +129,7 @@ pub async fn splice(
                 let chunk = chunk.map_err(h2_io)?;
                 wr.write_all(&chunk).await?;
                 from_tunnel += chunk.len() as u64;
+                sink.from_tunnel(chunk.len());
                 // An error here only means the stream is already gone; data() reports it next.
                 let _ = recv.flow_control().release_capacity(chunk.len());
             }

@@ -72,6 +72,8 @@ pub trait Handler: Send + Sync + 'static {
     /// Identity whose certificate to present for connections to `local`; `None` refuses the
     /// connection (no local enrolled pod has that address).
     fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId>;
+    /// Drain state: while draining, new connections are refused and open ones get GOAWAY.
+    fn drain(&self) -> &crate::drain::Drain;
     /// Serves one stream to the end.
     fn serve(
         self: Arc<Self>,
@@ -112,6 +114,10 @@ impl<H: Handler> Server<H> {
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
+                    if self.handler.drain().is_draining() {
+                        crate::hbone::reset_on_close(&tcp);
+                        continue;
+                    }
                     let _ = tcp.set_nodelay(true);
                     let this = self.clone();
                     tokio::spawn(async move {
@@ -179,7 +185,20 @@ impl<H: Handler> Server<H> {
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
         tracing::debug!(%peer, %local, client = %peer_identity, "HBONE connection accepted");
-        while let Some(next) = conn.accept().await {
+        let drain = self.handler.drain().clone();
+        let mut goaway_sent = false;
+        loop {
+            let next = tokio::select! {
+                n = conn.accept() => n,
+                _ = drain.started(), if !goaway_sent => {
+                    // Streams in progress go on; the client opens no new ones here.
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                    tracing::debug!(%peer, "HBONE connection draining: GOAWAY sent");
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             let (request, respond) = match next {
                 Ok(r) => r,
                 Err(e) => {
@@ -209,7 +228,12 @@ impl<H: Handler> Server<H> {
                 authority,
                 headers: parts.headers,
             };
-            tokio::spawn(self.handler.clone().serve(req, responder));
+            let guard = drain.guard();
+            let stream = self.handler.clone().serve(req, responder);
+            tokio::spawn(async move {
+                stream.await;
+                drop(guard);
+            });
         }
         poll_fn(|cx| conn.poll_closed(cx))
             .await

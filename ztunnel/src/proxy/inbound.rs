@@ -24,13 +24,17 @@ use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::hbone::{self, reset_on_close, Transferred};
 use crate::identity::SpiffeId;
 use crate::socket;
-use crate::state::Workload;
+use crate::state::{Service, State, Workload};
 
 impl Handler for Proxy {
     fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId> {
         let state = self.snapshot();
         self.local_enrolled(&state, local.ip())
             .map(|w| w.identity.clone())
+    }
+
+    fn drain(&self) -> &crate::drain::Drain {
+        Proxy::drain(self)
     }
 
     fn serve(
@@ -57,27 +61,29 @@ impl Proxy {
             dst_workload: dst_w.as_deref(),
             src_identity: Some(&req.peer_identity),
             dst_identity: None,
+            service: None,
             start,
         };
         let Some(dst_w) = dst_w.as_deref() else {
-            access.log(
-                Transferred::default(),
-                Some(&format!(
-                    "503: {} is not an enrolled pod of this node",
-                    req.authority
-                )),
+            access.refuse(
+                self,
+                &state,
+                "NR",
+                &format!("503: {} is not an enrolled pod of this node", req.authority),
             );
             responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         };
         access.dst_identity = Some(&dst_w.identity);
         if req.authority.ip() != req.local.ip() {
-            access.log(
-                Transferred::default(),
-                Some(&format!(
+            access.refuse(
+                self,
+                &state,
+                "NR",
+                &format!(
                     "400: authority {} does not match the connection's destination {}",
                     req.authority, req.local
-                )),
+                ),
             );
             responder.refuse(StatusCode::BAD_REQUEST);
             return;
@@ -85,22 +91,23 @@ impl Proxy {
         let pod = match self.dial_pod(req.peer, req.authority).await {
             Ok(p) => p,
             Err(e) => {
-                access.log(Transferred::default(), Some(&format!("503: {e}")));
+                access.refuse(self, &state, "UF", &format!("503: {e}"));
                 responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
                 return;
             }
         };
         match responder.accept() {
             Ok((send, recv)) => {
-                let (bytes, err) = hbone::splice(pod, send, recv).await;
+                let meter = access.open(self, &state);
+                let (bytes, err) = hbone::splice(pod, send, recv, &meter.server_side()).await;
                 // The socket side here is the server: what it sent went to the client.
                 let bytes = Transferred {
                     to_tunnel: bytes.from_tunnel,
                     from_tunnel: bytes.to_tunnel,
                 };
-                access.log(bytes, err.as_ref().map(|e| e as _));
+                access.close(meter, bytes, err.as_ref().map(|e| e as _));
             }
-            Err(e) => access.log(Transferred::default(), Some(&e)),
+            Err(e) => access.refuse(self, &state, "UF", &e),
         }
     }
 
@@ -125,21 +132,35 @@ impl Proxy {
             dst_workload: dst_w.as_deref(),
             src_identity: None,
             dst_identity: dst_w.as_ref().map(|w| &w.identity),
+            service: None,
             start,
         };
         if dst_w.is_none() {
-            access.log(
-                Transferred::default(),
-                Some(&format!("{dst} is not an enrolled pod of this node")),
+            access.refuse(
+                &self,
+                &state,
+                "NR",
+                &format!("{dst} is not an enrolled pod of this node"),
             );
             reset_on_close(&tcp);
             return;
         }
-        let (bytes, err) = self.to_pod(tcp, access.src, access.dst).await;
-        access.log(bytes, err.as_ref().map(|e| e as _));
+        match self.dial_pod(src, dst).await {
+            Ok(pod) => {
+                let meter = access.open(&self, &state);
+                let (bytes, err) = splice_plain(tcp, pod, &meter.client_side()).await;
+                access.close(meter, bytes, err.as_ref().map(|e| e as _));
+            }
+            Err(e) => {
+                reset_on_close(&tcp);
+                access.refuse(&self, &state, "UF", &e);
+            }
+        }
     }
 
-    /// Same-node mesh flow: from the outbound side straight to the destination pod.
+    /// Same-node mesh flow: from the outbound side straight to the destination pod, counted
+    /// and logged for both reporters.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn local(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -147,8 +168,10 @@ impl Proxy {
         src_w: &Workload,
         dst_w: &Workload,
         port: u16,
+        service: Option<&Service>,
         start: Instant,
     ) {
+        let state: Arc<State> = self.snapshot();
         let dst = SocketAddr::new(dst_w.ip, port);
         let access = Access {
             reporter: "destination",
@@ -159,30 +182,26 @@ impl Proxy {
             dst_workload: Some(dst_w),
             src_identity: Some(&src_w.identity),
             dst_identity: Some(&dst_w.identity),
+            service,
             start,
         };
-        let (bytes, err) = self.to_pod(tcp, src, dst).await;
-        let err = err.as_ref().map(|e| e as _);
-        access.log(bytes, err);
-        Access {
+        let source = Access {
             reporter: "source",
             ..access
-        }
-        .log(bytes, err);
-    }
-
-    /// Connects to the pod from the client's IP and splices until both sides are done.
-    async fn to_pod(
-        &self,
-        tcp: TcpStream,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> (Transferred, Option<std::io::Error>) {
+        };
         match self.dial_pod(src, dst).await {
-            Ok(pod) => splice_plain(tcp, pod).await,
+            Ok(pod) => {
+                let (m_dst, m_src) = (access.open(&self, &state), source.open(&self, &state));
+                let sink = m_dst.client_side().join(m_src.client_side());
+                let (bytes, err) = splice_plain(tcp, pod, &sink).await;
+                let err = err.as_ref().map(|e| e as _);
+                access.close(m_dst, bytes, err);
+                source.close(m_src, bytes, err);
+            }
             Err(e) => {
                 reset_on_close(&tcp);
-                (Transferred::default(), Some(e))
+                access.refuse(&self, &state, "UF", &e);
+                source.refuse(&self, &state, "UF", &e);
             }
         }
     }

@@ -6,18 +6,23 @@
 mod inbound;
 mod outbound;
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::hbone::{reset_on_close, Transferred};
 use crate::identity::SpiffeId;
-use crate::state::{State, Workload};
+use crate::state::{Service, State, Workload};
+use crate::telemetry::metrics::ConnInfo;
+use crate::telemetry::{ByteSink, ConnLabels, ConnMeter, Metrics};
 
 /// Buffer per direction for plain TCP splices.
 const PLAIN_BUF: usize = 256 * 1024;
@@ -28,12 +33,31 @@ pub struct Proxy {
     cfg: Arc<Config>,
     state: watch::Receiver<Arc<State>>,
     pool: Pool,
+    metrics: Arc<Metrics>,
+    drain: Drain,
 }
 
 impl Proxy {
-    /// A proxy reading state from `state`.
-    pub fn new(cfg: Arc<Config>, state: watch::Receiver<Arc<State>>, pool: Pool) -> Arc<Self> {
-        Arc::new(Proxy { cfg, state, pool })
+    /// A proxy reading state from `state`, counting into `metrics`, stopping on `drain`.
+    pub fn new(
+        cfg: Arc<Config>,
+        state: watch::Receiver<Arc<State>>,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+    ) -> Arc<Self> {
+        Arc::new(Proxy {
+            cfg,
+            state,
+            pool,
+            metrics,
+            drain,
+        })
+    }
+
+    /// Drain state, for the HBONE server's streams.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 
     fn snapshot(&self) -> Arc<State> {
@@ -61,8 +85,19 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
+                    if self.drain.is_draining() {
+                        // Still bound so capture keeps steering here; refuse rather than
+                        // let new flows start during the drain.
+                        reset_on_close(&tcp);
+                        continue;
+                    }
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(handle(self.clone(), tcp, peer));
+                    let guard = self.drain.guard();
+                    let flow = handle(self.clone(), tcp, peer);
+                    tokio::spawn(async move {
+                        flow.await;
+                        drop(guard);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(listener = name, error = %e, "accept failed");
@@ -87,27 +122,64 @@ impl Proxy {
     }
 }
 
-/// Copies both ways between two TCP sockets; on error both are reset.
-async fn splice_plain(mut a: TcpStream, mut b: TcpStream) -> (Transferred, Option<std::io::Error>) {
-    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, PLAIN_BUF, PLAIN_BUF).await {
-        Ok((up, down)) => (
-            Transferred {
-                to_tunnel: up,
-                from_tunnel: down,
-            },
-            None,
-        ),
-        Err(e) => {
-            reset_on_close(&a);
-            reset_on_close(&b);
-            (Transferred::default(), Some(e))
+/// Copies both ways between two TCP sockets (`a` is the side [`Transferred::to_tunnel`] is
+/// read from), reporting bytes to `sink` as they move. A clean EOF half-closes the other side;
+/// an error on either side resets both.
+async fn splice_plain(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    sink: &ByteSink,
+) -> (Transferred, Option<io::Error>) {
+    let mut bytes = Transferred::default();
+    let err = {
+        let (mut ar, mut aw) = a.split();
+        let (mut br, mut bw) = b.split();
+        let up = copy_counted(&mut ar, &mut bw, &mut bytes.to_tunnel, |n| {
+            sink.to_tunnel(n)
+        });
+        let down = copy_counted(&mut br, &mut aw, &mut bytes.from_tunnel, |n| {
+            sink.from_tunnel(n)
+        });
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => match r { Ok(()) => (&mut down).await.err(), Err(e) => Some(e) },
+            r = &mut down => match r { Ok(()) => (&mut up).await.err(), Err(e) => Some(e) },
         }
+    };
+    if err.is_some() {
+        reset_on_close(&a);
+        reset_on_close(&b);
+    }
+    (bytes, err)
+}
+
+/// One direction of a plain splice: read, write all, count, until EOF; then half-close.
+async fn copy_counted<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    total: &mut u64,
+    count: impl Fn(usize),
+) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PLAIN_BUF];
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return wr.shutdown().await;
+        }
+        wr.write_all(&buf[..n]).await?;
+        *total += n as u64;
+        count(n);
     }
 }
 
-/// One access-log line per closed connection (the `access` message operators and tests read).
-/// Byte counts follow Istio: `bytes_received` came from the client, `bytes_sent` went to it.
-#[derive(Debug)]
+/// One connection's telemetry: its metric labels and the access-log line written when it
+/// closes (the `access` message operators and tests read). Byte counts follow Istio:
+/// `bytes_received` came from the client, `bytes_sent` went to it.
+#[derive(Debug, Clone, Copy)]
 struct Access<'a> {
     reporter: &'static str,
     protocol: &'static str,
@@ -117,11 +189,51 @@ struct Access<'a> {
     dst_workload: Option<&'a Workload>,
     src_identity: Option<&'a SpiffeId>,
     dst_identity: Option<&'a SpiffeId>,
+    /// The service dialled (VIP) or, when `None`, the first service selecting the destination.
+    service: Option<&'a Service>,
     start: Instant,
 }
 
 impl Access<'_> {
-    fn log(&self, bytes: Transferred, error: Option<&dyn std::fmt::Display>) {
+    fn labels(&self, p: &Proxy, state: &State, flags: &'static str) -> ConnLabels {
+        let service = self.service.or_else(|| {
+            self.dst_workload
+                .and_then(|w| state.service_of(w.ip))
+                .map(|s| &**s)
+        });
+        ConnLabels::new(&ConnInfo {
+            reporter: self.reporter,
+            src: self.src_workload,
+            src_identity: self.src_identity,
+            dst: self.dst_workload,
+            dst_identity: self.dst_identity,
+            service,
+            cluster_domain: &p.cfg.cluster_domain,
+            mtls: self.protocol == "HBONE",
+            flags,
+        })
+    }
+
+    /// Counts the connection as opened; bytes go to the returned meter as they move.
+    fn open(&self, p: &Proxy, state: &State) -> ConnMeter {
+        p.metrics.open(&self.labels(p, state, "-"))
+    }
+
+    /// A connection that ended before data could flow (no route, upstream failure, denied):
+    /// counted opened and closed with `flags`, and logged with the reason.
+    fn refuse(&self, p: &Proxy, state: &State, flags: &'static str, error: &dyn std::fmt::Display) {
+        drop(p.metrics.open(&self.labels(p, state, flags)));
+        self.emit(flags, Transferred::default(), Some(error));
+    }
+
+    /// A connection that carried data has closed.
+    fn close(&self, meter: ConnMeter, bytes: Transferred, error: Option<&dyn std::fmt::Display>) {
+        // Count the close before the log line, so whoever reads the log sees the metric too.
+        drop(meter);
+        self.emit("-", bytes, error);
+    }
+
+    fn emit(&self, flags: &'static str, bytes: Transferred, error: Option<&dyn std::fmt::Display>) {
         let name = |w: Option<&Workload>| w.map(Workload::key).unwrap_or_default();
         let id = |i: Option<&SpiffeId>| i.map(ToString::to_string).unwrap_or_default();
         let error = error.map(ToString::to_string);
@@ -138,6 +250,7 @@ impl Access<'_> {
             bytes_received = bytes.to_tunnel,
             bytes_sent = bytes.from_tunnel,
             duration_ms = self.start.elapsed().as_millis() as u64,
+            response_flags = flags,
             error,
             "access"
         );

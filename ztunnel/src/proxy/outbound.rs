@@ -14,9 +14,9 @@ use tokio::net::TcpStream;
 
 use super::{baggage, splice_plain, Access, Proxy};
 use crate::hbone::client::{ConnectRequest, PoolKey};
-use crate::hbone::{self, reset_on_close, Transferred};
+use crate::hbone::{self, reset_on_close};
 use crate::socket;
-use crate::state::{Destination, Workload};
+use crate::state::{Destination, State, Workload};
 
 impl Proxy {
     pub(super) async fn outbound(self: Arc<Self>, tcp: TcpStream, src: SocketAddr) {
@@ -45,38 +45,48 @@ impl Proxy {
             dst_workload: None,
             src_identity: Some(&src_w.identity),
             dst_identity: None,
+            service: state.service_by_vip(orig_dst.ip()).map(|s| &**s),
             start,
         };
         let dest = match state.resolve(orig_dst) {
             Ok(d) => d,
             Err(e) => {
-                access.log(Transferred::default(), Some(&e));
+                access.refuse(&self, &state, "NR", &e);
                 reset_on_close(&tcp);
                 return;
             }
         };
         match dest {
-            Destination::External(addr) => self.passthrough(tcp, &access, addr).await,
+            Destination::External(addr) => self.passthrough(tcp, &state, &access, addr).await,
             Destination::Workload(w, port) if !w.enrolled => {
                 access.dst_workload = Some(&w);
-                self.passthrough(tcp, &access, SocketAddr::new(w.ip, port))
+                self.passthrough(tcp, &state, &access, SocketAddr::new(w.ip, port))
                     .await
             }
             Destination::Workload(w, port) if w.node == self.cfg.node_name => {
-                self.clone().local(tcp, src, &src_w, &w, port, start).await
+                let service = access.service;
+                self.clone()
+                    .local(tcp, src, &src_w, &w, port, service, start)
+                    .await
             }
             Destination::Workload(w, port) => {
                 access.protocol = "HBONE";
                 access.dst = SocketAddr::new(w.ip, port);
                 access.dst_workload = Some(&w);
                 access.dst_identity = Some(&w.identity);
-                self.via_hbone(tcp, &access, &src_w, &w, port).await
+                self.via_hbone(tcp, &state, &access, &src_w, &w, port).await
             }
         }
     }
 
     /// Plain TCP to a destination outside the mesh, from the pod's own IP.
-    async fn passthrough(&self, tcp: TcpStream, access: &Access<'_>, dst: SocketAddr) {
+    async fn passthrough(
+        &self,
+        tcp: TcpStream,
+        state: &State,
+        access: &Access<'_>,
+        dst: SocketAddr,
+    ) {
         let upstream = match socket::connect(
             Some(access.src.ip()),
             dst,
@@ -87,18 +97,20 @@ impl Proxy {
         {
             Ok(u) => u,
             Err(e) => {
-                access.log(Transferred::default(), Some(&e));
+                access.refuse(self, state, "UF", &e);
                 reset_on_close(&tcp);
                 return;
             }
         };
-        let (bytes, err) = splice_plain(tcp, upstream).await;
-        access.log(bytes, err.as_ref().map(|e| e as _));
+        let meter = access.open(self, state);
+        let (bytes, err) = splice_plain(tcp, upstream, &meter.client_side()).await;
+        access.close(meter, bytes, err.as_ref().map(|e| e as _));
     }
 
     async fn via_hbone(
         &self,
         tcp: TcpStream,
+        state: &State,
         access: &Access<'_>,
         src_w: &Workload,
         dst_w: &Workload,
@@ -117,11 +129,13 @@ impl Proxy {
         };
         match self.pool.connect(&key, &req).await {
             Ok(flow) => {
-                let (bytes, err) = hbone::splice(tcp, flow.send, flow.recv).await;
-                access.log(bytes, err.as_ref().map(|e| e as _));
+                let meter = access.open(self, state);
+                let (bytes, err) =
+                    hbone::splice(tcp, flow.send, flow.recv, &meter.client_side()).await;
+                access.close(meter, bytes, err.as_ref().map(|e| e as _));
             }
             Err(e) => {
-                access.log(Transferred::default(), Some(&e));
+                access.refuse(self, state, "UF", &e);
                 reset_on_close(&tcp);
             }
         }

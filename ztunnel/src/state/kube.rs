@@ -44,6 +44,23 @@ pub struct ObjectMeta {
     /// Object UID, when the source has one.
     #[serde(default)]
     pub uid: Option<String>,
+    /// Owners (a pod's ReplicaSet, Job, StatefulSet…); telemetry derives the workload name
+    /// from the controlling owner.
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// `metadata.ownerReferences[]`: only what naming a workload needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// Owner kind, e.g. `ReplicaSet`.
+    pub kind: String,
+    /// Owner name, e.g. `reviews-v1-5d9f8c7b6`.
+    pub name: String,
+    /// Whether this owner is the managing controller.
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 /// `v1/Namespace`.

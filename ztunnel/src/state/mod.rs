@@ -41,6 +41,9 @@ pub struct Workload {
     pub named_ports: BTreeMap<String, u16>,
     /// SPIFFE identity.
     pub identity: SpiffeId,
+    /// Workload name as Istio's telemetry reports it (the Deployment of a ReplicaSet-owned
+    /// pod, else the owner, else the `app.kubernetes.io/name`/`app` label, else the pod name).
+    pub workload_name: String,
 }
 
 impl Workload {
@@ -209,6 +212,7 @@ impl State {
                 labels: p.metadata.labels.clone(),
                 enrolled: namespaces.get(ns).copied().unwrap_or(false) && !opted_out,
                 named_ports,
+                workload_name: workload_name(&p.metadata),
             };
             if let Some(prev) = workloads.insert(ip, Arc::new(w)) {
                 tracing::warn!(ip = %ip, pod = %prev.key(), "two running pods share an IP; the later one wins");
@@ -279,7 +283,20 @@ impl State {
         }
     }
 
-    /// The workload with this pod IP.
+    /// The service owning virtual IP `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// The first service (by `namespace/name`) whose endpoints include the pod at `ip`; what
+    /// telemetry reports as the destination service of a flow addressed to a pod directly.
+    pub fn service_of(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services
+            .values()
+            .find(|s| s.endpoints.iter().any(|w| w.ip == ip))
+    }
+
+    /// The workload with pod IP `ip`.
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
@@ -310,10 +327,64 @@ impl State {
     }
 }
 
+/// Derives the telemetry workload name of a pod. A ReplicaSet named `<deployment>-<hash>`
+/// stands for its Deployment and a Job named `<cronjob>-<digits>` for its CronJob, so metrics
+/// keep one series across rollouts.
+fn workload_name(meta: &kube::ObjectMeta) -> String {
+    let owner = meta
+        .owner_references
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| meta.owner_references.first());
+    if let Some(o) = owner {
+        let strip = |suffix_ok: fn(&str) -> bool| match o.name.rsplit_once('-') {
+            Some((base, suffix)) if !base.is_empty() && suffix_ok(suffix) => base.to_string(),
+            _ => o.name.clone(),
+        };
+        return match o.kind.as_str() {
+            "ReplicaSet" => strip(|s| s.chars().all(|c| c.is_ascii_alphanumeric())),
+            "Job" => strip(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit())),
+            _ => o.name.clone(),
+        };
+    }
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| meta.labels.get(*k))
+        .cloned()
+        .unwrap_or_else(|| meta.name.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn workload_name_follows_owner_then_labels_then_pod() {
+        let yaml = r#"
+{apiVersion: v1, kind: Pod, metadata: {name: r-5d9f8c7b6-x2x9z, namespace: n, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-5d9f8c7b6, controller: true, uid: u}]}, spec: {nodeName: n1}, status: {podIP: 10.0.0.1, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: j-abc, namespace: n, ownerReferences: [{kind: Job, name: backup-28012345, controller: true}]}, spec: {nodeName: n1}, status: {podIP: 10.0.0.2, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: db-0, namespace: n, labels: {app: x}, ownerReferences: [{kind: StatefulSet, name: db}]}, spec: {nodeName: n1}, status: {podIP: 10.0.0.3, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: p1, namespace: n, labels: {app: web}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.4, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: lone, namespace: n}, spec: {nodeName: n1}, status: {podIP: 10.0.0.5, phase: Running}}
+"#;
+        let s = state(yaml);
+        let name = |ip: &str| {
+            s.workload(ip.parse().expect("ip"))
+                .expect("workload")
+                .workload_name
+                .clone()
+        };
+        assert_eq!(name("10.0.0.1"), "reviews-v1");
+        assert_eq!(name("10.0.0.2"), "backup");
+        assert_eq!(name("10.0.0.3"), "db");
+        assert_eq!(name("10.0.0.4"), "web");
+        assert_eq!(name("10.0.0.5"), "lone");
+    }
 
     fn state(yaml: &str) -> State {
         let objs = kube::parse_file(Path::new("t.yaml"), yaml).expect("parses");

@@ -1,0 +1,457 @@
+//! Prometheus metrics under Istio's names, so existing Grafana dashboards and Kiali work
+//! unchanged, plus the daemon's own gauges (HBONE pool, capture, certificates).
+//!
+//! One [`Metrics`] per daemon holds the registry. Connection labels are resolved once per
+//! connection ([`Metrics::open`]); the returned [`ConnMeter`] holds the counters of that label
+//! set, so the copy loops add bytes with one atomic add per chunk and no allocation or lookup.
+//! Other modules (DNS, …) register their own families with [`Metrics::register`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::identity::{SpiffeId, WorkloadCert};
+use crate::state::{Service, Workload};
+
+/// Content type of [`Metrics::encode`]'s output: Prometheus text format 0.0.4, which every
+/// Prometheus version and `promtool check metrics` read.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Istio's label value for anything not known.
+const UNKNOWN: &str = "unknown";
+
+/// Istio's standard TCP metric labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `source` (the client's node) or `destination` (the server's node).
+    pub reporter: &'static str,
+    /// Source workload name (Deployment, …).
+    pub source_workload: String,
+    /// Source workload namespace.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE identity.
+    pub source_principal: String,
+    /// Source canonical service (`app` label…).
+    pub source_app: String,
+    /// Source canonical revision (`version` label…).
+    pub source_version: String,
+    /// Source cluster.
+    pub source_cluster: String,
+    /// Destination service FQDN.
+    pub destination_service: String,
+    /// Destination service name.
+    pub destination_service_name: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination workload name.
+    pub destination_workload: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE identity.
+    pub destination_principal: String,
+    /// Destination canonical service.
+    pub destination_app: String,
+    /// Destination canonical revision.
+    pub destination_version: String,
+    /// Destination cluster.
+    pub destination_cluster: String,
+    /// Always `tcp` here.
+    pub request_protocol: &'static str,
+    /// `-` for a normal connection, else Envoy-style flags (`UF`, `NR`, `DENY`).
+    pub response_flags: &'static str,
+    /// `mutual_tls` for HBONE, `none` for plain TCP.
+    pub connection_security_policy: &'static str,
+}
+
+/// Everything a connection's labels are derived from.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo<'a> {
+    /// `source` or `destination`.
+    pub reporter: &'static str,
+    /// Source pod, when known.
+    pub src: Option<&'a Workload>,
+    /// Source identity, when proven or known.
+    pub src_identity: Option<&'a SpiffeId>,
+    /// Destination pod, when known.
+    pub dst: Option<&'a Workload>,
+    /// Destination identity, when known.
+    pub dst_identity: Option<&'a SpiffeId>,
+    /// Destination service (VIP dialled, or the service selecting the destination pod).
+    pub service: Option<&'a Service>,
+    /// Cluster DNS domain for the service FQDN.
+    pub cluster_domain: &'a str,
+    /// Carried over HBONE (mutual TLS).
+    pub mtls: bool,
+    /// Response flags.
+    pub flags: &'static str,
+}
+
+/// Cluster name reported for every workload (Istio's default cluster ID).
+const CLUSTER: &str = "Kubernetes";
+
+fn canonical_app(w: &Workload) -> String {
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|k| w.labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| w.workload_name.clone())
+}
+
+fn canonical_version(w: &Workload) -> String {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|k| w.labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| "latest".into())
+}
+
+impl ConnLabels {
+    /// Resolves the label set of one connection.
+    pub fn new(i: &ConnInfo<'_>) -> ConnLabels {
+        let unknown = || UNKNOWN.to_string();
+        let field =
+            |w: Option<&Workload>, f: fn(&Workload) -> String| w.map(f).unwrap_or_else(unknown);
+        let principal = |id: Option<&SpiffeId>| id.map(ToString::to_string).unwrap_or_else(unknown);
+        let cluster = |w: Option<&Workload>| {
+            if w.is_some() {
+                CLUSTER.to_string()
+            } else {
+                unknown()
+            }
+        };
+        ConnLabels {
+            reporter: i.reporter,
+            source_workload: field(i.src, |w| w.workload_name.clone()),
+            source_workload_namespace: field(i.src, |w| w.namespace.clone()),
+            source_principal: principal(i.src_identity),
+            source_app: field(i.src, canonical_app),
+            source_version: field(i.src, canonical_version),
+            source_cluster: cluster(i.src),
+            destination_service: i
+                .service
+                .map(|s| format!("{}.{}.svc.{}", s.name, s.namespace, i.cluster_domain))
+                .unwrap_or_else(unknown),
+            destination_service_name: i.service.map(|s| s.name.clone()).unwrap_or_else(unknown),
+            destination_service_namespace: i
+                .service
+                .map(|s| s.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_workload: field(i.dst, |w| w.workload_name.clone()),
+            destination_workload_namespace: field(i.dst, |w| w.namespace.clone()),
+            destination_principal: principal(i.dst_identity),
+            destination_app: field(i.dst, canonical_app),
+            destination_version: field(i.dst, canonical_version),
+            destination_cluster: cluster(i.dst),
+            request_protocol: "tcp",
+            response_flags: i.flags,
+            connection_security_policy: if i.mtls { "mutual_tls" } else { "none" },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// The daemon's metrics. Shared as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    opened: Family<ConnLabels, Counter>,
+    closed: Family<ConnLabels, Counter>,
+    sent: Family<ConnLabels, Counter>,
+    received: Family<ConnLabels, Counter>,
+    /// Open HBONE client connections in the pool.
+    pub pool_connections: Gauge,
+    /// Flows over pooled HBONE client connections.
+    pub pool_streams: Gauge,
+    /// Local pods in the capture's enrolled map.
+    pub capture_enrolled_pods: Gauge,
+    /// Interfaces (uplinks and pod veths) the capture program is attached to.
+    pub capture_attached_programs: Gauge,
+    cert_expiry: Family<IdentityLabels, Gauge>,
+}
+
+impl Metrics {
+    /// A registry with every family the daemon itself exports.
+    pub fn new() -> Arc<Metrics> {
+        let mut r = Registry::default();
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            pool_connections: Gauge::default(),
+            pool_streams: Gauge::default(),
+            capture_enrolled_pods: Gauge::default(),
+            capture_attached_programs: Gauge::default(),
+            cert_expiry: Family::default(),
+        };
+        // Counters get the `_total` suffix from the encoder.
+        r.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (server to client direction), counted as they move",
+            m.sent.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (client to server direction), counted as they move",
+            m.received.clone(),
+        );
+        r.register(
+            "ztunnel_hbone_pool_connections",
+            "Open pooled HBONE client connections",
+            m.pool_connections.clone(),
+        );
+        r.register(
+            "ztunnel_hbone_pool_streams",
+            "Flows in progress over pooled HBONE client connections",
+            m.pool_streams.clone(),
+        );
+        r.register(
+            "ztunnel_capture_enrolled_pods",
+            "Local pods whose traffic is captured",
+            m.capture_enrolled_pods.clone(),
+        );
+        r.register(
+            "ztunnel_capture_attached_programs",
+            "Interfaces the capture program is attached to (uplinks and pod veths)",
+            m.capture_attached_programs.clone(),
+        );
+        r.register(
+            "ztunnel_workload_certificate_expiry_timestamp_seconds",
+            "Expiry of each local workload's certificate, Unix seconds",
+            m.cert_expiry.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("istio_build", "Istio component build info", build);
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        Arc::new(m)
+    }
+
+    /// Lets another module register its own metric families in the shared registry.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Counts a connection as opened and returns the handles its bytes and close go to.
+    pub fn open(&self, labels: &ConnLabels) -> ConnMeter {
+        self.opened.get_or_create(labels).inc();
+        ConnMeter {
+            closed: self.closed.get_or_create_owned(labels),
+            sent: self.sent.get_or_create_owned(labels),
+            received: self.received.get_or_create_owned(labels),
+        }
+    }
+
+    /// Replaces the certificate expiry gauges with `certs`.
+    pub fn set_certificates(&self, certs: &[(SpiffeId, Option<Arc<WorkloadCert>>)]) {
+        self.cert_expiry.clear();
+        for (id, cert) in certs {
+            let Some(cert) = cert else { continue };
+            let secs = cert
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.cert_expiry
+                .get_or_create(&IdentityLabels {
+                    identity: id.to_string(),
+                })
+                .set(i64::try_from(secs).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of everything registered.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+            tracing::warn!("metrics encoding failed");
+        }
+        openmetrics_to_prometheus(&out)
+    }
+}
+
+/// Turns the encoder's OpenMetrics text into Prometheus text format 0.0.4: a counter family's
+/// HELP and TYPE name its samples (`x_total`, not `x`), and the OpenMetrics-only `# UNIT` and
+/// `# EOF` lines go. Everything else is the same in both formats.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 64);
+    for line in om.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = header {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Seconds until `t`, negative when past (for status output).
+pub fn seconds_until(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// One open connection's counters. Dropping it counts the connection closed.
+#[derive(Debug)]
+pub struct ConnMeter {
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl ConnMeter {
+    /// Where a splice whose TCP socket is the *client* reports: what it reads from the socket
+    /// the client sent (received), what it writes back went to the client (sent).
+    pub fn client_side(&self) -> ByteSink {
+        ByteSink {
+            to_tunnel: vec![self.received.clone()],
+            from_tunnel: vec![self.sent.clone()],
+        }
+    }
+
+    /// Where a splice whose TCP socket is the *server* reports.
+    pub fn server_side(&self) -> ByteSink {
+        ByteSink {
+            to_tunnel: vec![self.sent.clone()],
+            from_tunnel: vec![self.received.clone()],
+        }
+    }
+}
+
+impl Drop for ConnMeter {
+    fn drop(&mut self) {
+        self.closed.inc();
+    }
+}
+
+/// Byte counters a copy loop adds to as data moves, in the splice's own directions
+/// (`to_tunnel`: read from its TCP socket; `from_tunnel`: written to it). Allocation-free on
+/// the data path: one atomic add per counter per chunk.
+#[derive(Debug, Default, Clone)]
+pub struct ByteSink {
+    to_tunnel: Vec<Counter>,
+    from_tunnel: Vec<Counter>,
+}
+
+impl ByteSink {
+    /// Adds `other`'s counters (a same-node flow reports for both reporters).
+    pub fn join(mut self, other: ByteSink) -> ByteSink {
+        self.to_tunnel.extend(other.to_tunnel);
+        self.from_tunnel.extend(other.from_tunnel);
+        self
+    }
+
+    /// `n` bytes read from the TCP socket were forwarded.
+    pub fn to_tunnel(&self, n: usize) {
+        for c in &self.to_tunnel {
+            c.inc_by(n as u64);
+        }
+    }
+
+    /// `n` bytes were written to the TCP socket.
+    pub fn from_tunnel(&self, n: usize) {
+        for c in &self.from_tunnel {
+            c.inc_by(n as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_is_prometheus_text() {
+        let m = Metrics::new();
+        let meter = m.open(&ConnLabels::new(&ConnInfo {
+            reporter: "source",
+            src: None,
+            src_identity: None,
+            dst: None,
+            dst_identity: None,
+            service: None,
+            cluster_domain: "cluster.local",
+            mtls: false,
+            flags: "UF",
+        }));
+        meter.client_side().to_tunnel(7);
+        drop(meter);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "istio_tcp_received_bytes_total{reporter=\"source\",source_workload=\"unknown\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("response_flags=\"UF\",connection_security_policy=\"none\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE istio_tcp_connections_opened_total counter\n"));
+        assert!(text.contains("# HELP istio_tcp_sent_bytes_total "));
+        assert!(text.contains("# TYPE istio_build gauge\n"));
+        assert!(!text.contains("# EOF"));
+    }
+}
