@@ -5,7 +5,8 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 /// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
-/// bpftool, nftables for fallbacks, socat/tshark for humans) need.
+/// bpftool, nftables for fallbacks, socat/tshark for humans, dnsmasq-base/dnsutils for the DNS
+/// tests: a real upstream resolver and `dig`) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -15,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "socat",
+    "dnsmasq-base",
+    "dnsutils",
 ];
 
 pub fn run(args: &[String]) -> Result<bool> {
