@@ -353,6 +353,29 @@ fn dns_keeps_serving_after_malformed_packets() {
     );
     assert_eq!(short(client, &["+tcp", &at, EXT_NAME]), [EXT_IP]);
     assert!(c.daemon(1).is_running(), "daemon survived");
+
+    // The daemon saw them as malformed (FORMERR or dropped), not as lost packets.
+    let dump = config_dump(&c);
+    let malformed = dump["dns"]["malformed"].as_u64().unwrap_or(0);
+    assert!(malformed >= 300, "dns counters: {}", dump["dns"]);
+}
+
+/// The admin `/config_dump` of node 1 (admin listens on the node's loopback).
+fn config_dump(c: &Cluster) -> serde_json::Value {
+    let out = c
+        .node_exec(
+            1,
+            "bash",
+            &[
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/15000; \
+                 printf 'GET /config_dump HTTP/1.0\r\nHost: x\r\n\r\n' >&3; cat <&3",
+            ],
+        )
+        .expect("admin request");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("config_dump: {e}: {text}"))
 }
 
 #[test]

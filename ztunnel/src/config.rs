@@ -631,6 +631,36 @@ mod tests {
     }
 
     #[test]
+    fn dns_settings() {
+        let c = Config::resolve(base()).expect("valid");
+        assert_eq!(c.ports.dns, 15053);
+        let d = c.dns.expect("dns capture on by default");
+        assert!(d.upstreams.is_empty(), "resolv.conf is read at start");
+
+        let mut a = base();
+        a.dns_upstream = vec!["10.0.0.53".into(), "10.0.0.54:5353".into()];
+        let d = Config::resolve(a).expect("valid").dns.expect("on");
+        assert_eq!(d.upstreams[1], "10.0.0.54:5353".parse().expect("addr"));
+        assert_eq!(d.upstreams[0].port(), 53);
+
+        let mut a = base();
+        a.dns_upstream = vec!["resolver".into()];
+        let e = Config::resolve(a).expect_err("bad").to_string();
+        assert!(
+            e.contains("--dns-upstream") && e.contains("ZTUNNEL_DNS_UPSTREAM"),
+            "{e}"
+        );
+
+        let mut a = base();
+        a.dns_port = Some(15008);
+        assert!(Config::resolve(a).is_err(), "port clash with hbone");
+
+        let mut a = base();
+        a.dns_capture = Some(false);
+        assert!(Config::resolve(a).expect("valid").dns.is_none());
+    }
+
+    #[test]
     fn file_is_overridden_by_flags() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("z.yaml");
