@@ -10,15 +10,19 @@
  * forward the packet (its destination is not a local address) instead of delivering it.
  *
  * Per packet, cheapest test first:
- *   1. not IPv4 TCP, or a non-first fragment, or carrying the daemon's socket mark -> untouched;
+ *   1. not IPv4 TCP/UDP, or a non-first fragment, or carrying the daemon's socket mark -> untouched;
  *   2. neither source nor destination IP is an enrolled local pod -> untouched
  *      (one or two hash lookups; no socket lookup for traffic outside the mesh);
  *   3. a socket (not a listener) owns the packet's 4-tuple -> assign it: return traffic of
  *      connections the daemon opened with a pod's IP (IP_TRANSPARENT), and every packet after
  *      the SYN of captured flows (their request/established sockets carry the original tuple);
- *   4. a SYN (no ACK): from an enrolled pod -> outbound listener; to an enrolled pod's HBONE
- *      port -> HBONE listener; to an enrolled pod otherwise -> inbound plaintext listener.
- *      No listener -> untouched (fail open; nothing is logged from the data path).
+ *   4. a SYN (no ACK): from an enrolled pod to port 53 (pod's DNS flag set, DNS capture on)
+ *      -> DNS TCP listener; from an enrolled pod otherwise -> outbound listener; to an enrolled
+ *      pod's HBONE port -> HBONE listener; to an enrolled pod otherwise -> inbound plaintext
+ *      listener. No listener -> untouched (fail open; nothing is logged from the data path).
+ *   UDP: only datagrams from an enrolled pod with the DNS flag to port 53 (any resolver
+ *   address) are assigned, to the daemon's transparent UDP socket on 127.0.0.1:<dns port>;
+ *   every other UDP datagram is untouched.
  *
  * Return codes: TC_ACT_OK (= TCX_PASS) once a packet is assigned (it is ours: deliver it
  * locally); TC_ACT_UNSPEC (= TCX_NEXT) for everything untouched, so that programs attached
@@ -31,6 +35,7 @@
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -44,9 +49,15 @@ volatile const __u32 zt_daemon_mark = 0;
 volatile const __u16 zt_outbound_port = 0;
 volatile const __u16 zt_inbound_port = 0;
 volatile const __u16 zt_hbone_port = 0;
+/* DNS listeners (UDP and TCP, 127.0.0.1); 0 = DNS capture off. */
+volatile const __u16 zt_dns_port = 0;
 
 /* Value flags of zt_enrolled. */
 #define ZT_POD_ENROLLED 1u
+/* The pod's DNS (port 53) goes to the daemon's DNS proxy. */
+#define ZT_POD_DNS 2u
+
+#define DNS_PORT 53
 
 /* Enrolled pods on this node: key IPv4 address (network byte order), value ZT_POD_* flags.
  * Written by the daemon on every sync; the programs never change it. */
@@ -70,11 +81,12 @@ struct zt_flow {
 	__be16 sport;
 	__be16 dport;
 	__u8 tcp_flags;
+	__u8 proto;
 };
 
 enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2 };
 
-/* Reads the IPv4/TCP tuple. PARSE_SHORT: headers not (all) in the linear area. */
+/* Reads the IPv4 TCP or UDP tuple. PARSE_SHORT: headers not (all) in the linear area. */
 static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 {
 	void *data = (void *)(long)skb->data;
@@ -83,13 +95,25 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 
 	if ((void *)(ip + 1) > data_end)
 		return PARSE_SHORT;
-	if (ip->protocol != IPPROTO_TCP)
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return PARSE_SKIP;
 	if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET_MASK))
 		return PARSE_SKIP;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return PARSE_SKIP;
+	if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)ip + ihl;
+		if ((void *)(uh + 1) > data_end)
+			return PARSE_SHORT;
+		f->saddr = ip->saddr;
+		f->daddr = ip->daddr;
+		f->sport = uh->source;
+		f->dport = uh->dest;
+		f->tcp_flags = 0;
+		f->proto = IPPROTO_UDP;
+		return PARSE_OK;
+	}
 	struct tcphdr *th = (void *)ip + ihl;
 	if ((void *)(th + 1) > data_end)
 		return PARSE_SHORT;
@@ -99,6 +123,7 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 	f->sport = th->source;
 	f->dport = th->dest;
 	f->tcp_flags = ((__u8 *)th)[TCP_FLAG_BYTE];
+	f->proto = IPPROTO_TCP;
 	return PARSE_OK;
 }
 
@@ -137,7 +162,33 @@ int zt_capture(struct __sk_buff *skb)
 	 * is not enrolled. */
 	__u32 key = f.saddr;
 	__u32 *v = bpf_map_lookup_elem(&zt_enrolled, &key);
-	__u32 src_enrolled = v ? (*v & ZT_POD_ENROLLED) : 0;
+	__u32 src_flags = v ? *v : 0;
+	__u32 src_enrolled = src_flags & ZT_POD_ENROLLED;
+	__u32 src_dns = zt_dns_port != 0 && src_enrolled && (src_flags & ZT_POD_DNS) &&
+			f.dport == bpf_htons(DNS_PORT);
+
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = f.saddr;
+	t.ipv4.daddr = f.daddr;
+	t.ipv4.sport = f.sport;
+	t.ipv4.dport = f.dport;
+	struct bpf_sock *sk;
+
+	if (f.proto == IPPROTO_UDP) {
+		if (!src_dns)
+			return TC_ACT_UNSPEC;
+		/* The daemon's transparent UDP socket 127.0.0.1:<dns port>; it reads the resolver
+		 * address the pod asked with IP_RECVORIGDSTADDR. */
+		t.ipv4.daddr = bpf_htonl(0x7f000001);
+		t.ipv4.dport = zt_dns_port;
+		sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return TC_ACT_UNSPEC;
+		rc = zt_assign(skb, sk);
+		bpf_sk_release(sk);
+		return rc;
+	}
+
 	if (!src_enrolled) {
 		key = f.daddr;
 		v = bpf_map_lookup_elem(&zt_enrolled, &key);
@@ -148,12 +199,7 @@ int zt_capture(struct __sk_buff *skb)
 	/* Here the source or the destination is an enrolled pod.
 	 * Established (or request / time-wait) socket owning this exact tuple. A listener found
 	 * here matched only by destination port (e.g. a host service on 0.0.0.0): never ours. */
-	struct bpf_sock_tuple t = {};
-	t.ipv4.saddr = f.saddr;
-	t.ipv4.daddr = f.daddr;
-	t.ipv4.sport = f.sport;
-	t.ipv4.dport = f.dport;
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		if (sk->state != BPF_TCP_LISTEN) {
 			rc = zt_assign(skb, sk);
@@ -167,14 +213,16 @@ int zt_capture(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 
 	__u16 port;
-	if (src_enrolled)
+	if (src_dns)
+		port = zt_dns_port;
+	else if (src_enrolled)
 		port = zt_outbound_port;
 	else if (f.dport == zt_hbone_port)
 		port = zt_hbone_port;
 	else
 		port = zt_inbound_port;
 
-	/* The daemon's listeners: 127.0.0.1:<outbound|inbound>, 0.0.0.0:<hbone>. A lookup for
+	/* The daemon's listeners: 127.0.0.1:<outbound|inbound|dns>, 0.0.0.0:<hbone>. A lookup for
 	 * 127.0.0.1:<port> finds either. */
 	t.ipv4.daddr = bpf_htonl(0x7f000001);
 	t.ipv4.dport = port;

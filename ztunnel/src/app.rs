@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Readiness, Reply};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
+use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::hbone::server::Server;
@@ -101,6 +102,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let admin_l = bind("admin", cfg.admin_addr, p.admin, false, mark)?;
     let metrics_l = bind("metrics", any, p.metrics, false, mark)?;
     let ready_l = bind("readiness", any, p.readiness, false, mark)?;
+    let dns_stats = Arc::new(DnsStats::default());
+    if let Some(d) = &cfg.dns {
+        start_dns(&cfg, d, state_rx.clone(), dns_stats.clone())?;
+    }
 
     let pool = Pool::new(cfg.hbone.clone(), mark, certs.clone());
     let proxy = Proxy::new(
@@ -157,6 +162,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             view: view.clone(),
             readiness: readiness.clone(),
             drain: drain.clone(),
+            dns: dns_stats.clone(),
         };
         tokio::spawn(admin::serve(admin_l, move |path| admin.route(path)));
     }
@@ -192,6 +198,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             outbound_port: p.outbound,
             inbound_plaintext_port: p.inbound_plaintext,
             hbone_port: p.hbone,
+            dns_port: if cfg.dns.is_some() { p.dns } else { 0 },
             capture_mark: c.capture_mark,
             daemon_mark: mark,
             route_table: c.route_table,
@@ -265,6 +272,7 @@ struct AdminContext {
     view: Arc<Mutex<CaptureView>>,
     readiness: Arc<Readiness>,
     drain: Drain,
+    dns: Arc<DnsStats>,
 }
 
 impl AdminContext {
@@ -354,6 +362,7 @@ impl AdminContext {
             "certificates": certificates,
             "hbone_pool": self.pool.stats(),
             "capture": {"attached_interfaces": view.interfaces},
+            "dns": self.dns.snapshot(),
         })
     }
 }
@@ -381,6 +390,39 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Binds the DNS proxy's UDP and TCP sockets (before capture, like every listener) and starts
+/// serving. Upstreams default to /etc/resolv.conf; without any, forwarded names get SERVFAIL.
+fn start_dns(
+    cfg: &Config,
+    d: &crate::config::DnsConfig,
+    state: watch::Receiver<Arc<State>>,
+    stats: Arc<DnsStats>,
+) -> Result<(), AppError> {
+    let addr = dns::server::listen_addr(cfg.ports.dns);
+    let udp = dns::server::bind_udp(addr, cfg.daemon_mark).map_err(|error| AppError::Bind {
+        what: "dns",
+        addr,
+        error,
+    })?;
+    let tcp = bind("dns", addr.ip(), addr.port(), true, cfg.daemon_mark)?;
+    let upstreams = if d.upstreams.is_empty() {
+        dns::upstream::read_resolv_conf(std::path::Path::new("/etc/resolv.conf")).unwrap_or_else(
+            |e| {
+                tracing::warn!(error = %e, "dns: no upstream; names outside the mesh get SERVFAIL");
+                Vec::new()
+            },
+        )
+    } else {
+        d.upstreams.clone()
+    };
+    tracing::info!(port = addr.port(), upstreams = ?upstreams, "dns proxy listening");
+    let upstream = Arc::new(dns::upstream::Resolver::new(&upstreams, d.upstream_timeout));
+    let handler = dns::Handler::new(state, &cfg.cluster_domain, upstream, stats);
+    tokio::spawn(dns::server::run_udp(udp, handler.clone(), cfg.daemon_mark));
+    tokio::spawn(dns::server::run_tcp(tcp, handler));
+    Ok(())
 }
 
 fn local_identities(cfg: &Config, state: &State) -> BTreeSet<SpiffeId> {
@@ -412,6 +454,7 @@ fn sync_capture(
                 name: w.key(),
                 ip,
                 enrolled: w.enrolled,
+                dns_capture: w.dns_capture,
             }),
             IpAddr::V6(_) => None,
         })

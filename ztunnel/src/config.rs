@@ -145,6 +145,20 @@ pub struct RunArgs {
     /// HBONE (mTLS + HTTP/2 CONNECT) listener; also the port dialled on remote pods [default: 15008].
     #[arg(long, env = "ZTUNNEL_HBONE_PORT")]
     pub hbone_port: Option<u16>,
+    /// Capture enrolled pods' DNS (UDP and TCP port 53) into the DNS proxy [default: true].
+    #[arg(long, env = "ZTUNNEL_DNS_CAPTURE")]
+    pub dns_capture: Option<bool>,
+    /// DNS proxy listeners, UDP and TCP on 127.0.0.1 [default: 15053].
+    #[arg(long, env = "ZTUNNEL_DNS_PORT")]
+    pub dns_port: Option<u16>,
+    /// Upstream resolvers for names outside the mesh, `ip` or `ip:port` (repeat or
+    /// comma-separate) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM", value_delimiter = ',')]
+    #[serde(default)]
+    pub dns_upstream: Vec<String>,
+    /// Time an upstream query may take before the pod gets SERVFAIL [default: 2s].
+    #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM_TIMEOUT")]
+    pub dns_upstream_timeout: Option<String>,
     /// Admin API, bound to loopback [default: 15000].
     #[arg(long, env = "ZTUNNEL_ADMIN_PORT")]
     pub admin_port: Option<u16>,
@@ -219,6 +233,18 @@ pub struct Ports {
     pub metrics: u16,
     /// Readiness probe.
     pub readiness: u16,
+    /// DNS proxy (UDP and TCP).
+    pub dns: u16,
+}
+
+/// DNS proxy settings; `None` in [`Config::dns`] when DNS capture is off.
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsConfig {
+    /// Upstream resolvers; empty means those of /etc/resolv.conf, read at start.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Upstream query timeout.
+    #[serde(with = "duration_str")]
+    pub upstream_timeout: Duration,
 }
 
 /// Capture settings; `None` in [`Config::capture`] when capture is off.
@@ -281,6 +307,8 @@ pub struct Config {
     pub capture: Option<CaptureConfig>,
     /// SO_MARK of every daemon socket.
     pub daemon_mark: u32,
+    /// DNS proxy, or `None` when DNS capture is off.
+    pub dns: Option<DnsConfig>,
     /// HBONE settings.
     pub hbone: HboneConfig,
     /// `text` or `json`.
@@ -338,6 +366,7 @@ impl Config {
             admin: a.admin_port.unwrap_or(15000),
             metrics: a.metrics_port.unwrap_or(15020),
             readiness: a.readiness_port.unwrap_or(15021),
+            dns: a.dns_port.unwrap_or(15053),
         };
         check_ports(&ports)?;
 
@@ -392,6 +421,27 @@ impl Config {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
         };
+        let dns = if a.dns_capture.unwrap_or(true) {
+            let mut upstreams = Vec::new();
+            for u in &a.dns_upstream {
+                let addr = u
+                    .parse::<std::net::SocketAddr>()
+                    .or_else(|_| u.parse::<IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| {
+                        invalid(
+                            "dns-upstream",
+                            format!("`{u}`: expected an IP address or ip:port"),
+                        )
+                    })?;
+                upstreams.push(addr);
+            }
+            Some(DnsConfig {
+                upstreams,
+                upstream_timeout: duration("dns-upstream-timeout", a.dns_upstream_timeout, "2s")?,
+            })
+        } else {
+            None
+        };
         let cert_ttl = duration("cert-ttl", a.cert_ttl, "24h")?;
         if cert_ttl < Duration::from_secs(60) {
             return Err(invalid("cert-ttl", "must be at least 1m"));
@@ -423,6 +473,7 @@ impl Config {
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             capture,
             daemon_mark,
+            dns,
             hbone,
             log_json,
             log_level,
@@ -466,6 +517,14 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         outbound_port: cli.outbound_port.or(file.outbound_port),
         inbound_plaintext_port: cli.inbound_plaintext_port.or(file.inbound_plaintext_port),
         hbone_port: cli.hbone_port.or(file.hbone_port),
+        dns_capture: cli.dns_capture.or(file.dns_capture),
+        dns_port: cli.dns_port.or(file.dns_port),
+        dns_upstream: if cli.dns_upstream.is_empty() {
+            file.dns_upstream
+        } else {
+            cli.dns_upstream
+        },
+        dns_upstream_timeout: cli.dns_upstream_timeout.or(file.dns_upstream_timeout),
         admin_port: cli.admin_port.or(file.admin_port),
         metrics_port: cli.metrics_port.or(file.metrics_port),
         readiness_port: cli.readiness_port.or(file.readiness_port),
@@ -485,6 +544,7 @@ fn check_ports(p: &Ports) -> Result<(), ConfigError> {
         ("admin-port", p.admin),
         ("metrics-port", p.metrics),
         ("readiness-port", p.readiness),
+        ("dns-port", p.dns),
     ];
     for (i, (flag, port)) in all.iter().enumerate() {
         if *port == 0 {
@@ -602,6 +662,36 @@ mod tests {
         a.connect_timeout = Some("5 parsecs".into());
         let e = Config::resolve(a).expect_err("bad duration").to_string();
         assert!(e.contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn dns_settings() {
+        let c = Config::resolve(base()).expect("valid");
+        assert_eq!(c.ports.dns, 15053);
+        let d = c.dns.expect("dns capture on by default");
+        assert!(d.upstreams.is_empty(), "resolv.conf is read at start");
+
+        let mut a = base();
+        a.dns_upstream = vec!["10.0.0.53".into(), "10.0.0.54:5353".into()];
+        let d = Config::resolve(a).expect("valid").dns.expect("on");
+        assert_eq!(d.upstreams[1], "10.0.0.54:5353".parse().expect("addr"));
+        assert_eq!(d.upstreams[0].port(), 53);
+
+        let mut a = base();
+        a.dns_upstream = vec!["resolver".into()];
+        let e = Config::resolve(a).expect_err("bad").to_string();
+        assert!(
+            e.contains("--dns-upstream") && e.contains("ZTUNNEL_DNS_UPSTREAM"),
+            "{e}"
+        );
+
+        let mut a = base();
+        a.dns_port = Some(15008);
+        assert!(Config::resolve(a).is_err(), "port clash with hbone");
+
+        let mut a = base();
+        a.dns_capture = Some(false);
+        assert!(Config::resolve(a).expect("valid").dns.is_none());
     }
 
     #[test]

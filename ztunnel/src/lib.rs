@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod config;
+pub mod dns;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

@@ -43,6 +43,8 @@ pub const PROGRAM_NAME: &str = "zt_capture";
 const ENROLLED_MAP: &str = "zt_enrolled";
 /// Value flag in the enrolled map (`ZT_POD_ENROLLED` in the C code).
 const POD_ENROLLED: u32 = 1;
+/// Value flag: the pod's DNS (port 53) is steered to the DNS proxy (`ZT_POD_DNS`).
+const POD_DNS: u32 = 2;
 
 /// What capture needs to know about the daemon. The ports are those of the daemon's listeners,
 /// which must be `IP_TRANSPARENT` (set before `bind`) and carry `SO_MARK = daemon_mark`:
@@ -55,6 +57,10 @@ pub struct CaptureSettings {
     pub inbound_plaintext_port: u16,
     /// SYNs to `<local enrolled pod ip>:<hbone_port>` (from other nodes): the HBONE listener (15008).
     pub hbone_port: u16,
+    /// UDP and TCP to port 53 from enrolled pods whose [`LocalPod::dns_capture`] is set go to
+    /// `127.0.0.1:<dns_port>` (15053; UDP socket transparent with `IP_RECVORIGDSTADDR`).
+    /// `0` turns DNS capture off for the whole node.
+    pub dns_port: u16,
     /// Mark set on every packet the programs assign; routed locally by the capture ip rule.
     /// Must not share bits with `daemon_mark`.
     pub capture_mark: u32,
@@ -77,6 +83,8 @@ pub struct LocalPod {
     pub ip: Ipv4Addr,
     /// Whether the pod's traffic is captured into the mesh.
     pub enrolled: bool,
+    /// Whether the pod's DNS is captured too (only when enrolled; pod annotation opt-out).
+    pub dns_capture: bool,
 }
 
 /// Capture failures, phrased for the operator.
@@ -182,7 +190,8 @@ pub struct Capture {
     settings: CaptureSettings,
     uplinks: BTreeMap<String, Attachment>,
     pod_ifaces: BTreeMap<String, Attachment>,
-    enrolled: BTreeSet<Ipv4Addr>,
+    /// What the enrolled map holds: pod IP -> flags written.
+    enrolled: BTreeMap<Ipv4Addr, u32>,
     routing_installed: bool,
     closed: bool,
 }
@@ -203,8 +212,12 @@ fn validate(s: &CaptureSettings) -> Result<(), CaptureError> {
         ("outbound_port", s.outbound_port),
         ("inbound_plaintext_port", s.inbound_plaintext_port),
         ("hbone_port", s.hbone_port),
+        ("dns_port", s.dns_port),
     ];
     for (i, (name, port)) in ports.iter().enumerate() {
+        if *port == 0 && *name == "dns_port" {
+            continue;
+        }
         if *port == 0 {
             return bad(format!("{name} must not be 0"));
         }
@@ -272,6 +285,7 @@ impl Capture {
                 true,
             )
             .override_global("zt_hbone_port", &settings.hbone_port.to_be(), true)
+            .override_global("zt_dns_port", &settings.dns_port.to_be(), true)
             .load(CAPTURE_OBJECT)
             .map_err(|error| CaptureError::Object { error })?;
 
@@ -294,7 +308,7 @@ impl Capture {
             settings: settings.clone(),
             uplinks: BTreeMap::new(),
             pod_ifaces: BTreeMap::new(),
-            enrolled: BTreeSet::new(),
+            enrolled: BTreeMap::new(),
             routing_installed: false,
             closed: false,
         };
@@ -313,6 +327,7 @@ impl Capture {
             outbound_port = settings.outbound_port,
             inbound_plaintext_port = settings.inbound_plaintext_port,
             hbone_port = settings.hbone_port,
+            dns_port = settings.dns_port,
             capture_mark = format!("{:#x}", settings.capture_mark),
             daemon_mark = format!("{:#x}", settings.daemon_mark),
             "capture started"
@@ -394,7 +409,7 @@ impl Capture {
 
     /// Pod IPs in the enrolled map (their traffic is captured), for status and metrics.
     pub fn enrolled(&self) -> Vec<Ipv4Addr> {
-        self.enrolled.iter().copied().collect()
+        self.enrolled.keys().copied().collect()
     }
 
     /// Detaches every program and removes the ip rule and route. Also done (best effort, errors
@@ -529,16 +544,20 @@ impl Capture {
         }
     }
 
-    /// Sets the enrolled map to exactly the enrolled pods' IPs (diff against what we wrote).
+    /// Sets the enrolled map to exactly the enrolled pods' IPs and flags (diff against what we
+    /// wrote).
     fn sync_enrolled(&mut self, pods: &[LocalPod], problems: &mut Vec<(String, CaptureError)>) {
-        let want: BTreeMap<Ipv4Addr, &str> = pods
+        let want: BTreeMap<Ipv4Addr, (&str, u32)> = pods
             .iter()
             .filter(|p| p.enrolled)
-            .map(|p| (p.ip, p.name.as_str()))
+            .map(|p| {
+                let flags = POD_ENROLLED | if p.dns_capture { POD_DNS } else { 0 };
+                (p.ip, (p.name.as_str(), flags))
+            })
             .collect();
         let stale: Vec<Ipv4Addr> = self
             .enrolled
-            .iter()
+            .keys()
             .filter(|ip| !want.contains_key(*ip))
             .copied()
             .collect();
@@ -551,14 +570,19 @@ impl Capture {
                 Err(error) => problems.push((ip.to_string(), CaptureError::Map { ip, error })),
             }
         }
-        for (ip, name) in want {
-            if self.enrolled.contains(&ip) {
+        for (ip, (name, flags)) in want {
+            if self.enrolled.get(&ip) == Some(&flags) {
                 continue;
             }
-            match self.enrolled_map.insert(map_key(ip), POD_ENROLLED, 0) {
+            match self.enrolled_map.insert(map_key(ip), flags, 0) {
                 Ok(()) => {
-                    self.enrolled.insert(ip);
-                    info!(pod = name, pod_ip = %ip, "capture: pod enrolled");
+                    self.enrolled.insert(ip, flags);
+                    info!(
+                        pod = name,
+                        pod_ip = %ip,
+                        dns_capture = flags & POD_DNS != 0,
+                        "capture: pod enrolled"
+                    );
                 }
                 Err(error) => problems.push((name.to_string(), CaptureError::Map { ip, error })),
             }
@@ -605,6 +629,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
+            dns_port: 15053,
             capture_mark: 0x1000,
             daemon_mark: 0x539,
             route_table: 100,

@@ -99,6 +99,21 @@ pub struct PodSpec {
     /// Containers, for named target ports.
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// `ClusterFirst` (default), `ClusterFirstWithHostNet`, `Default` or `None`: decides the
+    /// DNS search list the DNS proxy strips from the pod's queries.
+    #[serde(default)]
+    pub dns_policy: Option<String>,
+    /// Extra DNS settings; `searches` are added to (or, with policy `None`, are) the search list.
+    #[serde(default)]
+    pub dns_config: Option<PodDnsConfig>,
+}
+
+/// `spec.dnsConfig` of a pod (only what the DNS proxy uses).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PodDnsConfig {
+    /// Search domains, in the pod's resolv.conf order.
+    #[serde(default)]
+    pub searches: Vec<String>,
 }
 
 /// A container, for its named ports.

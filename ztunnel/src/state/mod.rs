@@ -18,6 +18,8 @@ use kube::{IntOrString, Object};
 
 /// Namespace label that enrolls a namespace's pods, and pod label value that opts one out.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Pod annotation: `"false"` keeps an enrolled pod's DNS out of the daemon's DNS proxy.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// A pod as the data plane sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +46,13 @@ pub struct Workload {
     /// Workload name as Istio's telemetry reports it (the Deployment of a ReplicaSet-owned
     /// pod, else the owner, else the `app.kubernetes.io/name`/`app` label, else the pod name).
     pub workload_name: String,
+    /// Whether the pod's DNS goes to the DNS proxy when enrolled (annotation
+    /// [`DNS_CAPTURE_ANNOTATION`] not `"false"`).
+    pub dns_capture: bool,
+    /// `spec.dnsPolicy` (`None` here means the Kubernetes default, `ClusterFirst`).
+    pub dns_policy: Option<String>,
+    /// `spec.dnsConfig.searches`.
+    pub dns_searches: Vec<String>,
 }
 
 impl Workload {
@@ -213,6 +222,18 @@ impl State {
                 enrolled: namespaces.get(ns).copied().unwrap_or(false) && !opted_out,
                 named_ports,
                 workload_name: workload_name(&p.metadata),
+                dns_capture: p
+                    .metadata
+                    .annotations
+                    .get(DNS_CAPTURE_ANNOTATION)
+                    .is_none_or(|v| !v.eq_ignore_ascii_case("false")),
+                dns_policy: p.spec.dns_policy.clone(),
+                dns_searches: p
+                    .spec
+                    .dns_config
+                    .as_ref()
+                    .map(|c| c.searches.clone())
+                    .unwrap_or_default(),
             };
             if let Some(prev) = workloads.insert(ip, Arc::new(w)) {
                 tracing::warn!(ip = %ip, pod = %prev.key(), "two running pods share an IP; the later one wins");

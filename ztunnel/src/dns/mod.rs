@@ -1,0 +1,308 @@
+//! DNS proxy for enrolled pods (DESIGN.md section 8).
+//!
+//! Capture steers an enrolled pod's DNS (UDP and TCP port 53, any resolver address) to the
+//! daemon's DNS sockets on `127.0.0.1:<dns port>` with the pod's IP as source, so the proxy
+//! knows which pod asked. A and AAAA queries for mesh services are answered from the state
+//! (see [`names`] for the name forms and the pod's search list), authoritatively with TTL 30 s;
+//! other names in the cluster domain get NXDOMAIN; everything else is forwarded to the upstream
+//! resolvers ([`upstream`]). Malformed queries get FORMERR, or are dropped when not even the
+//! header can be read; the server keeps serving either way. [`server`] owns the sockets.
+
+pub mod names;
+pub mod server;
+pub mod upstream;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_resolver::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, AAAA};
+use hickory_resolver::proto::rr::{DNSClass, RData, Record, RecordType};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::state::State;
+use names::Resolution;
+use upstream::{Forwarded, Upstream};
+
+/// TTL of answers for mesh services (seconds).
+pub const MESH_TTL: u32 = 30;
+/// Largest UDP payload we announce with EDNS and send.
+const EDNS_PAYLOAD: u16 = 1232;
+
+/// Upper bounds (milliseconds) of the upstream latency buckets; the last bucket is open.
+pub const LATENCY_BUCKETS_MS: [u64; 10] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500];
+
+/// DNS counters, plain atomics so the hot path takes no lock; exported as metrics by the
+/// telemetry module and shown in the config dump.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Queries received (UDP and TCP), well-formed or not.
+    pub requests: AtomicU64,
+    /// Queries answered from the mesh state (including NXDOMAIN / NOERROR-empty).
+    pub local_answers: AtomicU64,
+    /// Queries forwarded upstream.
+    pub upstream_requests: AtomicU64,
+    /// Upstream queries that failed (timeout, unreachable): answered SERVFAIL.
+    pub upstream_errors: AtomicU64,
+    /// Malformed queries: answered FORMERR or dropped.
+    pub malformed: AtomicU64,
+    /// Sum of upstream latencies in microseconds.
+    pub upstream_latency_us_sum: AtomicU64,
+    /// Upstream latency histogram: counts per [`LATENCY_BUCKETS_MS`] bound, plus one open bucket
+    /// (not cumulative).
+    pub upstream_latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+}
+
+/// A point-in-time copy of [`DnsStats`] (config dump).
+#[derive(Debug, Serialize)]
+pub struct DnsStatsSnapshot {
+    /// See [`DnsStats::requests`].
+    pub requests: u64,
+    /// See [`DnsStats::local_answers`].
+    pub local_answers: u64,
+    /// See [`DnsStats::upstream_requests`].
+    pub upstream_requests: u64,
+    /// See [`DnsStats::upstream_errors`].
+    pub upstream_errors: u64,
+    /// See [`DnsStats::malformed`].
+    pub malformed: u64,
+}
+
+impl DnsStats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn observe_upstream(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.upstream_latency_us_sum
+            .fetch_add(us, Ordering::Relaxed);
+        let ms = us / 1000;
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        if let Some(b) = self.upstream_latency_buckets.get(i) {
+            Self::inc(b);
+        }
+    }
+
+    /// Copies the counters.
+    pub fn snapshot(&self) -> DnsStatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DnsStatsSnapshot {
+            requests: g(&self.requests),
+            local_answers: g(&self.local_answers),
+            upstream_requests: g(&self.upstream_requests),
+            upstream_errors: g(&self.upstream_errors),
+            malformed: g(&self.malformed),
+        }
+    }
+}
+
+/// How the query arrived: decides the largest response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP: 512 bytes, or the client's EDNS size (at most 1232); larger answers are truncated.
+    Udp,
+    /// TCP: up to 65535 bytes.
+    Tcp,
+}
+
+/// The query path: bytes in, bytes out (or nothing: dropped). Cheap to clone.
+#[derive(Clone)]
+pub struct Handler {
+    state: watch::Receiver<Arc<State>>,
+    cluster_domain: String,
+    upstream: Arc<dyn Upstream>,
+    stats: Arc<DnsStats>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("cluster_domain", &self.cluster_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler {
+    /// A handler over the live state.
+    pub fn new(
+        state: watch::Receiver<Arc<State>>,
+        cluster_domain: &str,
+        upstream: Arc<dyn Upstream>,
+        stats: Arc<DnsStats>,
+    ) -> Handler {
+        Handler {
+            state,
+            cluster_domain: cluster_domain.trim_end_matches('.').to_ascii_lowercase(),
+            upstream,
+            stats,
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<DnsStats> {
+        &self.stats
+    }
+
+    /// Answers one DNS message from `src`. `None`: drop it (too short for a header, or a
+    /// response rather than a query).
+    pub async fn handle(
+        &self,
+        src: IpAddr,
+        packet: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        DnsStats::inc(&self.stats.requests);
+        if packet.len() < 12 || packet[2] & 0x80 != 0 {
+            DnsStats::inc(&self.stats.malformed);
+            tracing::debug!(%src, len = packet.len(), "dns: dropped unparseable packet");
+            return None;
+        }
+        let id = u16::from_be_bytes([packet[0], packet[1]]);
+        let req = match Message::from_vec(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                DnsStats::inc(&self.stats.malformed);
+                tracing::debug!(%src, error = %e, "dns: malformed query");
+                return encode(&Message::error_msg(
+                    id,
+                    OpCode::Query,
+                    ResponseCode::FormErr,
+                ));
+            }
+        };
+        let limit = match transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp => usize::from(req.max_payload().min(EDNS_PAYLOAD)),
+        };
+        let resp = self.respond(src, &req).await;
+        fit(resp, limit)
+    }
+
+    async fn respond(&self, src: IpAddr, req: &Message) -> Message {
+        let mut resp = Message::new();
+        resp.set_id(req.id())
+            .set_message_type(MessageType::Response)
+            .set_op_code(req.op_code())
+            .set_recursion_desired(req.recursion_desired())
+            .set_recursion_available(true);
+        if req.extensions().is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(EDNS_PAYLOAD);
+            resp.set_edns(edns);
+        }
+        if req.op_code() != OpCode::Query {
+            resp.set_response_code(ResponseCode::NotImp);
+            return resp;
+        }
+        let [query] = req.queries() else {
+            DnsStats::inc(&self.stats.malformed);
+            resp.set_response_code(ResponseCode::FormErr);
+            return resp;
+        };
+        resp.add_query(query.clone());
+
+        let qname = query.name().to_ascii().to_ascii_lowercase();
+        let qname = qname.trim_end_matches('.');
+        let resolution = if query.query_class() == DNSClass::IN {
+            let state = self.state.borrow().clone();
+            let asker = state.workload(src).cloned();
+            names::resolve(&state, &self.cluster_domain, asker.as_deref(), qname)
+        } else {
+            Resolution::NotOurs
+        };
+        match resolution {
+            Resolution::Known(ips) => {
+                DnsStats::inc(&self.stats.local_answers);
+                resp.set_authoritative(true);
+                resp.add_answers(records(query, &ips));
+            }
+            Resolution::NxDomain => {
+                DnsStats::inc(&self.stats.local_answers);
+                resp.set_authoritative(true);
+                resp.set_response_code(ResponseCode::NXDomain);
+            }
+            Resolution::NotOurs => self.forward(query, &mut resp).await,
+        }
+        tracing::debug!(%src, name = qname, qtype = %query.query_type(), rcode = %resp.response_code(), answers = resp.answers().len(), "dns query");
+        resp
+    }
+
+    async fn forward(&self, query: &Query, resp: &mut Message) {
+        DnsStats::inc(&self.stats.upstream_requests);
+        let start = Instant::now();
+        let result = self.upstream.forward(query.clone()).await;
+        self.stats.observe_upstream(start.elapsed());
+        match result {
+            Forwarded::Answer {
+                rcode,
+                answers,
+                authority,
+            } => {
+                resp.set_response_code(rcode);
+                resp.add_answers(answers);
+                resp.add_name_servers(authority);
+            }
+            Forwarded::Failed(reason) => {
+                DnsStats::inc(&self.stats.upstream_errors);
+                tracing::debug!(name = %query.name(), %reason, "dns: upstream failed");
+                resp.set_response_code(ResponseCode::ServFail);
+            }
+        }
+    }
+}
+
+/// A/AAAA records of the asked family (none for other types: NOERROR without answers).
+fn records(query: &Query, ips: &[IpAddr]) -> Vec<Record> {
+    let name = query.name().clone();
+    ips.iter()
+        .filter_map(|ip| match (ip, query.query_type()) {
+            (IpAddr::V4(v4), RecordType::A) => Some(RData::A(A(*v4))),
+            (IpAddr::V6(v6), RecordType::AAAA) => Some(RData::AAAA(AAAA(*v6))),
+            _ => None,
+        })
+        .map(|rdata| Record::from_rdata(name.clone(), MESH_TTL, rdata))
+        .collect()
+}
+
+fn encode(m: &Message) -> Option<Vec<u8>> {
+    match m.to_vec() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "dns: cannot encode response");
+            None
+        }
+    }
+}
+
+/// Encodes `resp`; too large for `limit` -> only header and question with TC set (the client
+/// retries over TCP). Unencodable (an upstream record we cannot write) -> SERVFAIL.
+fn fit(mut resp: Message, limit: usize) -> Option<Vec<u8>> {
+    match resp.to_vec() {
+        Ok(v) if v.len() <= limit => Some(v),
+        Ok(_) => {
+            resp.take_answers();
+            resp.take_name_servers();
+            resp.take_additionals();
+            resp.set_truncated(true);
+            encode(&resp)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "dns: cannot encode response; SERVFAIL");
+            resp.take_answers();
+            resp.take_name_servers();
+            resp.take_additionals();
+            resp.set_response_code(ResponseCode::ServFail);
+            encode(&resp)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+//! The DNS proxy's sockets.
+//!
+//! - UDP: one `IP_TRANSPARENT` socket on `127.0.0.1:<dns port>` receives the datagrams capture
+//!   assigns to it; `IP_RECVORIGDSTADDR` tells which resolver address the pod asked. The answer
+//!   must come from exactly that address and port (resolvers drop anything else), so it is sent
+//!   from a short-lived transparent socket bound to the original destination.
+//! - TCP: a transparent listener on the same port; accepted connections keep the original
+//!   destination as their local address, so replies need nothing special. Length-prefixed
+//!   messages, several per connection, closed after [`TCP_IDLE`] without a query.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use super::{Handler, Transport};
+
+/// A TCP DNS connection without a new query for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// UDP queries in flight at once; more are dropped (the client retries).
+const MAX_INFLIGHT: usize = 1024;
+
+/// Binds the UDP socket: transparent, daemon mark, original destination reported.
+pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.set_mark(mark)?;
+    s.set_ip_transparent_v4(true)?;
+    setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Serves UDP queries forever.
+pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32) {
+    let sock = Arc::new(sock);
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (len, src, orig_dst) = match recv(&sock, &mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "dns: udp receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(orig_dst) = orig_dst else {
+            tracing::debug!(%src, "dns: datagram without original destination; dropped");
+            continue;
+        };
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            tracing::debug!(%src, "dns: too many queries in flight; dropped");
+            continue;
+        };
+        let packet = buf[..len].to_vec();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = handler.handle(src.ip(), &packet, Transport::Udp).await else {
+                return;
+            };
+            if let Err(e) = send_from(orig_dst, src, &reply, mark) {
+                tracing::debug!(%src, %orig_dst, error = %e, "dns: cannot send udp answer");
+            }
+        });
+    }
+}
+
+/// Receives one datagram: length, source, original destination.
+async fn recv(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    sock.async_io(Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
+        let msg = recvmsg::<SockaddrIn>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        let src = msg
+            .address
+            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+            .ok_or_else(|| io::Error::other("datagram without source address"))?;
+        let mut orig = None;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
+                let a = SockaddrIn::from(sin);
+                orig = Some(SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+            }
+        }
+        Ok((msg.bytes, src, orig))
+    })
+    .await
+}
+
+/// Sends `reply` to `to` from `from` (a non-local address: the resolver the pod asked).
+fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_mark(mark)?;
+    s.set_ip_transparent_v4(true)?;
+    s.bind(&from.into())?;
+    s.send_to(reply, &to.into())?;
+    Ok(())
+}
+
+/// Serves TCP DNS connections forever.
+pub async fn run_tcp(listener: TcpListener, handler: Handler) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, src)) => {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_tcp(stream, src.ip(), handler).await {
+                        tracing::debug!(%src, error = %e, "dns: tcp connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dns: tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve_tcp(mut stream: TcpStream, src: IpAddr, handler: Handler) -> io::Result<()> {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let n = usize::from(u16::from_be_bytes(len));
+        let msg = buf.get_mut(..n).ok_or_else(|| io::Error::other("length"))?;
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(msg))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "partial query"))??;
+        let Some(reply) = handler.handle(src, msg, Transport::Tcp).await else {
+            // Not a query at all: the stream cannot be trusted to stay in sync.
+            return Ok(());
+        };
+        let rlen = u16::try_from(reply.len()).map_err(|_| io::Error::other("answer too long"))?;
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&rlen.to_be_bytes());
+        out.extend_from_slice(&reply);
+        stream.write_all(&out).await?;
+    }
+}
+
+/// `127.0.0.1:<port>`, where capture looks the DNS sockets up.
+pub fn listen_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
