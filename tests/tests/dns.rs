@@ -358,24 +358,42 @@ fn dns_keeps_serving_after_malformed_packets() {
     let dump = config_dump(&c);
     let malformed = dump["dns"]["malformed"].as_u64().unwrap_or(0);
     assert!(malformed >= 300, "dns counters: {}", dump["dns"]);
+
+    // The same counters are exported on the metrics port.
+    let metrics = http_get(&c, 15020, "/metrics");
+    let exported = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("istio_dns_malformed_requests_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no istio_dns_malformed_requests_total in:\n{metrics}"));
+    assert!(
+        exported >= malformed as f64,
+        "metric {exported} < dump {malformed}"
+    );
+    assert!(
+        metrics.contains("istio_dns_requests_total ")
+            && metrics.contains("istio_dns_upstream_request_duration_seconds_bucket"),
+        "DNS request counter and upstream latency histogram exported"
+    );
+}
+
+/// The body of `GET <path>` on node 1's `127.0.0.1:<port>` (admin and metrics ports).
+fn http_get(c: &Cluster, port: u16, path: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; \
+         printf 'GET {path} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = c
+        .node_exec(1, "bash", &["-c", &script])
+        .expect("HTTP request");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
 }
 
 /// The admin `/config_dump` of node 1 (admin listens on the node's loopback).
 fn config_dump(c: &Cluster) -> serde_json::Value {
-    let out = c
-        .node_exec(
-            1,
-            "bash",
-            &[
-                "-c",
-                "exec 3<>/dev/tcp/127.0.0.1/15000; \
-                 printf 'GET /config_dump HTTP/1.0\r\nHost: x\r\n\r\n' >&3; cat <&3",
-            ],
-        )
-        .expect("admin request");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("config_dump: {e}: {text}"))
+    let body = http_get(c, 15000, "/config_dump");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("config_dump: {e}: {body}"))
 }
 
 #[test]

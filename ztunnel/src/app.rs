@@ -103,6 +103,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let metrics_l = bind("metrics", any, p.metrics, false, mark)?;
     let ready_l = bind("readiness", any, p.readiness, false, mark)?;
     let dns_stats = Arc::new(DnsStats::default());
+    metrics.register(|r| dns_stats.register(r));
     if let Some(d) = &cfg.dns {
         start_dns(&cfg, d, state_rx.clone(), dns_stats.clone())?;
     }

@@ -13,7 +13,6 @@ pub mod server;
 pub mod upstream;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,10 @@ use hickory_resolver::proto::rr::rdata::{A, AAAA};
 use hickory_resolver::proto::rr::{DNSClass, RData, Record, RecordType};
 use serde::Serialize;
 use tokio::sync::watch;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::state::State;
 use names::Resolution;
@@ -32,28 +35,38 @@ pub const MESH_TTL: u32 = 30;
 /// Largest UDP payload we announce with EDNS and send.
 const EDNS_PAYLOAD: u16 = 1232;
 
-/// Upper bounds (milliseconds) of the upstream latency buckets; the last bucket is open.
-pub const LATENCY_BUCKETS_MS: [u64; 10] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500];
+/// Upper bounds (seconds) of the upstream latency histogram buckets.
+const LATENCY_BUCKETS_S: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
-/// DNS counters, plain atomics so the hot path takes no lock; exported as metrics by the
-/// telemetry module and shown in the config dump.
-#[derive(Debug, Default)]
+/// DNS counters. prometheus-client metrics are atomics inside, so the hot path takes no lock;
+/// [`DnsStats::register`] exports them, and the config dump shows a snapshot.
+#[derive(Debug)]
 pub struct DnsStats {
     /// Queries received (UDP and TCP), well-formed or not.
-    pub requests: AtomicU64,
+    pub requests: Counter,
     /// Queries answered from the mesh state (including NXDOMAIN / NOERROR-empty).
-    pub local_answers: AtomicU64,
+    pub local_answers: Counter,
     /// Queries forwarded upstream.
-    pub upstream_requests: AtomicU64,
+    pub upstream_requests: Counter,
     /// Upstream queries that failed (timeout, unreachable): answered SERVFAIL.
-    pub upstream_errors: AtomicU64,
+    pub upstream_errors: Counter,
     /// Malformed queries: answered FORMERR or dropped.
-    pub malformed: AtomicU64,
-    /// Sum of upstream latencies in microseconds.
-    pub upstream_latency_us_sum: AtomicU64,
-    /// Upstream latency histogram: counts per [`LATENCY_BUCKETS_MS`] bound, plus one open bucket
-    /// (not cumulative).
-    pub upstream_latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    pub malformed: Counter,
+    /// Upstream round-trip time in seconds.
+    pub upstream_latency: Histogram,
+}
+
+impl Default for DnsStats {
+    fn default() -> Self {
+        DnsStats {
+            requests: Counter::default(),
+            local_answers: Counter::default(),
+            upstream_requests: Counter::default(),
+            upstream_errors: Counter::default(),
+            malformed: Counter::default(),
+            upstream_latency: Histogram::new(LATENCY_BUCKETS_S),
+        }
+    }
 }
 
 /// A point-in-time copy of [`DnsStats`] (config dump).
@@ -72,34 +85,59 @@ pub struct DnsStatsSnapshot {
 }
 
 impl DnsStats {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    fn inc(c: &Counter) {
+        c.inc();
     }
 
     fn observe_upstream(&self, took: Duration) {
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.upstream_latency_us_sum
-            .fetch_add(us, Ordering::Relaxed);
-        let ms = us / 1000;
-        let i = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        if let Some(b) = self.upstream_latency_buckets.get(i) {
-            Self::inc(b);
-        }
+        self.upstream_latency.observe(took.as_secs_f64());
     }
 
     /// Copies the counters.
     pub fn snapshot(&self) -> DnsStatsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         DnsStatsSnapshot {
-            requests: g(&self.requests),
-            local_answers: g(&self.local_answers),
-            upstream_requests: g(&self.upstream_requests),
-            upstream_errors: g(&self.upstream_errors),
-            malformed: g(&self.malformed),
+            requests: self.requests.get(),
+            local_answers: self.local_answers.get(),
+            upstream_requests: self.upstream_requests.get(),
+            upstream_errors: self.upstream_errors.get(),
+            malformed: self.malformed.get(),
         }
+    }
+
+    /// Adds the DNS metric families to `registry`, with the names Istio's ztunnel uses
+    /// (`istio_dns_requests_total`, `istio_dns_upstream_requests_total`,
+    /// `istio_dns_upstream_failures_total`, `istio_dns_upstream_request_duration_seconds`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries received from captured pods",
+            self.requests.clone(),
+        );
+        registry.register(
+            "istio_dns_local_answers",
+            "DNS queries answered from the mesh registry",
+            self.local_answers.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_requests",
+            "DNS queries forwarded to upstream resolvers",
+            self.upstream_requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_failures",
+            "Forwarded DNS queries that failed (answered SERVFAIL)",
+            self.upstream_errors.clone(),
+        );
+        registry.register(
+            "istio_dns_malformed_requests",
+            "DNS queries that could not be parsed (FORMERR or dropped)",
+            self.malformed.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_request_duration_seconds",
+            "Round-trip time of forwarded DNS queries",
+            self.upstream_latency.clone(),
+        );
     }
 }
 
