@@ -20,6 +20,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Authz(ztunnel::authz::check::AuthzCommand::Check(args))) = &cli.command {
+        // Policy rejections and caveats are logged while the state is built: show them.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .without_time()
+            .try_init();
+        return ExitCode::from(ztunnel::authz::check::run(args));
+    }
     let cfg = match Config::resolve(cli.run) {
         Ok(c) => c,
         Err(e) => {

@@ -9,6 +9,10 @@
 //!   round trip through loopback; Istio's ztunnel takes the same shortcut).
 //!
 //! Every last hop into the pod uses the client's IP as source, so the app sees its real peer.
+//!
+//! Every flow is authorized here, at the destination ([`crate::authz`]): a denied HBONE stream
+//! is answered 401, a denied plaintext or same-node connection is reset. Each admitted flow is
+//! registered in [`super::connections`] so a policy change can close it later.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +23,9 @@ use std::time::Instant;
 use http::StatusCode;
 use tokio::net::TcpStream;
 
+use super::connections::{dup, FlowAttrs, Registration};
 use super::{splice_plain, Access, Proxy};
+use crate::authz::Decision;
 use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::hbone::{self, reset_on_close, Transferred};
 use crate::identity::SpiffeId;
@@ -58,6 +64,7 @@ impl Proxy {
             src_identity: Some(&req.peer_identity),
             dst_identity: None,
             start,
+            deny_reason: None,
         };
         let Some(dst_w) = dst_w.as_deref() else {
             access.log(
@@ -82,6 +89,18 @@ impl Proxy {
             responder.refuse(StatusCode::BAD_REQUEST);
             return;
         }
+        let (mut reg, decision) = self.authorize(FlowAttrs {
+            src: req.peer,
+            src_identity: Some(req.peer_identity.clone()),
+            dst: req.authority,
+            plaintext: false,
+        });
+        if let Some(d) = decision.filter(|d| !d.allowed()) {
+            access.deny_reason = Some(d.reason.to_string());
+            access.log(Transferred::default(), Some(&format!("401: {}", d.reason)));
+            responder.refuse(StatusCode::UNAUTHORIZED);
+            return;
+        }
         let pod = match self.dial_pod(req.peer, req.authority).await {
             Ok(p) => p,
             Err(e) => {
@@ -92,13 +111,21 @@ impl Proxy {
         };
         match responder.accept() {
             Ok((send, recv)) => {
-                let (bytes, err) = hbone::splice(pod, send, recv).await;
-                // The socket side here is the server: what it sent went to the client.
-                let bytes = Transferred {
-                    to_tunnel: bytes.from_tunnel,
-                    from_tunnel: bytes.to_tunnel,
-                };
-                access.log(bytes, err.as_ref().map(|e| e as _));
+                let sockets = dup(&pod).into_iter().collect();
+                match reg.run(hbone::splice(pod, send, recv), sockets).await {
+                    Ok((bytes, err)) => {
+                        // The socket side here is the server: what it sent went to the client.
+                        let bytes = Transferred {
+                            to_tunnel: bytes.from_tunnel,
+                            from_tunnel: bytes.to_tunnel,
+                        };
+                        access.log(bytes, err.as_ref().map(|e| e as _));
+                    }
+                    Err(reason) => {
+                        access.deny_reason = Some(reason.clone());
+                        access.log(Transferred::default(), Some(&reason));
+                    }
+                }
             }
             Err(e) => access.log(Transferred::default(), Some(&e)),
         }
@@ -116,7 +143,7 @@ impl Proxy {
         let state = self.snapshot();
         let dst_w = self.local_enrolled(&state, dst.ip());
         let src_w = state.workload(src.ip()).cloned();
-        let access = Access {
+        let mut access = Access {
             reporter: "destination",
             protocol: "TCP",
             src,
@@ -126,6 +153,7 @@ impl Proxy {
             src_identity: None,
             dst_identity: dst_w.as_ref().map(|w| &w.identity),
             start,
+            deny_reason: None,
         };
         if dst_w.is_none() {
             access.log(
@@ -135,7 +163,22 @@ impl Proxy {
             reset_on_close(&tcp);
             return;
         }
-        let (bytes, err) = self.to_pod(tcp, access.src, access.dst).await;
+        let (reg, decision) = self.authorize(FlowAttrs {
+            src,
+            src_identity: None,
+            dst,
+            plaintext: true,
+        });
+        if let Some(d) = decision.filter(|d| !d.allowed()) {
+            access.deny_reason = Some(d.reason.to_string());
+            access.log(
+                Transferred::default(),
+                Some(&format!("reset: {}", d.reason)),
+            );
+            reset_on_close(&tcp);
+            return;
+        }
+        let (bytes, err) = self.to_pod(tcp, &mut access, reg).await;
         access.log(bytes, err.as_ref().map(|e| e as _));
     }
 
@@ -150,7 +193,7 @@ impl Proxy {
         start: Instant,
     ) {
         let dst = SocketAddr::new(dst_w.ip, port);
-        let access = Access {
+        let mut access = Access {
             reporter: "destination",
             protocol: "HBONE",
             src,
@@ -160,8 +203,23 @@ impl Proxy {
             src_identity: Some(&src_w.identity),
             dst_identity: Some(&dst_w.identity),
             start,
+            deny_reason: None,
         };
-        let (bytes, err) = self.to_pod(tcp, src, dst).await;
+        // Both identities are known first-hand: the source pod is on this node.
+        let (reg, decision) = self.authorize(FlowAttrs {
+            src,
+            src_identity: Some(src_w.identity.clone()),
+            dst,
+            plaintext: false,
+        });
+        let (bytes, err) = match decision.filter(|d| !d.allowed()) {
+            Some(d) => {
+                access.deny_reason = Some(d.reason.to_string());
+                reset_on_close(&tcp);
+                (Transferred::default(), Some(format!("reset: {}", d.reason)))
+            }
+            None => self.to_pod(tcp, &mut access, reg).await,
+        };
         let err = err.as_ref().map(|e| e as _);
         access.log(bytes, err);
         Access {
@@ -171,18 +229,64 @@ impl Proxy {
         .log(bytes, err);
     }
 
-    /// Connects to the pod from the client's IP and splices until both sides are done.
+    /// Registers the flow, then decides it on the current state (taken after registering, so a
+    /// policy change is either seen here or re-checked on the registered flow). Logs denials,
+    /// dry-run outcomes and audits. `None`: the destination is not an enrolled pod any more.
+    fn authorize(&self, attrs: FlowAttrs) -> (Registration, Option<Decision>) {
+        let reg = self.connections.register(attrs.clone());
+        let state = self.snapshot();
+        let decision = attrs.decide(&state, &self.cfg.root_namespace);
+        if let Some(d) = &decision {
+            if !d.allowed() {
+                tracing::info!(
+                    src_addr = %attrs.src,
+                    dst_addr = %attrs.dst,
+                    src_identity = attrs.src_identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    policy = d.reason.policy().unwrap_or(""),
+                    reason = %d.reason,
+                    response = if attrs.plaintext { "reset" } else { "401" },
+                    "connection denied"
+                );
+            }
+            if let Some((verdict, reason)) = &d.dry_run {
+                tracing::info!(
+                    src_addr = %attrs.src,
+                    dst_addr = %attrs.dst,
+                    enforced = %d.verdict,
+                    dry_run = %verdict,
+                    policy = reason.policy().unwrap_or(""),
+                    reason = %reason,
+                    "dry-run policy would change the decision (not enforced)"
+                );
+            }
+            for policy in &d.audited {
+                tracing::info!(src_addr = %attrs.src, dst_addr = %attrs.dst, %policy, "authorization audit");
+            }
+        }
+        (reg, decision)
+    }
+
+    /// Connects to the pod from the client's IP and splices until both sides are done or a
+    /// policy change revokes the flow.
     async fn to_pod(
         &self,
         tcp: TcpStream,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> (Transferred, Option<std::io::Error>) {
-        match self.dial_pod(src, dst).await {
-            Ok(pod) => splice_plain(tcp, pod).await,
+        access: &mut Access<'_>,
+        mut reg: Registration,
+    ) -> (Transferred, Option<String>) {
+        let pod = match self.dial_pod(access.src, access.dst).await {
+            Ok(pod) => pod,
             Err(e) => {
                 reset_on_close(&tcp);
-                (Transferred::default(), Some(e))
+                return (Transferred::default(), Some(e.to_string()));
+            }
+        };
+        let sockets = [dup(&tcp), dup(&pod)].into_iter().flatten().collect();
+        match reg.run(splice_plain(tcp, pod), sockets).await {
+            Ok((bytes, err)) => (bytes, err.map(|e| e.to_string())),
+            Err(reason) => {
+                access.deny_reason = Some(reason.clone());
+                (Transferred::default(), Some(reason))
             }
         }
     }

@@ -3,6 +3,7 @@
 //! Every flow looks up the current [`State`] snapshot once at its start, so a flow never sees
 //! two different views of the mesh.
 
+pub mod connections;
 mod inbound;
 mod outbound;
 
@@ -28,12 +29,31 @@ pub struct Proxy {
     cfg: Arc<Config>,
     state: watch::Receiver<Arc<State>>,
     pool: Pool,
+    connections: Arc<connections::Connections>,
 }
 
 impl Proxy {
     /// A proxy reading state from `state`.
     pub fn new(cfg: Arc<Config>, state: watch::Receiver<Arc<State>>, pool: Pool) -> Arc<Self> {
-        Arc::new(Proxy { cfg, state, pool })
+        Arc::new(Proxy {
+            cfg,
+            state,
+            pool,
+            connections: Arc::default(),
+        })
+    }
+
+    /// Re-checks open inbound flows against `state` (after a state change) and closes those
+    /// the new policies deny.
+    pub fn recheck_connections(&self, state: &State) {
+        let n = self.connections.recheck(state, &self.cfg.root_namespace);
+        if n > 0 {
+            tracing::info!(
+                closed = n,
+                generation = state.generation,
+                "connections re-checked"
+            );
+        }
     }
 
     fn snapshot(&self) -> Arc<State> {
@@ -118,6 +138,8 @@ struct Access<'a> {
     src_identity: Option<&'a SpiffeId>,
     dst_identity: Option<&'a SpiffeId>,
     start: Instant,
+    /// Why authorization refused or revoked the flow.
+    deny_reason: Option<String>,
 }
 
 impl Access<'_> {
@@ -139,6 +161,7 @@ impl Access<'_> {
             bytes_sent = bytes.from_tunnel,
             duration_ms = self.start.elapsed().as_millis() as u64,
             error,
+            deny_reason = self.deny_reason.as_deref(),
             "access"
         );
     }

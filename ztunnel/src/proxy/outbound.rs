@@ -46,6 +46,7 @@ impl Proxy {
             src_identity: Some(&src_w.identity),
             dst_identity: None,
             start,
+            deny_reason: None,
         };
         let dest = match state.resolve(orig_dst) {
             Ok(d) => d,

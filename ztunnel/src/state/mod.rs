@@ -142,6 +142,8 @@ pub struct State {
     /// Services by virtual IP.
     #[serde(skip)]
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Valid AuthorizationPolicies and PeerAuthentications.
+    pub authz: Arc<crate::authz::Registry>,
 }
 
 impl State {
@@ -150,6 +152,8 @@ impl State {
         let mut namespaces = HashMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
+        let mut authz_policies = Vec::new();
+        let mut peer_auths = Vec::new();
         for o in objects {
             match o {
                 Object::Namespace(n) => {
@@ -169,8 +173,11 @@ impl State {
                     let ns = s.metadata.namespace.clone().unwrap_or_default();
                     services.insert((ns, s.metadata.name.clone()), s);
                 }
+                Object::AuthorizationPolicy(p) => authz_policies.push(p),
+                Object::PeerAuthentication(p) => peer_auths.push(p),
             }
         }
+        let authz = Arc::new(build_authz(authz_policies, peer_auths));
 
         let mut workloads = HashMap::new();
         for ((ns, name), p) in &pods {
@@ -276,6 +283,7 @@ impl State {
             workloads,
             services: by_key,
             by_vip,
+            authz,
         }
     }
 
@@ -308,6 +316,37 @@ impl State {
         v.sort_by_key(|w| w.ip);
         v.into_iter()
     }
+}
+
+/// Compiles the policies, logging each dropped one (with object and field) and each caveat.
+/// Later objects with the same `namespace/name` replace earlier ones, as for other kinds.
+fn build_authz(
+    authz: Vec<&crate::authz::model::AuthorizationPolicyObject>,
+    peer: Vec<&crate::authz::model::PeerAuthenticationObject>,
+) -> crate::authz::Registry {
+    fn dedup<T>(v: Vec<&T>, meta: impl Fn(&T) -> &kube::ObjectMeta) -> Vec<&T> {
+        let mut by_key = BTreeMap::new();
+        for o in v {
+            let m = meta(o);
+            by_key.insert((m.namespace.clone(), m.name.clone()), o);
+        }
+        by_key.into_values().collect()
+    }
+    let (reg, report) =
+        crate::authz::Registry::build(dedup(authz, |o| &o.metadata), dedup(peer, |o| &o.metadata));
+    for e in &report.errors {
+        tracing::warn!(
+            kind = e.kind,
+            policy = %format!("{}/{}", e.namespace, e.name),
+            field = %e.field,
+            error = %e.message,
+            "policy rejected"
+        );
+    }
+    for (what, w) in &report.warnings {
+        tracing::warn!(policy = %what, warning = %w, "policy applied with a caveat");
+    }
+    reg
 }
 
 #[cfg(test)]
