@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .with_target(false)
             .without_time()
+            .with_ansi(false)
             .try_init();
         return ExitCode::from(ztunnel::authz::check::run(args));
     }

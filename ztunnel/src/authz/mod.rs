@@ -33,6 +33,8 @@ use model::{AuthorizationPolicyObject, PeerAuthenticationObject};
 
 /// Annotation that makes a policy log its decision without enforcing it.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// How many policies a "no ALLOW policy matched" reason lists.
+pub const MAX_LISTED: usize = 5;
 /// Default Istio root namespace: policies there apply mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
@@ -512,7 +514,11 @@ pub enum Reason {
         rule: usize,
     },
     /// ALLOW policies apply and none matched.
-    NoAllowMatched,
+    NoAllowMatched {
+        /// The ALLOW policies in scope (`namespace/name`, at most [`MAX_LISTED`]), so the
+        /// operator sees which ones were expected to admit the flow.
+        checked: Vec<String>,
+    },
     /// Plaintext refused by a STRICT PeerAuthentication.
     StrictMtls {
         /// `namespace/name`.
@@ -527,7 +533,7 @@ impl Reason {
             Reason::Allowed { policy, .. }
             | Reason::Denied { policy, .. }
             | Reason::StrictMtls { policy } => Some(policy),
-            Reason::NoAllowPolicy | Reason::NoAllowMatched => None,
+            Reason::NoAllowPolicy | Reason::NoAllowMatched { .. } => None,
         }
     }
 }
@@ -538,7 +544,17 @@ impl fmt::Display for Reason {
             Reason::NoAllowPolicy => f.write_str("no ALLOW policy applies (default allow)"),
             Reason::Allowed { policy, rule } => write!(f, "allowed by {policy} rule {rule}"),
             Reason::Denied { policy, rule } => write!(f, "denied by {policy} rule {rule}"),
-            Reason::NoAllowMatched => f.write_str("no ALLOW policy matched"),
+            Reason::NoAllowMatched { checked } => {
+                write!(
+                    f,
+                    "no ALLOW policy matched (in scope: {}",
+                    checked.join(", ")
+                )?;
+                if checked.len() >= MAX_LISTED {
+                    f.write_str(", …")?;
+                }
+                f.write_str(")")
+            }
             Reason::StrictMtls { policy } => write!(
                 f,
                 "plaintext refused: PeerAuthentication {policy} requires mTLS (STRICT)"
@@ -582,9 +598,11 @@ fn decide<'a>(
             );
         }
     }
-    let mut any_allow = false;
+    let mut checked = Vec::new();
     for p in policies.filter(|p| p.action == Action::Allow) {
-        any_allow = true;
+        if checked.len() < MAX_LISTED {
+            checked.push(p.key());
+        }
         if let Some(rule) = p.matching_rule(r) {
             return (
                 Verdict::Allow,
@@ -595,8 +613,8 @@ fn decide<'a>(
             );
         }
     }
-    if any_allow {
-        (Verdict::Deny, Reason::NoAllowMatched)
+    if !checked.is_empty() {
+        (Verdict::Deny, Reason::NoAllowMatched { checked })
     } else {
         (Verdict::Allow, Reason::NoAllowPolicy)
     }

@@ -301,9 +301,10 @@ fn decision_details() {
             }
         ))
     );
+    let d = decide(&ap("back", "none", "{}"), Src::Client, 5432);
     assert_eq!(
-        Reason::NoAllowMatched.to_string(),
-        "no ALLOW policy matched"
+        d.reason.to_string(),
+        "no ALLOW policy matched (in scope: back/none)"
     );
 }
 
