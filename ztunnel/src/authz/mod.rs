@@ -161,18 +161,16 @@ impl Source {
             && self.remote_ip_blocks.is_empty()
     }
 
-    fn matches(&self, r: &Request<'_>) -> bool {
-        let principal = r.principal();
+    fn matches(&self, r: &Ctx<'_>) -> bool {
+        let principal = r.principal.as_deref();
         let ns = r.src_identity.map(|i| i.namespace.as_str()).unwrap_or("");
-        let sa = r
-            .src_identity
-            .map(|i| format!("{}/{}", i.namespace, i.service_account));
+        let sa = r.service_account.as_deref();
         self.principals
-            .check(|m| principal.as_deref().is_some_and(|p| m.matches(p)))
+            .check(|m| principal.is_some_and(|p| m.matches(p)))
             && self
                 .namespaces
                 .check(|m| r.src_identity.is_some() && m.matches(ns))
-            && self.service_accounts.check(|s| sa.as_deref() == Some(s))
+            && self.service_accounts.check(|s| sa == Some(s.as_str()))
             && self.ip_blocks.check(|c| c.contains(r.src_ip))
             && self.remote_ip_blocks.check(|c| c.contains(r.src_ip))
     }
@@ -211,7 +209,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn matches(&self, r: &Request<'_>) -> bool {
+    fn matches(&self, r: &Ctx<'_>) -> bool {
         match &self.attr {
             Attr::SourceIp(f) => f.check(|c| c.contains(r.src_ip)),
             Attr::DestinationIp(f) => f.check(|c| c.contains(r.dst_ip)),
@@ -220,8 +218,8 @@ impl Condition {
                 f.check(|m| r.src_identity.is_some_and(|i| m.matches(&i.namespace)))
             }
             Attr::SourcePrincipal(f) => {
-                let p = r.principal();
-                f.check(|m| p.as_deref().is_some_and(|p| m.matches(p)))
+                let p = r.principal.as_deref();
+                f.check(|m| p.is_some_and(|p| m.matches(p)))
             }
             Attr::Sni(f) => f.check(|_| false),
         }
@@ -242,7 +240,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, r: &Request<'_>) -> bool {
+    fn matches(&self, r: &Ctx<'_>) -> bool {
         !self.never
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.ports.check(|p| *p == r.dst_port)))
@@ -274,7 +272,7 @@ impl Policy {
     }
 
     /// Index of the first matching rule.
-    fn matching_rule(&self, r: &Request<'_>) -> Option<usize> {
+    fn matching_rule(&self, r: &Ctx<'_>) -> Option<usize> {
         self.rules.iter().position(|rule| rule.matches(r))
     }
 }
@@ -465,14 +463,36 @@ pub struct Request<'a> {
     pub dst_port: u16,
 }
 
-impl Request<'_> {
-    fn principal(&self) -> Option<String> {
-        self.src_identity.map(|i| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                i.trust_domain, i.namespace, i.service_account
-            )
-        })
+/// A request with the derived strings computed once per decision, not once per policy.
+struct Ctx<'a> {
+    req: &'a Request<'a>,
+    /// `<trust domain>/ns/<ns>/sa/<sa>`.
+    principal: Option<String>,
+    /// `<ns>/<sa>`.
+    service_account: Option<String>,
+}
+
+impl<'a> std::ops::Deref for Ctx<'a> {
+    type Target = Request<'a>;
+    fn deref(&self) -> &Request<'a> {
+        self.req
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(req: &'a Request<'a>) -> Self {
+        Ctx {
+            req,
+            principal: req.src_identity.map(|i| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    i.trust_domain, i.namespace, i.service_account
+                )
+            }),
+            service_account: req
+                .src_identity
+                .map(|i| format!("{}/{}", i.namespace, i.service_account)),
+        }
     }
 }
 
@@ -585,7 +605,7 @@ impl Decision {
 
 fn decide<'a>(
     policies: impl Iterator<Item = &'a Arc<Policy>> + Clone,
-    r: &Request<'_>,
+    r: &Ctx<'_>,
 ) -> (Verdict, Reason) {
     for p in policies.clone().filter(|p| p.action == Action::Deny) {
         if let Some(rule) = p.matching_rule(r) {
@@ -623,7 +643,9 @@ fn decide<'a>(
 /// Decides one flow. `plaintext` flows (inbound 15006) are first checked against
 /// PeerAuthentication; every flow then against the AuthorizationPolicies in scope: those of the
 /// root namespace and of the destination's namespace whose selector matches its labels.
-pub fn evaluate(reg: &Registry, root_ns: &str, r: &Request<'_>, plaintext: bool) -> Decision {
+pub fn evaluate(reg: &Registry, root_ns: &str, req: &Request<'_>, plaintext: bool) -> Decision {
+    let ctx = Ctx::new(req);
+    let r = &ctx;
     let audited = reg
         .in_scope(root_ns, r.dst_namespace, r.dst_labels)
         .filter(|p| p.action == Action::Audit && p.matching_rule(r).is_some())
