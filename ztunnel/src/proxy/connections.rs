@@ -175,3 +175,42 @@ impl Registration {
 pub fn dup(tcp: &TcpStream) -> Option<socket2::Socket> {
     socket2::SockRef::from(tcp).try_clone().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn state(policies: &str) -> State {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+             {{apiVersion: v1, kind: Pod, metadata: {{name: b, namespace: mesh}}, spec: {{nodeName: n1}}, status: {{podIP: 10.0.0.2, phase: Running}}}}\n{policies}"
+        );
+        let objs = crate::state::kube::parse_file(Path::new("t.yaml"), &yaml).expect("parses");
+        State::build(1, "cluster.local", &objs)
+    }
+
+    #[tokio::test]
+    async fn recheck_revokes_only_denied_flows_and_registration_ends_on_drop() {
+        let conns = Arc::new(Connections::default());
+        let flow = |client: &str, src: &str| FlowAttrs {
+            src: src.parse().expect("addr"),
+            src_identity: Some(SpiffeId::new("cluster.local", "mesh", client)),
+            dst: "10.0.0.2:8080".parse().expect("addr"),
+            plaintext: false,
+        };
+        let mut denied = conns.register(flow("bad", "10.0.0.1:4000"));
+        let mut kept = conns.register(flow("good", "10.0.0.3:4000"));
+        assert_eq!(conns.len(), 2);
+        assert_eq!(conns.recheck(&state(""), "istio-system"), 0);
+        let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: mesh}\nspec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/bad]}}]}]}\n";
+        assert_eq!(conns.recheck(&state(deny), "istio-system"), 1);
+        let r = denied.run(std::future::pending::<()>(), Vec::new()).await;
+        assert_eq!(r, Err("denied by a policy change".to_string()));
+        let r = kept.run(async { 7 }, Vec::new()).await;
+        assert_eq!(r, Ok(7));
+        drop(kept);
+        drop(denied);
+        assert!(conns.is_empty());
+    }
+}
