@@ -263,6 +263,33 @@ fn deny_by_namespace_refuses_cross_node_and_same_node() {
             "DENY: denied by mesh/deny-evil rule 0",
         );
     }
+
+    // A dry-run DENY of mesh/a is logged, not enforced.
+    let dry = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry-deny-a, namespace: mesh, annotations: {istio.io/dry-run: 'true'}}\nspec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]}\n";
+    apply(&cluster, dry);
+    let skip = cluster.daemon(2).log_lines().len();
+    ok(
+        a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),
+        "dry-run DENY is not enforced",
+    );
+    let line = cluster
+        .daemon(2)
+        .wait_for_log_after(
+            skip,
+            |l| message(l) == "dry-run policy would change the decision (not enforced)",
+            LOG_WAIT,
+        )
+        .expect("dry-run decision logged");
+    assert_eq!(field(&line, "policy"), "mesh/dry-deny-a", "{line}");
+    assert_eq!(field(&line, "dry_run"), "DENY", "{line}");
+    expect_check(
+        &cluster,
+        2,
+        "mesh/a",
+        "mesh/b:8080",
+        0,
+        "dry-run policies would make it DENY",
+    );
 }
 
 #[test]
