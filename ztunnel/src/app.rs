@@ -226,6 +226,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                     break;
                 }
                 let state = state_rx.borrow_and_update().clone();
+                proxy.recheck_connections(&state);
                 update_certificates(&cfg, &certs, &state);
                 sync_capture(&cfg, capture.as_mut(), &state, &view, true);
             }

@@ -42,6 +42,9 @@ pub enum Command {
     Workloads(crate::status::StatusArgs),
     /// Workload certificates a running daemon holds: identity, serial, expiry.
     Certificates(crate::status::StatusArgs),
+    /// Explain authorization decisions (AuthorizationPolicy, PeerAuthentication).
+    #[command(subcommand)]
+    Authz(crate::authz::check::AuthzCommand),
 }
 
 /// `ztunnel ca …`
@@ -107,6 +110,10 @@ pub struct RunArgs {
     /// SPIFFE trust domain of workload identities [default: cluster.local].
     #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
+    /// Istio root namespace: AuthorizationPolicy and PeerAuthentication objects there apply
+    /// mesh-wide [default: istio-system].
+    #[arg(long, env = "ZTUNNEL_ROOT_NAMESPACE")]
+    pub root_namespace: Option<String>,
     /// Kubernetes cluster DNS domain [default: cluster.local].
     #[arg(long, env = "ZTUNNEL_CLUSTER_DOMAIN")]
     pub cluster_domain: Option<String>,
@@ -286,6 +293,8 @@ pub struct Config {
     pub trust_domain: String,
     /// Cluster DNS domain.
     pub cluster_domain: String,
+    /// Istio root namespace (mesh-wide policies).
+    pub root_namespace: String,
     /// State source (file or directory).
     pub state_path: PathBuf,
     /// State poll interval.
@@ -349,6 +358,15 @@ impl Config {
             return Err(invalid(
                 "cluster-domain",
                 format!("`{cluster_domain}` is not a DNS domain"),
+            ));
+        }
+        let root_namespace = a
+            .root_namespace
+            .unwrap_or_else(|| crate::authz::DEFAULT_ROOT_NAMESPACE.into());
+        if root_namespace.is_empty() || !is_dns_label_ish(&root_namespace) {
+            return Err(invalid(
+                "root-namespace",
+                format!("`{root_namespace}` is not a Kubernetes namespace name"),
             ));
         }
         let state_path = a.state.ok_or_else(|| invalid("state", "is required"))?;
@@ -464,6 +482,7 @@ impl Config {
             node_name,
             trust_domain,
             cluster_domain,
+            root_namespace,
             state_path,
             state_poll_interval: duration("state-poll-interval", a.state_poll_interval, "500ms")?,
             ca_dir,
@@ -502,6 +521,7 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         state_poll_interval: cli.state_poll_interval.or(file.state_poll_interval),
         ca_dir: cli.ca_dir.or(file.ca_dir),
         trust_domain: cli.trust_domain.or(file.trust_domain),
+        root_namespace: cli.root_namespace.or(file.root_namespace),
         cluster_domain: cli.cluster_domain.or(file.cluster_domain),
         cert_ttl: cli.cert_ttl.or(file.cert_ttl),
         drain_timeout: cli.drain_timeout.or(file.drain_timeout),

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use ztunnel::authz::check::AuthzCommand;
 use ztunnel::config::{CaCommand, Cli, Command, Config};
 use ztunnel::status::{self, View};
 
@@ -14,6 +15,17 @@ fn main() -> ExitCode {
         Some(Command::Status(a)) => status::run(View::Status, &a).map_err(Into::into),
         Some(Command::Workloads(a)) => status::run(View::Workloads, &a).map_err(Into::into),
         Some(Command::Certificates(a)) => status::run(View::Certificates, &a).map_err(Into::into),
+        Some(Command::Authz(AuthzCommand::Check(args))) => {
+            // Policy rejections and caveats are logged while the state is built: show them.
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .without_time()
+                .with_ansi(false)
+                .try_init();
+            // Exit codes are part of the command's contract: 0 ALLOW, 1 DENY, 2 bad input.
+            return ExitCode::from(ztunnel::authz::check::run(&args));
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

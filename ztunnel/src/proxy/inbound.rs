@@ -9,6 +9,10 @@
 //!   round trip through loopback; Istio's ztunnel takes the same shortcut).
 //!
 //! Every last hop into the pod uses the client's IP as source, so the app sees its real peer.
+//!
+//! Every flow is authorized here, at the destination ([`crate::authz`]): a denied HBONE stream
+//! is answered 401, a denied plaintext or same-node connection is reset. Each admitted flow is
+//! registered in [`super::connections`] so a policy change can close it later.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +23,9 @@ use std::time::Instant;
 use http::StatusCode;
 use tokio::net::TcpStream;
 
+use super::connections::{dup, FlowAttrs, Registration};
 use super::{splice_plain, Access, Proxy};
+use crate::authz::Decision;
 use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::hbone::{self, reset_on_close, Transferred};
 use crate::identity::SpiffeId;
@@ -63,6 +69,7 @@ impl Proxy {
             dst_identity: None,
             service: None,
             start,
+            deny_reason: None,
         };
         let Some(dst_w) = dst_w.as_deref() else {
             access.refuse(
@@ -88,6 +95,18 @@ impl Proxy {
             responder.refuse(StatusCode::BAD_REQUEST);
             return;
         }
+        let (mut reg, decision) = self.authorize(FlowAttrs {
+            src: req.peer,
+            src_identity: Some(req.peer_identity.clone()),
+            dst: req.authority,
+            plaintext: false,
+        });
+        if let Some(d) = decision.filter(|d| !d.allowed()) {
+            access.deny_reason = Some(d.reason.to_string());
+            access.refuse(self, &state, "DENY", &format!("401: {}", d.reason));
+            responder.refuse(StatusCode::UNAUTHORIZED);
+            return;
+        }
         let pod = match self.dial_pod(req.peer, req.authority).await {
             Ok(p) => p,
             Err(e) => {
@@ -99,13 +118,25 @@ impl Proxy {
         match responder.accept() {
             Ok((send, recv)) => {
                 let meter = access.open(self, &state);
-                let (bytes, err) = hbone::splice(pod, send, recv, &meter.server_side()).await;
-                // The socket side here is the server: what it sent went to the client.
-                let bytes = Transferred {
-                    to_tunnel: bytes.from_tunnel,
-                    from_tunnel: bytes.to_tunnel,
-                };
-                access.close(meter, bytes, err.as_ref().map(|e| e as _));
+                let sockets = dup(&pod).into_iter().collect();
+                let sink = meter.server_side();
+                match reg
+                    .run(hbone::splice(pod, send, recv, &sink), sockets)
+                    .await
+                {
+                    Ok((bytes, err)) => {
+                        // The socket side here is the server: what it sent went to the client.
+                        let bytes = Transferred {
+                            to_tunnel: bytes.from_tunnel,
+                            from_tunnel: bytes.to_tunnel,
+                        };
+                        access.close(meter, bytes, err.as_ref().map(|e| e as _));
+                    }
+                    Err(reason) => {
+                        access.deny_reason = Some(reason.clone());
+                        access.close(meter, Transferred::default(), Some(&reason));
+                    }
+                }
             }
             Err(e) => access.refuse(self, &state, "UF", &e),
         }
@@ -123,7 +154,7 @@ impl Proxy {
         let state = self.snapshot();
         let dst_w = self.local_enrolled(&state, dst.ip());
         let src_w = state.workload(src.ip()).cloned();
-        let access = Access {
+        let mut access = Access {
             reporter: "destination",
             protocol: "TCP",
             src,
@@ -134,6 +165,7 @@ impl Proxy {
             dst_identity: dst_w.as_ref().map(|w| &w.identity),
             service: None,
             start,
+            deny_reason: None,
         };
         if dst_w.is_none() {
             access.refuse(
@@ -145,17 +177,19 @@ impl Proxy {
             reset_on_close(&tcp);
             return;
         }
-        match self.dial_pod(src, dst).await {
-            Ok(pod) => {
-                let meter = access.open(&self, &state);
-                let (bytes, err) = splice_plain(tcp, pod, &meter.client_side()).await;
-                access.close(meter, bytes, err.as_ref().map(|e| e as _));
-            }
-            Err(e) => {
-                reset_on_close(&tcp);
-                access.refuse(&self, &state, "UF", &e);
-            }
+        let (reg, decision) = self.authorize(FlowAttrs {
+            src,
+            src_identity: None,
+            dst,
+            plaintext: true,
+        });
+        if let Some(d) = decision.filter(|d| !d.allowed()) {
+            access.deny_reason = Some(d.reason.to_string());
+            access.refuse(&self, &state, "DENY", &format!("reset: {}", d.reason));
+            reset_on_close(&tcp);
+            return;
         }
+        self.to_pod(tcp, &state, &mut [&mut access], reg).await;
     }
 
     /// Same-node mesh flow: from the outbound side straight to the destination pod, counted
@@ -173,7 +207,7 @@ impl Proxy {
     ) {
         let state: Arc<State> = self.snapshot();
         let dst = SocketAddr::new(dst_w.ip, port);
-        let access = Access {
+        let mut access = Access {
             reporter: "destination",
             protocol: "HBONE",
             src,
@@ -184,25 +218,109 @@ impl Proxy {
             dst_identity: Some(&dst_w.identity),
             service,
             start,
+            deny_reason: None,
         };
-        let source = Access {
+        let mut source = Access {
             reporter: "source",
+            deny_reason: None,
             ..access
         };
-        match self.dial_pod(src, dst).await {
-            Ok(pod) => {
-                let (m_dst, m_src) = (access.open(&self, &state), source.open(&self, &state));
-                let sink = m_dst.client_side().join(m_src.client_side());
-                let (bytes, err) = splice_plain(tcp, pod, &sink).await;
-                let err = err.as_ref().map(|e| e as _);
-                access.close(m_dst, bytes, err);
-                source.close(m_src, bytes, err);
+        // Both identities are known first-hand: the source pod is on this node.
+        let (reg, decision) = self.authorize(FlowAttrs {
+            src,
+            src_identity: Some(src_w.identity.clone()),
+            dst,
+            plaintext: false,
+        });
+        if let Some(d) = decision.filter(|d| !d.allowed()) {
+            reset_on_close(&tcp);
+            let reason = format!("reset: {}", d.reason);
+            for a in [&mut access, &mut source] {
+                a.deny_reason = Some(d.reason.to_string());
+                a.refuse(&self, &state, "DENY", &reason);
             }
+            return;
+        }
+        self.to_pod(tcp, &state, &mut [&mut access, &mut source], reg)
+            .await;
+    }
+
+    /// Registers the flow, then decides it on the current state (taken after registering, so a
+    /// policy change is either seen here or re-checked on the registered flow). Logs denials,
+    /// dry-run outcomes and audits. `None`: the destination is not an enrolled pod any more.
+    fn authorize(&self, attrs: FlowAttrs) -> (Registration, Option<Decision>) {
+        let reg = self.connections.register(attrs.clone());
+        let state = self.snapshot();
+        let decision = attrs.decide(&state, &self.cfg.root_namespace);
+        if let Some(d) = &decision {
+            if !d.allowed() {
+                tracing::info!(
+                    src_addr = %attrs.src,
+                    dst_addr = %attrs.dst,
+                    src_identity = attrs.src_identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    policy = d.reason.policy().unwrap_or(""),
+                    reason = %d.reason,
+                    response = if attrs.plaintext { "reset" } else { "401" },
+                    "connection denied"
+                );
+            }
+            if let Some((verdict, reason)) = &d.dry_run {
+                tracing::info!(
+                    src_addr = %attrs.src,
+                    dst_addr = %attrs.dst,
+                    enforced = %d.verdict,
+                    dry_run = %verdict,
+                    policy = reason.policy().unwrap_or(""),
+                    reason = %reason,
+                    "dry-run policy would change the decision (not enforced)"
+                );
+            }
+            for policy in &d.audited {
+                tracing::info!(src_addr = %attrs.src, dst_addr = %attrs.dst, %policy, "authorization audit");
+            }
+        }
+        (reg, decision)
+    }
+
+    /// Connects to the pod from the client's IP and splices until both sides are done or a
+    /// policy change revokes the flow; counts and logs the flow for every reporter in `reports`
+    /// (the destination, and for same-node flows also the source).
+    async fn to_pod(
+        &self,
+        tcp: TcpStream,
+        state: &State,
+        reports: &mut [&mut Access<'_>],
+        mut reg: Registration,
+    ) {
+        let (src, dst) = (reports[0].src, reports[0].dst);
+        let pod = match self.dial_pod(src, dst).await {
+            Ok(pod) => pod,
             Err(e) => {
                 reset_on_close(&tcp);
-                access.refuse(&self, &state, "UF", &e);
-                source.refuse(&self, &state, "UF", &e);
+                for a in reports.iter() {
+                    a.refuse(self, state, "UF", &e);
+                }
+                return;
             }
+        };
+        let meters: Vec<_> = reports.iter().map(|a| a.open(self, state)).collect();
+        let sink = meters
+            .iter()
+            .map(|m| m.client_side())
+            .reduce(|a, b| a.join(b))
+            .unwrap_or_default();
+        let sockets = [dup(&tcp), dup(&pod)].into_iter().flatten().collect();
+        let (bytes, err) = match reg.run(splice_plain(tcp, pod, &sink), sockets).await {
+            Ok((bytes, err)) => (bytes, err.map(|e| e.to_string())),
+            Err(reason) => {
+                for a in reports.iter_mut() {
+                    a.deny_reason = Some(reason.clone());
+                }
+                (Transferred::default(), Some(reason))
+            }
+        };
+        for (a, m) in reports.iter().zip(meters) {
+            a.close(m, bytes, err.as_ref().map(|e| e as _));
         }
     }
 

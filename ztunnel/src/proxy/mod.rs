@@ -3,6 +3,7 @@
 //! Every flow looks up the current [`State`] snapshot once at its start, so a flow never sees
 //! two different views of the mesh.
 
+pub mod connections;
 mod inbound;
 mod outbound;
 
@@ -35,6 +36,7 @@ pub struct Proxy {
     pool: Pool,
     metrics: Arc<Metrics>,
     drain: Drain,
+    connections: Arc<connections::Connections>,
 }
 
 impl Proxy {
@@ -52,12 +54,26 @@ impl Proxy {
             pool,
             metrics,
             drain,
+            connections: Arc::default(),
         })
     }
 
     /// Drain state, for the HBONE server's streams.
     pub fn drain(&self) -> &Drain {
         &self.drain
+    }
+
+    /// Re-checks open inbound flows against `state` (after a state change) and closes those
+    /// the new policies deny.
+    pub fn recheck_connections(&self, state: &State) {
+        let n = self.connections.recheck(state, &self.cfg.root_namespace);
+        if n > 0 {
+            tracing::info!(
+                closed = n,
+                generation = state.generation,
+                "connections re-checked"
+            );
+        }
     }
 
     fn snapshot(&self) -> Arc<State> {
@@ -179,7 +195,7 @@ where
 /// One connection's telemetry: its metric labels and the access-log line written when it
 /// closes (the `access` message operators and tests read). Byte counts follow Istio:
 /// `bytes_received` came from the client, `bytes_sent` went to it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Access<'a> {
     reporter: &'static str,
     protocol: &'static str,
@@ -192,6 +208,8 @@ struct Access<'a> {
     /// The service dialled (VIP) or, when `None`, the first service selecting the destination.
     service: Option<&'a Service>,
     start: Instant,
+    /// Why authorization refused or revoked the flow.
+    deny_reason: Option<String>,
 }
 
 impl Access<'_> {
@@ -252,6 +270,7 @@ impl Access<'_> {
             duration_ms = self.start.elapsed().as_millis() as u64,
             response_flags = flags,
             error,
+            deny_reason = self.deny_reason.as_deref(),
             "access"
         );
     }

@@ -47,6 +47,7 @@ impl Proxy {
             dst_identity: None,
             service: state.service_by_vip(orig_dst.ip()).map(|s| &**s),
             start,
+            deny_reason: None,
         };
         let dest = match state.resolve(orig_dst) {
             Ok(d) => d,

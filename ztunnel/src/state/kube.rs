@@ -211,6 +211,10 @@ pub enum Object {
     Pod(Pod),
     /// A service.
     Service(Service),
+    /// `security.istio.io` AuthorizationPolicy (validated further by [`crate::authz`]).
+    AuthorizationPolicy(crate::authz::model::AuthorizationPolicyObject),
+    /// `security.istio.io` PeerAuthentication (validated further by [`crate::authz`]).
+    PeerAuthentication(crate::authz::model::PeerAuthenticationObject),
 }
 
 /// Parses every document of one file. Kinds the daemon does not use are skipped; the first
@@ -273,6 +277,16 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
             require_namespace(&svc.metadata)?;
             check_service(&svc)?;
             Object::Service(svc)
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            let p: crate::authz::model::AuthorizationPolicyObject = typed(value)?;
+            require_namespace(&p.metadata)?;
+            Object::AuthorizationPolicy(p)
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            let p: crate::authz::model::PeerAuthenticationObject = typed(value)?;
+            require_namespace(&p.metadata)?;
+            Object::PeerAuthentication(p)
         }
         _ => {
             tracing::debug!(

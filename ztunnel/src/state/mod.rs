@@ -154,6 +154,8 @@ pub struct State {
     /// Services by virtual IP.
     #[serde(skip)]
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Valid AuthorizationPolicies and PeerAuthentications.
+    pub authz: Arc<crate::authz::Registry>,
 }
 
 impl State {
@@ -162,6 +164,8 @@ impl State {
         let mut namespaces = HashMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
+        let mut authz_policies = Vec::new();
+        let mut peer_auths = Vec::new();
         for o in objects {
             match o {
                 Object::Namespace(n) => {
@@ -181,8 +185,11 @@ impl State {
                     let ns = s.metadata.namespace.clone().unwrap_or_default();
                     services.insert((ns, s.metadata.name.clone()), s);
                 }
+                Object::AuthorizationPolicy(p) => authz_policies.push(p),
+                Object::PeerAuthentication(p) => peer_auths.push(p),
             }
         }
+        let authz = Arc::new(build_authz(authz_policies, peer_auths));
 
         let mut workloads = HashMap::new();
         for ((ns, name), p) in &pods {
@@ -301,6 +308,7 @@ impl State {
             workloads,
             services: by_key,
             by_vip,
+            authz,
         }
     }
 
@@ -373,6 +381,37 @@ fn workload_name(meta: &kube::ObjectMeta) -> String {
         .find_map(|k| meta.labels.get(*k))
         .cloned()
         .unwrap_or_else(|| meta.name.clone())
+}
+
+/// Compiles the policies, logging each dropped one (with object and field) and each caveat.
+/// Later objects with the same `namespace/name` replace earlier ones, as for other kinds.
+fn build_authz(
+    authz: Vec<&crate::authz::model::AuthorizationPolicyObject>,
+    peer: Vec<&crate::authz::model::PeerAuthenticationObject>,
+) -> crate::authz::Registry {
+    fn dedup<T>(v: Vec<&T>, meta: impl Fn(&T) -> &kube::ObjectMeta) -> Vec<&T> {
+        let mut by_key = BTreeMap::new();
+        for o in v {
+            let m = meta(o);
+            by_key.insert((m.namespace.clone(), m.name.clone()), o);
+        }
+        by_key.into_values().collect()
+    }
+    let (reg, report) =
+        crate::authz::Registry::build(dedup(authz, |o| &o.metadata), dedup(peer, |o| &o.metadata));
+    for e in &report.errors {
+        tracing::warn!(
+            kind = e.kind,
+            policy = %format!("{}/{}", e.namespace, e.name),
+            field = %e.field,
+            error = %e.message,
+            "policy rejected"
+        );
+    }
+    for (what, w) in &report.warnings {
+        tracing::warn!(policy = %what, warning = %w, "policy applied with a caveat");
+    }
+    reg
 }
 
 #[cfg(test)]

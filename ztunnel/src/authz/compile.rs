@@ -1,0 +1,451 @@
+//! Validation: from the YAML shape ([`super::model`]) to the compiled policy the evaluator
+//! runs. Every semantic mistake (unknown action, malformed CIDR, bad port, unknown `when` key,
+//! contradictory fields) is reported with the object and the field, and only that policy is
+//! dropped. Rules that need L7 attributes are rewritten to fail safe here (see
+//! [`super::Policy`]) and a warning says so.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::model::{
+    AuthorizationPolicyObject, ConditionSpec, MtlsSpec, OperationSpec, PeerAuthenticationObject,
+    Scalar, SourceSpec,
+};
+use super::{
+    Action, Attr, Cidr, Condition, Field, MtlsMode, Operation, PeerAuth, Policy, Rule, Source,
+    StrMatch, DRY_RUN_ANNOTATION,
+};
+
+/// A policy that was dropped, naming the object and field.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind} {namespace}/{name}: field `{field}`: {message}")]
+pub struct PolicyError {
+    /// `AuthorizationPolicy` or `PeerAuthentication`.
+    pub kind: &'static str,
+    /// Namespace of the object.
+    pub namespace: String,
+    /// Name of the object.
+    pub name: String,
+    /// Dotted path of the offending field.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What compiling one authorization policy produced.
+#[derive(Debug)]
+pub enum Compiled {
+    /// Enforced here; with warnings to log (L7 fail-safe rewrites, ignored fields).
+    Policy(Policy, Vec<String>),
+    /// Attached with `targetRef(s)`: a waypoint's business, not enforced by the node daemon.
+    Waypoint,
+}
+
+type FieldResult<T> = Result<T, (String, String)>;
+
+/// Compiles an `AuthorizationPolicy`.
+pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled, PolicyError> {
+    let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+    let name = obj.metadata.name.clone();
+    let err = |(field, message): (String, String)| PolicyError {
+        kind: "AuthorizationPolicy",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        message,
+    };
+    let spec = &obj.spec;
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        if spec.selector.is_some() {
+            return Err(err((
+                "spec.selector".into(),
+                "cannot be combined with targetRef/targetRefs".into(),
+            )));
+        }
+        return Ok(Compiled::Waypoint);
+    }
+    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" | "" => Action::Allow,
+        "DENY" => Action::Deny,
+        "AUDIT" => Action::Audit,
+        "CUSTOM" => {
+            return Err(err((
+                "spec.action".into(),
+                "CUSTOM needs an external authorization provider, which the node daemon does \
+                 not support; use ALLOW or DENY"
+                    .into(),
+            )))
+        }
+        other => {
+            return Err(err((
+                "spec.action".into(),
+                format!("unknown action `{other}` (expected ALLOW, DENY, AUDIT or CUSTOM)"),
+            )))
+        }
+    };
+    let dry_run = match obj.metadata.annotations.get(DRY_RUN_ANNOTATION) {
+        None => false,
+        Some(v) => match v.as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(err((
+                    format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+                    format!("`{other}`: expected \"true\" or \"false\""),
+                )))
+            }
+        },
+    };
+    let mut warnings = Vec::new();
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let mut l7 = Vec::new();
+        let from = r
+            .from
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, f)| source(&f.source, &format!("{at}.from[{j}].source"), &mut l7))
+            .collect::<FieldResult<Vec<_>>>()
+            .map_err(err)?;
+        let to =
+            r.to.iter()
+                .flatten()
+                .enumerate()
+                .map(|(j, t)| operation(&t.operation, &format!("{at}.to[{j}].operation"), &mut l7))
+                .collect::<FieldResult<Vec<_>>>()
+                .map_err(err)?;
+        let when = r
+            .when
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(j, c)| condition(c, &format!("{at}.when[{j}]"), &mut l7).transpose())
+            .collect::<FieldResult<Vec<_>>>()
+            .map_err(err)?;
+        let never = !l7.is_empty() && action == Action::Allow;
+        if !l7.is_empty() {
+            warnings.push(if never {
+                format!(
+                    "{at} uses L7 attributes ({}) that the node daemon cannot see; this ALLOW \
+                     rule matches nothing here (fail safe: traffic it was meant to allow is \
+                     denied unless another rule allows it; use a waypoint for L7 policy)",
+                    l7.join(", ")
+                )
+            } else {
+                format!(
+                    "{at} uses L7 attributes ({}) that the node daemon cannot see; they are \
+                     ignored, so this {} rule applies to all traffic matching its L4 parts \
+                     (fail safe; use a waypoint for L7 policy)",
+                    l7.join(", "),
+                    action.as_str()
+                )
+            });
+        }
+        rules.push(Rule {
+            from: from.into_iter().flatten().collect(),
+            to: to.into_iter().flatten().collect(),
+            when,
+            never,
+        });
+    }
+    Ok(Compiled::Policy(
+        Policy {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            action,
+            rules,
+            dry_run,
+        },
+        warnings,
+    ))
+}
+
+/// Compiles a source; `None` when all its fields were L7 (nothing left to match at L4).
+fn source(s: &SourceSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Source>> {
+    let strs = |v: &[String], f: &str| -> FieldResult<Vec<StrMatch>> {
+        v.iter()
+            .enumerate()
+            .map(|(k, x)| str_match(x).map_err(|m| (format!("{at}.{f}[{k}]"), m)))
+            .collect()
+    };
+    let cidrs = |v: &[String], f: &str| -> FieldResult<Vec<Cidr>> {
+        v.iter()
+            .enumerate()
+            .map(|(k, x)| Cidr::parse(x).map_err(|m| (format!("{at}.{f}[{k}]"), m)))
+            .collect()
+    };
+    let sas = |v: &[String], f: &str| -> FieldResult<Vec<String>> {
+        for (k, x) in v.iter().enumerate() {
+            let ok = x
+                .split_once('/')
+                .is_some_and(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'));
+            if !ok {
+                return Err((
+                    format!("{at}.{f}[{k}]"),
+                    format!("`{x}`: expected `<namespace>/<service account>`"),
+                ));
+            }
+        }
+        Ok(v.to_vec())
+    };
+    let has_sa = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+    let has_pn = !s.principals.is_empty()
+        || !s.not_principals.is_empty()
+        || !s.namespaces.is_empty()
+        || !s.not_namespaces.is_empty();
+    if has_sa && has_pn {
+        return Err((
+            format!("{at}.serviceAccounts"),
+            "cannot be combined with principals or namespaces".into(),
+        ));
+    }
+    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+        l7.push(format!("{at}.requestPrincipals"));
+    }
+    let src = Source {
+        principals: Field::new(
+            strs(&s.principals, "principals")?,
+            strs(&s.not_principals, "notPrincipals")?,
+        ),
+        namespaces: Field::new(
+            strs(&s.namespaces, "namespaces")?,
+            strs(&s.not_namespaces, "notNamespaces")?,
+        ),
+        service_accounts: Field::new(
+            sas(&s.service_accounts, "serviceAccounts")?,
+            sas(&s.not_service_accounts, "notServiceAccounts")?,
+        ),
+        ip_blocks: Field::new(
+            cidrs(&s.ip_blocks, "ipBlocks")?,
+            cidrs(&s.not_ip_blocks, "notIpBlocks")?,
+        ),
+        remote_ip_blocks: Field::new(
+            cidrs(&s.remote_ip_blocks, "remoteIpBlocks")?,
+            cidrs(&s.not_remote_ip_blocks, "notRemoteIpBlocks")?,
+        ),
+    };
+    let l4_empty = src.is_empty();
+    if l4_empty && l7.iter().all(|f| !f.starts_with(at)) {
+        return Err((at.to_string(), "must set at least one field".into()));
+    }
+    Ok((!l4_empty).then_some(src))
+}
+
+/// Compiles an operation; `None` when all its fields were L7.
+fn operation(o: &OperationSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Operation>> {
+    let ports = |v: &[Scalar], f: &str| -> FieldResult<Vec<u16>> {
+        v.iter()
+            .enumerate()
+            .map(|(k, x)| port(x).map_err(|m| (format!("{at}.{f}[{k}]"), m)))
+            .collect()
+    };
+    let op = Operation {
+        ports: Field::new(ports(&o.ports, "ports")?, ports(&o.not_ports, "notPorts")?),
+    };
+    let l7_fields = [
+        ("hosts", o.hosts.len() + o.not_hosts.len()),
+        ("methods", o.methods.len() + o.not_methods.len()),
+        ("paths", o.paths.len() + o.not_paths.len()),
+    ];
+    let mut any_l7 = false;
+    for (f, n) in l7_fields {
+        if n > 0 {
+            any_l7 = true;
+            l7.push(format!("{at}.{f}"));
+        }
+    }
+    let l4_empty = op.ports.is_empty();
+    if l4_empty && !any_l7 {
+        return Err((at.to_string(), "must set at least one field".into()));
+    }
+    Ok((!l4_empty).then_some(op))
+}
+
+/// Compiles a `when` condition; `None` for an L7 key.
+fn condition(c: &ConditionSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Condition>> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err((at.to_string(), "must set values or notValues".into()));
+    }
+    let vals = |f: &str, list: &[Scalar]| -> Vec<(String, String)> {
+        list.iter()
+            .enumerate()
+            .map(|(k, v)| (format!("{at}.{f}[{k}]"), v.to_string()))
+            .collect()
+    };
+    let (v, nv) = (vals("values", &c.values), vals("notValues", &c.not_values));
+    fn each<T>(
+        v: &[(String, String)],
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> FieldResult<Vec<T>> {
+        v.iter()
+            .map(|(field, x)| f(x).map_err(|m| (field.clone(), m)))
+            .collect()
+    }
+    let attr = match c.key.as_str() {
+        "source.ip" | "remote.ip" => {
+            Attr::SourceIp(Field::new(each(&v, Cidr::parse)?, each(&nv, Cidr::parse)?))
+        }
+        "destination.ip" => {
+            Attr::DestinationIp(Field::new(each(&v, Cidr::parse)?, each(&nv, Cidr::parse)?))
+        }
+        "destination.port" => Attr::DestinationPort(Field::new(
+            each(&v, |x| port(&Scalar::Str(x.into())))?,
+            each(&nv, |x| port(&Scalar::Str(x.into())))?,
+        )),
+        "source.namespace" => {
+            Attr::SourceNamespace(Field::new(each(&v, str_match)?, each(&nv, str_match)?))
+        }
+        "source.principal" => {
+            Attr::SourcePrincipal(Field::new(each(&v, str_match)?, each(&nv, str_match)?))
+        }
+        "connection.sni" => Attr::Sni(Field::new(each(&v, str_match)?, each(&nv, str_match)?)),
+        k if k.starts_with("request.") || k.starts_with("experimental.") => {
+            l7.push(format!("{at}.key={k}"));
+            return Ok(None);
+        }
+        "" => return Err((format!("{at}.key"), "is required".into())),
+        other => {
+            return Err((
+                format!("{at}.key"),
+                format!(
+                    "unknown key `{other}` (L4 keys: source.ip, remote.ip, source.namespace, \
+                     source.principal, destination.ip, destination.port, connection.sni)"
+                ),
+            ))
+        }
+    };
+    Ok(Some(Condition { attr }))
+}
+
+fn port(x: &Scalar) -> Result<u16, String> {
+    let n = match x {
+        Scalar::Int(i) => *i,
+        Scalar::Str(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("`{s}` is not a port number"))?,
+    };
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{n} is not a port number (1-65535)")),
+    }
+}
+
+fn str_match(s: &str) -> Result<StrMatch, String> {
+    Ok(if s == "*" {
+        StrMatch::Present
+    } else if let Some(rest) = s.strip_prefix('*') {
+        StrMatch::Suffix(rest.to_string())
+    } else if let Some(rest) = s.strip_suffix('*') {
+        StrMatch::Prefix(rest.to_string())
+    } else if s.is_empty() {
+        return Err("empty value; use `*` to require presence".into());
+    } else {
+        StrMatch::Exact(s.to_string())
+    })
+}
+
+fn mode(m: &MtlsSpec, field: &str) -> FieldResult<Option<MtlsMode>> {
+    match m.mode.as_deref().unwrap_or("UNSET") {
+        "UNSET" | "" => Ok(None),
+        "PERMISSIVE" => Ok(Some(MtlsMode::Permissive)),
+        "STRICT" => Ok(Some(MtlsMode::Strict)),
+        "DISABLE" => Ok(Some(MtlsMode::Disable)),
+        other => Err((
+            field.to_string(),
+            format!("unknown mode `{other}` (expected UNSET, DISABLE, PERMISSIVE or STRICT)"),
+        )),
+    }
+}
+
+/// Compiles a `PeerAuthentication`; warnings to log come back with it.
+pub fn peer_authentication(
+    obj: &PeerAuthenticationObject,
+) -> Result<(PeerAuth, Vec<String>), PolicyError> {
+    let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+    let name = obj.metadata.name.clone();
+    let err = |(field, message): (String, String)| PolicyError {
+        kind: "PeerAuthentication",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        message,
+    };
+    let spec = &obj.spec;
+    let mut warnings = Vec::new();
+    let mut disable = |f: &str, m: Option<MtlsMode>| -> Option<MtlsMode> {
+        if m == Some(MtlsMode::Disable) {
+            warnings.push(format!(
+                "{f}: DISABLE is ignored (the tunnel always uses mTLS); treated as unset"
+            ));
+            None
+        } else {
+            m
+        }
+    };
+    let whole = match &spec.mtls {
+        Some(m) => mode(m, "spec.mtls.mode").map_err(err)?,
+        None => None,
+    };
+    let whole = disable("spec.mtls.mode", whole);
+    let mut ports = BTreeMap::new();
+    if let Some(map) = &spec.port_level_mtls {
+        if spec.selector.is_none() {
+            return Err(err((
+                "spec.portLevelMtls".into(),
+                "needs a selector (ports are workload ports)".into(),
+            )));
+        }
+        for (k, v) in map {
+            let key = match k {
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::String(s) => s.clone(),
+                _ => String::from("?"),
+            };
+            let field = format!("spec.portLevelMtls.{key}");
+            let p = port(&Scalar::Str(key.clone())).map_err(|m| err((field.clone(), m)))?;
+            let m: MtlsSpec = serde_yaml::from_value(v.clone())
+                .map_err(|e| err((field.clone(), e.to_string())))?;
+            let m = mode(&m, &format!("{field}.mode")).map_err(err)?;
+            if let Some(m) = disable(&field, m) {
+                ports.insert(p, m);
+            }
+        }
+    }
+    Ok((
+        PeerAuth {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            mode: whole,
+            ports,
+        },
+        warnings,
+    ))
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d`, `a.b.c.d/n` or the IPv6 forms.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match len {
+            None => max,
+            Some(l) => match l.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("`{s}`: prefix length must be 0-{max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}

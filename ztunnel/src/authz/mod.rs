@@ -1,0 +1,682 @@
+//! L4 authorization with Istio semantics, enforced at the destination.
+//!
+//! `AuthorizationPolicy` and `PeerAuthentication` objects come from the same Kubernetes YAML as
+//! pods ([`model`]), are validated and compiled ([`compile`]) into a [`Registry`] held by each
+//! [`crate::state::State`] snapshot, and every new inbound flow asks [`evaluate`] for a
+//! [`Decision`]. The same function serves the data path, the re-check of open connections on
+//! policy change, and the `ztunnel authz check` command ([`check`]), so what the operator is
+//! told is exactly what the daemon does.
+//!
+//! Semantics (Istio's): a matching DENY rejects; without an ALLOW policy in scope the flow is
+//! allowed; otherwise one ALLOW must match. Rules OR; `from`/`to`/`when` AND; values OR;
+//! `not*` values exclude. Identity attributes come from the peer certificate only.
+//! Rules using L7 attributes fail safe: an ALLOW rule with them matches nothing, a DENY or AUDIT
+//! rule ignores them and applies to all traffic matching its L4 parts. Neither can make the
+//! daemon allow more than the author meant.
+
+pub mod check;
+pub mod compile;
+pub mod model;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::identity::SpiffeId;
+use compile::{Compiled, PolicyError};
+use model::{AuthorizationPolicyObject, PeerAuthenticationObject};
+
+/// Annotation that makes a policy log its decision without enforcing it.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// How many policies a "no ALLOW policy matched" reason lists.
+pub const MAX_LISTED: usize = 5;
+/// Default Istio root namespace: policies there apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// What a policy does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Action {
+    /// Admit (at least one ALLOW must match when any ALLOW is in scope).
+    Allow,
+    /// Reject.
+    Deny,
+    /// Log only.
+    Audit,
+}
+
+impl Action {
+    /// The Istio spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
+/// A string matcher with Istio's wildcard forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum StrMatch {
+    /// `*`: any non-empty value.
+    Present,
+    /// `abc*`.
+    Prefix(String),
+    /// `*abc`.
+    Suffix(String),
+    /// `abc`.
+    Exact(String),
+}
+
+impl StrMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Present => !v.is_empty(),
+            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StrMatch::Exact(e) => v == e,
+        }
+    }
+}
+
+/// An address block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One attribute's values and `not*` values: matches when (no values or one matches) and no
+/// not-value matches. An absent attribute matches no value and no not-value.
+#[derive(Debug, Clone, Serialize)]
+pub struct Field<T> {
+    /// Any of these.
+    pub values: Vec<T>,
+    /// None of these.
+    pub not_values: Vec<T>,
+}
+
+impl<T> Field<T> {
+    fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
+        Field { values, not_values }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.values.is_empty() && self.not_values.is_empty()
+    }
+
+    fn check(&self, m: impl Fn(&T) -> bool) -> bool {
+        (self.values.is_empty() || self.values.iter().any(&m)) && !self.not_values.iter().any(&m)
+    }
+}
+
+/// `from[].source`, compiled.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    /// `principals` / `notPrincipals` (`<trust domain>/ns/<ns>/sa/<sa>`).
+    pub principals: Field<StrMatch>,
+    /// `namespaces` / `notNamespaces` (from the certificate).
+    pub namespaces: Field<StrMatch>,
+    /// `serviceAccounts` / `notServiceAccounts` (`<ns>/<sa>`, from the certificate).
+    pub service_accounts: Field<String>,
+    /// `ipBlocks` / `notIpBlocks` (source IP).
+    pub ip_blocks: Field<Cidr>,
+    /// `remoteIpBlocks` / `notRemoteIpBlocks` (at L4 the source IP too: pod IPs are preserved).
+    pub remote_ip_blocks: Field<Cidr>,
+}
+
+impl Source {
+    fn is_empty(&self) -> bool {
+        self.principals.is_empty()
+            && self.namespaces.is_empty()
+            && self.service_accounts.is_empty()
+            && self.ip_blocks.is_empty()
+            && self.remote_ip_blocks.is_empty()
+    }
+
+    fn matches(&self, r: &Ctx<'_>) -> bool {
+        let principal = r.principal.as_deref();
+        let ns = r.src_identity.map(|i| i.namespace.as_str()).unwrap_or("");
+        let sa = r.service_account.as_deref();
+        self.principals
+            .check(|m| principal.is_some_and(|p| m.matches(p)))
+            && self
+                .namespaces
+                .check(|m| r.src_identity.is_some() && m.matches(ns))
+            && self.service_accounts.check(|s| sa == Some(s.as_str()))
+            && self.ip_blocks.check(|c| c.contains(r.src_ip))
+            && self.remote_ip_blocks.check(|c| c.contains(r.src_ip))
+    }
+}
+
+/// `to[].operation`, compiled: only ports exist at L4.
+#[derive(Debug, Clone, Serialize)]
+pub struct Operation {
+    /// `ports` / `notPorts`: the destination pod's port.
+    pub ports: Field<u16>,
+}
+
+/// A `when` condition's attribute and values.
+#[derive(Debug, Clone, Serialize)]
+pub enum Attr {
+    /// `source.ip` / `remote.ip`.
+    SourceIp(Field<Cidr>),
+    /// `source.namespace`.
+    SourceNamespace(Field<StrMatch>),
+    /// `source.principal`.
+    SourcePrincipal(Field<StrMatch>),
+    /// `destination.ip`.
+    DestinationIp(Field<Cidr>),
+    /// `destination.port`.
+    DestinationPort(Field<u16>),
+    /// `connection.sni`: the inner flow's TLS SNI is never seen by the node daemon, so values
+    /// never match and not-values never exclude.
+    Sni(Field<StrMatch>),
+}
+
+/// A `when` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Condition {
+    /// What it tests.
+    pub attr: Attr,
+}
+
+impl Condition {
+    fn matches(&self, r: &Ctx<'_>) -> bool {
+        match &self.attr {
+            Attr::SourceIp(f) => f.check(|c| c.contains(r.src_ip)),
+            Attr::DestinationIp(f) => f.check(|c| c.contains(r.dst_ip)),
+            Attr::DestinationPort(f) => f.check(|p| *p == r.dst_port),
+            Attr::SourceNamespace(f) => {
+                f.check(|m| r.src_identity.is_some_and(|i| m.matches(&i.namespace)))
+            }
+            Attr::SourcePrincipal(f) => {
+                let p = r.principal.as_deref();
+                f.check(|m| p.is_some_and(|p| m.matches(p)))
+            }
+            Attr::Sni(f) => f.check(|_| false),
+        }
+    }
+}
+
+/// One rule: any source AND any operation AND every condition. Empty lists match anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    /// Sources (OR); empty = any.
+    pub from: Vec<Source>,
+    /// Operations (OR); empty = any.
+    pub to: Vec<Operation>,
+    /// Conditions (AND).
+    pub when: Vec<Condition>,
+    /// An ALLOW rule that used L7 attributes: it matches nothing here (fail safe).
+    pub never: bool,
+}
+
+impl Rule {
+    fn matches(&self, r: &Ctx<'_>) -> bool {
+        !self.never
+            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.ports.check(|p| *p == r.dst_port)))
+            && self.when.iter().all(|c| c.matches(r))
+    }
+}
+
+/// A compiled `AuthorizationPolicy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Policy {
+    /// Namespace; the root namespace makes the policy mesh-wide.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `selector.matchLabels`; `None` = every workload in scope.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Action.
+    pub action: Action,
+    /// Rules. No rule: an ALLOW matches nothing (allow-nothing), a DENY never matches.
+    pub rules: Vec<Rule>,
+    /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
+    pub dry_run: bool,
+}
+
+impl Policy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Index of the first matching rule.
+    fn matching_rule(&self, r: &Ctx<'_>) -> Option<usize> {
+        self.rules.iter().position(|rule| rule.matches(r))
+    }
+}
+
+/// PeerAuthentication mTLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// Plaintext accepted.
+    Permissive,
+    /// Plaintext refused.
+    Strict,
+    /// Parsed only to be ignored with a warning.
+    Disable,
+}
+
+/// A compiled `PeerAuthentication`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerAuth {
+    /// Namespace; the root namespace makes it mesh-wide.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `selector.matchLabels`.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `mtls.mode`; `None` = UNSET (inherit).
+    pub mode: Option<MtlsMode>,
+    /// `portLevelMtls`, by workload port.
+    pub ports: BTreeMap<u16, MtlsMode>,
+}
+
+impl PeerAuth {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .as_ref()
+        .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// All valid policies, by namespace.
+#[derive(Debug, Default, Serialize)]
+pub struct Registry {
+    /// Authorization policies by namespace, in name order.
+    pub policies: HashMap<String, Vec<Arc<Policy>>>,
+    /// PeerAuthentications by namespace, in name order.
+    pub peer_authentications: HashMap<String, Vec<Arc<PeerAuth>>>,
+    /// Policies left to a waypoint (`targetRefs`), for the operator's information.
+    pub waypoint_policies: Vec<String>,
+}
+
+/// Result of [`Registry::build`]: problems to log, the registry itself.
+#[derive(Debug, Default)]
+pub struct BuildReport {
+    /// Dropped objects.
+    pub errors: Vec<PolicyError>,
+    /// Applied with a caveat: (`Kind namespace/name`, message).
+    pub warnings: Vec<(String, String)>,
+}
+
+impl Registry {
+    /// Compiles every policy; invalid ones are dropped and reported, the rest apply.
+    pub fn build<'a>(
+        authz: impl IntoIterator<Item = &'a AuthorizationPolicyObject>,
+        peer: impl IntoIterator<Item = &'a PeerAuthenticationObject>,
+    ) -> (Registry, BuildReport) {
+        let mut reg = Registry::default();
+        let mut report = BuildReport::default();
+        for obj in authz {
+            match compile::authorization_policy(obj) {
+                Ok(Compiled::Policy(p, warnings)) => {
+                    for w in warnings {
+                        report
+                            .warnings
+                            .push((format!("AuthorizationPolicy {}", p.key()), w));
+                    }
+                    reg.policies
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .push(Arc::new(p));
+                }
+                Ok(Compiled::Waypoint) => reg.waypoint_policies.push(format!(
+                    "{}/{}",
+                    obj.metadata.namespace.as_deref().unwrap_or_default(),
+                    obj.metadata.name
+                )),
+                Err(e) => report.errors.push(e),
+            }
+        }
+        for obj in peer {
+            match compile::peer_authentication(obj) {
+                Ok((p, warnings)) => {
+                    for w in warnings {
+                        report
+                            .warnings
+                            .push((format!("PeerAuthentication {}", p.key()), w));
+                    }
+                    reg.peer_authentications
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .push(Arc::new(p));
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        for v in reg.policies.values_mut() {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        for v in reg.peer_authentications.values_mut() {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        (reg, report)
+    }
+
+    /// Number of authorization policies enforced here.
+    pub fn len(&self) -> usize {
+        self.policies.values().map(Vec::len).sum()
+    }
+
+    /// No authorization policy at all.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    fn in_scope<'a>(
+        &'a self,
+        root_ns: &'a str,
+        dst_ns: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a Arc<Policy>> + Clone + 'a {
+        let root = self.policies.get(root_ns).into_iter().flatten();
+        let local = (dst_ns != root_ns)
+            .then(|| self.policies.get(dst_ns))
+            .flatten()
+            .into_iter()
+            .flatten();
+        root.chain(local)
+            .filter(move |p| selects(&p.selector, labels))
+    }
+
+    /// The effective mTLS mode for a workload port: workload policy (port level first), then
+    /// namespace, then mesh-wide; PERMISSIVE when nothing says otherwise.
+    pub fn mtls_mode(
+        &self,
+        root_ns: &str,
+        dst_ns: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> (MtlsMode, Option<String>) {
+        let list = |ns: &str| self.peer_authentications.get(ns).into_iter().flatten();
+        let workload =
+            list(dst_ns).filter(|p| p.selector.is_some() && selects(&p.selector, labels));
+        for p in workload {
+            if let Some(m) = p.ports.get(&port) {
+                return (*m, Some(p.key()));
+            }
+            if let Some(m) = p.mode {
+                return (m, Some(p.key()));
+            }
+        }
+        let ns_wide = |ns: &str| list(ns).find(|p| p.selector.is_none()).cloned();
+        for p in [ns_wide(dst_ns), ns_wide(root_ns)].into_iter().flatten() {
+            if let Some(m) = p.mode {
+                return (m, Some(p.key()));
+            }
+        }
+        (MtlsMode::Permissive, None)
+    }
+}
+
+/// The attributes of one flow at the destination.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// Source IP (pod IPs are preserved end to end).
+    pub src_ip: IpAddr,
+    /// Peer certificate identity; `None` for plaintext.
+    pub src_identity: Option<&'a SpiffeId>,
+    /// Destination workload's namespace.
+    pub dst_namespace: &'a str,
+    /// Destination workload's labels (for selectors).
+    pub dst_labels: &'a BTreeMap<String, String>,
+    /// Destination pod IP.
+    pub dst_ip: IpAddr,
+    /// Destination pod port (the real target port).
+    pub dst_port: u16,
+}
+
+/// A request with the derived strings computed once per decision, not once per policy.
+struct Ctx<'a> {
+    req: &'a Request<'a>,
+    /// `<trust domain>/ns/<ns>/sa/<sa>`.
+    principal: Option<String>,
+    /// `<ns>/<sa>`.
+    service_account: Option<String>,
+}
+
+impl<'a> std::ops::Deref for Ctx<'a> {
+    type Target = Request<'a>;
+    fn deref(&self) -> &Request<'a> {
+        self.req
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(req: &'a Request<'a>) -> Self {
+        Ctx {
+            req,
+            principal: req.src_identity.map(|i| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    i.trust_domain, i.namespace, i.service_account
+                )
+            }),
+            service_account: req
+                .src_identity
+                .map(|i| format!("{}/{}", i.namespace, i.service_account)),
+        }
+    }
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    /// Let the flow through.
+    Allow,
+    /// Refuse it.
+    Deny,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY",
+        })
+    }
+}
+
+/// Why a verdict was reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Reason {
+    /// No ALLOW policy applies to the workload: allowed by default.
+    NoAllowPolicy,
+    /// This ALLOW policy's rule matched.
+    Allowed {
+        /// `namespace/name`.
+        policy: String,
+        /// 0-based rule index.
+        rule: usize,
+    },
+    /// This DENY policy's rule matched.
+    Denied {
+        /// `namespace/name`.
+        policy: String,
+        /// 0-based rule index.
+        rule: usize,
+    },
+    /// ALLOW policies apply and none matched.
+    NoAllowMatched {
+        /// The ALLOW policies in scope (`namespace/name`, at most [`MAX_LISTED`]), so the
+        /// operator sees which ones were expected to admit the flow.
+        checked: Vec<String>,
+    },
+    /// Plaintext refused by a STRICT PeerAuthentication.
+    StrictMtls {
+        /// `namespace/name`.
+        policy: String,
+    },
+}
+
+impl Reason {
+    /// The deciding policy's `namespace/name`, if a policy decided.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Reason::Allowed { policy, .. }
+            | Reason::Denied { policy, .. }
+            | Reason::StrictMtls { policy } => Some(policy),
+            Reason::NoAllowPolicy | Reason::NoAllowMatched { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NoAllowPolicy => f.write_str("no ALLOW policy applies (default allow)"),
+            Reason::Allowed { policy, rule } => write!(f, "allowed by {policy} rule {rule}"),
+            Reason::Denied { policy, rule } => write!(f, "denied by {policy} rule {rule}"),
+            Reason::NoAllowMatched { checked } => {
+                write!(
+                    f,
+                    "no ALLOW policy matched (in scope: {}",
+                    checked.join(", ")
+                )?;
+                if checked.len() >= MAX_LISTED {
+                    f.write_str(", …")?;
+                }
+                f.write_str(")")
+            }
+            Reason::StrictMtls { policy } => write!(
+                f,
+                "plaintext refused: PeerAuthentication {policy} requires mTLS (STRICT)"
+            ),
+        }
+    }
+}
+
+/// The outcome for one flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// What to do.
+    pub verdict: Verdict,
+    /// Why.
+    pub reason: Reason,
+    /// When dry-run policies are in scope and would change the outcome: what they would do.
+    pub dry_run: Option<(Verdict, Reason)>,
+    /// AUDIT policies that matched (`namespace/name`).
+    pub audited: Vec<String>,
+}
+
+impl Decision {
+    /// The flow may proceed.
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+fn decide<'a>(
+    policies: impl Iterator<Item = &'a Arc<Policy>> + Clone,
+    r: &Ctx<'_>,
+) -> (Verdict, Reason) {
+    for p in policies.clone().filter(|p| p.action == Action::Deny) {
+        if let Some(rule) = p.matching_rule(r) {
+            return (
+                Verdict::Deny,
+                Reason::Denied {
+                    policy: p.key(),
+                    rule,
+                },
+            );
+        }
+    }
+    let mut checked = Vec::new();
+    for p in policies.filter(|p| p.action == Action::Allow) {
+        if checked.len() < MAX_LISTED {
+            checked.push(p.key());
+        }
+        if let Some(rule) = p.matching_rule(r) {
+            return (
+                Verdict::Allow,
+                Reason::Allowed {
+                    policy: p.key(),
+                    rule,
+                },
+            );
+        }
+    }
+    if !checked.is_empty() {
+        (Verdict::Deny, Reason::NoAllowMatched { checked })
+    } else {
+        (Verdict::Allow, Reason::NoAllowPolicy)
+    }
+}
+
+/// Decides one flow. `plaintext` flows (inbound 15006) are first checked against
+/// PeerAuthentication; every flow then against the AuthorizationPolicies in scope: those of the
+/// root namespace and of the destination's namespace whose selector matches its labels.
+pub fn evaluate(reg: &Registry, root_ns: &str, req: &Request<'_>, plaintext: bool) -> Decision {
+    let ctx = Ctx::new(req);
+    let r = &ctx;
+    let audited = reg
+        .in_scope(root_ns, r.dst_namespace, r.dst_labels)
+        .filter(|p| p.action == Action::Audit && p.matching_rule(r).is_some())
+        .map(|p| p.key())
+        .collect();
+    if plaintext {
+        if let (MtlsMode::Strict, policy) =
+            reg.mtls_mode(root_ns, r.dst_namespace, r.dst_labels, r.dst_port)
+        {
+            return Decision {
+                verdict: Verdict::Deny,
+                reason: Reason::StrictMtls {
+                    policy: policy.unwrap_or_default(),
+                },
+                dry_run: None,
+                audited,
+            };
+        }
+    }
+    let scope = reg.in_scope(root_ns, r.dst_namespace, r.dst_labels);
+    let (verdict, reason) = decide(scope.clone().filter(|p| !p.dry_run), r);
+    let dry_run = if scope.clone().any(|p| p.dry_run) {
+        let shadow = decide(scope, r);
+        (shadow.0 != verdict || shadow.1 != reason).then_some(shadow)
+    } else {
+        None
+    };
+    Decision {
+        verdict,
+        reason,
+        dry_run,
+        audited,
+    }
+}
