@@ -13,6 +13,7 @@ pub mod app;
 pub mod bpf;
 pub mod cluster;
 pub mod pcap;
+pub mod testkit;
 
 use std::path::{Path, PathBuf};
 

@@ -11,27 +11,11 @@ use std::time::Duration;
 
 use mesh_tests::app::{SendOpts, SendReport};
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Daemon, Pod, PodSpec};
+use mesh_tests::testkit::{at, ok, start_with_daemons};
 use serde_json::Value;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 const POLICY_FILE: &str = "policies.yaml";
-
-fn start_with_daemons(spec: ClusterSpec) -> Cluster {
-    let mut c = Cluster::start(spec).expect("cluster starts");
-    c.start_all_daemons().expect("daemons become ready");
-    c
-}
-
-fn at(pod: &Pod, port: u16) -> String {
-    format!("{}:{port}", pod.ip)
-}
-
-fn ok(r: SendReport, what: &str) -> SendReport {
-    if let Err(e) = r.check() {
-        panic!("{what}: {e}");
-    }
-    r
-}
 
 fn refused(r: SendReport, what: &str) -> SendReport {
     assert!(

@@ -7,15 +7,16 @@
 //! test` provides both. Without root the tests fail, they never skip.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_tests::app::{SendOpts, SendReport};
+use mesh_tests::app::SendOpts;
 use mesh_tests::bpf::{netns_programs, Attachment};
 use mesh_tests::cluster::{
     field, message, Cluster, ClusterSpec, Daemon, Pod, PodSpec, SvcSpec, DATAPLANE_MODE, PODS_FILE,
     SERVICES_FILE,
 };
 use mesh_tests::pcap::{Pcap, TCP};
+use mesh_tests::testkit::{at, eventually, ok, start_with_daemons};
 use serde_json::{json, Value};
 
 const HBONE: u16 = 15008;
@@ -24,23 +25,6 @@ const MIB: u64 = 1024 * 1024;
 
 fn start(spec: ClusterSpec) -> Cluster {
     Cluster::start(spec).expect("cluster starts")
-}
-
-fn start_with_daemons(spec: ClusterSpec) -> Cluster {
-    let mut c = start(spec);
-    c.start_all_daemons().expect("daemons become ready");
-    c
-}
-
-fn at(pod: &Pod, port: u16) -> String {
-    format!("{}:{port}", pod.ip)
-}
-
-fn ok(r: SendReport, what: &str) -> SendReport {
-    if let Err(e) = r.check() {
-        panic!("{what}: {e}");
-    }
-    r
 }
 
 fn ip_of(addr: &str) -> Option<IpAddr> {
@@ -86,17 +70,6 @@ fn pod_ss_count(pod: &Pod, filter: &str) -> usize {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
-}
-
-fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Node (192.168.200.0/24) or pod (10.244.0.0/16) address.

@@ -11,6 +11,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use mesh_tests::cluster::{render_docs, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec};
+use mesh_tests::testkit::node_http;
 use serde_json::json;
 
 /// The resolver address pods are told to use (no such host: only capture answers there).
@@ -360,7 +361,7 @@ fn dns_keeps_serving_after_malformed_packets() {
     assert!(malformed >= 300, "dns counters: {}", dump["dns"]);
 
     // The same counters are exported on the metrics port.
-    let metrics = http_get(&c, 15020, "/metrics");
+    let (_, metrics) = node_http(&c, 1, 15020, "GET", "/metrics").expect("scrape");
     let exported = metrics
         .lines()
         .find_map(|l| l.strip_prefix("istio_dns_malformed_requests_total "))
@@ -377,22 +378,9 @@ fn dns_keeps_serving_after_malformed_packets() {
     );
 }
 
-/// The body of `GET <path>` on node 1's `127.0.0.1:<port>` (admin and metrics ports).
-fn http_get(c: &Cluster, port: u16, path: &str) -> String {
-    let script = format!(
-        "exec 3<>/dev/tcp/127.0.0.1/{port}; \
-         printf 'GET {path} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"
-    );
-    let out = c
-        .node_exec(1, "bash", &["-c", &script])
-        .expect("HTTP request");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
-}
-
 /// The admin `/config_dump` of node 1 (admin listens on the node's loopback).
 fn config_dump(c: &Cluster) -> serde_json::Value {
-    let body = http_get(c, 15000, "/config_dump");
+    let (_, body) = node_http(c, 1, 15000, "GET", "/config_dump").expect("admin request");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("config_dump: {e}: {body}"))
 }
 

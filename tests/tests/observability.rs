@@ -6,15 +6,13 @@
 //! `prometheus`); `cargo xtask test` provides all. Missing tools fail the test, never skip it.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use mesh_tests::app::SendOpts;
-use mesh_tests::bpf::in_netns;
 use mesh_tests::cluster::{message, Cluster, ClusterSpec, PodSpec, SvcSpec, PODS_FILE};
+use mesh_tests::testkit::node_http as http;
 use serde_json::Value;
 
 const METRICS: u16 = 15020;
@@ -36,30 +34,6 @@ fn two_node_spec() -> ClusterSpec {
                 .select("app", "b")
                 .port(80, 8080),
         )
-}
-
-/// One HTTP/1.1 request from inside node `node`'s network namespace: (status, body).
-fn http(c: &Cluster, node: usize, port: u16, method: &str, path: &str) -> Result<(u16, String)> {
-    let (method, path) = (method.to_string(), path.to_string());
-    in_netns(&c.node_netns(node), move || {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .with_context(|| format!("connecting to {addr}"))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            tcp,
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        tcp.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no status")?;
-        Ok((status, body.to_string()))
-    })
 }
 
 fn scrape(c: &Cluster, node: usize) -> String {

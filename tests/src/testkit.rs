@@ -1,0 +1,75 @@
+//! Small helpers the integration tests share, so each test file reads as the behaviour it
+//! checks rather than as plumbing.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::app::SendReport;
+use crate::bpf::in_netns;
+use crate::cluster::{Cluster, ClusterSpec, Pod};
+
+/// A cluster with every node's daemon started and ready.
+pub fn start_with_daemons(spec: ClusterSpec) -> Cluster {
+    let mut c = Cluster::start(spec).expect("cluster starts");
+    c.start_all_daemons().expect("daemons become ready");
+    c
+}
+
+/// `<pod ip>:<port>`, the form `SendOpts::to` takes.
+pub fn at(pod: &Pod, port: u16) -> String {
+    format!("{}:{port}", pod.ip)
+}
+
+/// The report, after asserting every connection in it carried its bytes intact.
+pub fn ok(r: SendReport, what: &str) -> SendReport {
+    if let Err(e) = r.check() {
+        panic!("{what}: {e}");
+    }
+    r
+}
+
+/// Polls `cond` every 100 ms until it holds; fails the test after `timeout`.
+pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One HTTP/1.1 request to `127.0.0.1:<port>` inside node `node`'s network namespace (the
+/// daemon's admin, metrics and readiness ports): (status, body).
+pub fn node_http(
+    c: &Cluster,
+    node: usize,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String)> {
+    let (method, path) = (method.to_string(), path.to_string());
+    in_netns(&c.node_netns(node), move || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            tcp,
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+        )?;
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status")?;
+        Ok((status, body.to_string()))
+    })
+}
