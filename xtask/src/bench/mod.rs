@@ -441,6 +441,8 @@ fn run_profile(o: &Opts, dp: &Dataplane, client: &Pod, server: &Pod) -> Result<S
     Ok(text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        // `-g none` leaves empty call-graph columns ("-  -") at the end of each line.
+        .map(|l| l.trim_end().trim_end_matches(['-', ' ']))
         .take(40)
         .collect::<Vec<_>>()
         .join("\n"))
