@@ -399,6 +399,7 @@ fn measure(
             .into();
         let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
         push(s, mode, "conn_per_s", num(&v, "cps")?);
+        push(s, mode, "conn_failed", num(&v, "failed")?);
     }
     Ok(())
 }
