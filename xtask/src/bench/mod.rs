@@ -26,7 +26,10 @@ use serde_json::{json, Value};
 
 pub use overhead::run as overhead;
 
-/// Ports of the server pod's applications.
+/// Ports of the server pod's applications (`overhead` uses the echo port as is). `bench` adds
+/// [`Mode::port_offset`], so each path uses its own server ports: connections a stopped daemon
+/// left in TIME_WAIT (transparent sockets holding the client's address in the node namespace)
+/// would otherwise swallow, for 60 s, the direct path's packets of the same 4-tuple.
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 8080;
 /// Sidecar loopback listeners in the client pod that lead to the two ports above.
@@ -45,6 +48,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    fn port_offset(self) -> u16 {
+        match self {
+            Mode::Direct => 0,
+            Mode::Ambient => 1,
+            Mode::Envoy => 2,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
@@ -175,7 +186,8 @@ fn bring_up(
             // Prove the path is meshed: a transfer must show up in the client node's access log.
             let (c, s) = &pairs[0];
             let before = cluster.daemon(c.node).access_logs().len();
-            c.send(&SendOpts::to(&format!("{}:{ECHO_PORT}", s.ip)))?
+            let port = ECHO_PORT + Mode::Ambient.port_offset();
+            c.send(&SendOpts::to(&format!("{}:{port}", s.ip)))?
                 .check()?;
             std::thread::sleep(Duration::from_millis(300));
             if cluster.daemon(c.node).access_logs().len() <= before {
@@ -242,21 +254,32 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut cluster = Cluster::start(spec)?;
     let client = cluster.pod("bench/client").clone();
     let server = cluster.pod("bench/server").clone();
-    let _echo = server.serve(ECHO_PORT, "server")?;
-    let _iperf = KillOnDrop(probe::iperf_server(&server, IPERF_PORT)?);
+    let mut servers = Vec::new();
+    let mut iperfs = Vec::new();
+    for m in [Mode::Direct, Mode::Ambient, Mode::Envoy] {
+        servers.push(server.serve(ECHO_PORT + m.port_offset(), "server")?);
+        iperfs.push(KillOnDrop(probe::iperf_server(
+            &server,
+            IPERF_PORT + m.port_offset(),
+        )?));
+    }
     let server_id = server.identity();
     let routes = move |p: &Pod| -> Vec<sidecar::Route> {
         if p.key() != "bench/client" {
             return Vec::new();
         }
-        [(SIDECAR_IPERF, IPERF_PORT), (SIDECAR_ECHO, ECHO_PORT)]
-            .into_iter()
-            .map(|(local, port)| sidecar::Route {
-                local_port: local,
-                target: std::net::SocketAddrV4::new(server.ip, port),
-                identity: server_id.clone(),
-            })
-            .collect()
+        let off = Mode::Envoy.port_offset();
+        [
+            (SIDECAR_IPERF, IPERF_PORT + off),
+            (SIDECAR_ECHO, ECHO_PORT + off),
+        ]
+        .into_iter()
+        .map(|(local, port)| sidecar::Route {
+            local_port: local,
+            target: std::net::SocketAddrV4::new(server.ip, port),
+            identity: server_id.clone(),
+        })
+        .collect()
     };
     let server = cluster.pod("bench/server").clone();
     let pairs = vec![(client.clone(), server.clone())];
@@ -316,8 +339,8 @@ fn measure(
         ),
         _ => (
             server.ip.to_string(),
-            IPERF_PORT,
-            format!("{}:{ECHO_PORT}", server.ip),
+            IPERF_PORT + mode.port_offset(),
+            format!("{}:{}", server.ip, ECHO_PORT + mode.port_offset()),
         ),
     };
     let per_proc = |m: probe::Mem| {
@@ -416,7 +439,8 @@ fn run_profile(o: &Opts, dp: &Dataplane, client: &Pod, server: &Pod) -> Result<S
     let data = crate::target_dir()?.join("bench").join("perf.data");
     std::fs::create_dir_all(data.parent().context("perf.data path")?)?;
     let pids: Vec<String> = dp.pids.iter().map(u32::to_string).collect();
-    let child = probe::iperf_spawn(client, &server.ip.to_string(), IPERF_PORT, 1, o.secs)?;
+    let port = IPERF_PORT + Mode::Ambient.port_offset();
+    let child = probe::iperf_spawn(client, &server.ip.to_string(), port, 1, o.secs)?;
     std::thread::sleep(Duration::from_millis(500));
     let rec = Command::new("perf")
         .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])

@@ -90,7 +90,10 @@ pub fn run(args: &[String]) -> Result<bool> {
         .collect();
     let _servers = pairs
         .iter()
-        .map(|(_, s)| s.serve(ECHO_PORT, &s.name))
+        .flat_map(|(_, s)| {
+            [Mode::Direct, Mode::Ambient, Mode::Envoy]
+                .map(|m| s.serve(ECHO_PORT + m.port_offset(), &s.name))
+        })
         .collect::<Result<Vec<_>>>()?;
     let peers = pairs.clone();
     let routes = move |p: &Pod| -> Vec<sidecar::Route> {
@@ -99,7 +102,7 @@ pub fn run(args: &[String]) -> Result<bool> {
             .filter(|(c, _)| c.key() == p.key())
             .map(|(_, s)| sidecar::Route {
                 local_port: SIDECAR_ECHO,
-                target: SocketAddrV4::new(s.ip, ECHO_PORT),
+                target: SocketAddrV4::new(s.ip, ECHO_PORT + Mode::Envoy.port_offset()),
                 identity: s.identity(),
             })
             .collect()
@@ -148,7 +151,7 @@ fn measure(o: &Opts, mode: Mode, pids: &[u32], pairs: &[(Pod, Pod)]) -> Result<F
         .map(|(c, s)| {
             let to = match mode {
                 Mode::Envoy => format!("127.0.0.1:{SIDECAR_ECHO}"),
-                _ => format!("{}:{ECHO_PORT}", s.ip),
+                _ => format!("{}:{}", s.ip, ECHO_PORT + mode.port_offset()),
             };
             probe::meshload_spawn(c, &probe::rr_args(&to, 64, o.secs, Some(o.rate)))
         })
