@@ -5,7 +5,12 @@
 //! - `demo [--once]`: build, start a two-node demo cluster, drive traffic through it and print
 //!   a report with PASS/FAIL checks; then keep it running for poking until Ctrl-C (or, with
 //!   `--once`, tear down and exit non-zero if a check failed).
+//! - `bench [scenario...] [--runs N] [--secs S] [--rate R]`: direct vs ambient vs Envoy
+//!   sidecars on the test cluster (docs/BENCHMARKS.md).
+//! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
+//!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
 
+mod bench;
 mod demo;
 mod test;
 
@@ -20,6 +25,8 @@ fn main() -> ExitCode {
         Some((cmd, rest)) => match cmd.as_str() {
             "test" => test::run(rest),
             "demo" => demo::run(rest),
+            "bench" => bench::run(rest),
+            "overhead" => bench::overhead(rest),
             "help" | "-h" | "--help" => {
                 usage();
                 Ok(true)
@@ -48,7 +55,11 @@ fn usage() {
     eprintln!(
         "usage: cargo xtask <command>\n\
          \n  test [cargo-test-args] [-- test-args]   install test tools, build, run all tests (root)\
-         \n  demo [--once]                           run the demo cluster and its checks (root)"
+         \n  demo [--once]                           run the demo cluster and its checks (root)\
+         \n  bench [throughput|latency|connrate|profile...] [--runs N] [--secs S] [--rate R]\
+         \n                                          direct vs ambient vs Envoy sidecars (root)\
+         \n  overhead [--pods N] [--secs S] [--rate R]\
+         \n                                          sidecar vs ambient cost at N pods/node (root)"
     );
 }
 

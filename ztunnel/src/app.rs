@@ -210,6 +210,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     sync_capture(&cfg, capture.as_mut(), &state, &view, true);
     readiness.set_ready();
     tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
+    release_startup_heap();
 
     tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
     // Re-sync capture now and then: a pod's veth may appear after its object does.
@@ -483,4 +484,15 @@ fn sync_capture(
     }
     last.interfaces = now;
     last.enrolled = capture.enrolled();
+}
+
+/// Hands the heap that start-up left free (parsed YAML, CA and certificate work, eBPF object
+/// loading) back to the kernel, so the idle daemon's resident size is what it keeps, not what
+/// it once needed. glibc keeps freed memory otherwise.
+fn release_startup_heap() {
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists; it is
+    // thread-safe and takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

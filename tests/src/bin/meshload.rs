@@ -1,0 +1,224 @@
+//! `meshload`: the load generator of `cargo xtask bench` and `cargo xtask overhead`, run
+//! inside a client pod against `meshapp serve` (HELLO line, then echo).
+//!
+//! ```text
+//! meshload rr  --to IP:PORT --size BYTES --secs S [--rate PER_SEC] [--warmup S]
+//! meshload crr --to IP:PORT --secs S [--conns K]
+//! ```
+//!
+//! `rr`: one connection, a request of `size` bytes, wait for the whole echo, repeat. Without
+//! `--rate` back-to-back; with it, requests are scheduled at fixed intervals and each latency is
+//! measured from the *scheduled* send time, so a stall is not hidden by the requests it delayed
+//! (no coordinated omission). Prints one JSON object: count, rate and p50/p90/p99/max in
+//! microseconds. `crr`: `conns` threads each opening a connection, reading the HELLO line (so
+//! the whole path, tunnel included, was set up) and closing normally, for `secs`; prints connections per
+//! second and how many attempts failed (each failure costs its timeout, so failures also
+//! lower the rate). `rr` exits non-zero on any I/O error: a broken path must not report.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.split_first() {
+        Some((cmd, rest)) => flag_map(rest).and_then(|f| match cmd.as_str() {
+            "rr" => rr(&f),
+            "crr" => crr(&f),
+            other => Err(format!("unknown command `{other}`")),
+        }),
+        None => Err("usage: meshload rr|crr [flags]".to_string()),
+    };
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Flags = std::collections::HashMap<String, String>;
+
+fn flag_map(args: &[String]) -> Res<Flags> {
+    let mut map = Flags::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let key = a
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument `{a}`"))?;
+        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+        map.insert(key.to_string(), value.clone());
+    }
+    Ok(map)
+}
+
+fn get<T: std::str::FromStr>(f: &Flags, key: &str, default: Option<T>) -> Res<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match f.get(key) {
+        Some(v) => v.parse().map_err(|e| format!("--{key} `{v}`: {e}")),
+        None => default.ok_or_else(|| format!("--{key} is required")),
+    }
+}
+
+/// Connects and consumes the server's HELLO line.
+fn open(to: SocketAddr) -> Res<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 1];
+    let mut n = 0;
+    loop {
+        match (&s).read(&mut b) {
+            Ok(0) => return Err(format!("{to}: EOF before HELLO")),
+            Ok(_) if b[0] == b'\n' => return Ok(s),
+            Ok(_) => n += 1,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{to}: reading HELLO: {e}")),
+        }
+        if n > 1024 {
+            return Err(format!("{to}: HELLO line too long"));
+        }
+    }
+}
+
+fn rr(f: &Flags) -> Res<serde_json::Value> {
+    let to: SocketAddr = get(f, "to", None)?;
+    let size: usize = get(f, "size", Some(64))?;
+    let secs: f64 = get(f, "secs", Some(3.0))?;
+    let warmup: f64 = get(f, "warmup", Some(0.5))?;
+    let rate: f64 = get(f, "rate", Some(0.0))?;
+    let mut s = open(to)?;
+    let req = vec![0x5au8; size.max(1)];
+    let mut resp = vec![0u8; req.len()];
+    let mut one = |s: &mut TcpStream| -> Res<()> {
+        s.write_all(&req).map_err(|e| format!("write: {e}"))?;
+        s.read_exact(&mut resp).map_err(|e| format!("read: {e}"))
+    };
+    let warm_end = Instant::now() + Duration::from_secs_f64(warmup);
+    while Instant::now() < warm_end {
+        one(&mut s)?;
+    }
+    let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 16);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    if interval.is_some() {
+        precise_timers();
+    }
+    let mut i: u32 = 0;
+    loop {
+        let scheduled = match interval {
+            Some(iv) => {
+                let at = start + iv * i;
+                // Sleep most of the way, spin the rest: a sleeping thread wakes tens of
+                // microseconds late, which would be charged to every path alike as latency.
+                let now = Instant::now();
+                if at > now + SPIN {
+                    std::thread::sleep(at - now - SPIN);
+                }
+                while Instant::now() < at {
+                    std::hint::spin_loop();
+                }
+                at
+            }
+            None => Instant::now(),
+        };
+        if scheduled >= end {
+            break;
+        }
+        one(&mut s)?;
+        lat_ns.push(scheduled.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat_ns.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat_ns.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat_ns.len() as f64 * p).ceil() as usize).clamp(1, lat_ns.len()) - 1;
+        lat_ns[idx] as f64 / 1000.0
+    };
+    Ok(json!({
+        "requests": lat_ns.len(),
+        "secs": elapsed,
+        "rps": lat_ns.len() as f64 / elapsed,
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "max_us": pct(1.0),
+    }))
+}
+
+/// How much of the wait before a scheduled request is spun rather than slept.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Timer slack of 1 ns (default 50 us), so sleeps end when asked. Best effort.
+fn precise_timers() {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+fn crr(f: &Flags) -> Res<serde_json::Value> {
+    let to: SocketAddr = get(f, "to", None)?;
+    let secs: f64 = get(f, "secs", Some(3.0))?;
+    let conns: usize = get(f, "conns", Some(1))?;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..conns.max(1))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut last_error) = (0u64, 0u64, String::new());
+                while Instant::now() < end {
+                    // A normal close (FIN). Not RST: Envoy treats streams reset right after
+                    // opening as a rapid-reset attack and closes the whole HTTP/2 connection.
+                    match open(to) {
+                        Ok(s) => {
+                            drop(s);
+                            ok += 1;
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            last_error = e;
+                        }
+                    }
+                }
+                (ok, failed, last_error)
+            })
+        })
+        .collect();
+    let (mut total, mut failed, mut last_error) = (0u64, 0u64, String::new());
+    for h in handles {
+        let (ok, bad, err) = h
+            .join()
+            .map_err(|_| "connection thread panicked".to_string())?;
+        total += ok;
+        failed += bad;
+        if !err.is_empty() {
+            last_error = err;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if total == 0 {
+        return Err(format!("no connection succeeded: {last_error}"));
+    }
+    Ok(
+        json!({"connections": total, "failed": failed, "last_error": last_error,
+              "secs": elapsed, "cps": total as f64 / elapsed}),
+    )
+}

@@ -1,0 +1,641 @@
+//! `cargo xtask bench [scenario...]` and `cargo xtask overhead`: the project's performance
+//! method (DESIGN §12, docs/BENCHMARKS.md). Every scenario is measured on the shared test
+//! cluster for three paths in the same run, round by round so drift hits all of them alike:
+//!
+//! - `direct`: pod to pod, no data plane at all (daemons stopped, no sidecars);
+//! - `ambient`: through this project's daemons (one per node, HBONE mTLS between nodes);
+//! - `envoy`: through Envoy sidecars (one per pod; the client connects to its sidecar's
+//!   loopback listener, so sidecar-mode iptables redirection is not part of the cost).
+//!
+//! Results are medians over `--runs` rounds, with ratios to `direct`; a table on the terminal
+//! and a JSON file under `<target>/bench/`.
+
+mod overhead;
+mod probe;
+mod sidecar;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use mesh_tests::app::SendOpts;
+use mesh_tests::cluster::{Cluster, ClusterSpec, Pod, PodSpec};
+use serde_json::{json, Value};
+
+pub use overhead::run as overhead;
+
+/// Ports of the server pod's applications (`overhead` uses the echo port as is). `bench` adds
+/// [`Mode::port_offset`], so each path uses its own server ports: connections a stopped daemon
+/// left in TIME_WAIT (transparent sockets holding the client's address in the node namespace)
+/// would otherwise swallow, for 60 s, the direct path's packets of the same 4-tuple.
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 8080;
+/// Sidecar loopback listeners in the client pod that lead to the two ports above.
+const SIDECAR_IPERF: u16 = 15101;
+const SIDECAR_ECHO: u16 = 15102;
+
+/// The three data-plane paths, in measuring order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// No data plane.
+    Direct,
+    /// This project's daemons.
+    Ambient,
+    /// One Envoy per pod.
+    Envoy,
+}
+
+impl Mode {
+    fn port_offset(self) -> u16 {
+        match self {
+            Mode::Direct => 0,
+            Mode::Ambient => 1,
+            Mode::Envoy => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Ambient => "ambient",
+            Mode::Envoy => "envoy",
+        }
+    }
+}
+
+const SCENARIOS: &[&str] = &["throughput", "latency", "connrate", "profile"];
+
+#[derive(Debug)]
+struct Opts {
+    scenarios: Vec<String>,
+    runs: usize,
+    secs: f64,
+    rate: f64,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        scenarios: Vec::new(),
+        runs: 3,
+        secs: 5.0,
+        rate: 1000.0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| -> Result<f64> {
+            let v = it.next().with_context(|| format!("{name} needs a value"))?;
+            v.parse().with_context(|| format!("{name} `{v}`"))
+        };
+        match a.as_str() {
+            "--runs" => o.runs = val("--runs")?.max(1.0) as usize,
+            "--secs" => o.secs = val("--secs")?.max(1.0),
+            "--rate" => o.rate = val("--rate")?.max(1.0),
+            s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
+            other => bail!(
+                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R)",
+                SCENARIOS.join(" ")
+            ),
+        }
+    }
+    if o.scenarios.is_empty() {
+        o.scenarios = SCENARIOS[..3].iter().map(|s| s.to_string()).collect();
+    }
+    Ok(o)
+}
+
+/// Installs the tools (iperf3, perf, Envoy), builds release binaries and points the harness
+/// at them. Returns the Envoy binary.
+fn prepare(perf: bool) -> Result<PathBuf> {
+    mesh_tests::require_root()?;
+    let mut pkgs = vec!["iperf3", "iproute2"];
+    if perf {
+        pkgs.push("linux-perf");
+    }
+    crate::test::install_packages(&pkgs)?;
+    crate::test::install_missing_pip_packages()?;
+    let envoy = sidecar::envoy_binary()?;
+    crate::run_status(
+        crate::cargo()
+            .args(["build", "--release", "-p", "ztunnel", "-p", "mesh-tests"])
+            .arg("--bins")
+            .current_dir(mesh_tests::workspace_root()),
+    )?;
+    let rel = crate::target_dir()?.join("release");
+    // Read by mesh_tests::{ztunnel_bin, meshapp_bin} and by meshload_bin below.
+    std::env::set_var("ZTUNNEL_BIN", rel.join("ztunnel"));
+    std::env::set_var("MESHAPP_BIN", rel.join("meshapp"));
+    std::env::set_var("MESHLOAD_BIN", rel.join("meshload"));
+    Ok(envoy)
+}
+
+/// The release `meshload` that [`prepare`] built.
+pub fn meshload_bin() -> PathBuf {
+    std::env::var_os("MESHLOAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| mesh_tests::target_dir().join("release").join("meshload"))
+}
+
+/// A child process killed on drop (servers in pods).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The data plane of one mode while it is up: whose CPU and memory count.
+struct Dataplane {
+    pids: Vec<u32>,
+    _sidecars: Vec<sidecar::Sidecar>,
+}
+
+/// Brings up `mode`'s data plane for client/server pairs and checks it really carries traffic.
+fn bring_up(
+    cluster: &mut Cluster,
+    envoy: &std::path::Path,
+    mode: Mode,
+    pairs: &[(Pod, Pod)],
+    routes: &dyn Fn(&Pod) -> Vec<sidecar::Route>,
+) -> Result<Dataplane> {
+    match mode {
+        Mode::Direct => Ok(Dataplane {
+            pids: Vec::new(),
+            _sidecars: Vec::new(),
+        }),
+        Mode::Ambient => {
+            cluster.start_all_daemons()?;
+            let nodes = cluster.spec().nodes;
+            let pids = (1..=nodes)
+                .map(|n| cluster.daemon(n).pid().context("daemon has no pid"))
+                .collect::<Result<Vec<u32>>>()?;
+            // Prove the path is meshed: a transfer must show up in the client node's access log.
+            let (c, s) = &pairs[0];
+            let before = cluster.daemon(c.node).access_logs().len();
+            let port = ECHO_PORT + Mode::Ambient.port_offset();
+            c.send(&SendOpts::to(&format!("{}:{port}", s.ip)))?
+                .check()?;
+            std::thread::sleep(Duration::from_millis(300));
+            if cluster.daemon(c.node).access_logs().len() <= before {
+                bail!("ambient check: the transfer did not pass the client node's daemon");
+            }
+            Ok(Dataplane {
+                pids,
+                _sidecars: Vec::new(),
+            })
+        }
+        Mode::Envoy => {
+            let ca = cluster.ca_dir()?;
+            let workdir = cluster.workdir().to_path_buf();
+            let mut sidecars = Vec::new();
+            let mut pods: Vec<&Pod> = pairs.iter().flat_map(|(c, s)| [c, s]).collect();
+            pods.dedup_by_key(|p| p.key());
+            for (i, pod) in pods.into_iter().enumerate() {
+                let base_id = std::process::id() % 10_000 * 100 + i as u32;
+                sidecars.push(sidecar::start(
+                    envoy,
+                    &ca,
+                    &workdir,
+                    pod,
+                    &routes(pod),
+                    base_id,
+                )?);
+            }
+            let pids = sidecars.iter().map(|s| s.pid).collect();
+            Ok(Dataplane {
+                pids,
+                _sidecars: sidecars,
+            })
+        }
+    }
+}
+
+/// Takes `mode`'s data plane down again (sidecars are dropped by the caller).
+fn bring_down(cluster: &Cluster, mode: Mode) -> Result<()> {
+    if mode == Mode::Ambient {
+        for n in 1..=cluster.spec().nodes {
+            cluster.daemon(n).terminate()?;
+        }
+    }
+    Ok(())
+}
+
+/// Samples per (mode, metric).
+type Samples = BTreeMap<(Mode, String), Vec<f64>>;
+
+fn push(s: &mut Samples, mode: Mode, metric: &str, v: f64) {
+    s.entry((mode, metric.to_string())).or_default().push(v);
+}
+
+/// `cargo xtask bench [scenario...] [--runs N] [--secs S] [--rate R]`.
+pub fn run(args: &[String]) -> Result<bool> {
+    let o = parse(args)?;
+    let profile = o.scenarios.iter().any(|s| s == "profile");
+    let envoy = prepare(profile)?;
+    let load_before = uptime();
+    let spec = ClusterSpec::new(2)
+        .namespace("bench", true)
+        .pod(PodSpec::new("bench/client", 1).sa("client"))
+        .pod(PodSpec::new("bench/server", 2).sa("server"));
+    let mut cluster = Cluster::start(spec)?;
+    let client = cluster.pod("bench/client").clone();
+    let server = cluster.pod("bench/server").clone();
+    let mut servers = Vec::new();
+    let mut iperfs = Vec::new();
+    for m in [Mode::Direct, Mode::Ambient, Mode::Envoy] {
+        servers.push(server.serve(ECHO_PORT + m.port_offset(), "server")?);
+        iperfs.push(KillOnDrop(probe::iperf_server(
+            &server,
+            IPERF_PORT + m.port_offset(),
+        )?));
+    }
+    let server_id = server.identity();
+    let routes = move |p: &Pod| -> Vec<sidecar::Route> {
+        if p.key() != "bench/client" {
+            return Vec::new();
+        }
+        let off = Mode::Envoy.port_offset();
+        [
+            (SIDECAR_IPERF, IPERF_PORT + off),
+            (SIDECAR_ECHO, ECHO_PORT + off),
+        ]
+        .into_iter()
+        .map(|(local, port)| sidecar::Route {
+            local_port: local,
+            target: std::net::SocketAddrV4::new(server.ip, port),
+            identity: server_id.clone(),
+        })
+        .collect()
+    };
+    let server = cluster.pod("bench/server").clone();
+    let pairs = vec![(client.clone(), server.clone())];
+
+    let mut samples = Samples::new();
+    let mut profile_report = None;
+    let modes = [Mode::Direct, Mode::Ambient, Mode::Envoy];
+    for round in 1..=o.runs {
+        for mode in modes {
+            if profile && mode != Mode::Ambient && o.scenarios.len() == 1 {
+                continue;
+            }
+            eprintln!("bench: round {round}/{}: {}", o.runs, mode.name());
+            let dp = bring_up(&mut cluster, &envoy, mode, &pairs, &routes)?;
+            let result = measure(&o, mode, &dp, &client, &server, &mut samples);
+            let result = result.and_then(|()| {
+                if profile && mode == Mode::Ambient && round == 1 {
+                    profile_report = Some(run_profile(&o, &dp, &client, &server)?);
+                }
+                Ok(())
+            });
+            drop(dp);
+            bring_down(&cluster, mode)?;
+            result.with_context(|| format!("{} path, round {round}", mode.name()))?;
+        }
+    }
+    let load_after = uptime();
+    let report = report(&o, &samples, &load_before, &load_after);
+    let dir = crate::target_dir()?.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut doc = report.json;
+    if let Some(p) = &profile_report {
+        doc["profile"] = json!(p);
+        println!("\nHot-path profile (ambient, 1 stream, both daemons):\n{p}");
+    }
+    let path = dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    println!("{}", report.table);
+    println!("JSON: {}", path.display());
+    Ok(true)
+}
+
+/// Runs the selected scenarios once for `mode`, adding samples.
+fn measure(
+    o: &Opts,
+    mode: Mode,
+    dp: &Dataplane,
+    client: &Pod,
+    server: &Pod,
+    s: &mut Samples,
+) -> Result<()> {
+    let (host, iperf_port, echo) = match mode {
+        Mode::Envoy => (
+            "127.0.0.1".to_string(),
+            SIDECAR_IPERF,
+            format!("127.0.0.1:{SIDECAR_ECHO}"),
+        ),
+        _ => (
+            server.ip.to_string(),
+            IPERF_PORT + mode.port_offset(),
+            format!("{}:{}", server.ip, ECHO_PORT + mode.port_offset()),
+        ),
+    };
+    let per_proc = |m: probe::Mem| {
+        let n = dp.pids.len().max(1) as f64;
+        (m.rss / n, m.anon / n, m.pss / n)
+    };
+    let has_dp = !dp.pids.is_empty();
+    if has_dp {
+        std::thread::sleep(Duration::from_secs(1));
+        let (rss, anon, pss) = per_proc(probe::mem_total(&dp.pids)?);
+        push(s, mode, "mem_idle_rss_mb", rss);
+        push(s, mode, "mem_idle_anon_mb", anon);
+        push(s, mode, "mem_idle_pss_mb", pss);
+    }
+    let want = |name: &str| o.scenarios.iter().any(|x| x == name);
+    if want("throughput") {
+        for streams in [1u32, 4] {
+            let cpu0 = probe::cpu_total(&dp.pids)?;
+            let child = probe::iperf_spawn(client, &host, iperf_port, streams, o.secs)?;
+            std::thread::sleep(Duration::from_secs_f64(o.secs / 2.0));
+            let load_mem = probe::mem_total(&dp.pids)?;
+            let (bps, bytes) = probe::iperf_result(child)?;
+            let cpu = probe::cpu_total(&dp.pids)? - cpu0;
+            push(s, mode, &format!("tput_{streams}_gbps"), bps / 1e9);
+            if has_dp {
+                push(
+                    s,
+                    mode,
+                    &format!("cpu_s_per_gb_{streams}"),
+                    cpu / (bytes / 1e9),
+                );
+                if streams == 4 {
+                    let (rss, anon, pss) = per_proc(load_mem);
+                    push(s, mode, "mem_load_rss_mb", rss);
+                    push(s, mode, "mem_load_anon_mb", anon);
+                    push(s, mode, "mem_load_pss_mb", pss);
+                }
+            }
+        }
+    }
+    if want("latency") {
+        for size in [64usize, 1024] {
+            for rate in [None, Some(o.rate)] {
+                let tag = match rate {
+                    None => format!("rr{size}"),
+                    Some(_) => format!("rr{size}_fixed"),
+                };
+                let cpu0 = probe::cpu_total(&dp.pids)?;
+                let child =
+                    probe::meshload_spawn(client, &probe::rr_args(&echo, size, o.secs, rate))?;
+                let v = probe::meshload_result(child)?;
+                let cpu = probe::cpu_total(&dp.pids)? - cpu0;
+                for p in ["p50", "p90", "p99"] {
+                    push(
+                        s,
+                        mode,
+                        &format!("{tag}_{p}_us"),
+                        num(&v, &format!("{p}_us"))?,
+                    );
+                }
+                if rate.is_none() {
+                    push(s, mode, &format!("{tag}_rps"), num(&v, "rps")?);
+                    if has_dp {
+                        let req = num(&v, "requests")?.max(1.0);
+                        push(
+                            s,
+                            mode,
+                            &format!("cpu_s_per_1k_req_{size}"),
+                            cpu / req * 1e3,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if want("connrate") {
+        let args: Vec<String> = ["crr", "--to", &echo, "--secs", &o.secs.to_string()]
+            .map(String::from)
+            .into();
+        let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
+        push(s, mode, "conn_per_s", num(&v, "cps")?);
+        push(s, mode, "conn_failed", num(&v, "failed")?);
+    }
+    Ok(())
+}
+
+fn num(v: &Value, key: &str) -> Result<f64> {
+    v[key]
+        .as_f64()
+        .with_context(|| format!("meshload report lacks `{key}`: {v}"))
+}
+
+/// `perf record` of all data-plane processes during a single-stream transfer; returns the
+/// top of `perf report` by symbol.
+fn run_profile(o: &Opts, dp: &Dataplane, client: &Pod, server: &Pod) -> Result<String> {
+    let data = crate::target_dir()?.join("bench").join("perf.data");
+    std::fs::create_dir_all(data.parent().context("perf.data path")?)?;
+    let pids: Vec<String> = dp.pids.iter().map(u32::to_string).collect();
+    let port = IPERF_PORT + Mode::Ambient.port_offset();
+    let child = probe::iperf_spawn(client, &server.ip.to_string(), port, 1, o.secs)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
+        .arg(pids.join(","))
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep", &format!("{}", (o.secs - 1.0).max(1.0))])
+        .output()
+        .context("running perf record (apt linux-perf)")?;
+    probe::iperf_result(child)?;
+    if !rec.status.success() {
+        bail!("perf record: {}", String::from_utf8_lossy(&rec.stderr));
+    }
+    let rep = Command::new("perf")
+        .arg("report")
+        .arg("-i")
+        .arg(&data)
+        .args(["--stdio", "--no-children", "--sort", "dso,symbol"])
+        .args(["--percent-limit", "1", "-g", "none"])
+        .output()
+        .context("running perf report")?;
+    let text = String::from_utf8_lossy(&rep.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        // `-g none` leaves empty call-graph columns ("-  -") at the end of each line.
+        .map(|l| l.trim_end().trim_end_matches(['-', ' ']))
+        .take(40)
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// `uptime` output, recorded with the results (the machine is shared).
+pub fn uptime() -> String {
+    Command::new("uptime")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Machine description for the report.
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+        "memory": mem_kb,
+    })
+}
+
+/// Seconds since the epoch rendered as an RFC 3339 UTC date.
+pub fn now_utc() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+struct Report {
+    table: String,
+    json: Value,
+}
+
+fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
+    let mut metrics: Vec<&String> = s.keys().map(|(_, m)| m).collect();
+    metrics.sort();
+    metrics.dedup();
+    let med = |mode: Mode, m: &str| s.get(&(mode, m.to_string())).map(|v| probe::median(v));
+    let cell = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    let mut t = String::new();
+    t.push_str(&format!(
+        "\n| metric (median of {} runs) | direct | ambient | envoy | ambient/direct | envoy/direct |\n|---|---|---|---|---|---|\n",
+        o.runs
+    ));
+    let mut jm = serde_json::Map::new();
+    for m in &metrics {
+        let (d, a, e) = (
+            med(Mode::Direct, m),
+            med(Mode::Ambient, m),
+            med(Mode::Envoy, m),
+        );
+        t.push_str(&format!(
+            "| {m} | {} | {} | {} | {} | {} |\n",
+            cell(d),
+            cell(a),
+            cell(e),
+            ratio(a, d),
+            ratio(e, d)
+        ));
+        let samples = |mode: Mode| s.get(&(mode, m.to_string())).cloned().unwrap_or_default();
+        jm.insert(
+            m.to_string(),
+            json!({
+                "direct": d, "ambient": a, "envoy": e,
+                "samples": {"direct": samples(Mode::Direct), "ambient": samples(Mode::Ambient),
+                            "envoy": samples(Mode::Envoy)},
+            }),
+        );
+    }
+    // Added latency and the issue's targets.
+    let added = |mode: Mode, m: &str| match (med(mode, m), med(Mode::Direct, m)) {
+        (Some(x), Some(d)) => Some(x - d),
+        _ => None,
+    };
+    let mut checks = Vec::new();
+    let mut check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, target: &str| {
+        if let Some(v) = value {
+            let verdict = if ok(v) { "met" } else { "MISSED" };
+            checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
+        }
+    };
+    let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
+    check(
+        "ambient single-stream throughput / direct",
+        tput(Mode::Ambient),
+        &|v| v >= 0.34,
+        ">= 0.34",
+    );
+    check(
+        "ambient single-stream throughput / envoy",
+        ratio_f(
+            med(Mode::Ambient, "tput_1_gbps"),
+            med(Mode::Envoy, "tput_1_gbps"),
+        ),
+        &|v| v > 1.0,
+        "> 1",
+    );
+    let a64 = added(Mode::Ambient, "rr64_p50_us");
+    let e64 = added(Mode::Envoy, "rr64_p50_us");
+    check(
+        "ambient added p50, 64 B back-to-back (us)",
+        a64,
+        &|v| v <= 26.0,
+        "<= 26",
+    );
+    if let (Some(a), Some(e)) = (a64, e64) {
+        check(
+            "ambient added p50 - envoy added p50 (us)",
+            Some(a - e),
+            &|v| v < 0.0,
+            "< 0",
+        );
+    }
+    check(
+        "ambient idle RSS per daemon (MiB)",
+        med(Mode::Ambient, "mem_idle_rss_mb"),
+        &|v| v <= 9.0 * 1000.0 * 1000.0 / 1024.0 / 1024.0,
+        "<= 9 MB (8.58 MiB)",
+    );
+    t.push_str("\nadded p50/p99 latency over direct (us):\n");
+    for tag in ["rr64", "rr64_fixed", "rr1024", "rr1024_fixed"] {
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        t.push_str(&format!(
+            "  {tag:<13} ambient p50 +{} p99 +{}   envoy p50 +{} p99 +{}\n",
+            f(added(Mode::Ambient, &format!("{tag}_p50_us"))),
+            f(added(Mode::Ambient, &format!("{tag}_p99_us"))),
+            f(added(Mode::Envoy, &format!("{tag}_p50_us"))),
+            f(added(Mode::Envoy, &format!("{tag}_p99_us"))),
+        ));
+    }
+    t.push_str("\ntargets (issue 6):\n");
+    for c in &checks {
+        t.push_str(&format!(
+            "  {:<48} {:>10.3}  target {:<20} {}\n",
+            c["check"].as_str().unwrap_or_default(),
+            c["value"].as_f64().unwrap_or(f64::NAN),
+            c["target"].as_str().unwrap_or_default(),
+            c["verdict"].as_str().unwrap_or_default()
+        ));
+    }
+    t.push_str(&format!("\nload before: {before}\nload after:  {after}\n"));
+    let json = json!({
+        "date": now_utc(),
+        "machine": machine(),
+        "load_before": before,
+        "load_after": after,
+        "runs": o.runs,
+        "secs": o.secs,
+        "fixed_rate_per_s": o.rate,
+        "scenarios": o.scenarios,
+        "metrics": jm,
+        "targets": checks,
+    });
+    Report { table: t, json }
+}
+
+fn ratio_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    }
+}

@@ -1,0 +1,198 @@
+//! Measurements: data-plane process CPU and memory from `/proc`, and the load tools (iperf3
+//! for bulk throughput, `meshload` for request/response and connection rate) run in pods.
+
+use std::process::{Child, Stdio};
+
+use anyhow::{bail, Context, Result};
+use mesh_tests::cluster::Pod;
+use serde_json::Value;
+
+/// Linux reports utime/stime in USER_HZ ticks, which is 100 on every architecture we run on.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system, all threads) a process has used so far.
+pub fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (did the process exit?)"))?;
+    // Fields after the `(comm)` which may contain spaces: state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/pid/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {i}"))
+    };
+    Ok((ticks(14)? + ticks(15)?) / USER_HZ)
+}
+
+/// Sum of [`cpu_secs`] over processes.
+pub fn cpu_total(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|&p| cpu_secs(p)).sum()
+}
+
+/// Memory of one process in MiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mem {
+    /// Resident set.
+    pub rss: f64,
+    /// Resident anonymous memory (heap, stacks): what the process itself costs.
+    pub anon: f64,
+    /// Proportional set size: shared pages (the binary) divided among their users.
+    pub pss: f64,
+}
+
+impl std::ops::Add for Mem {
+    type Output = Mem;
+    fn add(self, o: Mem) -> Mem {
+        Mem {
+            rss: self.rss + o.rss,
+            anon: self.anon + o.anon,
+            pss: self.pss + o.pss,
+        }
+    }
+}
+
+/// Reads `/proc/<pid>/smaps_rollup` (Rss, Pss, Anonymous).
+pub fn mem(pid: u32) -> Result<Mem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
+    let kb = |key: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("/proc/{pid}/smaps_rollup has no `{key}`"))
+    };
+    Ok(Mem {
+        rss: kb("Rss:")? / 1024.0,
+        anon: kb("Anonymous:")? / 1024.0,
+        pss: kb("Pss:")? / 1024.0,
+    })
+}
+
+/// Sum of [`mem`] over processes.
+pub fn mem_total(pids: &[u32]) -> Result<Mem> {
+    pids.iter()
+        .map(|&p| mem(p))
+        .try_fold(Mem::default(), |a, m| Ok(a + m?))
+}
+
+/// Starts `iperf3 -s` in a pod (killed when the child is dropped by the caller).
+pub fn iperf_server(pod: &Pod, port: u16) -> Result<Child> {
+    let child = pod
+        .command("iperf3")
+        .args(["-s", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    // iperf3 binds at once; give it a moment so the first client does not race it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Ok(child)
+}
+
+/// Starts an iperf3 client run (JSON output); finish with [`iperf_result`].
+pub fn iperf_spawn(pod: &Pod, to: &str, port: u16, streams: u32, secs: f64) -> Result<Child> {
+    pod.command("iperf3")
+        .args(["-c", to, "-p", &port.to_string(), "-J"])
+        .args(["-P", &streams.to_string(), "-t", &format!("{secs}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting iperf3 -c")
+}
+
+/// Waits for an iperf3 client: (received bits per second, bytes received).
+pub fn iperf_result(child: Child) -> Result<(f64, f64)> {
+    let out = child.wait_with_output().context("waiting for iperf3")?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let sum = &v["end"]["sum_received"];
+    match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {
+        (Some(bps), Some(bytes)) => Ok((bps, bytes)),
+        _ => bail!("iperf3 JSON lacks end.sum_received"),
+    }
+}
+
+/// Starts `meshload <args>` in a pod; finish with [`meshload_result`].
+pub fn meshload_spawn(pod: &Pod, args: &[String]) -> Result<Child> {
+    pod.command(crate::bench::meshload_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting meshload")
+}
+
+/// Waits for meshload and parses its JSON report.
+pub fn meshload_result(child: Child) -> Result<Value> {
+    let out = child.wait_with_output().context("waiting for meshload")?;
+    if !out.status.success() {
+        bail!(
+            "meshload failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("meshload JSON")
+}
+
+/// `meshload rr` arguments.
+pub fn rr_args(to: &str, size: usize, secs: f64, rate: Option<f64>) -> Vec<String> {
+    let mut a = vec![
+        "rr".to_string(),
+        "--to".into(),
+        to.into(),
+        "--size".into(),
+        size.to_string(),
+        "--secs".into(),
+        secs.to_string(),
+    ];
+    if let Some(r) = rate {
+        a.extend(["--rate".to_string(), r.to_string()]);
+    }
+    a
+}
+
+/// Median of samples (mean of the middle two for an even count); NaN when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_own_process_stats() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let me = std::process::id();
+        assert!(cpu_secs(me).expect("cpu") >= 0.0);
+        let m = mem(me).expect("mem");
+        assert!(m.rss > 0.0 && m.pss > 0.0 && m.anon > 0.0, "{m:?}");
+    }
+}

