@@ -47,10 +47,11 @@ fn run_daemon(args: ztunnel::config::RunArgs) -> ExitCode {
         }
     };
     ztunnel::telemetry::init_logging(&cfg);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ztunnel: cannot start the async runtime: {e}");
