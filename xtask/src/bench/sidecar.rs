@@ -12,9 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::cluster::Pod;
-use rcgen::{
-    CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
 use serde_json::{json, Value};
 
 /// An outbound route of a sidecar: the application connects to `127.0.0.1:<local_port>` in
@@ -64,48 +61,30 @@ pub fn envoy_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Issues a workload certificate for `spiffe_id` from the file CA in `ca_dir`, writing
-/// `cert.pem`, `key.pem` (0600) and `root.pem` into `out`.
-pub fn issue_cert(ca_dir: &Path, spiffe_id: &str, out: &Path) -> Result<()> {
-    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))
-        .with_context(|| format!("reading {}/root-cert.pem", ca_dir.display()))?;
-    let root_key_pem = std::fs::read_to_string(ca_dir.join("root-key.pem"))
-        .with_context(|| format!("reading {}/root-key.pem", ca_dir.display()))?;
-    let root_key = KeyPair::from_pem(&root_key_pem).context("parsing the CA root key")?;
-    let issuer =
-        Issuer::from_ca_cert_pem(&root_pem, root_key).context("parsing the CA root cert")?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating key")?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(
-        spiffe_id
-            .try_into()
-            .with_context(|| format!("SPIFFE ID `{spiffe_id}`"))?,
-    )];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
-    params.not_after = now + time::Duration::hours(24);
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .context("signing the sidecar certificate")?;
+/// Issues `pod`'s workload certificate from the file CA in `ca_dir` with `ztunnel ca issue`
+/// (the daemon's own CA code, so sidecars and daemons hold certificates of the same shape),
+/// writing `cert.pem`, `key.pem` (0600) and `root.pem` into `out`.
+pub fn issue_cert(pod: &Pod, ca_dir: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("cert.pem"), cert.pem())?;
-    std::fs::write(out.join("root.pem"), &root_pem)?;
-    let key_path = out.join("key.pem");
-    std::fs::write(&key_path, key.serialize_pem())?;
-    std::fs::set_permissions(
-        &key_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
+    let result = pod
+        .command(mesh_tests::ztunnel_bin())
+        .args(["ca", "issue", "--ca-dir"])
+        .arg(ca_dir)
+        .args(["--identity", &pod.identity(), "--cert"])
+        .arg(out.join("cert.pem"))
+        .arg("--key")
+        .arg(out.join("key.pem"))
+        .output()
+        .context("running ztunnel ca issue")?;
+    if !result.status.success() {
+        bail!(
+            "ztunnel ca issue for {}: {}",
+            pod.identity(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    std::fs::copy(ca_dir.join("root-cert.pem"), out.join("root.pem"))
+        .with_context(|| format!("copying {}/root-cert.pem", ca_dir.display()))?;
     Ok(())
 }
 
@@ -202,7 +181,7 @@ pub fn start(
     let dir = workdir
         .join("sidecars")
         .join(format!("{}-{}", pod.namespace, pod.name));
-    issue_cert(ca_dir, &pod.identity(), &dir)?;
+    issue_cert(pod, ca_dir, &dir)?;
     let cfg_path = dir.join("envoy.json");
     let cfg = config(pod.ip, &dir, routes);
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
