@@ -183,13 +183,10 @@ impl Pool {
         if let Some(c) = self.inner.take(key) {
             return Ok(c);
         }
-        let result = self.inner.dial(key).await;
-        self.inner
-            .dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-        let conn = result?;
+        // The lock entry stays while anyone may hold it: removing it here would let a flow that
+        // arrives now create a second lock and dial in parallel with this one's waiters. The
+        // reaper drops entries nobody holds.
+        let conn = self.inner.dial(key).await?;
         self.inner
             .conns
             .lock()
@@ -318,6 +315,10 @@ impl Inner {
             });
         }
         conns.retain(|_, l| !l.is_empty());
+        self.dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, lock| Arc::strong_count(lock) > 1 || conns.contains_key(k));
     }
 }
 
