@@ -12,6 +12,7 @@
 pub mod app;
 pub mod bpf;
 pub mod cluster;
+pub mod flags;
 pub mod pcap;
 pub mod testkit;
 

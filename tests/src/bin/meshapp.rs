@@ -16,12 +16,12 @@
 //! Plain std threads: a handful of connections per run, and nothing here should be harder to
 //! trust than the thing it tests.
 
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mesh_tests::flags::Flags;
 use serde_json::json;
 
 type Res<T> = Result<T, String>;
@@ -29,7 +29,7 @@ type Res<T> = Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.split_first() {
-        Some((cmd, rest)) => parse_flags(rest).and_then(|flags| match cmd.as_str() {
+        Some((cmd, rest)) => Flags::parse(rest).and_then(|flags| match cmd.as_str() {
             "serve" => serve(&flags),
             "send" => send(&flags),
             "connect" => connect(&flags),
@@ -43,33 +43,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("meshapp: {e}");
             ExitCode::from(2)
-        }
-    }
-}
-
-struct Flags(HashMap<String, String>);
-
-fn parse_flags(args: &[String]) -> Res<Flags> {
-    let mut map = HashMap::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let key = a
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument `{a}`"))?;
-        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
-        map.insert(key.to_string(), value.clone());
-    }
-    Ok(Flags(map))
-}
-
-impl Flags {
-    fn get<T: std::str::FromStr>(&self, key: &str, default: Option<T>) -> Res<T>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.0.get(key) {
-            Some(v) => v.parse().map_err(|e| format!("--{key} `{v}`: {e}")),
-            None => default.ok_or_else(|| format!("--{key} is required")),
         }
     }
 }

@@ -20,6 +20,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use mesh_tests::flags::Flags;
 use serde_json::json;
 
 type Res<T> = Result<T, String>;
@@ -27,7 +28,7 @@ type Res<T> = Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.split_first() {
-        Some((cmd, rest)) => flag_map(rest).and_then(|f| match cmd.as_str() {
+        Some((cmd, rest)) => Flags::parse(rest).and_then(|f| match cmd.as_str() {
             "rr" => rr(&f),
             "crr" => crr(&f),
             other => Err(format!("unknown command `{other}`")),
@@ -43,31 +44,6 @@ fn main() -> ExitCode {
             eprintln!("meshload: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-type Flags = std::collections::HashMap<String, String>;
-
-fn flag_map(args: &[String]) -> Res<Flags> {
-    let mut map = Flags::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let key = a
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument `{a}`"))?;
-        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
-        map.insert(key.to_string(), value.clone());
-    }
-    Ok(map)
-}
-
-fn get<T: std::str::FromStr>(f: &Flags, key: &str, default: Option<T>) -> Res<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match f.get(key) {
-        Some(v) => v.parse().map_err(|e| format!("--{key} `{v}`: {e}")),
-        None => default.ok_or_else(|| format!("--{key} is required")),
     }
 }
 
@@ -95,11 +71,11 @@ fn open(to: SocketAddr) -> Res<TcpStream> {
 }
 
 fn rr(f: &Flags) -> Res<serde_json::Value> {
-    let to: SocketAddr = get(f, "to", None)?;
-    let size: usize = get(f, "size", Some(64))?;
-    let secs: f64 = get(f, "secs", Some(3.0))?;
-    let warmup: f64 = get(f, "warmup", Some(0.5))?;
-    let rate: f64 = get(f, "rate", Some(0.0))?;
+    let to: SocketAddr = f.get("to", None)?;
+    let size: usize = f.get("size", Some(64))?;
+    let secs: f64 = f.get("secs", Some(3.0))?;
+    let warmup: f64 = f.get("warmup", Some(0.5))?;
+    let rate: f64 = f.get("rate", Some(0.0))?;
     let mut s = open(to)?;
     let req = vec![0x5au8; size.max(1)];
     let mut resp = vec![0u8; req.len()];
@@ -175,9 +151,9 @@ fn precise_timers() {
 }
 
 fn crr(f: &Flags) -> Res<serde_json::Value> {
-    let to: SocketAddr = get(f, "to", None)?;
-    let secs: f64 = get(f, "secs", Some(3.0))?;
-    let conns: usize = get(f, "conns", Some(1))?;
+    let to: SocketAddr = f.get("to", None)?;
+    let secs: f64 = f.get("secs", Some(3.0))?;
+    let conns: usize = f.get("conns", Some(1))?;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let handles: Vec<_> = (0..conns.max(1))

@@ -40,15 +40,9 @@ struct Proc {
 }
 
 impl Daemon {
-    /// Starts `ip netns exec <netns> setsid <program> <args>` and waits for `ready`.
-    pub(crate) fn start(
-        node: usize,
-        netns: &str,
-        program: &Path,
-        args: Vec<OsString>,
-        logdir: &Path,
-    ) -> Result<Daemon> {
-        let d = Daemon {
+    /// A daemon handle that has not started yet.
+    fn new(node: usize, netns: &str, program: &Path, args: Vec<OsString>, logdir: &Path) -> Daemon {
+        Daemon {
             node,
             netns: netns.to_string(),
             program: program.to_path_buf(),
@@ -58,7 +52,18 @@ impl Daemon {
                 child: None,
                 log: PathBuf::new(),
             }),
-        };
+        }
+    }
+
+    /// Starts `ip netns exec <netns> setsid <program> <args>` and waits for `ready`.
+    pub(crate) fn start(
+        node: usize,
+        netns: &str,
+        program: &Path,
+        args: Vec<OsString>,
+        logdir: &Path,
+    ) -> Result<Daemon> {
+        let d = Daemon::new(node, netns, program, args, logdir);
         d.spawn_and_wait_ready()?;
         Ok(d)
     }
@@ -71,17 +76,7 @@ impl Daemon {
         args: Vec<OsString>,
         logdir: &Path,
     ) -> Result<Daemon> {
-        let d = Daemon {
-            node,
-            netns: netns.to_string(),
-            program: program.to_path_buf(),
-            args,
-            logdir: logdir.to_path_buf(),
-            proc: Mutex::new(Proc {
-                child: None,
-                log: PathBuf::new(),
-            }),
-        };
+        let d = Daemon::new(node, netns, program, args, logdir);
         d.spawn()?;
         Ok(d)
     }
