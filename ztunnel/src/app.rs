@@ -28,6 +28,7 @@ use crate::socket;
 use crate::source::{self, FileSource, SourceError};
 use crate::state::State;
 use crate::telemetry::{self, Metrics};
+use crate::workers::Workers;
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,9 @@ pub enum AppError {
     /// Capture could not be set up.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The data-plane worker threads could not be started.
+    #[error("cannot start the data-plane worker threads: {0}")]
+    Workers(std::io::Error),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
@@ -109,12 +113,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
 
     let pool = Pool::new(cfg.hbone.clone(), mark, certs.clone());
+    let workers = Workers::start(cfg.worker_threads).map_err(AppError::Workers)?;
     let proxy = Proxy::new(
         cfg.clone(),
         state_rx.clone(),
         pool.clone(),
         metrics.clone(),
         drain.clone(),
+        Arc::new(workers),
     );
     let server = Server::new(
         cfg.hbone.clone(),

@@ -191,8 +191,7 @@ pub struct RunArgs {
     /// Log filter, e.g. `info` or `info,ztunnel::hbone=debug` [default: info].
     #[arg(long, env = "ZTUNNEL_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Runtime worker threads; fewer threads mean fewer cross-thread wake-ups per proxied
-    /// chunk, more threads more parallel flows [default: one per CPU].
+    /// Data-plane worker threads, each serving whole flows on its own [default: one per CPU].
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
@@ -328,8 +327,8 @@ pub struct Config {
     pub log_json: bool,
     /// tracing filter directive.
     pub log_level: String,
-    /// Runtime worker threads (`None`: one per CPU).
-    pub worker_threads: Option<usize>,
+    /// Data-plane worker threads (one per CPU unless set).
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -504,7 +503,8 @@ impl Config {
             log_level,
             worker_threads: match a.worker_threads {
                 Some(0) => return Err(invalid("worker-threads", "must be at least 1")),
-                n => n,
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
         })
     }

@@ -18,3 +18,4 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod workers;

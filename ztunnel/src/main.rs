@@ -47,11 +47,13 @@ fn run_daemon(args: ztunnel::config::RunArgs) -> ExitCode {
         }
     };
     ztunnel::telemetry::init_logging(&cfg);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cfg.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    // The control plane (state, certificates, DNS, admin, accept loops) needs little; flows run
+    // on the data-plane workers (ztunnel::workers).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ztunnel: cannot start the async runtime: {e}");

@@ -247,7 +247,10 @@ impl Inner {
         let connector = TlsConnector::from(Arc::new(tls_cfg));
         let tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,
-            connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+            connector.connect(
+                ServerName::IpAddress(addr.ip().into()),
+                super::transport(tcp),
+            ),
         )
         .await
         .map_err(|_| HboneError::Tls {
@@ -255,6 +258,8 @@ impl Inner {
             error: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
         })?
         .map_err(|error| HboneError::Tls { addr, error })?;
+        let mut tls_stream = tls_stream;
+        super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(self.cfg.stream_window)

@@ -24,6 +24,26 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Read buffer per direction. Large reads mean few, large DATA frames.
 const READ_BUF: usize = 256 * 1024;
 
+/// Socket read buffer under TLS. rustls asks its transport for 4 KiB at a time, which unbuffered
+/// would cost a `read` syscall per 4 KiB of tunnel data; one large read feeds many records.
+const TLS_READ_BUF: usize = 64 * 1024;
+/// Encrypted bytes rustls may queue before it writes them out: one `writev` per this much
+/// plaintext (rustls' default of 64 KiB means four syscalls per 256 KiB chunk).
+const TLS_WRITE_BUF: usize = 256 * 1024;
+
+/// The transport under TLS on HBONE connections: TCP with buffered reads.
+pub type Transport = tokio::io::BufReader<TcpStream>;
+
+/// Wraps a connected socket for use under TLS.
+pub fn transport(tcp: TcpStream) -> Transport {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)
+}
+
+/// Sizes a handshaken TLS connection's write queue (see [`TLS_WRITE_BUF`]).
+pub fn tune<D>(tls: &mut rustls::ConnectionCommon<D>) {
+    tls.set_buffer_limit(Some(TLS_WRITE_BUF));
+}
+
 /// Errors of the HBONE layer, each naming what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

@@ -74,6 +74,8 @@ pub trait Handler: Send + Sync + 'static {
     fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId>;
     /// Drain state: while draining, new connections are refused and open ones get GOAWAY.
     fn drain(&self) -> &crate::drain::Drain;
+    /// Where connections are served; each connection and its streams stay on one worker.
+    fn workers(&self) -> &crate::workers::Workers;
     /// Serves one stream to the end.
     fn serve(
         self: Arc<Self>,
@@ -120,11 +122,14 @@ impl<H: Handler> Server<H> {
                     }
                     let _ = tcp.set_nodelay(true);
                     let this = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = this.serve_connection(tcp, peer).await {
-                            tracing::warn!(%peer, error = %e, "HBONE connection refused");
-                        }
-                    });
+                    let key: Option<()> = None;
+                    self.handler
+                        .workers()
+                        .serve(key, tcp, move |tcp| async move {
+                            if let Err(e) = this.serve_connection(tcp, peer).await {
+                                tracing::warn!(%peer, error = %e, "HBONE connection refused");
+                            }
+                        });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "HBONE accept failed");
@@ -169,10 +174,15 @@ impl<H: Handler> Server<H> {
             .identity_for(local)
             .ok_or_else(|| format!("no local enrolled workload at {local}"))?;
         let acceptor = TlsAcceptor::from(self.tls_config(&id).await?);
-        let tls_stream = tokio::time::timeout(self.cfg.connect_timeout, acceptor.accept(tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let tls_stream = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            acceptor.accept(super::transport(tcp)),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let mut tls_stream = tls_stream;
+        super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or_else(|| "client certificate has no SPIFFE identity".to_string())?;
         let mut conn = h2::server::Builder::new()

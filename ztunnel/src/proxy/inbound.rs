@@ -43,6 +43,10 @@ impl Handler for Proxy {
         Proxy::drain(self)
     }
 
+    fn workers(&self) -> &crate::workers::Workers {
+        Proxy::workers(self)
+    }
+
     fn serve(
         self: Arc<Self>,
         req: InboundRequest,

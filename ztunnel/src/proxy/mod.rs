@@ -24,6 +24,7 @@ use crate::identity::SpiffeId;
 use crate::state::{Service, State, Workload};
 use crate::telemetry::metrics::ConnInfo;
 use crate::telemetry::{ByteSink, ConnLabels, ConnMeter, Metrics};
+use crate::workers::Workers;
 
 /// Buffer per direction for plain TCP splices.
 const PLAIN_BUF: usize = 256 * 1024;
@@ -37,16 +38,19 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     drain: Drain,
     connections: Arc<connections::Connections>,
+    workers: Arc<Workers>,
 }
 
 impl Proxy {
-    /// A proxy reading state from `state`, counting into `metrics`, stopping on `drain`.
+    /// A proxy reading state from `state`, counting into `metrics`, stopping on `drain`,
+    /// serving flows on `workers`.
     pub fn new(
         cfg: Arc<Config>,
         state: watch::Receiver<Arc<State>>,
         pool: Pool,
         metrics: Arc<Metrics>,
         drain: Drain,
+        workers: Arc<Workers>,
     ) -> Arc<Self> {
         Arc::new(Proxy {
             cfg,
@@ -55,6 +59,7 @@ impl Proxy {
             metrics,
             drain,
             connections: Arc::default(),
+            workers,
         })
     }
 
@@ -88,14 +93,17 @@ impl Proxy {
             .cloned()
     }
 
-    /// Runs an accept loop, handing each connection to `handle`.
-    pub async fn accept_loop<F, Fut>(
+    /// Runs an accept loop, handing each connection to `handle` on a data-plane worker.
+    /// `by_flow` places a connection by (source IP, original destination IP), so flows that
+    /// can share a pooled HBONE connection run where it is driven; otherwise round-robin.
+    async fn accept_loop<F, Fut>(
         self: Arc<Self>,
         listener: TcpListener,
         name: &'static str,
+        by_flow: bool,
         handle: F,
     ) where
-        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         loop {
@@ -108,10 +116,13 @@ impl Proxy {
                         continue;
                     }
                     let _ = tcp.set_nodelay(true);
+                    let key = by_flow
+                        .then(|| tcp.local_addr().ok().map(|dst| (peer.ip(), dst.ip())))
+                        .flatten();
                     let guard = self.drain.guard();
-                    let flow = handle(self.clone(), tcp, peer);
-                    tokio::spawn(async move {
-                        flow.await;
+                    let (this, handle) = (self.clone(), handle.clone());
+                    self.workers.serve(key, tcp, move |tcp| async move {
+                        handle(this, tcp, peer).await;
                         drop(guard);
                     });
                 }
@@ -125,16 +136,23 @@ impl Proxy {
 
     /// Serves outbound captured connections.
     pub async fn run_outbound(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, "outbound", |p, tcp, peer| p.outbound(tcp, peer))
-            .await
+        self.accept_loop(listener, "outbound", true, |p, tcp, peer| {
+            p.outbound(tcp, peer)
+        })
+        .await
     }
 
     /// Serves inbound plaintext captured connections.
     pub async fn run_inbound_plaintext(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, "inbound_plaintext", |p, tcp, peer| {
+        self.accept_loop(listener, "inbound_plaintext", false, |p, tcp, peer| {
             p.inbound_plaintext(tcp, peer)
         })
         .await
+    }
+
+    /// The data-plane workers, for the HBONE server's connections.
+    pub fn workers(&self) -> &Workers {
+        &self.workers
     }
 }
 
