@@ -55,6 +55,16 @@ pub enum AppError {
     /// Capture could not be set up.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// A configured TCP congestion control is not available.
+    #[error("TCP congestion control {name:?} (--{flag}) is not available: {error}; load its module, pick one of /proc/sys/net/ipv4/tcp_available_congestion_control, or set `default`")]
+    Congestion {
+        /// The setting.
+        flag: &'static str,
+        /// The algorithm asked for.
+        name: String,
+        /// The kernel's answer.
+        error: std::io::Error,
+    },
     /// The data-plane worker threads could not be started.
     #[error("cannot start the data-plane worker threads: {0}")]
     Workers(std::io::Error),
@@ -69,9 +79,14 @@ fn bind(
     port: u16,
     transparent: bool,
     mark: u32,
+    congestion: Option<&str>,
 ) -> Result<tokio::net::TcpListener, AppError> {
     let addr = SocketAddr::new(ip, port);
-    socket::listener(addr, transparent, mark).map_err(|error| AppError::Bind { what, addr, error })
+    socket::listener(addr, transparent, mark, congestion).map_err(|error| AppError::Bind {
+        what,
+        addr,
+        error,
+    })
 }
 
 /// How often capture is re-checked against the state without a state change.
@@ -100,12 +115,37 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mark = cfg.daemon_mark;
     let p = cfg.ports;
-    let outbound = bind("outbound", local, p.outbound, true, mark)?;
-    let plaintext = bind("inbound-plaintext", local, p.inbound_plaintext, true, mark)?;
-    let hbone = bind("hbone", any, p.hbone, true, mark)?;
-    let admin_l = bind("admin", cfg.admin_addr, p.admin, false, mark)?;
-    let metrics_l = bind("metrics", any, p.metrics, false, mark)?;
-    let ready_l = bind("readiness", any, p.readiness, false, mark)?;
+    let (pod_cc, hbone_cc) = (
+        cfg.pod_tcp_congestion.as_deref(),
+        cfg.hbone.tcp_congestion.as_deref(),
+    );
+    for (flag, name) in [
+        ("pod-tcp-congestion", pod_cc),
+        ("hbone-tcp-congestion", hbone_cc),
+    ] {
+        if let Some(name) = name {
+            socket::check_congestion(name).map_err(|error| AppError::Congestion {
+                flag,
+                name: name.to_string(),
+                error,
+            })?;
+        }
+    }
+    // Captured outbound connections come from pods of this node; plaintext inbound ones may
+    // come from anywhere, so they keep the node's congestion control.
+    let outbound = bind("outbound", local, p.outbound, true, mark, pod_cc)?;
+    let plaintext = bind(
+        "inbound-plaintext",
+        local,
+        p.inbound_plaintext,
+        true,
+        mark,
+        None,
+    )?;
+    let hbone = bind("hbone", any, p.hbone, true, mark, hbone_cc)?;
+    let admin_l = bind("admin", cfg.admin_addr, p.admin, false, mark, None)?;
+    let metrics_l = bind("metrics", any, p.metrics, false, mark, None)?;
+    let ready_l = bind("readiness", any, p.readiness, false, mark, None)?;
     let dns_stats = Arc::new(DnsStats::default());
     metrics.register(|r| dns_stats.register(r));
     if let Some(d) = &cfg.dns {
@@ -415,7 +455,7 @@ fn start_dns(
         addr,
         error,
     })?;
-    let tcp = bind("dns", addr.ip(), addr.port(), true, cfg.daemon_mark)?;
+    let tcp = bind("dns", addr.ip(), addr.port(), true, cfg.daemon_mark, None)?;
     let upstreams = if d.upstreams.is_empty() {
         dns::upstream::read_resolv_conf(std::path::Path::new("/etc/resolv.conf")).unwrap_or_else(
             |e| {

@@ -194,6 +194,15 @@ pub struct RunArgs {
     /// Data-plane worker threads, each serving whole flows on its own [default: one per CPU].
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// TCP congestion control of the daemon's sockets to and from pods of this node (captured
+    /// outbound connections, the last hop into a pod); `default` keeps the node's. These legs
+    /// only cross a veth, where pacing (BBR) only adds timer wake-ups [default: cubic].
+    #[arg(long, env = "ZTUNNEL_POD_TCP_CONGESTION")]
+    pub pod_tcp_congestion: Option<String>,
+    /// TCP congestion control of HBONE connections between nodes, which cross the real
+    /// network; `default` keeps the node's [default: default].
+    #[arg(long, env = "ZTUNNEL_HBONE_TCP_CONGESTION")]
+    pub hbone_tcp_congestion: Option<String>,
 }
 
 /// A setting that failed validation. The message names the flag, its environment variable and
@@ -285,6 +294,8 @@ pub struct HboneConfig {
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
     pub max_frame_size: u32,
+    /// TCP congestion control of HBONE sockets (`None`: the node's default).
+    pub tcp_congestion: Option<String>,
 }
 
 /// The validated configuration the daemon runs with. Serialized for the admin config dump.
@@ -329,6 +340,8 @@ pub struct Config {
     pub log_level: String,
     /// Data-plane worker threads (one per CPU unless set).
     pub worker_threads: usize,
+    /// TCP congestion control of sockets to and from local pods (`None`: the node's default).
+    pub pod_tcp_congestion: Option<String>,
 }
 
 impl Config {
@@ -443,6 +456,7 @@ impl Config {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
+            tcp_congestion: congestion("hbone-tcp-congestion", a.hbone_tcp_congestion, "default")?,
         };
         let dns = if a.dns_capture.unwrap_or(true) {
             let mut upstreams = Vec::new();
@@ -506,6 +520,7 @@ impl Config {
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
+            pod_tcp_congestion: congestion("pod-tcp-congestion", a.pod_tcp_congestion, "cubic")?,
         })
     }
 }
@@ -564,7 +579,33 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         log_format: cli.log_format.or(file.log_format),
         log_level: cli.log_level.or(file.log_level),
         worker_threads: cli.worker_threads.or(file.worker_threads),
+        pod_tcp_congestion: cli.pod_tcp_congestion.or(file.pod_tcp_congestion),
+        hbone_tcp_congestion: cli.hbone_tcp_congestion.or(file.hbone_tcp_congestion),
     }
+}
+
+/// A congestion control algorithm name as the kernel takes it (`TCP_CONGESTION`, at most 15
+/// bytes), or `None` for `default`. Whether the kernel has it is checked before binding.
+fn congestion(
+    flag: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Option<String>, ConfigError> {
+    let v = value.unwrap_or_else(|| default.to_string());
+    if v == "default" {
+        return Ok(None);
+    }
+    let valid = !v.is_empty()
+        && v.len() < 16
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(invalid(
+            flag,
+            format!("{v:?} is not a congestion control name (e.g. cubic, bbr, reno) or `default`"),
+        ));
+    }
+    Ok(Some(v))
 }
 
 fn check_ports(p: &Ports) -> Result<(), ConfigError> {
@@ -693,6 +734,28 @@ mod tests {
         a.connect_timeout = Some("5 parsecs".into());
         let e = Config::resolve(a).expect_err("bad duration").to_string();
         assert!(e.contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn congestion_control_settings() {
+        let c = Config::resolve(base()).expect("valid");
+        assert_eq!(c.pod_tcp_congestion.as_deref(), Some("cubic"));
+        assert_eq!(
+            c.hbone.tcp_congestion, None,
+            "HBONE keeps the node's by default"
+        );
+
+        let mut a = base();
+        a.pod_tcp_congestion = Some("default".into());
+        a.hbone_tcp_congestion = Some("bbr".into());
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(c.pod_tcp_congestion, None);
+        assert_eq!(c.hbone.tcp_congestion.as_deref(), Some("bbr"));
+
+        let mut a = base();
+        a.hbone_tcp_congestion = Some("cubic; rm".into());
+        let e = Config::resolve(a).expect_err("bad name").to_string();
+        assert!(e.contains("--hbone-tcp-congestion"), "{e}");
     }
 
     #[test]

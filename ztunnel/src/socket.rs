@@ -16,12 +16,21 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// Binds a listener; `transparent` sockets may accept connections to any address.
-pub fn listener(addr: SocketAddr, transparent: bool, mark: u32) -> io::Result<TcpListener> {
+/// Binds a listener; `transparent` sockets may accept connections to any address. Accepted
+/// sockets inherit `congestion` (`None`: the node's default).
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    mark: u32,
+    congestion: Option<&str>,
+) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.set_mark(mark)?;
+    if let Some(cc) = congestion {
+        s.set_tcp_congestion(cc.as_bytes())?;
+    }
     if transparent {
         set_transparent(&s, addr.ip())?;
     }
@@ -38,11 +47,13 @@ fn set_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
 }
 
 /// Connects to `dst` with source address `src` (any address, not only the node's own: the
-/// socket is transparent) and the daemon mark, within `timeout`.
+/// socket is transparent), the daemon mark and `congestion` (`None`: the node's default),
+/// within `timeout`.
 pub async fn connect(
     src: Option<IpAddr>,
     dst: SocketAddr,
     mark: u32,
+    congestion: Option<&str>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let sock = match dst {
@@ -53,6 +64,9 @@ pub async fn connect(
         let s = SockRef::from(&sock);
         s.set_mark(mark)?;
         s.set_tcp_nodelay(true)?;
+        if let Some(cc) = congestion {
+            s.set_tcp_congestion(cc.as_bytes())?;
+        }
         if let Some(ip) = src {
             set_transparent(&s, ip)?;
             bind_address_no_port(&sock)?;
@@ -66,6 +80,13 @@ pub async fn connect(
             format!("connect to {dst} timed out after {timeout:?}"),
         )),
     }
+}
+
+/// Fails when the kernel cannot give a socket congestion control `name` (not built in, module
+/// not loaded, or not allowed), so a bad setting stops the daemon before it binds anything.
+pub fn check_congestion(name: &str) -> io::Result<()> {
+    Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?
+        .set_tcp_congestion(name.as_bytes())
 }
 
 /// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
@@ -86,5 +107,34 @@ fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn congestion_of(s: &impl std::os::fd::AsFd) -> String {
+        let name = SockRef::from(s).tcp_congestion().expect("TCP_CONGESTION");
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    /// Real loopback sockets: the accepted side inherits the listener's algorithm and the
+    /// connecting side gets its own, whatever the node's default is.
+    #[tokio::test]
+    async fn congestion_control_is_set_on_both_ends() {
+        let l = listener("127.0.0.1:0".parse().expect("addr"), false, 0, Some("reno"))
+            .expect("listener");
+        let addr = l.local_addr().expect("addr");
+        let c = connect(None, addr, 0, Some("cubic"), Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let (a, _) = l.accept().await.expect("accept");
+        assert_eq!(congestion_of(&a), "reno");
+        assert_eq!(congestion_of(&c), "cubic");
+        assert!(check_congestion("cubic").is_ok());
+        assert!(check_congestion("no-such-cc").is_err());
     }
 }

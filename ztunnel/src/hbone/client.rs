@@ -241,9 +241,16 @@ impl Inner {
             self.certs.roots(),
             key.dst_identities.clone(),
         )?;
-        let tcp = socket::connect(Some(key.src_ip), addr, self.mark, self.cfg.connect_timeout)
-            .await
-            .map_err(|error| HboneError::Connect { addr, error })?;
+        let cc = self.cfg.tcp_congestion.as_deref();
+        let tcp = socket::connect(
+            Some(key.src_ip),
+            addr,
+            self.mark,
+            cc,
+            self.cfg.connect_timeout,
+        )
+        .await
+        .map_err(|error| HboneError::Connect { addr, error })?;
         let connector = TlsConnector::from(Arc::new(tls_cfg));
         let tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,

@@ -334,6 +334,7 @@ impl Proxy {
             Some(client.ip()),
             pod,
             self.cfg.daemon_mark,
+            self.cfg.pod_tcp_congestion.as_deref(),
             self.cfg.hbone.connect_timeout,
         )
         .await

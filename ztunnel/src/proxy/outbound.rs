@@ -92,6 +92,7 @@ impl Proxy {
             Some(access.src.ip()),
             dst,
             self.cfg.daemon_mark,
+            None, // may leave the node: the node's congestion control
             self.cfg.hbone.connect_timeout,
         )
         .await
