@@ -486,11 +486,21 @@ pub fn machine() -> Value {
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
         .unwrap_or_default();
+    // Results depend on these: a pacing congestion control without the fq qdisc costs every
+    // path a timer per burst (docs/BENCHMARKS.md).
+    let sysctl = |path: &str| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
     json!({
         "cpu": cpu,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": kernel.trim(),
         "memory": mem_kb,
+        "tcp_congestion_control": sysctl("/proc/sys/net/ipv4/tcp_congestion_control"),
+        "default_qdisc": sysctl("/proc/sys/net/core/default_qdisc"),
     })
 }
 
