@@ -3,10 +3,9 @@
 //!
 //! Why not one work-stealing runtime: a proxied chunk passes between two tasks (the flow's
 //! splice and the HTTP/2 connection that carries it) and, on a work-stealing runtime, often
-//! between two threads, so every request and response paid a cross-thread wake-up (futex, and
-//! on a VM an inter-processor interrupt). Measured on the benchmark cluster that was about 7 µs
-//! of each 64-byte round trip (docs/BENCHMARKS.md). Envoy serves a connection on one worker for
-//! the same reason.
+//! between two threads, so requests and responses paid cross-thread wake-ups (futex, and on a
+//! VM an inter-processor interrupt). Here a 64-byte round trip costs each daemon no futex at all
+//! (strace in docs/BENCHMARKS.md). Envoy serves a connection on one worker for the same reason.
 //!
 //! Placement: the accept loops run on the control runtime and hand each accepted socket to a
 //! worker. Outbound flows are placed by (source pod, original destination), so flows that share
@@ -17,6 +16,7 @@
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::TcpStream;
@@ -59,7 +59,7 @@ impl Workers {
     }
 
     /// The worker for `key`: equal keys always get the same worker.
-    fn by_key(&self, key: impl Hash) -> &Handle {
+    fn by_key(&self, key: (IpAddr, IpAddr)) -> &Handle {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         &self.handles[(h.finish() % self.handles.len() as u64) as usize]
@@ -70,15 +70,15 @@ impl Workers {
         &self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()]
     }
 
-    /// Serves `tcp` with `serve` on the worker chosen by `key` (`None`: round-robin). The
-    /// socket moves to that worker's I/O driver, so all its readiness events arrive there.
-    pub fn serve<K, F, Fut>(&self, key: Option<K>, tcp: TcpStream, serve: F)
+    /// Serves `tcp` with `serve` on the worker chosen by `flow`, (source IP, original
+    /// destination IP), or round-robin for `None`. The socket moves to that worker's I/O
+    /// driver, so all its readiness events arrive there.
+    pub fn serve<F, Fut>(&self, flow: Option<(IpAddr, IpAddr)>, tcp: TcpStream, serve: F)
     where
-        K: Hash,
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let worker = match key {
+        let worker = match flow {
             Some(k) => self.by_key(k),
             None => self.round_robin(),
         };
@@ -119,7 +119,8 @@ mod tests {
             s
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        workers.serve(Some(("10.0.0.1", 80)), tcp, |mut tcp| async move {
+        let flow = Some(("10.0.0.1".parse().expect("ip"), addr.ip()));
+        workers.serve(flow, tcp, |mut tcp| async move {
             use tokio::io::AsyncWriteExt;
             let name = std::thread::current().name().unwrap_or("").to_string();
             tcp.write_all(name.as_bytes()).await.expect("write");
@@ -131,8 +132,12 @@ mod tests {
     #[test]
     fn equal_keys_get_the_same_worker() {
         let workers = Workers::start(4).expect("workers");
-        let a = workers.by_key(("10.0.0.1", "10.0.1.2")) as *const Handle;
-        let b = workers.by_key(("10.0.0.1", "10.0.1.2")) as *const Handle;
+        let flow = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.1.2".parse().expect("ip"),
+        );
+        let a = workers.by_key(flow) as *const Handle;
+        let b = workers.by_key(flow) as *const Handle;
         assert_eq!(a, b);
     }
 }

@@ -252,7 +252,7 @@ impl Inner {
         .await
         .map_err(|error| HboneError::Connect { addr, error })?;
         let connector = TlsConnector::from(Arc::new(tls_cfg));
-        let tls_stream = tokio::time::timeout(
+        let mut tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,
             connector.connect(
                 ServerName::IpAddress(addr.ip().into()),
@@ -265,7 +265,6 @@ impl Inner {
             error: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
         })?
         .map_err(|error| HboneError::Tls { addr, error })?;
-        let mut tls_stream = tls_stream;
         super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
         let (sender, connection) = h2::client::Builder::new()

@@ -122,10 +122,9 @@ impl<H: Handler> Server<H> {
                     }
                     let _ = tcp.set_nodelay(true);
                     let this = self.clone();
-                    let key: Option<()> = None;
                     self.handler
                         .workers()
-                        .serve(key, tcp, move |tcp| async move {
+                        .serve(None, tcp, move |tcp| async move {
                             if let Err(e) = this.serve_connection(tcp, peer).await {
                                 tracing::warn!(%peer, error = %e, "HBONE connection refused");
                             }
@@ -174,14 +173,13 @@ impl<H: Handler> Server<H> {
             .identity_for(local)
             .ok_or_else(|| format!("no local enrolled workload at {local}"))?;
         let acceptor = TlsAcceptor::from(self.tls_config(&id).await?);
-        let tls_stream = tokio::time::timeout(
+        let mut tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,
             acceptor.accept(super::transport(tcp)),
         )
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let mut tls_stream = tls_stream;
         super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or_else(|| "client certificate has no SPIFFE identity".to_string())?;
