@@ -22,6 +22,16 @@ const EXT_IP: &str = "203.0.113.8";
 /// dnsmasq's (wrong, on purpose) answer for the mesh service FQDN: seeing it proves that a
 /// query was *not* captured.
 const DNSMASQ_WEB_IP: &str = "198.51.100.1";
+/// A name whose TXT answer (6 strings of 250 bytes) does not fit in a 1232-byte datagram.
+const BIG_TXT_NAME: &str = "big.example";
+
+/// The strings of [`BIG_TXT_NAME`]'s TXT record: 250 `a`s, 250 `b`s, ...
+fn big_txt_strings() -> Vec<String> {
+    "abcdef"
+        .chars()
+        .map(|c| c.to_string().repeat(250))
+        .collect()
+}
 const WEB_VIP: &str = "10.96.0.20";
 const DB_VIP: &str = "10.96.0.30";
 
@@ -181,6 +191,10 @@ fn start_dnsmasq(c: &Cluster) -> Dnsmasq {
                 "--bind-interfaces".into(),
                 format!("--host-record={EXT_NAME},{EXT_IP}"),
                 format!("--host-record=web.mesh.svc.cluster.local,{DNSMASQ_WEB_IP}"),
+                format!(
+                    "--txt-record={BIG_TXT_NAME},{}",
+                    big_txt_strings().join(",")
+                ),
                 "--log-queries".into(),
                 format!("--log-facility={}", log.display()),
                 format!("--pid-file={}", pid.display()),
@@ -267,6 +281,16 @@ fn dns_answers_mesh_names_and_forwards_the_rest() {
     // TCP works too, for mesh and forwarded names.
     assert_eq!(short(client, &["+tcp", at, "web"]), [WEB_VIP]);
     assert_eq!(short(client, &["+tcp", at, EXT_NAME]), [EXT_IP]);
+    // An answer too large for a datagram: the upstream truncates it over UDP, the daemon asks
+    // again over TCP, and the pod (retrying over TCP itself) gets all of it.
+    let quoted: Vec<String> = big_txt_strings()
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    assert_eq!(
+        short(client, &[at, "TXT", BIG_TXT_NAME]),
+        [quoted.join(" ")]
+    );
 
     // Any resolver address is captured: asking dnsmasq's own address still gets the mesh
     // answer, not dnsmasq's.

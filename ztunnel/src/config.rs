@@ -494,8 +494,8 @@ impl Config {
             }
         };
         let log_level = a.log_level.unwrap_or_else(|| "info".into());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
-            return Err(invalid("log-level", e.to_string()));
+        if let Err(e) = crate::telemetry::parse_log_filter(&log_level) {
+            return Err(invalid("log-level", e));
         }
         Ok(Config {
             node_name,

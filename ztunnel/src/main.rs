@@ -47,10 +47,9 @@ fn run_daemon(args: ztunnel::config::RunArgs) -> ExitCode {
         }
     };
     ztunnel::telemetry::init_logging(&cfg);
-    // The control plane (state, certificates, DNS, admin, accept loops) needs little; flows run
-    // on the data-plane workers (ztunnel::workers).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // The control plane (state, certificates, DNS, admin, accept loops) needs little and runs
+    // on this thread; flows run on the data-plane workers (ztunnel::workers).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use futures::future::BoxFuture;
-use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_resolver::proto::rr::rdata::TXT;
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::TXT;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use super::*;
 use crate::state::kube;

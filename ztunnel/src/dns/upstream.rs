@@ -1,24 +1,34 @@
-//! Forwarding of names the mesh does not own to the upstream resolvers, with hickory-resolver:
-//! UDP first, TCP when the answer is truncated, a small cache that honours the answers' TTLs,
-//! and one overall timeout after which the pod gets SERVFAIL.
+//! Forwarding of names the mesh does not own to the upstream resolvers: the pod's question is
+//! sent as a recursive query over UDP (TCP when the answer comes back truncated), servers are
+//! tried in order within one overall timeout after which the pod gets SERVFAIL, and answers are
+//! cached for their TTL.
+//!
+//! This is a plain stub forwarder written on `hickory-proto`'s message codec rather than
+//! `hickory-resolver`: the daemon relays what the cluster's resolver says and needs none of a
+//! full resolver's machinery (server ranking, connection pools, search lists), which was a
+//! noticeable share of its resident code.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
-use hickory_resolver::proto::op::{Query, ResponseCode};
-use hickory_resolver::proto::rr::Record;
-use hickory_resolver::proto::ProtoErrorKind;
-use hickory_resolver::TokioResolver;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 
 /// Entries kept by the upstream cache.
 const CACHE_SIZE: usize = 512;
+/// Longest time an answer is cached, whatever its TTL says.
+const MAX_CACHE_TTL: u32 = 86_400;
+/// UDP payload size offered to the upstream (the DNS flag day value; larger goes over TCP).
+const EDNS_PAYLOAD: u16 = 1232;
 
 /// What an upstream said about a query.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Forwarded {
     /// An answer (possibly NXDOMAIN or NOERROR without records) to relay.
     Answer {
@@ -56,88 +66,194 @@ pub enum UpstreamError {
     },
 }
 
-/// The real upstream: hickory's caching resolver over the configured servers.
+/// The real upstream: the configured servers, tried in order, with a TTL-honouring cache.
+#[derive(Debug)]
 pub struct Resolver {
-    resolver: TokioResolver,
+    servers: Vec<SocketAddr>,
     timeout: Duration,
-}
-
-impl std::fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resolver")
-            .field("servers", &self.resolver.config().name_servers())
-            .field("timeout", &self.timeout)
-            .finish()
-    }
+    cache: Mutex<Cache>,
 }
 
 impl Resolver {
-    /// A resolver for `servers` (all tried, UDP then TCP), failing after `timeout` per query.
+    /// A resolver for `servers` (tried in order, UDP then TCP on truncation), failing after
+    /// `timeout` per query.
     pub fn new(servers: &[SocketAddr], timeout: Duration) -> Resolver {
-        let mut group = NameServerConfigGroup::new();
-        for s in servers {
-            // UDP and TCP to each; `true`: trust their NXDOMAIN.
-            group.merge(NameServerConfigGroup::from_ips_clear(
-                &[s.ip()],
-                s.port(),
-                true,
-            ));
+        Resolver {
+            servers: servers.to_vec(),
+            timeout,
+            cache: Mutex::new(Cache::default()),
         }
-        let config = ResolverConfig::from_parts(None, Vec::new(), group);
-        let mut opts = ResolverOpts::default();
-        opts.ndots = 0;
-        opts.timeout = timeout;
-        opts.attempts = 1;
-        opts.cache_size = CACHE_SIZE;
-        opts.use_hosts_file = ResolveHosts::Never;
-        opts.preserve_intermediates = true;
-        opts.edns0 = true;
-        opts.try_tcp_on_error = true;
-        let resolver = hickory_resolver::Resolver::builder_with_config(
-            config,
-            TokioConnectionProvider::default(),
-        )
-        .with_options(opts)
-        .build();
-        Resolver { resolver, timeout }
+    }
+
+    async fn resolve(&self, query: Query) -> Forwarded {
+        let key = (query.name().to_lowercase(), query.query_type());
+        if let Some(hit) = self.cache().get(&key, Instant::now()) {
+            return hit;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut last = "no upstream DNS server configured".to_string();
+        for (i, server) in self.servers.iter().enumerate() {
+            // Each server gets an equal share of the time that is left.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / u32::try_from(self.servers.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, exchange(*server, &query)).await {
+                Err(_) => last = format!("{server}: no answer within {share:?}"),
+                Ok(Err(e)) => last = format!("{server}: {e}"),
+                Ok(Ok(mut resp)) => match resp.response_code() {
+                    rcode @ (ResponseCode::NoError | ResponseCode::NXDomain) => {
+                        let answer = Forwarded::Answer {
+                            rcode,
+                            answers: resp.take_answers(),
+                            authority: resp.take_name_servers(),
+                        };
+                        self.cache().put(key, answer.clone(), Instant::now());
+                        return answer;
+                    }
+                    rcode => last = format!("{server}: answered {rcode}"),
+                },
+            }
+        }
+        Forwarded::Failed(last)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Upstream for Resolver {
     fn forward(&self, query: Query) -> BoxFuture<'_, Forwarded> {
-        Box::pin(async move {
-            let lookup = self
-                .resolver
-                .lookup(query.name().clone(), query.query_type());
-            match tokio::time::timeout(self.timeout, lookup).await {
-                Err(_) => Forwarded::Failed(format!("no answer within {:?}", self.timeout)),
-                Ok(Ok(l)) => Forwarded::Answer {
-                    rcode: ResponseCode::NoError,
-                    answers: l.records().to_vec(),
-                    authority: Vec::new(),
-                },
-                Ok(Err(e)) => match e.proto().map(|p| p.kind()) {
-                    Some(ProtoErrorKind::NoRecordsFound {
-                        response_code, soa, ..
-                    }) if matches!(
-                        response_code,
-                        ResponseCode::NoError | ResponseCode::NXDomain
-                    ) =>
-                    {
-                        Forwarded::Answer {
-                            rcode: *response_code,
-                            answers: Vec::new(),
-                            authority: soa
-                                .iter()
-                                .map(|s| s.as_ref().clone().into_record_of_rdata())
-                                .collect(),
-                        }
-                    }
-                    _ => Forwarded::Failed(e.to_string()),
-                },
-            }
-        })
+        Box::pin(self.resolve(query))
     }
+}
+
+/// One query to one server: UDP, then TCP when the answer does not fit in a datagram.
+async fn exchange(server: SocketAddr, query: &Query) -> std::io::Result<Message> {
+    let id: u16 = rand::random();
+    let mut msg = Message::new();
+    msg.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(query.clone());
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    msg.set_edns(edns);
+    let out = msg.to_vec().map_err(std::io::Error::other)?;
+
+    let local: SocketAddr = match server.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let udp = UdpSocket::bind(local).await?;
+    udp.connect(server).await?;
+    udp.send(&out).await?;
+    let mut buf = vec![0u8; usize::from(u16::MAX)];
+    let resp = loop {
+        let n = udp.recv(&mut buf).await?;
+        // Anything that is not the answer to this question (late answers to earlier
+        // queries, spoofing attempts) is ignored; the timeout bounds the wait.
+        if let Some(m) = answer_to(&buf[..n], id, query) {
+            break m;
+        }
+    };
+    if !resp.truncated() {
+        return Ok(resp);
+    }
+    let mut tcp = TcpStream::connect(server).await?;
+    let len = u16::try_from(out.len()).map_err(std::io::Error::other)?;
+    tcp.write_all(&len.to_be_bytes()).await?;
+    tcp.write_all(&out).await?;
+    let len = usize::from(tcp.read_u16().await?);
+    tcp.read_exact(&mut buf[..len]).await?;
+    answer_to(&buf[..len], id, query).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "TCP answer does not match the question",
+        )
+    })
+}
+
+/// `packet` parsed, if it is a response with `id` to exactly `query`.
+fn answer_to(packet: &[u8], id: u16, query: &Query) -> Option<Message> {
+    let m = Message::from_vec(packet).ok()?;
+    // `Query` equality compares names case-insensitively, as DNS does.
+    let matches = m.id() == id
+        && m.message_type() == MessageType::Response
+        && matches!(m.queries(), [q] if q == query);
+    matches.then_some(m)
+}
+
+type CacheKey = (hickory_proto::rr::Name, RecordType);
+
+/// Answers by lowercased name and type, each until its TTL runs out; at most [`CACHE_SIZE`].
+#[derive(Debug, Default)]
+struct Cache {
+    entries: HashMap<CacheKey, (Instant, Instant, Forwarded)>,
+}
+
+impl Cache {
+    /// A cached answer, its TTLs lowered by the time it has been cached.
+    fn get(&mut self, key: &CacheKey, now: Instant) -> Option<Forwarded> {
+        let (stored, expires, answer) = self.entries.get(key)?;
+        if now >= *expires {
+            self.entries.remove(key);
+            return None;
+        }
+        let age = u32::try_from(now.duration_since(*stored).as_secs()).unwrap_or(u32::MAX);
+        let mut answer = answer.clone();
+        if let Forwarded::Answer {
+            answers, authority, ..
+        } = &mut answer
+        {
+            for r in answers.iter_mut().chain(authority.iter_mut()) {
+                r.set_ttl(r.ttl().saturating_sub(age));
+            }
+        }
+        Some(answer)
+    }
+
+    fn put(&mut self, key: CacheKey, answer: Forwarded, now: Instant) {
+        let Some(ttl) = cache_ttl(&answer) else {
+            return;
+        };
+        if self.entries.len() >= CACHE_SIZE && !self.entries.contains_key(&key) {
+            self.entries.retain(|_, (_, expires, _)| *expires > now);
+            // Still full: the entry closest to expiry makes room.
+            if self.entries.len() >= CACHE_SIZE {
+                let first = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, expires, _))| *expires)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = first {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+        let expires = now + Duration::from_secs(u64::from(ttl));
+        self.entries.insert(key, (now, expires, answer));
+    }
+}
+
+/// How long an answer may be cached: the smallest TTL of its answer records, or for a negative
+/// answer the SOA's (RFC 2308: the smaller of its TTL and its MINIMUM). `None`: not at all.
+fn cache_ttl(answer: &Forwarded) -> Option<u32> {
+    let Forwarded::Answer {
+        answers, authority, ..
+    } = answer
+    else {
+        return None;
+    };
+    let ttl = if answers.is_empty() {
+        authority.iter().find_map(|r| match r.data() {
+            RData::SOA(soa) => Some(r.ttl().min(soa.minimum())),
+            _ => None,
+        })?
+    } else {
+        answers.iter().map(Record::ttl).min()?
+    };
+    (ttl > 0).then_some(ttl.min(MAX_CACHE_TTL))
 }
 
 /// The `nameserver` lines of a resolv.conf, port 53.
@@ -166,6 +282,103 @@ pub fn read_resolv_conf(path: &Path) -> Result<Vec<SocketAddr>, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::rr::rdata::{A, SOA};
+    use hickory_proto::rr::Name;
+
+    fn name(n: &str) -> Name {
+        Name::from_ascii(n).expect("name")
+    }
+
+    fn a(ttl: u32) -> Record {
+        Record::from_rdata(name("x.example."), ttl, RData::A(A::new(192, 0, 2, 1)))
+    }
+
+    fn soa(ttl: u32, minimum: u32) -> Record {
+        let soa = SOA::new(name("ns."), name("admin."), 1, 60, 60, 60, minimum);
+        Record::from_rdata(name("example."), ttl, RData::SOA(soa))
+    }
+
+    fn answer(rcode: ResponseCode, answers: Vec<Record>, authority: Vec<Record>) -> Forwarded {
+        Forwarded::Answer {
+            rcode,
+            answers,
+            authority,
+        }
+    }
+
+    #[test]
+    fn cache_lifetime_follows_the_answers_ttls() {
+        let ok = |ttls: &[u32]| {
+            answer(
+                ResponseCode::NoError,
+                ttls.iter().map(|t| a(*t)).collect(),
+                vec![],
+            )
+        };
+        assert_eq!(cache_ttl(&ok(&[300, 30, 60])), Some(30));
+        assert_eq!(cache_ttl(&ok(&[0, 30])), None, "TTL 0 is not cached");
+        assert_eq!(cache_ttl(&ok(&[999_999])), Some(MAX_CACHE_TTL));
+        // Negative answers: RFC 2308, the smaller of the SOA's TTL and MINIMUM; no SOA, no cache.
+        let nx = |auth| answer(ResponseCode::NXDomain, vec![], auth);
+        assert_eq!(cache_ttl(&nx(vec![soa(600, 45)])), Some(45));
+        assert_eq!(cache_ttl(&nx(vec![soa(20, 45)])), Some(20));
+        assert_eq!(cache_ttl(&nx(vec![])), None);
+        assert_eq!(cache_ttl(&Forwarded::Failed("x".into())), None);
+    }
+
+    #[test]
+    fn cached_answers_age_and_expire() {
+        let mut cache = Cache::default();
+        let t0 = Instant::now();
+        let key = (name("x.example."), RecordType::A);
+        cache.put(
+            key.clone(),
+            answer(ResponseCode::NoError, vec![a(30)], vec![]),
+            t0,
+        );
+        let Some(Forwarded::Answer { answers, .. }) = cache.get(&key, t0 + Duration::from_secs(10))
+        else {
+            panic!("cached answer expected");
+        };
+        assert_eq!(
+            answers[0].ttl(),
+            20,
+            "TTL lowered by the time spent in the cache"
+        );
+        assert!(
+            cache.get(&key, t0 + Duration::from_secs(30)).is_none(),
+            "expired"
+        );
+        assert!(cache.entries.is_empty(), "expired entry dropped");
+    }
+
+    #[test]
+    fn full_cache_drops_expired_then_soonest_to_expire() {
+        let mut cache = Cache::default();
+        let t0 = Instant::now();
+        for i in 0..CACHE_SIZE {
+            let key = (name(&format!("n{i}.example.")), RecordType::A);
+            let ttl = 100 + u32::try_from(i).expect("small");
+            cache.put(key, answer(ResponseCode::NoError, vec![a(ttl)], vec![]), t0);
+        }
+        let new = (name("new.example."), RecordType::A);
+        cache.put(
+            new.clone(),
+            answer(ResponseCode::NoError, vec![a(10)], vec![]),
+            t0,
+        );
+        assert_eq!(cache.entries.len(), CACHE_SIZE);
+        assert!(cache.get(&new, t0).is_some());
+        assert!(
+            cache
+                .get(&(name("n0.example."), RecordType::A), t0)
+                .is_none(),
+            "soonest evicted"
+        );
+        assert!(cache
+            .get(&(name("n1.example."), RecordType::A), t0)
+            .is_some());
+    }
 
     #[test]
     fn resolv_conf_nameservers() {

@@ -4,22 +4,38 @@
 
 pub mod metrics;
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter, Registry};
+use tracing_subscriber::{reload, Registry};
 
 use crate::config::Config;
 
 pub use metrics::{ByteSink, ConnLabels, ConnMeter, Metrics};
 
-/// The handle that swaps the log filter; set once by [`init_logging`].
-static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+/// The handle that swaps the log filter and the directive it was built from; set once by
+/// [`init_logging`].
+static FILTER: OnceLock<(reload::Handle<Targets, Registry>, Mutex<String>)> = OnceLock::new();
+
+/// Parses a log filter directive: `level` or `target=level` pairs separated by commas, as in
+/// `RUST_LOG`. This is `tracing-subscriber`'s `Targets` filter rather than its `EnvFilter`:
+/// span and field matching are not supported, and in exchange the daemon carries no regular
+/// expression engine (a measurable share of its resident code).
+pub fn parse_log_filter(directive: &str) -> Result<Targets, String> {
+    directive.parse::<Targets>().map_err(|e| e.to_string())
+}
 
 /// Installs the global subscriber. The filter was validated with the rest of the config.
 pub fn init_logging(cfg: &Config) {
-    let filter = EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (directive, filter) = match parse_log_filter(&cfg.log_level) {
+        Ok(f) => (cfg.log_level.clone(), f),
+        Err(_) => (
+            "info".to_string(),
+            Targets::new().with_default(tracing::Level::INFO),
+        ),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = if cfg.log_json {
@@ -34,7 +50,7 @@ pub fn init_logging(cfg: &Config) {
             .try_init()
     };
     if installed.is_ok() {
-        let _ = FILTER.set(handle);
+        let _ = FILTER.set((handle, Mutex::new(directive)));
     }
 }
 
@@ -56,20 +72,22 @@ pub enum LogLevelError {
 
 /// Replaces the log filter, e.g. `debug` or `info,ztunnel::hbone=trace`; returns the new one.
 pub fn set_log_level(directive: &str) -> Result<String, LogLevelError> {
-    let filter = EnvFilter::try_new(directive).map_err(|e| LogLevelError::Invalid {
+    let filter = parse_log_filter(directive).map_err(|error| LogLevelError::Invalid {
         directive: directive.to_string(),
-        error: e.to_string(),
+        error,
     })?;
-    let handle = FILTER.get().ok_or(LogLevelError::NotReloadable)?;
+    let (handle, current) = FILTER.get().ok_or(LogLevelError::NotReloadable)?;
+    let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
     handle
         .reload(filter)
         .map_err(|_| LogLevelError::NotReloadable)?;
-    Ok(current_log_level().unwrap_or_default())
+    *current = directive.to_string();
+    Ok(current.clone())
 }
 
-/// The filter in force, as text.
+/// The filter in force, as the directive that set it.
 pub fn current_log_level() -> Option<String> {
-    FILTER
-        .get()
-        .and_then(|h| h.with_current(|f| f.to_string()).ok())
+    let (_, current) = FILTER.get()?;
+    let current = current.lock().unwrap_or_else(|p| p.into_inner());
+    Some(current.clone())
 }
