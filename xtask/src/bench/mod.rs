@@ -487,7 +487,8 @@ pub fn machine() -> Value {
         .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
         .unwrap_or_default();
     // Results depend on these: a pacing congestion control without the fq qdisc costs every
-    // path a timer per burst (docs/BENCHMARKS.md).
+    // path a timer per burst; a guest whose idle CPUs halt at once (no halt polling) pays tens
+    // of microseconds for every wake-up that lands on another CPU (docs/BENCHMARKS.md).
     let sysctl = |path: &str| {
         std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -501,6 +502,8 @@ pub fn machine() -> Value {
         "memory": mem_kb,
         "tcp_congestion_control": sysctl("/proc/sys/net/ipv4/tcp_congestion_control"),
         "default_qdisc": sysctl("/proc/sys/net/core/default_qdisc"),
+        "cpuidle_driver": sysctl("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": sysctl("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
     })
 }
 
