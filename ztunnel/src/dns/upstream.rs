@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -86,7 +86,11 @@ impl Resolver {
     }
 
     async fn resolve(&self, query: Query) -> Forwarded {
-        let key = (query.name().to_lowercase(), query.query_type());
+        let key = (
+            query.name().to_lowercase(),
+            query.query_type(),
+            query.query_class(),
+        );
         if let Some(hit) = self.cache().get(&key, Instant::now()) {
             return hit;
         }
@@ -184,9 +188,9 @@ fn answer_to(packet: &[u8], id: u16, query: &Query) -> Option<Message> {
     matches.then_some(m)
 }
 
-type CacheKey = (hickory_proto::rr::Name, RecordType);
+type CacheKey = (hickory_proto::rr::Name, RecordType, DNSClass);
 
-/// Answers by lowercased name and type, each until its TTL runs out; at most [`CACHE_SIZE`].
+/// Answers by lowercased name, type and class, each until its TTL runs out; at most [`CACHE_SIZE`].
 #[derive(Debug, Default)]
 struct Cache {
     entries: HashMap<CacheKey, (Instant, Instant, Forwarded)>,
@@ -330,7 +334,7 @@ mod tests {
     fn cached_answers_age_and_expire() {
         let mut cache = Cache::default();
         let t0 = Instant::now();
-        let key = (name("x.example."), RecordType::A);
+        let key = (name("x.example."), RecordType::A, DNSClass::IN);
         cache.put(
             key.clone(),
             answer(ResponseCode::NoError, vec![a(30)], vec![]),
@@ -357,11 +361,11 @@ mod tests {
         let mut cache = Cache::default();
         let t0 = Instant::now();
         for i in 0..CACHE_SIZE {
-            let key = (name(&format!("n{i}.example.")), RecordType::A);
+            let key = (name(&format!("n{i}.example.")), RecordType::A, DNSClass::IN);
             let ttl = 100 + u32::try_from(i).expect("small");
             cache.put(key, answer(ResponseCode::NoError, vec![a(ttl)], vec![]), t0);
         }
-        let new = (name("new.example."), RecordType::A);
+        let new = (name("new.example."), RecordType::A, DNSClass::IN);
         cache.put(
             new.clone(),
             answer(ResponseCode::NoError, vec![a(10)], vec![]),
@@ -371,12 +375,12 @@ mod tests {
         assert!(cache.get(&new, t0).is_some());
         assert!(
             cache
-                .get(&(name("n0.example."), RecordType::A), t0)
+                .get(&(name("n0.example."), RecordType::A, DNSClass::IN), t0)
                 .is_none(),
             "soonest evicted"
         );
         assert!(cache
-            .get(&(name("n1.example."), RecordType::A), t0)
+            .get(&(name("n1.example."), RecordType::A, DNSClass::IN), t0)
             .is_some());
     }
 
