@@ -5,7 +5,7 @@
 //! - `demo [--once]`: build, start a two-node demo cluster, drive traffic through it and print
 //!   a report with PASS/FAIL checks; then keep it running for poking until Ctrl-C (or, with
 //!   `--once`, tear down and exit non-zero if a check failed).
-//! - `bench [scenario...] [--runs N] [--secs S] [--rate R]`: direct vs ambient vs Envoy
+//! - `bench [scenario...] [--runs N] [--secs S] [--rate R] [--conns K]`: direct vs ambient vs Envoy
 //!   sidecars on the test cluster (docs/BENCHMARKS.md).
 //! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
 //!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
@@ -56,7 +56,7 @@ fn usage() {
         "usage: cargo xtask <command>\n\
          \n  test [cargo-test-args] [-- test-args]   install test tools, build, run all tests (root)\
          \n  demo [--once]                           run the demo cluster and its checks (root)\
-         \n  bench [throughput|latency|connrate|profile...] [--runs N] [--secs S] [--rate R]\
+         \n  bench [throughput|latency|connrate|conns|profile...] [--runs N] [--secs S] [--rate R] [--conns K]\
          \n                                          direct vs ambient vs Envoy sidecars (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\
          \n                                          sidecar vs ambient cost at N pods/node (root)"

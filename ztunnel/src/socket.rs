@@ -91,6 +91,32 @@ pub fn check_congestion(name: &str) -> io::Result<()> {
 
 /// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
 /// IP to different destinations then never run out of ports.
+/// Raises the soft limit on open files to the hard limit and returns both. Every proxied flow
+/// holds two or three descriptors, and container runtimes commonly start processes with a soft
+/// limit of 1024 (and a much higher hard one), which would cap a node at a few hundred flows.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct passed, which lives on this stack frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads only the struct passed, which lives on this stack frame.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
 fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
@@ -136,5 +162,19 @@ mod tests {
         assert_eq!(congestion_of(&c), "cubic");
         assert!(check_congestion("cubic").is_ok());
         assert!(check_congestion("no-such-cc").is_err());
+    }
+
+    /// The real limit of this test process: lowered a little (tests running alongside keep
+    /// plenty), then raised back to the hard limit.
+    #[test]
+    fn fd_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = raise_fd_limit().expect("limit");
+        let lowered = libc::rlimit {
+            rlim_cur: hard - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads only the struct passed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(raise_fd_limit().expect("raise"), (hard, hard));
     }
 }

@@ -4,6 +4,7 @@
 //! ```text
 //! meshload rr  --to IP:PORT --size BYTES --secs S [--rate PER_SEC] [--warmup S]
 //! meshload crr --to IP:PORT --secs S [--conns K]
+//! meshload hold --to IP:PORT --conns K --secs S
 //! ```
 //!
 //! `rr`: one connection, a request of `size` bytes, wait for the whole echo, repeat. Without
@@ -14,6 +15,10 @@
 //! the whole path, tunnel included, was set up) and closing normally, for `secs`; prints connections per
 //! second and how many attempts failed (each failure costs its timeout, so failures also
 //! lower the rate). `rr` exits non-zero on any I/O error: a broken path must not report.
+//! `hold`: opens `conns` connections one after another, echoes 64 bytes on each (so every
+//! buffer on the path has been used once), keeps them all open until `secs` after the start,
+//! then closes them; prints how long opening took. The benchmark samples data-plane memory
+//! while they are held: the cost of an open, idle connection.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -31,9 +36,10 @@ fn main() -> ExitCode {
         Some((cmd, rest)) => Flags::parse(rest).and_then(|f| match cmd.as_str() {
             "rr" => rr(&f),
             "crr" => crr(&f),
+            "hold" => hold(&f),
             other => Err(format!("unknown command `{other}`")),
         }),
-        None => Err("usage: meshload rr|crr [flags]".to_string()),
+        None => Err("usage: meshload rr|crr|hold [flags]".to_string()),
     };
     match result {
         Ok(report) => {
@@ -197,4 +203,43 @@ fn crr(f: &Flags) -> Res<serde_json::Value> {
         json!({"connections": total, "failed": failed, "last_error": last_error,
               "secs": elapsed, "cps": total as f64 / elapsed}),
     )
+}
+
+fn hold(f: &Flags) -> Res<serde_json::Value> {
+    let to: SocketAddr = f.get("to", None)?;
+    let conns: usize = f.get("conns", Some(500))?;
+    let secs: f64 = f.get("secs", Some(5.0))?;
+    raise_fd_limit();
+    let start = Instant::now();
+    let mut open_conns = Vec::with_capacity(conns);
+    let mut buf = [0u8; 64];
+    for i in 0..conns {
+        let mut s = open(to).map_err(|e| format!("connection {i}: {e}"))?;
+        s.write_all(&[0x5a; 64])
+            .and_then(|()| s.read_exact(&mut buf))
+            .map_err(|e| format!("connection {i}: echo: {e}"))?;
+        open_conns.push(s);
+    }
+    let open_secs = start.elapsed().as_secs_f64();
+    let end = start + Duration::from_secs_f64(secs);
+    if let Some(left) = end.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+    drop(open_conns);
+    Ok(json!({ "conns": conns, "open_secs": open_secs }))
+}
+
+/// Soft limit on open files up to the hard limit: `hold` keeps thousands of sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed, which lives here.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

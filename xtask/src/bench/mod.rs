@@ -65,7 +65,9 @@ impl Mode {
     }
 }
 
-const SCENARIOS: &[&str] = &["throughput", "latency", "connrate", "profile"];
+const SCENARIOS: &[&str] = &["throughput", "latency", "connrate", "conns", "profile"];
+/// The scenarios run when none is named (`profile` needs perf and is asked for explicitly).
+const DEFAULT_SCENARIOS: usize = 4;
 
 #[derive(Debug)]
 struct Opts {
@@ -73,6 +75,8 @@ struct Opts {
     runs: usize,
     secs: f64,
     rate: f64,
+    /// Connections held open by the `conns` scenario.
+    conns: usize,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -81,6 +85,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         runs: 3,
         secs: 5.0,
         rate: 1000.0,
+        conns: 500,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -92,15 +97,19 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--runs" => o.runs = val("--runs")?.max(1.0) as usize,
             "--secs" => o.secs = val("--secs")?.max(1.0),
             "--rate" => o.rate = val("--rate")?.max(1.0),
+            "--conns" => o.conns = val("--conns")?.max(1.0) as usize,
             s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
             other => bail!(
-                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R)",
+                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R --conns K)",
                 SCENARIOS.join(" ")
             ),
         }
     }
     if o.scenarios.is_empty() {
-        o.scenarios = SCENARIOS[..3].iter().map(|s| s.to_string()).collect();
+        o.scenarios = SCENARIOS[..DEFAULT_SCENARIOS]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     }
     Ok(o)
 }
@@ -413,6 +422,69 @@ fn measure(
         push(s, mode, "conn_per_s", num(&v, "cps")?);
         push(s, mode, "conn_failed", num(&v, "failed")?);
     }
+    if want("conns") && has_dp {
+        held_connections(o, mode, dp, client, &echo, s)?;
+    }
+    Ok(())
+}
+
+/// `conns`: what an open, idle connection costs the data plane. `--conns` connections are
+/// opened (one 64 B echo each) and held; memory of all data-plane processes is sampled while
+/// they are held and compared with just before, per connection.
+fn held_connections(
+    o: &Opts,
+    mode: Mode,
+    dp: &Dataplane,
+    client: &Pod,
+    echo: &str,
+    s: &mut Samples,
+) -> Result<()> {
+    let hold = o.secs.max(3.0);
+    let sample_at = hold * 0.8;
+    let before = probe::mem_total(&dp.pids)?;
+    let args: Vec<String> = [
+        "hold",
+        "--to",
+        echo,
+        "--conns",
+        &o.conns.to_string(),
+        "--secs",
+        &hold.to_string(),
+    ]
+    .map(String::from)
+    .into();
+    let child = probe::meshload_spawn(client, &args)?;
+    std::thread::sleep(Duration::from_secs_f64(sample_at));
+    let during = probe::mem_total(&dp.pids)?;
+    let v = probe::meshload_result(child)?;
+    let open = num(&v, "open_secs")?;
+    if open > sample_at {
+        bail!(
+            "opening {} connections took {open:.1} s, past the memory sample at {sample_at:.1} s; \
+             use fewer --conns or a longer --secs",
+            o.conns
+        );
+    }
+    // MiB over all processes -> KiB per connection.
+    let per_conn = |now: f64, then: f64| (now - then) * 1024.0 / o.conns as f64;
+    push(
+        s,
+        mode,
+        "mem_per_conn_rss_kb",
+        per_conn(during.rss, before.rss),
+    );
+    push(
+        s,
+        mode,
+        "mem_per_conn_anon_kb",
+        per_conn(during.anon, before.anon),
+    );
+    push(
+        s,
+        mode,
+        "mem_per_conn_pss_kb",
+        per_conn(during.pss, before.pss),
+    );
     Ok(())
 }
 
