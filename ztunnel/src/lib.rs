@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod burst;
 pub mod capture;
 pub mod config;
 pub mod dns;

@@ -4,7 +4,7 @@
 //! ```text
 //! meshload rr  --to IP:PORT --size BYTES --secs S [--rate PER_SEC] [--warmup S]
 //! meshload crr --to IP:PORT --secs S [--conns K]
-//! meshload hold --to IP:PORT --conns K --secs S
+//! meshload hold --to IP:PORT --conns K --secs S [--bytes N]
 //! ```
 //!
 //! `rr`: one connection, a request of `size` bytes, wait for the whole echo, repeat. Without
@@ -15,8 +15,9 @@
 //! the whole path, tunnel included, was set up) and closing normally, for `secs`; prints connections per
 //! second and how many attempts failed (each failure costs its timeout, so failures also
 //! lower the rate). `rr` exits non-zero on any I/O error: a broken path must not report.
-//! `hold`: opens `conns` connections one after another, echoes 64 bytes on each (so every
-//! buffer on the path has been used once), keeps them all open until `secs` after the start,
+//! `hold`: opens `conns` connections one after another, echoes `bytes` (default 256 KiB) on
+//! each, as a connection that did some work before going idle (every buffer on the path has
+//! been used), keeps them all open until `secs` after the start,
 //! then closes them; prints how long opening took. The benchmark samples data-plane memory
 //! while they are held: the cost of an open, idle connection.
 
@@ -209,15 +210,25 @@ fn hold(f: &Flags) -> Res<serde_json::Value> {
     let to: SocketAddr = f.get("to", None)?;
     let conns: usize = f.get("conns", Some(500))?;
     let secs: f64 = f.get("secs", Some(5.0))?;
+    // Small enough that writing all of it before reading the echo cannot fill both
+    // directions' socket buffers and deadlock.
+    let bytes: usize = f.get("bytes", Some(256 * 1024))?;
+    if bytes > 1024 * 1024 {
+        return Err(format!("--bytes {bytes}: at most 1 MiB"));
+    }
     raise_fd_limit();
     let start = Instant::now();
     let mut open_conns = Vec::with_capacity(conns);
-    let mut buf = [0u8; 64];
+    let data = vec![0x5au8; bytes];
+    let mut echo = vec![0u8; bytes];
     for i in 0..conns {
         let mut s = open(to).map_err(|e| format!("connection {i}: {e}"))?;
-        s.write_all(&[0x5a; 64])
-            .and_then(|()| s.read_exact(&mut buf))
+        s.write_all(&data)
+            .and_then(|()| s.read_exact(&mut echo))
             .map_err(|e| format!("connection {i}: echo: {e}"))?;
+        if echo != data {
+            return Err(format!("connection {i}: echo differs"));
+        }
         open_conns.push(s);
     }
     let open_secs = start.elapsed().as_secs_f64();
@@ -226,7 +237,7 @@ fn hold(f: &Flags) -> Res<serde_json::Value> {
         std::thread::sleep(left);
     }
     drop(open_conns);
-    Ok(json!({ "conns": conns, "open_secs": open_secs }))
+    Ok(json!({ "conns": conns, "bytes": bytes, "open_secs": open_secs }))
 }
 
 /// Soft limit on open files up to the hard limit: `hold` keeps thousands of sockets.

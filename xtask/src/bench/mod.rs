@@ -429,7 +429,7 @@ fn measure(
 }
 
 /// `conns`: what an open, idle connection costs the data plane. `--conns` connections are
-/// opened (one 64 B echo each) and held; memory of all data-plane processes is sampled while
+/// opened (256 KiB echoed on each, so they have carried data) and held; memory of all data-plane processes is sampled while
 /// they are held and compared with just before, per connection.
 fn held_connections(
     o: &Opts,

@@ -9,9 +9,9 @@ pub mod server;
 use std::future::poll_fn;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Header carrying the original client address: `for="ip:port"`.
@@ -20,9 +20,6 @@ pub const FORWARDED: &str = "forwarded";
 pub const BAGGAGE: &str = "baggage";
 /// W3C trace context, so a trace can follow a flow through the tunnel.
 pub const TRACEPARENT: &str = "traceparent";
-
-/// Read buffer per direction. Large reads mean few, large DATA frames.
-const READ_BUF: usize = 256 * 1024;
 
 /// Socket read buffer under TLS. rustls asks its transport for 4 KiB at a time, which unbuffered
 /// would cost a `read` syscall per 4 KiB of tunnel data; one large read feeds many records.
@@ -114,17 +111,12 @@ pub async fn splice(
     let mut from_tunnel = 0u64;
     let err = {
         let up = async {
-            let mut buf = BytesMut::with_capacity(READ_BUF);
+            let mut reader = crate::burst::BurstReader::new(&mut rd);
             loop {
-                if buf.capacity() < READ_BUF / 4 {
-                    buf.reserve(READ_BUF);
-                }
-                let n = rd.read_buf(&mut buf).await?;
-                if n == 0 {
+                let Some(mut chunk) = reader.next().await? else {
                     send.send_data(Bytes::new(), true).map_err(h2_io)?;
                     return Ok::<_, io::Error>(());
-                }
-                let mut chunk = buf.split().freeze();
+                };
                 while !chunk.is_empty() {
                     send.reserve_capacity(chunk.len());
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {

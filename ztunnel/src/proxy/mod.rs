@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -25,9 +25,6 @@ use crate::state::{Service, State, Workload};
 use crate::telemetry::metrics::ConnInfo;
 use crate::telemetry::{ByteSink, ConnLabels, ConnMeter, Metrics};
 use crate::workers::Workers;
-
-/// Buffer per direction for plain TCP splices.
-const PLAIN_BUF: usize = 256 * 1024;
 
 /// Shared context of all flows.
 #[derive(Debug)]
@@ -189,25 +186,22 @@ async fn splice_plain(
 
 /// One direction of a plain splice: read, write all, count, until EOF; then half-close.
 async fn copy_counted<R, W>(
-    rd: &mut R,
+    rd: R,
     wr: &mut W,
     total: &mut u64,
     count: impl Fn(usize),
 ) -> io::Result<()>
 where
-    R: tokio::io::AsyncRead + Unpin,
+    R: crate::burst::Readable,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; PLAIN_BUF];
-    loop {
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            return wr.shutdown().await;
-        }
-        wr.write_all(&buf[..n]).await?;
-        *total += n as u64;
-        count(n);
+    let mut reader = crate::burst::BurstReader::new(rd);
+    while let Some(chunk) = reader.next().await? {
+        wr.write_all(&chunk).await?;
+        *total += chunk.len() as u64;
+        count(chunk.len());
     }
+    wr.shutdown().await
 }
 
 /// One connection's telemetry: its metric labels and the access-log line written when it
