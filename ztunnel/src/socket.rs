@@ -89,8 +89,6 @@ pub fn check_congestion(name: &str) -> io::Result<()> {
         .set_tcp_congestion(name.as_bytes())
 }
 
-/// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
-/// IP to different destinations then never run out of ports.
 /// Raises the soft limit on open files to the hard limit and returns both. Every proxied flow
 /// holds two or three descriptors, and container runtimes commonly start processes with a soft
 /// limit of 1024 (and a much higher hard one), which would cap a node at a few hundred flows.
@@ -117,6 +115,8 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     Ok((lim.rlim_cur, lim.rlim_max))
 }
 
+/// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
+/// IP to different destinations then never run out of ports.
 fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
