@@ -20,6 +20,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
+/// Raises this process's soft limit on open files to the hard limit, for the load tools that
+/// hold many sockets (`meshload hold`, `meshapp serve` with many clients). Best effort.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed, which lives here.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Fails unless the process runs as root. Tests call this (via [`cluster::Cluster::start`]) so
 /// that an unprivileged run fails loudly instead of passing without having checked anything.
 pub fn require_root() -> Result<()> {

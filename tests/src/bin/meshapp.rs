@@ -56,6 +56,8 @@ fn secs(s: f64) -> Duration {
 fn serve(flags: &Flags) -> Res<bool> {
     let port: u16 = flags.get("port", None)?;
     let name: String = flags.get("name", Some("meshapp".to_string()))?;
+    // One descriptor per client connection; benchmarks hold thousands.
+    mesh_tests::raise_fd_limit();
     let listener =
         TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;

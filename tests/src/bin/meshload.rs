@@ -216,7 +216,7 @@ fn hold(f: &Flags) -> Res<serde_json::Value> {
     if bytes > 1024 * 1024 {
         return Err(format!("--bytes {bytes}: at most 1 MiB"));
     }
-    raise_fd_limit();
+    mesh_tests::raise_fd_limit();
     let start = Instant::now();
     let mut open_conns = Vec::with_capacity(conns);
     let data = vec![0x5au8; bytes];
@@ -238,19 +238,4 @@ fn hold(f: &Flags) -> Res<serde_json::Value> {
     }
     drop(open_conns);
     Ok(json!({ "conns": conns, "bytes": bytes, "open_secs": open_secs }))
-}
-
-/// Soft limit on open files up to the hard limit: `hold` keeps thousands of sockets.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the struct passed, which lives here.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

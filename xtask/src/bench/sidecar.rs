@@ -126,11 +126,18 @@ pub fn config(pod_ip: Ipv4Addr, dir: &Path, routes: &[Route]) -> Value {
             }}],
         }],
     })];
+    // Envoy's default circuit breakers cap a cluster at 1,024 connections and 1,024 requests
+    // (here: tunnelled connections); Istio configures sidecars without those caps.
+    let unlimited = json!({"thresholds": [{
+        "max_connections": u32::MAX, "max_pending_requests": u32::MAX,
+        "max_requests": u32::MAX, "max_retries": u32::MAX,
+    }]});
     let mut clusters = vec![json!({
         "name": "original_dst",
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": "1s",
+        "circuit_breakers": unlimited,
         "original_dst_lb_config": {"use_http_header": true, "http_header_name": ":authority"},
     })];
     for (k, r) in routes.iter().enumerate() {
@@ -149,6 +156,7 @@ pub fn config(pod_ip: Ipv4Addr, dir: &Path, routes: &[Route]) -> Value {
             "name": cluster,
             "type": "STATIC",
             "connect_timeout": "1s",
+            "circuit_breakers": unlimited,
             "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": {}}}},
