@@ -9,28 +9,12 @@
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{Cluster, ClusterSpec, PodSpec, SvcSpec};
 use mesh_tests::testkit::ok;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// Soft limit the daemons are started with: below the number of flows the test opens.
 const LOW_SOFT_LIMIT: u64 = 256;
 /// Concurrent connections, each held open while the others are opened.
 const CONNS: usize = 300;
-
-fn nofile() -> libc::rlimit {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only the struct passed.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
-    lim
-}
-
-fn set_nofile(lim: &libc::rlimit) {
-    // SAFETY: setrlimit reads only the struct passed.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, lim) };
-    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
-}
 
 /// `Max open files` soft and hard limits of a running process.
 fn limits_of(pid: u32) -> (String, String) {
@@ -59,22 +43,18 @@ fn daemon_raises_a_low_open_file_limit() {
                 .port(80, 8080),
         );
     let mut c = Cluster::start(spec).expect("cluster starts");
-    let normal = nofile();
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     assert!(
-        normal.rlim_max >= 4 * CONNS as u64,
-        "the test needs a hard open-file limit of at least {}, this process has {}",
+        hard >= 4 * CONNS as u64,
+        "the test needs a hard open-file limit of at least {}, this process has {hard}",
         4 * CONNS,
-        normal.rlim_max
     );
-    set_nofile(&libc::rlimit {
-        rlim_cur: LOW_SOFT_LIMIT,
-        rlim_max: normal.rlim_max,
-    });
+    setrlimit(Resource::RLIMIT_NOFILE, LOW_SOFT_LIMIT, hard).expect("lower the soft limit");
     let started = c
         .start_daemon(1, &[])
         .map(|_| ())
         .and_then(|()| c.start_daemon(2, &[]).map(|_| ()));
-    set_nofile(&normal);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore the soft limit");
     started.expect("daemons ready");
 
     for node in 1..=2 {

@@ -132,13 +132,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     }
     match socket::raise_fd_limit() {
-        Ok((soft, hard)) if soft < 65_536 => tracing::warn!(
-            soft,
-            hard,
+        Ok(limit) if limit < 65_536 => tracing::warn!(
+            limit,
             "open file limit is low: each proxied flow holds two or three descriptors; \
              raise the hard limit (e.g. LimitNOFILE or the container runtime's default)"
         ),
-        Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
+        Ok(limit) => tracing::info!(limit, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open file limit"),
     }
     // Captured outbound connections come from pods of this node; plaintext inbound ones may

@@ -89,30 +89,16 @@ pub fn check_congestion(name: &str) -> io::Result<()> {
         .set_tcp_congestion(name.as_bytes())
 }
 
-/// Raises the soft limit on open files to the hard limit and returns both. Every proxied flow
+/// Raises the soft limit on open files to the hard limit and returns it. Every proxied flow
 /// holds two or three descriptors, and container runtimes commonly start processes with a soft
 /// limit of 1024 (and a much higher hard one), which would cap a node at a few hundred flows.
-pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only the struct passed, which lives on this stack frame.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads only the struct passed, which lives on this stack frame.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        lim = raised;
-    }
-    Ok((lim.rlim_cur, lim.rlim_max))
+    Ok(hard)
 }
 
 /// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
@@ -168,13 +154,11 @@ mod tests {
     /// plenty), then raised back to the hard limit.
     #[test]
     fn fd_limit_is_raised_to_the_hard_limit() {
-        let (_, hard) = raise_fd_limit().expect("limit");
-        let lowered = libc::rlimit {
-            rlim_cur: hard - 1,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads only the struct passed.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
-        assert_eq!(raise_fd_limit().expect("raise"), (hard, hard));
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let hard = raise_fd_limit().expect("limit");
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).expect("lower");
+        assert_eq!(raise_fd_limit().expect("raise"), hard);
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).expect("get");
+        assert_eq!(soft, hard);
     }
 }
