@@ -157,12 +157,21 @@ async fn serve_tcp(mut stream: TcpStream, src: IpAddr, handler: Handler) -> io::
             // Not a query at all: the stream cannot be trusted to stay in sync.
             return Ok(());
         };
-        let rlen = u16::try_from(reply.len()).map_err(|_| io::Error::other("answer too long"))?;
-        let mut out = Vec::with_capacity(reply.len() + 2);
-        out.extend_from_slice(&rlen.to_be_bytes());
-        out.extend_from_slice(&reply);
-        stream.write_all(&out).await?;
+        write_tcp_message(&mut stream, &reply).await?;
     }
+}
+
+/// Writes one DNS message on a TCP stream: its two-byte length, then the message (RFC 1035
+/// 4.2.2), in one write.
+pub(crate) async fn write_tcp_message<W>(w: &mut W, msg: &[u8]) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let len = u16::try_from(msg.len()).map_err(|_| io::Error::other("DNS message too long"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    w.write_all(&out).await
 }
 
 /// `127.0.0.1:<port>`, where capture looks the DNS sockets up.

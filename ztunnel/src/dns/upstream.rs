@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UdpSocket};
 
 /// Entries kept by the upstream cache.
@@ -165,9 +165,7 @@ async fn exchange(server: SocketAddr, query: &Query) -> std::io::Result<Message>
         return Ok(resp);
     }
     let mut tcp = TcpStream::connect(server).await?;
-    let len = u16::try_from(out.len()).map_err(std::io::Error::other)?;
-    tcp.write_all(&len.to_be_bytes()).await?;
-    tcp.write_all(&out).await?;
+    super::server::write_tcp_message(&mut tcp, &out).await?;
     let len = usize::from(tcp.read_u16().await?);
     tcp.read_exact(&mut buf[..len]).await?;
     answer_to(&buf[..len], id, query).ok_or_else(|| {
