@@ -429,8 +429,9 @@ fn measure(
 }
 
 /// `conns`: what an open, idle connection costs the data plane. `--conns` connections are
-/// opened (256 KiB echoed on each, so they have carried data) and held; memory of all data-plane processes is sampled while
-/// they are held and compared with just before, per connection.
+/// opened (256 KiB echoed on each, so they have carried data) and held; memory of all
+/// data-plane processes is sampled while they are held and compared with just before, per
+/// connection.
 fn held_connections(
     o: &Opts,
     mode: Mode,
@@ -466,25 +467,14 @@ fn held_connections(
         );
     }
     // MiB over all processes -> KiB per connection.
-    let per_conn = |now: f64, then: f64| (now - then) * 1024.0 / o.conns as f64;
-    push(
-        s,
-        mode,
-        "mem_per_conn_rss_kb",
-        per_conn(during.rss, before.rss),
-    );
-    push(
-        s,
-        mode,
-        "mem_per_conn_anon_kb",
-        per_conn(during.anon, before.anon),
-    );
-    push(
-        s,
-        mode,
-        "mem_per_conn_pss_kb",
-        per_conn(during.pss, before.pss),
-    );
+    for (kind, now, then) in [
+        ("rss", during.rss, before.rss),
+        ("anon", during.anon, before.anon),
+        ("pss", during.pss, before.pss),
+    ] {
+        let per_conn = (now - then) * 1024.0 / o.conns as f64;
+        push(s, mode, &format!("mem_per_conn_{kind}_kb"), per_conn);
+    }
     Ok(())
 }
 
