@@ -265,7 +265,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     sync_capture(&cfg, capture.as_mut(), &state, &view, true);
     readiness.set_ready();
     tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
-    release_startup_heap();
+    let released = crate::memory::release_startup_memory();
+    tracing::debug!(bytes = released, "start-up memory released");
 
     tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
     // Re-sync capture now and then: a pod's veth may appear after its object does.
@@ -539,15 +540,4 @@ fn sync_capture(
     }
     last.interfaces = now;
     last.enrolled = capture.enrolled();
-}
-
-/// Hands the heap that start-up left free (parsed YAML, CA and certificate work, eBPF object
-/// loading) back to the kernel, so the idle daemon's resident size is what it keeps, not what
-/// it once needed. glibc keeps freed memory otherwise.
-fn release_startup_heap() {
-    // SAFETY: malloc_trim only walks and trims the allocator's own free lists; it is
-    // thread-safe and takes no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
