@@ -28,6 +28,9 @@ const TLS_READ_BUF: usize = 64 * 1024;
 /// plaintext (rustls' default of 64 KiB means four syscalls per 256 KiB chunk).
 const TLS_WRITE_BUF: usize = 256 * 1024;
 
+/// Length of an HTTP/2 frame header, which h2 writes in front of each DATA payload.
+const DATA_FRAME_HEADER: usize = 9;
+
 /// The transport under TLS on HBONE connections: TCP with buffered reads.
 pub type Transport = tokio::io::BufReader<TcpStream>;
 
@@ -111,7 +114,7 @@ pub async fn splice(
     let mut from_tunnel = 0u64;
     let err = {
         let up = async {
-            let mut reader = crate::burst::BurstReader::new(&mut rd);
+            let mut reader = crate::burst::BurstReader::with_header(&mut rd, DATA_FRAME_HEADER);
             loop {
                 let Some(mut chunk) = reader.next().await? else {
                     send.send_data(Bytes::new(), true).map_err(h2_io)?;
