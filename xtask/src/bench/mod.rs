@@ -357,12 +357,28 @@ fn measure(
     if want("throughput") {
         for streams in [1u32, 4] {
             let cpu0 = probe::cpu_total(&dp.pids)?;
+            let (sys0, t0) = (probe::system_cpu()?, std::time::Instant::now());
             let child = probe::iperf_spawn(client, &host, iperf_port, streams, o.secs)?;
             std::thread::sleep(Duration::from_secs_f64(o.secs / 2.0));
             let load_mem = probe::mem_total(&dp.pids)?;
             let (bps, bytes) = probe::iperf_result(child)?;
             let cpu = probe::cpu_total(&dp.pids)? - cpu0;
+            let sys = probe::system_cpu()?;
             push(s, mode, &format!("tput_{streams}_gbps"), bps / 1e9);
+            // The whole machine: a CPU-bound path leaves little idle; one that waits on
+            // wake-ups leaves more (docs/BENCHMARKS.md, "Wake-ups").
+            push(
+                s,
+                mode,
+                &format!("sys_idle_pct_{streams}"),
+                sys.idle_pct_since(&sys0),
+            );
+            push(
+                s,
+                mode,
+                &format!("ctxt_per_s_{streams}"),
+                sys.switches_since(&sys0) / t0.elapsed().as_secs_f64(),
+            );
             if has_dp {
                 push(
                     s,

@@ -33,6 +33,74 @@ pub fn cpu_total(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|&p| cpu_secs(p)).sum()
 }
 
+/// Machine-wide CPU time and context switches (`/proc/stat`). How much of the machine a path
+/// leaves idle while it moves bulk data tells whether it is CPU-bound or losing time to
+/// wake-ups (on this kind of VM a wake-up onto a halted vCPU costs tens of microseconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SystemCpu {
+    /// Ticks spent running anything (user, system, interrupts, steal).
+    busy: f64,
+    /// Ticks idle (idle + iowait).
+    idle: f64,
+    /// Context switches since boot.
+    ctxt: f64,
+}
+
+impl SystemCpu {
+    /// Idle share of all CPUs since `earlier`, in percent.
+    pub fn idle_pct_since(&self, earlier: &SystemCpu) -> f64 {
+        let idle = self.idle - earlier.idle;
+        let total = idle + self.busy - earlier.busy;
+        if total > 0.0 {
+            idle / total * 100.0
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Context switches since `earlier`.
+    pub fn switches_since(&self, earlier: &SystemCpu) -> f64 {
+        self.ctxt - earlier.ctxt
+    }
+}
+
+/// Reads [`SystemCpu`] now.
+pub fn system_cpu() -> Result<SystemCpu> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?)
+}
+
+fn parse_proc_stat(text: &str) -> Result<SystemCpu> {
+    let nums = |line: &str| -> Vec<f64> {
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    let cpu = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(nums)
+        .context("/proc/stat has no `cpu` line")?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    if cpu.len() < 8 {
+        bail!(
+            "/proc/stat `cpu` line has {} fields, expected 8 or more",
+            cpu.len()
+        );
+    }
+    let ctxt = text
+        .lines()
+        .find(|l| l.starts_with("ctxt "))
+        .map(nums)
+        .and_then(|v| v.first().copied())
+        .context("/proc/stat has no `ctxt` line")?;
+    Ok(SystemCpu {
+        busy: cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7],
+        idle: cpu[3] + cpu[4],
+        ctxt,
+    })
+}
+
 /// Memory of one process in MiB.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mem {
@@ -184,6 +252,19 @@ pub fn median(v: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_stat_idle_share_and_switches() {
+        let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\nctxt 1000\n")
+            .expect("parse");
+        let b = parse_proc_stat("cpu  160 0 90 870 50 0 0 0 0 0\nctxt 4000\n").expect("parse");
+        assert_eq!(b.idle_pct_since(&a), 70.0 / 170.0 * 100.0);
+        assert_eq!(b.switches_since(&a), 3000.0);
+        assert!(parse_proc_stat("cpu  1 2 3\nctxt 1\n").is_err());
+        assert!(parse_proc_stat("intr 5\n").is_err());
+        let now = system_cpu().expect("this machine's /proc/stat");
+        assert!(now.ctxt > 0.0);
+    }
 
     #[test]
     fn median_and_own_process_stats() {
