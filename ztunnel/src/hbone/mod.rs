@@ -120,6 +120,9 @@ pub async fn splice(
                     send.send_data(Bytes::new(), true).map_err(h2_io)?;
                     return Ok::<_, io::Error>(());
                 };
+                // Each pass reserves the rest of the chunk and sends all the capacity granted:
+                // h2's poll_capacity wakes only when capacity *increases*, so granted capacity
+                // left unsent here would never be reported again and the flow would stall.
                 while !chunk.is_empty() {
                     send.reserve_capacity(chunk.len());
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
