@@ -182,6 +182,16 @@ pub struct RunArgs {
     /// A pooled HBONE connection without flows is closed after this long [default: 60s].
     #[arg(long, env = "ZTUNNEL_HBONE_IDLE_TIMEOUT")]
     pub hbone_idle_timeout: Option<String>,
+    /// HTTP/2 flow-control window of each HBONE stream (one flow): how much a sender may have in
+    /// flight before the receiving daemon has passed it on, which must cover the TCP buffers on
+    /// the way or the flow stalls on it; also what a flow whose destination stops reading may
+    /// hold in the receiving daemon. Bytes, or with KiB/MiB [default: 8MiB].
+    #[arg(long, env = "ZTUNNEL_HBONE_STREAM_WINDOW")]
+    pub hbone_stream_window: Option<String>,
+    /// HTTP/2 flow-control window of each HBONE connection, shared by its streams; at least the
+    /// stream window [default: 32MiB].
+    #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW")]
+    pub hbone_connection_window: Option<String>,
     /// Timeout for TCP connect plus TLS handshake to a peer or a pod [default: 5s].
     #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
@@ -288,9 +298,10 @@ pub struct HboneConfig {
     /// TCP connect + TLS handshake timeout.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// HTTP/2 stream flow-control window.
+    /// HTTP/2 stream flow-control window (`--hbone-stream-window`), sent in both directions;
+    /// also the most a stream may queue in h2 for sending.
     pub stream_window: u32,
-    /// HTTP/2 connection flow-control window.
+    /// HTTP/2 connection flow-control window (`--hbone-connection-window`).
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
     pub max_frame_size: u32,
@@ -449,12 +460,27 @@ impl Config {
         if max_streams == 0 {
             return Err(invalid("hbone-max-streams", "must be at least 1"));
         }
+        let stream_window = window("hbone-stream-window", a.hbone_stream_window, "8MiB")?;
+        let connection_window = window(
+            "hbone-connection-window",
+            a.hbone_connection_window,
+            "32MiB",
+        )?;
+        if connection_window < stream_window {
+            return Err(invalid(
+                "hbone-connection-window",
+                format!(
+                    "{connection_window} bytes is less than --hbone-stream-window \
+                     ({stream_window} bytes): one flow could never use its whole window"
+                ),
+            ));
+        }
         let hbone = HboneConfig {
             max_streams,
             idle_timeout: duration("hbone-idle-timeout", a.hbone_idle_timeout, "60s")?,
             connect_timeout: duration("connect-timeout", a.connect_timeout, "5s")?,
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            stream_window,
+            connection_window,
             max_frame_size: 1024 * 1024,
             tcp_congestion: congestion("hbone-tcp-congestion", a.hbone_tcp_congestion, "default")?,
         };
@@ -575,6 +601,8 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         readiness_port: cli.readiness_port.or(file.readiness_port),
         hbone_max_streams: cli.hbone_max_streams.or(file.hbone_max_streams),
         hbone_idle_timeout: cli.hbone_idle_timeout.or(file.hbone_idle_timeout),
+        hbone_stream_window: cli.hbone_stream_window.or(file.hbone_stream_window),
+        hbone_connection_window: cli.hbone_connection_window.or(file.hbone_connection_window),
         connect_timeout: cli.connect_timeout.or(file.connect_timeout),
         log_format: cli.log_format.or(file.log_format),
         log_level: cli.log_level.or(file.log_level),
@@ -644,6 +672,31 @@ fn parse_mark(flag: &'static str, value: Option<&str>, default: u32) -> Result<u
             format!("`{v}`: expected a non-zero mark such as 0x539"),
         )),
         Ok(m) => Ok(m),
+    }
+}
+
+/// An HTTP/2 flow-control window: bytes, or a whole number of KiB or MiB; between the
+/// protocol's initial 64 KiB and its maximum of 2^31 - 1 bytes (RFC 9113, 6.9.1).
+fn window(flag: &'static str, value: Option<String>, default: &str) -> Result<u32, ConfigError> {
+    let v = value.unwrap_or_else(|| default.into());
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let scale: u64 = match unit {
+        "" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        _ => 0,
+    };
+    let bytes = num.parse::<u64>().ok().and_then(|n| n.checked_mul(scale));
+    match bytes {
+        Some(b) if (65_535..=i32::MAX as u64).contains(&b) => Ok(b as u32),
+        _ => Err(invalid(
+            flag,
+            format!(
+                "`{v}`: expected a size from 65535 bytes to 2047MiB, in bytes or with KiB or MiB \
+                 (e.g. 4MiB)"
+            ),
+        )),
     }
 }
 
@@ -734,6 +787,35 @@ mod tests {
         a.connect_timeout = Some("5 parsecs".into());
         let e = Config::resolve(a).expect_err("bad duration").to_string();
         assert!(e.contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn flow_control_windows() {
+        let c = Config::resolve(base()).expect("valid");
+        assert_eq!(c.hbone.stream_window, 8 << 20);
+        assert_eq!(c.hbone.connection_window, 32 << 20);
+
+        let mut a = base();
+        a.hbone_stream_window = Some("512KiB".into());
+        a.hbone_connection_window = Some("1048576".into());
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(
+            (c.hbone.stream_window, c.hbone.connection_window),
+            (512 << 10, 1 << 20)
+        );
+
+        for bad in ["4MB", "1000", "2048MiB", "", "MiB"] {
+            let mut a = base();
+            a.hbone_stream_window = Some(bad.into());
+            let e = Config::resolve(a).expect_err(bad).to_string();
+            assert!(e.contains("--hbone-stream-window"), "{bad}: {e}");
+        }
+        let mut a = base();
+        a.hbone_stream_window = Some("64MiB".into());
+        let e = Config::resolve(a)
+            .expect_err("connection < stream")
+            .to_string();
+        assert!(e.contains("--hbone-connection-window"), "{e}");
     }
 
     #[test]
