@@ -187,10 +187,12 @@ pub struct RunArgs {
     /// the way or the flow stalls on it; also what a flow whose destination stops reading may
     /// hold in the receiving daemon. Bytes, or with KiB/MiB [default: 8MiB].
     #[arg(long, env = "ZTUNNEL_HBONE_STREAM_WINDOW")]
+    #[serde(default, deserialize_with = "size_in_file")]
     pub hbone_stream_window: Option<String>,
     /// HTTP/2 flow-control window of each HBONE connection, shared by its streams; at least the
     /// stream window [default: 32MiB].
     #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW")]
+    #[serde(default, deserialize_with = "size_in_file")]
     pub hbone_connection_window: Option<String>,
     /// Timeout for TCP connect plus TLS handshake to a peer or a pod [default: 5s].
     #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT")]
@@ -675,6 +677,20 @@ fn parse_mark(flag: &'static str, value: Option<&str>, default: u32) -> Result<u
     }
 }
 
+/// A size in the YAML file may be a string (`8MiB`) or a plain number of bytes.
+fn size_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Text(String),
+        Bytes(u64),
+    }
+    Ok(Option::<Size>::deserialize(d)?.map(|s| match s {
+        Size::Text(t) => t,
+        Size::Bytes(n) => n.to_string(),
+    }))
+}
+
 /// An HTTP/2 flow-control window: bytes, or a whole number of KiB or MiB; between the
 /// protocol's initial 64 KiB and its maximum of 2^31 - 1 bytes (RFC 9113, 6.9.1).
 fn window(flag: &'static str, value: Option<String>, default: &str) -> Result<u32, ConfigError> {
@@ -881,6 +897,17 @@ mod tests {
         let c = Config::resolve(a).expect("valid");
         assert_eq!(c.ports.hbone, 16008);
         assert_eq!(c.ports.admin, 17000);
+
+        std::fs::write(
+            &path,
+            "hbone-stream-window: 1048576\nhbone-connection-window: 64MiB\n",
+        )
+        .expect("write");
+        let mut a = base();
+        a.config = Some(path.clone());
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(c.hbone.stream_window, 1 << 20);
+        assert_eq!(c.hbone.connection_window, 64 << 20);
 
         std::fs::write(&path, "hbone-prot: 1\n").expect("write");
         let mut a = base();
