@@ -82,6 +82,28 @@ pub async fn connect(
     }
 }
 
+/// Sets `TCP_NOTSENT_LOWAT`: the socket then reports itself writable, and takes more data, only
+/// while fewer than `bytes` of what was written are still unsent, so data waits in the writer
+/// instead of in the kernel's send queue.
+pub fn set_notsent_lowat(sock: &impl AsRawFd, bytes: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: plain setsockopt on an open socket, with a correctly sized int argument.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of_val(&v) as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Fails when the kernel cannot give a socket congestion control `name` (not built in, module
 /// not loaded, or not allowed), so a bad setting stops the daemon before it binds anything.
 pub fn check_congestion(name: &str) -> io::Result<()> {
@@ -148,6 +170,30 @@ mod tests {
         assert_eq!(congestion_of(&c), "cubic");
         assert!(check_congestion("cubic").is_ok());
         assert!(check_congestion("no-such-cc").is_err());
+    }
+
+    /// A real loopback socket: the kernel reports back the bound that was set.
+    #[tokio::test]
+    async fn notsent_lowat_is_set() {
+        let l = listener("127.0.0.1:0".parse().expect("addr"), false, 0, None).expect("listener");
+        let addr = l.local_addr().expect("addr");
+        let c = connect(None, addr, 0, None, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        set_notsent_lowat(&c, 128 * 1024).expect("set");
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
+        // SAFETY: getsockopt into a correctly sized int on an open socket.
+        let rc = unsafe {
+            libc::getsockopt(
+                c.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::addr_of_mut!(v).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, v), (0, 128 * 1024));
     }
 
     /// The real limit of this test process: lowered a little (tests running alongside keep

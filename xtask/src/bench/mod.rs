@@ -65,9 +65,16 @@ impl Mode {
     }
 }
 
-const SCENARIOS: &[&str] = &["throughput", "latency", "connrate", "conns", "profile"];
+const SCENARIOS: &[&str] = &[
+    "throughput",
+    "latency",
+    "connrate",
+    "conns",
+    "loaded",
+    "profile",
+];
 /// The scenarios run when none is named (`profile` needs perf and is asked for explicitly).
-const DEFAULT_SCENARIOS: usize = 4;
+const DEFAULT_SCENARIOS: usize = 5;
 
 #[derive(Debug)]
 struct Opts {
@@ -438,6 +445,26 @@ fn measure(
         push(s, mode, "conn_per_s", num(&v, "cps")?);
         push(s, mode, "conn_failed", num(&v, "failed")?);
     }
+    if want("loaded") {
+        // 64 B requests back to back while one bulk stream runs between the same two pods:
+        // what an RPC sees when a transfer shares its path, and in ambient its pooled HBONE
+        // connection. Back to back, because at a fixed rate one slow round trip delays every
+        // request scheduled after it and the percentiles measure the backlog instead.
+        let bulk = probe::iperf_spawn(client, &host, iperf_port, 1, o.secs + 2.0)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let rr = probe::rr_args(&echo, 64, o.secs, None);
+        let v = probe::meshload_result(probe::meshload_spawn(client, &rr)?)?;
+        let (bps, _) = probe::iperf_result(bulk)?;
+        for p in ["p50", "p90", "p99"] {
+            push(
+                s,
+                mode,
+                &format!("loaded_rr64_{p}_us"),
+                num(&v, &format!("{p}_us"))?,
+            );
+        }
+        push(s, mode, "loaded_tput_gbps", bps / 1e9);
+    }
     if want("conns") && has_dp {
         held_connections(o, mode, dp, client, &echo, s)?;
     }
@@ -688,7 +715,13 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
         "<= 9 MB (8.58 MiB)",
     );
     t.push_str("\nadded p50/p99 latency over direct (us):\n");
-    for tag in ["rr64", "rr64_fixed", "rr1024", "rr1024_fixed"] {
+    for tag in [
+        "rr64",
+        "rr64_fixed",
+        "rr1024",
+        "rr1024_fixed",
+        "loaded_rr64",
+    ] {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         t.push_str(&format!(
             "  {tag:<13} ambient p50 +{} p99 +{}   envoy p50 +{} p99 +{}\n",

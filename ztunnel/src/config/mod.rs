@@ -194,6 +194,13 @@ pub struct RunArgs {
     #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW")]
     #[serde(default, deserialize_with = "size_in_file")]
     pub hbone_connection_window: Option<String>,
+    /// Unsent bytes an HBONE socket may hold in the kernel (`TCP_NOTSENT_LOWAT`); beyond it
+    /// data waits in HTTP/2, where the flows sharing the connection take turns, instead of in
+    /// the socket's single queue, where every flow waits behind what is already there. `0`
+    /// leaves the kernel's default (no limit). Bytes, or with KiB/MiB [default: 128KiB].
+    #[arg(long, env = "ZTUNNEL_HBONE_NOTSENT_LOWAT")]
+    #[serde(default, deserialize_with = "size_in_file")]
+    pub hbone_notsent_lowat: Option<String>,
     /// Timeout for TCP connect plus TLS handshake to a peer or a pod [default: 5s].
     #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
@@ -309,6 +316,8 @@ pub struct HboneConfig {
     pub max_frame_size: u32,
     /// TCP congestion control of HBONE sockets (`None`: the node's default).
     pub tcp_congestion: Option<String>,
+    /// `TCP_NOTSENT_LOWAT` of HBONE sockets (`--hbone-notsent-lowat`; `None`: not set).
+    pub notsent_lowat: Option<u32>,
 }
 
 /// The validated configuration the daemon runs with. Serialized for the admin config dump.
@@ -485,6 +494,16 @@ impl Config {
             connection_window,
             max_frame_size: 1024 * 1024,
             tcp_congestion: congestion("hbone-tcp-congestion", a.hbone_tcp_congestion, "default")?,
+            notsent_lowat: match size(
+                "hbone-notsent-lowat",
+                a.hbone_notsent_lowat,
+                "128KiB",
+                0,
+                "a size up to 2047MiB (0: no limit)",
+            )? {
+                0 => None,
+                n => Some(n),
+            },
         };
         let dns = if a.dns_capture.unwrap_or(true) {
             let mut upstreams = Vec::new();
@@ -605,6 +624,7 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         hbone_idle_timeout: cli.hbone_idle_timeout.or(file.hbone_idle_timeout),
         hbone_stream_window: cli.hbone_stream_window.or(file.hbone_stream_window),
         hbone_connection_window: cli.hbone_connection_window.or(file.hbone_connection_window),
+        hbone_notsent_lowat: cli.hbone_notsent_lowat.or(file.hbone_notsent_lowat),
         connect_timeout: cli.connect_timeout.or(file.connect_timeout),
         log_format: cli.log_format.or(file.log_format),
         log_level: cli.log_level.or(file.log_level),
@@ -691,27 +711,42 @@ fn size_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>
     }))
 }
 
-/// An HTTP/2 flow-control window: bytes, or a whole number of KiB or MiB; between the
-/// protocol's initial 64 KiB and its maximum of 2^31 - 1 bytes (RFC 9113, 6.9.1).
+/// An HTTP/2 flow-control window: between the protocol's initial 64 KiB and its maximum of
+/// 2^31 - 1 bytes (RFC 9113, 6.9.1).
 fn window(flag: &'static str, value: Option<String>, default: &str) -> Result<u32, ConfigError> {
+    size(
+        flag,
+        value,
+        default,
+        65_535,
+        "a size from 65535 bytes to 2047MiB",
+    )
+}
+
+/// A size in bytes, or a whole number of KiB or MiB, from `min` to 2^31 - 1 bytes (what the
+/// kernel and HTTP/2 take); `expected` says the range in the error.
+fn size(
+    flag: &'static str,
+    value: Option<String>,
+    default: &str,
+    min: u64,
+    expected: &str,
+) -> Result<u32, ConfigError> {
     let v = value.unwrap_or_else(|| default.into());
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let scale: u64 = match unit {
-        "" => 1,
-        "KiB" => 1024,
-        "MiB" => 1024 * 1024,
-        _ => 0,
+    let scale: Option<u64> = match unit {
+        "" => Some(1),
+        "KiB" => Some(1024),
+        "MiB" => Some(1024 * 1024),
+        _ => None,
     };
-    let bytes = num.parse::<u64>().ok().and_then(|n| n.checked_mul(scale));
+    let bytes = scale.and_then(|k| num.parse::<u64>().ok()?.checked_mul(k));
     match bytes {
-        Some(b) if (65_535..=i32::MAX as u64).contains(&b) => Ok(b as u32),
+        Some(b) if (min..=i32::MAX as u64).contains(&b) => Ok(b as u32),
         _ => Err(invalid(
             flag,
-            format!(
-                "`{v}`: expected a size from 65535 bytes to 2047MiB, in bytes or with KiB or MiB \
-                 (e.g. 4MiB)"
-            ),
+            format!("`{v}`: expected {expected}, in bytes or with KiB or MiB (e.g. 4MiB)"),
         )),
     }
 }

@@ -73,6 +73,27 @@ fn flow_control_windows() {
 }
 
 #[test]
+fn hbone_notsent_lowat() {
+    let c = Config::resolve(base()).expect("valid");
+    assert_eq!(c.hbone.notsent_lowat, Some(128 << 10));
+    for (v, want) in [("0", None), ("16KiB", Some(16 << 10)), ("4096", Some(4096))] {
+        let mut a = base();
+        a.hbone_notsent_lowat = Some(v.into());
+        assert_eq!(
+            Config::resolve(a).expect(v).hbone.notsent_lowat,
+            want,
+            "{v}"
+        );
+    }
+    for bad in ["128KB", "2048MiB", "-1"] {
+        let mut a = base();
+        a.hbone_notsent_lowat = Some(bad.into());
+        let e = Config::resolve(a).expect_err(bad).to_string();
+        assert!(e.contains("--hbone-notsent-lowat"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn congestion_control_settings() {
     let c = Config::resolve(base()).expect("valid");
     assert_eq!(c.pod_tcp_congestion.as_deref(), Some("cubic"));

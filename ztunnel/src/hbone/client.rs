@@ -256,7 +256,7 @@ impl Inner {
             self.cfg.connect_timeout,
             connector.connect(
                 ServerName::IpAddress(addr.ip().into()),
-                super::transport(tcp),
+                super::transport(tcp, &self.cfg),
             ),
         )
         .await

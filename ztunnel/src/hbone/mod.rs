@@ -14,6 +14,8 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::config::HboneConfig;
+
 /// Header carrying the original client address: `for="ip:port"`.
 pub const FORWARDED: &str = "forwarded";
 /// W3C baggage with the source's Kubernetes names (Istio uses it for telemetry).
@@ -34,8 +36,15 @@ const DATA_FRAME_HEADER: usize = 9;
 /// The transport under TLS on HBONE connections: TCP with buffered reads.
 pub type Transport = tokio::io::BufReader<TcpStream>;
 
-/// Wraps a connected socket for use under TLS.
-pub fn transport(tcp: TcpStream) -> Transport {
+/// Wraps a connected socket for use under TLS, with the socket options HBONE wants: a bound on
+/// unsent data in the kernel (`--hbone-notsent-lowat`), so the flows of a connection are
+/// interleaved by HTTP/2 rather than queued behind each other in the socket.
+pub fn transport(tcp: TcpStream, cfg: &HboneConfig) -> Transport {
+    if let Some(n) = cfg.notsent_lowat {
+        if let Err(e) = crate::socket::set_notsent_lowat(&tcp, n) {
+            tracing::warn!(error = %e, bytes = n, "cannot set TCP_NOTSENT_LOWAT on an HBONE socket");
+        }
+    }
     tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)
 }
 

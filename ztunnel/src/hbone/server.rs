@@ -175,7 +175,7 @@ impl<H: Handler> Server<H> {
         let acceptor = TlsAcceptor::from(self.tls_config(&id).await?);
         let mut tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,
-            acceptor.accept(super::transport(tcp)),
+            acceptor.accept(super::transport(tcp, &self.cfg)),
         )
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
