@@ -179,6 +179,11 @@ pub struct RunArgs {
     /// allows [default: 100].
     #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS")]
     pub hbone_max_streams: Option<u32>,
+    /// Connections to one destination from one source pod that concurrent flows get to
+    /// themselves before they share one (up to --hbone-max-streams each): flows sharing a
+    /// connection queue behind each other's bytes [default: 4].
+    #[arg(long, env = "ZTUNNEL_HBONE_SPREAD")]
+    pub hbone_spread: Option<u32>,
     /// A pooled HBONE connection without flows is closed after this long [default: 60s].
     #[arg(long, env = "ZTUNNEL_HBONE_IDLE_TIMEOUT")]
     pub hbone_idle_timeout: Option<String>,
@@ -301,6 +306,8 @@ pub struct CaptureConfig {
 pub struct HboneConfig {
     /// Stream cap per pooled connection.
     pub max_streams: u32,
+    /// Connections per pool key that concurrent flows get to themselves before sharing.
+    pub spread: u32,
     /// Idle pooled connections are released after this.
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
@@ -486,8 +493,13 @@ impl Config {
                 ),
             ));
         }
+        let spread = a.hbone_spread.unwrap_or(4);
+        if spread == 0 {
+            return Err(invalid("hbone-spread", "must be at least 1"));
+        }
         let hbone = HboneConfig {
             max_streams,
+            spread,
             idle_timeout: duration("hbone-idle-timeout", a.hbone_idle_timeout, "60s")?,
             connect_timeout: duration("connect-timeout", a.connect_timeout, "5s")?,
             stream_window,
@@ -625,6 +637,7 @@ fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         hbone_stream_window: cli.hbone_stream_window.or(file.hbone_stream_window),
         hbone_connection_window: cli.hbone_connection_window.or(file.hbone_connection_window),
         hbone_notsent_lowat: cli.hbone_notsent_lowat.or(file.hbone_notsent_lowat),
+        hbone_spread: cli.hbone_spread.or(file.hbone_spread),
         connect_timeout: cli.connect_timeout.or(file.connect_timeout),
         log_format: cli.log_format.or(file.log_format),
         log_level: cli.log_level.or(file.log_level),

@@ -73,6 +73,15 @@ fn flow_control_windows() {
 }
 
 #[test]
+fn hbone_spread() {
+    assert_eq!(Config::resolve(base()).expect("valid").hbone.spread, 4);
+    let mut a = base();
+    a.hbone_spread = Some(0);
+    let e = Config::resolve(a).expect_err("zero").to_string();
+    assert!(e.contains("--hbone-spread"), "{e}");
+}
+
+#[test]
 fn hbone_notsent_lowat() {
     let c = Config::resolve(base()).expect("valid");
     assert_eq!(c.hbone.notsent_lowat, Some(128 << 10));

@@ -212,22 +212,32 @@ impl Pool {
 }
 
 impl Inner {
-    /// Takes a slot on a live pooled connection for `key`, if one has room.
+    /// Takes a slot on a live pooled connection for `key`: one no flow is using; else, while
+    /// fewer than `--hbone-spread` connections exist, none (so the caller dials); else the
+    /// connection with the fewest flows that has room. Flows that run at the same time get
+    /// connections of their own first because one connection is one byte stream: a request
+    /// sharing it with a bulk transfer waits behind everything the transfer has queued
+    /// (milliseconds, docs/BENCHMARKS.md "A request next to a bulk transfer").
     fn take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Acquire));
-        let cap = self.cfg.max_streams as usize;
-        list.iter()
-            .find(|c| {
-                let max = cap.min(c.peer_max.load(Ordering::Relaxed));
-                c.active
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < max).then_some(n + 1)
-                    })
-                    .is_ok()
-            })
-            .cloned()
+        let claim = |c: &Arc<Conn>, room: &dyn Fn(usize, usize) -> bool| {
+            let max = (self.cfg.max_streams as usize).min(c.peer_max.load(Ordering::Relaxed));
+            c.active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    room(n, max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if let Some(c) = list.iter().find(|c| claim(c, &|n, max| n == 0 && max > 0)) {
+            return Some(c.clone());
+        }
+        if list.len() < self.cfg.spread as usize {
+            return None;
+        }
+        list.sort_by_key(|c| c.active.load(Ordering::Relaxed));
+        list.iter().find(|c| claim(c, &|n, max| n < max)).cloned()
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
