@@ -87,21 +87,7 @@ pub async fn connect(
 /// instead of in the kernel's send queue.
 pub fn set_notsent_lowat(sock: &impl AsRawFd, bytes: u32) -> io::Result<()> {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: plain setsockopt on an open socket, with a correctly sized int argument.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            std::ptr::addr_of!(v).cast(),
-            std::mem::size_of_val(&v) as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int(sock, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)
 }
 
 /// Fails when the kernel cannot give a socket congestion control `name` (not built in, module
@@ -126,15 +112,24 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 /// Lets the kernel pick the source port at connect time, by 4-tuple: many flows from one pod
 /// IP to different destinations then never run out of ports.
 fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
+    set_int(sock, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+/// An integer socket option that socket2 has no setter for.
+fn set_int(
+    sock: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: plain setsockopt on an open socket, with a correctly sized int argument.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            std::ptr::addr_of!(one).cast(),
-            std::mem::size_of_val(&one) as libc::socklen_t,
+            level,
+            name,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of_val(&v) as libc::socklen_t,
         )
     };
     if rc == 0 {
