@@ -222,22 +222,23 @@ impl Inner {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Acquire));
-        let claim = |c: &Arc<Conn>, room: &dyn Fn(usize, usize) -> bool| {
+        // Takes a slot if the connection has room (and, with `idle_only`, no flow at all).
+        let claim = |c: &Arc<Conn>, idle_only: bool| {
             let max = (self.cfg.max_streams as usize).min(c.peer_max.load(Ordering::Relaxed));
             c.active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    room(n, max).then_some(n + 1)
+                    (n < max && (n == 0 || !idle_only)).then_some(n + 1)
                 })
                 .is_ok()
         };
-        if let Some(c) = list.iter().find(|c| claim(c, &|n, max| n == 0 && max > 0)) {
+        if let Some(c) = list.iter().find(|c| claim(c, true)) {
             return Some(c.clone());
         }
         if list.len() < self.cfg.spread as usize {
             return None;
         }
         list.sort_by_key(|c| c.active.load(Ordering::Relaxed));
-        list.iter().find(|c| claim(c, &|n, max| n < max)).cloned()
+        list.iter().find(|c| claim(c, false)).cloned()
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
