@@ -372,8 +372,9 @@ fn measure(
             let cpu = probe::cpu_total(&dp.pids)? - cpu0;
             let sys = probe::system_cpu()?;
             push(s, mode, &format!("tput_{streams}_gbps"), bps / 1e9);
-            // The whole machine: a CPU-bound path leaves little idle; one that waits on
-            // wake-ups leaves more (docs/BENCHMARKS.md, "Wake-ups").
+            // The whole machine: a CPU-bound path leaves little idle; one that waits (on
+            // TCP transmission, wake-ups) leaves more (docs/BENCHMARKS.md, "Keeping the
+            // daemons awake").
             push(
                 s,
                 mode,

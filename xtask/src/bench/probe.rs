@@ -34,8 +34,8 @@ pub fn cpu_total(pids: &[u32]) -> Result<f64> {
 }
 
 /// Machine-wide CPU time and context switches (`/proc/stat`). How much of the machine a path
-/// leaves idle while it moves bulk data tells whether it is CPU-bound or losing time to
-/// wake-ups (on this kind of VM a wake-up onto a halted vCPU costs tens of microseconds).
+/// leaves idle while it moves bulk data tells whether it is CPU-bound or waiting on something
+/// else (what it waits on is in docs/BENCHMARKS.md: not the wake-ups, as was first thought).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SystemCpu {
     /// Ticks spent running anything (user, system, interrupts, steal).
