@@ -363,15 +363,8 @@ fn measure(
     let want = |name: &str| o.scenarios.iter().any(|x| x == name);
     if want("throughput") {
         for streams in [1u32, 4] {
-            let cpu0 = probe::cpu_total(&dp.pids)?;
-            let (sys0, t0) = (probe::system_cpu()?, std::time::Instant::now());
-            let child = probe::iperf_spawn(client, &host, iperf_port, streams, o.secs)?;
-            std::thread::sleep(Duration::from_secs_f64(o.secs / 2.0));
-            let load_mem = probe::mem_total(&dp.pids)?;
-            let (bps, bytes) = probe::iperf_result(child)?;
-            let cpu = probe::cpu_total(&dp.pids)? - cpu0;
-            let sys = probe::system_cpu()?;
-            push(s, mode, &format!("tput_{streams}_gbps"), bps / 1e9);
+            let t = probe::retry_busy(|| transfer(o, dp, client, &host, iperf_port, streams))?;
+            push(s, mode, &format!("tput_{streams}_gbps"), t.bps / 1e9);
             // The whole machine: a CPU-bound path leaves little idle; one that waits (on
             // TCP transmission, wake-ups) leaves more (docs/BENCHMARKS.md, "Keeping the
             // daemons awake").
@@ -379,23 +372,23 @@ fn measure(
                 s,
                 mode,
                 &format!("sys_idle_pct_{streams}"),
-                sys.idle_pct_since(&sys0),
+                t.sys_after.idle_pct_since(&t.sys_before),
             );
             push(
                 s,
                 mode,
                 &format!("ctxt_per_s_{streams}"),
-                sys.switches_since(&sys0) / t0.elapsed().as_secs_f64(),
+                t.sys_after.switches_since(&t.sys_before) / t.secs,
             );
             if has_dp {
                 push(
                     s,
                     mode,
                     &format!("cpu_s_per_gb_{streams}"),
-                    cpu / (bytes / 1e9),
+                    t.cpu / (t.bytes / 1e9),
                 );
                 if streams == 4 {
-                    let (rss, anon, pss) = per_proc(load_mem);
+                    let (rss, anon, pss) = per_proc(t.load_mem);
                     push(s, mode, "mem_load_rss_mb", rss);
                     push(s, mode, "mem_load_anon_mb", anon);
                     push(s, mode, "mem_load_pss_mb", pss);
@@ -451,11 +444,13 @@ fn measure(
         // what an RPC sees when a transfer shares its path, and in ambient its pooled HBONE
         // connection. Back to back, because at a fixed rate one slow round trip delays every
         // request scheduled after it and the percentiles measure the backlog instead.
-        let bulk = probe::iperf_spawn(client, &host, iperf_port, 1, o.secs + 2.0)?;
-        std::thread::sleep(Duration::from_secs(1));
-        let rr = probe::rr_args(&echo, 64, o.secs, None);
-        let v = probe::meshload_result(probe::meshload_spawn(client, &rr)?)?;
-        let (bps, _) = probe::iperf_result(bulk)?;
+        let (v, bps) = probe::retry_busy(|| {
+            let bulk = probe::iperf_spawn(client, &host, iperf_port, 1, o.secs + 2.0)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let rr = probe::rr_args(&echo, 64, o.secs, None);
+            let v = probe::meshload_result(probe::meshload_spawn(client, &rr)?)?;
+            Ok((v, probe::iperf_result(bulk)?.0))
+        })?;
         for p in ["p50", "p90", "p99"] {
             push(
                 s,
@@ -470,6 +465,44 @@ fn measure(
         held_connections(o, mode, dp, client, &echo, s)?;
     }
     Ok(())
+}
+
+/// One iperf3 transfer with what was measured around it.
+struct Transfer {
+    bps: f64,
+    bytes: f64,
+    /// Data-plane CPU seconds during the transfer.
+    cpu: f64,
+    /// Data-plane memory half-way through.
+    load_mem: probe::Mem,
+    sys_before: probe::SystemCpu,
+    sys_after: probe::SystemCpu,
+    secs: f64,
+}
+
+fn transfer(
+    o: &Opts,
+    dp: &Dataplane,
+    client: &Pod,
+    host: &str,
+    port: u16,
+    streams: u32,
+) -> Result<Transfer> {
+    let cpu0 = probe::cpu_total(&dp.pids)?;
+    let (sys_before, t0) = (probe::system_cpu()?, std::time::Instant::now());
+    let child = probe::iperf_spawn(client, host, port, streams, o.secs)?;
+    std::thread::sleep(Duration::from_secs_f64(o.secs / 2.0));
+    let load_mem = probe::mem_total(&dp.pids)?;
+    let (bps, bytes) = probe::iperf_result(child)?;
+    Ok(Transfer {
+        bps,
+        bytes,
+        cpu: probe::cpu_total(&dp.pids)? - cpu0,
+        load_mem,
+        sys_before,
+        sys_after: probe::system_cpu()?,
+        secs: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// `conns`: what an open, idle connection costs the data plane. `--conns` connections are

@@ -194,6 +194,28 @@ pub fn iperf_result(child: Child) -> Result<(f64, f64)> {
     }
 }
 
+/// What iperf3 answers when a client arrives before its server has finished the previous test.
+const IPERF_BUSY: &str = "server is busy running a test";
+
+/// Runs `attempt` (one whole measurement around an iperf3 client) again, up to five times one
+/// second apart, while it fails because the iperf3 server is still busy: through a data plane
+/// the server may see the previous test's connections close a moment after the client did.
+/// Each attempt starts its own counters, so a retried sample measures one transfer only.
+pub fn retry_busy<T>(mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    for _ in 1..5 {
+        match attempt() {
+            Err(e) if format!("{e:#}").contains(IPERF_BUSY) => {
+                eprintln!(
+                    "bench: iperf3 server still busy with the previous test; retrying in 1 s"
+                );
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+    attempt()
+}
+
 /// Starts `meshload <args>` in a pod; finish with [`meshload_result`].
 pub fn meshload_spawn(pod: &Pod, args: &[String]) -> Result<Child> {
     pod.command(crate::bench::meshload_bin())
@@ -252,6 +274,26 @@ pub fn median(v: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_iperf_server_is_retried_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r = retry_busy(|| {
+            calls += 1;
+            if calls == 1 {
+                bail!("envoy path: iperf3: the {IPERF_BUSY}. try again later");
+            }
+            Ok(calls)
+        });
+        assert_eq!(r.ok(), Some(2));
+        let mut calls = 0;
+        let r: Result<()> = retry_busy(|| {
+            calls += 1;
+            bail!("iperf3: unable to connect to server")
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+    }
 
     #[test]
     fn proc_stat_idle_share_and_switches() {
