@@ -7,81 +7,108 @@
 //! VM an inter-processor interrupt). Here a 64-byte round trip costs each daemon no futex at all
 //! (strace in docs/BENCHMARKS.md). Envoy serves a connection on one worker for the same reason.
 //!
-//! Placement: the accept loops run on the control runtime and hand each accepted socket to a
-//! worker. Outbound flows are placed by (source pod, original destination), so flows that share
-//! a pooled HBONE connection (same source and destination) run on the worker that drives it;
-//! inbound connections round-robin. Anything still works across workers (h2 and the pool are
+//! Placement: the accept loops run on the control runtime and hand each accepted socket to the
+//! worker serving the fewest connections at that moment (ties go to the lowest index, so a
+//! quiet daemon keeps its flows, and their pooled HBONE connections, on one worker). A pooled
+//! HBONE connection is driven by the worker that dialed it, and the pool prefers connections
+//! driven by the flow's own worker ([`current`]). So a request flow and a bulk transfer
+//! between the same two pods run on different workers when there is more than one, instead of
+//! the request waiting behind the transfer's chunks on a shared thread (docs/BENCHMARKS.md, "A
+//! request next to a bulk transfer"). Anything still works across workers (h2 and the pool are
 //! thread-safe); placement only decides what is local.
 
+use std::cell::Cell;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::io;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
+thread_local! {
+    /// Index of the worker this thread is, on worker threads.
+    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The index of the worker the calling thread is (`None` off the data-plane workers).
+pub fn current() -> Option<usize> {
+    CURRENT.with(Cell::get)
+}
+
 /// The worker runtimes. Threads run until the process exits.
 #[derive(Debug)]
 pub struct Workers {
-    handles: Vec<Handle>,
-    next: AtomicUsize,
+    workers: Vec<Worker>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    handle: Handle,
+    /// Connections this worker is serving now.
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as live on its worker until dropped.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Workers {
     /// Starts `n` worker threads (`n` at least 1).
     pub fn start(n: usize) -> io::Result<Workers> {
-        let mut handles = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            handles.push(rt.handle().clone());
+            workers.push(Worker {
+                handle: rt.handle().clone(),
+                live: Arc::new(AtomicUsize::new(0)),
+            });
             std::thread::Builder::new()
                 .name(format!("ztunnel-dp-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    CURRENT.with(|c| c.set(Some(i)));
+                    rt.block_on(std::future::pending::<()>())
+                })?;
         }
-        Ok(Workers {
-            handles,
-            next: AtomicUsize::new(0),
-        })
+        Ok(Workers { workers })
     }
 
     /// Number of workers.
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.workers.len()
     }
 
     /// Always false: there is at least one worker.
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.workers.is_empty()
     }
 
-    /// The worker for `key`: equal keys always get the same worker.
-    fn by_key(&self, key: (IpAddr, IpAddr)) -> &Handle {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        &self.handles[(h.finish() % self.handles.len() as u64) as usize]
+    /// The worker serving the fewest connections (the first of equals).
+    fn least_busy(&self) -> &Worker {
+        let mut best = &self.workers[0];
+        for w in &self.workers[1..] {
+            if w.live.load(Ordering::Relaxed) < best.live.load(Ordering::Relaxed) {
+                best = w;
+            }
+        }
+        best
     }
 
-    /// The next worker in turn.
-    fn round_robin(&self) -> &Handle {
-        &self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()]
-    }
-
-    /// Serves `tcp` with `serve` on the worker chosen by `flow`, (source IP, original
-    /// destination IP), or round-robin for `None`. The socket moves to that worker's I/O
-    /// driver, so all its readiness events arrive there.
-    pub fn serve<F, Fut>(&self, flow: Option<(IpAddr, IpAddr)>, tcp: TcpStream, serve: F)
+    /// Serves `tcp` with `serve` on the least busy worker. The socket moves to that worker's
+    /// I/O driver, so all its readiness events arrive there.
+    pub fn serve<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let worker = match flow {
-            Some(k) => self.by_key(k),
-            None => self.round_robin(),
-        };
+        let worker = self.least_busy();
         let std = match tcp.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -89,7 +116,10 @@ impl Workers {
                 return;
             }
         };
-        worker.spawn(async move {
+        worker.live.fetch_add(1, Ordering::Relaxed);
+        let live = Live(worker.live.clone());
+        worker.handle.spawn(async move {
+            let _live = live;
             match TcpStream::from_std(std) {
                 Ok(tcp) => serve(tcp).await,
                 Err(e) => {
@@ -104,40 +134,63 @@ impl Workers {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_socket_is_served_on_a_worker_thread() {
-        let workers = Workers::start(2).expect("workers");
+    /// A connected loopback pair: (client side, accepted side).
+    async fn pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let client = tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut c = TcpStream::connect(addr).await.expect("connect");
-            let mut s = String::new();
-            c.read_to_string(&mut s).await.expect("read");
-            s
-        });
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let flow = Some(("10.0.0.1".parse().expect("ip"), addr.ip()));
-        workers.serve(flow, tcp, |mut tcp| async move {
-            use tokio::io::AsyncWriteExt;
-            let name = std::thread::current().name().unwrap_or("").to_string();
-            tcp.write_all(name.as_bytes()).await.expect("write");
-        });
-        let name = client.await.expect("client");
-        assert!(name.starts_with("ztunnel-dp-"), "served on {name:?}");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        (client, accepted)
     }
 
-    #[test]
-    fn equal_keys_get_the_same_worker() {
-        let workers = Workers::start(4).expect("workers");
-        let flow = (
-            "10.0.0.1".parse().expect("ip"),
-            "10.0.1.2".parse().expect("ip"),
+    /// Serves `tcp` on `workers` with a task that reports where it runs and then stays live
+    /// until its client side closes.
+    fn serve_and_report(
+        workers: &Workers,
+        tcp: TcpStream,
+    ) -> std::sync::mpsc::Receiver<(Option<usize>, String)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.serve(tcp, move |mut tcp| async move {
+            use tokio::io::AsyncReadExt;
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            let _ = tx.send((current(), name));
+            let _ = tcp.read(&mut [0u8; 1]).await;
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_served_on_a_worker_thread() {
+        let workers = Workers::start(2).expect("workers");
+        let (_client, accepted) = pair().await;
+        let (index, name) = serve_and_report(&workers, accepted).recv().expect("report");
+        assert!(name.starts_with("ztunnel-dp-"), "served on {name:?}");
+        assert_eq!(index, Some(0), "an idle daemon serves on its first worker");
+        assert_eq!(current(), None, "the test thread is no worker");
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_goes_to_the_least_busy_worker() {
+        let workers = Workers::start(2).expect("workers");
+        let (held, a) = pair().await;
+        let first = serve_and_report(&workers, a).recv().expect("report").0;
+        let (_held_too, b) = pair().await;
+        let second = serve_and_report(&workers, b).recv().expect("report").0;
+        assert_eq!((first, second), (Some(0), Some(1)));
+        // When the first connection ends its worker is free again and is chosen next.
+        drop(held);
+        for _ in 0..200 {
+            if workers.workers[0].live.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let (_c, c) = pair().await;
+        assert_eq!(
+            serve_and_report(&workers, c).recv().expect("report").0,
+            Some(0)
         );
-        let a = workers.by_key(flow) as *const Handle;
-        let b = workers.by_key(flow) as *const Handle;
-        assert_eq!(a, b);
     }
 }

@@ -73,6 +73,8 @@ struct Conn {
     peer_max: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+    /// The data-plane worker driving the connection (the one that dialed it).
+    worker: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -212,9 +214,10 @@ impl Pool {
 }
 
 impl Inner {
-    /// Takes a slot on a live pooled connection for `key`: one no flow is using; else, while
-    /// fewer than `--hbone-spread` connections exist, none (so the caller dials); else the
-    /// connection with the fewest flows that has room. Flows that run at the same time get
+    /// Takes a slot on a live pooled connection for `key`: one no flow is using that the
+    /// caller's worker drives; else, while fewer than `--hbone-spread` connections exist, none
+    /// (so the caller dials one on its worker); else any unused one; else the connection with
+    /// the fewest flows that has room (the caller's worker's first among equals). Flows that run at the same time get
     /// connections of their own first because one connection is one byte stream: a request
     /// sharing it with a bulk transfer waits behind everything the transfer has queued
     /// (milliseconds, docs/BENCHMARKS.md "A request next to a bulk transfer").
@@ -231,13 +234,19 @@ impl Inner {
                 })
                 .is_ok()
         };
-        if let Some(c) = list.iter().find(|c| claim(c, true)) {
+        // Connections driven by the caller's own worker come first: a flow on another worker's
+        // connection costs both threads a wake-up per chunk.
+        let here = crate::workers::current();
+        if let Some(c) = list.iter().find(|c| c.worker == here && claim(c, true)) {
             return Some(c.clone());
         }
         if list.len() < self.cfg.spread as usize {
             return None;
         }
-        list.sort_by_key(|c| c.active.load(Ordering::Relaxed));
+        if let Some(c) = list.iter().find(|c| claim(c, true)) {
+            return Some(c.clone());
+        }
+        list.sort_by_key(|c| (c.active.load(Ordering::Relaxed), c.worker != here));
         list.iter().find(|c| claim(c, false)).cloned()
     }
 
@@ -317,6 +326,7 @@ impl Inner {
             peer_max,
             closed,
             idle_since: Mutex::new(Instant::now()),
+            worker: crate::workers::current(),
         }))
     }
 

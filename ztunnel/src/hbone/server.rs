@@ -122,13 +122,11 @@ impl<H: Handler> Server<H> {
                     }
                     let _ = tcp.set_nodelay(true);
                     let this = self.clone();
-                    self.handler
-                        .workers()
-                        .serve(None, tcp, move |tcp| async move {
-                            if let Err(e) = this.serve_connection(tcp, peer).await {
-                                tracing::warn!(%peer, error = %e, "HBONE connection refused");
-                            }
-                        });
+                    self.handler.workers().serve(tcp, move |tcp| async move {
+                        if let Err(e) = this.serve_connection(tcp, peer).await {
+                            tracing::warn!(%peer, error = %e, "HBONE connection refused");
+                        }
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "HBONE accept failed");

@@ -90,14 +90,12 @@ impl Proxy {
             .cloned()
     }
 
-    /// Runs an accept loop, handing each connection to `handle` on a data-plane worker.
-    /// `by_flow` places a connection by (source IP, original destination IP), so flows that
-    /// can share a pooled HBONE connection run where it is driven; otherwise round-robin.
+    /// Runs an accept loop, handing each connection to `handle` on the least busy data-plane
+    /// worker.
     async fn accept_loop<F, Fut>(
         self: Arc<Self>,
         listener: TcpListener,
         name: &'static str,
-        by_flow: bool,
         handle: F,
     ) where
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
@@ -113,12 +111,9 @@ impl Proxy {
                         continue;
                     }
                     let _ = tcp.set_nodelay(true);
-                    let key = by_flow
-                        .then(|| tcp.local_addr().ok().map(|dst| (peer.ip(), dst.ip())))
-                        .flatten();
                     let guard = self.drain.guard();
                     let (this, handle) = (self.clone(), handle.clone());
-                    self.workers.serve(key, tcp, move |tcp| async move {
+                    self.workers.serve(tcp, move |tcp| async move {
                         handle(this, tcp, peer).await;
                         drop(guard);
                     });
@@ -133,15 +128,13 @@ impl Proxy {
 
     /// Serves outbound captured connections.
     pub async fn run_outbound(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, "outbound", true, |p, tcp, peer| {
-            p.outbound(tcp, peer)
-        })
-        .await
+        self.accept_loop(listener, "outbound", |p, tcp, peer| p.outbound(tcp, peer))
+            .await
     }
 
     /// Serves inbound plaintext captured connections.
     pub async fn run_inbound_plaintext(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, "inbound_plaintext", false, |p, tcp, peer| {
+        self.accept_loop(listener, "inbound_plaintext", |p, tcp, peer| {
             p.inbound_plaintext(tcp, peer)
         })
         .await
