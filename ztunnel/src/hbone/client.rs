@@ -217,10 +217,11 @@ impl Inner {
     /// Takes a slot on a live pooled connection for `key`: one no flow is using that the
     /// caller's worker drives; else, while fewer than `--hbone-spread` connections exist, none
     /// (so the caller dials one on its worker); else any unused one; else the connection with
-    /// the fewest flows that has room (the caller's worker's first among equals). Flows that run at the same time get
-    /// connections of their own first because one connection is one byte stream: a request
-    /// sharing it with a bulk transfer waits behind everything the transfer has queued
-    /// (milliseconds, docs/BENCHMARKS.md "A request next to a bulk transfer").
+    /// the fewest flows that has room (the caller's worker's first among equals). Flows that
+    /// run at the same time get connections of their own first because one connection is one
+    /// byte stream: a request sharing it with a bulk transfer waits behind everything the
+    /// transfer has queued (milliseconds, docs/BENCHMARKS.md "A request next to a bulk
+    /// transfer").
     fn take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
