@@ -214,41 +214,25 @@ impl Pool {
 }
 
 impl Inner {
-    /// Takes a slot on a live pooled connection for `key`: one no flow is using that the
-    /// caller's worker drives; else, while fewer than `--hbone-spread` connections exist, none
-    /// (so the caller dials one on its worker); else any unused one; else the connection with
-    /// the fewest flows that has room (the caller's worker's first among equals). Flows that
-    /// run at the same time get connections of their own first because one connection is one
-    /// byte stream: a request sharing it with a bulk transfer waits behind everything the
-    /// transfer has queued (milliseconds, docs/BENCHMARKS.md "A request next to a bulk
-    /// transfer").
+    /// Takes a slot on a live pooled connection for `key`, the one [`pick`] chooses, or
+    /// returns `None` so that the caller dials one.
     fn take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Acquire));
-        // Takes a slot if the connection has room (and, with `idle_only`, no flow at all).
-        let claim = |c: &Arc<Conn>, idle_only: bool| {
-            let max = (self.cfg.max_streams as usize).min(c.peer_max.load(Ordering::Relaxed));
-            c.active
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max && (n == 0 || !idle_only)).then_some(n + 1)
-                })
-                .is_ok()
-        };
-        // Connections driven by the caller's own worker come first: a flow on another worker's
-        // connection costs both threads a wake-up per chunk.
-        let here = crate::workers::current();
-        if let Some(c) = list.iter().find(|c| c.worker == here && claim(c, true)) {
-            return Some(c.clone());
-        }
-        if list.len() < self.cfg.spread as usize {
-            return None;
-        }
-        if let Some(c) = list.iter().find(|c| claim(c, true)) {
-            return Some(c.clone());
-        }
-        list.sort_by_key(|c| (c.active.load(Ordering::Relaxed), c.worker != here));
-        list.iter().find(|c| claim(c, false)).cloned()
+        let seen: Vec<Candidate> = list
+            .iter()
+            .map(|c| Candidate {
+                worker: c.worker,
+                active: c.active.load(Ordering::Acquire),
+                max: (self.cfg.max_streams as usize).min(c.peer_max.load(Ordering::Relaxed)),
+            })
+            .collect();
+        let conn = &list[pick(&seen, crate::workers::current(), self.cfg.spread as usize)?];
+        // Only `take` adds flows, under the pool lock, so the count chosen by can only have
+        // gone down since it was read.
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Some(conn.clone())
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
@@ -355,6 +339,44 @@ impl Inner {
     }
 }
 
+/// What choosing a pooled connection looks at.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    /// The worker driving the connection.
+    worker: Option<usize>,
+    /// Flows on it.
+    active: usize,
+    /// Flows it may carry (`--hbone-max-streams` or the peer's limit, the lower).
+    max: usize,
+}
+
+/// Which of a key's connections a new flow on worker `here` takes (an index), or `None` to
+/// dial a new one on `here`. In order: an unused connection that `here` drives; none, while
+/// the key has fewer than `spread` connections; any unused one; the one with the fewest flows
+/// that has room, `here`'s first among equals. Flows that run at the same time get connections
+/// of their own first because one connection is one byte stream: a request sharing it with a
+/// bulk transfer waits behind everything the transfer has queued (milliseconds,
+/// docs/BENCHMARKS.md "A request next to a bulk transfer"). And a flow on a connection driven
+/// by another worker costs both threads a wake-up per chunk.
+fn pick(conns: &[Candidate], here: Option<usize>, spread: usize) -> Option<usize> {
+    let unused = |c: &Candidate| c.active == 0 && c.max > 0;
+    if let Some(i) = conns.iter().position(|c| c.worker == here && unused(c)) {
+        return Some(i);
+    }
+    if conns.len() < spread {
+        return None;
+    }
+    if let Some(i) = conns.iter().position(unused) {
+        return Some(i);
+    }
+    conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.active < c.max)
+        .min_by_key(|(_, c)| (c.active, c.worker != here))
+        .map(|(i, _)| i)
+}
+
 /// Pings an otherwise quiet connection; one unanswered ping marks it closed so no new flow
 /// is put on a connection whose peer or path has died.
 async fn keepalive(mut ping: h2::PingPong, closed: Arc<AtomicBool>, id: u64) {
@@ -414,4 +436,55 @@ fn traceparent() -> String {
         .fill(&mut b);
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(worker: usize, active: usize) -> Candidate {
+        Candidate {
+            worker: Some(worker),
+            active,
+            max: 100,
+        }
+    }
+
+    #[test]
+    fn an_unused_connection_of_the_own_worker_comes_first() {
+        let conns = [conn(1, 0), conn(0, 3), conn(0, 0)];
+        assert_eq!(pick(&conns, Some(0), 4), Some(2));
+    }
+
+    #[test]
+    fn below_the_spread_a_flow_dials_on_its_worker_rather_than_cross_to_another() {
+        let conns = [conn(1, 0), conn(0, 1)];
+        assert_eq!(pick(&conns, Some(0), 4), None);
+        assert_eq!(pick(&[], Some(0), 4), None);
+    }
+
+    #[test]
+    fn at_the_spread_any_unused_connection_then_the_least_busy_own_first() {
+        let unused_elsewhere = [conn(0, 1), conn(1, 0), conn(0, 2), conn(1, 1)];
+        assert_eq!(pick(&unused_elsewhere, Some(0), 4), Some(1));
+        let all_busy = [conn(1, 1), conn(0, 2), conn(0, 1), conn(1, 3)];
+        assert_eq!(pick(&all_busy, Some(0), 4), Some(2));
+        assert_eq!(pick(&all_busy, Some(1), 4), Some(0));
+    }
+
+    #[test]
+    fn full_connections_are_never_chosen() {
+        let full = Candidate {
+            worker: Some(0),
+            active: 4,
+            max: 4,
+        };
+        let refused = Candidate {
+            worker: Some(0),
+            active: 0,
+            max: 0,
+        };
+        assert_eq!(pick(&[full, refused], Some(0), 1), None);
+        assert_eq!(pick(&[full, conn(1, 7)], Some(0), 2), Some(1));
+    }
 }
