@@ -224,6 +224,44 @@ fn metrics_count_connections_and_bytes_on_both_reporters() {
     );
 }
 
+/// Concurrent flows are spread over the data-plane workers (each accepted socket goes to the
+/// least busy one), and the per-worker gauge shows it while they are held.
+#[test]
+fn worker_gauge_shows_held_flows_spread_over_the_workers() {
+    let mut c = Cluster::start(two_node_spec()).expect("cluster");
+    for node in 1..=2 {
+        c.start_daemon(node, &["--worker-threads", "2"])
+            .expect("daemon");
+    }
+    let (a, b) = (c.pod("mesh/a").clone(), c.pod("mesh/b").clone());
+    let _srv = b.serve(8080, "b").expect("serve");
+    let held = a
+        .spawn_send(&SendOpts::to(&format!("{}:8080", b.ip)).conns(6).hold(6.0))
+        .expect("send starts");
+    let per_worker = |samples: &[Sample]| -> Vec<f64> {
+        ["0", "1"]
+            .iter()
+            .map(|w| total(samples, "ztunnel_worker_connections", &[("worker", w)]))
+            .collect()
+    };
+    let loads = wait_until("6 held flows on node1's workers", || {
+        let loads = per_worker(&parse_metrics(&scrape(&c, 1)));
+        (loads.iter().sum::<f64>() >= 6.0).then_some(loads)
+    });
+    assert_eq!(
+        loads,
+        vec![3.0, 3.0],
+        "node1 serves the 6 concurrent flows 3 per worker"
+    );
+    let report = held.wait().expect("send finishes");
+    report.check().expect("held flows end cleanly");
+    let after = wait_until("node1's workers idle again", || {
+        let loads = per_worker(&parse_metrics(&scrape(&c, 1)));
+        (loads.iter().sum::<f64>() == 0.0).then_some(loads)
+    });
+    assert_eq!(after, vec![0.0, 0.0]);
+}
+
 #[test]
 fn byte_counters_advance_during_a_long_transfer() {
     let mut c = Cluster::start(two_node_spec()).expect("cluster");

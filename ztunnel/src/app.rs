@@ -162,14 +162,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
 
     let pool = Pool::new(cfg.hbone.clone(), mark, certs.clone());
-    let workers = Workers::start(cfg.worker_threads).map_err(AppError::Workers)?;
+    let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
     let proxy = Proxy::new(
         cfg.clone(),
         state_rx.clone(),
         pool.clone(),
         metrics.clone(),
         drain.clone(),
-        Arc::new(workers),
+        workers.clone(),
     );
     let server = Server::new(
         cfg.hbone.clone(),
@@ -192,6 +192,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }));
         let (m_certs, m_pool, m_view, metrics) =
             (certs.clone(), pool.clone(), view.clone(), metrics.clone());
+        let m_workers = workers.clone();
         tokio::spawn(admin::serve(metrics_l, move |path| {
             let (certs, pool, view) = (&m_certs, &m_pool, &m_view);
             match path.split('?').next().unwrap_or("") {
@@ -205,6 +206,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                         .capture_attached_programs
                         .set(gauge(v.interfaces.len()));
                     metrics.set_certificates(&certs.snapshot());
+                    metrics.set_worker_loads(&m_workers.loads());
                     Reply::new(200, telemetry::metrics::CONTENT_TYPE, metrics.encode())
                 }
                 _ => Reply::text(404, "not found\n"),

@@ -90,6 +90,15 @@ impl Workers {
         self.workers.is_empty()
     }
 
+    /// Connections each worker is serving now, by worker index (a gauge on the metrics port:
+    /// how evenly the data plane's load is spread).
+    pub fn loads(&self) -> Vec<usize> {
+        self.workers
+            .iter()
+            .map(|w| w.live.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The worker serving the fewest connections (the first of equals).
     fn least_busy(&self) -> &Worker {
         let mut best = &self.workers[0];
@@ -179,6 +188,7 @@ mod tests {
         let (_held_too, b) = pair().await;
         let second = serve_and_report(&workers, b).recv().expect("report").0;
         assert_eq!((first, second), (Some(0), Some(1)));
+        assert_eq!(workers.loads(), vec![1, 1]);
         // When the first connection ends its worker is free again and is chosen next.
         drop(held);
         for _ in 0..200 {

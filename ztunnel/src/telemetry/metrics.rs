@@ -168,6 +168,11 @@ struct IdentityLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     component: &'static str,
     tag: &'static str,
@@ -190,6 +195,7 @@ pub struct Metrics {
     /// Interfaces (uplinks and pod veths) the capture program is attached to.
     pub capture_attached_programs: Gauge,
     cert_expiry: Family<IdentityLabels, Gauge>,
+    worker_connections: Family<WorkerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -207,6 +213,7 @@ impl Metrics {
             capture_enrolled_pods: Gauge::default(),
             capture_attached_programs: Gauge::default(),
             cert_expiry: Family::default(),
+            worker_connections: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -254,6 +261,11 @@ impl Metrics {
             "Expiry of each local workload's certificate, Unix seconds",
             m.cert_expiry.clone(),
         );
+        r.register(
+            "ztunnel_worker_connections",
+            "Connections each data-plane worker thread is serving (flows, inbound HBONE connections)",
+            m.worker_connections.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -296,6 +308,17 @@ impl Metrics {
                     identity: id.to_string(),
                 })
                 .set(i64::try_from(secs).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Sets the per-worker connection gauge from [`crate::workers::Workers::loads`].
+    pub fn set_worker_loads(&self, loads: &[usize]) {
+        for (i, n) in loads.iter().enumerate() {
+            self.worker_connections
+                .get_or_create(&WorkerLabels {
+                    worker: i.to_string(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
     }
 
