@@ -263,7 +263,7 @@ impl Metrics {
         );
         r.register(
             "ztunnel_worker_connections",
-            "Connections each data-plane worker thread is serving (flows, inbound HBONE connections)",
+            "Accepted connections each data-plane worker thread is serving (captured flows, inbound HBONE connections)",
             m.worker_connections.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();
