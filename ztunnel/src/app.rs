@@ -27,6 +27,7 @@ use crate::proxy::Proxy;
 use crate::socket;
 use crate::source::{self, FileSource, SourceError};
 use crate::state::State;
+use crate::telemetry::metrics::gauge;
 use crate::telemetry::{self, Metrics};
 use crate::workers::Workers;
 
@@ -318,10 +319,6 @@ fn unix_secs(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn gauge(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// What the admin API (15000) reads.

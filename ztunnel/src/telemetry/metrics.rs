@@ -22,6 +22,11 @@ use crate::state::{Service, Workload};
 /// Prometheus version and `promtool check metrics` read.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// A count as a gauge value (gauges are `i64`; a count beyond it saturates).
+pub fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Istio's label value for anything not known.
 const UNKNOWN: &str = "unknown";
 
@@ -318,7 +323,7 @@ impl Metrics {
                 .get_or_create(&WorkerLabels {
                     worker: i.to_string(),
                 })
-                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+                .set(gauge(*n));
         }
     }
 
