@@ -20,11 +20,16 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+
+use crate::drain::{Drain, FlowGuard};
+use crate::hbone::reset_on_close;
 
 thread_local! {
     /// Index of the worker this thread is, on worker threads.
@@ -108,6 +113,41 @@ impl Workers {
             }
         }
         best
+    }
+
+    /// Accepts on `listener` for as long as the process runs and serves each connection with
+    /// `serve` on the least busy worker, with a [`FlowGuard`] taken at accept (so no drain
+    /// can start between the accept and the guard; `serve` drops it when the connection stops
+    /// counting as a flow in progress). While `drain` is on, new connections are reset
+    /// instead: the listener stays bound so capture keeps steering here, and the client learns
+    /// at once rather than starting a flow the drain would cut. `name` labels the log lines.
+    pub async fn accept_loop<F, Fut>(
+        &self,
+        listener: TcpListener,
+        name: &'static str,
+        drain: &Drain,
+        serve: F,
+    ) where
+        F: Fn(TcpStream, SocketAddr, FlowGuard) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    if drain.is_draining() {
+                        reset_on_close(&tcp);
+                        continue;
+                    }
+                    let _ = tcp.set_nodelay(true);
+                    let (guard, serve) = (drain.guard(), serve.clone());
+                    self.serve(tcp, move |tcp| serve(tcp, peer, guard));
+                }
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 
     /// Serves `tcp` with `serve` on the least busy worker. The socket moves to that worker's

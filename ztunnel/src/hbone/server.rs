@@ -10,7 +10,6 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -21,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::HboneConfig;
+use crate::drain::FlowGuard;
 use crate::identity::{CertManager, SpiffeId};
 use crate::tls;
 
@@ -111,29 +111,24 @@ impl<H: Handler> Server<H> {
         })
     }
 
-    /// Accepts connections forever.
+    /// Accepts connections forever. A connection does not count for the drain itself (its
+    /// streams do, each from its start): draining sends it GOAWAY and waits for the streams.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    if self.handler.drain().is_draining() {
-                        crate::hbone::reset_on_close(&tcp);
-                        continue;
-                    }
-                    let _ = tcp.set_nodelay(true);
-                    let this = self.clone();
-                    self.handler.workers().serve(tcp, move |tcp| async move {
-                        if let Err(e) = this.serve_connection(tcp, peer).await {
-                            tracing::warn!(%peer, error = %e, "HBONE connection refused");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let this = self.clone();
+        let serve = move |tcp, peer, guard: FlowGuard| {
+            drop(guard);
+            let this = this.clone();
+            async move {
+                if let Err(e) = this.serve_connection(tcp, peer).await {
+                    tracing::warn!(%peer, error = %e, "HBONE connection refused");
                 }
             }
-        }
+        };
+        let handler = self.handler.clone();
+        handler
+            .workers()
+            .accept_loop(listener, "hbone", handler.drain(), serve)
+            .await
     }
 
     async fn tls_config(&self, id: &SpiffeId) -> Result<Arc<ServerConfig>, String> {

@@ -10,7 +10,7 @@ mod outbound;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -91,7 +91,7 @@ impl Proxy {
     }
 
     /// Runs an accept loop, handing each connection to `handle` on the least busy data-plane
-    /// worker.
+    /// worker; the flow counts for the drain until `handle` returns.
     async fn accept_loop<F, Fut>(
         self: Arc<Self>,
         listener: TcpListener,
@@ -101,29 +101,17 @@ impl Proxy {
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    if self.drain.is_draining() {
-                        // Still bound so capture keeps steering here; refuse rather than
-                        // let new flows start during the drain.
-                        reset_on_close(&tcp);
-                        continue;
-                    }
-                    let _ = tcp.set_nodelay(true);
-                    let guard = self.drain.guard();
-                    let (this, handle) = (self.clone(), handle.clone());
-                    self.workers.serve(tcp, move |tcp| async move {
-                        handle(this, tcp, peer).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let this = self.clone();
+        let serve = move |tcp, peer, guard| {
+            let flow = handle(this.clone(), tcp, peer);
+            async move {
+                flow.await;
+                drop(guard);
             }
-        }
+        };
+        self.workers
+            .accept_loop(listener, name, &self.drain, serve)
+            .await
     }
 
     /// Serves outbound captured connections.
