@@ -187,8 +187,10 @@ impl Pool {
         }
         // The lock entry stays while anyone may hold it: removing it here would let a flow that
         // arrives now create a second lock and dial in parallel with this one's waiters. The
-        // reaper drops entries nobody holds.
-        let conn = self.inner.dial(key).await?;
+        // reaper drops entries nobody holds. The dial (TCP, TLS and HTTP/2 handshakes, 4 KiB
+        // of state) is boxed: inline it would size every flow's task for it, though most
+        // flows take a pooled connection and all of them outlive the dial.
+        let conn = Box::pin(self.inner.dial(key)).await?;
         self.inner
             .conns
             .lock()

@@ -24,6 +24,9 @@ use crate::drain::FlowGuard;
 use crate::identity::{CertManager, SpiffeId};
 use crate::tls;
 
+/// A served HBONE connection.
+type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<super::Transport>, Bytes>;
+
 /// One CONNECT stream, validated as far as HBONE itself goes.
 #[derive(Debug)]
 pub struct InboundRequest {
@@ -155,11 +158,13 @@ impl<H: Handler> Server<H> {
         Ok(cfg)
     }
 
-    async fn serve_connection(
+    /// TLS and HTTP/2 handshakes of an accepted connection: the connection, its client's
+    /// identity and its local address.
+    async fn handshake(
         &self,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
-    ) -> Result<(), String> {
+    ) -> Result<(ServerConn, SpiffeId, SocketAddr), String> {
         let local = tcp.local_addr().map_err(|e| e.to_string())?;
         let id = self
             .handler
@@ -176,7 +181,7 @@ impl<H: Handler> Server<H> {
         super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or_else(|| "client certificate has no SPIFFE identity".to_string())?;
-        let mut conn = h2::server::Builder::new()
+        let conn = h2::server::Builder::new()
             .initial_window_size(self.cfg.stream_window)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
@@ -186,6 +191,17 @@ impl<H: Handler> Server<H> {
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
         tracing::debug!(%peer, %local, client = %peer_identity, "HBONE connection accepted");
+        Ok((conn, peer_identity, local))
+    }
+
+    async fn serve_connection(
+        &self,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), String> {
+        // Boxed: the handshakes' state (2 KiB) would otherwise size the connection's task for
+        // its whole life.
+        let (mut conn, peer_identity, local) = Box::pin(self.handshake(tcp, peer)).await?;
         let drain = self.handler.drain().clone();
         let mut goaway_sent = false;
         loop {

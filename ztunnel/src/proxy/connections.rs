@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -149,12 +150,15 @@ impl Registration {
     /// revocation the splice is dropped after `sockets` (handles to the flow's TCP sockets,
     /// made with [`dup`] before the splice took them) are set to reset on close; the HTTP/2
     /// stream, if any, is cancelled when its handles drop. Returns the revocation reason.
+    ///
+    /// `fut` comes pinned by the caller (`std::pin::pin!`) so the splice is stored once, in
+    /// the caller's state: a future taken by value and pinned here would be kept twice in
+    /// every held connection's task.
     pub async fn run<T>(
         &mut self,
-        fut: impl Future<Output = T>,
+        mut fut: Pin<&mut impl Future<Output = T>>,
         sockets: Vec<socket2::Socket>,
     ) -> Result<T, String> {
-        tokio::pin!(fut);
         tokio::select! {
             out = &mut fut => Ok(out),
             reason = &mut self.revoked => match reason {
@@ -180,6 +184,7 @@ pub fn dup(tcp: &TcpStream) -> Option<socket2::Socket> {
 mod tests {
     use super::*;
     use std::path::Path;
+    use std::pin::pin;
 
     fn state(policies: &str) -> State {
         let yaml = format!(
@@ -205,9 +210,11 @@ mod tests {
         assert_eq!(conns.recheck(&state(""), "istio-system"), 0);
         let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: mesh}\nspec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/bad]}}]}]}\n";
         assert_eq!(conns.recheck(&state(deny), "istio-system"), 1);
-        let r = denied.run(std::future::pending::<()>(), Vec::new()).await;
+        let r = denied
+            .run(pin!(std::future::pending::<()>()), Vec::new())
+            .await;
         assert_eq!(r, Err("denied by a policy change".to_string()));
-        let r = kept.run(async { 7 }, Vec::new()).await;
+        let r = kept.run(pin!(async { 7 }), Vec::new()).await;
         assert_eq!(r, Ok(7));
         drop(kept);
         drop(denied);

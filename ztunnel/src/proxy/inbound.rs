@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -124,10 +124,8 @@ impl Proxy {
                 let meter = access.open(self, &state);
                 let sockets = dup(&pod).into_iter().collect();
                 let sink = meter.server_side();
-                match reg
-                    .run(hbone::splice(pod, send, recv, &sink), sockets)
-                    .await
-                {
+                let splice = pin!(hbone::splice(pod, send, recv, &sink));
+                match reg.run(splice, sockets).await {
                     Ok((bytes, err)) => {
                         // The socket side here is the server: what it sent went to the client.
                         let bytes = Transferred {
@@ -314,7 +312,8 @@ impl Proxy {
             .reduce(|a, b| a.join(b))
             .unwrap_or_default();
         let sockets = [dup(&tcp), dup(&pod)].into_iter().flatten().collect();
-        let (bytes, err) = match reg.run(splice_plain(tcp, pod, &sink), sockets).await {
+        let splice = pin!(splice_plain(tcp, pod, &sink));
+        let (bytes, err) = match reg.run(splice, sockets).await {
             Ok((bytes, err)) => (bytes, err.map(|e| e.to_string())),
             Err(reason) => {
                 for a in reports.iter_mut() {
