@@ -640,10 +640,45 @@ pub fn machine() -> Value {
         "kernel": kernel.trim(),
         "memory": mem_kb,
         "tcp_congestion_control": sysctl("/proc/sys/net/ipv4/tcp_congestion_control"),
+        // The cluster's veths run `noqueue` whatever this says; it names what devices with a
+        // queue get. Whether BBR can hand pacing to `fq` is `fq_qdisc`.
         "default_qdisc": sysctl("/proc/sys/net/core/default_qdisc"),
+        "fq_qdisc": fq_qdisc(),
         "cpuidle_driver": sysctl("/sys/devices/system/cpu/cpuidle/current_driver"),
         "guest_halt_poll_ns": sysctl("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
     })
+}
+
+/// Whether this kernel can attach the `fq` qdisc ("available", "unavailable", or "unknown"
+/// when the probe cannot run), tried on a veth in a scratch network namespace. Without
+/// it BBR paces inside TCP with a timer per burst, which is most of what the veth paths cost
+/// here (docs/BENCHMARKS.md).
+fn fq_qdisc() -> &'static str {
+    let ns = format!("fqprobe{}", std::process::id());
+    let run = |prog: &str, args: &[&str]| {
+        Command::new(prog)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !run("ip", &["netns", "add", &ns]) {
+        return "unknown";
+    }
+    let link = [
+        "-n", &ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ];
+    let verdict = if !run("ip", &link) {
+        "unknown"
+    } else if run(
+        "tc",
+        &["-n", &ns, "qdisc", "add", "dev", "v0", "root", "fq"],
+    ) {
+        "available"
+    } else {
+        "unavailable"
+    };
+    run("ip", &["netns", "del", &ns]);
+    verdict
 }
 
 /// Seconds since the epoch rendered as an RFC 3339 UTC date.
