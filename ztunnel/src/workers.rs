@@ -106,13 +106,10 @@ impl Workers {
 
     /// The worker serving the fewest connections (the first of equals).
     fn least_busy(&self) -> &Worker {
-        let mut best = &self.workers[0];
-        for w in &self.workers[1..] {
-            if w.live.load(Ordering::Relaxed) < best.live.load(Ordering::Relaxed) {
-                best = w;
-            }
-        }
-        best
+        self.workers
+            .iter()
+            .min_by_key(|w| w.live.load(Ordering::Relaxed))
+            .expect("Workers::start makes at least one worker")
     }
 
     /// Accepts on `listener` for as long as the process runs and serves each connection with
@@ -232,7 +229,7 @@ mod tests {
         // When the first connection ends its worker is free again and is chosen next.
         drop(held);
         for _ in 0..200 {
-            if workers.workers[0].live.load(Ordering::Relaxed) == 0 {
+            if workers.loads()[0] == 0 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -655,12 +655,8 @@ pub fn machine() -> Value {
 /// here (docs/BENCHMARKS.md).
 fn fq_qdisc() -> &'static str {
     let ns = format!("fqprobe{}", std::process::id());
-    let run = |prog: &str, args: &[&str]| {
-        Command::new(prog)
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let run =
+        |prog: &str, args: &[&str]| mesh_tests::cluster::run(Command::new(prog).args(args)).is_ok();
     if !run("ip", &["netns", "add", &ns]) {
         return "unknown";
     }

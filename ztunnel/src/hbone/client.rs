@@ -231,8 +231,8 @@ impl Inner {
             })
             .collect();
         let conn = &list[pick(&seen, crate::workers::current(), self.cfg.spread as usize)?];
-        // Only `take` adds flows, under the pool lock, so the count chosen by can only have
-        // gone down since it was read.
+        // Only `take` adds flows, under the pool lock, so the count `pick` saw can only have
+        // gone down since: the chosen connection still has room.
         conn.active.fetch_add(1, Ordering::AcqRel);
         Some(conn.clone())
     }

@@ -127,10 +127,9 @@ impl<H: Handler> Server<H> {
                 }
             }
         };
-        let handler = self.handler.clone();
-        handler
+        self.handler
             .workers()
-            .accept_loop(listener, "hbone", handler.drain(), serve)
+            .accept_loop(listener, "hbone", self.handler.drain(), serve)
             .await
     }
 
