@@ -23,8 +23,9 @@ use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
-use crate::proxy::Proxy;
-use crate::socket;
+use crate::proxy::route::Node;
+use crate::proxy::{Captured, Proxy};
+use crate::socket::{self, SocketFactory, TransparentSockets};
 use crate::source::{self, FileSource, SourceError};
 use crate::state::State;
 use crate::telemetry::metrics::gauge;
@@ -105,7 +106,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let ca = FileCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
     let certs = CertManager::new(Arc::new(ca), cfg.cert_ttl)?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&cfg.cluster_domain);
     let drain = Drain::default();
 
     let mut source = FileSource::new(&cfg.state_path, &cfg.trust_domain);
@@ -162,25 +163,48 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         start_dns(&cfg, d, state_rx.clone(), dns_stats.clone())?;
     }
 
-    let pool = Pool::new(cfg.hbone.clone(), mark, certs.clone());
+    let sockets: Arc<dyn SocketFactory> = Arc::new(TransparentSockets {
+        mark,
+        pod_congestion: cfg.pod_tcp_congestion.clone(),
+        hbone_congestion: cfg.hbone.tcp_congestion.clone(),
+        connect_timeout: cfg.hbone.connect_timeout,
+    });
+    let pool = Pool::new(cfg.hbone.clone(), certs.clone(), sockets.clone());
     let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
     let proxy = Proxy::new(
-        cfg.clone(),
+        Node::from_config(&cfg),
+        &cfg.root_namespace,
         state_rx.clone(),
         pool.clone(),
+        sockets.clone(),
         metrics.clone(),
-        drain.clone(),
-        workers.clone(),
     );
     let server = Server::new(
         cfg.hbone.clone(),
         &cfg.trust_domain,
         certs.clone(),
         proxy.clone(),
+        drain.clone(),
     );
-    tokio::spawn(proxy.clone().run_outbound(outbound));
-    tokio::spawn(proxy.clone().run_inbound_plaintext(plaintext));
-    tokio::spawn(server.run(hbone));
+    for (listener, kind) in [
+        (outbound, Captured::Outbound),
+        (plaintext, Captured::InboundPlaintext),
+    ] {
+        let serve = proxy
+            .clone()
+            .serve(listener, kind, workers.clone(), drain.clone());
+        tokio::spawn(serve);
+    }
+    {
+        // An HBONE connection does not count for the drain itself: its streams do.
+        let server = server.clone();
+        let serve = move |tcp, peer, guard| {
+            drop(guard);
+            server.clone().serve(tcp, peer)
+        };
+        let (workers, drain) = (workers.clone(), drain.clone());
+        tokio::spawn(async move { workers.accept_loop(hbone, "hbone", &drain, serve).await });
+    }
 
     let readiness = Arc::new(Readiness::default());
     let view: Arc<Mutex<CaptureView>> = Arc::default();

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod proxy;
 pub mod socket;
 pub mod source;
+pub mod splice;
 pub mod state;
 pub mod status;
 pub mod telemetry;

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 
 use crate::drain::{Drain, FlowGuard};
-use crate::hbone::reset_on_close;
+use crate::socket::reset_on_close;
 
 thread_local! {
     /// Index of the worker this thread is, on worker threads.

@@ -24,7 +24,8 @@ use tokio_rustls::TlsConnector;
 use super::{HboneError, BAGGAGE, FORWARDED, TRACEPARENT};
 use crate::config::HboneConfig;
 use crate::identity::{CertManager, SpiffeId};
-use crate::{socket, tls};
+use crate::socket::{Leg, SocketFactory};
+use crate::tls;
 
 /// What makes two flows eligible to share a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -103,7 +104,7 @@ pub struct Pool {
 #[derive(Debug)]
 struct Inner {
     cfg: HboneConfig,
-    mark: u32,
+    sockets: Arc<dyn SocketFactory>,
     certs: Arc<CertManager>,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     dialing: Mutex<DialLocks>,
@@ -120,12 +121,12 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    /// A pool issuing client certificates from `certs`; every socket gets `mark`.
-    pub fn new(cfg: HboneConfig, mark: u32, certs: Arc<CertManager>) -> Pool {
+    /// A pool presenting client certificates from `certs`, dialling through `sockets`.
+    pub fn new(cfg: HboneConfig, certs: Arc<CertManager>, sockets: Arc<dyn SocketFactory>) -> Pool {
         let pool = Pool {
             inner: Arc::new(Inner {
                 cfg,
-                mark,
+                sockets,
                 certs,
                 conns: Mutex::new(HashMap::new()),
                 dialing: Mutex::new(HashMap::new()),
@@ -248,16 +249,11 @@ impl Inner {
             self.certs.roots(),
             key.dst_identities.clone(),
         )?;
-        let cc = self.cfg.tcp_congestion.as_deref();
-        let tcp = socket::connect(
-            Some(key.src_ip),
-            addr,
-            self.mark,
-            cc,
-            self.cfg.connect_timeout,
-        )
-        .await
-        .map_err(|error| HboneError::Connect { addr, error })?;
+        let tcp = self
+            .sockets
+            .connect(Leg::Hbone, Some(key.src_ip), addr)
+            .await
+            .map_err(|error| HboneError::Connect { addr, error })?;
         let connector = TlsConnector::from(Arc::new(tls_cfg));
         let mut tls_stream = tokio::time::timeout(
             self.cfg.connect_timeout,

@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::HboneConfig;
-use crate::drain::FlowGuard;
+use crate::drain::Drain;
 use crate::identity::{CertManager, SpiffeId};
 use crate::tls;
 
@@ -70,15 +70,12 @@ impl Responder {
     }
 }
 
-/// What the proxy layer supplies to the server.
+/// What the proxy layer (the node daemon's inbound side, or a waypoint) supplies to the
+/// server: which certificate to present, and what to do with each stream.
 pub trait Handler: Send + Sync + 'static {
     /// Identity whose certificate to present for connections to `local`; `None` refuses the
     /// connection (no local enrolled pod has that address).
     fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId>;
-    /// Drain state: while draining, new connections are refused and open ones get GOAWAY.
-    fn drain(&self) -> &crate::drain::Drain;
-    /// Where connections are served; each connection and its streams stay on one worker.
-    fn workers(&self) -> &crate::workers::Workers;
     /// Serves one stream to the end.
     fn serve(
         self: Arc<Self>,
@@ -87,50 +84,62 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
-/// The HBONE listener.
+/// The HBONE server: TLS and HTTP/2 handshakes, stream validation, GOAWAY on drain. It does
+/// not accept connections itself: the caller's accept loop hands each one to [`Server::serve`]
+/// (the daemon places connections on its data-plane workers; [`Server::run`] is the simple
+/// loop for everyone else).
 pub struct Server<H> {
     cfg: HboneConfig,
     trust_domain: String,
     certs: Arc<CertManager>,
     handler: Arc<H>,
+    drain: Drain,
     /// Server configs by identity and certificate serial, rebuilt on renewal.
     configs: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
 }
 
 impl<H: Handler> Server<H> {
-    /// A server presenting certificates from `certs` and trusting clients of `trust_domain`.
+    /// A server presenting certificates from `certs`, trusting clients of `trust_domain`,
+    /// and sending GOAWAY once `drain` starts. Every stream holds a drain guard while it runs.
     pub fn new(
         cfg: HboneConfig,
         trust_domain: &str,
         certs: Arc<CertManager>,
         handler: Arc<H>,
+        drain: Drain,
     ) -> Arc<Self> {
         Arc::new(Server {
             cfg,
             trust_domain: trust_domain.to_string(),
             certs,
             handler,
+            drain,
             configs: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Accepts connections forever. A connection does not count for the drain itself (its
-    /// streams do, each from its start): draining sends it GOAWAY and waits for the streams.
+    /// Accepts connections forever, each served on a task of its own.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        let this = self.clone();
-        let serve = move |tcp, peer, guard: FlowGuard| {
-            drop(guard);
-            let this = this.clone();
-            async move {
-                if let Err(e) = this.serve_connection(tcp, peer).await {
-                    tracing::warn!(%peer, error = %e, "HBONE connection refused");
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(self.clone().serve(tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
-        };
-        self.handler
-            .workers()
-            .accept_loop(listener, "hbone", self.handler.drain(), serve)
-            .await
+        }
+    }
+
+    /// Serves one accepted connection to its end. A connection does not count for the drain
+    /// itself (its streams do, each from its start): draining sends it GOAWAY and waits for
+    /// the streams.
+    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        if let Err(e) = self.serve_connection(tcp, peer).await {
+            tracing::warn!(%peer, error = %e, "HBONE connection refused");
+        }
     }
 
     async fn tls_config(&self, id: &SpiffeId) -> Result<Arc<ServerConfig>, String> {
@@ -161,7 +170,7 @@ impl<H: Handler> Server<H> {
     /// identity and its local address.
     async fn handshake(
         &self,
-        tcp: tokio::net::TcpStream,
+        tcp: TcpStream,
         peer: SocketAddr,
     ) -> Result<(ServerConn, SpiffeId, SocketAddr), String> {
         let local = tcp.local_addr().map_err(|e| e.to_string())?;
@@ -193,15 +202,11 @@ impl<H: Handler> Server<H> {
         Ok((conn, peer_identity, local))
     }
 
-    async fn serve_connection(
-        &self,
-        tcp: tokio::net::TcpStream,
-        peer: SocketAddr,
-    ) -> Result<(), String> {
+    async fn serve_connection(&self, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
         // Boxed: the handshakes' state (2 KiB) would otherwise size the connection's task for
         // its whole life.
         let (mut conn, peer_identity, local) = Box::pin(self.handshake(tcp, peer)).await?;
-        let drain = self.handler.drain().clone();
+        let drain = &self.drain;
         let mut goaway_sent = false;
         loop {
             let next = tokio::select! {
@@ -224,13 +229,9 @@ impl<H: Handler> Server<H> {
             };
             let (parts, recv) = request.into_parts();
             let responder = Responder { respond, recv };
-            let authority = parts
-                .uri
-                .authority()
-                .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-            let authority = match (parts.method == Method::CONNECT, authority) {
-                (true, Some(a)) => a,
-                _ => {
+            let authority = match connect_authority(&parts.method, &parts.uri) {
+                Some(a) => a,
+                None => {
                     tracing::info!(%peer, method = %parts.method, uri = %parts.uri,
                         "HBONE request refused: not CONNECT to ip:port");
                     responder.refuse(StatusCode::BAD_REQUEST);
@@ -254,5 +255,39 @@ impl<H: Handler> Server<H> {
         poll_fn(|cx| conn.poll_closed(cx))
             .await
             .map_err(|e| format!("HTTP/2 connection error: {e}"))
+    }
+}
+
+/// The target of an HBONE request: a `CONNECT` whose authority is `ip:port` (IPv6 as
+/// `[v6]:port`). Anything else is refused with 400.
+pub fn connect_authority(method: &Method, uri: &Uri) -> Option<SocketAddr> {
+    if method != Method::CONNECT {
+        return None;
+    }
+    uri.authority()?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(method: Method, uri: &str) -> Option<SocketAddr> {
+        connect_authority(&method, &uri.parse().expect("uri"))
+    }
+
+    #[test]
+    fn only_connect_to_an_ip_and_port_is_a_stream() {
+        assert_eq!(
+            authority(Method::CONNECT, "10.0.0.2:8080"),
+            Some("10.0.0.2:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            authority(Method::CONNECT, "[fd00::2]:80"),
+            Some("[fd00::2]:80".parse().expect("addr"))
+        );
+        assert_eq!(authority(Method::GET, "10.0.0.2:8080"), None);
+        assert_eq!(authority(Method::CONNECT, "reviews.default:9080"), None);
+        assert_eq!(authority(Method::CONNECT, "10.0.0.2"), None);
+        assert_eq!(authority(Method::CONNECT, "/path"), None);
     }
 }

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::authz::{self, Decision, Request};
@@ -173,11 +172,6 @@ impl Registration {
             },
         }
     }
-}
-
-/// A second handle to a TCP socket, to reset it after the splice owning it is dropped.
-pub fn dup(tcp: &TcpStream) -> Option<socket2::Socket> {
-    socket2::SockRef::from(tcp).try_clone().ok()
 }
 
 #[cfg(test)]

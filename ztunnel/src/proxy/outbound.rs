@@ -1,145 +1,134 @@
 //! Outbound: a connection leaving an enrolled pod, captured to 15001.
 //!
-//! The original destination is the accepted socket's local address (the capture assigns the
-//! SYN without rewriting it). A service VIP picks an endpoint and maps the port to its target
-//! port; an enrolled destination on another node is reached over HBONE at `<pod ip>:15008`;
-//! one on this node goes straight to the inbound side in-process; anything else passes
-//! through unchanged. The source pod's IP is kept on every connection the daemon makes.
+//! [`route::outbound`] decides where it goes; this file does the I/O. Every connection the
+//! daemon makes for the flow keeps the source pod's IP.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::{baggage, splice_plain, Access, Proxy};
+use super::route::{self, HboneTarget, Outbound, Route};
+use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::client::{ConnectRequest, PoolKey};
-use crate::hbone::{self, reset_on_close};
-use crate::socket;
-use crate::state::{Destination, State, Workload};
+use crate::socket::{reset_on_close, Leg};
+use crate::splice;
+use crate::state::Workload;
+use crate::telemetry::{FlowReport, Protocol, Reporter};
 
 impl Proxy {
-    pub(super) async fn outbound(self: Arc<Self>, tcp: TcpStream, src: SocketAddr) {
+    /// Serves one captured outbound connection from `src` to its end.
+    pub async fn outbound(&self, tcp: TcpStream, src: SocketAddr) {
+        if let Some(orig_dst) = original_destination(&tcp, src, "outbound") {
+            self.outbound_to(tcp, src, orig_dst).await
+        }
+    }
+
+    /// Serves an outbound connection from `src` that was addressed to `orig_dst`.
+    pub(super) async fn outbound_to(&self, tcp: TcpStream, src: SocketAddr, orig_dst: SocketAddr) {
         let start = Instant::now();
-        let orig_dst = match tcp.local_addr() {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(%src, error = %e, "outbound: no original destination");
-                return;
-            }
-        };
         let state = self.snapshot();
-        let Some(src_w) = self.local_enrolled(&state, src.ip()) else {
-            // Capture only steers enrolled pods here; anything else is a stale map entry or a
-            // direct connection to the port. Refuse rather than proxy for an unknown source.
-            tracing::warn!(%src, dst = %orig_dst, "outbound connection from a source that is not an enrolled pod of this node; refused");
-            reset_on_close(&tcp);
-            return;
-        };
-        let mut access = Access {
-            reporter: "source",
-            protocol: "TCP",
-            src,
-            dst: orig_dst,
-            src_workload: Some(&src_w),
-            dst_workload: None,
-            src_identity: Some(&src_w.identity),
-            dst_identity: None,
-            service: state.service_by_vip(orig_dst.ip()).map(|s| &**s),
-            start,
-            deny_reason: None,
-        };
-        let dest = match state.resolve(orig_dst) {
-            Ok(d) => d,
+        let out = match route::outbound(&state, &self.node, src.ip(), orig_dst) {
+            Ok(out) => out,
             Err(e) => {
-                access.refuse(&self, &state, "NR", &e);
+                tracing::warn!(%src, dst = %orig_dst, error = %e, "outbound connection refused");
                 reset_on_close(&tcp);
                 return;
             }
         };
-        match dest {
-            Destination::External(addr) => self.passthrough(tcp, &state, &access, addr).await,
-            Destination::Workload(w, port) if !w.enrolled => {
-                access.dst_workload = Some(&w);
-                self.passthrough(tcp, &state, &access, SocketAddr::new(w.ip, port))
-                    .await
+        tracing::debug!(%src, dst = %orig_dst, reason = %out.reason, "outbound route");
+        let (protocol, dst, dst_w) = match &out.route {
+            Route::NoRoute(_) => (Protocol::Tcp, orig_dst, None),
+            Route::Passthrough { workload, .. } => (Protocol::Tcp, orig_dst, workload.as_deref()),
+            Route::SameNode { workload, port } => (
+                Protocol::Hbone,
+                SocketAddr::new(workload.ip, *port),
+                Some(&**workload),
+            ),
+            Route::Hbone(t) => (Protocol::Hbone, t.authority, Some(&*t.workload)),
+        };
+        let report = FlowReport {
+            reporter: Reporter::Source,
+            protocol,
+            src,
+            dst,
+            src_workload: Some(&out.source),
+            dst_workload: dst_w,
+            src_identity: Some(&out.source.identity),
+            // A mesh destination is known by its identity; a passthrough one is not.
+            dst_identity: dst_w
+                .filter(|_| protocol == Protocol::Hbone)
+                .map(|w| &w.identity),
+            service: reported_service(&state, out.service.as_deref(), dst_w),
+            start,
+        };
+        match &out.route {
+            Route::NoRoute(e) => {
+                let err = FlowError::NoRoute(e.clone());
+                self.refuse(&[&report], &err, Refuse::Reset(&tcp));
             }
-            Destination::Workload(w, port) if w.node == self.cfg.node_name => {
-                let service = access.service;
-                self.clone()
-                    .local(tcp, src, &src_w, &w, port, service, start)
-                    .await
-            }
-            Destination::Workload(w, port) => {
-                access.protocol = "HBONE";
-                access.dst = SocketAddr::new(w.ip, port);
-                access.dst_workload = Some(&w);
-                access.dst_identity = Some(&w.identity);
-                self.via_hbone(tcp, &state, &access, &src_w, &w, port).await
-            }
+            Route::Passthrough { dst, .. } => self.passthrough(tcp, &report, *dst).await,
+            Route::SameNode { .. } => self.same_node(tcp, &report).await,
+            Route::Hbone(target) => self.via_hbone(tcp, &report, &out, target).await,
         }
     }
 
     /// Plain TCP to a destination outside the mesh, from the pod's own IP.
-    async fn passthrough(
-        &self,
-        tcp: TcpStream,
-        state: &State,
-        access: &Access<'_>,
-        dst: SocketAddr,
-    ) {
-        let upstream = match socket::connect(
-            Some(access.src.ip()),
-            dst,
-            self.cfg.daemon_mark,
-            None, // may leave the node: the node's congestion control
-            self.cfg.hbone.connect_timeout,
-        )
-        .await
+    async fn passthrough(&self, tcp: TcpStream, report: &FlowReport<'_>, dst: SocketAddr) {
+        // May leave the node: the node's congestion control.
+        let upstream = match self
+            .sockets
+            .connect(Leg::Node, Some(report.src.ip()), dst)
+            .await
         {
             Ok(u) => u,
-            Err(e) => {
-                access.refuse(self, state, "UF", &e);
-                reset_on_close(&tcp);
-                return;
-            }
+            Err(e) => return self.refuse(&[report], &e.into(), Refuse::Reset(&tcp)),
         };
-        let meter = access.open(self, state);
-        let (bytes, err) = splice_plain(tcp, upstream, &meter.client_side()).await;
-        access.close(meter, bytes, err.as_ref().map(|e| e as _));
+        let meter = report.open(&self.metrics);
+        let (bytes, err) = splice::plain(tcp, upstream, &meter.client_side()).await;
+        report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
     }
 
     async fn via_hbone(
         &self,
         tcp: TcpStream,
-        state: &State,
-        access: &Access<'_>,
-        src_w: &Workload,
-        dst_w: &Workload,
-        port: u16,
+        report: &FlowReport<'_>,
+        out: &Outbound,
+        target: &HboneTarget,
     ) {
         let key = PoolKey {
-            src_identity: src_w.identity.clone(),
-            src_ip: src_w.ip,
-            dst_identities: vec![dst_w.identity.clone()],
-            dst: SocketAddr::new(dst_w.ip, self.cfg.ports.hbone),
+            src_identity: out.source.identity.clone(),
+            src_ip: out.source.ip,
+            dst_identities: target.identities.clone(),
+            dst: target.connect,
         };
         let req = ConnectRequest {
-            authority: SocketAddr::new(dst_w.ip, port),
-            client: access.src,
-            baggage: baggage(src_w, "Kubernetes"),
+            authority: target.authority,
+            client: report.src,
+            baggage: baggage(&out.source),
         };
         match self.pool.connect(&key, &req).await {
             Ok(flow) => {
-                let meter = access.open(self, state);
+                let meter = report.open(&self.metrics);
                 let (bytes, err) =
-                    hbone::splice(tcp, flow.send, flow.recv, &meter.client_side()).await;
-                access.close(meter, bytes, err.as_ref().map(|e| e as _));
+                    splice::hbone(tcp, flow.send, flow.recv, &meter.client_side()).await;
+                report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
             }
-            Err(e) => {
-                access.refuse(self, state, "UF", &e);
-                reset_on_close(&tcp);
-            }
+            Err(e) => self.refuse(&[report], &e.into(), Refuse::Reset(&tcp)),
         }
     }
+}
+
+/// Cluster name in `baggage` (Istio's default cluster ID).
+const CLUSTER: &str = crate::telemetry::metrics::CLUSTER;
+
+/// `baggage` with the source's Kubernetes names, as Istio peers expect.
+fn baggage(w: &Workload) -> String {
+    format!(
+        "k8s.cluster.name={CLUSTER},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        w.namespace,
+        w.name,
+        w.canonical_app(),
+        w.canonical_version(),
+    )
 }

@@ -60,6 +60,35 @@ impl Workload {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// Istio's canonical service of the pod (its first label of
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, else the workload
+    /// name): the `*_app` metric labels and the `service.name` of the HBONE `baggage`.
+    pub fn canonical_app(&self) -> &str {
+        self.first_label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or(&self.workload_name)
+    }
+
+    /// Istio's canonical revision (`service.istio.io/canonical-revision`,
+    /// `app.kubernetes.io/version`, `version`, else `latest`).
+    pub fn canonical_version(&self) -> &str {
+        self.first_label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or("latest")
+    }
+
+    fn first_label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter()
+            .find_map(|k| self.labels.get(*k))
+            .map(String::as_str)
+    }
 }
 
 /// How a service port maps onto its pods.
@@ -130,7 +159,7 @@ pub enum Destination {
 }
 
 /// Why a destination could not be resolved.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ResolveError {
     /// The VIP belongs to a service that has no ready endpoint for the port.
     #[error("service {service} has no ready endpoint for port {port}")]

@@ -9,14 +9,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::flow::FlowReport;
 use crate::identity::{SpiffeId, WorkloadCert};
-use crate::state::{Service, Workload};
+use crate::state::Workload;
 
 /// Content type of [`Metrics::encode`]'s output: Prometheus text format 0.0.4, which every
 /// Prometheus version and `promtool check metrics` read.
@@ -30,11 +31,99 @@ pub fn gauge(n: usize) -> i64 {
 /// Istio's label value for anything not known.
 const UNKNOWN: &str = "unknown";
 
+/// Cluster name reported for every workload (Istio's default cluster ID).
+pub const CLUSTER: &str = "Kubernetes";
+
+/// Label enums: each variant's value is written once, for the metrics and the access log.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $value:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// The value as Istio writes it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, e: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+                std::fmt::Write::write_str(e, self.as_str())
+            }
+        }
+    };
+}
+
+label_enum!(
+    /// Which end of a flow reports it.
+    Reporter {
+        /// The daemon of the client's node.
+        Source => "source",
+        /// The daemon of the server's node.
+        Destination => "destination",
+    }
+);
+
+label_enum!(
+    /// How a flow travels.
+    Protocol {
+        /// Plain TCP.
+        Tcp => "TCP",
+        /// Inside an HBONE tunnel (or handed over in-process between two enrolled pods).
+        Hbone => "HBONE",
+    }
+);
+
+label_enum!(
+    /// Envoy-style response flags: why a connection ended before or without data.
+    ResponseFlag {
+        /// A normal connection.
+        None => "-",
+        /// No route: unknown or unreachable destination, or a malformed request.
+        NoRoute => "NR",
+        /// The upstream (pod, peer daemon) could not be reached or refused.
+        UpstreamFailure => "UF",
+        /// Refused by authorization.
+        Denied => "DENY",
+    }
+);
+
+label_enum!(
+    /// Whether the connection was protected by mutual TLS.
+    SecurityPolicy {
+        /// HBONE.
+        MutualTls => "mutual_tls",
+        /// Plain TCP.
+        None => "none",
+    }
+);
+
+impl From<Protocol> for SecurityPolicy {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Hbone => SecurityPolicy::MutualTls,
+            Protocol::Tcp => SecurityPolicy::None,
+        }
+    }
+}
+
 /// Istio's standard TCP metric labels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
-    /// `source` (the client's node) or `destination` (the server's node).
-    pub reporter: &'static str,
+    /// Which end reports.
+    pub reporter: Reporter,
     /// Source workload name (Deployment, …).
     pub source_workload: String,
     /// Source workload namespace.
@@ -67,102 +156,44 @@ pub struct ConnLabels {
     pub destination_cluster: String,
     /// Always `tcp` here.
     pub request_protocol: &'static str,
-    /// `-` for a normal connection, else Envoy-style flags (`UF`, `NR`, `DENY`).
-    pub response_flags: &'static str,
+    /// `-` for a normal connection, else why it ended.
+    pub response_flags: ResponseFlag,
     /// `mutual_tls` for HBONE, `none` for plain TCP.
-    pub connection_security_policy: &'static str,
-}
-
-/// Everything a connection's labels are derived from.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo<'a> {
-    /// `source` or `destination`.
-    pub reporter: &'static str,
-    /// Source pod, when known.
-    pub src: Option<&'a Workload>,
-    /// Source identity, when proven or known.
-    pub src_identity: Option<&'a SpiffeId>,
-    /// Destination pod, when known.
-    pub dst: Option<&'a Workload>,
-    /// Destination identity, when known.
-    pub dst_identity: Option<&'a SpiffeId>,
-    /// Destination service (VIP dialled, or the service selecting the destination pod).
-    pub service: Option<&'a Service>,
-    /// Cluster DNS domain for the service FQDN.
-    pub cluster_domain: &'a str,
-    /// Carried over HBONE (mutual TLS).
-    pub mtls: bool,
-    /// Response flags.
-    pub flags: &'static str,
-}
-
-/// Cluster name reported for every workload (Istio's default cluster ID).
-const CLUSTER: &str = "Kubernetes";
-
-fn canonical_app(w: &Workload) -> String {
-    [
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ]
-    .iter()
-    .find_map(|k| w.labels.get(*k))
-    .cloned()
-    .unwrap_or_else(|| w.workload_name.clone())
-}
-
-fn canonical_version(w: &Workload) -> String {
-    [
-        "service.istio.io/canonical-revision",
-        "app.kubernetes.io/version",
-        "version",
-    ]
-    .iter()
-    .find_map(|k| w.labels.get(*k))
-    .cloned()
-    .unwrap_or_else(|| "latest".into())
+    pub connection_security_policy: SecurityPolicy,
 }
 
 impl ConnLabels {
-    /// Resolves the label set of one connection.
-    pub fn new(i: &ConnInfo<'_>) -> ConnLabels {
+    /// The label set of one flow as `report` describes it, ended with `flag`.
+    pub fn new(report: &FlowReport<'_>, flag: ResponseFlag, cluster_domain: &str) -> ConnLabels {
         let unknown = || UNKNOWN.to_string();
-        let field =
-            |w: Option<&Workload>, f: fn(&Workload) -> String| w.map(f).unwrap_or_else(unknown);
-        let principal = |id: Option<&SpiffeId>| id.map(ToString::to_string).unwrap_or_else(unknown);
-        let cluster = |w: Option<&Workload>| {
-            if w.is_some() {
-                CLUSTER.to_string()
-            } else {
-                unknown()
-            }
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            w.map_or_else(unknown, |w| f(w).to_string())
         };
+        let principal = |id: Option<&SpiffeId>| id.map_or_else(unknown, ToString::to_string);
+        let cluster = |w: Option<&Workload>| w.map_or_else(unknown, |_| CLUSTER.to_string());
+        let (src, dst, service) = (report.src_workload, report.dst_workload, report.service);
         ConnLabels {
-            reporter: i.reporter,
-            source_workload: field(i.src, |w| w.workload_name.clone()),
-            source_workload_namespace: field(i.src, |w| w.namespace.clone()),
-            source_principal: principal(i.src_identity),
-            source_app: field(i.src, canonical_app),
-            source_version: field(i.src, canonical_version),
-            source_cluster: cluster(i.src),
-            destination_service: i
-                .service
-                .map(|s| format!("{}.{}.svc.{}", s.name, s.namespace, i.cluster_domain))
-                .unwrap_or_else(unknown),
-            destination_service_name: i.service.map(|s| s.name.clone()).unwrap_or_else(unknown),
-            destination_service_namespace: i
-                .service
-                .map(|s| s.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_workload: field(i.dst, |w| w.workload_name.clone()),
-            destination_workload_namespace: field(i.dst, |w| w.namespace.clone()),
-            destination_principal: principal(i.dst_identity),
-            destination_app: field(i.dst, canonical_app),
-            destination_version: field(i.dst, canonical_version),
-            destination_cluster: cluster(i.dst),
+            reporter: report.reporter,
+            source_workload: field(src, |w| &w.workload_name),
+            source_workload_namespace: field(src, |w| &w.namespace),
+            source_principal: principal(report.src_identity),
+            source_app: field(src, Workload::canonical_app),
+            source_version: field(src, Workload::canonical_version),
+            source_cluster: cluster(src),
+            destination_service: service.map_or_else(unknown, |s| {
+                format!("{}.{}.svc.{}", s.name, s.namespace, cluster_domain)
+            }),
+            destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
+            destination_workload: field(dst, |w| &w.workload_name),
+            destination_workload_namespace: field(dst, |w| &w.namespace),
+            destination_principal: principal(report.dst_identity),
+            destination_app: field(dst, Workload::canonical_app),
+            destination_version: field(dst, Workload::canonical_version),
+            destination_cluster: cluster(dst),
             request_protocol: "tcp",
-            response_flags: i.flags,
-            connection_security_policy: if i.mtls { "mutual_tls" } else { "none" },
+            response_flags: flag,
+            connection_security_policy: report.protocol.into(),
         }
     }
 }
@@ -187,6 +218,8 @@ struct BuildLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Cluster DNS domain, for the destination service's FQDN.
+    cluster_domain: String,
     opened: Family<ConnLabels, Counter>,
     closed: Family<ConnLabels, Counter>,
     sent: Family<ConnLabels, Counter>,
@@ -204,11 +237,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry with every family the daemon itself exports.
-    pub fn new() -> Arc<Metrics> {
+    /// A registry with every family the daemon itself exports; services are named in the
+    /// cluster DNS domain `cluster_domain`.
+    pub fn new(cluster_domain: &str) -> Arc<Metrics> {
         let mut r = Registry::default();
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
+            cluster_domain: cluster_domain.to_string(),
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
@@ -288,8 +323,10 @@ impl Metrics {
         f(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Counts a connection as opened and returns the handles its bytes and close go to.
-    pub fn open(&self, labels: &ConnLabels) -> ConnMeter {
+    /// Counts a flow as opened, ending with `flag`, and returns the handles its bytes and
+    /// close go to.
+    pub fn open(&self, report: &FlowReport<'_>, flag: ResponseFlag) -> ConnMeter {
+        let labels = &ConnLabels::new(report, flag, &self.cluster_domain);
         self.opened.get_or_create(labels).inc();
         ConnMeter {
             closed: self.closed.get_or_create_owned(labels),
@@ -452,18 +489,20 @@ mod tests {
 
     #[test]
     fn exposition_is_prometheus_text() {
-        let m = Metrics::new();
-        let meter = m.open(&ConnLabels::new(&ConnInfo {
-            reporter: "source",
-            src: None,
+        let m = Metrics::new("cluster.local");
+        let report = FlowReport {
+            reporter: Reporter::Source,
+            protocol: Protocol::Tcp,
+            src: "10.0.0.1:4000".parse().expect("addr"),
+            dst: "10.0.0.2:80".parse().expect("addr"),
+            src_workload: None,
+            dst_workload: None,
             src_identity: None,
-            dst: None,
             dst_identity: None,
             service: None,
-            cluster_domain: "cluster.local",
-            mtls: false,
-            flags: "UF",
-        }));
+            start: std::time::Instant::now(),
+        };
+        let meter = m.open(&report, ResponseFlag::UpstreamFailure);
         meter.client_side().to_tunnel(7);
         drop(meter);
         let text = m.encode();

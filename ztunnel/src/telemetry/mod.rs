@@ -1,7 +1,9 @@
 //! Logs and metrics. Logs go to stderr as text or as one JSON object per line with the event's
 //! fields at the top level, which is what log pipelines and the tests parse; the log filter can
-//! be changed at run time (admin `/logging?level=`). Metrics live in [`metrics`].
+//! be changed at run time (admin `/logging?level=`). Metrics live in [`metrics`], the per-flow
+//! record that feeds them and the access log in [`flow`].
 
+pub mod flow;
 pub mod metrics;
 
 use std::sync::{Mutex, OnceLock};
@@ -13,7 +15,10 @@ use tracing_subscriber::{reload, Registry};
 
 use crate::config::Config;
 
-pub use metrics::{ByteSink, ConnLabels, ConnMeter, Metrics};
+pub use flow::{Failure, FlowReport};
+pub use metrics::{
+    ByteSink, ConnLabels, ConnMeter, Metrics, Protocol, Reporter, ResponseFlag, SecurityPolicy,
+};
 
 /// The handle that swaps the log filter and the directive it was built from; set once by
 /// [`init_logging`].

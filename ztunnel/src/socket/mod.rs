@@ -7,6 +7,13 @@
 //!   connect time) so peers see pod addresses, never the node's.
 //! - Every daemon socket carries the daemon mark, which the capture programs skip and which
 //!   must not match the capture route's mark.
+//!
+//! The flows get their sockets through a [`SocketFactory`] ([`factory`]), so the same flow code
+//! runs with these privileged sockets in the daemon and with plain loopback sockets in tests.
+
+mod factory;
+
+pub use factory::{Leg, PlainSockets, SocketFactory, TransparentSockets};
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -73,13 +80,26 @@ pub async fn connect(
             sock.bind(SocketAddr::new(ip, 0))?;
         }
     }
-    match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect to {dst} timed out after {timeout:?}"),
-        )),
-    }
+    tokio::time::timeout(timeout, sock.connect(dst))
+        .await
+        .map_err(|_| timed_out(dst, timeout))?
+}
+
+fn timed_out(dst: SocketAddr, timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("connect to {dst} timed out after {timeout:?}"),
+    )
+}
+
+/// Makes the next close send RST instead of FIN, so the application sees a failure.
+pub fn reset_on_close(tcp: &impl std::os::fd::AsFd) {
+    let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+/// A second handle to a TCP socket, to reset it after the code owning it is dropped.
+pub fn dup(tcp: &TcpStream) -> Option<Socket> {
+    SockRef::from(tcp).try_clone().ok()
 }
 
 /// Sets `TCP_NOTSENT_LOWAT`: the socket then reports itself writable, and takes more data, only

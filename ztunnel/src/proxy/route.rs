@@ -1,0 +1,216 @@
+//! Where a flow goes: pure decisions over a [`State`] snapshot, no sockets.
+//!
+//! The outbound and inbound paths call these first and then do the I/O the answer asks for,
+//! so every routing rule can be tested in-process against a state built from YAML.
+//!
+//! A new kind of route (a waypoint hand-off, say) is a new [`Route`] variant or a new way to
+//! fill [`HboneTarget`] (a waypoint is reached over HBONE like a pod, with the original
+//! destination as the authority and the waypoint's identity expected), decided in [`outbound`],
+//! plus one match arm in `proxy::outbound` that does its I/O.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use super::error::FlowError;
+use crate::config::Config;
+use crate::identity::SpiffeId;
+use crate::state::{Destination, ResolveError, Service, State, Workload};
+
+/// What routing needs to know of this daemon.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// This node's Kubernetes name: pods with this `spec.nodeName` are local.
+    pub name: String,
+    /// The HBONE port, dialled on destination pods.
+    pub hbone_port: u16,
+    /// Ports of the daemon's own listeners. A tunnel whose authority names one of them would
+    /// come back into the daemon instead of reaching an application.
+    pub own_ports: Vec<u16>,
+}
+
+impl Node {
+    /// The node as configured.
+    pub fn from_config(cfg: &Config) -> Node {
+        let p = cfg.ports;
+        Node {
+            name: cfg.node_name.clone(),
+            hbone_port: p.hbone,
+            own_ports: vec![p.outbound, p.inbound_plaintext, p.hbone, p.dns],
+        }
+    }
+
+    /// The workload at `ip` when it is an enrolled pod of this node.
+    pub fn local_enrolled(&self, state: &State, ip: IpAddr) -> Option<Arc<Workload>> {
+        state
+            .workload(ip)
+            .filter(|w| w.enrolled && w.node == self.name)
+            .cloned()
+    }
+}
+
+/// Where a captured outbound connection goes.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The enrolled pod of this node the connection came from.
+    pub source: Arc<Workload>,
+    /// The service whose VIP was dialled, if any.
+    pub service: Option<Arc<Service>>,
+    /// Where to send it.
+    pub route: Route,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// The routes of an outbound flow.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Plain TCP from the pod's own IP: the destination is outside the mesh, or a pod that is
+    /// not enrolled (`workload`).
+    Passthrough {
+        /// Where to connect.
+        dst: SocketAddr,
+        /// The destination pod, when it is a known (not enrolled) pod.
+        workload: Option<Arc<Workload>>,
+    },
+    /// An enrolled pod of this node: handed to the inbound side in-process.
+    SameNode {
+        /// The destination pod.
+        workload: Arc<Workload>,
+        /// Its port (the service's target port for a VIP).
+        port: u16,
+    },
+    /// An HBONE tunnel to another node.
+    Hbone(HboneTarget),
+    /// Nowhere: a service without a ready endpoint for the port.
+    NoRoute(ResolveError),
+}
+
+/// An HBONE tunnel to open: where to connect, what to ask for, whom to expect.
+#[derive(Debug, Clone)]
+pub struct HboneTarget {
+    /// The destination pod.
+    pub workload: Arc<Workload>,
+    /// `:authority` of the CONNECT: the pod's IP and target port.
+    pub authority: SocketAddr,
+    /// Where the TLS connection goes: the pod's IP and the HBONE port (the destination's
+    /// daemon captures it).
+    pub connect: SocketAddr,
+    /// Identities the server may prove.
+    pub identities: Vec<SpiffeId>,
+}
+
+/// Why a route was chosen, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The destination is a service VIP; an endpoint was picked.
+    ServiceVip,
+    /// The destination is a pod IP.
+    PodIp,
+    /// The destination pod is known but not enrolled.
+    NotEnrolled,
+    /// The destination is not known to the mesh.
+    OutsideMesh,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::ServiceVip => "service VIP",
+            Reason::PodIp => "pod IP",
+            Reason::NotEnrolled => "destination pod not in the mesh",
+            Reason::OutsideMesh => "destination outside the mesh",
+        })
+    }
+}
+
+/// Routes a connection captured leaving the pod at `src` for `orig_dst`. Fails only when the
+/// source is not an enrolled pod of this node: capture steers only those here, so anything
+/// else is a stale map entry or a direct connection to the port, and is refused.
+pub fn outbound(
+    state: &State,
+    node: &Node,
+    src: IpAddr,
+    orig_dst: SocketAddr,
+) -> Result<Outbound, FlowError> {
+    let source = node
+        .local_enrolled(state, src)
+        .ok_or(FlowError::UnknownSource(src))?;
+    let service = state.service_by_vip(orig_dst.ip()).cloned();
+    let via_vip = service.is_some();
+    let (route, reason) = match state.resolve(orig_dst) {
+        Err(e) => (Route::NoRoute(e), Reason::ServiceVip),
+        Ok(Destination::External(dst)) => (
+            Route::Passthrough {
+                dst,
+                workload: None,
+            },
+            Reason::OutsideMesh,
+        ),
+        Ok(Destination::Workload(w, port)) if !w.enrolled => (
+            Route::Passthrough {
+                dst: SocketAddr::new(w.ip, port),
+                workload: Some(w),
+            },
+            Reason::NotEnrolled,
+        ),
+        Ok(Destination::Workload(w, port)) => {
+            let reason = if via_vip {
+                Reason::ServiceVip
+            } else {
+                Reason::PodIp
+            };
+            let route = if w.node == node.name {
+                Route::SameNode { workload: w, port }
+            } else {
+                Route::Hbone(HboneTarget {
+                    authority: SocketAddr::new(w.ip, port),
+                    connect: SocketAddr::new(w.ip, node.hbone_port),
+                    identities: vec![w.identity.clone()],
+                    workload: w,
+                })
+            };
+            (route, reason)
+        }
+    };
+    Ok(Outbound {
+        source,
+        service,
+        route,
+        reason,
+    })
+}
+
+/// Checks an HBONE stream that arrived on a connection to `local` (a pod IP and the HBONE
+/// port) asking for `authority`, and returns the local pod it is for.
+///
+/// The authority must be an enrolled pod of this node (else 503), the very pod whose
+/// certificate the connection was given (else 400: one pod's certificate never opens a flow to
+/// another), and not one of the daemon's own ports (else 400: the flow would loop back in).
+pub fn inbound_hbone(
+    state: &State,
+    node: &Node,
+    local: SocketAddr,
+    authority: SocketAddr,
+) -> Result<Arc<Workload>, FlowError> {
+    let pod = node
+        .local_enrolled(state, authority.ip())
+        .ok_or(FlowError::NotLocal(authority))?;
+    if authority.ip() != local.ip() {
+        return Err(FlowError::AuthorityMismatch { authority, local });
+    }
+    if node.own_ports.contains(&authority.port()) {
+        return Err(FlowError::Loop(authority));
+    }
+    Ok(pod)
+}
+
+/// Checks a plaintext connection captured for `dst` and returns the local pod it is for.
+pub fn inbound_plaintext(
+    state: &State,
+    node: &Node,
+    dst: SocketAddr,
+) -> Result<Arc<Workload>, FlowError> {
+    node.local_enrolled(state, dst.ip())
+        .ok_or(FlowError::NotLocal(dst))
+}

@@ -1,0 +1,239 @@
+//! The one copy loop of every proxied flow: TCP to TCP (passthrough, plaintext inbound,
+//! same-node) and TCP to an HBONE stream (outbound and inbound HBONE, and the waypoint).
+//!
+//! Both splices share the same contract, so every path behaves alike:
+//! - bytes are counted per direction and reported to a [`ByteSink`] as they move, so metrics
+//!   advance during long transfers, and returned as [`Transferred`] at the end;
+//! - a clean EOF on one side half-closes the other side, and the splice ends when both
+//!   directions are done;
+//! - an error on either side aborts both: TCP sockets are reset (RST, not FIN) and the HTTP/2
+//!   stream is cancelled, so neither application mistakes a failure for a clean end of data.
+//!
+//! Reads go through [`crate::burst::BurstReader`], whose buffer exists only while the socket
+//! has data.
+
+use std::future::{poll_fn, Future};
+use std::io;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::burst::{BurstReader, Readable};
+use crate::socket::reset_on_close;
+use crate::telemetry::ByteSink;
+
+/// Length of an HTTP/2 frame header, which h2 writes in front of each DATA payload.
+const DATA_FRAME_HEADER: usize = 9;
+
+/// Bytes moved by a finished splice, counted from the side of its first socket: for a flow
+/// whose first socket is the client, `to_tunnel` is what the client sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Read from the first TCP socket and forwarded.
+    pub to_tunnel: u64,
+    /// Forwarded to the first TCP socket.
+    pub from_tunnel: u64,
+}
+
+impl Transferred {
+    /// The same counts seen from the other end (the first socket was the server).
+    pub fn reversed(self) -> Transferred {
+        Transferred {
+            to_tunnel: self.from_tunnel,
+            from_tunnel: self.to_tunnel,
+        }
+    }
+}
+
+/// How a splice ended: the bytes moved, and the error that aborted it, if any.
+pub type Outcome = (Transferred, Option<io::Error>);
+
+/// Copies both ways between two TCP sockets (`a` is the side [`Transferred::to_tunnel`] is
+/// read from), reporting bytes to `sink` as they move.
+pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outcome {
+    let mut bytes = Transferred::default();
+    let err = {
+        let (ar, mut aw) = a.split();
+        let (br, mut bw) = b.split();
+        let up = copy(ar, &mut bw, &mut bytes.to_tunnel, |n| sink.to_tunnel(n));
+        let down = copy(br, &mut aw, &mut bytes.from_tunnel, |n| sink.from_tunnel(n));
+        both(up, down).await
+    };
+    if err.is_some() {
+        reset_on_close(&a);
+        reset_on_close(&b);
+    }
+    (bytes, err)
+}
+
+/// Copies both ways between a TCP socket and an HTTP/2 stream (an HBONE flow), reporting
+/// bytes to `sink` as they move.
+pub async fn hbone(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    sink: &ByteSink,
+) -> Outcome {
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut bytes = Transferred::default();
+    let err = {
+        let up = async {
+            let mut reader = BurstReader::with_header(&mut rd, DATA_FRAME_HEADER);
+            while let Some(chunk) = reader.next().await? {
+                send_all(&mut send, chunk, &mut bytes.to_tunnel, sink).await?;
+            }
+            send.send_data(Bytes::new(), true).map_err(h2_io)
+        };
+        let down = async {
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.map_err(h2_io)?;
+                wr.write_all(&chunk).await?;
+                bytes.from_tunnel += chunk.len() as u64;
+                sink.from_tunnel(chunk.len());
+                // An error here only means the stream is already gone; data() reports it next.
+                let _ = recv.flow_control().release_capacity(chunk.len());
+            }
+            wr.shutdown().await
+        };
+        both(up, down).await
+    };
+    if err.is_some() {
+        send.send_reset(h2::Reason::CANCEL);
+        if let Ok(tcp) = rd.reunite(wr) {
+            reset_on_close(&tcp);
+        }
+    }
+    (bytes, err)
+}
+
+/// Runs both directions to the end; the first error ends both and is returned.
+async fn both(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+) -> Option<io::Error> {
+    tokio::pin!(up, down);
+    tokio::select! {
+        r = &mut up => match r { Ok(()) => (&mut down).await.err(), Err(e) => Some(e) },
+        r = &mut down => match r { Ok(()) => (&mut up).await.err(), Err(e) => Some(e) },
+    }
+}
+
+/// One direction of a plain splice: read, write all, count, until EOF; then half-close.
+async fn copy<R: Readable, W: AsyncWrite + Unpin>(
+    rd: R,
+    wr: &mut W,
+    total: &mut u64,
+    count: impl Fn(usize),
+) -> io::Result<()> {
+    let mut reader = BurstReader::new(rd);
+    while let Some(chunk) = reader.next().await? {
+        wr.write_all(&chunk).await?;
+        *total += chunk.len() as u64;
+        count(chunk.len());
+    }
+    wr.shutdown().await
+}
+
+/// Sends one chunk on an HTTP/2 stream as flow control allows.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut chunk: Bytes,
+    total: &mut u64,
+    sink: &ByteSink,
+) -> io::Result<()> {
+    // Each pass reserves the rest of the chunk and sends all the capacity granted: h2's
+    // poll_capacity wakes only when capacity *increases*, so granted capacity left unsent here
+    // would never be reported again and the flow would stall.
+    while !chunk.is_empty() {
+        send.reserve_capacity(chunk.len());
+        let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        };
+        if cap == 0 {
+            continue;
+        }
+        let part = chunk.split_to(cap.min(chunk.len()));
+        *total += part.len() as u64;
+        sink.to_tunnel(part.len());
+        send.send_data(part, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+/// An h2 error as an I/O error, keeping the underlying I/O error when there is one.
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connected loopback pair: (client side, accepted side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let c = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        (c, s)
+    }
+
+    /// Real loopback sockets: bytes cross both ways intact and counted, and each side's EOF
+    /// reaches the other as a half-close, after which the other direction still flows.
+    #[tokio::test]
+    async fn plain_copies_both_ways_with_half_close() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default()).await });
+        let up: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        client.write_all(&up).await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read to EOF");
+        assert!(got == up, "upstream bytes differ");
+        server.write_all(b"reply after EOF").await.expect("write");
+        server.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, b"reply after EOF");
+        let (bytes, err) = splice.await.expect("splice");
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(
+            bytes,
+            Transferred {
+                to_tunnel: up.len() as u64,
+                from_tunnel: 15
+            }
+        );
+    }
+
+    /// A reset on one side is passed on as a reset, not a clean EOF.
+    #[tokio::test]
+    async fn plain_propagates_a_reset() {
+        let (client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default()).await });
+        reset_on_close(&client);
+        drop(client);
+        let mut buf = [0u8; 16];
+        let r = server.read(&mut buf).await;
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the server must see the client's reset"
+        );
+        assert!(splice.await.expect("splice").1.is_some());
+    }
+}
