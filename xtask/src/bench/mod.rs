@@ -139,8 +139,13 @@ fn prepare(perf: bool) -> Result<PathBuf> {
             .current_dir(mesh_tests::workspace_root()),
     )?;
     let rel = crate::target_dir()?.join("release");
-    // Read by mesh_tests::{ztunnel_bin, meshapp_bin} and by meshload_bin below.
-    std::env::set_var("ZTUNNEL_BIN", rel.join("ztunnel"));
+    // Read by mesh_tests::{ztunnel_bin, meshapp_bin} and by meshload_bin below. A daemon
+    // binary given in ZTUNNEL_BIN is measured instead of this tree's (an A/B against another
+    // build, with everything else the same).
+    match std::env::var_os("ZTUNNEL_BIN") {
+        Some(bin) => eprintln!("bench: daemon {}", PathBuf::from(bin).display()),
+        None => std::env::set_var("ZTUNNEL_BIN", rel.join("ztunnel")),
+    }
     std::env::set_var("MESHAPP_BIN", rel.join("meshapp"));
     std::env::set_var("MESHLOAD_BIN", rel.join("meshload"));
     Ok(envoy)
