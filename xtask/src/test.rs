@@ -1,5 +1,7 @@
 //! `cargo xtask test`: the one command that takes a fresh machine to a full test run.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -54,13 +56,69 @@ pub fn run(args: &[String]) -> Result<bool> {
         .args(["--", "--test-threads", "2"])
         .args(test_args);
     super::binaries_env(&mut cmd)?;
-    match super::run_status(&mut cmd) {
+    let mut result = super::run_status(&mut cmd);
+    if result.is_ok() && !picks_packages {
+        result = run_unprivileged_lib_tests(&root, test_args);
+    }
+    match result {
         Ok(()) => Ok(true),
         Err(e) => {
             eprintln!("xtask: {e:#}");
             Ok(false)
         }
     }
+}
+
+/// The user the in-process tests run as a second time: `nobody`, no capabilities.
+const UNPRIVILEGED: &str = "65534";
+
+/// Runs the daemon library's unit and in-process tests again as an unprivileged user, so that
+/// the flow layer stays testable without root (no namespaces, marks, transparent sockets or
+/// eBPF): the test binary is copied where that user can read it and run with `setpriv`.
+fn run_unprivileged_lib_tests(root: &Path, test_args: &[String]) -> Result<()> {
+    let out = super::cargo()
+        .args([
+            "test",
+            "-p",
+            "ztunnel",
+            "--lib",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root)
+        .output()
+        .context("building the ztunnel library tests")?;
+    let binary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter(|m| m["target"]["name"] == "ztunnel")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the ztunnel library test binary")?;
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let copy = dir.path().join("ztunnel-lib-tests");
+    std::fs::copy(&binary, &copy).with_context(|| format!("copying {}", binary.display()))?;
+    for p in [dir.path(), copy.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+    }
+    eprintln!(
+        "xtask: the ztunnel library tests again, as an unprivileged user (uid {UNPRIVILEGED})"
+    );
+    super::run_status(
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                UNPRIVILEGED,
+                "--regid",
+                UNPRIVILEGED,
+                "--clear-groups",
+            ])
+            .arg("--inh-caps=-all")
+            .arg(&copy)
+            .args(test_args)
+            .current_dir(dir.path())
+            .env("HOME", dir.path()),
+    )
 }
 
 /// Installs whichever of `packages` dpkg does not report as installed (also used by the
