@@ -25,7 +25,7 @@ use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
 use crate::proxy::Proxy;
 use crate::socket;
-use crate::source::{self, FileSource, SourceError};
+use crate::source::{self, SourceError};
 use crate::state::State;
 use crate::telemetry::metrics::gauge;
 use crate::telemetry::{self, Metrics};
@@ -108,8 +108,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let metrics = Metrics::new();
     let drain = Drain::default();
 
-    let mut source = FileSource::new(&cfg.state_path, &cfg.trust_domain);
-    let first = source.poll()?.unwrap_or_default();
+    let mut source = source::from_config(&cfg);
+    let first = source.initial()?;
     let (state_tx, mut state_rx) = watch::channel(Arc::new(first));
 
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -231,19 +231,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     // The first state counts as loaded once every file in the source has parsed; until then
     // the daemon is not ready (a pod file that never parsed leaves its pods unknown).
-    while !source.complete() {
-        tokio::select! {
-            _ = tokio::time::sleep(cfg.state_poll_interval) => {}
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-        }
-        match source.poll() {
-            Ok(Some(s)) => {
-                state_tx.send_replace(Arc::new(s));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "state source unreadable; not ready"),
-        }
+    tokio::select! {
+        biased;
+        () = source.first_complete(&state_tx) => {}
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
     }
     let state = state_rx.borrow_and_update().clone();
     source::log_applied(&state);
@@ -271,7 +263,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let released = crate::memory::release_startup_memory();
     tracing::debug!(bytes = released, "start-up memory released");
 
-    tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
+    tokio::spawn(source.run(state_tx));
     // Re-sync capture now and then: a pod's veth may appear after its object does.
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
