@@ -8,14 +8,15 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::admin::{self, Readiness, Reply};
+use crate::admin::metrics::MetricsRoutes;
+use crate::admin::routes::AdminRoutes;
+use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
@@ -27,8 +28,7 @@ use crate::proxy::Proxy;
 use crate::socket;
 use crate::source::{self, SourceError};
 use crate::state::State;
-use crate::telemetry::metrics::gauge;
-use crate::telemetry::{self, Metrics};
+use crate::telemetry::Metrics;
 use crate::workers::Workers;
 
 /// Why the daemon could not start or stopped.
@@ -92,13 +92,6 @@ fn bind(
 
 /// How often capture is re-checked against the state without a state change.
 const CAPTURE_RESYNC: Duration = Duration::from_secs(2);
-
-/// What the admin API and metrics show of capture; updated by the main task.
-#[derive(Debug, Default, Clone)]
-struct CaptureView {
-    interfaces: Vec<String>,
-    enrolled: Vec<Ipv4Addr>,
-}
 
 /// Runs the daemon until SIGTERM/SIGINT (or admin `/quitquitquit`), then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
@@ -183,42 +176,26 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     tokio::spawn(server.run(hbone));
 
     let readiness = Arc::new(Readiness::default());
-    let view: Arc<Mutex<CaptureView>> = Arc::default();
+    let view: Arc<CaptureView> = Arc::default();
     {
         let r = readiness.clone();
-        tokio::spawn(admin::serve(ready_l, move |path| match path {
-            "/healthz/ready" if r.is_ready() => Reply::text(200, "ready\n"),
-            "/healthz/ready" => Reply::text(503, "not ready\n"),
-            _ => Reply::text(404, "not found\n"),
+        tokio::spawn(admin::serve(ready_l, move |path| {
+            admin::readiness::route(&r, path)
         }));
-        let (m_certs, m_pool, m_view, metrics) =
-            (certs.clone(), pool.clone(), view.clone(), metrics.clone());
-        let m_workers = workers.clone();
-        tokio::spawn(admin::serve(metrics_l, move |path| {
-            let (certs, pool, view) = (&m_certs, &m_pool, &m_view);
-            match path.split('?').next().unwrap_or("") {
-                "/metrics" | "/stats/prometheus" => {
-                    let stats = pool.stats();
-                    metrics.pool_connections.set(gauge(stats.connections));
-                    metrics.pool_streams.set(gauge(stats.streams));
-                    let v = view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    metrics.capture_enrolled_pods.set(gauge(v.enrolled.len()));
-                    metrics
-                        .capture_attached_programs
-                        .set(gauge(v.interfaces.len()));
-                    metrics.set_certificates(&certs.snapshot());
-                    metrics.set_worker_loads(&m_workers.loads());
-                    Reply::new(200, telemetry::metrics::CONTENT_TYPE, metrics.encode())
-                }
-                _ => Reply::text(404, "not found\n"),
-            }
-        }));
-        let admin = AdminContext {
+        let metrics = MetricsRoutes {
+            metrics: metrics.clone(),
+            certs: certs.clone(),
+            pool: pool.clone(),
+            capture: view.clone(),
+            workers: workers.clone(),
+        };
+        tokio::spawn(admin::serve(metrics_l, move |path| metrics.route(path)));
+        let admin = AdminRoutes {
             cfg: cfg.clone(),
             state: state_rx.clone(),
             certs: certs.clone(),
             pool: pool.clone(),
-            view: view.clone(),
+            capture: view.clone(),
             readiness: readiness.clone(),
             drain: drain.clone(),
             dns: dns_stats.clone(),
@@ -307,141 +284,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-fn unix_secs(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// What the admin API (15000) reads.
-struct AdminContext {
-    cfg: Arc<Config>,
-    state: watch::Receiver<Arc<State>>,
-    certs: Arc<CertManager>,
-    pool: Pool,
-    view: Arc<Mutex<CaptureView>>,
-    readiness: Arc<Readiness>,
-    drain: Drain,
-    dns: Arc<DnsStats>,
-}
-
-impl AdminContext {
-    fn route(&self, target: &str) -> Reply {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        match path {
-            "/config_dump" => {
-                Reply::json(serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default())
-            }
-            "/logging" => {
-                let level = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("level="))
-                    .map(percent_decode);
-                match level {
-                    None => Reply::text(
-                        200,
-                        format!(
-                            "level: {}\n",
-                            telemetry::current_log_level().unwrap_or_default()
-                        ),
-                    ),
-                    Some(l) => match telemetry::set_log_level(&l) {
-                        Ok(now) => {
-                            tracing::info!(level = %now, "log level changed");
-                            Reply::text(200, format!("level: {now}\n"))
-                        }
-                        Err(e) => Reply::text(400, format!("{e}\n")),
-                    },
-                }
-            }
-            "/quitquitquit" => {
-                self.drain.start();
-                Reply::text(200, "draining\n")
-            }
-            _ => Reply::text(404, "not found\n"),
-        }
-    }
-
-    fn config_dump(&self) -> serde_json::Value {
-        let state = self.state.borrow().clone();
-        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let certificates: Vec<_> = self
-            .certs
-            .snapshot()
-            .into_iter()
-            .map(|(id, c)| match c {
-                Some(c) => json!({
-                    "identity": id,
-                    "state": "issued",
-                    "serial": c.serial,
-                    "not_before": unix_secs(c.not_before),
-                    "not_after": unix_secs(c.not_after),
-                    "expires_in_secs": telemetry::metrics::seconds_until(c.not_after),
-                }),
-                None => json!({"identity": id, "state": "pending"}),
-            })
-            .collect();
-        let mut local: Vec<_> = state.local_workloads(&self.cfg.node_name).collect();
-        local.sort_by_key(|w| w.key());
-        let enrolled_pods: Vec<_> = local
-            .iter()
-            .map(|w| {
-                let captured = matches!(w.ip, IpAddr::V4(ip) if view.enrolled.contains(&ip));
-                json!({
-                    "pod": w.key(),
-                    "ip": w.ip,
-                    "workload": w.workload_name,
-                    "identity": w.identity,
-                    "enrolled": w.enrolled,
-                    "captured": captured,
-                })
-            })
-            .collect();
-        let mut workloads: Vec<_> = state.workloads.values().collect();
-        workloads.sort_by_key(|w| w.key());
-        json!({
-            "node": self.cfg.node_name,
-            "ready": self.readiness.is_ready(),
-            "draining": self.drain.is_draining(),
-            "active_flows": self.drain.active(),
-            "config": &*self.cfg,
-            "generation": state.generation,
-            "workloads": workloads,
-            "services": state.services,
-            "enrolled_pods": enrolled_pods,
-            "certificates": certificates,
-            "hbone_pool": self.pool.stats(),
-            "capture": {"attached_interfaces": view.interfaces},
-            "dns": self.dns.snapshot(),
-        })
-    }
-}
-
-/// Decodes `%XX` and `+` in a query value (log directives contain `=` and `,`).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Binds the DNS proxy's UDP and TCP sockets (before capture, like every listener) and starts
 /// serving. Upstreams default to /etc/resolv.conf; without any, forwarded names get SERVFAIL.
 fn start_dns(
@@ -493,7 +335,7 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
-    view: &Mutex<CaptureView>,
+    view: &CaptureView,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
@@ -518,17 +360,16 @@ fn sync_capture(
             tracing::debug!(%pod, %error, "capture still not in place for pod");
         }
     }
-    let now = capture.attached();
-    let mut last = view.lock().unwrap_or_else(|p| p.into_inner());
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
-    if state_changed || last.interfaces != now {
+    let interfaces = capture.attached();
+    let attached = interfaces.len();
+    let interfaces_changed = view.update(interfaces, capture.enrolled());
+    if state_changed || interfaces_changed {
         tracing::info!(
             generation = state.generation,
             enrolled,
-            interfaces = now.len(),
+            interfaces = attached,
             "capture updated"
         );
     }
-    last.interfaces = now;
-    last.enrolled = capture.enrolled();
 }
