@@ -1,5 +1,19 @@
 //! Start-up, steady state and shutdown of the daemon.
 //!
+//! [`run`] is a sequence of phases, each a function below:
+//!
+//! 1. `check_host`: the configured TCP congestion controls exist; the open-file limit is raised.
+//! 2. The state source ([`crate::source`]): its first read, published on a `watch` channel.
+//! 3. `start_identity`: the CA and the certificate manager.
+//! 4. `Listeners::bind`: every socket the daemon serves.
+//! 5. `start_dns`, `start_data_plane`: the DNS proxy; the workers, HBONE pool, proxy, HBONE
+//!    server and the accept loops of 15001, 15006 and 15008.
+//! 6. `serve_admin`: admin, metrics and readiness (answering 503 until ready).
+//! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
+//! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
+//! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
+//! 10. `drain_and_detach`.
+//!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
 //! capture is attached, so no captured SYN ever finds its listener missing; readiness turns on
 //! only when the first complete state is loaded, certificates for all local workloads exist and
@@ -8,14 +22,16 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::admin::{self, Readiness, Reply};
+use crate::admin::metrics::MetricsRoutes;
+use crate::admin::routes::AdminRoutes;
+use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
@@ -25,11 +41,10 @@ use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
 use crate::proxy::route::Node;
 use crate::proxy::{Captured, Proxy};
-use crate::socket::{self, SocketFactory, TransparentSockets};
-use crate::source::{self, FileSource, SourceError};
+use crate::socket::{self, Leg, SocketFactory, TransparentSockets};
+use crate::source::{self, SourceError, StateSource};
 use crate::state::State;
-use crate::telemetry::metrics::gauge;
-use crate::telemetry::{self, Metrics};
+use crate::telemetry::Metrics;
 use crate::workers::Workers;
 
 /// Why the daemon could not start or stopped.
@@ -75,55 +90,44 @@ pub enum AppError {
     Signal(std::io::Error),
 }
 
-fn bind(
-    what: &'static str,
-    ip: IpAddr,
-    port: u16,
-    transparent: bool,
-    mark: u32,
-    congestion: Option<&str>,
-) -> Result<tokio::net::TcpListener, AppError> {
-    let addr = SocketAddr::new(ip, port);
-    socket::listener(addr, transparent, mark, congestion).map_err(|error| AppError::Bind {
-        what,
-        addr,
-        error,
-    })
-}
-
 /// How often capture is re-checked against the state without a state change.
 const CAPTURE_RESYNC: Duration = Duration::from_secs(2);
-
-/// What the admin API and metrics show of capture; updated by the main task.
-#[derive(Debug, Default, Clone)]
-struct CaptureView {
-    interfaces: Vec<String>,
-    enrolled: Vec<Ipv4Addr>,
-}
 
 /// Runs the daemon until SIGTERM/SIGINT (or admin `/quitquitquit`), then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
-    let ca = FileCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
-    let certs = CertManager::new(Arc::new(ca), cfg.cert_ttl)?;
-    let metrics = Metrics::new(&cfg.cluster_domain);
-    let drain = Drain::default();
+    check_host(&cfg)?;
+    let mut source = source::from_config(&cfg);
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(source.initial()?));
+    let certs = start_identity(&cfg)?;
+    let sockets = daemon_sockets(&cfg);
+    let listeners = Listeners::bind(&cfg, &*sockets)?;
 
-    let mut source = FileSource::new(&cfg.state_path, &cfg.trust_domain);
-    let first = source.poll()?.unwrap_or_default();
-    let (state_tx, mut state_rx) = watch::channel(Arc::new(first));
+    let shared = Shared::new(cfg, state_rx.clone(), certs, sockets);
+    let dns = start_dns(&shared, listeners.dns);
+    let data_plane = start_data_plane(&shared, listeners.data_plane)?;
+    serve_admin(&shared, listeners.admin, &data_plane, dns);
 
-    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let mark = cfg.daemon_mark;
-    let p = cfg.ports;
-    let (pod_cc, hbone_cc) = (
-        cfg.pod_tcp_congestion.as_deref(),
-        cfg.hbone.tcp_congestion.as_deref(),
-    );
+    let mut signals = Signals::install()?;
+    let first = first_complete_state(&mut *source, &state_tx, &mut state_rx, &mut signals);
+    let Some(state) = first.await else {
+        return Ok(());
+    };
+    issue_first_certificates(&shared, &state).await?;
+    let mut capture = attach_capture(&shared, &state)?;
+    become_ready(&shared, &state);
+
+    tokio::spawn(source.run(state_tx));
+    steady_state(&shared, &data_plane, &mut capture, state_rx, &mut signals).await;
+    drain_and_detach(&shared, capture, &mut signals).await
+}
+
+/// What the host must provide, checked before anything is read or bound: the configured TCP
+/// congestion controls exist. Also raises the open-file limit to the hard limit.
+fn check_host(cfg: &Config) -> Result<(), AppError> {
     for (flag, name) in [
-        ("pod-tcp-congestion", pod_cc),
-        ("hbone-tcp-congestion", hbone_cc),
+        ("pod-tcp-congestion", cfg.pod_tcp_congestion.as_deref()),
+        ("hbone-tcp-congestion", cfg.hbone.tcp_congestion.as_deref()),
     ] {
         if let Some(name) = name {
             socket::check_congestion(name).map_err(|error| AppError::Congestion {
@@ -142,353 +146,160 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Ok(limit) => tracing::info!(limit, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open file limit"),
     }
-    // Captured outbound connections come from pods of this node; plaintext inbound ones may
-    // come from anywhere, so they keep the node's congestion control.
-    let outbound = bind("outbound", local, p.outbound, true, mark, pod_cc)?;
-    let plaintext = bind(
-        "inbound-plaintext",
-        local,
-        p.inbound_plaintext,
-        true,
-        mark,
-        None,
-    )?;
-    let hbone = bind("hbone", any, p.hbone, true, mark, hbone_cc)?;
-    let admin_l = bind("admin", cfg.admin_addr, p.admin, false, mark, None)?;
-    let metrics_l = bind("metrics", any, p.metrics, false, mark, None)?;
-    let ready_l = bind("readiness", any, p.readiness, false, mark, None)?;
-    let dns_stats = Arc::new(DnsStats::default());
-    metrics.register(|r| dns_stats.register(r));
-    if let Some(d) = &cfg.dns {
-        start_dns(&cfg, d, state_rx.clone(), dns_stats.clone())?;
-    }
-
-    let sockets: Arc<dyn SocketFactory> = Arc::new(TransparentSockets {
-        mark,
-        pod_congestion: cfg.pod_tcp_congestion.clone(),
-        hbone_congestion: cfg.hbone.tcp_congestion.clone(),
-        connect_timeout: cfg.hbone.connect_timeout,
-    });
-    let pool = Pool::new(cfg.hbone.clone(), certs.clone(), sockets.clone());
-    let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
-    let proxy = Proxy::new(
-        Node::from_config(&cfg),
-        &cfg.root_namespace,
-        state_rx.clone(),
-        pool.clone(),
-        sockets.clone(),
-        metrics.clone(),
-    );
-    let server = Server::new(
-        cfg.hbone.clone(),
-        &cfg.trust_domain,
-        certs.clone(),
-        proxy.clone(),
-        drain.clone(),
-    );
-    for (listener, kind) in [
-        (outbound, Captured::Outbound),
-        (plaintext, Captured::InboundPlaintext),
-    ] {
-        let serve = proxy
-            .clone()
-            .serve(listener, kind, workers.clone(), drain.clone());
-        tokio::spawn(serve);
-    }
-    {
-        // An HBONE connection does not count for the drain itself: its streams do.
-        let server = server.clone();
-        let serve = move |tcp, peer, guard| {
-            drop(guard);
-            server.clone().serve(tcp, peer)
-        };
-        let (workers, drain) = (workers.clone(), drain.clone());
-        tokio::spawn(async move { workers.accept_loop(hbone, "hbone", &drain, serve).await });
-    }
-
-    let readiness = Arc::new(Readiness::default());
-    let view: Arc<Mutex<CaptureView>> = Arc::default();
-    {
-        let r = readiness.clone();
-        tokio::spawn(admin::serve(ready_l, move |path| match path {
-            "/healthz/ready" if r.is_ready() => Reply::text(200, "ready\n"),
-            "/healthz/ready" => Reply::text(503, "not ready\n"),
-            _ => Reply::text(404, "not found\n"),
-        }));
-        let (m_certs, m_pool, m_view, metrics) =
-            (certs.clone(), pool.clone(), view.clone(), metrics.clone());
-        let m_workers = workers.clone();
-        tokio::spawn(admin::serve(metrics_l, move |path| {
-            let (certs, pool, view) = (&m_certs, &m_pool, &m_view);
-            match path.split('?').next().unwrap_or("") {
-                "/metrics" | "/stats/prometheus" => {
-                    let stats = pool.stats();
-                    metrics.pool_connections.set(gauge(stats.connections));
-                    metrics.pool_streams.set(gauge(stats.streams));
-                    let v = view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    metrics.capture_enrolled_pods.set(gauge(v.enrolled.len()));
-                    metrics
-                        .capture_attached_programs
-                        .set(gauge(v.interfaces.len()));
-                    metrics.set_certificates(&certs.snapshot());
-                    metrics.set_worker_loads(&m_workers.loads());
-                    Reply::new(200, telemetry::metrics::CONTENT_TYPE, metrics.encode())
-                }
-                _ => Reply::text(404, "not found\n"),
-            }
-        }));
-        let admin = AdminContext {
-            cfg: cfg.clone(),
-            state: state_rx.clone(),
-            certs: certs.clone(),
-            pool: pool.clone(),
-            view: view.clone(),
-            readiness: readiness.clone(),
-            drain: drain.clone(),
-            dns: dns_stats.clone(),
-        };
-        tokio::spawn(admin::serve(admin_l, move |path| admin.route(path)));
-    }
-
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
-
-    // The first state counts as loaded once every file in the source has parsed; until then
-    // the daemon is not ready (a pod file that never parsed leaves its pods unknown).
-    while !source.complete() {
-        tokio::select! {
-            _ = tokio::time::sleep(cfg.state_poll_interval) => {}
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-        }
-        match source.poll() {
-            Ok(Some(s)) => {
-                state_tx.send_replace(Arc::new(s));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "state source unreadable; not ready"),
-        }
-    }
-    let state = state_rx.borrow_and_update().clone();
-    source::log_applied(&state);
-    update_certificates(&cfg, &certs, &state);
-    for id in local_identities(&cfg, &state) {
-        // Wait for first issuance so the first flows don't race it; renewal goes on after.
-        certs.fetch(&id, Duration::from_secs(30)).await?;
-    }
-    let mut capture = match &cfg.capture {
-        Some(c) => Some(Capture::start(&CaptureSettings {
-            outbound_port: p.outbound,
-            inbound_plaintext_port: p.inbound_plaintext,
-            hbone_port: p.hbone,
-            dns_port: if cfg.dns.is_some() { p.dns } else { 0 },
-            capture_mark: c.capture_mark,
-            daemon_mark: mark,
-            route_table: c.route_table,
-            uplinks: c.uplinks.clone(),
-        })?),
-        None => None,
-    };
-    sync_capture(&cfg, capture.as_mut(), &state, &view, true);
-    readiness.set_ready();
-    tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
-    let released = crate::memory::release_startup_memory();
-    tracing::debug!(bytes = released, "start-up memory released");
-
-    tokio::spawn(source.run(cfg.state_poll_interval, state_tx));
-    // Re-sync capture now and then: a pod's veth may appear after its object does.
-    let mut resync = tokio::time::interval(CAPTURE_RESYNC);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = resync.tick() => {
-                let state = state_rx.borrow().clone();
-                sync_capture(&cfg, capture.as_mut(), &state, &view, false);
-            }
-            changed = state_rx.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let state = state_rx.borrow_and_update().clone();
-                proxy.recheck_connections(&state);
-                update_certificates(&cfg, &certs, &state);
-                sync_capture(&cfg, capture.as_mut(), &state, &view, true);
-            }
-            _ = term.recv() => { tracing::info!("SIGTERM received; draining"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT received; draining"); break; }
-            _ = drain.started() => { tracing::info!("drain requested through the admin API"); break; }
-        }
-    }
-    drain.start();
-    let active = drain.active();
-    tracing::info!(
-        active,
-        timeout = ?cfg.drain_timeout,
-        "draining: new connections refused, waiting for open ones"
-    );
-    let left = tokio::select! {
-        n = drain.wait_idle(cfg.drain_timeout) => n,
-        _ = term.recv() => drain.active(),
-        _ = int.recv() => drain.active(),
-    };
-    tracing::info!(left, "drain finished");
-    if let Some(c) = capture {
-        c.shutdown()?;
-    }
-    tracing::info!("capture removed; exiting");
     Ok(())
 }
 
-fn unix_secs(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// The CA (created on first use) and the certificate manager; certificates are issued once
+/// the first complete state names the local workloads (`issue_first_certificates`).
+fn start_identity(cfg: &Config) -> Result<Arc<CertManager>, AppError> {
+    let ca = FileCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
+    Ok(CertManager::new(Arc::new(ca), cfg.cert_ttl)?)
 }
 
-/// What the admin API (15000) reads.
-struct AdminContext {
-    cfg: Arc<Config>,
-    state: watch::Receiver<Arc<State>>,
-    certs: Arc<CertManager>,
-    pool: Pool,
-    view: Arc<Mutex<CaptureView>>,
-    readiness: Arc<Readiness>,
-    drain: Drain,
-    dns: Arc<DnsStats>,
+/// The daemon's sockets: transparent, with the daemon mark, congestion control per leg.
+fn daemon_sockets(cfg: &Config) -> Arc<dyn SocketFactory> {
+    Arc::new(TransparentSockets {
+        mark: cfg.daemon_mark,
+        pod_congestion: cfg.pod_tcp_congestion.clone(),
+        hbone_congestion: cfg.hbone.tcp_congestion.clone(),
+        connect_timeout: cfg.hbone.connect_timeout,
+    })
 }
 
-impl AdminContext {
-    fn route(&self, target: &str) -> Reply {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        match path {
-            "/config_dump" => {
-                Reply::json(serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default())
-            }
-            "/logging" => {
-                let level = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("level="))
-                    .map(percent_decode);
-                match level {
-                    None => Reply::text(
-                        200,
-                        format!(
-                            "level: {}\n",
-                            telemetry::current_log_level().unwrap_or_default()
-                        ),
-                    ),
-                    Some(l) => match telemetry::set_log_level(&l) {
-                        Ok(now) => {
-                            tracing::info!(level = %now, "log level changed");
-                            Reply::text(200, format!("level: {now}\n"))
-                        }
-                        Err(e) => Reply::text(400, format!("{e}\n")),
-                    },
-                }
-            }
-            "/quitquitquit" => {
-                self.drain.start();
-                Reply::text(200, "draining\n")
-            }
-            _ => Reply::text(404, "not found\n"),
-        }
-    }
+/// Every socket the daemon serves, all bound before capture attaches, so that no captured SYN
+/// or DNS datagram finds its listener missing.
+struct Listeners {
+    data_plane: DataPlaneListeners,
+    admin: AdminListeners,
+    /// Only when the DNS proxy is on.
+    dns: Option<DnsSockets>,
+}
 
-    fn config_dump(&self) -> serde_json::Value {
-        let state = self.state.borrow().clone();
-        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let certificates: Vec<_> = self
-            .certs
-            .snapshot()
-            .into_iter()
-            .map(|(id, c)| match c {
-                Some(c) => json!({
-                    "identity": id,
-                    "state": "issued",
-                    "serial": c.serial,
-                    "not_before": unix_secs(c.not_before),
-                    "not_after": unix_secs(c.not_after),
-                    "expires_in_secs": telemetry::metrics::seconds_until(c.not_after),
-                }),
-                None => json!({"identity": id, "state": "pending"}),
-            })
-            .collect();
-        let mut local: Vec<_> = state.local_workloads(&self.cfg.node_name).collect();
-        local.sort_by_key(|w| w.key());
-        let enrolled_pods: Vec<_> = local
-            .iter()
-            .map(|w| {
-                let captured = matches!(w.ip, IpAddr::V4(ip) if view.enrolled.contains(&ip));
-                json!({
-                    "pod": w.key(),
-                    "ip": w.ip,
-                    "workload": w.workload_name,
-                    "identity": w.identity,
-                    "enrolled": w.enrolled,
-                    "captured": captured,
-                })
-            })
-            .collect();
-        let mut workloads: Vec<_> = state.workloads.values().collect();
-        workloads.sort_by_key(|w| w.key());
-        json!({
-            "node": self.cfg.node_name,
-            "ready": self.readiness.is_ready(),
-            "draining": self.drain.is_draining(),
-            "active_flows": self.drain.active(),
-            "config": &*self.cfg,
-            "generation": state.generation,
-            "workloads": workloads,
-            "services": state.services,
-            "enrolled_pods": enrolled_pods,
-            "certificates": certificates,
-            "hbone_pool": self.pool.stats(),
-            "capture": {"attached_interfaces": view.interfaces},
-            "dns": self.dns.snapshot(),
+/// The captured ports, served by the data plane.
+struct DataPlaneListeners {
+    /// Outbound capture (15001).
+    outbound: TcpListener,
+    /// Inbound plaintext capture (15006).
+    inbound_plaintext: TcpListener,
+    /// HBONE (15008).
+    hbone: TcpListener,
+}
+
+/// The operators' and probes' ports.
+struct AdminListeners {
+    /// Admin API (15000, loopback).
+    admin: TcpListener,
+    /// Prometheus metrics (15020).
+    metrics: TcpListener,
+    /// Readiness (15021).
+    readiness: TcpListener,
+}
+
+/// The DNS proxy's sockets (15053).
+struct DnsSockets {
+    udp: UdpSocket,
+    tcp: TcpListener,
+}
+
+impl Listeners {
+    /// Binds everything, in a fixed order (the first that fails names its port).
+    fn bind(cfg: &Config, sockets: &dyn SocketFactory) -> Result<Listeners, AppError> {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let p = cfg.ports;
+        let bind = |what, ip, port, leg, capture| {
+            let addr = SocketAddr::new(ip, port);
+            sockets
+                .listen(leg, addr, capture)
+                .map_err(|error| AppError::Bind { what, addr, error })
+        };
+        // Captured outbound connections come from pods of this node; plaintext inbound ones may
+        // come from anywhere, so they keep the node's congestion control.
+        let data_plane = DataPlaneListeners {
+            outbound: bind("outbound", local, p.outbound, Leg::Pod, true)?,
+            inbound_plaintext: bind(
+                "inbound-plaintext",
+                local,
+                p.inbound_plaintext,
+                Leg::Node,
+                true,
+            )?,
+            hbone: bind("hbone", any, p.hbone, Leg::Hbone, true)?,
+        };
+        let admin = AdminListeners {
+            admin: bind("admin", cfg.admin_addr, p.admin, Leg::Node, false)?,
+            metrics: bind("metrics", any, p.metrics, Leg::Node, false)?,
+            readiness: bind("readiness", any, p.readiness, Leg::Node, false)?,
+        };
+        let dns = match cfg.dns {
+            Some(_) => {
+                let addr = dns::server::listen_addr(p.dns);
+                let udp = dns::server::bind_udp(addr, cfg.daemon_mark).map_err(|error| {
+                    AppError::Bind {
+                        what: "dns",
+                        addr,
+                        error,
+                    }
+                })?;
+                let tcp = bind("dns", addr.ip(), addr.port(), Leg::Node, true)?;
+                Some(DnsSockets { udp, tcp })
+            }
+            None => None,
+        };
+        Ok(Listeners {
+            data_plane,
+            admin,
+            dns,
         })
     }
 }
 
-/// Decodes `%XX` and `+` in a query value (log directives contain `=` and `,`).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The handles the phases after start-up's checks share; each is cheap to clone.
+struct Shared {
+    cfg: Arc<Config>,
+    /// The latest state, for the data plane, DNS and the admin API (the main task follows
+    /// changes on a receiver of its own).
+    state: watch::Receiver<Arc<State>>,
+    certs: Arc<CertManager>,
+    sockets: Arc<dyn SocketFactory>,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+    /// Set once ready; read by readiness and the admin API.
+    readiness: Arc<Readiness>,
+    /// Written by the main task after each capture sync; read by metrics and the admin API.
+    capture: Arc<CaptureView>,
 }
 
-/// Binds the DNS proxy's UDP and TCP sockets (before capture, like every listener) and starts
-/// serving. Upstreams default to /etc/resolv.conf; without any, forwarded names get SERVFAIL.
-fn start_dns(
-    cfg: &Config,
-    d: &crate::config::DnsConfig,
-    state: watch::Receiver<Arc<State>>,
-    stats: Arc<DnsStats>,
-) -> Result<(), AppError> {
-    let addr = dns::server::listen_addr(cfg.ports.dns);
-    let udp = dns::server::bind_udp(addr, cfg.daemon_mark).map_err(|error| AppError::Bind {
-        what: "dns",
-        addr,
-        error,
-    })?;
-    let tcp = bind("dns", addr.ip(), addr.port(), true, cfg.daemon_mark, None)?;
+impl Shared {
+    fn new(
+        cfg: Arc<Config>,
+        state: watch::Receiver<Arc<State>>,
+        certs: Arc<CertManager>,
+        sockets: Arc<dyn SocketFactory>,
+    ) -> Shared {
+        Shared {
+            metrics: Metrics::new(&cfg.cluster_domain),
+            cfg,
+            state,
+            certs,
+            sockets,
+            drain: Drain::default(),
+            readiness: Arc::default(),
+            capture: Arc::default(),
+        }
+    }
+}
+
+/// The DNS proxy's counters (registered whether or not it runs), and the proxy itself when
+/// configured. Upstreams default to /etc/resolv.conf; without any, forwarded names get
+/// SERVFAIL.
+fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
+    let stats = Arc::new(DnsStats::default());
+    shared.metrics.register(|r| stats.register(r));
+    let cfg = &shared.cfg;
+    let (Some(d), Some(DnsSockets { udp, tcp })) = (&cfg.dns, sockets) else {
+        return stats;
+    };
     let upstreams = if d.upstreams.is_empty() {
         dns::upstream::read_resolv_conf(std::path::Path::new("/etc/resolv.conf")).unwrap_or_else(
             |e| {
@@ -499,11 +310,260 @@ fn start_dns(
     } else {
         d.upstreams.clone()
     };
-    tracing::info!(port = addr.port(), upstreams = ?upstreams, "dns proxy listening");
+    tracing::info!(port = cfg.ports.dns, upstreams = ?upstreams, "dns proxy listening");
     let upstream = Arc::new(dns::upstream::Resolver::new(&upstreams, d.upstream_timeout));
-    let handler = dns::Handler::new(state, &cfg.cluster_domain, upstream, stats);
+    let handler = dns::Handler::new(
+        shared.state.clone(),
+        &cfg.cluster_domain,
+        upstream,
+        stats.clone(),
+    );
     tokio::spawn(dns::server::run_udp(udp, handler.clone(), cfg.daemon_mark));
     tokio::spawn(dns::server::run_tcp(tcp, handler));
+    stats
+}
+
+/// What serves flows, as `start_data_plane` built it. The main task re-checks open flows
+/// through the proxy on state changes; metrics and the admin API read the pool and workers.
+struct DataPlane {
+    /// HBONE connections to other nodes.
+    pool: Pool,
+    /// The data-plane worker threads.
+    workers: Arc<Workers>,
+    /// Outbound and inbound flows.
+    proxy: Arc<Proxy>,
+}
+
+/// Starts the data plane on `listeners`: the worker threads, the HBONE pool, the proxy, the
+/// HBONE server, and the accept loops of 15001, 15006 and 15008 (tasks of this runtime that
+/// hand each accepted socket to a worker).
+fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<DataPlane, AppError> {
+    let cfg = &shared.cfg;
+    let (sockets, drain) = (&shared.sockets, &shared.drain);
+    let pool = Pool::new(cfg.hbone.clone(), shared.certs.clone(), sockets.clone());
+    let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
+    let proxy = Proxy::new(
+        Node::from_config(cfg),
+        &cfg.root_namespace,
+        shared.state.clone(),
+        pool.clone(),
+        sockets.clone(),
+        shared.metrics.clone(),
+    );
+    let server = Server::new(
+        cfg.hbone.clone(),
+        &cfg.trust_domain,
+        shared.certs.clone(),
+        proxy.clone(),
+        drain.clone(),
+    );
+    for (listener, kind) in [
+        (listeners.outbound, Captured::Outbound),
+        (listeners.inbound_plaintext, Captured::InboundPlaintext),
+    ] {
+        let serve = proxy
+            .clone()
+            .serve(listener, kind, workers.clone(), drain.clone());
+        tokio::spawn(serve);
+    }
+    // An HBONE connection does not count for the drain itself: its streams do.
+    let serve = move |tcp, peer, guard| {
+        drop(guard);
+        server.clone().serve(tcp, peer)
+    };
+    let (w, d) = (workers.clone(), drain.clone());
+    tokio::spawn(async move { w.accept_loop(listeners.hbone, "hbone", &d, serve).await });
+    Ok(DataPlane {
+        pool,
+        workers,
+        proxy,
+    })
+}
+
+/// Serves readiness, metrics and the admin API ([`crate::admin`]). They start before the
+/// first complete state: readiness answers 503 until then, the admin API shows what is loaded.
+fn serve_admin(
+    shared: &Shared,
+    listeners: AdminListeners,
+    data_plane: &DataPlane,
+    dns: Arc<DnsStats>,
+) {
+    let readiness = shared.readiness.clone();
+    tokio::spawn(admin::serve(listeners.readiness, move |path| {
+        admin::readiness::route(&readiness, path)
+    }));
+    let metrics = MetricsRoutes {
+        metrics: shared.metrics.clone(),
+        certs: shared.certs.clone(),
+        pool: data_plane.pool.clone(),
+        capture: shared.capture.clone(),
+        workers: data_plane.workers.clone(),
+    };
+    tokio::spawn(admin::serve(listeners.metrics, move |path| {
+        metrics.route(path)
+    }));
+    let routes = AdminRoutes {
+        cfg: shared.cfg.clone(),
+        state: shared.state.clone(),
+        certs: shared.certs.clone(),
+        pool: data_plane.pool.clone(),
+        capture: shared.capture.clone(),
+        readiness: shared.readiness.clone(),
+        drain: shared.drain.clone(),
+        dns,
+    };
+    tokio::spawn(admin::serve(listeners.admin, move |path| {
+        routes.route(path)
+    }));
+}
+
+/// SIGTERM and SIGINT. Installed once the daemon serves its ports; before, either ends the
+/// process at once.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, AppError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(AppError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(AppError::Signal)?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT, by name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Waits until the source holds a complete state, and returns it; `None` when a signal came
+/// first (nothing is captured yet, so the daemon just exits). Until then the daemon is not
+/// ready: a pod file that never parsed leaves its pods unknown.
+async fn first_complete_state(
+    source: &mut dyn StateSource,
+    tx: &watch::Sender<Arc<State>>,
+    rx: &mut watch::Receiver<Arc<State>>,
+    signals: &mut Signals,
+) -> Option<Arc<State>> {
+    tokio::select! {
+        biased;
+        () = source.first_complete(tx) => {}
+        _ = signals.recv() => return None,
+    }
+    let state = rx.borrow_and_update().clone();
+    source::log_applied(&state);
+    Some(state)
+}
+
+/// Certificates for every enrolled local workload, awaited so the first flows don't race
+/// their issuance; renewal goes on in the background after.
+async fn issue_first_certificates(shared: &Shared, state: &State) -> Result<(), AppError> {
+    update_certificates(&shared.cfg, &shared.certs, state);
+    for id in local_identities(&shared.cfg, state) {
+        shared.certs.fetch(&id, Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches the capture programs (when capture is on) and brings them in line with
+/// `state`. Every listener is bound by now.
+fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, AppError> {
+    let cfg = &shared.cfg;
+    let Some(c) = &cfg.capture else {
+        return Ok(None);
+    };
+    let p = cfg.ports;
+    let mut capture = Capture::start(&CaptureSettings {
+        outbound_port: p.outbound,
+        inbound_plaintext_port: p.inbound_plaintext,
+        hbone_port: p.hbone,
+        dns_port: if cfg.dns.is_some() { p.dns } else { 0 },
+        capture_mark: c.capture_mark,
+        daemon_mark: cfg.daemon_mark,
+        route_table: c.route_table,
+        uplinks: c.uplinks.clone(),
+    })?;
+    sync_capture(cfg, Some(&mut capture), state, &shared.capture, true);
+    Ok(Some(capture))
+}
+
+/// Turns readiness on, then lets go of the memory start-up no longer needs.
+fn become_ready(shared: &Shared, state: &State) {
+    shared.readiness.set_ready();
+    tracing::info!(node = %shared.cfg.node_name, generation = state.generation, "ready");
+    let released = crate::memory::release_startup_memory();
+    tracing::debug!(bytes = released, "start-up memory released");
+}
+
+/// Follows state changes (open flows re-checked, certificates, capture) and re-syncs capture
+/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT or
+/// `/quitquitquit`.
+async fn steady_state(
+    shared: &Shared,
+    data_plane: &DataPlane,
+    capture: &mut Option<Capture>,
+    mut state_rx: watch::Receiver<Arc<State>>,
+    signals: &mut Signals,
+) {
+    let cfg = &shared.cfg;
+    let mut resync = tokio::time::interval(CAPTURE_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = resync.tick() => {
+                let state = state_rx.borrow().clone();
+                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, false);
+            }
+            changed = state_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let state = state_rx.borrow_and_update().clone();
+                data_plane.proxy.recheck_connections(&state);
+                update_certificates(cfg, &shared.certs, &state);
+                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+            }
+            signal = signals.recv() => {
+                tracing::info!("{signal} received; draining");
+                return;
+            }
+            _ = shared.drain.started() => {
+                tracing::info!("drain requested through the admin API");
+                return;
+            }
+        }
+    }
+}
+
+/// Drains (new connections refused, open flows awaited up to `--drain-timeout` or until
+/// another signal), then detaches capture: traffic flows directly again.
+async fn drain_and_detach(
+    shared: &Shared,
+    capture: Option<Capture>,
+    signals: &mut Signals,
+) -> Result<(), AppError> {
+    let (cfg, drain) = (&shared.cfg, &shared.drain);
+    drain.start();
+    let active = drain.active();
+    tracing::info!(
+        active,
+        timeout = ?cfg.drain_timeout,
+        "draining: new connections refused, waiting for open ones"
+    );
+    let left = tokio::select! {
+        n = drain.wait_idle(cfg.drain_timeout) => n,
+        _ = signals.recv() => drain.active(),
+    };
+    tracing::info!(left, "drain finished");
+    if let Some(c) = capture {
+        c.shutdown()?;
+    }
+    tracing::info!("capture removed; exiting");
     Ok(())
 }
 
@@ -525,7 +585,7 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
-    view: &Mutex<CaptureView>,
+    view: &CaptureView,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
@@ -550,17 +610,16 @@ fn sync_capture(
             tracing::debug!(%pod, %error, "capture still not in place for pod");
         }
     }
-    let now = capture.attached();
-    let mut last = view.lock().unwrap_or_else(|p| p.into_inner());
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
-    if state_changed || last.interfaces != now {
+    let interfaces = capture.attached();
+    let attached = interfaces.len();
+    let interfaces_changed = view.update(interfaces, capture.enrolled());
+    if state_changed || interfaces_changed {
         tracing::info!(
             generation = state.generation,
             enrolled,
-            interfaces = now.len(),
+            interfaces = attached,
             "capture updated"
         );
     }
-    last.interfaces = now;
-    last.enrolled = capture.enrolled();
 }

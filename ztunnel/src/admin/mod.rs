@@ -1,29 +1,53 @@
-//! The small HTTP responder behind admin (15000, loopback), metrics (15020) and readiness
-//! (15021).
+//! The admin (15000, loopback), metrics (15020) and readiness (15021) ports.
 //!
-//! A deliberately tiny HTTP/1.1 responder: one request per connection, GET only, a few fixed
-//! paths. It serves probes and operators, never the data path, so it need not be fast, and
-//! keeping it small avoids pulling an HTTP server framework into the daemon.
+//! A deliberately tiny HTTP/1.1 responder ([`serve`]): one request per connection, GET only, a
+//! few fixed paths. It serves probes and operators, never the data path, so it need not be
+//! fast, and keeping it small avoids pulling an HTTP server framework into the daemon. The
+//! routes of each port live in their own module: [`routes`] (admin: `/config_dump`,
+//! `/logging`, `/quitquitquit`), [`metrics`] (`/metrics`, `/stats/prometheus`) and
+//! [`readiness`] (`/healthz/ready`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Whether the daemon is ready: first state loaded, certificates issued, capture attached.
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub mod metrics;
+pub mod readiness;
+pub mod routes;
 
-impl Readiness {
-    /// Marks the daemon ready.
-    pub fn set_ready(&self) {
-        self.0.store(true, Ordering::Release);
+pub use readiness::Readiness;
+
+/// What the admin API and metrics show of capture; written by the main task after each sync.
+#[derive(Debug, Default)]
+pub struct CaptureView(Mutex<CaptureSnapshot>);
+
+/// Capture as last synced.
+#[derive(Debug, Default, Clone)]
+pub struct CaptureSnapshot {
+    /// Interfaces with programs attached.
+    pub interfaces: Vec<String>,
+    /// Pod IPs in the enrolled map.
+    pub enrolled: Vec<Ipv4Addr>,
+}
+
+impl CaptureView {
+    /// A copy of the last recorded sync.
+    pub fn snapshot(&self) -> CaptureSnapshot {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    /// Whether ready.
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+
+    /// Records a sync; returns whether the attached interfaces differ from the last one.
+    pub fn update(&self, interfaces: Vec<String>, enrolled: Vec<Ipv4Addr>) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = last.interfaces != interfaces;
+        *last = CaptureSnapshot {
+            interfaces,
+            enrolled,
+        };
+        changed
     }
 }
 

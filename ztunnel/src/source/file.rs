@@ -1,4 +1,4 @@
-//! Where state comes from: a file or a directory of Kubernetes YAML, watched by polling.
+//! The state source of `--state`: a file or a directory of Kubernetes YAML, watched by polling.
 //!
 //! Polling (default every 500 ms) is used instead of inotify because it behaves the same for
 //! plain files, editors' rename-on-save, and ConfigMap volumes (whose files are symlinks that
@@ -11,23 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 
+use super::{log_applied, SourceError, StateSource};
 use crate::state::kube::{self, Object};
 use crate::state::State;
-
-/// Why the state source cannot be read at all.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The path vanished or is unreadable.
-    #[error("state source {path}: {error}")]
-    Read {
-        /// File or directory.
-        path: PathBuf,
-        /// The I/O error.
-        error: std::io::Error,
-    },
-}
 
 #[derive(Debug)]
 struct FileEntry {
@@ -44,16 +33,18 @@ struct FileEntry {
 pub struct FileSource {
     path: PathBuf,
     trust_domain: String,
+    interval: Duration,
     files: BTreeMap<PathBuf, FileEntry>,
     generation: u64,
 }
 
 impl FileSource {
-    /// A source for `path` (file or directory).
-    pub fn new(path: &Path, trust_domain: &str) -> Self {
+    /// A source for `path` (file or directory), read every `interval`.
+    pub fn new(path: &Path, trust_domain: &str, interval: Duration) -> Self {
         FileSource {
             path: path.to_path_buf(),
             trust_domain: trust_domain.to_string(),
+            interval,
             files: BTreeMap::new(),
             generation: 0,
         }
@@ -161,10 +152,25 @@ impl FileSource {
         Ok(out)
     }
 
+    /// Polls until every file has parsed once (see [`FileSource::complete`]), publishing each
+    /// state read meanwhile. Read errors are logged and retried.
+    async fn poll_until_complete(&mut self, tx: &watch::Sender<Arc<State>>) {
+        while !self.complete() {
+            tokio::time::sleep(self.interval).await;
+            match self.poll() {
+                Ok(Some(s)) => {
+                    tx.send_replace(Arc::new(s));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "state source unreadable; not ready"),
+            }
+        }
+    }
+
     /// Polls forever, publishing each new state. Read errors are logged and retried: the
     /// daemon keeps its last good state while the source is unavailable.
-    pub async fn run(mut self, interval: Duration, tx: watch::Sender<Arc<State>>) {
-        let mut ticker = tokio::time::interval(interval);
+    async fn poll_forever(mut self, tx: watch::Sender<Arc<State>>) {
+        let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
@@ -186,15 +192,20 @@ impl FileSource {
     }
 }
 
-/// The log line tests and operators watch for after each accepted change.
-pub fn log_applied(state: &State) {
-    tracing::info!(
-        generation = state.generation,
-        pods = state.workloads.len(),
-        services = state.services.len(),
-        enrolled = state.workloads.values().filter(|w| w.enrolled).count(),
-        "state applied"
-    );
+impl StateSource for FileSource {
+    /// The first poll: an unreadable path stops the start; files that do not parse yet leave
+    /// the state incomplete.
+    fn initial(&mut self) -> Result<State, SourceError> {
+        Ok(self.poll()?.unwrap_or_default())
+    }
+
+    fn first_complete<'a>(&'a mut self, tx: &'a watch::Sender<Arc<State>>) -> BoxFuture<'a, ()> {
+        Box::pin(self.poll_until_complete(tx))
+    }
+
+    fn run(self: Box<Self>, tx: watch::Sender<Arc<State>>) -> BoxFuture<'static, ()> {
+        Box::pin(self.poll_forever(tx))
+    }
 }
 
 #[cfg(test)]
@@ -209,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
         std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
-        let mut src = FileSource::new(dir.path(), "cluster.local");
+        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
         let s = src.poll().expect("reads").expect("first state");
         assert_eq!(s.workloads.len(), 1);
         assert!(
@@ -240,5 +251,31 @@ mod tests {
             .next()
             .expect("pod kept from last good file");
         assert!(w.enrolled, "other file's update applied");
+    }
+
+    #[tokio::test]
+    async fn first_complete_waits_until_every_file_has_parsed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
+        std::fs::write(
+            dir.path().join("pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: [\n",
+        )
+        .expect("write");
+        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
+        let first = src.initial().expect("readable");
+        assert!(first.workloads.is_empty());
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let wait = tokio::time::timeout(Duration::from_millis(100), src.first_complete(&tx));
+        assert!(wait.await.is_err(), "a file never parsed: not complete");
+
+        std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
+        let wait = tokio::time::timeout(Duration::from_secs(5), src.first_complete(&tx));
+        wait.await.expect("complete once the file parses");
+        assert_eq!(
+            rx.borrow().workloads.len(),
+            1,
+            "the complete state is published"
+        );
     }
 }

@@ -1,0 +1,52 @@
+//! Metrics (15020): `/metrics` and `/stats/prometheus`, Prometheus text format. Gauges that
+//! mirror other modules' state (pool, capture, certificates, worker loads) are refreshed on
+//! each scrape rather than kept current.
+
+use std::sync::Arc;
+
+use super::{CaptureView, Reply};
+use crate::hbone::client::Pool;
+use crate::identity::CertManager;
+use crate::telemetry::metrics::{gauge, Metrics, CONTENT_TYPE};
+use crate::workers::Workers;
+
+/// What a scrape reads.
+#[derive(Debug)]
+pub struct MetricsRoutes {
+    /// The registry, encoded on each scrape.
+    pub metrics: Arc<Metrics>,
+    /// Certificate expiry gauges.
+    pub certs: Arc<CertManager>,
+    /// HBONE pool gauges.
+    pub pool: Pool,
+    /// Capture gauges.
+    pub capture: Arc<CaptureView>,
+    /// Per-worker connection gauges.
+    pub workers: Arc<Workers>,
+}
+
+impl MetricsRoutes {
+    /// Answers `target` (path and query).
+    pub fn route(&self, target: &str) -> Reply {
+        match target.split('?').next().unwrap_or("") {
+            "/metrics" | "/stats/prometheus" => {
+                self.refresh_gauges();
+                Reply::new(200, CONTENT_TYPE, self.metrics.encode())
+            }
+            _ => Reply::text(404, "not found\n"),
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let stats = self.pool.stats();
+        m.pool_connections.set(gauge(stats.connections));
+        m.pool_streams.set(gauge(stats.streams));
+        let capture = self.capture.snapshot();
+        m.capture_enrolled_pods.set(gauge(capture.enrolled.len()));
+        m.capture_attached_programs
+            .set(gauge(capture.interfaces.len()));
+        m.set_certificates(&self.certs.snapshot());
+        m.set_worker_loads(&self.workers.loads());
+    }
+}
