@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::state::kube::{self, Object};
+use crate::k8s::{self, Object};
 use crate::state::State;
 
 /// Why the state source cannot be read at all.
@@ -78,7 +78,7 @@ impl FileSource {
             if self.files.get(&p).is_some_and(|f| f.text == text) {
                 continue;
             }
-            match kube::parse_file(&p, &text) {
+            match k8s::parse_file(&p, &text) {
                 Ok(objects) => {
                     self.files.insert(
                         p,
