@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Traffic capture for the node tunnel daemon (see ebpf/README.md and DESIGN.md section 3).
+ * Traffic capture for the node tunnel daemon (see ebpf/README.md and ARCHITECTURE.md,
+ * "Data path decisions").
  *
  * One TC ingress program, `zt_capture`, attached (as a TCX link) to the node-side veth of
  * every local pod and to the node's uplinks. It steers TCP of enrolled pods into the daemon's

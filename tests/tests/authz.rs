@@ -413,7 +413,7 @@ fn deny_applied_during_long_transfer_closes_it_within_1s() {
         "client side must see a failure: {src_closed}"
     );
 
-    // Behaviour bound from the issue: closed within 1 s of the policy being applied, on both
+    // The bound README.md promises: closed within 1 s of the policy being applied, on both
     // the destination and the source daemon.
     let t0 = log_time(&applied[1]);
     for (what, line) in [("destination", &closed), ("source", &src_closed)] {

@@ -1,5 +1,5 @@
 //! Acceptance tests of the daemon's user-visible behaviour, written against docs/CONTRACTS.md
-//! (CLI, log lines, YAML state) and DESIGN.md §3-4 (data path, HBONE). Each test builds its own
+//! (CLI, log lines, YAML state) and ARCHITECTURE.md (data path, HBONE). Each test builds its own
 //! small cluster and asserts only what a user of the mesh could observe: bytes arriving intact,
 //! who answered, which source address the server saw, what crossed the fabric, and the log.
 //!

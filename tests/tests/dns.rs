@@ -1,4 +1,5 @@
-//! Acceptance tests of DNS capture and the DNS proxy (issue 4, DESIGN.md §8).
+//! Acceptance tests of DNS capture and the DNS proxy as README.md and ARCHITECTURE.md
+//! ("Data path decisions") describe them.
 //!
 //! The upstream resolver is a real dnsmasq running in a pod of the test cluster (namespace
 //! `infra`, not in the mesh); nothing ever reaches the machine's resolver. Pods query with

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use ztunnel::authz::{evaluate, Registry, Request, DEFAULT_ROOT_NAMESPACE};
 use ztunnel::identity::SpiffeId;
-use ztunnel::state::kube::{self, Object};
+use ztunnel::k8s::{self, Object};
 
 fn policy(out: &mut String, ns: &str, name: &str, selector: Option<&str>, i: usize, action: &str) {
     let sel = selector
@@ -40,7 +40,7 @@ fn policy(out: &mut String, ns: &str, name: &str, selector: Option<&str>, i: usi
 }
 
 fn registry(yaml: &str) -> Registry {
-    let objs = kube::parse_file(Path::new("bench.yaml"), yaml).expect("bench YAML parses");
+    let objs = k8s::parse_file(Path::new("bench.yaml"), yaml).expect("bench YAML parses");
     let ap: Vec<_> = objs
         .iter()
         .filter_map(|o| match o {

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod k8s;
 pub mod memory;
 pub mod proxy;
 pub mod socket;

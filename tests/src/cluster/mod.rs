@@ -1,4 +1,4 @@
-//! The network-namespace test cluster (DESIGN.md §11, topology in docs/CONTRACTS.md).
+//! The network-namespace test cluster (topology in docs/CONTRACTS.md).
 //!
 //! [`Cluster::start`] builds fabric, nodes and pods and writes the Kubernetes state; daemons are
 //! started per node on demand. Dropping the cluster tears everything down, also when the test

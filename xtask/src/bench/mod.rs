@@ -1,5 +1,5 @@
 //! `cargo xtask bench [scenario...]` and `cargo xtask overhead`: the project's performance
-//! method (DESIGN §12, docs/BENCHMARKS.md). Every scenario is measured on the shared test
+//! method (docs/BENCHMARKS.md). Every scenario is measured on the shared test
 //! cluster for three paths in the same run, round by round so drift hits all of them alike:
 //!
 //! - `direct`: pod to pod, no data plane at all (daemons stopped, no sidecars);
@@ -734,7 +734,7 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
             }),
         );
     }
-    // Added latency and the issue's targets.
+    // Added latency and the performance targets.
     let added = |mode: Mode, m: &str| match (med(mode, m), med(Mode::Direct, m)) {
         (Some(x), Some(d)) => Some(x - d),
         _ => None,
@@ -801,7 +801,7 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
             f(added(Mode::Envoy, &format!("{tag}_p99_us"))),
         ));
     }
-    t.push_str("\ntargets (issue 6):\n");
+    t.push_str("\ntargets:\n");
     for c in &checks {
         t.push_str(&format!(
             "  {:<48} {:>10.3}  target {:<20} {}\n",

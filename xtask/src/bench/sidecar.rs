@@ -1,6 +1,7 @@
 //! The sidecar-mode baseline: one Envoy per pod, configured like an Istio sidecar for HBONE
-//! (the shapes verified in `../shared/peers/`): an inbound HBONE terminator on `<pod-ip>:15008`
-//! and one outbound listener per destination on the pod's loopback that originates HBONE.
+//! (the shapes of the verified Envoy configs in `tests/peers/`): an inbound HBONE terminator
+//! on `<pod-ip>:15008` and one outbound listener per destination on the pod's loopback that
+//! originates HBONE.
 //!
 //! Certificates come from the cluster's own file CA (`ztunnel ca init`), issued here with the
 //! same shape the daemon's CA gives workloads: ECDSA P-256, exactly one SPIFFE URI SAN.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use super::{evaluate, Request, DEFAULT_ROOT_NAMESPACE};
-use crate::state::kube;
+use crate::k8s;
 use crate::state::{State, Workload};
 
 /// `ztunnel authz …`
@@ -56,7 +56,7 @@ pub enum CheckError {
     },
     /// A state file has a bad document.
     #[error("--state: {0}")]
-    Parse(#[from] kube::ParseError),
+    Parse(#[from] k8s::ParseError),
     /// An argument does not name what it should.
     #[error("--{flag} `{value}`: {message}")]
     Arg {
@@ -229,7 +229,7 @@ fn load(path: &Path, trust_domain: &str) -> Result<State, CheckError> {
             path: f.clone(),
             error,
         })?;
-        objects.extend(kube::parse_file(&f, &text)?);
+        objects.extend(k8s::parse_file(&f, &text)?);
     }
     Ok(State::build(0, trust_domain, &objects))
 }

@@ -1,4 +1,4 @@
-//! Validation: from the YAML shape ([`super::model`]) to the compiled policy the evaluator
+//! Validation: from the YAML shape ([`crate::k8s::security`]) to the compiled policy the evaluator
 //! runs. Every semantic mistake (unknown action, malformed CIDR, bad port, unknown `when` key,
 //! contradictory fields) is reported with the object and the field, and only that policy is
 //! dropped. Rules that need L7 attributes are rewritten to fail safe here (see
@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::model::{
-    AuthorizationPolicyObject, ConditionSpec, MtlsSpec, OperationSpec, PeerAuthenticationObject,
-    Scalar, SourceSpec,
-};
 use super::{
     Action, Attr, Cidr, Condition, Field, MtlsMode, Operation, PeerAuth, Policy, Rule, Source,
     StrMatch, DRY_RUN_ANNOTATION,
+};
+use crate::k8s::security::{
+    AuthorizationPolicyObject, ConditionSpec, MtlsSpec, OperationSpec, PeerAuthenticationObject,
+    Scalar, SourceSpec,
 };
 
 /// A policy that was dropped, naming the object and field.

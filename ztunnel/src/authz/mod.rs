@@ -1,7 +1,7 @@
 //! L4 authorization with Istio semantics, enforced at the destination.
 //!
 //! `AuthorizationPolicy` and `PeerAuthentication` objects come from the same Kubernetes YAML as
-//! pods ([`model`]), are validated and compiled ([`compile`]) into a [`Registry`] held by each
+//! pods ([`crate::k8s::security`]), are validated and compiled ([`compile`]) into a [`Registry`] held by each
 //! [`crate::state::State`] snapshot, and every new inbound flow asks [`evaluate`] for a
 //! [`Decision`]. The same function serves the data path, the re-check of open connections on
 //! policy change, and the `ztunnel authz check` command ([`check`]), so what the operator is
@@ -16,7 +16,6 @@
 
 pub mod check;
 pub mod compile;
-pub mod model;
 #[cfg(test)]
 mod tests;
 
@@ -28,8 +27,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
+use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
 use compile::{Compiled, PolicyError};
-use model::{AuthorizationPolicyObject, PeerAuthenticationObject};
 
 /// Annotation that makes a policy log its decision without enforcing it.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::*;
-use crate::state::kube::{self, Object};
+use crate::k8s::{self, Object};
 
 const CLIENT_IP: &str = "10.0.1.1"; // front/client
 const OTHER_IP: &str = "10.0.2.2"; // other/default
@@ -21,8 +21,7 @@ enum Src {
 }
 
 fn registry(yaml: &str) -> (Registry, BuildReport) {
-    let objs =
-        kube::parse_file(Path::new("t.yaml"), yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let objs = k8s::parse_file(Path::new("t.yaml"), yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let ap: Vec<_> = objs
         .iter()
         .filter_map(|o| match o {

@@ -2,7 +2,7 @@
 //! the node-side veth of every local pod, keeps the enrolled-pod map in step with the desired
 //! state, and installs the policy route that delivers captured packets locally.
 //!
-//! How it works (see `ebpf/README.md` and DESIGN.md section 3):
+//! How it works (see `ebpf/README.md` and ARCHITECTURE.md, "Data path decisions"):
 //! - one TC ingress program (`zt_capture`, TCX link on kernels >= 6.6) where traffic enters the
 //!   node's network namespace: pod veths (traffic leaving pods) and uplinks (from other nodes);
 //! - TCP SYNs from an enrolled pod are `bpf_sk_assign`ed to the outbound listener, SYNs to an

@@ -1,4 +1,4 @@
-//! DNS proxy for enrolled pods (DESIGN.md section 8).
+//! DNS proxy for enrolled pods (the capture side: ARCHITECTURE.md, "Data path decisions").
 //!
 //! Capture steers an enrolled pod's DNS (UDP and TCP port 53, any resolver address) to the
 //! daemon's DNS sockets on `127.0.0.1:<dns port>` with the pod's IP as source, so the proxy

@@ -120,7 +120,7 @@ fn addresses(svc: &Service) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::kube;
+    use crate::k8s;
     use std::path::Path;
 
     const YAML: &str = r#"
@@ -140,7 +140,7 @@ mod tests {
 "#;
 
     fn state() -> State {
-        let objs = kube::parse_file(Path::new("t.yaml"), YAML).expect("parses");
+        let objs = k8s::parse_file(Path::new("t.yaml"), YAML).expect("parses");
         State::build(1, "cluster.local", &objs)
     }
 

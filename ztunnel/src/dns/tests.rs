@@ -9,7 +9,7 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use super::*;
-use crate::state::kube;
+use crate::k8s;
 
 /// Upstream stand-in for unit tests (the integration tests use a real dnsmasq): names under
 /// `fail.` fail, `big.` gives a long TXT answer, everything else one A record.
@@ -45,7 +45,7 @@ const YAML: &str = r#"
 "#;
 
 fn handler() -> Handler {
-    let objs = kube::parse_file(Path::new("t.yaml"), YAML).expect("parses");
+    let objs = k8s::parse_file(Path::new("t.yaml"), YAML).expect("parses");
     let state = State::build(1, "cluster.local", &objs);
     let (_tx, rx) = watch::channel(Arc::new(state));
     Handler::new(rx, "cluster.local", Arc::new(FakeUpstream), Arc::default())

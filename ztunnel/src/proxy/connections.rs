@@ -185,7 +185,7 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
              {{apiVersion: v1, kind: Pod, metadata: {{name: b, namespace: mesh}}, spec: {{nodeName: n1}}, status: {{podIP: 10.0.0.2, phase: Running}}}}\n{policies}"
         );
-        let objs = crate::state::kube::parse_file(Path::new("t.yaml"), &yaml).expect("parses");
+        let objs = crate::k8s::parse_file(Path::new("t.yaml"), &yaml).expect("parses");
         State::build(1, "cluster.local", &objs)
     }
 

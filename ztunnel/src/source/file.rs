@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{log_applied, SourceError, StateSource};
-use crate::state::kube::{self, Object};
+use crate::k8s::{self, Object};
 use crate::state::State;
 
 #[derive(Debug)]
@@ -69,7 +69,7 @@ impl FileSource {
             if self.files.get(&p).is_some_and(|f| f.text == text) {
                 continue;
             }
-            match kube::parse_file(&p, &text) {
+            match k8s::parse_file(&p, &text) {
                 Ok(objects) => {
                     self.files.insert(
                         p,

@@ -4,8 +4,6 @@
 //! new snapshot on every accepted change (through a `tokio::sync::watch` channel), so a flow
 //! always sees one consistent view and readers never take a lock on the hot path.
 
-pub mod kube;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +12,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
-use kube::{IntOrString, Object};
+use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
+use crate::k8s::{IntOrString, Object, ObjectMeta};
 
 /// Namespace label that enrolls a namespace's pods, and pod label value that opts one out.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -388,7 +387,7 @@ impl State {
 /// Derives the telemetry workload name of a pod. A ReplicaSet named `<deployment>-<hash>`
 /// stands for its Deployment and a Job named `<cronjob>-<digits>` for its CronJob, so metrics
 /// keep one series across rollouts.
-fn workload_name(meta: &kube::ObjectMeta) -> String {
+fn workload_name(meta: &ObjectMeta) -> String {
     let owner = meta
         .owner_references
         .iter()
@@ -415,10 +414,10 @@ fn workload_name(meta: &kube::ObjectMeta) -> String {
 /// Compiles the policies, logging each dropped one (with object and field) and each caveat.
 /// Later objects with the same `namespace/name` replace earlier ones, as for other kinds.
 fn build_authz(
-    authz: Vec<&crate::authz::model::AuthorizationPolicyObject>,
-    peer: Vec<&crate::authz::model::PeerAuthenticationObject>,
+    authz: Vec<&AuthorizationPolicyObject>,
+    peer: Vec<&PeerAuthenticationObject>,
 ) -> crate::authz::Registry {
-    fn dedup<T>(v: Vec<&T>, meta: impl Fn(&T) -> &kube::ObjectMeta) -> Vec<&T> {
+    fn dedup<T>(v: Vec<&T>, meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&T> {
         let mut by_key = BTreeMap::new();
         for o in v {
             let m = meta(o);
@@ -476,7 +475,7 @@ mod tests {
     }
 
     fn state(yaml: &str) -> State {
-        let objs = kube::parse_file(Path::new("t.yaml"), yaml).expect("parses");
+        let objs = crate::k8s::parse_file(Path::new("t.yaml"), yaml).expect("parses");
         State::build(1, "cluster.local", &objs)
     }
 

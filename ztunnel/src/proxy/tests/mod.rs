@@ -15,7 +15,7 @@ use crate::state::State;
 
 /// A state from multi-document Kubernetes YAML.
 fn state(yaml: &str) -> State {
-    let objs = crate::state::kube::parse_file(Path::new("test.yaml"), yaml)
+    let objs = crate::k8s::parse_file(Path::new("test.yaml"), yaml)
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     State::build(1, "cluster.local", &objs)
 }

@@ -1,16 +1,16 @@
-//! The YAML shape of `security.istio.io` `AuthorizationPolicy` and `PeerAuthentication`, as
+//! `security.istio.io` kinds: `AuthorizationPolicy` and `PeerAuthentication`, in the shape
 //! `kubectl get -o yaml` prints them.
 //!
 //! These types are deliberately lenient: every value that has rules beyond its YAML type
-//! (actions, CIDRs, ports, modes) is kept as text here and checked by [`super::compile`], so a
-//! semantically wrong policy is dropped on its own with its name and field, instead of failing
-//! the whole file the way a YAML type error does.
+//! (actions, CIDRs, ports, modes) is kept as text here and checked when `authz` compiles the
+//! policy, so a semantically wrong policy is dropped on its own with its name and field,
+//! instead of failing the whole file the way a YAML type error does.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::state::kube::ObjectMeta;
+use super::ObjectMeta;
 
 /// `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy`.
 #[derive(Debug, Clone, Deserialize)]

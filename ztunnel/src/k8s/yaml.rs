@@ -1,16 +1,18 @@
-//! The subset of Kubernetes objects the daemon reads, parsed from multi-document YAML in the
-//! shape `kubectl get -o yaml` prints (single objects or `kind: List`).
+//! Multi-document YAML in the shape `kubectl get -o yaml` prints (single objects or
+//! `kind: List`) to [`Object`]s.
 //!
-//! Only the fields the data plane needs are typed; everything else is ignored, so real cluster
-//! dumps load as they are. A document that does not fit is reported with the file, its 0-based
-//! document index and the path of the offending field, which is what an operator needs to fix it.
+//! A document that does not fit is reported with the file, its 0-based document index and the
+//! path of the offending field, which is what an operator needs to fix it.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+use super::core::{Pod, Service};
+use super::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
+use super::{IntOrString, Object, ObjectMeta};
 
 /// Why a document was rejected.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,197 +26,6 @@ pub struct ParseError {
     pub field: String,
     /// What is wrong.
     pub message: String,
-}
-
-/// Object metadata the daemon uses.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
-    /// Object name.
-    pub name: String,
-    /// Namespace (empty for cluster-scoped objects).
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// Labels; enrollment and selectors use them.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Annotations.
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    /// Object UID, when the source has one.
-    #[serde(default)]
-    pub uid: Option<String>,
-    /// Owners (a pod's ReplicaSet, Job, StatefulSet…); telemetry derives the workload name
-    /// from the controlling owner.
-    #[serde(default)]
-    pub owner_references: Vec<OwnerReference>,
-}
-
-/// `metadata.ownerReferences[]`: only what naming a workload needs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OwnerReference {
-    /// Owner kind, e.g. `ReplicaSet`.
-    pub kind: String,
-    /// Owner name, e.g. `reviews-v1-5d9f8c7b6`.
-    pub name: String,
-    /// Whether this owner is the managing controller.
-    #[serde(default)]
-    pub controller: Option<bool>,
-}
-
-/// `v1/Namespace`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Namespace {
-    /// Metadata; labels carry `istio.io/dataplane-mode`.
-    pub metadata: ObjectMeta,
-}
-
-/// `v1/Pod`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Pod {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    #[serde(default)]
-    pub spec: PodSpec,
-    /// Status; the pod IP lives here.
-    #[serde(default)]
-    pub status: PodStatus,
-}
-
-/// The parts of a pod spec the daemon needs.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodSpec {
-    /// Node the pod runs on; a daemon captures and certifies only its own node's pods.
-    #[serde(default)]
-    pub node_name: Option<String>,
-    /// Service account: the identity's last path segment.
-    #[serde(default)]
-    pub service_account_name: Option<String>,
-    /// Host-network pods share the node's address and are never captured.
-    #[serde(default)]
-    pub host_network: bool,
-    /// Containers, for named target ports.
-    #[serde(default)]
-    pub containers: Vec<Container>,
-    /// `ClusterFirst` (default), `ClusterFirstWithHostNet`, `Default` or `None`: decides the
-    /// DNS search list the DNS proxy strips from the pod's queries.
-    #[serde(default)]
-    pub dns_policy: Option<String>,
-    /// Extra DNS settings; `searches` are added to (or, with policy `None`, are) the search list.
-    #[serde(default)]
-    pub dns_config: Option<PodDnsConfig>,
-}
-
-/// `spec.dnsConfig` of a pod (only what the DNS proxy uses).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct PodDnsConfig {
-    /// Search domains, in the pod's resolv.conf order.
-    #[serde(default)]
-    pub searches: Vec<String>,
-}
-
-/// A container, for its named ports.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Container {
-    /// Declared ports.
-    #[serde(default)]
-    pub ports: Vec<ContainerPort>,
-}
-
-/// A declared container port.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ContainerPort {
-    /// Port name, referenced by Service `targetPort`.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Port number.
-    pub container_port: u16,
-}
-
-/// The parts of pod status the daemon needs.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodStatus {
-    /// Primary pod IP; a pod without one is not routable yet.
-    #[serde(default, rename = "podIP", deserialize_with = "empty_as_none")]
-    pub pod_ip: Option<IpAddr>,
-    /// Phase; only `Running` pods receive traffic.
-    #[serde(default)]
-    pub phase: Option<String>,
-}
-
-/// `v1/Service`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Service {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    #[serde(default)]
-    pub spec: ServiceSpec,
-}
-
-/// The parts of a service spec the daemon needs.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceSpec {
-    /// Pod selector; a service without one has no endpoints here.
-    #[serde(default)]
-    pub selector: Option<BTreeMap<String, String>>,
-    /// Virtual IP, `None` for headless services.
-    #[serde(default, rename = "clusterIP")]
-    pub cluster_ip: Option<String>,
-    /// All virtual IPs (dual stack).
-    #[serde(default, rename = "clusterIPs")]
-    pub cluster_ips: Vec<String>,
-    /// Ports.
-    #[serde(default)]
-    pub ports: Vec<ServicePort>,
-}
-
-/// A service port.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServicePort {
-    /// Port name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Port on the virtual IP.
-    pub port: u16,
-    /// Port on the pods; defaults to `port`.
-    #[serde(default)]
-    pub target_port: Option<IntOrString>,
-    /// Only TCP is proxied.
-    #[serde(default)]
-    pub protocol: Option<String>,
-}
-
-/// Kubernetes `IntOrString`, used by `targetPort`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum IntOrString {
-    /// A port number.
-    Int(u16),
-    /// A named container port.
-    String(String),
-}
-
-/// One object of a kind the daemon understands.
-#[derive(Debug, Clone)]
-pub enum Object {
-    /// A namespace.
-    Namespace(Namespace),
-    /// A pod.
-    Pod(Pod),
-    /// A service.
-    Service(Service),
-    /// `security.istio.io` AuthorizationPolicy (validated further by [`crate::authz`]).
-    AuthorizationPolicy(crate::authz::model::AuthorizationPolicyObject),
-    /// `security.istio.io` PeerAuthentication (validated further by [`crate::authz`]).
-    PeerAuthentication(crate::authz::model::PeerAuthenticationObject),
 }
 
 /// Parses every document of one file. Kinds the daemon does not use are skipped; the first
@@ -279,12 +90,12 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
             Object::Service(svc)
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-            let p: crate::authz::model::AuthorizationPolicyObject = typed(value)?;
+            let p: AuthorizationPolicyObject = typed(value)?;
             require_namespace(&p.metadata)?;
             Object::AuthorizationPolicy(p)
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-            let p: crate::authz::model::PeerAuthenticationObject = typed(value)?;
+            let p: PeerAuthenticationObject = typed(value)?;
             require_namespace(&p.metadata)?;
             Object::PeerAuthentication(p)
         }
@@ -347,14 +158,6 @@ fn check_service(svc: &Service) -> Result<(), FieldError> {
         }
     }
     Ok(())
-}
-
-fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
-    let s: Option<String> = Option::deserialize(d)?;
-    match s.as_deref() {
-        None | Some("") => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,86 @@
+//! The Kubernetes object model: the subset of Kubernetes objects the daemon reads, typed once
+//! and shared by every module that looks at cluster state.
+//!
+//! Only the fields the data plane needs are typed; everything else is ignored, so real cluster
+//! dumps load as they are. [`core`] holds the core `v1` kinds (Namespace, Pod, Service),
+//! [`security`] the `security.istio.io` policy kinds (AuthorizationPolicy, PeerAuthentication),
+//! and [`parse_file`] reads them from multi-document YAML with file, document and field errors.
+//!
+//! Every source of cluster state produces the same [`Object`]s: today the state files, later a
+//! Kubernetes API watch. Gateway API kinds will be added here too, as a module of their own
+//! and variants of [`Object`].
+//!
+//! This module uses nothing else of the crate. What the objects mean (enrollment, endpoints,
+//! compiled policies) is decided by `state` and `authz`, which build on it.
+
+pub mod core;
+pub mod security;
+mod yaml;
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub use yaml::{parse_file, ParseError};
+
+/// Object metadata the daemon uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Object name.
+    pub name: String,
+    /// Namespace (empty for cluster-scoped objects).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Labels; enrollment and selectors use them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Object UID, when the source has one.
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// Owners (a pod's ReplicaSet, Job, StatefulSet…); telemetry derives the workload name
+    /// from the controlling owner.
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// `metadata.ownerReferences[]`: only what naming a workload needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// Owner kind, e.g. `ReplicaSet`.
+    pub kind: String,
+    /// Owner name, e.g. `reviews-v1-5d9f8c7b6`.
+    pub name: String,
+    /// Whether this owner is the managing controller.
+    #[serde(default)]
+    pub controller: Option<bool>,
+}
+
+/// Kubernetes `IntOrString`, used by `targetPort`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// A port number.
+    Int(u16),
+    /// A named container port.
+    String(String),
+}
+
+/// One object of a kind the daemon understands.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// A namespace.
+    Namespace(self::core::Namespace),
+    /// A pod.
+    Pod(self::core::Pod),
+    /// A service.
+    Service(self::core::Service),
+    /// `security.istio.io` AuthorizationPolicy (validated further by `authz`).
+    AuthorizationPolicy(security::AuthorizationPolicyObject),
+    /// `security.istio.io` PeerAuthentication (validated further by `authz`).
+    PeerAuthentication(security::PeerAuthenticationObject),
+}
