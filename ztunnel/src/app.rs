@@ -268,7 +268,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     sync_capture(&cfg, capture.as_mut(), &state, &view, true);
     readiness.set_ready();
     tracing::info!(node = %cfg.node_name, generation = state.generation, "ready");
-    let released = crate::memory::release_startup_memory();
+    let released = crate::memory::release_startup_memory(cfg.release_code_pages);
     tracing::debug!(bytes = released, "start-up memory released");
 
     tokio::spawn(source.run(cfg.state_poll_interval, state_tx));

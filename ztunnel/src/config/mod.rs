@@ -170,6 +170,12 @@ pub struct RunArgs {
     /// network; `default` keeps the node's.
     #[arg(long, env = "ZTUNNEL_HBONE_TCP_CONGESTION", default_value_t = Congestion(None))]
     pub hbone_tcp_congestion: Congestion,
+    /// Once ready, drop the mappings of the daemon's code pages (they fault back in from the
+    /// page cache when run), so the idle daemon keeps resident only the code it uses. Set to
+    /// `false` to profile the daemon or attach uprobes to it: dropped pages lose breakpoints and
+    /// look unmapped to profilers.
+    #[arg(long, env = "ZTUNNEL_RELEASE_CODE_PAGES", action = ArgAction::Set, default_value_t = true)]
+    pub release_code_pages: bool,
 }
 
 /// A setting that failed validation. The message names the flag, its environment variable and
@@ -318,6 +324,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// TCP congestion control of sockets to and from local pods (`None`: the node's default).
     pub pod_tcp_congestion: Option<String>,
+    /// Drop the mappings of code pages once ready (`memory::release_startup_memory`).
+    pub release_code_pages: bool,
 }
 
 impl Config {
@@ -475,6 +483,7 @@ impl Config {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
             pod_tcp_congestion: a.pod_tcp_congestion.0,
+            release_code_pages: a.release_code_pages,
         })
     }
 }

@@ -37,6 +37,7 @@ fn defaults_are_istio_ports() {
     assert_eq!(c.ports.outbound, 15001);
     assert_eq!(c.trust_domain, "cluster.local");
     assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    assert!(c.release_code_pages);
 }
 
 #[test]
@@ -261,6 +262,7 @@ fn file_value_forms() {
          daemon-mark: 0x10\n\
          log-format: json\n\
          worker-threads: 3\n\
+         release-code-pages: false\n\
          trust-domain: null\n",
     )
     .expect("write");
@@ -273,6 +275,7 @@ fn file_value_forms() {
     assert_eq!(c.daemon_mark, 0x10, "a YAML hex number");
     assert!(c.log_json);
     assert_eq!(c.worker_threads, 3);
+    assert!(!c.release_code_pages);
     assert_eq!(c.trust_domain, DEFAULT_TRUST_DOMAIN, "null is unset");
 
     std::fs::write(&path, "uplink: eth3,eth4\n").expect("write");
