@@ -496,7 +496,7 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
 fn become_ready(shared: &Shared, state: &State) {
     shared.readiness.set_ready();
     tracing::info!(node = %shared.cfg.node_name, generation = state.generation, "ready");
-    let released = crate::memory::release_startup_memory();
+    let released = crate::memory::release_startup_memory(shared.cfg.release_code_pages);
     tracing::debug!(bytes = released, "start-up memory released");
 }
 

@@ -1,12 +1,13 @@
 //! Node-level ambient mesh tunnel daemon (library). The binary in `main.rs` only parses the
-//! command line and calls [`app::run`]; everything else lives in the modules below, each named
-//! after the one concern it handles. See ARCHITECTURE.md for how they fit together.
+//! command line ([`cli`]) and calls [`app::run`]; everything else lives in the modules below,
+//! each named after the one concern it handles. See ARCHITECTURE.md for how they fit together.
 
 pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod burst;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod drain;

@@ -11,19 +11,22 @@
 //!   touches from then on (1.4 MB measured); the pages stay in the page cache and fault back
 //!   in (a minor fault, no I/O) when used. Writable segments (data, relocated pointers) are
 //!   never touched. One visible effect: breakpoints or uprobes placed in the daemon's code
-//!   before `ready` are gone after it (they live in private copies of code pages); attach them
-//!   once the daemon is ready.
+//!   before `ready` are gone after it (they live in private copies of code pages), and
+//!   profilers may find code unmapped; `--release-code-pages=false` keeps the code pages.
 
 use std::ffi::c_void;
 
-/// Trims the heap and unmaps the read-only segments of every loaded object (the executable,
-/// libc, the dynamic loader); returns the bytes of address space released (not all of it was
-/// resident).
-pub fn release_startup_memory() -> usize {
+/// Trims the heap and, with `code_pages`, unmaps the read-only segments of every loaded object
+/// (the executable, libc, the dynamic loader); returns the bytes of address space released (not
+/// all of it was resident).
+pub fn release_startup_memory(code_pages: bool) -> usize {
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists; it is
     // thread-safe and takes no pointers from us.
     unsafe {
         libc::malloc_trim(0);
+    }
+    if !code_pages {
+        return 0;
     }
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     // SAFETY: the callback only reads the program headers the loader hands it, for the
@@ -110,7 +113,7 @@ mod tests {
                 .expect("resident pages")
         };
         let before = resident();
-        let released = release_startup_memory();
+        let released = release_startup_memory(true);
         let after = resident();
         assert!(released > 1 << 20, "released {released} bytes");
         assert!(after < before, "resident pages {before} -> {after}");

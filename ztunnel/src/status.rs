@@ -3,7 +3,7 @@
 //! network namespace). Aligned tables by default, the raw JSON parts with `-o json`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,7 +12,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
     /// Admin API of the daemon.
-    #[arg(long, env = "ZTUNNEL_ADMIN", default_value = "127.0.0.1:15000")]
+    #[arg(long, env = "ZTUNNEL_ADMIN", default_value_t = (Ipv4Addr::LOCALHOST, crate::config::DEFAULT_ADMIN_PORT).into())]
     pub admin: SocketAddr,
     /// Output format: `table` or `json`.
     #[arg(short = 'o', long = "output", default_value = "table", value_parser = ["table", "json"])]

@@ -36,7 +36,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub plaintext: bool,
     /// SPIFFE trust domain of identities.
-    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Istio root namespace: policies there apply mesh-wide.
     #[arg(long, env = "ZTUNNEL_ROOT_NAMESPACE", default_value = DEFAULT_ROOT_NAMESPACE)]

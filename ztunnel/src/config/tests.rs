@@ -1,15 +1,33 @@
 //! Validation tests: defaults, the errors that name the setting, sizes and congestion control,
-//! DNS settings, and flags taking precedence over the file.
+//! DNS settings, the config file under flags and environment, and the help text.
+
+use clap::{CommandFactory, Parser};
 
 use super::*;
 
+/// A command line that flattens the daemon settings, as the binary's does.
+#[derive(Debug, Parser)]
+struct TestCli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The settings of `ztunnel <required flags> <extra>`, with the `--config` file if given.
+fn args(extra: &[&str]) -> Result<RunArgs, ConfigError> {
+    let tmp = std::env::temp_dir();
+    let mut argv = vec!["ztunnel", "--node-name", "node1", "--ca-dir", "/tmp/ca"];
+    argv.extend(["--state", tmp.to_str().expect("utf-8 temp dir")]);
+    argv.extend(extra);
+    parse::<TestCli>(argv).map(|c| c.run)
+}
+
 fn base() -> RunArgs {
-    RunArgs {
-        node_name: Some("node1".into()),
-        state: Some(std::env::temp_dir()),
-        ca_dir: Some("/tmp/ca".into()),
-        ..Default::default()
-    }
+    args(&[]).expect("valid")
+}
+
+/// Parses and validates `<required flags> <extra>`.
+fn resolve(extra: &[&str]) -> Result<Config, ConfigError> {
+    Config::resolve(args(extra)?)
 }
 
 #[test]
@@ -19,12 +37,13 @@ fn defaults_are_istio_ports() {
     assert_eq!(c.ports.outbound, 15001);
     assert_eq!(c.trust_domain, "cluster.local");
     assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    assert!(c.release_code_pages);
 }
 
 #[test]
 fn errors_name_the_setting() {
     let mut a = base();
-    a.hbone_port = Some(15001);
+    a.hbone_port = 15001;
     let e = Config::resolve(a).expect_err("port clash").to_string();
     assert!(
         e.contains("--hbone-port") && e.contains("ZTUNNEL_HBONE_PORT"),
@@ -37,10 +56,51 @@ fn errors_name_the_setting() {
     let e = Config::resolve(a).expect_err("missing").to_string();
     assert!(e.contains("--node-name"), "{e}");
 
-    let mut a = base();
-    a.connect_timeout = Some("5 parsecs".into());
-    let e = Config::resolve(a).expect_err("bad duration").to_string();
+    let e = resolve(&["--connect-timeout", "5 parsecs"])
+        .expect_err("bad duration")
+        .to_string();
     assert!(e.contains("--connect-timeout"), "{e}");
+    assert_eq!(
+        e,
+        "invalid setting --connect-timeout (env ZTUNNEL_CONNECT_TIMEOUT, config key \
+         `connect-timeout`): `5 parsecs`: expected a duration such as 500ms, 30s, 5m or 24h"
+    );
+
+    // clap's own parsers (numbers, booleans) get the same shape.
+    for (flag, bad) in [("--hbone-port", "http"), ("--capture", "maybe")] {
+        let e = resolve(&[flag, bad]).expect_err(bad).to_string();
+        assert!(
+            e.starts_with(&format!("invalid setting {flag} (env ZTUNNEL_"))
+                && e.contains(&format!("`{bad}`: ")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn bounds_and_cross_checks() {
+    for (extra, flag) in [
+        (&["--hbone-port", "0"][..], "--hbone-port"),
+        (&["--cert-ttl", "59s"], "--cert-ttl"),
+        (&["--route-table", "254"], "--route-table"),
+        (&["--capture-mark", "0x539"], "--capture-mark"),
+        (&["--capture-mark", "0"], "--capture-mark"),
+        (&["--daemon-mark", "0x"], "--daemon-mark"),
+        (&["--hbone-max-streams", "0"], "--hbone-max-streams"),
+        (&["--worker-threads", "0"], "--worker-threads"),
+        (&["--log-format", "xml"], "--log-format"),
+        (&["--log-level", "ztunnel=loud"], "--log-level"),
+        (&["--uplink", "a-very-long-interface"], "--uplink"),
+        (&["--drain-timeout", "0s"], "--drain-timeout"),
+    ] {
+        let e = resolve(extra).expect_err(flag).to_string();
+        assert!(e.starts_with(&format!("invalid setting {flag} ")), "{e}");
+    }
+    // Without capture, capture settings are not checked.
+    resolve(&["--capture", "false", "--capture-mark", "0x539"]).expect("capture off");
+    let c = resolve(&["--capture-mark", "8192", "--daemon-mark", "0x1"]).expect("valid");
+    assert_eq!(c.capture.expect("on").capture_mark, 0x2000);
+    assert_eq!(c.daemon_mark, 1);
 }
 
 #[test]
@@ -49,24 +109,25 @@ fn flow_control_windows() {
     assert_eq!(c.hbone.stream_window, 8 << 20);
     assert_eq!(c.hbone.connection_window, 32 << 20);
 
-    let mut a = base();
-    a.hbone_stream_window = Some("512KiB".into());
-    a.hbone_connection_window = Some("1048576".into());
-    let c = Config::resolve(a).expect("valid");
+    let c = resolve(&[
+        "--hbone-stream-window",
+        "512KiB",
+        "--hbone-connection-window",
+        "1048576",
+    ])
+    .expect("valid");
     assert_eq!(
         (c.hbone.stream_window, c.hbone.connection_window),
         (512 << 10, 1 << 20)
     );
 
     for bad in ["4MB", "1000", "2048MiB", "", "MiB"] {
-        let mut a = base();
-        a.hbone_stream_window = Some(bad.into());
-        let e = Config::resolve(a).expect_err(bad).to_string();
+        let e = resolve(&["--hbone-stream-window", bad])
+            .expect_err(bad)
+            .to_string();
         assert!(e.contains("--hbone-stream-window"), "{bad}: {e}");
     }
-    let mut a = base();
-    a.hbone_stream_window = Some("64MiB".into());
-    let e = Config::resolve(a)
+    let e = resolve(&["--hbone-stream-window", "64MiB"])
         .expect_err("connection < stream")
         .to_string();
     assert!(e.contains("--hbone-connection-window"), "{e}");
@@ -76,7 +137,7 @@ fn flow_control_windows() {
 fn hbone_spread() {
     assert_eq!(Config::resolve(base()).expect("valid").hbone.spread, 4);
     let mut a = base();
-    a.hbone_spread = Some(0);
+    a.hbone_spread = 0;
     let e = Config::resolve(a).expect_err("zero").to_string();
     assert!(e.contains("--hbone-spread"), "{e}");
 }
@@ -86,18 +147,18 @@ fn hbone_notsent_lowat() {
     let c = Config::resolve(base()).expect("valid");
     assert_eq!(c.hbone.notsent_lowat, Some(128 << 10));
     for (v, want) in [("0", None), ("16KiB", Some(16 << 10)), ("4096", Some(4096))] {
-        let mut a = base();
-        a.hbone_notsent_lowat = Some(v.into());
         assert_eq!(
-            Config::resolve(a).expect(v).hbone.notsent_lowat,
+            resolve(&["--hbone-notsent-lowat", v])
+                .expect(v)
+                .hbone
+                .notsent_lowat,
             want,
             "{v}"
         );
     }
     for bad in ["128KB", "2048MiB", "-1"] {
-        let mut a = base();
-        a.hbone_notsent_lowat = Some(bad.into());
-        let e = Config::resolve(a).expect_err(bad).to_string();
+        let flag = format!("--hbone-notsent-lowat={bad}");
+        let e = resolve(&[&flag]).expect_err(bad).to_string();
         assert!(e.contains("--hbone-notsent-lowat"), "{bad}: {e}");
     }
 }
@@ -111,16 +172,19 @@ fn congestion_control_settings() {
         "HBONE keeps the node's by default"
     );
 
-    let mut a = base();
-    a.pod_tcp_congestion = Some("default".into());
-    a.hbone_tcp_congestion = Some("bbr".into());
-    let c = Config::resolve(a).expect("valid");
+    let c = resolve(&[
+        "--pod-tcp-congestion",
+        "default",
+        "--hbone-tcp-congestion",
+        "bbr",
+    ])
+    .expect("valid");
     assert_eq!(c.pod_tcp_congestion, None);
     assert_eq!(c.hbone.tcp_congestion.as_deref(), Some("bbr"));
 
-    let mut a = base();
-    a.hbone_tcp_congestion = Some("cubic; rm".into());
-    let e = Config::resolve(a).expect_err("bad name").to_string();
+    let e = resolve(&["--hbone-tcp-congestion", "cubic; rm"])
+        .expect_err("bad name")
+        .to_string();
     assert!(e.contains("--hbone-tcp-congestion"), "{e}");
 }
 
@@ -131,26 +195,27 @@ fn dns_settings() {
     let d = c.dns.expect("dns capture on by default");
     assert!(d.upstreams.is_empty(), "resolv.conf is read at start");
 
-    let mut a = base();
-    a.dns_upstream = vec!["10.0.0.53".into(), "10.0.0.54:5353".into()];
-    let d = Config::resolve(a).expect("valid").dns.expect("on");
+    let d = resolve(&["--dns-upstream", "10.0.0.53,10.0.0.54:5353"])
+        .expect("valid")
+        .dns
+        .expect("on");
     assert_eq!(d.upstreams[1], "10.0.0.54:5353".parse().expect("addr"));
     assert_eq!(d.upstreams[0].port(), 53);
 
-    let mut a = base();
-    a.dns_upstream = vec!["resolver".into()];
-    let e = Config::resolve(a).expect_err("bad").to_string();
+    let e = resolve(&["--dns-upstream", "resolver"])
+        .expect_err("bad")
+        .to_string();
     assert!(
         e.contains("--dns-upstream") && e.contains("ZTUNNEL_DNS_UPSTREAM"),
         "{e}"
     );
 
     let mut a = base();
-    a.dns_port = Some(15008);
+    a.dns_port = 15008;
     assert!(Config::resolve(a).is_err(), "port clash with hbone");
 
     let mut a = base();
-    a.dns_capture = Some(false);
+    a.dns_capture = false;
     assert!(Config::resolve(a).expect("valid").dns.is_none());
 }
 
@@ -158,11 +223,9 @@ fn dns_settings() {
 fn file_is_overridden_by_flags() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("z.yaml");
+    let file = path.to_str().expect("utf-8");
     std::fs::write(&path, "hbone-port: 16008\nadmin-port: 16000\n").expect("write");
-    let mut a = base();
-    a.config = Some(path.clone());
-    a.admin_port = Some(17000);
-    let c = Config::resolve(a).expect("valid");
+    let c = resolve(&["--config", file, "--admin-port", "17000"]).expect("valid");
     assert_eq!(c.ports.hbone, 16008);
     assert_eq!(c.ports.admin, 17000);
 
@@ -171,15 +234,252 @@ fn file_is_overridden_by_flags() {
         "hbone-stream-window: 1048576\nhbone-connection-window: 64MiB\n",
     )
     .expect("write");
-    let mut a = base();
-    a.config = Some(path.clone());
-    let c = Config::resolve(a).expect("valid");
+    let c = resolve(&["--config", file]).expect("valid");
     assert_eq!(c.hbone.stream_window, 1 << 20);
     assert_eq!(c.hbone.connection_window, 64 << 20);
 
     std::fs::write(&path, "hbone-prot: 1\n").expect("write");
-    let mut a = base();
-    a.config = Some(path);
-    let e = Config::resolve(a).expect_err("unknown key").to_string();
+    let e = resolve(&["--config", file])
+        .expect_err("unknown key")
+        .to_string();
     assert!(e.contains("z.yaml") && e.contains("hbone-prot"), "{e}");
+}
+
+/// Every value form the file takes: strings, numbers, booleans, lists for settings that repeat;
+/// an empty file is no settings.
+#[test]
+fn file_value_forms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("z.yaml");
+    let file = path.to_str().expect("utf-8");
+    std::fs::write(
+        &path,
+        "# daemon settings\n\
+         capture: false\n\
+         uplink: [eth1, eth2]\n\
+         dns-upstream:\n  - 10.0.0.53\n  - 10.0.0.54:5353\n\
+         cert-ttl: 1h\n\
+         daemon-mark: 0x10\n\
+         log-format: json\n\
+         worker-threads: 3\n\
+         release-code-pages: false\n\
+         trust-domain: null\n",
+    )
+    .expect("write");
+    let a = args(&["--config", file]).expect("valid");
+    assert_eq!(a.uplink, ["eth1", "eth2"]);
+    let c = Config::resolve(a).expect("valid");
+    assert!(c.capture.is_none());
+    assert_eq!(c.dns.expect("on").upstreams.len(), 2);
+    assert_eq!(c.cert_ttl, Duration::from_secs(3600));
+    assert_eq!(c.daemon_mark, 0x10, "a YAML hex number");
+    assert!(c.log_json);
+    assert_eq!(c.worker_threads, 3);
+    assert!(!c.release_code_pages);
+    assert_eq!(c.trust_domain, DEFAULT_TRUST_DOMAIN, "null is unset");
+
+    std::fs::write(&path, "uplink: eth3,eth4\n").expect("write");
+    let a = args(&["--config", file]).expect("valid");
+    assert_eq!(a.uplink, ["eth3", "eth4"], "comma-separated as in the flag");
+
+    std::fs::write(&path, "").expect("write");
+    resolve(&["--config", file]).expect("empty file");
+}
+
+#[test]
+fn bad_file_names_the_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("z.yaml");
+    let file = path.to_str().expect("utf-8");
+    let error = |yaml: &str, extra: &[&str]| {
+        std::fs::write(&path, yaml).expect("write");
+        let mut argv = vec!["--config", file];
+        argv.extend(extra);
+        resolve(&argv).expect_err(yaml).to_string()
+    };
+
+    let e = error("cert-ttl: 5 parsecs\n", &[]);
+    assert_eq!(
+        e,
+        format!(
+            "config file {file}: invalid setting --cert-ttl (env ZTUNNEL_CERT_TTL, config key \
+             `cert-ttl`): `5 parsecs`: expected a duration such as 500ms, 30s, 5m or 24h"
+        )
+    );
+    let e = error("hbone-port: 70000\n", &[]);
+    assert!(e.starts_with(&format!("config file {file}: invalid setting --hbone-port")));
+    let e = error("hbone-port: [1, 2]\n", &[]);
+    assert!(e.contains(file) && e.contains("`hbone-port`"), "{e}");
+    let e = error("uplink: {eth0: 1}\n", &[]);
+    assert!(e.contains(file) && e.contains("`uplink`"), "{e}");
+    // `config` itself is not a file setting.
+    let e = error("config: other.yaml\n", &[]);
+    assert!(
+        e.contains(file) && e.contains("unknown key `config`"),
+        "{e}"
+    );
+    let e = error("- hbone-port\n", &[]);
+    assert!(e.contains(file), "{e}");
+    let e = error("hbone-port: [\n", &[]);
+    assert!(e.contains(file), "{e}");
+    // A bad flag is the flag's error, not the file's.
+    let e = error("cert-ttl: 1h\n", &["--cert-ttl", "soon"]);
+    assert!(e.starts_with("invalid setting --cert-ttl"), "{e}");
+    // A flag covers a bad value in the file: the file's value is never used.
+    std::fs::write(&path, "cert-ttl: soon\n").expect("write");
+    resolve(&["--config", file, "--cert-ttl", "1h"]).expect("flag wins");
+
+    let e = resolve(&["--config", "/nonexistent/z.yaml"])
+        .expect_err("missing file")
+        .to_string();
+    assert!(e.starts_with("config file /nonexistent/z.yaml: "), "{e}");
+}
+
+/// flag > environment > file > default, for two settings. The environment is the process's,
+/// so this test runs itself again in a child process with the variables set rather than
+/// change the environment of the tests running beside it.
+#[test]
+fn precedence_flag_env_file_default() {
+    const CHILD: &str = "ZTUNNEL_CONFIG_TEST_CHILD";
+    let dir = std::env::var_os(CHILD);
+    let Some(dir) = dir else {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("z.yaml"),
+            "admin-port: 16000\nmetrics-port: 16020\nreadiness-port: 16021\n\
+             hbone-idle-timeout: 2m\nconnect-timeout: 2s\ndrain-timeout: 3s\n",
+        )
+        .expect("write");
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "config::tests::precedence_flag_env_file_default"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(CHILD, dir.path())
+            .env("ZTUNNEL_ADMIN_PORT", "17000")
+            .env("ZTUNNEL_METRICS_PORT", "17020")
+            .env("ZTUNNEL_CONNECT_TIMEOUT", "3s")
+            .env("ZTUNNEL_HBONE_IDLE_TIMEOUT", "3m")
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    };
+    let file = std::path::Path::new(&dir).join("z.yaml");
+    let file = file.to_str().expect("utf-8");
+    let c = resolve(&[
+        "--config",
+        file,
+        "--admin-port",
+        "18000",
+        "--connect-timeout",
+        "4s",
+    ])
+    .expect("valid");
+    // flag over env over file
+    assert_eq!(c.ports.admin, 18000);
+    assert_eq!(c.hbone.connect_timeout, Duration::from_secs(4));
+    // env over file
+    assert_eq!(c.ports.metrics, 17020);
+    assert_eq!(c.hbone.idle_timeout, Duration::from_secs(180));
+    // file over default
+    assert_eq!(c.ports.readiness, 16021);
+    assert_eq!(c.drain_timeout, Duration::from_secs(3));
+    // default
+    assert_eq!(c.ports.hbone, 15008);
+    assert_eq!(c.state_poll_interval, Duration::from_millis(500));
+}
+
+/// `--help` shows every setting's default (or says what leaving it unset means), and its
+/// environment variable, which follows the flag's name (errors from [`Config::resolve`] name it
+/// the same way).
+#[test]
+fn help_shows_each_default() {
+    let help = TestCli::command().render_long_help().to_string();
+    for shown in [
+        "[default: 500ms]",
+        "[default: 24h]",
+        "[default: 30s]",
+        "[default: 1m]",
+        "[default: eth0]",
+        "[default: 0x2000]",
+        "[default: 0x539]",
+        "[default: 15008]",
+        "[default: 8MiB]",
+        "[default: 128KiB]",
+        "[default: text]",
+        "[default: info]",
+        "[default: cubic]",
+        "[default: default]",
+        "[default: istio-system]",
+    ] {
+        assert!(help.contains(shown), "{shown} in:\n{help}");
+    }
+    let without_default = ["config", "node-name", "state", "ca-dir"];
+    let unset_means = ["dns-upstream", "worker-threads"];
+    let settings = parse::settings();
+    for arg in settings.get_arguments() {
+        let long = arg.get_long().expect("long flag");
+        let env = format!("ZTUNNEL_{}", long.replace('-', "_").to_uppercase());
+        assert_eq!(arg.get_env(), Some(env.as_ref()), "--{long}");
+        let doc = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .expect("help")
+            .to_string();
+        match arg.get_default_values() {
+            [] if unset_means.contains(&long) => assert!(doc.contains("Unset: "), "--{long}"),
+            [] => assert!(without_default.contains(&long), "--{long} has no default"),
+            values => {
+                let values: Vec<_> = values.iter().map(|v| v.to_string_lossy()).collect();
+                let shown = format!("[default: {}]", values.join(", "));
+                assert!(help.contains(&shown), "--{long}: {shown}");
+                assert!(
+                    !doc.contains("[default:"),
+                    "--{long}: default typed by hand"
+                );
+            }
+        }
+    }
+}
+
+/// Each value type prints in a form it parses back from (clap relies on it for defaults).
+#[test]
+fn values_print_as_written() {
+    for d in ["500ms", "30s", "1m", "90s", "24h", "1500ms"] {
+        assert_eq!(d.parse::<Dur>().expect(d).to_string(), d);
+    }
+    assert_eq!("60s".parse::<Dur>().expect("60s").to_string(), "1m");
+    for s in ["0", "1000", "128KiB", "8MiB", "65535"] {
+        assert_eq!(s.parse::<Size>().expect(s).to_string(), s);
+    }
+    assert_eq!("2048KiB".parse::<Size>().expect("kib").to_string(), "2MiB");
+    assert_eq!(
+        "1337".parse::<Mark>().expect("decimal").to_string(),
+        "0x539"
+    );
+    for c in ["default", "cubic", "bbr"] {
+        assert_eq!(c.parse::<Congestion>().expect(c).to_string(), c);
+    }
+    for u in ["10.0.0.1", "10.0.0.1:5353", "[fd00::1]:5353", "fd00::1"] {
+        assert_eq!(u.parse::<Upstream>().expect(u).to_string(), u);
+    }
+    for f in ["text", "json"] {
+        assert_eq!(f.parse::<LogFormat>().expect(f).to_string(), f);
+    }
+}
+
+/// The config dump shows durations as they are written.
+#[test]
+fn config_dump_is_readable() {
+    let c = Config::resolve(base()).expect("valid");
+    let dump = serde_json::to_value(&c).expect("serialize");
+    assert_eq!(dump["cert_ttl"], "24h");
+    assert_eq!(dump["state_poll_interval"], "500ms");
+    assert_eq!(dump["hbone"]["idle_timeout"], "1m");
+    assert_eq!(dump["hbone"]["stream_window"], 8 << 20);
 }

@@ -13,8 +13,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, Registry};
 
-use crate::config::Config;
-
 pub use flow::{Failure, FlowReport};
 pub use metrics::{
     ByteSink, ConnLabels, ConnMeter, Metrics, Protocol, Reporter, ResponseFlag, SecurityPolicy,
@@ -32,10 +30,11 @@ pub fn parse_log_filter(directive: &str) -> Result<Targets, String> {
     directive.parse::<Targets>().map_err(|e| e.to_string())
 }
 
-/// Installs the global subscriber. The filter was validated with the rest of the config.
-pub fn init_logging(cfg: &Config) {
-    let (directive, filter) = match parse_log_filter(&cfg.log_level) {
-        Ok(f) => (cfg.log_level.clone(), f),
+/// Installs the global subscriber: `filter` as [`parse_log_filter`] takes it (`info` if it does
+/// not parse; the daemon's configuration checked it already), lines as JSON objects when `json`.
+pub fn init_logging(filter: &str, json: bool) {
+    let (directive, filter) = match parse_log_filter(filter) {
+        Ok(f) => (filter.to_string(), f),
         Err(_) => (
             "info".to_string(),
             Targets::new().with_default(tracing::Level::INFO),
@@ -43,7 +42,7 @@ pub fn init_logging(cfg: &Config) {
     };
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let installed = if cfg.log_json {
+    let installed = if json {
         tracing_subscriber::registry()
             .with(filter)
             .with(fmt.json().flatten_event(true).with_current_span(false))

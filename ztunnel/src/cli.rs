@@ -1,0 +1,146 @@
+//! The `ztunnel` command line: the daemon's settings ([`RunArgs`]) or one of the operator
+//! commands, which run here and exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::authz::check::AuthzCommand;
+use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
+use crate::status::{StatusArgs, View};
+
+/// Command line of the `ztunnel` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Node-level ambient mesh tunnel daemon: captures enrolled pods' traffic with eBPF and \
+             carries it between nodes in HBONE (HTTP/2 CONNECT over mutual TLS 1.3).",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// Operator commands; without one, the daemon runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Daemon settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl Cli {
+    /// Parses the process's arguments and environment, and the `--config` file when the daemon
+    /// is to run ([`crate::config::parse`]).
+    pub fn from_env() -> Result<Cli, ConfigError> {
+        crate::config::parse(std::env::args_os())
+    }
+}
+
+/// Subcommands besides running the daemon.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the built-in file certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Summary of a running daemon: readiness, pods, captures, certificates, HBONE pool.
+    Status(StatusArgs),
+    /// Workloads a running daemon knows, with enrollment and capture state.
+    Workloads(StatusArgs),
+    /// Workload certificates a running daemon holds: identity, serial, expiry.
+    Certificates(StatusArgs),
+    /// Explain authorization decisions (AuthorizationPolicy, PeerAuthentication).
+    #[command(subcommand)]
+    Authz(AuthzCommand),
+}
+
+/// `ztunnel ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the root key and certificate in --ca-dir unless they already exist.
+    Init {
+        /// Directory holding root-cert.pem and root-key.pem.
+        #[arg(long, env = "ZTUNNEL_CA_DIR")]
+        ca_dir: PathBuf,
+        /// Trust domain written into the root certificate's subject.
+        #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Issue a workload certificate to files, for a peer outside the daemon (an Envoy sidecar
+    /// joining the mesh, a test client). Creates the CA if absent.
+    Issue {
+        /// Directory holding root-cert.pem and root-key.pem.
+        #[arg(long, env = "ZTUNNEL_CA_DIR")]
+        ca_dir: PathBuf,
+        /// SPIFFE identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+        #[arg(long)]
+        identity: String,
+        /// Where to write the PEM certificate chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the PEM private key (mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Certificate lifetime.
+        #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
+        ttl: Dur,
+    },
+}
+
+impl Command {
+    /// Runs the operator command; its exit code.
+    pub fn run(self) -> ExitCode {
+        let result = match self {
+            Command::Ca(ca) => ca.run(),
+            Command::Status(a) => crate::status::run(View::Status, &a).map_err(Into::into),
+            Command::Workloads(a) => crate::status::run(View::Workloads, &a).map_err(Into::into),
+            Command::Certificates(a) => {
+                crate::status::run(View::Certificates, &a).map_err(Into::into)
+            }
+            Command::Authz(AuthzCommand::Check(args)) => {
+                // Policy rejections and caveats are logged while the state is built: show them.
+                let _ = tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .without_time()
+                    .with_ansi(false)
+                    .try_init();
+                // Exit codes are part of the command's contract: 0 ALLOW, 1 DENY, 2 bad input.
+                return ExitCode::from(crate::authz::check::run(&args));
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztunnel: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+impl CaCommand {
+    /// File CA maintenance, no daemon needed.
+    fn run(self) -> anyhow::Result<()> {
+        use crate::identity::{FileCa, SpiffeId};
+        match self {
+            CaCommand::Init {
+                ca_dir,
+                trust_domain,
+            } => {
+                FileCa::load_or_create(&ca_dir, &trust_domain)?;
+            }
+            CaCommand::Issue {
+                ca_dir,
+                identity,
+                cert,
+                key,
+                ttl,
+            } => {
+                let id = SpiffeId::parse(&identity)?;
+                let ca = FileCa::load_or_create(&ca_dir, &id.trust_domain)?;
+                ca.issue_to_files(&id, ttl.0, &cert, &key)?;
+            }
+        }
+        Ok(())
+    }
+}
