@@ -2,7 +2,7 @@
 //! same-node) and TCP to an HBONE stream (outbound and inbound HBONE, and the waypoint).
 //!
 //! Both splices share the same contract, so every path behaves alike:
-//! - bytes are counted per direction and reported to a [`ByteSink`] as they move, so metrics
+//! - bytes are counted per direction and added to a [`ByteSink`] (metric counters) as they move, so metrics
 //!   advance during long transfers, and returned as [`Transferred`] at the end;
 //! - a clean EOF on one side half-closes the other side, and the splice ends when both
 //!   directions are done;
@@ -17,12 +17,12 @@ use std::io;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::burst::{BurstReader, Readable};
 use crate::socket::reset_on_close;
-use crate::telemetry::ByteSink;
 
 /// Length of an HTTP/2 frame header, which h2 writes in front of each DATA payload.
 const DATA_FRAME_HEADER: usize = 9;
@@ -106,6 +106,47 @@ pub async fn hbone(
         }
     }
     (bytes, err)
+}
+
+/// Byte counters a copy loop adds to as data moves, in the splice's own directions
+/// (`to_tunnel`: read from its TCP socket; `from_tunnel`: written to it). Allocation-free on
+/// the data path: one atomic add per counter per chunk.
+#[derive(Debug, Default, Clone)]
+pub struct ByteSink {
+    to_tunnel: Vec<Counter>,
+    from_tunnel: Vec<Counter>,
+}
+
+impl ByteSink {
+    /// A sink adding what is read from the TCP socket to `to_tunnel` and what is written to
+    /// it to `from_tunnel`.
+    pub fn new(to_tunnel: Vec<Counter>, from_tunnel: Vec<Counter>) -> ByteSink {
+        ByteSink {
+            to_tunnel,
+            from_tunnel,
+        }
+    }
+
+    /// Adds `other`'s counters (a same-node flow reports for both reporters).
+    pub fn join(mut self, other: ByteSink) -> ByteSink {
+        self.to_tunnel.extend(other.to_tunnel);
+        self.from_tunnel.extend(other.from_tunnel);
+        self
+    }
+
+    /// `n` bytes read from the TCP socket were forwarded.
+    pub fn to_tunnel(&self, n: usize) {
+        for c in &self.to_tunnel {
+            c.inc_by(n as u64);
+        }
+    }
+
+    /// `n` bytes were written to the TCP socket.
+    pub fn from_tunnel(&self, n: usize) {
+        for c in &self.from_tunnel {
+            c.inc_by(n as u64);
+        }
+    }
 }
 
 /// Runs both directions to the end; the first error ends both and is returned.

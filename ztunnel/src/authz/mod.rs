@@ -4,7 +4,7 @@
 //! pods ([`crate::k8s::security`]), are validated and compiled ([`compile`]) into a [`Registry`] held by each
 //! [`crate::state::State`] snapshot, and every new inbound flow asks [`evaluate`] for a
 //! [`Decision`]. The same function serves the data path, the re-check of open connections on
-//! policy change, and the `ztunnel authz check` command ([`check`]), so what the operator is
+//! policy change, and the `ztunnel authz check` command (`cli::authz_check`), so what the operator is
 //! told is exactly what the daemon does.
 //!
 //! Semantics (Istio's): a matching DENY rejects; without an ALLOW policy in scope the flow is
@@ -14,7 +14,6 @@
 //! rule ignores them and applies to all traffic matching its L4 parts. Neither can make the
 //! daemon allow more than the author meant.
 
-pub mod check;
 pub mod compile;
 #[cfg(test)]
 mod tests;

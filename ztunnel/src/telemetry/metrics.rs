@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 
 use super::flow::FlowReport;
 use crate::identity::{SpiffeId, WorkloadCert};
+use crate::splice::ByteSink;
 use crate::state::Workload;
 
 /// Content type of [`Metrics::encode`]'s output: Prometheus text format 0.0.4, which every
@@ -430,56 +431,18 @@ impl ConnMeter {
     /// Where a splice whose TCP socket is the *client* reports: what it reads from the socket
     /// the client sent (received), what it writes back went to the client (sent).
     pub fn client_side(&self) -> ByteSink {
-        ByteSink {
-            to_tunnel: vec![self.received.clone()],
-            from_tunnel: vec![self.sent.clone()],
-        }
+        ByteSink::new(vec![self.received.clone()], vec![self.sent.clone()])
     }
 
     /// Where a splice whose TCP socket is the *server* reports.
     pub fn server_side(&self) -> ByteSink {
-        ByteSink {
-            to_tunnel: vec![self.sent.clone()],
-            from_tunnel: vec![self.received.clone()],
-        }
+        ByteSink::new(vec![self.sent.clone()], vec![self.received.clone()])
     }
 }
 
 impl Drop for ConnMeter {
     fn drop(&mut self) {
         self.closed.inc();
-    }
-}
-
-/// Byte counters a copy loop adds to as data moves, in the splice's own directions
-/// (`to_tunnel`: read from its TCP socket; `from_tunnel`: written to it). Allocation-free on
-/// the data path: one atomic add per counter per chunk.
-#[derive(Debug, Default, Clone)]
-pub struct ByteSink {
-    to_tunnel: Vec<Counter>,
-    from_tunnel: Vec<Counter>,
-}
-
-impl ByteSink {
-    /// Adds `other`'s counters (a same-node flow reports for both reporters).
-    pub fn join(mut self, other: ByteSink) -> ByteSink {
-        self.to_tunnel.extend(other.to_tunnel);
-        self.from_tunnel.extend(other.from_tunnel);
-        self
-    }
-
-    /// `n` bytes read from the TCP socket were forwarded.
-    pub fn to_tunnel(&self, n: usize) {
-        for c in &self.to_tunnel {
-            c.inc_by(n as u64);
-        }
-    }
-
-    /// `n` bytes were written to the TCP socket.
-    pub fn from_tunnel(&self, n: usize) {
-        for c in &self.from_tunnel {
-            c.inc_by(n as u64);
-        }
     }
 }
 

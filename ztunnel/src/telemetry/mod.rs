@@ -15,7 +15,7 @@ use tracing_subscriber::{reload, Registry};
 
 pub use flow::{Failure, FlowReport};
 pub use metrics::{
-    ByteSink, ConnLabels, ConnMeter, Metrics, Protocol, Reporter, ResponseFlag, SecurityPolicy,
+    ConnLabels, ConnMeter, Metrics, Protocol, Reporter, ResponseFlag, SecurityPolicy,
 };
 
 /// The handle that swaps the log filter and the directive it was built from; set once by

@@ -1,5 +1,5 @@
 //! `ztunnel authz check`: explains the decision the daemon would make for a flow, without
-//! sending traffic, by running the same [`super::evaluate`] on a state loaded from the same
+//! sending traffic, by running the same [`crate::authz::evaluate`] on a state loaded from the same
 //! YAML the daemon reads.
 
 use std::net::IpAddr;
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
-use super::{evaluate, Request, DEFAULT_ROOT_NAMESPACE};
+use crate::authz::{evaluate, Request, DEFAULT_ROOT_NAMESPACE};
 use crate::k8s;
 use crate::state::{State, Workload};
 
@@ -73,7 +73,7 @@ pub enum CheckError {
 #[derive(Debug)]
 pub struct CheckOutcome {
     /// The decision.
-    pub decision: super::Decision,
+    pub decision: crate::authz::Decision,
     /// Human-readable lines explaining it.
     pub lines: Vec<String>,
 }
@@ -162,9 +162,9 @@ pub fn check(args: &CheckArgs) -> Result<CheckOutcome, CheckError> {
     ));
     lines.push(format!("to:   {} {}:{port}", dst_w.key(), dst_w.ip));
     if !dst_w.enrolled {
-        let decision = super::Decision {
-            verdict: super::Verdict::Allow,
-            reason: super::Reason::NoAllowPolicy,
+        let decision = crate::authz::Decision {
+            verdict: crate::authz::Verdict::Allow,
+            reason: crate::authz::Reason::NoAllowPolicy,
             dry_run: None,
             audited: Vec::new(),
         };

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::authz::check::AuthzCommand;
 use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
 use crate::status::{StatusArgs, View};
+use authz_check::AuthzCommand;
+
+mod authz_check;
 
 /// Command line of the `ztunnel` binary.
 #[derive(Debug, Parser)]
@@ -105,7 +107,7 @@ impl Command {
                     .with_ansi(false)
                     .try_init();
                 // Exit codes are part of the command's contract: 0 ALLOW, 1 DENY, 2 bad input.
-                return ExitCode::from(crate::authz::check::run(&args));
+                return ExitCode::from(authz_check::run(&args));
             }
         };
         match result {
