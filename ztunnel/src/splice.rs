@@ -14,6 +14,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::{pin, Pin};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -57,8 +58,10 @@ pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outco
     let err = {
         let (ar, mut aw) = a.split();
         let (br, mut bw) = b.split();
-        let up = copy(ar, &mut bw, &mut bytes.to_tunnel, |n| sink.to_tunnel(n));
-        let down = copy(br, &mut aw, &mut bytes.from_tunnel, |n| sink.from_tunnel(n));
+        let up = pin!(copy(ar, &mut bw, &mut bytes.to_tunnel, |n| sink.to_tunnel(n)));
+        let down = pin!(copy(br, &mut aw, &mut bytes.from_tunnel, |n| {
+            sink.from_tunnel(n)
+        }));
         both(up, down).await
     };
     if err.is_some() {
@@ -79,14 +82,14 @@ pub async fn hbone(
     let (mut rd, mut wr) = tcp.into_split();
     let mut bytes = Transferred::default();
     let err = {
-        let up = async {
+        let up = pin!(async {
             let mut reader = BurstReader::with_header(&mut rd, DATA_FRAME_HEADER);
             while let Some(chunk) = reader.next().await? {
                 send_all(&mut send, chunk, &mut bytes.to_tunnel, sink).await?;
             }
             send.send_data(Bytes::new(), true).map_err(h2_io)
-        };
-        let down = async {
+        });
+        let down = pin!(async {
             while let Some(chunk) = recv.data().await {
                 let chunk = chunk.map_err(h2_io)?;
                 wr.write_all(&chunk).await?;
@@ -96,7 +99,7 @@ pub async fn hbone(
                 let _ = recv.flow_control().release_capacity(chunk.len());
             }
             wr.shutdown().await
-        };
+        });
         both(up, down).await
     };
     if err.is_some() {
@@ -149,12 +152,13 @@ impl ByteSink {
     }
 }
 
-/// Runs both directions to the end; the first error ends both and is returned.
+/// Runs both directions to the end; the first error ends both and is returned. The two
+/// come pinned by the caller, so each is stored once, in the caller's state: futures taken by
+/// value would be kept twice in every held flow's task.
 async fn both(
-    up: impl Future<Output = io::Result<()>>,
-    down: impl Future<Output = io::Result<()>>,
+    mut up: Pin<&mut impl Future<Output = io::Result<()>>>,
+    mut down: Pin<&mut impl Future<Output = io::Result<()>>>,
 ) -> Option<io::Error> {
-    tokio::pin!(up, down);
     tokio::select! {
         r = &mut up => match r { Ok(()) => (&mut down).await.err(), Err(e) => Some(e) },
         r = &mut down => match r { Ok(()) => (&mut up).await.err(), Err(e) => Some(e) },

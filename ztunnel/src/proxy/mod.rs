@@ -117,24 +117,45 @@ impl Proxy {
         workers: Arc<Workers>,
         drain: Drain,
     ) {
-        let name = match kind {
-            Captured::Outbound => "outbound",
-            Captured::InboundPlaintext => "inbound_plaintext",
-        };
+        // One accept loop per kind, each with its own flow type: a task is sized for the
+        // largest future it may run, so a task that could run either flow would be.
+        match kind {
+            Captured::Outbound => {
+                let flow = |p: Arc<Self>, tcp, peer| async move { p.outbound(tcp, peer).await };
+                self.accept(listener, "outbound", &workers, &drain, flow)
+                    .await
+            }
+            Captured::InboundPlaintext => {
+                let flow =
+                    |p: Arc<Self>, tcp, peer| async move { p.inbound_plaintext(tcp, peer).await };
+                self.accept(listener, "inbound_plaintext", &workers, &drain, flow)
+                    .await
+            }
+        }
+    }
+
+    async fn accept<F, Fut>(
+        self: Arc<Self>,
+        listener: TcpListener,
+        name: &'static str,
+        workers: &Workers,
+        drain: &Drain,
+        flow: F,
+    ) where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         // The flow's future is made inside the async block, not moved into it: a future moved
         // in and then awaited is stored twice in the task (about 5 KiB more per held
         // connection, `bench conns`).
         let serve = move |tcp, peer, guard| {
-            let this = self.clone();
+            let (this, flow) = (self.clone(), flow.clone());
             async move {
-                match kind {
-                    Captured::Outbound => this.outbound(tcp, peer).await,
-                    Captured::InboundPlaintext => this.inbound_plaintext(tcp, peer).await,
-                }
+                flow(this, tcp, peer).await;
                 drop(guard);
             }
         };
-        workers.accept_loop(listener, name, &drain, serve).await
+        workers.accept_loop(listener, name, drain, serve).await
     }
 
     /// Refuses a flow: counted and logged for each of `reports` (a same-node flow reports
