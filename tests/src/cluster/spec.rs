@@ -268,7 +268,7 @@ pub fn render_docs(docs: impl IntoIterator<Item = Value>) -> Result<String> {
     let mut out = String::new();
     for doc in docs {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&doc).context("rendering YAML")?);
+        out.push_str(&serde_yaml_ng::to_string(&doc).context("rendering YAML")?);
     }
     Ok(out)
 }
@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(spec.pod_ip("demo/b"), Some(Ipv4Addr::new(10, 244, 2, 11)));
         assert_eq!(spec.pod_ip("demo/c"), Some(Ipv4Addr::new(10, 244, 1, 12)));
         let pods = spec.render_pods().expect("renders");
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&pods)
+        let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&pods)
             .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
             .collect();
         assert_eq!(docs.len(), 3);

@@ -401,13 +401,13 @@ pub fn peer_authentication(
         }
         for (k, v) in map {
             let key = match k {
-                serde_yaml::Value::Number(n) => n.to_string(),
-                serde_yaml::Value::String(s) => s.clone(),
+                serde_yaml_ng::Value::Number(n) => n.to_string(),
+                serde_yaml_ng::Value::String(s) => s.clone(),
                 _ => String::from("?"),
             };
             let field = format!("spec.portLevelMtls.{key}");
             let p = port(&Scalar::Str(key.clone())).map_err(|m| err((field.clone(), m)))?;
-            let m: MtlsSpec = serde_yaml::from_value(v.clone())
+            let m: MtlsSpec = serde_yaml_ng::from_value(v.clone())
                 .map_err(|e| err((field.clone(), e.to_string())))?;
             let m = mode(&m, &format!("{field}.mode")).map_err(err)?;
             if let Some(m) = disable(&field, m) {

@@ -63,8 +63,8 @@ fn with_file_defaults(mut cmd: Command, path: &Path) -> Result<Command, ConfigEr
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-    let entries: Option<BTreeMap<String, serde_yaml::Value>> =
-        serde_yaml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
+    let entries: Option<BTreeMap<String, serde_yaml_ng::Value>> =
+        serde_yaml_ng::from_str(&text).map_err(|e| file_error(e.to_string()))?;
     let settings = settings();
     for (key, value) in entries.unwrap_or_default() {
         let arg = settings
@@ -77,8 +77,8 @@ fn with_file_defaults(mut cmd: Command, path: &Path) -> Result<Command, ConfigEr
             })?;
         let several = matches!(arg.get_action(), ArgAction::Append);
         let values = match value {
-            serde_yaml::Value::Null => continue,
-            serde_yaml::Value::Sequence(items) if several => items
+            serde_yaml_ng::Value::Null => continue,
+            serde_yaml_ng::Value::Sequence(items) if several => items
                 .into_iter()
                 .map(scalar)
                 .collect::<Option<Vec<String>>>(),
@@ -97,11 +97,11 @@ fn with_file_defaults(mut cmd: Command, path: &Path) -> Result<Command, ConfigEr
     Ok(cmd)
 }
 
-fn scalar(v: serde_yaml::Value) -> Option<String> {
+fn scalar(v: serde_yaml_ng::Value) -> Option<String> {
     match v {
-        serde_yaml::Value::String(s) => Some(s),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml_ng::Value::String(s) => Some(s),
+        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+        serde_yaml_ng::Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
 }

@@ -31,10 +31,10 @@ pub struct AuthorizationPolicySpec {
     pub selector: Option<WorkloadSelector>,
     /// Attachment to a gateway or service: enforced by a waypoint, not here.
     #[serde(default)]
-    pub target_ref: Option<serde_yaml::Value>,
+    pub target_ref: Option<serde_yaml_ng::Value>,
     /// Attachments to gateways or services: enforced by a waypoint, not here.
     #[serde(default)]
-    pub target_refs: Vec<serde_yaml::Value>,
+    pub target_refs: Vec<serde_yaml_ng::Value>,
     /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
     #[serde(default)]
     pub action: Option<String>,
@@ -194,7 +194,7 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MtlsSpec>,
     /// Mode per workload port (keys are port numbers).
     #[serde(default)]
-    pub port_level_mtls: Option<serde_yaml::Mapping>,
+    pub port_level_mtls: Option<serde_yaml_ng::Mapping>,
 }
 
 /// `mtls` / `portLevelMtls.<port>`.

@@ -32,14 +32,14 @@ pub struct ParseError {
 /// document that does not parse fails the whole file, so a half-applied file never happens.
 pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let err = |field: String, message: String| ParseError {
             file: file.to_path_buf(),
             document: index,
             field,
             message,
         };
-        let value = serde_yaml::Value::deserialize(doc)
+        let value = serde_yaml_ng::Value::deserialize(doc)
             .map_err(|e| err(".".into(), format!("not valid YAML: {e}")))?;
         if value.is_null() {
             continue;
@@ -47,8 +47,8 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         if kind == "List" {
             let items = match value.get("items") {
-                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
-                None | Some(serde_yaml::Value::Null) => Vec::new(),
+                Some(serde_yaml_ng::Value::Sequence(items)) => items.clone(),
+                None | Some(serde_yaml_ng::Value::Null) => Vec::new(),
                 Some(_) => return Err(err("items".into(), "must be a list".into())),
             };
             for (i, item) in items.into_iter().enumerate() {
@@ -67,9 +67,9 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
 
 type FieldError = (String, String);
 
-fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> {
+fn parse_object(value: serde_yaml_ng::Value) -> Result<Option<Object>, FieldError> {
     let kind = match value.get("kind") {
-        Some(serde_yaml::Value::String(k)) => k.clone(),
+        Some(serde_yaml_ng::Value::String(k)) => k.clone(),
         _ => return Err(("kind".into(), "missing or not a string".into())),
     };
     let api = value
@@ -111,7 +111,7 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
     Ok(Some(obj))
 }
 
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldError> {
+fn typed<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         (path, e.into_inner().to_string())
