@@ -29,7 +29,7 @@ use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::identity::SpiffeId;
 use crate::socket::{dup, Leg};
 use crate::splice::{self, Transferred};
-use crate::telemetry::{Failure, FlowReport, Protocol, Reporter};
+use crate::telemetry::{FlowReport, Protocol, Reporter};
 
 impl Handler for Proxy {
     fn identity_for(&self, local: SocketAddr) -> Option<SpiffeId> {
@@ -84,17 +84,7 @@ impl Proxy {
         };
         let (send, recv) = match responder.accept() {
             Ok(halves) => halves,
-            Err(e) => {
-                let err = FlowError::Accept(e);
-                return report.refused(
-                    &self.metrics,
-                    Failure {
-                        flag: err.flag(),
-                        error: &err,
-                        deny_reason: None,
-                    },
-                );
-            }
+            Err(e) => return self.refuse(&[&report], &FlowError::Accept(e), Refuse::Gone),
         };
         let meter = report.open(&self.metrics);
         let sockets = dup(&pod).into_iter().collect();

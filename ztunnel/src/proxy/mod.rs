@@ -67,6 +67,8 @@ enum Refuse<'a> {
     Reset(&'a TcpStream),
     /// An HBONE client: answer the stream with the error's status.
     Stream(crate::hbone::server::Responder),
+    /// Nobody left to tell (the stream broke while being answered).
+    Gone,
 }
 
 impl Proxy {
@@ -162,8 +164,9 @@ impl Proxy {
     /// for both ends), then the client is told.
     fn refuse(&self, reports: &[&FlowReport<'_>], err: &FlowError, to: Refuse<'_>) {
         let response = match to {
-            Refuse::Reset(_) => Response::Reset,
-            Refuse::Stream(_) => Response::Status(err.status()),
+            Refuse::Reset(_) => Some(Response::Reset),
+            Refuse::Stream(_) => Some(Response::Status(err.status())),
+            Refuse::Gone => None,
         };
         if let (FlowError::Denied(reason), Some(r)) = (err, reports.first()) {
             tracing::info!(
@@ -172,11 +175,14 @@ impl Proxy {
                 src_identity = r.src_identity.map(ToString::to_string).unwrap_or_default(),
                 policy = reason.policy().unwrap_or(""),
                 %reason,
-                %response,
+                response = response.map(|r| r.to_string()),
                 "connection denied"
             );
         }
-        let error = format!("{response}: {err}");
+        let error = match response {
+            Some(response) => format!("{response}: {err}"),
+            None => err.to_string(),
+        };
         for r in reports {
             r.refused(
                 &self.metrics,
@@ -190,6 +196,7 @@ impl Proxy {
         match to {
             Refuse::Reset(tcp) => reset_on_close(tcp),
             Refuse::Stream(responder) => responder.refuse(err.status()),
+            Refuse::Gone => {}
         }
     }
 }

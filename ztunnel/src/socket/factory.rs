@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// A connect in progress.
 pub type Connecting<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
@@ -92,10 +92,7 @@ impl SocketFactory for PlainSockets {
     fn connect(&self, _leg: Leg, src: Option<IpAddr>, dst: SocketAddr) -> Connecting<'_> {
         let timeout = self.connect_timeout;
         Box::pin(async move {
-            let sock = match dst {
-                SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => TcpSocket::new_v6()?,
-            };
+            let sock = super::tcp_socket(dst)?;
             sock.set_nodelay(true)?;
             if let Some(ip) = src {
                 sock.bind(SocketAddr::new(ip, 0))?;
@@ -107,10 +104,7 @@ impl SocketFactory for PlainSockets {
     }
 
     fn listen(&self, _leg: Leg, addr: SocketAddr, _capture: bool) -> io::Result<TcpListener> {
-        let sock = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
+        let sock = super::tcp_socket(addr)?;
         sock.set_reuseaddr(true)?;
         sock.bind(addr)?;
         sock.listen(1024)

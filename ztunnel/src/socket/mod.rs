@@ -71,10 +71,7 @@ pub async fn connect(
     congestion: Option<&str>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let sock = match dst {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+    let sock = tcp_socket(dst)?;
     {
         let s = SockRef::from(&sock);
         set_mark(&s, mark)?;
@@ -91,6 +88,14 @@ pub async fn connect(
     tokio::time::timeout(timeout, sock.connect(dst))
         .await
         .map_err(|_| timed_out(dst, timeout))?
+}
+
+/// An unbound TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
 }
 
 fn timed_out(dst: SocketAddr, timeout: Duration) -> io::Error {
