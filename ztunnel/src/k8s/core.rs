@@ -89,6 +89,32 @@ pub struct PodStatus {
     /// Phase; only `Running` pods receive traffic.
     #[serde(default)]
     pub phase: Option<String>,
+    /// Conditions; `Ready` decides whether the pod receives Service traffic.
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+impl PodStatus {
+    /// Whether the pod's `Ready` condition allows Service traffic. A pod with no conditions
+    /// at all (hand-written state files) counts as ready; a kubelet always writes them.
+    pub fn ready(&self) -> bool {
+        self.conditions.is_empty()
+            || self
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    }
+}
+
+/// One entry of `status.conditions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodCondition {
+    /// `Ready`, `ContainersReady`, `PodScheduled`, ...
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    #[serde(default)]
+    pub status: String,
 }
 
 /// `v1/Service`.

@@ -23,6 +23,31 @@ use serde::Deserialize;
 
 pub use yaml::{parse_file, ParseError};
 
+/// Why one object sent by an API server does not fit its kind.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct ObjectError {
+    /// Dotted path of the offending field, or `.` for the whole object.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Types an object an API server sent (JSON with `apiVersion` and `kind`) through the same
+/// translation as the state files. `Ok(None)` for kinds the daemon does not use.
+pub fn from_json(value: serde_json::Value) -> Result<Option<Object>, ObjectError> {
+    let text = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (api, kind) = (text("apiVersion"), text("kind"));
+    yaml::typed_object(&api, &kind, value)
+        .map_err(|(field, message)| ObjectError { field, message })
+}
+
 /// Object metadata the daemon uses.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +66,10 @@ pub struct ObjectMeta {
     /// Object UID, when the source has one.
     #[serde(default)]
     pub uid: Option<String>,
+    /// Set once the object is being deleted (a terminating pod): it stops receiving new
+    /// Service traffic, while its open flows finish.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
     /// Owners (a pod's ReplicaSet, Job, StatefulSet…); telemetry derives the workload name
     /// from the controlling owner.
     #[serde(default)]
@@ -83,4 +112,28 @@ pub enum Object {
     AuthorizationPolicy(security::AuthorizationPolicyObject),
     /// `security.istio.io` PeerAuthentication (validated further by `authz`).
     PeerAuthentication(security::PeerAuthenticationObject),
+}
+
+impl Object {
+    /// The object's kind, as Kubernetes spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::PeerAuthentication(_) => "PeerAuthentication",
+        }
+    }
+
+    /// The object's metadata.
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
+        }
+    }
 }

@@ -7,7 +7,6 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::core::{Pod, Service};
@@ -75,8 +74,23 @@ fn parse_object(value: serde_yaml_ng::Value) -> Result<Option<Object>, FieldErro
     let api = value
         .get("apiVersion")
         .and_then(|v| v.as_str())
-        .unwrap_or("");
-    let obj = match (api, kind.as_str()) {
+        .unwrap_or("")
+        .to_string();
+    typed_object(&api, &kind, value)
+}
+
+/// Types one object of kind `api`/`kind` from any self-describing value (a YAML document of a
+/// state file, or the JSON an API server sent): the one translation every source shares.
+/// `Ok(None)` for kinds the daemon does not use.
+pub(super) fn typed_object<'de, D>(
+    api: &str,
+    kind: &str,
+    value: D,
+) -> Result<Option<Object>, FieldError>
+where
+    D: serde::Deserializer<'de>,
+{
+    let obj = match (api, kind) {
         ("v1", "Namespace") => Object::Namespace(typed(value)?),
         ("v1", "Pod") => {
             let pod: Pod = typed(value)?;
@@ -111,7 +125,7 @@ fn parse_object(value: serde_yaml_ng::Value) -> Result<Option<Object>, FieldErro
     Ok(Some(obj))
 }
 
-fn typed<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, FieldError> {
+fn typed<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(value: D) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         (path, e.into_inner().to_string())

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
-use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
-use crate::k8s::{IntOrString, Object, ObjectMeta};
+use crate::k8s::{Object, ObjectMeta};
+
+mod model;
+
+pub use model::Model;
 
 /// Namespace label that enrolls a namespace's pods, and pod label value that opts one out.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -38,6 +41,9 @@ pub struct Workload {
     /// In the mesh: namespace labelled ambient, pod not opted out, not host-network. Enrolled
     /// workloads are reached over HBONE and their outbound traffic is captured.
     pub enrolled: bool,
+    /// Receives Service traffic: `Ready` and not terminating. An unready pod keeps its
+    /// identity, capture and open flows; only new Service flows skip it.
+    pub ready: bool,
     /// Named container ports, for services' named `targetPort`.
     pub named_ports: BTreeMap<String, u16>,
     /// SPIFFE identity.
@@ -119,7 +125,7 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     /// TCP ports.
     pub ports: Vec<ServicePort>,
-    /// Ready pods selected by the service.
+    /// Ready, non-terminating pods selected by the service.
     pub endpoints: Vec<Arc<Workload>>,
     /// Round-robin cursor over endpoints.
     #[serde(skip)]
@@ -189,155 +195,11 @@ pub struct State {
 impl State {
     /// Builds a snapshot from objects. Later objects with the same identity replace earlier ones.
     pub fn build(generation: u64, trust_domain: &str, objects: &[Object]) -> State {
-        let mut namespaces = HashMap::new();
-        let mut pods = BTreeMap::new();
-        let mut services = BTreeMap::new();
-        let mut authz_policies = Vec::new();
-        let mut peer_auths = Vec::new();
+        let mut model = Model::new(trust_domain);
         for o in objects {
-            match o {
-                Object::Namespace(n) => {
-                    let ambient = n
-                        .metadata
-                        .labels
-                        .get(DATAPLANE_MODE_LABEL)
-                        .map(String::as_str)
-                        == Some("ambient");
-                    namespaces.insert(n.metadata.name.clone(), ambient);
-                }
-                Object::Pod(p) => {
-                    let ns = p.metadata.namespace.clone().unwrap_or_default();
-                    pods.insert((ns, p.metadata.name.clone()), p);
-                }
-                Object::Service(s) => {
-                    let ns = s.metadata.namespace.clone().unwrap_or_default();
-                    services.insert((ns, s.metadata.name.clone()), s);
-                }
-                Object::AuthorizationPolicy(p) => authz_policies.push(p),
-                Object::PeerAuthentication(p) => peer_auths.push(p),
-            }
+            model.apply(o.clone());
         }
-        let authz = Arc::new(build_authz(authz_policies, peer_auths));
-
-        let mut workloads = HashMap::new();
-        for ((ns, name), p) in &pods {
-            let (Some(ip), Some("Running")) = (p.status.pod_ip, p.status.phase.as_deref()) else {
-                continue;
-            };
-            if p.spec.host_network {
-                continue;
-            }
-            let opted_out = p
-                .metadata
-                .labels
-                .get(DATAPLANE_MODE_LABEL)
-                .map(String::as_str)
-                == Some("none");
-            let service_account = p
-                .spec
-                .service_account_name
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into());
-            let named_ports = p
-                .spec
-                .containers
-                .iter()
-                .flat_map(|c| &c.ports)
-                .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
-                .collect();
-            let w = Workload {
-                name: name.clone(),
-                namespace: ns.clone(),
-                identity: SpiffeId::new(trust_domain, ns, &service_account),
-                service_account,
-                node: p.spec.node_name.clone().unwrap_or_default(),
-                ip,
-                labels: p.metadata.labels.clone(),
-                enrolled: namespaces.get(ns).copied().unwrap_or(false) && !opted_out,
-                named_ports,
-                workload_name: workload_name(&p.metadata),
-                dns_capture: p
-                    .metadata
-                    .annotations
-                    .get(DNS_CAPTURE_ANNOTATION)
-                    .is_none_or(|v| !v.eq_ignore_ascii_case("false")),
-                dns_policy: p.spec.dns_policy.clone(),
-                dns_searches: p
-                    .spec
-                    .dns_config
-                    .as_ref()
-                    .map(|c| c.searches.clone())
-                    .unwrap_or_default(),
-            };
-            if let Some(prev) = workloads.insert(ip, Arc::new(w)) {
-                tracing::warn!(ip = %ip, pod = %prev.key(), "two running pods share an IP; the later one wins");
-            }
-        }
-
-        let mut by_key = BTreeMap::new();
-        let mut by_vip = HashMap::new();
-        for ((ns, name), s) in services {
-            let mut endpoints: Vec<Arc<Workload>> = match &s.spec.selector {
-                Some(sel) if !sel.is_empty() => workloads
-                    .values()
-                    .filter(|w| {
-                        w.namespace == ns && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                    })
-                    .cloned()
-                    .collect(),
-                _ => Vec::new(),
-            };
-            endpoints.sort_by_key(|w| w.ip);
-            let vips: Vec<IpAddr> = s
-                .spec
-                .cluster_ip
-                .iter()
-                .chain(&s.spec.cluster_ips)
-                .filter_map(|v| v.parse().ok())
-                .fold(Vec::new(), |mut acc, ip| {
-                    if !acc.contains(&ip) {
-                        acc.push(ip);
-                    }
-                    acc
-                });
-            let ports = s
-                .spec
-                .ports
-                .iter()
-                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                .map(|p| ServicePort {
-                    port: p.port,
-                    target: match &p.target_port {
-                        None => TargetPort::Number(p.port),
-                        Some(IntOrString::Int(n)) => TargetPort::Number(*n),
-                        Some(IntOrString::String(s)) => match s.parse() {
-                            Ok(n) => TargetPort::Number(n),
-                            Err(_) => TargetPort::Named(s.clone()),
-                        },
-                    },
-                })
-                .collect();
-            let svc = Arc::new(Service {
-                name: name.clone(),
-                namespace: ns.clone(),
-                vips,
-                ports,
-                endpoints,
-                next: AtomicUsize::new(0),
-            });
-            for vip in &svc.vips {
-                by_vip.insert(*vip, svc.clone());
-            }
-            by_key.insert(svc.key(), svc);
-        }
-        State {
-            generation,
-            workloads,
-            services: by_key,
-            by_vip,
-            authz,
-        }
+        model.snapshot(generation)
     }
 
     /// The service owning virtual IP `ip`.
@@ -409,37 +271,6 @@ fn workload_name(meta: &ObjectMeta) -> String {
         .find_map(|k| meta.labels.get(*k))
         .cloned()
         .unwrap_or_else(|| meta.name.clone())
-}
-
-/// Compiles the policies, logging each dropped one (with object and field) and each caveat.
-/// Later objects with the same `namespace/name` replace earlier ones, as for other kinds.
-fn build_authz(
-    authz: Vec<&AuthorizationPolicyObject>,
-    peer: Vec<&PeerAuthenticationObject>,
-) -> crate::authz::Registry {
-    fn dedup<T>(v: Vec<&T>, meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&T> {
-        let mut by_key = BTreeMap::new();
-        for o in v {
-            let m = meta(o);
-            by_key.insert((m.namespace.clone(), m.name.clone()), o);
-        }
-        by_key.into_values().collect()
-    }
-    let (reg, report) =
-        crate::authz::Registry::build(dedup(authz, |o| &o.metadata), dedup(peer, |o| &o.metadata));
-    for e in &report.errors {
-        tracing::warn!(
-            kind = e.kind,
-            policy = %format!("{}/{}", e.namespace, e.name),
-            field = %e.field,
-            error = %e.message,
-            "policy rejected"
-        );
-    }
-    for (what, w) in &report.warnings {
-        tracing::warn!(policy = %what, warning = %w, "policy applied with a caveat");
-    }
-    reg
 }
 
 #[cfg(test)]
@@ -548,5 +379,61 @@ metadata: {name: plain}
             s.resolve("1.2.3.4:80".parse().expect("addr")),
             Ok(Destination::External(_))
         ));
+    }
+
+    #[test]
+    fn only_ready_running_pods_are_endpoints_but_all_keep_their_workload() {
+        let yaml = r#"
+{apiVersion: v1, kind: Namespace, metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: ready, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.1, phase: Running, conditions: [{type: Ready, status: "True"}]}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: unready, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.2, phase: Running, conditions: [{type: PodScheduled, status: "True"}, {type: Ready, status: "False"}]}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: leaving, namespace: mesh, labels: {app: s}, deletionTimestamp: "2026-12-06T00:00:00Z"}, spec: {nodeName: n1}, status: {podIP: 10.0.0.3, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: other-ns, namespace: plain, labels: {app: s}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.4, phase: Running}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: s, namespace: mesh}, spec: {clusterIP: 10.96.0.1, selector: {app: s}, ports: [{port: 80}]}}
+"#;
+        let s = state(yaml);
+        let svc = s.services.get("mesh/s").expect("service");
+        let names: Vec<&str> = svc.endpoints.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["ready"]);
+        assert_eq!(
+            s.workloads.len(),
+            4,
+            "unready and terminating pods stay known"
+        );
+        assert!(
+            s.workload("10.0.0.2".parse().expect("ip"))
+                .expect("unready")
+                .enrolled
+        );
+    }
+
+    #[test]
+    fn model_applies_and_deletes_one_object_at_a_time() {
+        let objs = crate::k8s::parse_file(Path::new("t.yaml"), BASE).expect("parses");
+        let mut m = Model::new("cluster.local");
+        for o in objs {
+            m.apply(o);
+        }
+        let ip = |x: &str| x.parse::<IpAddr>().expect("ip");
+        assert!(m.snapshot(1).workload(ip("10.0.0.1")).expect("a").enrolled);
+        // Unlabelling the namespace un-enrolls its pods without re-sending them.
+        let ns = r#"{apiVersion: v1, kind: Namespace, metadata: {name: mesh}}"#;
+        for o in crate::k8s::parse_file(Path::new("ns.yaml"), ns).expect("parses") {
+            m.apply(o);
+        }
+        let s = m.snapshot(2);
+        assert!(!s.workload(ip("10.0.0.1")).expect("a").enrolled);
+        assert_eq!(s.services["mesh/s"].endpoints.len(), 2);
+        m.delete("Pod", "mesh", "a");
+        let s = m.snapshot(3);
+        assert!(s.workload(ip("10.0.0.1")).is_none());
+        assert_eq!(s.services["mesh/s"].endpoints.len(), 1);
+        m.delete("Service", "mesh", "s");
+        assert!(m.snapshot(4).service_by_vip(ip("10.96.0.1")).is_none());
     }
 }
