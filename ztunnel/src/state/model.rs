@@ -115,15 +115,11 @@ impl Model {
             "Service" => {
                 self.services.remove(&k);
             }
-            "AuthorizationPolicy" => {
-                if self.authz_policies.remove(&k).is_some() {
-                    self.authz = None;
-                }
+            "AuthorizationPolicy" if self.authz_policies.remove(&k).is_some() => {
+                self.authz = None;
             }
-            "PeerAuthentication" => {
-                if self.peer_authentications.remove(&k).is_some() {
-                    self.authz = None;
-                }
+            "PeerAuthentication" if self.peer_authentications.remove(&k).is_some() => {
+                self.authz = None;
             }
             _ => {}
         }
