@@ -42,7 +42,7 @@ use crate::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
 use crate::proxy::route::Node;
 use crate::proxy::{Captured, Proxy};
 use crate::socket::{self, Leg, SocketFactory, TransparentSockets};
-use crate::source::{self, SourceError, StateSource};
+use crate::source::{self, SourceError, SourceHealth, StateSource};
 use crate::state::State;
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
@@ -103,7 +103,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let sockets = daemon_sockets(&cfg);
     let listeners = Listeners::bind(&cfg, &*sockets)?;
 
-    let shared = Shared::new(cfg, state_rx.clone(), certs, sockets);
+    let shared = Shared::new(cfg, state_rx.clone(), certs, sockets, source.health());
     let dns = start_dns(&shared, listeners.dns);
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
     serve_admin(&shared, listeners.admin, &data_plane, dns);
@@ -268,6 +268,8 @@ struct Shared {
     readiness: Arc<Readiness>,
     /// Written by the main task after each capture sync; read by metrics and the admin API.
     capture: Arc<CaptureView>,
+    /// How current the state source's view is; read by metrics and the admin API.
+    source_health: Arc<SourceHealth>,
 }
 
 impl Shared {
@@ -276,9 +278,13 @@ impl Shared {
         state: watch::Receiver<Arc<State>>,
         certs: Arc<CertManager>,
         sockets: Arc<dyn SocketFactory>,
+        source_health: Arc<SourceHealth>,
     ) -> Shared {
+        let metrics = Metrics::new(&cfg.cluster_domain);
+        metrics.register(|r| source_health.register(r));
         Shared {
-            metrics: Metrics::new(&cfg.cluster_domain),
+            metrics,
+            source_health,
             cfg,
             state,
             certs,
@@ -411,6 +417,7 @@ fn serve_admin(
         readiness: shared.readiness.clone(),
         drain: shared.drain.clone(),
         dns,
+        source: shared.source_health.clone(),
     };
     tokio::spawn(admin::serve(listeners.admin, move |path| {
         routes.route(path)

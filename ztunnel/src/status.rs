@@ -107,7 +107,27 @@ fn summary(d: &Value) -> Value {
         "certificates": d["certificates"],
         "hbone_pool": d["hbone_pool"],
         "capture": d["capture"],
+        "source": d["source"],
     })
+}
+
+/// `kube, in sync` or `kube, stale for 12s (Pod: <error>; ...)`.
+fn render_source(src: &Value) -> String {
+    let name = s(&src["source"]);
+    if src["in_sync"].as_bool().unwrap_or(true) {
+        return format!("{name}, in sync");
+    }
+    let failing: Vec<String> = src["failing"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(part, p)| format!("{part}: {}", s(&p["error"])))
+        .collect();
+    format!(
+        "{name}, stale for {}s ({})",
+        s(&src["stale_seconds"]),
+        failing.join("; ")
+    )
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -137,11 +157,12 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 fn render_status(d: &Value) -> String {
     let mut out = format!(
-        "node: {}\nready: {}\ndraining: {}\nactive flows: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\n\nENROLLED PODS\n",
+        "node: {}\nready: {}\ndraining: {}\nactive flows: {}\nstate source: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\n\nENROLLED PODS\n",
         s(&d["node"]),
         s(&d["ready"]),
         s(&d["draining"]),
         s(&d["active_flows"]),
+        render_source(&d["source"]),
         s(&d["generation"]),
         d["workloads"].as_array().map_or(0, Vec::len),
         d["services"].as_object().map_or(0, serde_json::Map::len),

@@ -14,6 +14,7 @@ use crate::dns::DnsStats;
 use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::identity::CertManager;
+use crate::source::SourceHealth;
 use crate::state::State;
 use crate::telemetry;
 
@@ -36,6 +37,8 @@ pub struct AdminRoutes {
     pub drain: Drain,
     /// DNS proxy counters.
     pub dns: Arc<DnsStats>,
+    /// How current the state source's view is.
+    pub source: Arc<SourceHealth>,
 }
 
 impl AdminRoutes {
@@ -106,6 +109,7 @@ impl AdminRoutes {
             "hbone_pool": self.pool.stats(),
             "capture": {"attached_interfaces": view.interfaces},
             "dns": self.dns.snapshot(),
+            "source": self.source.snapshot(),
         })
     }
 }

@@ -19,7 +19,7 @@ use clap::{ArgAction, Args};
 use serde::Serialize;
 
 pub use parse::parse;
-pub use values::{Congestion, Dur, LogFormat, Mark, Size, Upstream};
+pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
 
 /// Default SPIFFE trust domain (also of `ztunnel ca init` and `ztunnel authz check`).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -41,13 +41,21 @@ pub struct RunArgs {
     /// captured and get certificates. Required.
     #[arg(long, env = "ZTUNNEL_NODE_NAME")]
     pub node_name: Option<String>,
-    /// File or directory of Kubernetes YAML (Namespaces, Pods, Services), watched for changes.
-    /// Required.
+    /// Where cluster state comes from: `file` (the Kubernetes YAML of `--state`) or `kube`
+    /// (watches on the Kubernetes API server: `--kubeconfig`, else the pod's service account).
+    #[arg(long, env = "ZTUNNEL_SOURCE", default_value_t = SourceKind::File)]
+    pub source: SourceKind,
+    /// With `--source file`: file or directory of Kubernetes YAML (Namespaces, Pods, Services,
+    /// policies), watched for changes. Required there.
     #[arg(long, env = "ZTUNNEL_STATE")]
     pub state: Option<PathBuf>,
-    /// How often the state source is checked for changes.
+    /// With `--source file`: how often the files are checked for changes.
     #[arg(long, env = "ZTUNNEL_STATE_POLL_INTERVAL", default_value_t = Dur::millis(500))]
     pub state_poll_interval: Dur,
+    /// With `--source kube`: kubeconfig file to reach the API server. Unset: the in-cluster
+    /// service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount).
+    #[arg(long, env = "ZTUNNEL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Directory of the built-in file CA (root-cert.pem, root-key.pem; created when absent).
     /// Required.
     #[arg(long, env = "ZTUNNEL_CA_DIR")]
@@ -280,6 +288,70 @@ pub struct HboneConfig {
     pub notsent_lowat: Option<u32>,
 }
 
+/// Where the daemon's cluster state comes from, validated.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// Kubernetes YAML files, polled.
+    File {
+        /// File or directory.
+        path: PathBuf,
+        /// Poll interval.
+        #[serde(with = "duration_str")]
+        poll_interval: Duration,
+    },
+    /// Watches on a Kubernetes API server.
+    Kube {
+        /// Kubeconfig file; `None`: the in-cluster service account.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+fn source_config(
+    kind: SourceKind,
+    state: Option<PathBuf>,
+    poll: Dur,
+    kubeconfig: Option<PathBuf>,
+) -> Result<SourceConfig, ConfigError> {
+    let exists = |flag: &'static str, p: &PathBuf| {
+        if p.exists() {
+            Ok(())
+        } else {
+            Err(invalid(flag, format!("{} does not exist", p.display())))
+        }
+    };
+    match kind {
+        SourceKind::File => {
+            let path = state.ok_or_else(|| invalid("state", "is required with --source file"))?;
+            exists("state", &path)?;
+            if kubeconfig.is_some() {
+                return Err(invalid("kubeconfig", "is only read with --source kube"));
+            }
+            Ok(SourceConfig::File {
+                path,
+                poll_interval: poll.0,
+            })
+        }
+        SourceKind::Kube => {
+            if state.is_some() {
+                return Err(invalid("state", "is only read with --source file"));
+            }
+            match &kubeconfig {
+                Some(p) => exists("kubeconfig", p)?,
+                None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() => {
+                    return Err(invalid(
+                        "kubeconfig",
+                        "is required outside a pod (KUBERNETES_SERVICE_HOST is not set, so there \
+                         is no in-cluster service account to use)",
+                    ))
+                }
+                None => {}
+            }
+            Ok(SourceConfig::Kube { kubeconfig })
+        }
+    }
+}
+
 /// The validated configuration the daemon runs with. Serialized for the admin config dump.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -291,11 +363,8 @@ pub struct Config {
     pub cluster_domain: String,
     /// Istio root namespace (mesh-wide policies).
     pub root_namespace: String,
-    /// State source (file or directory).
-    pub state_path: PathBuf,
-    /// State poll interval.
-    #[serde(with = "duration_str")]
-    pub state_poll_interval: Duration,
+    /// Where cluster state comes from.
+    pub source: SourceConfig,
     /// File CA directory.
     pub ca_dir: PathBuf,
     /// Workload certificate lifetime.
@@ -361,13 +430,7 @@ impl Config {
                 format!("`{root_namespace}` is not a Kubernetes namespace name"),
             ));
         }
-        let state_path = a.state.ok_or_else(|| invalid("state", "is required"))?;
-        if !state_path.exists() {
-            return Err(invalid(
-                "state",
-                format!("{} does not exist", state_path.display()),
-            ));
-        }
+        let source = source_config(a.source, a.state, a.state_poll_interval, a.kubeconfig)?;
         let ca_dir = a.ca_dir.ok_or_else(|| invalid("ca-dir", "is required"))?;
         let ports = Ports {
             outbound: a.outbound_port,
@@ -464,8 +527,7 @@ impl Config {
             trust_domain,
             cluster_domain,
             root_namespace,
-            state_path,
-            state_poll_interval: a.state_poll_interval.0,
+            source,
             ca_dir,
             cert_ttl,
             drain_timeout: a.drain_timeout.0,

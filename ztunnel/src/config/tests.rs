@@ -391,7 +391,10 @@ fn precedence_flag_env_file_default() {
     assert_eq!(c.drain_timeout, Duration::from_secs(3));
     // default
     assert_eq!(c.ports.hbone, 15008);
-    assert_eq!(c.state_poll_interval, Duration::from_millis(500));
+    assert!(matches!(
+        c.source,
+        SourceConfig::File { poll_interval, .. } if poll_interval == Duration::from_millis(500)
+    ));
 }
 
 /// `--help` shows every setting's default (or says what leaving it unset means), and its
@@ -420,7 +423,7 @@ fn help_shows_each_default() {
         assert!(help.contains(shown), "{shown} in:\n{help}");
     }
     let without_default = ["config", "node-name", "state", "ca-dir"];
-    let unset_means = ["dns-upstream", "worker-threads"];
+    let unset_means = ["dns-upstream", "worker-threads", "kubeconfig"];
     let settings = parse::settings();
     for arg in settings.get_arguments() {
         let long = arg.get_long().expect("long flag");
@@ -479,7 +482,8 @@ fn config_dump_is_readable() {
     let c = Config::resolve(base()).expect("valid");
     let dump = serde_json::to_value(&c).expect("serialize");
     assert_eq!(dump["cert_ttl"], "24h");
-    assert_eq!(dump["state_poll_interval"], "500ms");
+    assert_eq!(dump["source"]["kind"], "file");
+    assert_eq!(dump["source"]["poll_interval"], "500ms");
     assert_eq!(dump["hbone"]["idle_timeout"], "1m");
     assert_eq!(dump["hbone"]["stream_window"], 8 << 20);
 }

@@ -214,6 +214,36 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// `--source`: which state source the daemon follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Kubernetes YAML files (`--state`).
+    File,
+    /// The Kubernetes API server.
+    Kube,
+}
+
+impl FromStr for SourceKind {
+    type Err = String;
+
+    fn from_str(v: &str) -> Result<SourceKind, String> {
+        match v {
+            "file" => Ok(SourceKind::File),
+            "kube" => Ok(SourceKind::Kube),
+            _ => Err("expected `file` or `kube`".into()),
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceKind::File => "file",
+            SourceKind::Kube => "kube",
+        })
+    }
+}
+
 /// An upstream DNS server: `ip` (port 53) or `ip:port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Upstream(pub SocketAddr);

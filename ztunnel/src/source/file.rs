@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{log_applied, SourceError, StateSource};
+use super::{log_applied, SourceError, SourceHealth, StateSource};
 use crate::k8s::{self, Object};
 use crate::state::State;
 
@@ -36,6 +36,7 @@ pub struct FileSource {
     interval: Duration,
     files: BTreeMap<PathBuf, FileEntry>,
     generation: u64,
+    health: Arc<SourceHealth>,
 }
 
 impl FileSource {
@@ -47,6 +48,7 @@ impl FileSource {
             interval,
             files: BTreeMap::new(),
             generation: 0,
+            health: Arc::new(SourceHealth::new("file", ["files"].into_iter())),
         }
     }
 
@@ -172,27 +174,30 @@ impl FileSource {
     async fn poll_forever(mut self, tx: watch::Sender<Arc<State>>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
         loop {
             ticker.tick().await;
             match self.poll() {
                 Ok(Some(state)) => {
-                    failing = false;
+                    self.health.set_ok("files");
                     log_applied(&state);
                     tx.send_replace(Arc::new(state));
                 }
-                Ok(None) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, "state source unreadable; keeping last good state");
+                Ok(None) => self.health.set_ok("files"),
+                Err(e) => {
+                    if self.health.set_error("files", &e.to_string()) {
+                        tracing::warn!(error = %e, "state source unreadable; keeping last good state");
+                    }
                 }
-                Err(_) => {}
             }
         }
     }
 }
 
 impl StateSource for FileSource {
+    fn health(&self) -> Arc<SourceHealth> {
+        self.health.clone()
+    }
+
     /// The first poll: an unreadable path stops the start; files that do not parse yet leave
     /// the state incomplete.
     fn initial(&mut self) -> Result<State, SourceError> {

@@ -1,22 +1,30 @@
 //! Where state comes from, behind one trait: [`StateSource`] delivers the first complete
 //! [`State`] at start-up, then publishes every new one on a `watch` channel.
 //!
-//! The daemon only knows the trait and [`from_config`]; a source is a module here (today
-//! [`file`], the Kubernetes YAML of `--state` watched by polling) plus one arm in
-//! [`from_config`].
+//! The daemon only knows the trait and [`from_config`]; a source is a module here ([`file`],
+//! the Kubernetes YAML of `--state` watched by polling, and [`kube`], watches on the API
+//! server) plus one arm in [`from_config`]. Each reports how current its view is through
+//! [`SourceHealth`] (metrics, config dump, `ztunnel status`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::state::State;
 
 pub mod file;
+pub mod kube;
 
 pub use file::FileSource;
+pub use kube::KubeSource;
 
 /// Why the state source cannot be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +37,12 @@ pub enum SourceError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// The API server's client settings are unusable.
+    #[error("kube source: {error}")]
+    Kube {
+        /// What is wrong, naming the file.
+        error: String,
+    },
 }
 
 /// A source of cluster state (workloads, services, policies).
@@ -38,6 +52,9 @@ pub enum SourceError {
 /// source never handles signals itself), then spawns [`run`](StateSource::run) once the daemon
 /// is ready. A state is published by replacing the channel's value; readers take snapshots.
 pub trait StateSource: Send {
+    /// How current the source's view is; shared with metrics and the admin API.
+    fn health(&self) -> Arc<SourceHealth>;
+
     /// Reads the source once, at start-up. An error means the source is unusable and the
     /// daemon does not start; a state that is not complete yet is fine.
     fn initial(&mut self) -> Result<State, SourceError> {
@@ -57,11 +74,129 @@ pub trait StateSource: Send {
 
 /// The state source `cfg` asks for.
 pub fn from_config(cfg: &Config) -> Box<dyn StateSource> {
-    Box::new(FileSource::new(
-        &cfg.state_path,
-        &cfg.trust_domain,
-        cfg.state_poll_interval,
-    ))
+    match &cfg.source {
+        SourceConfig::File {
+            path,
+            poll_interval,
+        } => Box::new(FileSource::new(path, &cfg.trust_domain, *poll_interval)),
+        SourceConfig::Kube { kubeconfig } => {
+            Box::new(KubeSource::new(kubeconfig.clone(), &cfg.trust_domain))
+        }
+    }
+}
+
+/// Whether a source's view is current, part by part (a kind of the API server, the files),
+/// and for how long it has not been.
+#[derive(Debug)]
+pub struct SourceHealth {
+    source: &'static str,
+    parts: Mutex<BTreeMap<String, Part>>,
+    stale_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    in_sync: Gauge,
+}
+
+/// One part's latest failure, if it is failing.
+#[derive(Debug, Default, Clone, Serialize)]
+struct Part {
+    /// Why it is failing.
+    error: Option<String>,
+    /// Since when (unix seconds).
+    failing_since: Option<u64>,
+}
+
+impl SourceHealth {
+    /// Health of `source` (`file`, `kube`) with these parts, none failing.
+    pub fn new<'a>(source: &'static str, parts: impl Iterator<Item = &'a str>) -> SourceHealth {
+        SourceHealth {
+            source,
+            parts: Mutex::new(parts.map(|p| (p.to_string(), Part::default())).collect()),
+            stale_seconds: Gauge::default(),
+            in_sync: Gauge::default(),
+        }
+    }
+
+    fn parts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Part>> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `part` fails with `error`. True when this is news (first failure or a
+    /// different error): the caller logs it then, so a retry loop logs once per change.
+    pub fn set_error(&self, part: &str, error: &str) -> bool {
+        let news = {
+            let mut parts = self.parts();
+            let p = parts.entry(part.to_string()).or_default();
+            let news = p.error.as_deref() != Some(error);
+            p.error = Some(error.to_string());
+            p.failing_since.get_or_insert_with(unix_now);
+            news
+        };
+        self.refresh();
+        news
+    }
+
+    /// Records that `part` is current again (logged when it was failing).
+    pub fn set_ok(&self, part: &str) {
+        let was = self.parts().insert(part.to_string(), Part::default());
+        if let Some(Part {
+            error: Some(e),
+            failing_since: Some(since),
+        }) = was
+        {
+            tracing::info!(source = self.source, part, after_secs = unix_now().saturating_sub(since), previous_error = %e, "state source current again");
+        }
+        self.refresh();
+    }
+
+    /// How long the longest-failing part has been failing (zero when all are current): how
+    /// much older than the cluster the daemon's view may be.
+    pub fn stale_for(&self) -> Duration {
+        let oldest = self.parts().values().filter_map(|p| p.failing_since).min();
+        oldest.map_or(Duration::ZERO, |t| {
+            Duration::from_secs(unix_now().saturating_sub(t))
+        })
+    }
+
+    /// Updates the gauges (called on changes and every second by the source).
+    pub fn refresh(&self) {
+        let stale = self.stale_for();
+        self.stale_seconds.set(stale.as_secs_f64());
+        self.in_sync.set(i64::from(stale.is_zero()));
+    }
+
+    /// Registers `ztunnel_state_source_stale_seconds` and `ztunnel_state_source_in_sync`.
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "ztunnel_state_source_stale_seconds",
+            "How long the state source has failed to confirm the daemon's view (0: current)",
+            self.stale_seconds.clone(),
+        );
+        r.register(
+            "ztunnel_state_source_in_sync",
+            "1 while every part of the state source (each watched kind, or the files) is current",
+            self.in_sync.clone(),
+        );
+    }
+
+    /// For the config dump and `ztunnel status`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let parts = self.parts().clone();
+        let failing: BTreeMap<_, _> = parts
+            .into_iter()
+            .filter(|(_, p)| p.error.is_some())
+            .collect();
+        serde_json::json!({
+            "source": self.source,
+            "in_sync": failing.is_empty(),
+            "stale_seconds": self.stale_for().as_secs(),
+            "failing": failing,
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The log line tests and operators watch for after each accepted change.

@@ -1,0 +1,579 @@
+//! The state source of `--source kube`: one watch per kind on the Kubernetes API server.
+//!
+//! Each kind is listed, then watched (kube-runtime's `watcher`, which re-lists after a broken
+//! watch and backs off while the API server is away). Objects are typed on arrival by the same
+//! translation as the state files ([`crate::k8s::from_json`]) and applied one at a time to a
+//! [`Model`]; a burst of events becomes one new [`State`]. While a watch is broken the last
+//! state stays in force and [`SourceHealth`] counts how stale it is; a re-list replaces that
+//! kind's objects as a whole once it is complete.
+//!
+//! The kinds: Namespaces, Pods (all of them: endpoints live on every node), Services,
+//! `security.istio.io` AuthorizationPolicy and PeerAuthentication (whichever of v1 and v1beta1
+//! the server prefers), and Gateway API Gateway and HTTPRoute (for waypoints). The security
+//! kinds are required: without them the daemon cannot know what to refuse, so it stays not
+//! ready. The Gateway API kinds are optional: many clusters do not install them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use tokio::sync::{mpsc, watch};
+
+use super::{log_applied, SourceError, SourceHealth, StateSource};
+use crate::k8s::{self, Object, ObjectError};
+use crate::state::{Model, State};
+
+/// One kind the source watches.
+#[derive(Debug)]
+struct Kind {
+    kind: &'static str,
+    /// API group; empty for the core group.
+    group: &'static str,
+    /// Resource name, for URLs and RBAC messages.
+    plural: &'static str,
+    /// Without it the daemon does not become ready.
+    required: bool,
+}
+
+const KINDS: &[Kind] = &[
+    Kind {
+        kind: "Namespace",
+        group: "",
+        plural: "namespaces",
+        required: true,
+    },
+    Kind {
+        kind: "Pod",
+        group: "",
+        plural: "pods",
+        required: true,
+    },
+    Kind {
+        kind: "Service",
+        group: "",
+        plural: "services",
+        required: true,
+    },
+    Kind {
+        kind: "AuthorizationPolicy",
+        group: "security.istio.io",
+        plural: "authorizationpolicies",
+        required: true,
+    },
+    Kind {
+        kind: "PeerAuthentication",
+        group: "security.istio.io",
+        plural: "peerauthentications",
+        required: true,
+    },
+    Kind {
+        kind: "Gateway",
+        group: "gateway.networking.k8s.io",
+        plural: "gateways",
+        required: false,
+    },
+    Kind {
+        kind: "HTTPRoute",
+        group: "gateway.networking.k8s.io",
+        plural: "httproutes",
+        required: false,
+    },
+];
+
+impl Kind {
+    /// `pods` or `authorizationpolicies.security.istio.io`, as RBAC and kubectl name it.
+    fn resource(&self) -> String {
+        match self.group {
+            "" => self.plural.to_string(),
+            g => format!("{}.{g}", self.plural),
+        }
+    }
+}
+
+/// How long an optional kind that is not installed waits before it is looked for again.
+const NOT_INSTALLED_RETRY: Duration = Duration::from_secs(30);
+
+/// An object as typed on arrival: `Ok(None)` for a kind the daemon does not use yet.
+type Typed = Result<Option<Object>, ObjectError>;
+
+/// `(namespace, name)`.
+type Key = (String, String);
+
+/// What a watch task reports.
+#[derive(Debug)]
+enum Update {
+    /// A re-list started: until `Listed`, objects are collected, not applied.
+    Relist,
+    /// An object added or changed (boxed: objects are large, the other updates small).
+    Apply { key: Key, object: Box<Typed> },
+    /// An object deleted.
+    Delete { key: Key },
+    /// The list is complete: objects not seen in it are gone.
+    Listed,
+    /// The optional kind is not served by this API server; it counts as listed and empty.
+    NotInstalled,
+    /// The watch failed; it is retried with backoff.
+    Error(String),
+}
+
+/// Per kind: what is known and whether it is current.
+#[derive(Debug, Default)]
+struct KindState {
+    /// `(namespace, name)` of every object of the kind in the model.
+    keys: HashSet<Key>,
+    /// Objects of a re-list in progress.
+    relist: Option<Vec<(Key, Typed)>>,
+    /// Listed at least once.
+    synced: bool,
+}
+
+/// Follows the API server and publishes a new [`State`] after each burst of changes.
+#[derive(Debug)]
+pub struct KubeSource {
+    kubeconfig: Option<PathBuf>,
+    model: Model,
+    generation: u64,
+    kinds: BTreeMap<&'static str, KindState>,
+    updates: Option<mpsc::Receiver<(&'static Kind, Update)>>,
+    health: Arc<SourceHealth>,
+}
+
+impl KubeSource {
+    /// A source that reaches the API server through `kubeconfig`, or the in-cluster service
+    /// account when `None`.
+    pub fn new(kubeconfig: Option<PathBuf>, trust_domain: &str) -> Self {
+        KubeSource {
+            kubeconfig,
+            model: Model::new(trust_domain),
+            generation: 0,
+            kinds: KINDS
+                .iter()
+                .map(|k| (k.kind, KindState::default()))
+                .collect(),
+            updates: None,
+            health: Arc::new(SourceHealth::new("kube", KINDS.iter().map(|k| k.kind))),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            }
+            None => {
+                kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
+            }
+        };
+        Client::try_from(config).map_err(|e| format!("API client: {e}"))
+    }
+
+    /// Starts one watch task per kind (once).
+    async fn start(&mut self) -> Result<(), String> {
+        if self.updates.is_some() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let (tx, rx) = mpsc::channel(4096);
+        for kind in KINDS {
+            tokio::spawn(watch_kind(client.clone(), kind, tx.clone()));
+        }
+        self.updates = Some(rx);
+        Ok(())
+    }
+
+    /// Applies one update; true when the model changed.
+    fn apply(&mut self, kind: &'static Kind, update: Update) -> bool {
+        let Some(ks) = self.kinds.get_mut(kind.kind) else {
+            return false;
+        };
+        let mut changed = false;
+        match update {
+            Update::Relist => ks.relist = Some(Vec::new()),
+            Update::Apply { key, object } => match &mut ks.relist {
+                Some(buf) => buf.push((key, *object)),
+                None => {
+                    changed = apply_object(&mut self.model, kind, &key, *object);
+                    ks.keys.insert(key);
+                }
+            },
+            Update::Delete { key } => {
+                self.model.delete(kind.kind, &key.0, &key.1);
+                ks.keys.remove(&key);
+                changed = true;
+            }
+            Update::Listed => {
+                let listed = ks.relist.take().unwrap_or_default();
+                let seen: HashSet<Key> = listed.iter().map(|(k, _)| k.clone()).collect();
+                for gone in ks.keys.difference(&seen) {
+                    self.model.delete(kind.kind, &gone.0, &gone.1);
+                    changed = true;
+                }
+                for (key, object) in listed {
+                    changed |= apply_object(&mut self.model, kind, &key, object);
+                }
+                ks.keys = seen;
+                if !ks.synced {
+                    tracing::info!(kind = kind.kind, objects = ks.keys.len(), "kube: listed");
+                }
+                ks.synced = true;
+                self.health.set_ok(kind.kind);
+            }
+            Update::NotInstalled if kind.required => {
+                let e = format!(
+                    "{} is not served by the API server: install its CustomResourceDefinition; \
+                     until then the daemon cannot know which traffic to refuse and stays not ready",
+                    kind.resource()
+                );
+                if self.health.set_error(kind.kind, &e) {
+                    tracing::error!(kind = kind.kind, resource = %kind.resource(), "kube: {e}");
+                }
+            }
+            Update::NotInstalled => {
+                if !ks.synced {
+                    tracing::warn!(
+                        kind = kind.kind,
+                        resource = %kind.resource(),
+                        "kube: resource not served by the API server (CRD not installed?); \
+                         treated as empty, looked for again every 30s"
+                    );
+                }
+                ks.synced = true;
+                self.health.set_ok(kind.kind);
+            }
+            Update::Error(e) => {
+                if self.health.set_error(kind.kind, &e) {
+                    tracing::warn!(kind = kind.kind, resource = %kind.resource(), error = %e, "kube: watch failed; the last state stays in force, retrying with backoff");
+                }
+            }
+        }
+        if changed {
+            self.health.set_ok(kind.kind);
+        }
+        changed
+    }
+
+    /// Whether every required kind (and every optional one, installed or not) is listed.
+    fn complete(&self) -> bool {
+        self.kinds.values().all(|k| k.synced)
+    }
+
+    /// Waits for the next update, applies it and every update already queued behind it.
+    /// Returns whether the model changed, or `None` when every watch task is gone.
+    async fn next_batch(&mut self) -> Option<bool> {
+        let rx = self.updates.as_mut()?;
+        let (kind, first) = rx.recv().await?;
+        let mut batch = vec![(kind, first)];
+        while batch.len() < 10_000 {
+            match rx.try_recv() {
+                Ok(u) => batch.push(u),
+                Err(_) => break,
+            }
+        }
+        let mut changed = false;
+        for (kind, u) in batch {
+            changed |= self.apply(kind, u);
+        }
+        Some(changed)
+    }
+
+    fn publish(&mut self, tx: &watch::Sender<Arc<State>>) {
+        self.generation += 1;
+        let state = self.model.snapshot(self.generation);
+        log_applied(&state);
+        tx.send_replace(Arc::new(state));
+    }
+}
+
+/// Applies a typed object, or logs why it cannot be (the previous version, if any, stays).
+fn apply_object(
+    model: &mut Model,
+    kind: &Kind,
+    key: &Key,
+    object: Result<Option<Object>, ObjectError>,
+) -> bool {
+    match object {
+        Ok(Some(o)) => {
+            model.apply(o);
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(
+                kind = kind.kind,
+                object = %format!("{}/{}", key.0, key.1),
+                field = %e.field,
+                error = %e.message,
+                "kube: object rejected; its last good version (if any) stays in force"
+            );
+            false
+        }
+    }
+}
+
+impl StateSource for KubeSource {
+    fn health(&self) -> Arc<SourceHealth> {
+        self.health.clone()
+    }
+
+    fn first_complete<'a>(&'a mut self, tx: &'a watch::Sender<Arc<State>>) -> BoxFuture<'a, ()> {
+        async move {
+            let mut delay = Duration::from_millis(500);
+            while let Err(e) = self.start().await {
+                tracing::warn!(error = %e, "kube: cannot reach the API server; retrying");
+                self.health.set_error("client", &e);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            self.health.set_ok("client");
+            while !self.complete() {
+                if self.next_batch().await.is_none() {
+                    return std::future::pending().await;
+                }
+            }
+            self.publish(tx);
+        }
+        .boxed()
+    }
+
+    fn run(mut self: Box<Self>, tx: watch::Sender<Arc<State>>) -> BoxFuture<'static, ()> {
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    batch = self.next_batch() => match batch {
+                        Some(true) => self.publish(&tx),
+                        Some(false) => {}
+                        None => return,
+                    },
+                    _ = tick.tick() => self.health.refresh(),
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn initial(&mut self) -> Result<State, SourceError> {
+        if let Some(path) = &self.kubeconfig {
+            kube::config::Kubeconfig::read_from(path).map_err(|e| SourceError::Kube {
+                error: format!("kubeconfig {}: {e}", path.display()),
+            })?;
+        }
+        Ok(State::default())
+    }
+}
+
+/// Lists and watches one kind for ever, sending what happens to the source.
+async fn watch_kind(
+    client: Client,
+    kind: &'static Kind,
+    tx: mpsc::Sender<(&'static Kind, Update)>,
+) {
+    let send = |u: Update| tx.send((kind, u));
+    let ar = loop {
+        match resource(&client, kind).await {
+            Ok(Some(ar)) => break ar,
+            Ok(None) => {
+                if send(Update::NotInstalled).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(NOT_INSTALLED_RETRY).await;
+            }
+            Err(e) => {
+                if send(Update::Error(e)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let update = match event {
+            Ok(Event::Init) => Update::Relist,
+            Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                let key = key_of(&o);
+                Update::Apply {
+                    key,
+                    object: Box::new(typed(&ar, o)),
+                }
+            }
+            Ok(Event::Delete(o)) => Update::Delete { key: key_of(&o) },
+            Ok(Event::InitDone) => Update::Listed,
+            Err(e) => Update::Error(describe(kind, &e)),
+        };
+        if send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The API resource of `kind`: fixed for the core group, discovered (preferred version) for
+/// the others. `Ok(None)`: the server does not serve it.
+async fn resource(client: &Client, kind: &Kind) -> Result<Option<ApiResource>, String> {
+    if kind.group.is_empty() {
+        return Ok(Some(ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: kind.kind.into(),
+            plural: kind.plural.into(),
+        }));
+    }
+    match kube::discovery::group(client, kind.group).await {
+        Ok(g) => Ok(g.recommended_kind(kind.kind).map(|(ar, _)| ar)),
+        Err(kube::Error::Discovery(_)) => Ok(None),
+        Err(e) => Err(format!("discovering {}: {e}", kind.resource())),
+    }
+}
+
+fn key_of(o: &DynamicObject) -> Key {
+    (
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Types an object through the translation the state files use. Items of a list carry no
+/// `apiVersion`/`kind`; the watched resource supplies them.
+fn typed(ar: &ApiResource, o: DynamicObject) -> Result<Option<Object>, ObjectError> {
+    let mut value = serde_json::to_value(&o).map_err(|e| ObjectError {
+        field: ".".into(),
+        message: e.to_string(),
+    })?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), ar.api_version.clone().into());
+        map.insert("kind".into(), ar.kind.clone().into());
+    }
+    k8s::from_json(value)
+}
+
+/// An operator-facing reason for a failed list or watch: what is missing, and which
+/// permission when the API server refused.
+fn describe(kind: &Kind, e: &watcher::Error) -> String {
+    let api = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
+        watcher::Error::WatchError(s) => Some(s.as_ref()),
+        _ => None,
+    };
+    match api {
+        Some(s) if s.code == 403 => format!(
+            "forbidden: the service account needs get, list and watch on {} at cluster scope ({})",
+            kind.resource(),
+            s.message
+        ),
+        Some(s) if s.code == 401 => format!(
+            "unauthorized: the API server rejected the credentials ({})",
+            s.message
+        ),
+        Some(s) if s.code == 404 => format!(
+            "{} is not served by the API server ({})",
+            kind.resource(),
+            s.message
+        ),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(name: &str) -> &'static Kind {
+        KINDS.iter().find(|k| k.kind == name).expect("known kind")
+    }
+
+    fn pod(name: &str, ip: &str) -> Update {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "a"},
+            "spec": {"nodeName": "n1"},
+            "status": {"podIP": ip, "phase": "Running"},
+        });
+        Update::Apply {
+            key: ("a".into(), name.into()),
+            object: Box::new(k8s::from_json(json)),
+        }
+    }
+
+    #[test]
+    fn a_relist_replaces_the_kind_only_once_complete() {
+        let mut src = KubeSource::new(None, "cluster.local");
+        let pods = kind("Pod");
+        src.apply(pods, Update::Relist);
+        src.apply(pods, pod("p1", "10.0.0.1"));
+        src.apply(pods, pod("p2", "10.0.0.2"));
+        assert!(!src.complete());
+        assert_eq!(
+            src.model.snapshot(1).workloads.len(),
+            0,
+            "buffered until listed"
+        );
+        assert!(src.apply(pods, Update::Listed));
+        assert_eq!(src.model.snapshot(2).workloads.len(), 2);
+
+        // The watch breaks; the last state stays, and the view is reported stale.
+        src.apply(pods, Update::Error("connection refused".into()));
+        assert_eq!(src.model.snapshot(3).workloads.len(), 2);
+        assert!(!src.health.snapshot()["in_sync"].as_bool().expect("bool"));
+
+        // A re-list without p1 removes it; a bad object keeps nothing new.
+        src.apply(pods, Update::Relist);
+        src.apply(pods, pod("p2", "10.0.0.2"));
+        src.apply(pods, pod("p3", "not-an-ip"));
+        assert!(src.apply(pods, Update::Listed));
+        let s = src.model.snapshot(4);
+        assert_eq!(s.workloads.len(), 1);
+        assert!(s.workload("10.0.0.2".parse().expect("ip")).is_some());
+        assert!(src.health.snapshot()["in_sync"].as_bool().expect("bool"));
+
+        src.apply(
+            pods,
+            Update::Delete {
+                key: ("a".into(), "p2".into()),
+            },
+        );
+        assert!(src.model.snapshot(5).workloads.is_empty());
+    }
+
+    #[test]
+    fn missing_security_crds_keep_the_source_incomplete_but_gateway_api_is_optional() {
+        let mut src = KubeSource::new(None, "cluster.local");
+        for k in KINDS {
+            src.apply(k, Update::Relist);
+            src.apply(k, Update::Listed);
+        }
+        assert!(src.complete());
+        let mut src = KubeSource::new(None, "cluster.local");
+        for k in KINDS {
+            let u = if k.group.is_empty() {
+                Update::Listed
+            } else {
+                Update::NotInstalled
+            };
+            src.apply(k, u);
+        }
+        assert!(!src.complete());
+        let failing = src.health.snapshot()["failing"].clone();
+        assert!(failing["AuthorizationPolicy"]["error"]
+            .as_str()
+            .expect("error")
+            .contains("authorizationpolicies.security.istio.io is not served"));
+        assert!(failing.get("Gateway").is_none());
+    }
+}
