@@ -436,4 +436,28 @@ metadata: {name: plain}
         m.delete("Service", "mesh", "s");
         assert!(m.snapshot(4).service_by_vip(ip("10.96.0.1")).is_none());
     }
+
+    #[test]
+    fn a_pod_taking_an_ip_over_gives_it_back_when_deleted() {
+        let pod = |name: &str, app: &str| {
+            format!("{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: mesh, labels: {{app: {app}}}}}, spec: {{nodeName: n1}}, status: {{podIP: 10.0.0.9, phase: Running}}}}")
+        };
+        let mut m = Model::new("cluster.local");
+        for o in crate::k8s::parse_file(Path::new("t.yaml"), BASE).expect("parses") {
+            m.apply(o);
+        }
+        for y in [pod("old", "x"), pod("new", "s")] {
+            for o in crate::k8s::parse_file(Path::new("p.yaml"), &y).expect("parses") {
+                m.apply(o);
+            }
+        }
+        let ip = "10.0.0.9".parse::<IpAddr>().expect("ip");
+        let s = m.snapshot(1);
+        assert_eq!(s.workload(ip).expect("owner").name, "new");
+        assert_eq!(s.services["mesh/s"].endpoints.len(), 3, "a, b and new");
+        m.delete("Pod", "mesh", "new");
+        let s = m.snapshot(2);
+        assert_eq!(s.workload(ip).expect("heir").name, "old");
+        assert_eq!(s.services["mesh/s"].endpoints.len(), 2);
+    }
 }

@@ -2,11 +2,13 @@
 //! [`State`] snapshots taken from them.
 //!
 //! Each object is translated once, when it arrives (a pod into its [`Workload`], a service
-//! into its VIPs and ports, policies compiled only when a policy changed), so a snapshot after
-//! one change costs an index pass, not a re-translation of the cluster. Both sources use it:
+//! into its VIPs and ports), and the indexes a snapshot is made of (workloads by IP, services
+//! by name and VIP) are updated in place: a change re-selects the endpoints of its own
+//! namespace only, and policies are compiled again only after a policy changed. A snapshot
+//! then costs a copy of the indexes' pointers, not a re-translation of the cluster. Both sources use it:
 //! the API-server watch applies each event, the file source applies whole files.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -24,8 +26,7 @@ use crate::k8s::{IntOrString, Object, ObjectMeta};
 /// `(namespace, name)` of a namespaced object.
 type Key = (String, String);
 
-/// A pod as translated on arrival. `enrolled` is decided at snapshot time, since it also
-/// depends on the pod's namespace.
+/// A pod as translated on arrival.
 #[derive(Debug)]
 struct PodEntry {
     /// `None` while the pod has no IP, is not running, or uses the host network.
@@ -34,7 +35,7 @@ struct PodEntry {
     opted_out: bool,
 }
 
-/// A service as translated on arrival; endpoints are selected at snapshot time.
+/// A service as translated on arrival; endpoints are selected when its namespace changes.
 #[derive(Debug)]
 struct ServiceEntry {
     vips: Vec<IpAddr>,
@@ -42,16 +43,28 @@ struct ServiceEntry {
     selector: Option<BTreeMap<String, String>>,
 }
 
-/// Every object the daemon knows, translated, keyed by kind and `namespace/name`.
+/// Every object the daemon knows, translated, keyed by kind and `namespace/name`, and the
+/// indexes a [`State`] is made of, kept up to date as objects come and go.
 #[derive(Debug)]
 pub struct Model {
     trust_domain: String,
     /// Namespace name -> labelled `istio.io/dataplane-mode=ambient`.
     namespaces: HashMap<String, bool>,
-    pods: HashMap<Key, PodEntry>,
+    /// Ordered, so a namespace's pods and services are a range.
+    pods: BTreeMap<Key, PodEntry>,
     services: BTreeMap<Key, ServiceEntry>,
     authz_policies: BTreeMap<Key, AuthorizationPolicyObject>,
     peer_authentications: BTreeMap<Key, PeerAuthenticationObject>,
+
+    /// Pod IP -> the pod holding it (the one applied last, when two claim it).
+    ip_owner: HashMap<IpAddr, Key>,
+    /// The snapshot's workloads by IP.
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// The snapshot's services by `namespace/name`, and by VIP.
+    resolved: BTreeMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Namespaces whose services' endpoints must be selected again before the next snapshot.
+    dirty: HashSet<String>,
     /// Compiled policies; `None` after a policy changed, until the next snapshot.
     authz: Option<Arc<Registry>>,
 }
@@ -62,10 +75,15 @@ impl Model {
         Model {
             trust_domain: trust_domain.to_string(),
             namespaces: HashMap::new(),
-            pods: HashMap::new(),
+            pods: BTreeMap::new(),
             services: BTreeMap::new(),
             authz_policies: BTreeMap::new(),
             peer_authentications: BTreeMap::new(),
+            ip_owner: HashMap::new(),
+            workloads: HashMap::new(),
+            resolved: BTreeMap::new(),
+            by_vip: HashMap::new(),
+            dirty: HashSet::new(),
             authz: None,
         }
     }
@@ -80,15 +98,19 @@ impl Model {
                     .get(DATAPLANE_MODE_LABEL)
                     .map(String::as_str)
                     == Some("ambient");
-                self.namespaces.insert(n.metadata.name, ambient);
+                let name = n.metadata.name;
+                if self.namespaces.insert(name.clone(), ambient) != Some(ambient) {
+                    self.reenroll(&name);
+                }
             }
             Object::Pod(p) => {
                 let entry = self.translate_pod(&p);
-                self.pods.insert(key(&p.metadata), entry);
+                self.put_pod(key(&p.metadata), Some(entry));
             }
             Object::Service(s) => {
-                self.services
-                    .insert(key(&s.metadata), translate_service(&s));
+                let k = key(&s.metadata);
+                self.dirty.insert(k.0.clone());
+                self.services.insert(k, translate_service(&s));
             }
             Object::AuthorizationPolicy(p) => {
                 self.authz_policies.insert(key(&p.metadata), p);
@@ -106,14 +128,10 @@ impl Model {
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) {
         let k = (namespace.to_string(), name.to_string());
         match kind {
-            "Namespace" => {
-                self.namespaces.remove(name);
-            }
-            "Pod" => {
-                self.pods.remove(&k);
-            }
-            "Service" => {
-                self.services.remove(&k);
+            "Namespace" if self.namespaces.remove(name) == Some(true) => self.reenroll(name),
+            "Pod" => self.put_pod(k, None),
+            "Service" if self.services.remove(&k).is_some() => {
+                self.dirty.insert(k.0);
             }
             "AuthorizationPolicy" if self.authz_policies.remove(&k).is_some() => {
                 self.authz = None;
@@ -123,11 +141,6 @@ impl Model {
             }
             _ => {}
         }
-    }
-
-    /// Removes every object (a full re-list replaces what was known).
-    pub fn clear(&mut self) {
-        *self = Model::new(&self.trust_domain);
     }
 
     /// Number of objects held, for logs.
@@ -144,7 +157,9 @@ impl Model {
         self.len() == 0
     }
 
-    /// An immutable snapshot of the current objects.
+    /// An immutable snapshot of the current objects. Costs a copy of the indexes (pointers),
+    /// plus endpoint selection in the namespaces that changed and, after a policy change,
+    /// compiling the policies.
     pub fn snapshot(&mut self, generation: u64) -> State {
         let authz = match &self.authz {
             Some(a) => a.clone(),
@@ -157,41 +172,106 @@ impl Model {
                 a
             }
         };
+        for ns in std::mem::take(&mut self.dirty) {
+            self.select_endpoints(&ns);
+        }
+        State {
+            generation,
+            workloads: self.workloads.clone(),
+            services: self.resolved.clone(),
+            by_vip: self.by_vip.clone(),
+            authz,
+        }
+    }
 
-        let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::with_capacity(self.pods.len());
-        // Ordered by pod key, so which of two pods sharing an IP wins does not depend on
-        // hashing.
-        let mut pods: Vec<(&Key, &mut PodEntry)> = self.pods.iter_mut().collect();
-        pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for ((ns, _), entry) in pods {
-            let Some(w) = entry.workload.as_mut() else {
+    /// Replaces (or with `None` removes) a pod, keeping the IP index and enrollment current.
+    fn put_pod(&mut self, k: Key, entry: Option<PodEntry>) {
+        self.dirty.insert(k.0.clone());
+        let old = match entry {
+            Some(mut e) => {
+                let enrolled = self.namespaces.get(&k.0).copied().unwrap_or(false) && !e.opted_out;
+                if let Some(w) = e.workload.as_mut() {
+                    Arc::make_mut(w).enrolled = enrolled;
+                    if let Some(prev) = self.ip_owner.insert(w.ip, k.clone()) {
+                        if prev != k {
+                            tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %format!("{}/{}", prev.0, prev.1), "two running pods share an IP; the one applied last wins");
+                        }
+                    }
+                    self.workloads.insert(w.ip, w.clone());
+                }
+                self.pods.insert(k.clone(), e)
+            }
+            None => self.pods.remove(&k),
+        };
+        let new_ip = self
+            .pods
+            .get(&k)
+            .and_then(|e| e.workload.as_ref())
+            .map(|w| w.ip);
+        if let Some(old_ip) = old.and_then(|e| e.workload).map(|w| w.ip) {
+            if Some(old_ip) != new_ip && self.ip_owner.get(&old_ip) == Some(&k) {
+                self.release_ip(old_ip);
+            }
+        }
+    }
+
+    /// The owner of `ip` is gone: another pod claiming it takes it over, else it is free.
+    fn release_ip(&mut self, ip: IpAddr) {
+        self.ip_owner.remove(&ip);
+        self.workloads.remove(&ip);
+        let heir = self
+            .pods
+            .iter()
+            .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.ip == ip).map(|w| (k, w)));
+        if let Some((k, w)) = heir {
+            self.ip_owner.insert(ip, k.clone());
+            self.workloads.insert(ip, w.clone());
+            self.dirty.insert(k.0.clone());
+        }
+    }
+
+    /// A namespace's enrollment label changed: its pods' `enrolled` follow.
+    fn reenroll(&mut self, ns: &str) {
+        let ambient = self.namespaces.get(ns).copied().unwrap_or(false);
+        for (k, e) in namespace_range_mut(&mut self.pods, ns) {
+            let enrolled = ambient && !e.opted_out;
+            let Some(w) = e.workload.as_mut().filter(|w| w.enrolled != enrolled) else {
                 continue;
             };
-            let enrolled = self.namespaces.get(ns).copied().unwrap_or(false) && !entry.opted_out;
-            if w.enrolled != enrolled {
-                Arc::make_mut(w).enrolled = enrolled;
-            }
-            if let Some(prev) = workloads.insert(w.ip, w.clone()) {
-                tracing::warn!(ip = %w.ip, pod = %prev.key(), "two running pods share an IP; the later one wins");
+            Arc::make_mut(w).enrolled = enrolled;
+            if self.ip_owner.get(&w.ip) == Some(k) {
+                self.workloads.insert(w.ip, w.clone());
             }
         }
+        self.dirty.insert(ns.to_string());
+    }
 
-        // Endpoints are selected among the pods of the service's own namespace only.
-        let mut by_namespace: HashMap<&str, Vec<&Arc<Workload>>> = HashMap::new();
-        for w in workloads.values().filter(|w| w.ready) {
-            by_namespace
-                .entry(w.namespace.as_str())
-                .or_default()
-                .push(w);
+    /// Selects the endpoints of every service of `ns` again, replacing them in the indexes.
+    fn select_endpoints(&mut self, ns: &str) {
+        let stale: Vec<String> = self
+            .resolved
+            .range(format!("{ns}/")..)
+            .take_while(|(k, _)| k.strip_prefix(ns).is_some_and(|r| r.starts_with('/')))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(svc) = self.resolved.remove(&k) {
+                for vip in &svc.vips {
+                    if self.by_vip.get(vip).is_some_and(|s| Arc::ptr_eq(s, &svc)) {
+                        self.by_vip.remove(vip);
+                    }
+                }
+            }
         }
-        let mut services = BTreeMap::new();
-        let mut by_vip = HashMap::new();
-        for ((ns, name), s) in &self.services {
+        let ready: Vec<&Arc<Workload>> = namespace_range(&self.pods, ns)
+            .filter_map(|(k, e)| e.workload.as_ref().filter(|w| w.ready).map(|w| (k, w)))
+            .filter(|(k, w)| self.ip_owner.get(&w.ip) == Some(*k))
+            .map(|(_, w)| w)
+            .collect();
+        for ((_, name), s) in namespace_range(&self.services, ns) {
             let mut endpoints: Vec<Arc<Workload>> = match &s.selector {
-                Some(sel) if !sel.is_empty() => by_namespace
-                    .get(ns.as_str())
-                    .into_iter()
-                    .flatten()
+                Some(sel) if !sel.is_empty() => ready
+                    .iter()
                     .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                     .map(|w| (*w).clone())
                     .collect(),
@@ -200,23 +280,16 @@ impl Model {
             endpoints.sort_by_key(|w| w.ip);
             let svc = Arc::new(Service {
                 name: name.clone(),
-                namespace: ns.clone(),
+                namespace: ns.to_string(),
                 vips: s.vips.clone(),
                 ports: s.ports.clone(),
                 endpoints,
                 next: AtomicUsize::new(0),
             });
             for vip in &svc.vips {
-                by_vip.insert(*vip, svc.clone());
+                self.by_vip.insert(*vip, svc.clone());
             }
-            services.insert(svc.key(), svc);
-        }
-        State {
-            generation,
-            workloads,
-            services,
-            by_vip,
-            authz,
+            self.resolved.insert(svc.key(), svc);
         }
     }
 
@@ -278,6 +351,25 @@ impl Model {
             opted_out,
         }
     }
+}
+
+/// The entries of namespace `ns` in a map keyed by `(namespace, name)`.
+fn namespace_range<'a, V>(
+    map: &'a BTreeMap<Key, V>,
+    ns: &str,
+) -> impl Iterator<Item = (&'a Key, &'a V)> {
+    let ns = ns.to_string();
+    map.range((ns.clone(), String::new())..)
+        .take_while(move |(k, _)| k.0 == ns)
+}
+
+fn namespace_range_mut<'a, V>(
+    map: &'a mut BTreeMap<Key, V>,
+    ns: &str,
+) -> impl Iterator<Item = (&'a Key, &'a mut V)> {
+    let ns = ns.to_string();
+    map.range_mut((ns.clone(), String::new())..)
+        .take_while(move |(k, _)| k.0 == ns)
 }
 
 fn key(meta: &ObjectMeta) -> Key {
