@@ -16,25 +16,39 @@ use tokio::sync::watch;
 
 use super::{log_applied, SourceError, SourceHealth, StateSource};
 use crate::k8s::{self, Object};
+use crate::state::Model;
 use crate::state::State;
+
+/// `(kind, namespace, name)`: what identifies an object across files and versions.
+type ObjectKey = (&'static str, String, String);
+
+fn object_key(o: &Object) -> ObjectKey {
+    let m = o.meta();
+    (
+        o.kind(),
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone(),
+    )
+}
 
 #[derive(Debug)]
 struct FileEntry {
-    /// Raw text last read, to detect changes.
-    text: String,
-    /// Objects of the last text that parsed.
-    objects: Vec<Object>,
+    /// Hash of the text last read, to detect changes without keeping the text.
+    hash: u64,
+    /// The objects of the last version that parsed (they live in the model).
+    keys: Vec<ObjectKey>,
     /// Some version of this file has parsed.
     good: bool,
 }
 
-/// Polls a file or directory and publishes a new [`State`] whenever the accepted objects change.
+/// Polls a file or directory and applies what changed to a [`Model`]: only changed files are
+/// parsed again, and only their objects are re-applied or removed.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
-    trust_domain: String,
     interval: Duration,
     files: BTreeMap<PathBuf, FileEntry>,
+    model: Model,
     generation: u64,
     health: Arc<SourceHealth>,
 }
@@ -44,9 +58,9 @@ impl FileSource {
     pub fn new(path: &Path, trust_domain: &str, interval: Duration) -> Self {
         FileSource {
             path: path.to_path_buf(),
-            trust_domain: trust_domain.to_string(),
             interval,
             files: BTreeMap::new(),
+            model: Model::new(trust_domain),
             generation: 0,
             health: Arc::new(SourceHealth::new("file", ["files"].into_iter())),
         }
@@ -56,11 +70,18 @@ impl FileSource {
     pub fn poll(&mut self) -> Result<Option<State>, SourceError> {
         let paths = self.list()?;
         let mut changed = false;
-        self.files.retain(|p, _| {
-            let keep = paths.contains(p);
-            changed |= !keep;
-            keep
-        });
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !paths.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(f) = self.files.remove(&p) {
+                self.retract(&p, f.keys);
+                changed = true;
+            }
+        }
         for p in paths {
             let text = match std::fs::read_to_string(&p) {
                 Ok(t) => t,
@@ -68,19 +89,29 @@ impl FileSource {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(SourceError::Read { path: p, error }),
             };
-            if self.files.get(&p).is_some_and(|f| f.text == text) {
+            let hash = text_hash(&text);
+            if self.files.get(&p).is_some_and(|f| f.hash == hash) {
                 continue;
             }
             match k8s::parse_file(&p, &text) {
                 Ok(objects) => {
-                    self.files.insert(
-                        p,
-                        FileEntry {
-                            text,
-                            objects,
-                            good: true,
-                        },
-                    );
+                    let keys: Vec<ObjectKey> = objects.iter().map(object_key).collect();
+                    let entry = FileEntry {
+                        hash,
+                        keys: keys.clone(),
+                        good: true,
+                    };
+                    let old = self.files.insert(p.clone(), entry);
+                    for o in objects {
+                        self.model.apply(o);
+                    }
+                    let removed = old
+                        .map(|f| f.keys)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|k| !keys.contains(k))
+                        .collect();
+                    self.retract(&p, removed);
                     changed = true;
                 }
                 Err(e) => {
@@ -91,21 +122,14 @@ impl FileSource {
                         error = %e.message,
                         "state rejected"
                     );
-                    // Remember the bad text so it is reported once, but keep the last good
-                    // objects of this file in force.
-                    let (objects, good) = self
-                        .files
-                        .remove(&p)
-                        .map(|f| (f.objects, f.good))
-                        .unwrap_or_default();
-                    self.files.insert(
-                        p,
-                        FileEntry {
-                            text,
-                            objects,
-                            good,
-                        },
-                    );
+                    // Remember the bad version so it is reported once, but keep the last
+                    // good objects of this file in force.
+                    let f = self.files.entry(p).or_insert(FileEntry {
+                        hash,
+                        keys: Vec::new(),
+                        good: false,
+                    });
+                    f.hash = hash;
                 }
             }
         }
@@ -113,16 +137,31 @@ impl FileSource {
             return Ok(None);
         }
         self.generation += 1;
-        let objects: Vec<Object> = self
-            .files
-            .values()
-            .flat_map(|f| f.objects.iter().cloned())
-            .collect();
-        Ok(Some(State::build(
-            self.generation,
-            &self.trust_domain,
-            &objects,
-        )))
+        Ok(Some(self.model.snapshot(self.generation)))
+    }
+
+    /// Removes objects that file `from` no longer has. One that another file also defines
+    /// stays, in that file's version (read again: this is rare, and keeping every file's
+    /// objects in memory for it would double the state's size).
+    fn retract(&mut self, from: &Path, keys: Vec<ObjectKey>) {
+        for key in keys {
+            let other = self
+                .files
+                .iter()
+                .find(|(p, f)| p.as_path() != from && f.keys.contains(&key))
+                .map(|(p, _)| p.clone());
+            let again = other.and_then(|p| {
+                let text = std::fs::read_to_string(&p).ok()?;
+                k8s::parse_file(&p, &text)
+                    .ok()?
+                    .into_iter()
+                    .find(|o| object_key(o) == key)
+            });
+            match again {
+                Some(o) => self.model.apply(o),
+                None => self.model.delete(key.0, &key.1, &key.2),
+            }
+        }
     }
 
     /// Whether every file present has parsed at least once: until then the state is
@@ -191,6 +230,13 @@ impl FileSource {
             }
         }
     }
+}
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl StateSource for FileSource {
@@ -282,5 +328,31 @@ mod tests {
             1,
             "the complete state is published"
         );
+    }
+
+    #[test]
+    fn only_changed_files_are_re_applied_and_removed_objects_leave() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pod2 = POD
+            .replace("name: p,", "name: p2,")
+            .replace("10.0.0.1", "10.0.0.2");
+        std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
+        std::fs::write(dir.path().join("pods.yaml"), format!("{POD}---\n{pod2}")).expect("write");
+        // The same pod in a second file: removing it from one file keeps it.
+        std::fs::write(dir.path().join("more.yaml"), POD).expect("write");
+        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
+        assert_eq!(
+            src.poll().expect("reads").expect("state").workloads.len(),
+            2
+        );
+
+        std::fs::write(dir.path().join("pods.yaml"), &pod2).expect("write");
+        let s = src.poll().expect("reads").expect("changed");
+        assert_eq!(s.workloads.len(), 2, "p is still in more.yaml");
+
+        std::fs::remove_file(dir.path().join("more.yaml")).expect("rm");
+        let s = src.poll().expect("reads").expect("changed");
+        assert_eq!(s.workloads.len(), 1);
+        assert!(s.workload("10.0.0.2".parse().expect("ip")).is_some());
     }
 }
