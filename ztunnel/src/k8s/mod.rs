@@ -7,13 +7,14 @@
 //! and [`parse_file`] reads them from multi-document YAML with file, document and field errors.
 //!
 //! Every source of cluster state produces the same [`Object`]s: today the state files, later a
-//! Kubernetes API watch. Gateway API kinds will be added here too, as a module of their own
-//! and variants of [`Object`].
+//! Kubernetes API watch. [`gateway`] holds the Gateway API kinds a waypoint uses (Gateway,
+//! HTTPRoute).
 //!
 //! This module uses nothing else of the crate. What the objects mean (enrollment, endpoints,
 //! compiled policies) is decided by `state` and `authz`, which build on it.
 
 pub mod core;
+pub mod gateway;
 pub mod security;
 mod yaml;
 
@@ -74,6 +75,10 @@ pub struct ObjectMeta {
     /// from the controlling owner.
     #[serde(default)]
     pub owner_references: Vec<OwnerReference>,
+    /// RFC 3339 creation time, when the source has one; the oldest HTTPRoute wins a
+    /// precedence tie (the strings compare in time order, as the API server writes them).
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// `metadata.ownerReferences[]`: only what naming a workload needs.
@@ -112,6 +117,10 @@ pub enum Object {
     AuthorizationPolicy(security::AuthorizationPolicyObject),
     /// `security.istio.io` PeerAuthentication (validated further by `authz`).
     PeerAuthentication(security::PeerAuthenticationObject),
+    /// Gateway API Gateway (a waypoint when its class is `istio-waypoint`).
+    Gateway(gateway::Gateway),
+    /// Gateway API HTTPRoute.
+    HttpRoute(gateway::HttpRoute),
 }
 
 impl Object {
@@ -123,6 +132,8 @@ impl Object {
             Object::Service(_) => "Service",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::PeerAuthentication(_) => "PeerAuthentication",
+            Object::Gateway(_) => "Gateway",
+            Object::HttpRoute(_) => "HTTPRoute",
         }
     }
 
@@ -134,6 +145,8 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::core::{Pod, Service};
+use super::gateway::{validate_route, Gateway, HttpRoute};
 use super::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
 use super::{IntOrString, Object, ObjectMeta};
 
@@ -112,6 +113,17 @@ where
             let p: PeerAuthenticationObject = typed(value)?;
             require_namespace(&p.metadata)?;
             Object::PeerAuthentication(p)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+            let g: Gateway = typed(value)?;
+            require_namespace(&g.metadata)?;
+            Object::Gateway(g)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            let r: HttpRoute = typed(value)?;
+            require_namespace(&r.metadata)?;
+            validate_route(&r)?;
+            Object::HttpRoute(r)
         }
         _ => {
             tracing::debug!(
@@ -234,5 +246,107 @@ spec: {clusterIP: 10.96.0.10, selector: {app: a}, ports: [{port: 80, targetPort:
 
         let e = parse_file(Path::new("x.yaml"), "a: [1,\n").expect_err("syntax");
         assert_eq!((e.document, e.field.as_str()), (0, "."));
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: demo, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: x-version, value: v2}]
+      queryParams: [{type: RegularExpression, name: debug, value: "1|true"}]
+      method: GET
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-c]}
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs: [{name: reviews-v2, port: 9080, weight: 10}]
+    timeouts: {request: 1500ms}
+    retry: {codes: [503], attempts: 2, backoff: 10ms}
+"#;
+
+    #[test]
+    fn gateway_api_kinds_parse_with_defaults() {
+        use crate::k8s::gateway::{PathMatchType, WaypointFor};
+        let objs = parse_file(Path::new("r.yaml"), ROUTES).expect("parses");
+        let Object::Gateway(gw) = &objs[0] else {
+            panic!("first object is the gateway")
+        };
+        assert!(gw.is_waypoint());
+        assert_eq!(gw.waypoint_for(), WaypointFor::Service);
+        assert_eq!(gw.spec.listeners[0].port, 15008);
+        let Object::HttpRoute(r) = &objs[1] else {
+            panic!("second object is the route")
+        };
+        assert!(r.spec.parent_refs[0].is_service());
+        assert_eq!(
+            r.metadata.creation_timestamp.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
+        let rule = &r.spec.rules[0];
+        let path = rule.matches[0].path.as_ref().expect("path");
+        assert_eq!(path.kind, PathMatchType::PathPrefix);
+        assert_eq!(rule.backend_refs[0].weight, 10);
+        let timeouts = rule.timeouts.as_ref().expect("timeouts");
+        assert_eq!(
+            timeouts.request,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(rule.retry.as_ref().and_then(|r| r.attempts), Some(2));
+    }
+
+    #[test]
+    fn route_errors_name_the_field() {
+        let cases = [
+            (
+                "value: /api}",
+                "value: api}",
+                "spec.rules[0].matches[0].path.value",
+            ),
+            (
+                "request: 1500ms",
+                "request: 1.5s",
+                "spec.rules[0].timeouts.request",
+            ),
+            (
+                "type: RequestHeaderModifier\n",
+                "type: RequestHeaderModifier\n      x: {}\n",
+                "",
+            ),
+            (
+                "requestHeaderModifier: {set",
+                "responseHeaderModifier: {set",
+                "spec.rules[0].filters[0].requestHeaderModifier",
+            ),
+            (
+                "type: PathPrefix, value: /api",
+                "type: Exact, value: /api",
+                "spec.rules[0].filters[1].urlRewrite.path.type",
+            ),
+            (
+                "weight: 10",
+                "weight: -1",
+                "spec.rules[0].backendRefs[0].weight",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let bad = ROUTES.replace(from, to);
+            match parse_file(Path::new("r.yaml"), &bad) {
+                Err(e) => assert_eq!((e.document, e.field.as_str()), (1, field), "{to}"),
+                Ok(_) => assert!(field.is_empty(), "{to} should be rejected"),
+            }
+        }
     }
 }

@@ -120,6 +120,8 @@ impl Model {
                 self.peer_authentications.insert(key(&p.metadata), p);
                 self.authz = None;
             }
+            // Read by the waypoint; attachment to the state comes later.
+            Object::Gateway(_) | Object::HttpRoute(_) => {}
         }
     }
 
