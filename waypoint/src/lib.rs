@@ -12,4 +12,10 @@
 //! and the state snapshot all come from the `ztunnel` library, so both binaries speak the
 //! same wire protocol from the same code. See ARCHITECTURE.md ("Waypoint") for the modules.
 
+pub mod app;
+pub mod forward;
+pub mod io;
 pub mod routing;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -101,7 +101,8 @@ impl Rule {
         if total == 0 {
             return None;
         }
-        let mut at = u64::from(roll) * total >> 32;
+        // Scaled into [0, total): the share of rolls each backend gets is its weight.
+        let mut at = ((u128::from(roll) * u128::from(total)) >> 32) as u64;
         for b in &self.backends {
             let w = u64::from(b.weight);
             if at < w {

@@ -1,0 +1,249 @@
+//! The command line, and putting the waypoint together: identity and certificate from the
+//! CA, state from the YAML files, the HBONE pool towards endpoints, the HBONE server on 15008,
+//! drain on SIGTERM.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use ztunnel::config::{Dur, HboneConfig, LogFormat, Size};
+use ztunnel::drain::Drain;
+use ztunnel::hbone::client::Pool;
+use ztunnel::hbone::server::Server;
+use ztunnel::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
+use ztunnel::socket::{Leg, PlainSockets, SocketFactory};
+
+use crate::server::Waypoint;
+use crate::snapshot::{FileWatch, ReadError, Snapshot};
+use crate::upstream::Upstreams;
+
+/// `waypoint` command line. Every flag is also an environment variable; the pod's own names
+/// come from the downward API variables a Deployment sets.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "waypoint",
+    version,
+    about = "Ambient-mesh waypoint: L7 proxy behind HBONE"
+)]
+pub struct Args {
+    /// Kubernetes YAML state: a file, or a directory of `.yaml`/`.yml`/`.json` files.
+    #[arg(long, env = "WAYPOINT_STATE")]
+    pub state: PathBuf,
+    /// How often the state is re-read.
+    #[arg(long, env = "WAYPOINT_STATE_POLL_INTERVAL", default_value_t = Dur::secs(1))]
+    pub state_poll_interval: Dur,
+    /// File CA directory, shared with the node daemons (`ztunnel ca init`).
+    #[arg(long, env = "WAYPOINT_CA_DIR")]
+    pub ca_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The waypoint pod's namespace (its identity's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// The waypoint pod's service account (its identity's last segment).
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    pub service_account: String,
+    /// The waypoint pod's name, sent in `baggage` to endpoints.
+    #[arg(long, env = "POD_NAME", default_value = "waypoint")]
+    pub pod_name: String,
+    /// The waypoint pod's IP: the source of its connections to endpoints.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: IpAddr,
+    /// Where HBONE is accepted.
+    #[arg(long, env = "WAYPOINT_LISTEN", default_value = "0.0.0.0:15008")]
+    pub listen: SocketAddr,
+    /// The HBONE port dialled on endpoint pods.
+    #[arg(long, env = "WAYPOINT_HBONE_PORT", default_value_t = 15008)]
+    pub hbone_port: u16,
+    /// Lifetime of the waypoint's certificate (renewed at half of it).
+    #[arg(long, env = "WAYPOINT_CERT_TTL", default_value_t = Dur::hours(24))]
+    pub cert_ttl: Dur,
+    /// How long a stream may stay silent before it is taken for a server-first protocol and
+    /// forwarded as bytes; HTTP clients speak first.
+    #[arg(long, env = "WAYPOINT_SNIFF_TIMEOUT", default_value_t = Dur::secs(1))]
+    pub sniff_timeout: Dur,
+    /// Timeout of TCP connect plus TLS handshake to an endpoint.
+    #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value_t = Dur::secs(5))]
+    pub connect_timeout: Dur,
+    /// On SIGTERM, how long streams in progress may finish.
+    #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value_t = Dur::secs(30))]
+    pub drain_timeout: Dur,
+    /// HTTP/2 flow-control window of each HBONE stream.
+    #[arg(long, env = "WAYPOINT_HBONE_STREAM_WINDOW", default_value_t = Size::mib(4))]
+    pub hbone_stream_window: Size,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WAYPOINT_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `info,access=warn`.
+    #[arg(long, env = "WAYPOINT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Why the waypoint cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    /// The CA directory is unusable.
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    /// The certificate manager cannot start or issue.
+    #[error("certificate: {0}")]
+    Cert(#[from] CertError),
+    /// The state cannot be read at all.
+    #[error(transparent)]
+    State(#[from] ReadError),
+    /// The HBONE listener cannot be bound.
+    #[error("listen on {addr}: {error}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        error: std::io::Error,
+    },
+}
+
+/// What the waypoint runs with, however it was configured.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The waypoint's identity.
+    pub identity: SpiffeId,
+    /// Source IP of connections to endpoints.
+    pub pod_ip: IpAddr,
+    /// `baggage` of the CONNECTs to endpoints.
+    pub baggage: String,
+    /// HBONE port of endpoint pods.
+    pub hbone_port: u16,
+    /// HBONE client and server settings.
+    pub hbone: HboneConfig,
+    /// See [`Args::sniff_timeout`].
+    pub sniff_timeout: Duration,
+}
+
+impl Args {
+    /// The settings these flags describe.
+    pub fn settings(&self) -> Settings {
+        let window = self.hbone_stream_window.0.max(65_535);
+        Settings {
+            identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
+            pod_ip: self.pod_ip,
+            baggage: format!(
+                "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
+                self.namespace, self.pod_name, self.service_account
+            ),
+            hbone_port: self.hbone_port,
+            hbone: hbone_config(window, self.connect_timeout.0),
+            sniff_timeout: self.sniff_timeout.0,
+        }
+    }
+}
+
+/// HBONE settings for a waypoint: the daemon's defaults, with `window` per stream.
+pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
+    HboneConfig {
+        max_streams: 100,
+        spread: 1,
+        idle_timeout: Duration::from_secs(60),
+        connect_timeout,
+        stream_window: window,
+        connection_window: window.saturating_mul(4),
+        max_frame_size: 1 << 20,
+        tcp_congestion: None,
+        notsent_lowat: None,
+    }
+}
+
+/// The HBONE server of a waypoint, ready for [`Server::run`] or [`Server::serve`]: certificates
+/// for `settings.identity` from `certs`, endpoints dialled through `sockets`.
+pub fn build(
+    settings: &Settings,
+    trust_domain: &str,
+    certs: Arc<CertManager>,
+    sockets: Arc<dyn SocketFactory>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    drain: Drain,
+) -> (Arc<Server<Waypoint>>, Arc<Waypoint>) {
+    certs.set_identities(&BTreeSet::from([settings.identity.clone()]));
+    let pool = Pool::new(settings.hbone.clone(), certs.clone(), sockets.clone());
+    let upstreams = Upstreams::new(
+        pool,
+        sockets,
+        settings.identity.clone(),
+        settings.pod_ip,
+        settings.hbone_port,
+        settings.baggage.clone(),
+    );
+    let waypoint = Waypoint::new(
+        settings.identity.clone(),
+        snapshots,
+        upstreams,
+        settings.sniff_timeout,
+    );
+    let server = Server::new(
+        settings.hbone.clone(),
+        trust_domain,
+        certs,
+        waypoint.clone(),
+        drain,
+    );
+    (server, waypoint)
+}
+
+/// Runs the waypoint until SIGTERM or Ctrl-C, then drains.
+pub async fn run(args: Args) -> Result<(), WaypointError> {
+    let settings = args.settings();
+    let ca = FileCa::load_or_create(&args.ca_dir, &args.trust_domain)?;
+    let certs = CertManager::new(Arc::new(ca), args.cert_ttl.0)?;
+    let mut watch = FileWatch::new(&args.state, &args.trust_domain);
+    let first = watch.poll()?.unwrap_or_default();
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(watch.run(args.state_poll_interval.0, tx));
+    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
+        connect_timeout: args.connect_timeout.0,
+    });
+    let drain = Drain::default();
+    let (server, _) = build(
+        &settings,
+        &args.trust_domain,
+        certs.clone(),
+        sockets.clone(),
+        rx,
+        drain.clone(),
+    );
+    let listener = sockets
+        .listen(Leg::Hbone, args.listen, false)
+        .map_err(|error| WaypointError::Listen {
+            addr: args.listen,
+            error,
+        })?;
+    certs
+        .fetch(&settings.identity, args.connect_timeout.0)
+        .await?;
+    tracing::info!(listen = %args.listen, identity = %settings.identity, "waypoint ready");
+    let serving = tokio::spawn(server.run(listener));
+    shutdown_signal().await;
+    tracing::info!("draining");
+    drain.start();
+    let left = drain.wait_idle(args.drain_timeout.0).await;
+    serving.abort();
+    tracing::info!(streams_cut = left, "waypoint stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

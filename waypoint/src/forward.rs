@@ -1,0 +1,503 @@
+//! One HTTP request, from arrival to answer: route it ([`crate::routing`]), apply the rule's
+//! filters, pick an endpoint of the chosen Service, forward over [`Upstreams`], retry what the
+//! policy allows, and give up with 504 when `timeouts.request` passes.
+//!
+//! Errors the waypoint answers itself: 404 no rule matched, 500 a rule the waypoint cannot
+//! apply (unsupported filter, unknown backend), 503 no ready endpoint or the endpoint failed,
+//! 504 timeout.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use tokio::sync::watch;
+use ztunnel::identity::SpiffeId;
+
+use crate::routing::filters::{Filter, RequestUrl};
+use crate::routing::{Lookup, RequestInfo, RetryPolicy, Rule};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Body, BoxError, Endpoint, Proto, UpstreamError, Upstreams};
+
+/// Request bodies up to this size are kept so that a failed attempt can be retried; larger
+/// or streamed bodies get one attempt.
+const MAX_REPLAY: u64 = 64 * 1024;
+
+/// Where the HBONE stream was addressed (its CONNECT authority).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// A Service VIP: `namespace/name` and the Service port.
+    Service {
+        /// `namespace/name`.
+        key: String,
+        /// Service port.
+        port: u16,
+    },
+    /// A pod directly.
+    Pod(SocketAddr),
+}
+
+/// What a request's connection says about it.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// The original destination.
+    pub dest: Dest,
+    /// The original client's address (the CONNECT's `forwarded`, else the HBONE peer).
+    pub client: SocketAddr,
+    /// The client's identity from its certificate.
+    pub identity: SpiffeId,
+    /// The HTTP version the client speaks, also spoken to the endpoint.
+    pub proto: Proto,
+}
+
+/// Where a request goes after routing.
+#[derive(Debug, Clone)]
+enum Target {
+    Service(String, u16),
+    Pod(SocketAddr),
+}
+
+/// Serves requests; one per waypoint, shared by every connection.
+#[derive(Debug)]
+pub struct Forwarder {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    upstreams: Arc<Upstreams>,
+}
+
+/// A failure answered by the waypoint.
+struct Local(StatusCode, String);
+
+impl Forwarder {
+    /// A forwarder routing on the latest of `snapshots`.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, upstreams: Arc<Upstreams>) -> Arc<Self> {
+        Arc::new(Forwarder {
+            snapshots,
+            upstreams,
+        })
+    }
+
+    /// The endpoint `target` leads to now (a Service picks the next ready endpoint).
+    pub(crate) fn endpoint(snap: &Snapshot, dest: &Dest) -> Result<Endpoint, (StatusCode, String)> {
+        let target = match dest {
+            Dest::Service { key, port } => Target::Service(key.clone(), *port),
+            Dest::Pod(addr) => Target::Pod(*addr),
+        };
+        resolve(snap, &target).map_err(|Local(s, m)| (s, m))
+    }
+
+    /// Answers one request; never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        down: &Downstream,
+    ) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let trace = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.split('-').nth(1))
+            .unwrap_or("-")
+            .to_string();
+        let (resp, upstream, rule) = match self.route_and_send(req, down).await {
+            Ok((resp, ep, rule)) => (resp, Some(ep), rule),
+            Err((Local(status, why), rule)) => (local(status, &why), None, rule),
+        };
+        tracing::info!(
+            target: "access",
+            method = %method,
+            path,
+            status = resp.status().as_u16(),
+            duration_ms = start.elapsed().as_millis() as u64,
+            src_identity = %down.identity,
+            client = %down.client.ip(),
+            destination = ?down.dest,
+            route = rule.as_ref().map(|r| format!("{}#{}", r.route, r.index)).as_deref().unwrap_or("-"),
+            upstream = upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+            trace_id = trace,
+            "request"
+        );
+        Ok(resp)
+    }
+
+    async fn route_and_send(
+        &self,
+        req: Request<Incoming>,
+        down: &Downstream,
+    ) -> Result<(Response<Body>, SocketAddr, Option<Arc<Rule>>), (Local, Option<Arc<Rule>>)> {
+        let snap = self.snapshots.borrow().clone();
+        let (mut parts, body) = req.into_parts();
+        let mut host = host_of(&parts.uri, &parts.headers);
+        let mut path = parts.uri.path().to_string();
+        let query = parts.uri.query().map(str::to_string);
+        let mut rule = None;
+        let target = match &down.dest {
+            Dest::Pod(addr) => Target::Pod(*addr),
+            Dest::Service { key, port } => {
+                let info = RequestInfo {
+                    method: &parts.method,
+                    path: &path,
+                    query: query.as_deref(),
+                    headers: &parts.headers,
+                };
+                match snap.routes.lookup(key, *port, &info) {
+                    Lookup::NoRoutes => Target::Service(key.clone(), *port),
+                    Lookup::NoMatch => {
+                        return Err((
+                            Local(StatusCode::NOT_FOUND, "no route matched".into()),
+                            None,
+                        ))
+                    }
+                    Lookup::Matched(m) => {
+                        let r = m.rule.clone();
+                        let fail = |status, why: String| Err((Local(status, why), Some(r.clone())));
+                        if let Some(why) = &r.invalid {
+                            return fail(StatusCode::INTERNAL_SERVER_ERROR, why.clone());
+                        }
+                        for f in &r.filters {
+                            match f {
+                                Filter::RequestHeaders(edit) => edit.apply(&mut parts.headers),
+                                Filter::ResponseHeaders(_) => {}
+                                Filter::Redirect(redirect) => {
+                                    let url = RequestUrl {
+                                        scheme: "http",
+                                        host: host_only(&host),
+                                        port: *port,
+                                        path: &path,
+                                        query: query.as_deref(),
+                                    };
+                                    let location = redirect.location(&url, m.prefix.as_deref());
+                                    let resp = Response::builder()
+                                        .status(redirect.status)
+                                        .header(header::LOCATION, location)
+                                        .body(empty());
+                                    return match resp {
+                                        Ok(resp) => Ok((
+                                            resp,
+                                            SocketAddr::from(([0, 0, 0, 0], 0)),
+                                            Some(r.clone()),
+                                        )),
+                                        Err(e) => {
+                                            fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                                        }
+                                    };
+                                }
+                                Filter::Rewrite(rw) => {
+                                    if let Some(h) = &rw.hostname {
+                                        host = h.clone();
+                                    }
+                                    if let Some(change) = &rw.path {
+                                        path = change.apply(&path, m.prefix.as_deref());
+                                    }
+                                }
+                            }
+                        }
+                        let Some(backend) = r.pick_backend(rand::random()) else {
+                            return fail(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "rule has no backend".into(),
+                            );
+                        };
+                        rule = Some(r.clone());
+                        Target::Service(backend.service.clone(), backend.port.unwrap_or(*port))
+                    }
+                }
+            }
+        };
+        let fail = |local| (local, rule.clone());
+
+        // The request as it goes upstream, minus its body.
+        let path_and_query = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let uri: Uri = match down.proto {
+            Proto::Http1 => path_and_query.parse(),
+            Proto::Http2 => format!("http://{host}{path_and_query}").parse(),
+        }
+        .map_err(|e| {
+            fail(Local(
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {e}"),
+            ))
+        })?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        if down.proto == Proto::Http1 {
+            let value = HeaderValue::from_str(&host)
+                .map_err(|_| fail(Local(StatusCode::BAD_REQUEST, "bad host".into())))?;
+            headers.insert(header::HOST, value);
+        }
+        append_forwarded_for(&mut headers, down.client.ip());
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+
+        let policy = rule.as_ref().map(|r| r.retry.clone()).unwrap_or_default();
+        let (replay, mut streamed) = match body.size_hint().exact() {
+            Some(n) if n <= MAX_REPLAY => {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        fail(Local(StatusCode::BAD_REQUEST, format!("request body: {e}")))
+                    })?
+                    .to_bytes();
+                (Some(bytes), None)
+            }
+            _ => (None, Some(body.map_err(BoxError::from).boxed_unsync())),
+        };
+        let version = match down.proto {
+            Proto::Http1 => Version::HTTP_11,
+            Proto::Http2 => Version::HTTP_2,
+        };
+        let build = |body: Body| {
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.version_mut() = version;
+            *req.headers_mut() = headers.clone();
+            req
+        };
+        let attempts = async {
+            let max = if replay.is_some() { policy.attempts } else { 0 };
+            let mut attempt = 0;
+            loop {
+                let ep = resolve(&snap, &target)?;
+                let body = match (&replay, streamed.take()) {
+                    (Some(bytes), _) => full(bytes.clone()),
+                    (None, Some(body)) => body,
+                    (None, None) => {
+                        return Err(Local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "request body already sent".into(),
+                        ))
+                    }
+                };
+                let sent = self.upstreams.send(&ep, down.proto, build(body));
+                let result = match rule.as_ref().and_then(|r| r.attempt_timeout) {
+                    Some(t) => tokio::time::timeout(t, sent).await.unwrap_or_else(|_| {
+                        Err(UpstreamError::Connect {
+                            authority: ep.authority(),
+                            error: format!("no response within {t:?}"),
+                        })
+                    }),
+                    None => sent.await,
+                };
+                let retry = match &result {
+                    Ok(resp) => policy.codes.contains(&resp.status().as_u16()),
+                    Err(_) => true,
+                };
+                if !retry || attempt >= max {
+                    return match result {
+                        Ok(resp) => Ok((resp, ep.authority())),
+                        Err(e) => Err(Local(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+                    };
+                }
+                attempt += 1;
+                match &result {
+                    Ok(resp) => {
+                        tracing::debug!(upstream = %ep.authority(), status = resp.status().as_u16(), attempt, "retrying")
+                    }
+                    Err(e) => {
+                        tracing::debug!(upstream = %ep.authority(), error = %e, attempt, "retrying")
+                    }
+                }
+                drop(result);
+                backoff(&policy, attempt).await;
+            }
+        };
+        let outcome = match rule.as_ref().and_then(|r| r.timeout) {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("no response within {limit:?}"),
+                    ))
+                }),
+            None => attempts.await,
+        };
+        let (mut resp, upstream) = outcome.map_err(fail)?;
+        strip_hop_by_hop(resp.headers_mut());
+        *resp.version_mut() = version;
+        if let Some(r) = &rule {
+            for f in &r.filters {
+                if let Filter::ResponseHeaders(edit) = f {
+                    edit.apply(resp.headers_mut());
+                }
+            }
+        }
+        Ok((resp, upstream, rule))
+    }
+}
+
+/// The endpoint a target leads to now.
+fn resolve(snap: &Snapshot, target: &Target) -> Result<Endpoint, Local> {
+    match target {
+        Target::Service(key, port) => {
+            let svc = snap.state.services.get(key).ok_or_else(|| {
+                Local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("backend Service {key} not found"),
+                )
+            })?;
+            let (workload, port) = svc.pick(*port).ok_or_else(|| {
+                Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no ready endpoint of {key} for port {port}"),
+                )
+            })?;
+            Ok(Endpoint { workload, port })
+        }
+        Target::Pod(addr) => snap
+            .state
+            .workload(addr.ip())
+            .map(|w| Endpoint {
+                workload: w.clone(),
+                port: addr.port(),
+            })
+            .ok_or_else(|| {
+                Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("pod {addr} is gone"),
+                )
+            }),
+    }
+}
+
+/// Exponential from the policy's base, capped at ten times it.
+async fn backoff(policy: &RetryPolicy, attempt: u32) {
+    let factor = 1u32 << attempt.saturating_sub(1).min(3);
+    tokio::time::sleep((policy.backoff * factor).min(policy.backoff * 10)).await;
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let previous = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let value = if previous.is_empty() {
+        client.to_string()
+    } else {
+        format!("{previous}, {client}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Removes the headers that describe one connection rather than the request (RFC 9110
+/// §7.6.1), including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// The request's host: the URI's authority (HTTP/2, absolute form), else `Host`.
+fn host_of(uri: &Uri, headers: &HeaderMap) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// `host` without a port.
+fn host_only(host: &str) -> &str {
+    match host.parse::<http::uri::Authority>() {
+        Ok(a) => &host[..a.host().len()],
+        Err(_) => host,
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A response made by the waypoint itself.
+fn local(status: StatusCode, why: &str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from(format!("{why}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_are_appended_and_hop_by_hop_ones_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("p"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("traceparent", HeaderValue::from_static("00-ab-cd-01"));
+        append_forwarded_for(&mut h, "10.0.0.1".parse().expect("ip"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h.get("x-forwarded-for").map(|v| v.as_bytes()),
+            Some(&b"1.1.1.1, 10.0.0.1"[..])
+        );
+        assert!(h.get("connection").is_none() && h.get("x-private").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("traceparent").is_some());
+    }
+
+    #[test]
+    fn host_is_taken_from_the_uri_then_the_header() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("reviews:9080"));
+        assert_eq!(host_of(&"/a".parse().expect("uri"), &h), "reviews:9080");
+        assert_eq!(host_of(&"http://x.y/a".parse().expect("uri"), &h), "x.y");
+        assert_eq!(host_only("reviews:9080"), "reviews");
+        assert_eq!(host_only("[fd00::1]:80"), "[fd00::1]");
+    }
+}

@@ -1,0 +1,190 @@
+//! The waypoint's side of HBONE: every CONNECT stream the ztunnel HBONE server accepts for
+//! the waypoint comes here. The authority names the original destination (a Service VIP or a
+//! pod); the stream is then sniffed and served as HTTP/1.1, as HTTP/2 with prior knowledge,
+//! or forwarded as opaque bytes to an endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::StatusCode;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+use ztunnel::hbone::server::{Handler, InboundRequest, Responder};
+use ztunnel::hbone::FORWARDED;
+use ztunnel::identity::SpiffeId;
+use ztunnel::state::State;
+
+use crate::forward::{Dest, Downstream, Forwarder};
+use crate::io::{sniff_stream, H2Io, Sniffed};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Proto, Upstreams};
+
+/// The HBONE stream handler of a waypoint.
+#[derive(Debug)]
+pub struct Waypoint {
+    identity: SpiffeId,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    forwarder: Arc<Forwarder>,
+    upstreams: Arc<Upstreams>,
+    sniff_timeout: Duration,
+}
+
+impl Waypoint {
+    /// A waypoint proving `identity`, routing on `snapshots`, sending through `upstreams`;
+    /// a stream whose client has said nothing for `sniff_timeout` is taken as opaque (a
+    /// server-first protocol).
+    pub fn new(
+        identity: SpiffeId,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        upstreams: Arc<Upstreams>,
+        sniff_timeout: Duration,
+    ) -> Arc<Waypoint> {
+        Arc::new(Waypoint {
+            identity,
+            forwarder: Forwarder::new(snapshots.clone(), upstreams.clone()),
+            snapshots,
+            upstreams,
+            sniff_timeout,
+        })
+    }
+
+    /// The connection cache, for logs and tests.
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    async fn serve_stream(self: Arc<Self>, req: InboundRequest, responder: Responder) {
+        let snap = self.snapshots.borrow().clone();
+        let Some(dest) = destination(&snap.state, req.authority) else {
+            tracing::info!(authority = %req.authority, client = %req.peer_identity,
+                "HBONE stream refused: not a Service port or pod the waypoint knows");
+            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        };
+        let client = forwarded_for(&req).unwrap_or(req.peer);
+        let (send, mut recv) = match responder.accept() {
+            Ok(halves) => halves,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE stream gone before it was answered");
+                return;
+            }
+        };
+        let mut seen = BytesMut::new();
+        let sniffed =
+            tokio::time::timeout(self.sniff_timeout, sniff_stream(&mut recv, &mut seen)).await;
+        let kind = match sniffed {
+            Ok(Ok(kind)) => kind,
+            Err(_) => Sniffed::Opaque,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HBONE stream failed before its first bytes");
+                return;
+            }
+        };
+        let io = TokioIo::new(H2Io::new(send, recv, seen.freeze()));
+        let proto = match kind {
+            Sniffed::Http1 => Proto::Http1,
+            Sniffed::Http2 => Proto::Http2,
+            Sniffed::Opaque | Sniffed::NeedMore => {
+                return self
+                    .forward_opaque(&snap, dest, client, io.into_inner())
+                    .await;
+            }
+        };
+        let down = Arc::new(Downstream {
+            dest,
+            client,
+            identity: req.peer_identity,
+            proto,
+        });
+        let fwd = self.forwarder.clone();
+        let service = service_fn(move |r| {
+            let (fwd, down) = (fwd.clone(), down.clone());
+            async move { fwd.handle(r, &down).await }
+        });
+        let served = match proto {
+            Proto::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+            }
+            Proto::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await
+            }
+        };
+        if let Err(e) = served {
+            tracing::debug!(%client, error = %e, "downstream HTTP connection ended");
+        }
+    }
+
+    async fn forward_opaque(&self, snap: &Snapshot, dest: Dest, client: SocketAddr, mut io: H2Io) {
+        let ep = match Forwarder::endpoint(snap, &dest) {
+            Ok(ep) => ep,
+            Err((_, why)) => {
+                tracing::info!(?dest, %client, error = %why, "opaque stream dropped");
+                return;
+            }
+        };
+        let mut up = match self.upstreams.connect(&ep, client).await {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::info!(?dest, %client, error = %e, "opaque stream dropped");
+                return;
+            }
+        };
+        let result = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+        match result {
+            Ok((sent, received)) => tracing::info!(
+                target: "access", ?dest, %client, upstream = %ep.authority(), sent, received, "opaque stream"
+            ),
+            Err(e) => tracing::info!(
+                target: "access", ?dest, %client, upstream = %ep.authority(), error = %e, "opaque stream"
+            ),
+        }
+    }
+}
+
+impl Handler for Waypoint {
+    fn identity_for(&self, _local: SocketAddr) -> Option<SpiffeId> {
+        Some(self.identity.clone())
+    }
+
+    fn serve(
+        self: Arc<Self>,
+        req: InboundRequest,
+        responder: Responder,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.serve_stream(req, responder))
+    }
+}
+
+/// What a CONNECT authority names: a port of a Service VIP, or a known pod.
+pub fn destination(state: &State, authority: SocketAddr) -> Option<Dest> {
+    if let Some(svc) = state.service_by_vip(authority.ip()) {
+        return svc
+            .ports
+            .iter()
+            .any(|p| p.port == authority.port())
+            .then(|| Dest::Service {
+                key: svc.key(),
+                port: authority.port(),
+            });
+    }
+    state.workload(authority.ip()).map(|_| Dest::Pod(authority))
+}
+
+/// The original client from the CONNECT's `forwarded: for="ip:port"`.
+fn forwarded_for(req: &InboundRequest) -> Option<SocketAddr> {
+    let v = req.headers.get(FORWARDED)?.to_str().ok()?;
+    v.split(';')
+        .flat_map(|p| p.split(','))
+        .find_map(|p| p.trim().strip_prefix("for="))
+        .map(|f| f.trim_matches('"'))
+        .and_then(|f| f.parse().ok())
+}
