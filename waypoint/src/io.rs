@@ -187,17 +187,19 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
     }
     let n = buf.len().min(H2_PREFACE.len());
     let preface_possible = buf[..n] == H2_PREFACE[..n];
-    if preface_possible && buf.len() >= H2_PREFACE.len() {
-        return Sniffed::Http2;
+    if preface_possible {
+        return if buf.len() >= H2_PREFACE.len() {
+            Sniffed::Http2
+        } else {
+            Sniffed::NeedMore
+        };
     }
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = &buf[..line_end.unwrap_or(buf.len())];
     let method_len = line.iter().take_while(|b| b.is_ascii_uppercase()).count();
     let method_ok = method_len > 0 && (method_len == line.len() || line[method_len] == b' ');
     match line_end {
-        None if preface_possible || (method_ok && buf.len() < MAX_REQUEST_LINE) => {
-            Sniffed::NeedMore
-        }
+        None if method_ok && buf.len() < MAX_REQUEST_LINE => Sniffed::NeedMore,
         None => Sniffed::Opaque,
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -1,0 +1,319 @@
+//! The waypoint in a mesh: HBONE in from a client pod, HTTP routed per request, HBONE out to
+//! the backends' node daemon (see `common` for the layout). Every test takes its own
+//! 127.78.`net`.0/24.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SPLIT_90_10: &str = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: mesh, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-added, value: by-route}]}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: header-match}]}}
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /slow}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: reviews, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+"#;
+
+fn h2_request(path: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(format!("http://reviews.mesh.svc.cluster.local{path}"))
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn http1_requests_arrive_intact_with_forwarding_headers_on_reused_connections() {
+    let mesh = Mesh::start(1, "").await;
+    let mut client = mesh.http1().await;
+    let mut backends = BTreeMap::new();
+    for (i, len) in [0, 1, 1000, 70_000, 300_000, 5].into_iter().enumerate() {
+        let body = payload(len, i as u8);
+        let mut req = request(&format!("/echo/{i}?q=a%20b"), body.clone());
+        req.headers_mut().insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        );
+        client.ready().await.expect("ready");
+        let resp = tokio::time::timeout(WAIT, client.send_request(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        let got = answer(resp).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            got.body == body,
+            "body of {len} bytes differs ({} back)",
+            got.body.len()
+        );
+        assert_eq!(got.header("x-seen-path"), format!("/echo/{i}?q=a%20b"));
+        assert_eq!(got.header("x-seen-host"), "reviews.mesh.svc.cluster.local");
+        assert_eq!(got.header("x-seen-xff"), mesh.ip(A).to_string());
+        assert_eq!(got.header("x-seen-xfp"), "http");
+        assert_eq!(got.header("x-seen-version"), "HTTP/1.1");
+        assert_eq!(
+            got.header("x-seen-traceparent"),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        *backends
+            .entry(got.header("x-backend").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        backends.len(),
+        2,
+        "no route: the Service's endpoints in turn: {backends:?}"
+    );
+    let (idle_http1, _) = mesh.waypoint.upstreams().kept();
+    assert!(
+        idle_http1 <= 2,
+        "one kept connection per endpoint, not one per request: {idle_http1}"
+    );
+}
+
+#[tokio::test]
+async fn http2_requests_are_multiplexed_and_arrive_intact() {
+    let mesh = Mesh::start(2, "").await;
+    let client = mesh.http2().await;
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = payload(usize::from(i) * 5000, i);
+            client.ready().await.expect("ready");
+            let resp = client
+                .send_request(h2_request(&format!("/h2/{i}"), body.clone()))
+                .await;
+            let got = answer(resp.expect("response")).await;
+            assert_eq!(got.status, 200);
+            assert!(got.body == body, "request {i}: body differs");
+            assert_eq!(got.header("x-seen-version"), "HTTP/2.0");
+            assert_eq!(got.header("x-seen-host"), "reviews.mesh.svc.cluster.local");
+            got.header("x-backend").to_string()
+        }));
+    }
+    let mut seen = BTreeMap::new();
+    for t in tasks {
+        let backend = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("in time")
+            .expect("task");
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    assert_eq!(seen.values().sum::<i32>(), 40);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (_, shared_http2) = mesh.waypoint.upstreams().kept();
+    assert!(
+        shared_http2 <= 2,
+        "one HTTP/2 connection per endpoint: {shared_http2}"
+    );
+}
+
+#[tokio::test]
+async fn a_90_10_route_splits_1000_requests_within_tolerance() {
+    let mesh = Mesh::start(3, SPLIT_90_10).await;
+    let mut client = mesh.http1().await;
+    let mut v2 = 0;
+    for i in 0..1000 {
+        client.ready().await.expect("ready");
+        let resp = tokio::time::timeout(
+            WAIT,
+            client.send_request(request(&format!("/split/{i}"), Vec::new())),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        let got = answer(resp).await;
+        assert_eq!(got.status, 200);
+        if got.header("x-backend") == "v2" {
+            v2 += 1;
+        }
+    }
+    // 100 expected, standard deviation about 9.5: the bounds are more than four away.
+    assert!((60..=140).contains(&v2), "v2 got {v2} of 1000");
+}
+
+#[tokio::test]
+async fn a_header_match_routes_to_v2_with_its_filters() {
+    let mesh = Mesh::start(4, SPLIT_90_10).await;
+    let client = mesh.http2().await;
+    for i in 0..20 {
+        let mut req = h2_request(&format!("/h/{i}"), b"x".to_vec());
+        req.headers_mut()
+            .insert("x-version", http::HeaderValue::from_static("v2"));
+        let mut client = client.clone();
+        client.ready().await.expect("ready");
+        let got = answer(client.send_request(req).await.expect("response")).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("x-backend"), "v2");
+        assert_eq!(got.header("x-seen-added"), "by-route");
+        assert_eq!(got.header("x-route"), "header-match");
+    }
+}
+
+#[tokio::test]
+async fn a_retry_turns_a_first_503_into_200() {
+    let mesh = Mesh::start(5, "").await;
+    let mut client = mesh.http1().await;
+    client.ready().await.expect("ready");
+    let resp = client
+        .send_request(request("/flaky", b"again".to_vec()))
+        .await;
+    let got = answer(resp.expect("response")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        &got.body[..],
+        b"again",
+        "the body is sent again on the retry"
+    );
+    assert_eq!(mesh.flaky_hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // With retries off, the 503 comes through.
+    mesh.set_routes(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: no-retry, namespace: mesh}\n\
+         spec: {parentRefs: [{kind: Service, name: reviews}], rules: [{retry: {attempts: 0}, backendRefs: [{name: reviews, port: 80}]}]}\n",
+    );
+    client.ready().await.expect("ready");
+    let got = answer(
+        client
+            .send_request(request("/flaky", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 503);
+}
+
+#[tokio::test]
+async fn a_slow_backend_beyond_the_request_timeout_gives_504() {
+    let mesh = Mesh::start(6, SPLIT_90_10).await;
+    let mut client = mesh.http1().await;
+    client.ready().await.expect("ready");
+    let start = Instant::now();
+    let got = answer(
+        client
+            .send_request(request("/slow", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 504);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    // The connection still serves requests after the timeout.
+    client.ready().await.expect("ready");
+    let got = answer(
+        client
+            .send_request(request("/fine", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test]
+async fn redirects_and_unmatched_requests_are_answered_by_the_waypoint() {
+    let only_exact =
+        SPLIT_90_10.replace("type: PathPrefix, value: /}", "type: Exact, value: /home}");
+    let mesh = Mesh::start(7, &only_exact).await;
+    let mut client = mesh.http1().await;
+    client.ready().await.expect("ready");
+    let got = answer(
+        client
+            .send_request(request("/old/page?x=1", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 302);
+    assert_eq!(
+        got.header("location"),
+        "http://reviews.mesh.svc.cluster.local/new/page?x=1"
+    );
+    client.ready().await.expect("ready");
+    let got = answer(
+        client
+            .send_request(request("/nowhere", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 404);
+}
+
+#[tokio::test]
+async fn a_stream_that_is_not_http_is_forwarded_as_bytes() {
+    let mesh = Mesh::start(8, SPLIT_90_10).await;
+    let mut io = mesh
+        .connect(SocketAddr::new(mesh.ip(VIP), 9000))
+        .await
+        .expect("HBONE");
+    let data = payload(200_000, 3);
+    let exchange = async {
+        io.write_all(b"\x00\x01binary").await?;
+        io.write_all(&data).await?;
+        io.shutdown().await?;
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await?;
+        Ok::<_, std::io::Error>(got)
+    };
+    let got = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&got[..8], b"\x00\x01binary");
+    assert!(
+        got[8..] == data[..],
+        "echo differs ({} bytes back)",
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn a_stream_for_an_unknown_destination_is_refused() {
+    let mesh = Mesh::start(9, "").await;
+    let err = mesh
+        .connect(SocketAddr::new(mesh.ip(99), 80))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, ztunnel::hbone::HboneError::Status { status, .. } if status == 503),
+        "{err}"
+    );
+    let err = mesh
+        .connect(SocketAddr::new(mesh.ip(VIP), 81))
+        .await
+        .expect_err("port the Service does not have");
+    assert!(
+        matches!(err, ztunnel::hbone::HboneError::Status { .. }),
+        "{err}"
+    );
+}
