@@ -380,7 +380,7 @@ async fn app_answer(
         .unwrap_or_default();
     let mut status = 200;
     match parts.uri.path() {
-        "/flaky" if flaky.fetch_add(1, Ordering::SeqCst) % 2 == 0 => status = 503,
+        "/flaky" if flaky.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) => status = 503,
         "/slow" => tokio::time::sleep(Duration::from_secs(3)).await,
         _ => {}
     }
