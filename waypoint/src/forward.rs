@@ -90,25 +90,32 @@ impl Forwarder {
         resolve(snap, &target).map_err(|Local(s, m)| (s, m))
     }
 
-    /// Answers one request; never fails (errors become responses).
+    /// Answers one request; never fails (errors become responses). Logs one `access` line.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         down: &Downstream,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let trace = req
-            .headers()
+        let snap = self.snapshots.borrow().clone();
+        let (mut parts, body) = req.into_parts();
+        let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+        let trace = parts
+            .headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(|t| t.split('-').nth(1))
             .unwrap_or("-")
             .to_string();
-        let (resp, upstream, rule) = match self.route_and_send(req, down).await {
-            Ok((resp, ep, rule)) => (resp, Some(ep), rule),
-            Err((Local(status, why), rule)) => (local(status, &why), None, rule),
+        let (resp, upstream, rule) = match route(&snap, &mut parts, down) {
+            Routed::Answer(resp, rule) => (resp, None, rule),
+            Routed::Forward(fwd) => {
+                let rule = fwd.rule.clone();
+                match self.forward(&snap, parts, body, down, fwd).await {
+                    Ok((resp, upstream)) => (resp, Some(upstream), rule),
+                    Err(Local(status, why)) => (local(status, &why), None, rule),
+                }
+            }
         };
         tracing::info!(
             target: "access",
@@ -127,134 +134,18 @@ impl Forwarder {
         Ok(resp)
     }
 
-    async fn route_and_send(
+    /// Sends the routed request, retrying as the rule allows within its timeout, and applies
+    /// the rule's response filters. Returns the response and the endpoint that gave it.
+    async fn forward(
         &self,
-        req: Request<Incoming>,
+        snap: &Snapshot,
+        parts: http::request::Parts,
+        body: Incoming,
         down: &Downstream,
-    ) -> Result<(Response<Body>, SocketAddr, Option<Arc<Rule>>), (Local, Option<Arc<Rule>>)> {
-        let snap = self.snapshots.borrow().clone();
-        let (mut parts, body) = req.into_parts();
-        let mut host = host_of(&parts.uri, &parts.headers);
-        let mut path = parts.uri.path().to_string();
-        let query = parts.uri.query().map(str::to_string);
-        let mut rule = None;
-        let target = match &down.dest {
-            Dest::Pod(addr) => Target::Pod(*addr),
-            Dest::Service { key, port } => {
-                let info = RequestInfo {
-                    method: &parts.method,
-                    path: &path,
-                    query: query.as_deref(),
-                    headers: &parts.headers,
-                };
-                match snap.routes.lookup(key, *port, &info) {
-                    Lookup::NoRoutes => Target::Service(key.clone(), *port),
-                    Lookup::NoMatch => {
-                        return Err((
-                            Local(StatusCode::NOT_FOUND, "no route matched".into()),
-                            None,
-                        ))
-                    }
-                    Lookup::Matched(m) => {
-                        let r = m.rule.clone();
-                        let fail = |status, why: String| Err((Local(status, why), Some(r.clone())));
-                        if let Some(why) = &r.invalid {
-                            return fail(StatusCode::INTERNAL_SERVER_ERROR, why.clone());
-                        }
-                        for f in &r.filters {
-                            match f {
-                                Filter::RequestHeaders(edit) => edit.apply(&mut parts.headers),
-                                Filter::ResponseHeaders(_) => {}
-                                Filter::Redirect(redirect) => {
-                                    let url = RequestUrl {
-                                        scheme: "http",
-                                        host: host_only(&host),
-                                        port: *port,
-                                        path: &path,
-                                        query: query.as_deref(),
-                                    };
-                                    let location = redirect.location(&url, m.prefix.as_deref());
-                                    let resp = Response::builder()
-                                        .status(redirect.status)
-                                        .header(header::LOCATION, location)
-                                        .body(empty());
-                                    return match resp {
-                                        Ok(resp) => Ok((
-                                            resp,
-                                            SocketAddr::from(([0, 0, 0, 0], 0)),
-                                            Some(r.clone()),
-                                        )),
-                                        Err(e) => {
-                                            fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                                        }
-                                    };
-                                }
-                                Filter::Rewrite(rw) => {
-                                    if let Some(h) = &rw.hostname {
-                                        host = h.clone();
-                                    }
-                                    if let Some(change) = &rw.path {
-                                        path = change.apply(&path, m.prefix.as_deref());
-                                    }
-                                }
-                            }
-                        }
-                        let Some(backend) = r.pick_backend(rand::random()) else {
-                            return fail(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "rule has no backend".into(),
-                            );
-                        };
-                        rule = Some(r.clone());
-                        Target::Service(backend.service.clone(), backend.port.unwrap_or(*port))
-                    }
-                }
-            }
-        };
-        let fail = |local| (local, rule.clone());
-
-        // The request as it goes upstream, minus its body.
-        let path_and_query = match &query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
-        };
-        let uri: Uri = match down.proto {
-            Proto::Http1 => path_and_query.parse(),
-            Proto::Http2 => format!("http://{host}{path_and_query}").parse(),
-        }
-        .map_err(|e| {
-            fail(Local(
-                StatusCode::BAD_REQUEST,
-                format!("bad request target: {e}"),
-            ))
-        })?;
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        if down.proto == Proto::Http1 {
-            let value = HeaderValue::from_str(&host)
-                .map_err(|_| fail(Local(StatusCode::BAD_REQUEST, "bad host".into())))?;
-            headers.insert(header::HOST, value);
-        }
-        append_forwarded_for(&mut headers, down.client.ip());
-        if !headers.contains_key(X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
-
-        let policy = rule.as_ref().map(|r| r.retry.clone()).unwrap_or_default();
-        let (replay, mut streamed) = match body.size_hint().exact() {
-            Some(n) if n <= MAX_REPLAY => {
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| {
-                        fail(Local(StatusCode::BAD_REQUEST, format!("request body: {e}")))
-                    })?
-                    .to_bytes();
-                (Some(bytes), None)
-            }
-            _ => (None, Some(body.map_err(BoxError::from).boxed_unsync())),
-        };
+        fwd: Forward,
+    ) -> Result<(Response<Body>, SocketAddr), Local> {
+        let (uri, headers) =
+            upstream_head(parts.headers, down, &fwd.host, &fwd.path, parts.uri.query())?;
         let version = match down.proto {
             Proto::Http1 => Version::HTTP_11,
             Proto::Http2 => Version::HTTP_2,
@@ -267,11 +158,26 @@ impl Forwarder {
             *req.headers_mut() = headers.clone();
             req
         };
+        // A small body is kept so a failed attempt can be made again; a large or streamed
+        // one goes out once.
+        let (replay, mut streamed) = match body.size_hint().exact() {
+            Some(n) if n <= MAX_REPLAY => {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Local(StatusCode::BAD_REQUEST, format!("request body: {e}")))?
+                    .to_bytes();
+                (Some(bytes), None)
+            }
+            _ => (None, Some(body.map_err(BoxError::from).boxed_unsync())),
+        };
+        let rule = fwd.rule.as_deref();
+        let policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
+        let retries = if replay.is_some() { policy.attempts } else { 0 };
         let attempts = async {
-            let max = if replay.is_some() { policy.attempts } else { 0 };
             let mut attempt = 0;
             loop {
-                let ep = resolve(&snap, &target)?;
+                let ep = resolve(snap, &fwd.target)?;
                 let body = match (&replay, streamed.take()) {
                     (Some(bytes), _) => full(bytes.clone()),
                     (None, Some(body)) => body,
@@ -283,7 +189,7 @@ impl Forwarder {
                     }
                 };
                 let sent = self.upstreams.send(&ep, down.proto, build(body));
-                let result = match rule.as_ref().and_then(|r| r.attempt_timeout) {
+                let result = match rule.and_then(|r| r.attempt_timeout) {
                     Some(t) => tokio::time::timeout(t, sent).await.unwrap_or_else(|_| {
                         Err(UpstreamError::Connect {
                             authority: ep.authority(),
@@ -296,7 +202,7 @@ impl Forwarder {
                     Ok(resp) => policy.codes.contains(&resp.status().as_u16()),
                     Err(_) => true,
                 };
-                if !retry || attempt >= max {
+                if !retry || attempt >= retries {
                     return match result {
                         Ok(resp) => Ok((resp, ep.authority())),
                         Err(e) => Err(Local(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
@@ -315,7 +221,7 @@ impl Forwarder {
                 backoff(&policy, attempt).await;
             }
         };
-        let outcome = match rule.as_ref().and_then(|r| r.timeout) {
+        let (mut resp, upstream) = match rule.and_then(|r| r.timeout) {
             Some(limit) => tokio::time::timeout(limit, attempts)
                 .await
                 .unwrap_or_else(|_| {
@@ -325,19 +231,155 @@ impl Forwarder {
                     ))
                 }),
             None => attempts.await,
-        };
-        let (mut resp, upstream) = outcome.map_err(fail)?;
+        }?;
         strip_hop_by_hop(resp.headers_mut());
         *resp.version_mut() = version;
-        if let Some(r) = &rule {
-            for f in &r.filters {
-                if let Filter::ResponseHeaders(edit) = f {
-                    edit.apply(resp.headers_mut());
+        for f in rule.iter().flat_map(|r| &r.filters) {
+            if let Filter::ResponseHeaders(edit) = f {
+                edit.apply(resp.headers_mut());
+            }
+        }
+        Ok((resp, upstream))
+    }
+}
+
+/// A request routed for forwarding.
+#[derive(Debug)]
+struct Forward {
+    target: Target,
+    /// Host for the upstream request (rewritten or the client's).
+    host: String,
+    /// Path for the upstream request (rewritten or the client's).
+    path: String,
+    /// The rule that decided, if a route matched.
+    rule: Option<Arc<Rule>>,
+}
+
+/// The routing decision for one request.
+#[derive(Debug)]
+enum Routed {
+    Forward(Forward),
+    /// Answered by the waypoint (a redirect, 404, 500), with the rule that decided.
+    Answer(Response<Body>, Option<Arc<Rule>>),
+}
+
+/// Routes a request to `down.dest`: a pod goes to that pod; a Service with no route to its
+/// own endpoints; otherwise the matched rule's filters apply (request headers edited in
+/// place) and a backend is drawn by weight.
+fn route(snap: &Snapshot, parts: &mut http::request::Parts, down: &Downstream) -> Routed {
+    let host = host_of(&parts.uri, &parts.headers);
+    let path = parts.uri.path().to_string();
+    let plain = |target| {
+        Routed::Forward(Forward {
+            target,
+            host: host.clone(),
+            path: path.clone(),
+            rule: None,
+        })
+    };
+    let (key, port) = match &down.dest {
+        Dest::Pod(addr) => return plain(Target::Pod(*addr)),
+        Dest::Service { key, port } => (key, *port),
+    };
+    let info = RequestInfo {
+        method: &parts.method,
+        path: &path,
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let m = match snap.routes.lookup(key, port, &info) {
+        Lookup::NoRoutes => return plain(Target::Service(key.clone(), port)),
+        Lookup::NoMatch => {
+            return Routed::Answer(local(StatusCode::NOT_FOUND, "no route matched"), None)
+        }
+        Lookup::Matched(m) => m,
+    };
+    let rule = m.rule;
+    let fail = |why: &str| {
+        Routed::Answer(
+            local(StatusCode::INTERNAL_SERVER_ERROR, why),
+            Some(rule.clone()),
+        )
+    };
+    if let Some(why) = &rule.invalid {
+        return fail(why);
+    }
+    let (mut host, mut path) = (host.clone(), path.clone());
+    for f in &rule.filters {
+        match f {
+            Filter::RequestHeaders(edit) => edit.apply(&mut parts.headers),
+            Filter::ResponseHeaders(_) => {}
+            Filter::Redirect(redirect) => {
+                let url = RequestUrl {
+                    scheme: "http",
+                    host: host_only(&host),
+                    port,
+                    path: &path,
+                    query: parts.uri.query(),
+                };
+                let location = redirect.location(&url, m.prefix.as_deref());
+                return match Response::builder()
+                    .status(redirect.status)
+                    .header(header::LOCATION, location)
+                    .body(empty())
+                {
+                    Ok(resp) => Routed::Answer(resp, Some(rule.clone())),
+                    Err(e) => fail(&e.to_string()),
+                };
+            }
+            Filter::Rewrite(rw) => {
+                if let Some(h) = &rw.hostname {
+                    host = h.clone();
+                }
+                if let Some(change) = &rw.path {
+                    path = change.apply(&path, m.prefix.as_deref());
                 }
             }
         }
-        Ok((resp, upstream, rule))
     }
+    let Some(backend) = rule.pick_backend(rand::random()) else {
+        return fail("rule has no backend");
+    };
+    Routed::Forward(Forward {
+        target: Target::Service(backend.service.clone(), backend.port.unwrap_or(port)),
+        host,
+        path,
+        rule: Some(rule.clone()),
+    })
+}
+
+/// The upstream request's target and headers: origin form and `Host` for HTTP/1.1, absolute
+/// form (which becomes `:authority`) for HTTP/2; connection headers dropped; the client added
+/// to `x-forwarded-for`; `x-forwarded-proto` set when absent. Everything else, `traceparent`
+/// included, passes unchanged.
+fn upstream_head(
+    mut headers: HeaderMap,
+    down: &Downstream,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(Uri, HeaderMap), Local> {
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let uri: Uri = match down.proto {
+        Proto::Http1 => path_and_query.parse(),
+        Proto::Http2 => format!("http://{host}{path_and_query}").parse(),
+    }
+    .map_err(|e| Local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    if down.proto == Proto::Http1 {
+        let value = HeaderValue::from_str(host)
+            .map_err(|_| Local(StatusCode::BAD_REQUEST, format!("bad host `{host}`")))?;
+        headers.insert(header::HOST, value);
+    }
+    append_forwarded_for(&mut headers, down.client.ip());
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    Ok((uri, headers))
 }
 
 /// The endpoint a target leads to now.
