@@ -180,6 +180,7 @@ pub fn build(
         snapshots,
         upstreams,
         settings.sniff_timeout,
+        drain.clone(),
     );
     let server = Server::new(
         settings.hbone.clone(),
@@ -226,8 +227,9 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     shutdown_signal().await;
     tracing::info!("draining");
     drain.start();
-    let left = drain.wait_idle(args.drain_timeout.0).await;
+    // No new connections; those open finish their streams (each holds a drain guard).
     serving.abort();
+    let left = drain.wait_idle(args.drain_timeout.0).await;
     tracing::info!(streams_cut = left, "waypoint stopped");
     Ok(())
 }

@@ -14,6 +14,7 @@ use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
+use ztunnel::drain::Drain;
 use ztunnel::hbone::server::{Handler, InboundRequest, Responder};
 use ztunnel::hbone::FORWARDED;
 use ztunnel::identity::SpiffeId;
@@ -32,17 +33,20 @@ pub struct Waypoint {
     forwarder: Arc<Forwarder>,
     upstreams: Arc<Upstreams>,
     sniff_timeout: Duration,
+    drain: Drain,
 }
 
 impl Waypoint {
     /// A waypoint proving `identity`, routing on `snapshots`, sending through `upstreams`;
     /// a stream whose client has said nothing for `sniff_timeout` is taken as opaque (a
-    /// server-first protocol).
+    /// server-first protocol). Once `drain` starts, HTTP connections are closed after their
+    /// requests in progress (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY).
     pub fn new(
         identity: SpiffeId,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         upstreams: Arc<Upstreams>,
         sniff_timeout: Duration,
+        drain: Drain,
     ) -> Arc<Waypoint> {
         Arc::new(Waypoint {
             identity,
@@ -50,6 +54,7 @@ impl Waypoint {
             snapshots,
             upstreams,
             sniff_timeout,
+            drain,
         })
     }
 
@@ -59,6 +64,12 @@ impl Waypoint {
     }
 
     async fn serve_stream(self: Arc<Self>, req: InboundRequest, responder: Responder) {
+        if self.drain.is_draining() {
+            // A client that opens a stream on a connection from before the GOAWAY, or on a
+            // new one, is told to go elsewhere.
+            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
         let snap = self.snapshots.borrow().clone();
         let Some(dest) = destination(&snap.state, req.authority) else {
             tracing::info!(authority = %req.authority, client = %req.peer_identity,
@@ -108,14 +119,13 @@ impl Waypoint {
         });
         let served = match proto {
             Proto::Http1 => {
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                until_drained(conn, &self.drain, |c| c.graceful_shutdown()).await
             }
             Proto::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(io, service)
-                    .await
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service);
+                until_drained(conn, &self.drain, |c| c.graceful_shutdown()).await
             }
         };
         if let Err(e) = served {
@@ -162,6 +172,24 @@ impl Handler for Waypoint {
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(self.serve_stream(req, responder))
     }
+}
+
+/// Runs `conn` to its end; when `drain` starts first, asks it to `shutdown` gracefully and
+/// lets it finish what it has in progress.
+async fn until_drained<C, E>(
+    conn: C,
+    drain: &Drain,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        _ = drain.started() => shutdown(conn.as_mut()),
+    }
+    conn.await
 }
 
 /// What a CONNECT authority names: a port of a Service VIP, or a known pod.

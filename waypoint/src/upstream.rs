@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -94,8 +95,17 @@ pub enum UpstreamError {
 
 /// The idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_HTTP1: usize = 32;
+/// A kept connection unused this long is closed (it holds an HBONE stream, and its endpoint
+/// may be long gone).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often kept connections are checked for [`IDLE_TIMEOUT`].
+const REAP_EVERY: Duration = Duration::from_secs(5);
 
 type Key = (SocketAddr, SpiffeId);
+/// Idle HTTP/1.1 connections per endpoint, each with the time it went idle.
+type Idle1 = HashMap<Key, Vec<(http1::SendRequest<Body>, Instant)>>;
+/// The shared HTTP/2 connection per endpoint, with the time of its last request.
+type Shared2 = HashMap<Key, (http2::SendRequest<Body>, Instant)>;
 
 /// Where the waypoint's upstream connections come from and are kept.
 #[derive(Debug)]
@@ -106,8 +116,8 @@ pub struct Upstreams {
     src: IpAddr,
     hbone_port: u16,
     baggage: String,
-    http1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    http1: Mutex<Idle1>,
+    http2: Mutex<Shared2>,
 }
 
 impl Upstreams {
@@ -121,7 +131,7 @@ impl Upstreams {
         hbone_port: u16,
         baggage: String,
     ) -> Arc<Upstreams> {
-        Arc::new(Upstreams {
+        let upstreams = Arc::new(Upstreams {
             pool,
             sockets,
             identity,
@@ -130,7 +140,30 @@ impl Upstreams {
             baggage,
             http1: Mutex::new(HashMap::new()),
             http2: Mutex::new(HashMap::new()),
-        })
+        });
+        let weak = Arc::downgrade(&upstreams);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_EVERY).await;
+                let Some(upstreams) = weak.upgrade() else {
+                    return;
+                };
+                upstreams.reap(Instant::now());
+            }
+        });
+        upstreams
+    }
+
+    /// Drops kept connections that are closed or have been unused for [`IDLE_TIMEOUT`] at
+    /// `now`; a task runs it every few seconds.
+    pub fn reap(&self, now: Instant) {
+        let fresh = |since: &Instant| now.duration_since(*since) < IDLE_TIMEOUT;
+        self.lock_http1().retain(|_, list| {
+            list.retain(|(s, since)| !s.is_closed() && fresh(since));
+            !list.is_empty()
+        });
+        self.lock_http2()
+            .retain(|_, (s, since)| !s.is_closed() && fresh(since));
     }
 
     /// Opens a byte stream to `ep`: HBONE with the endpoint's identity expected when it is
@@ -215,7 +248,8 @@ impl Upstreams {
                                 tracing::debug!(%authority, error = %e, "upstream HTTP/2 connection ended");
                             }
                         });
-                        self.lock_http2().insert(key, sender.clone());
+                        self.lock_http2()
+                            .insert(key, (sender.clone(), Instant::now()));
                         sender
                     }
                 };
@@ -229,7 +263,7 @@ impl Upstreams {
     /// A kept HTTP/1.1 connection to `key` that is ready for a request.
     async fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         loop {
-            let mut sender = self.lock_http1().get_mut(key).and_then(Vec::pop)?;
+            let (mut sender, _) = self.lock_http1().get_mut(key).and_then(Vec::pop)?;
             if !sender.is_closed() && sender.ready().await.is_ok() {
                 return Some(sender);
             }
@@ -242,16 +276,19 @@ impl Upstreams {
         }
         let mut idle = self.lock_http1();
         let list = idle.entry(key).or_default();
-        list.retain(|s| !s.is_closed());
+        list.retain(|(s, _)| !s.is_closed());
         if list.len() < MAX_IDLE_HTTP1 {
-            list.push(sender);
+            list.push((sender, Instant::now()));
         }
     }
 
     fn shared_http2(&self, key: &Key) -> Option<http2::SendRequest<Body>> {
         let mut shared = self.lock_http2();
-        match shared.get(key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+        match shared.get_mut(key) {
+            Some((s, used)) if !s.is_closed() => {
+                *used = Instant::now();
+                Some(s.clone())
+            }
             Some(_) => {
                 shared.remove(key);
                 None
@@ -260,11 +297,11 @@ impl Upstreams {
         }
     }
 
-    fn lock_http1(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<http1::SendRequest<Body>>>> {
+    fn lock_http1(&self) -> std::sync::MutexGuard<'_, Idle1> {
         self.http1.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_http2(&self) -> std::sync::MutexGuard<'_, HashMap<Key, http2::SendRequest<Body>>> {
+    fn lock_http2(&self) -> std::sync::MutexGuard<'_, Shared2> {
         self.http2.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -92,6 +92,14 @@ async fn http1_requests_arrive_intact_with_forwarding_headers_on_reused_connecti
         idle_http1 <= 2,
         "one kept connection per endpoint, not one per request: {idle_http1}"
     );
+    mesh.waypoint
+        .upstreams()
+        .reap(Instant::now() + Duration::from_secs(61));
+    assert_eq!(
+        mesh.waypoint.upstreams().kept(),
+        (0, 0),
+        "idle connections are closed"
+    );
 }
 
 #[tokio::test]
@@ -315,5 +323,37 @@ async fn a_stream_for_an_unknown_destination_is_refused() {
     assert!(
         matches!(err, ztunnel::hbone::HboneError::Status { .. }),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn draining_closes_idle_http_connections_and_refuses_new_streams() {
+    let mesh = Mesh::start(10, "").await;
+    let mut client = mesh.http1().await;
+    client.ready().await.expect("ready");
+    let got = answer(
+        client
+            .send_request(request("/before", Vec::new()))
+            .await
+            .expect("response"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    mesh.drain.start();
+    let closed = tokio::time::timeout(WAIT, async {
+        while !client.is_closed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle HTTP/1.1 connection is closed on drain"
+    );
+    assert!(
+        mesh.connect(SocketAddr::new(mesh.ip(VIP), 80))
+            .await
+            .is_err(),
+        "no new streams"
     );
 }

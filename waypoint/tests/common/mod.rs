@@ -57,6 +57,8 @@ pub struct Mesh {
     hbone_port: u16,
     snapshots: watch::Sender<Arc<Snapshot>>,
     yaml: String,
+    /// The waypoint's drain.
+    pub drain: Drain,
     /// Hits of `/flaky`, both backends together.
     pub flaky_hits: Arc<AtomicUsize>,
     _ca_dir: tempfile::TempDir,
@@ -215,13 +217,14 @@ impl Mesh {
             sniff_timeout: Duration::from_millis(500),
         };
         let (snapshots, snap_rx) = watch::channel(Arc::new(snapshot(&format!("{yaml}{routes}"))));
+        let drain = Drain::default();
         let (server, waypoint) = build(
             &settings,
             "cluster.local",
             waypoint_certs,
             sockets.clone(),
             snap_rx,
-            Drain::default(),
+            drain.clone(),
         );
         let listener = listeners.pop().expect("waypoint listener");
         tokio::spawn(server.run(listener));
@@ -238,6 +241,7 @@ impl Mesh {
             hbone_port,
             snapshots,
             yaml,
+            drain,
             flaky_hits,
             _ca_dir: ca_dir,
         }
