@@ -222,7 +222,8 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     certs
         .fetch(&settings.identity, args.connect_timeout.0)
         .await?;
-    tracing::info!(listen = %args.listen, identity = %settings.identity, "waypoint ready");
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(listen = %bound, identity = %settings.identity, "waypoint ready");
     let serving = tokio::spawn(server.run(listener));
     shutdown_signal().await;
     tracing::info!("draining");
