@@ -15,7 +15,11 @@ use ztunnel::hbone::client::Pool;
 use ztunnel::hbone::server::Server;
 use ztunnel::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
 use ztunnel::socket::{Leg, PlainSockets, SocketFactory};
+use ztunnel::telemetry::metrics::CLUSTER;
+use ztunnel::telemetry::Metrics;
 
+use crate::forward::Forwarder;
+use crate::metrics::RequestMetrics;
 use crate::server::Waypoint;
 use crate::snapshot::{FileWatch, ReadError, Snapshot};
 use crate::upstream::Upstreams;
@@ -53,6 +57,12 @@ pub struct Args {
     /// The waypoint pod's IP: the source of its connections to endpoints.
     #[arg(long, env = "POD_IP")]
     pub pod_ip: IpAddr,
+    /// Cluster DNS domain, for the destination Service names in metrics.
+    #[arg(long, env = "WAYPOINT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Where Prometheus scrapes `/metrics` (and `/stats/prometheus`).
+    #[arg(long, env = "WAYPOINT_METRICS_LISTEN", default_value = "0.0.0.0:15020")]
+    pub metrics_listen: SocketAddr,
     /// Where HBONE is accepted.
     #[arg(long, env = "WAYPOINT_LISTEN", default_value = "0.0.0.0:15008")]
     pub listen: SocketAddr,
@@ -120,6 +130,8 @@ pub struct Settings {
     pub hbone: HboneConfig,
     /// See [`Args::sniff_timeout`].
     pub sniff_timeout: Duration,
+    /// Cluster DNS domain.
+    pub cluster_domain: String,
 }
 
 impl Args {
@@ -130,12 +142,13 @@ impl Args {
             identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
             pod_ip: self.pod_ip,
             baggage: format!(
-                "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
+                "k8s.cluster.name={CLUSTER},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
                 self.namespace, self.pod_name, self.service_account
             ),
             hbone_port: self.hbone_port,
             hbone: hbone_config(window, self.connect_timeout.0),
             sniff_timeout: self.sniff_timeout.0,
+            cluster_domain: self.cluster_domain.clone(),
         }
     }
 }
@@ -156,13 +169,15 @@ pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
 }
 
 /// The HBONE server of a waypoint, ready for [`Server::run`] or [`Server::serve`]: certificates
-/// for `settings.identity` from `certs`, endpoints dialled through `sockets`.
+/// for `settings.identity` from `certs`, endpoints dialled through `sockets`, requests counted
+/// in `metrics`.
 pub fn build(
     settings: &Settings,
     trust_domain: &str,
     certs: Arc<CertManager>,
     sockets: Arc<dyn SocketFactory>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: &Metrics,
     drain: Drain,
 ) -> (Arc<Server<Waypoint>>, Arc<Waypoint>) {
     certs.set_identities(&BTreeSet::from([settings.identity.clone()]));
@@ -175,10 +190,17 @@ pub fn build(
         settings.hbone_port,
         settings.baggage.clone(),
     );
+    let forwarder = Forwarder::new(
+        snapshots.clone(),
+        upstreams.clone(),
+        RequestMetrics::new(metrics),
+        &settings.cluster_domain,
+    );
     let waypoint = Waypoint::new(
         settings.identity.clone(),
         snapshots,
         upstreams,
+        forwarder,
         settings.sniff_timeout,
         drain.clone(),
     );
@@ -205,20 +227,26 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
         connect_timeout: args.connect_timeout.0,
     });
     let drain = Drain::default();
+    let metrics = Metrics::new(&args.cluster_domain);
     let (server, _) = build(
         &settings,
         &args.trust_domain,
         certs.clone(),
         sockets.clone(),
         rx,
+        &metrics,
         drain.clone(),
     );
-    let listener = sockets
-        .listen(Leg::Hbone, args.listen, false)
-        .map_err(|error| WaypointError::Listen {
-            addr: args.listen,
-            error,
-        })?;
+    let listen = |addr: SocketAddr, leg| {
+        sockets
+            .listen(leg, addr, false)
+            .map_err(|error| WaypointError::Listen { addr, error })
+    };
+    let listener = listen(args.listen, Leg::Hbone)?;
+    tokio::spawn(crate::metrics::serve(
+        listen(args.metrics_listen, Leg::Node)?,
+        metrics,
+    ));
     certs
         .fetch(&settings.identity, args.connect_timeout.0)
         .await?;

@@ -19,6 +19,7 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use ztunnel::identity::SpiffeId;
 
+use crate::metrics::{RequestMetrics, RequestRecord};
 use crate::routing::filters::{Filter, RequestUrl};
 use crate::routing::{Lookup, RequestInfo, RetryPolicy, Rule};
 use crate::snapshot::Snapshot;
@@ -67,17 +68,27 @@ enum Target {
 pub struct Forwarder {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     upstreams: Arc<Upstreams>,
+    metrics: Arc<RequestMetrics>,
+    cluster_domain: String,
 }
 
 /// A failure answered by the waypoint.
 struct Local(StatusCode, String);
 
 impl Forwarder {
-    /// A forwarder routing on the latest of `snapshots`.
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, upstreams: Arc<Upstreams>) -> Arc<Self> {
+    /// A forwarder routing on the latest of `snapshots`, counting requests into `metrics`
+    /// (Services named in `cluster_domain`).
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<RequestMetrics>,
+        cluster_domain: &str,
+    ) -> Arc<Self> {
         Arc::new(Forwarder {
             snapshots,
             upstreams,
+            metrics,
+            cluster_domain: cluster_domain.to_string(),
         })
     }
 
@@ -117,6 +128,23 @@ impl Forwarder {
                 }
             }
         };
+        let destination_service = match &down.dest {
+            Dest::Service { key, .. } => match key.split_once('/') {
+                Some((ns, name)) => format!("{name}.{ns}.svc.{}", self.cluster_domain),
+                None => key.clone(),
+            },
+            Dest::Pod(addr) => addr.to_string(),
+        };
+        self.metrics.record(
+            &RequestRecord {
+                source_principal: down.identity.to_string(),
+                source_namespace: &down.identity.namespace,
+                destination_service,
+                status: resp.status(),
+                local: upstream.is_none(),
+            },
+            start.elapsed(),
+        );
         tracing::info!(
             target: "access",
             method = %method,

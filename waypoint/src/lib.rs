@@ -15,6 +15,7 @@
 pub mod app;
 pub mod forward;
 pub mod io;
+pub mod metrics;
 pub mod routing;
 pub mod server;
 pub mod snapshot;

@@ -40,17 +40,19 @@ impl Waypoint {
     /// A waypoint proving `identity`, routing on `snapshots`, sending through `upstreams`;
     /// a stream whose client has said nothing for `sniff_timeout` is taken as opaque (a
     /// server-first protocol). Once `drain` starts, HTTP connections are closed after their
-    /// requests in progress (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY).
+    /// requests in progress (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY). Requests are
+    /// handed to `forwarder`.
     pub fn new(
         identity: SpiffeId,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         upstreams: Arc<Upstreams>,
+        forwarder: Arc<Forwarder>,
         sniff_timeout: Duration,
         drain: Drain,
     ) -> Arc<Waypoint> {
         Arc::new(Waypoint {
             identity,
-            forwarder: Forwarder::new(snapshots.clone(), upstreams.clone()),
+            forwarder,
             snapshots,
             upstreams,
             sniff_timeout,

@@ -162,6 +162,17 @@ async fn a_90_10_route_splits_1000_requests_within_tolerance() {
     }
     // 100 expected, standard deviation about 9.5: the bounds are more than four away.
     assert!((60..=140).contains(&v2), "v2 got {v2} of 1000");
+    let text = mesh.metrics.encode();
+    let counted = text
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"reviews.mesh.svc.cluster.local\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/mesh/sa/a\"")
+                && l.contains("response_code=\"200\"")
+        })
+        .unwrap_or_else(|| panic!("no request counter in\n{text}"));
+    assert!(counted.ends_with(" 1000"), "{counted}");
 }
 
 #[tokio::test]

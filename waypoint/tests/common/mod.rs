@@ -57,6 +57,8 @@ pub struct Mesh {
     hbone_port: u16,
     snapshots: watch::Sender<Arc<Snapshot>>,
     yaml: String,
+    /// The waypoint's metrics.
+    pub metrics: Arc<Metrics>,
     /// The waypoint's drain.
     pub drain: Drain,
     /// Hits of `/flaky`, both backends together.
@@ -215,7 +217,9 @@ impl Mesh {
             hbone_port,
             hbone: hbone_config(1 << 20, Duration::from_secs(5)),
             sniff_timeout: Duration::from_millis(500),
+            cluster_domain: "cluster.local".into(),
         };
+        let metrics = Metrics::new("cluster.local");
         let (snapshots, snap_rx) = watch::channel(Arc::new(snapshot(&format!("{yaml}{routes}"))));
         let drain = Drain::default();
         let (server, waypoint) = build(
@@ -224,6 +228,7 @@ impl Mesh {
             waypoint_certs,
             sockets.clone(),
             snap_rx,
+            &metrics,
             drain.clone(),
         );
         let listener = listeners.pop().expect("waypoint listener");
@@ -241,6 +246,7 @@ impl Mesh {
             hbone_port,
             snapshots,
             yaml,
+            metrics,
             drain,
             flaky_hits,
             _ca_dir: ca_dir,
