@@ -153,7 +153,10 @@ impl Args {
     }
 }
 
-/// HBONE settings for a waypoint: the daemon's defaults, with `window` per stream.
+/// HBONE settings for a waypoint: the daemon's defaults, with `window` per stream, and all
+/// streams to one endpoint on one connection (up to 100 streams) before another is dialled:
+/// the waypoint's streams carry kept HTTP connections, not bulk flows that would hold each
+/// other up.
 pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
     HboneConfig {
         max_streams: 100,

@@ -48,6 +48,8 @@ pub enum Dest {
 pub struct Downstream {
     /// The original destination.
     pub dest: Dest,
+    /// The CONNECT authority: the host of requests that name none (HTTP/1.0 without `Host`).
+    pub authority: SocketAddr,
     /// The original client's address (the CONNECT's `forwarded`, else the HBONE peer).
     pub client: SocketAddr,
     /// The client's identity from its certificate.
@@ -295,7 +297,10 @@ enum Routed {
 /// own endpoints; otherwise the matched rule's filters apply (request headers edited in
 /// place) and a backend is drawn by weight.
 fn route(snap: &Snapshot, parts: &mut http::request::Parts, down: &Downstream) -> Routed {
-    let host = host_of(&parts.uri, &parts.headers);
+    let mut host = host_of(&parts.uri, &parts.headers);
+    if host.is_empty() {
+        host = down.authority.to_string();
+    }
     let path = parts.uri.path().to_string();
     let plain = |target| {
         Routed::Forward(Forward {
@@ -604,6 +609,7 @@ spec:
             .into_parts();
         let down = Downstream {
             dest,
+            authority: "10.96.0.1:80".parse().expect("addr"),
             client: "10.0.0.9:1234".parse().expect("addr"),
             identity: SpiffeId::new("cluster.local", "ns", "client"),
             proto: Proto::Http1,

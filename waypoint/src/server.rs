@@ -110,6 +110,7 @@ impl Waypoint {
         };
         let down = Arc::new(Downstream {
             dest,
+            authority: req.authority,
             client,
             identity: req.peer_identity,
             proto,
