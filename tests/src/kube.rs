@@ -21,7 +21,8 @@
 //! the handle kills both processes and removes the work dir; as with the cluster, the work dir
 //! (certificates, logs, etcd data) is kept after a panic or with `MESH_KEEP_WORKDIR=1`.
 //!
-//! Starting fails loudly (never skips) with what failed and the last lines of the log.
+//! Starting fails loudly (never skips) with what failed and the last lines of the log; the work
+//! dir of a failed start is kept and named in the error.
 //! The kube-apiserver binary comes from [`ensure_apiserver`]: `KUBE_APISERVER_BIN`, else a build
 //! from Debian's source package cached under [`apiserver_cache_dir`] (minutes, once).
 
@@ -113,6 +114,8 @@ pub struct ApiServer {
     starts: usize,
     kubeconfig: PathBuf,
     kubectl_bin: PathBuf,
+    /// Keep the work dir on drop (a failed start).
+    keep_workdir: bool,
 }
 
 /// Gives every work dir of this process a distinct name.
@@ -161,6 +164,7 @@ impl ApiServer {
             apiserver: None,
             starts: 0,
             kubectl_bin,
+            keep_workdir: false,
         };
         // Ports are picked free and then bound by the child: another process may take one in
         // between, so a start that fails on a taken port is tried again with new ones.
@@ -178,13 +182,25 @@ impl ApiServer {
                     let etcd_data = server.workdir.join("etcd");
                     let _ = std::fs::remove_dir_all(&etcd_data);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(server.failed(e)),
             }
         }
         if server.opts.install_crds {
-            server.install_crds()?;
+            if let Err(e) = server.install_crds() {
+                return Err(server.failed(e));
+            }
         }
         Ok(server)
+    }
+
+    /// A failed start: the processes go, the work dir stays for inspection (its path is added
+    /// to the error).
+    fn failed(mut self, e: anyhow::Error) -> anyhow::Error {
+        self.keep_workdir = true;
+        e.context(format!(
+            "starting the test API server (work dir kept: {})",
+            self.workdir.display()
+        ))
     }
 
     fn start_processes(&mut self, etcd_bin: &Path) -> Result<()> {
@@ -457,6 +473,12 @@ impl ApiServer {
         tail_file(&self.apiserver_log, lines)
     }
 
+    /// The kubectl the harness runs (`KUBECTL_BIN`, else `kubectl` on `PATH`), for running it
+    /// elsewhere (in a node's namespace, say).
+    pub fn kubectl_bin(&self) -> &Path {
+        &self.kubectl_bin
+    }
+
     /// Runs `kubectl <args>` as admin; its stdout, or an error with the command and stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_as(&self.kubeconfig, args)
@@ -712,7 +734,7 @@ impl Drop for ApiServer {
             return;
         }
         let _ = std::fs::remove_file(self.workdir.join("pids"));
-        let keep = std::env::var("MESH_KEEP_WORKDIR").is_ok_and(|v| v == "1");
+        let keep = self.keep_workdir || std::env::var("MESH_KEEP_WORKDIR").is_ok_and(|v| v == "1");
         if panicking || keep {
             eprintln!(
                 "mesh-tests: kept API server work dir {}",

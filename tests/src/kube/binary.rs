@@ -62,7 +62,7 @@ pub fn apiserver_cache_dir() -> PathBuf {
 }
 
 /// The kube-apiserver binary to run: `KUBE_APISERVER_BIN` when set (it must exist), else
-/// `<cache dir>/kube-apiserver`, built first when missing (about 8 minutes and 2.3 GB of disk
+/// `<cache dir>/kube-apiserver`, built first when missing (7 to 9 minutes and 2 GB of disk
 /// during the build; only the binary is kept). Progress goes to stderr directly, so a user
 /// sees why a first run takes minutes even under the test harness's output capture.
 pub fn ensure_apiserver() -> Result<PathBuf> {
@@ -124,7 +124,7 @@ fn minutes(d: Duration) -> String {
 fn build(dir: &Path, bin: &Path) -> Result<()> {
     progress(&format!(
         "kube-apiserver {KUBE_VERSION} is not cached; building it from Debian's `kubernetes` \
-         source package (once per machine: about 8 minutes on 2 cores, 2.3 GB of disk while \
+         source package (once per machine: 7 to 9 minutes on 2 cores, 2 GB of disk while \
          building; log in {}/build.log)",
         dir.display()
     ));
