@@ -2,6 +2,7 @@
 //!
 //! - [`cluster`]: a Kubernetes-like cluster built from Linux network namespaces (fabric bridge,
 //!   nodes, pods), the YAML state the daemons read, the daemons themselves and fabric captures.
+//! - [`kube`]: a real Kubernetes API server (etcd + kube-apiserver) with the repository's CRDs.
 //! - [`app`]: typed wrappers around the `meshapp` test application running inside pods.
 //! - [`bpf`]: which eBPF programs are attached in a namespace (cleanup checks).
 //! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
@@ -13,6 +14,7 @@ pub mod app;
 pub mod bpf;
 pub mod cluster;
 pub mod flags;
+pub mod kube;
 pub mod pcap;
 pub mod testkit;
 

