@@ -7,6 +7,7 @@
 
 mod capture;
 mod daemon;
+mod kube;
 mod net;
 mod pod;
 mod spec;
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 
 pub use capture::Capture;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
+pub use kube::{ControlPlane, API_ADDRESS};
 pub use net::{in_netns, run};
 pub use pod::Pod;
 pub use spec::{
@@ -40,11 +42,24 @@ pub struct Cluster {
     daemons: Vec<Option<Daemon>>,
     ca_initialised: bool,
     captures: AtomicUsize,
+    /// With [`Cluster::start_kube`]: the API server the daemons follow.
+    kube: Option<ControlPlane>,
 }
 
 impl Cluster {
     /// Builds the cluster described by `spec`. Fails (never skips) without root or tools.
     pub fn start(spec: ClusterSpec) -> Result<Cluster> {
+        Cluster::build(spec, false)
+    }
+
+    /// Builds the cluster with a Kubernetes API server in the fabric namespace holding its
+    /// objects; daemons then run with `--source kube` (see [`ControlPlane`]). The state files
+    /// are still written, so a test can compare, but the daemons do not read them.
+    pub fn start_kube(spec: ClusterSpec) -> Result<Cluster> {
+        Cluster::build(spec, true)
+    }
+
+    fn build(spec: ClusterSpec, kube: bool) -> Result<Cluster> {
         crate::require_root()?;
         crate::require_tool("ip", "iproute2")?;
         crate::require_tool("setsid", "util-linux")?;
@@ -77,6 +92,7 @@ impl Cluster {
             pods: Vec::new(),
             ca_initialised: false,
             captures: AtomicUsize::new(0),
+            kube: None,
         };
         for (p, j, ip) in placements {
             let logdir = cluster
@@ -103,7 +119,29 @@ impl Cluster {
         // On error `cluster` is dropped here, which removes whatever was created.
         net::build(&cluster.names, &cluster.spec, &mut cluster.created)
             .context("building the cluster's namespaces")?;
+        if kube {
+            let cp =
+                ControlPlane::start(&cluster.names.fabric()).context("starting the API server")?;
+            cp.apply_spec(&cluster.spec, true)
+                .context("creating the cluster's objects in the API server")?;
+            cluster.kube = Some(cp);
+        }
         Ok(cluster)
+    }
+
+    /// The API server and daemon credentials of a [`Cluster::start_kube`] cluster. Panics on a
+    /// file-source cluster: that is a mistake in the test.
+    pub fn kube(&self) -> &ControlPlane {
+        self.kube
+            .as_ref()
+            .expect("the cluster has no API server; use Cluster::start_kube")
+    }
+
+    /// [`Cluster::kube`], mutable (to stop and restart the API server).
+    pub fn kube_mut(&mut self) -> &mut ControlPlane {
+        self.kube
+            .as_mut()
+            .expect("the cluster has no API server; use Cluster::start_kube")
     }
 
     /// The run prefix shared by all namespace names.
@@ -181,11 +219,15 @@ impl Cluster {
             .with_context(|| format!("renaming {} into place", tmp.display()))
     }
 
+    /// Writes every state file and, with an API server, applies the objects there.
     fn write_all_state(&self) -> Result<()> {
         for (name, text) in self.spec.render_all()? {
             self.write_state_file(name, &text)?;
         }
-        Ok(())
+        match &self.kube {
+            Some(cp) => cp.apply_spec(&self.spec, false),
+            None => Ok(()),
+        }
     }
 
     /// Changes labels, service accounts or services and rewrites every node's state files.
@@ -259,18 +301,25 @@ impl Cluster {
             bail!("node{node} daemon is already running");
         }
         let ca = self.ca_dir()?;
-        let mut args: Vec<OsString> = vec![
-            "--node-name".into(),
-            format!("node{node}").into(),
-            "--state".into(),
-            self.state_dir(node).into(),
+        let mut args: Vec<OsString> = vec!["--node-name".into(), format!("node{node}").into()];
+        match &self.kube {
+            Some(cp) => {
+                args.extend(["--source".into(), "kube".into()]);
+                // A test may give a daemon other credentials.
+                if !extra.contains(&"--kubeconfig") {
+                    args.extend(["--kubeconfig".into(), cp.daemon_kubeconfig.clone().into()]);
+                }
+            }
+            None => args.extend(["--state".into(), self.state_dir(node).into()]),
+        }
+        args.extend([
             "--ca-dir".into(),
             ca.into(),
             "--uplink".into(),
             "eth0".into(),
             "--log-format".into(),
             "json".into(),
-        ];
+        ]);
         // Short drain by default so teardown's SIGTERM is quick; a test may set its own.
         if !extra.iter().any(|a| a.starts_with("--drain-timeout")) {
             args.extend(["--drain-timeout".into(), "3s".into()]);
@@ -327,6 +376,16 @@ impl Drop for Cluster {
         }
         for d in self.daemons.iter_mut().filter_map(Option::take) {
             d.shutdown();
+        }
+        if let Some(cp) = self.kube.take() {
+            if panicking {
+                eprintln!(
+                    "----- kube-apiserver log tail ({}):\n{}",
+                    cp.api.log_path().display(),
+                    cp.api.log_tail(20)
+                );
+            }
+            drop(cp);
         }
         for ns in self.created.drain(..).rev() {
             net::delete_netns(&ns);

@@ -22,7 +22,6 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
 use kube::Client;
 use tokio::sync::{mpsc, watch};
 
@@ -96,6 +95,10 @@ impl Kind {
         }
     }
 }
+
+/// First and longest wait before a failed watch lists its kind again.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How long an optional kind that is not installed waits before it is looked for again.
 const NOT_INSTALLED_RETRY: Duration = Duration::from_secs(30);
@@ -398,26 +401,39 @@ async fn watch_kind(
         }
     };
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(event) = events.next().await {
-        let update = match event {
-            Ok(Event::Init) => Update::Relist,
-            Ok(Event::InitApply(o) | Event::Apply(o)) => {
-                let key = key_of(&o);
-                Update::Apply {
-                    key,
-                    object: Box::new(typed(&ar, o)),
+    // A watcher resumes a broken watch silently, so a recovery would never be seen; instead
+    // each failure ends this watcher and a new one lists the kind again (after a backoff),
+    // which both proves the view current and replaces whatever was missed.
+    let mut backoff = WATCH_BACKOFF_MIN;
+    loop {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let update = match event {
+                Ok(Event::Init) => Update::Relist,
+                Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                    let key = key_of(&o);
+                    Update::Apply {
+                        key,
+                        object: Box::new(typed(&ar, o)),
+                    }
                 }
+                Ok(Event::Delete(o)) => Update::Delete { key: key_of(&o) },
+                Ok(Event::InitDone) => {
+                    backoff = WATCH_BACKOFF_MIN;
+                    Update::Listed
+                }
+                Err(e) => Update::Error(describe(kind, &e)),
+            };
+            let failed = matches!(update, Update::Error(_));
+            if send(update).await.is_err() {
+                return;
             }
-            Ok(Event::Delete(o)) => Update::Delete { key: key_of(&o) },
-            Ok(Event::InitDone) => Update::Listed,
-            Err(e) => Update::Error(describe(kind, &e)),
-        };
-        if send(update).await.is_err() {
-            return;
+            if failed {
+                break;
+            }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
     }
 }
 

@@ -96,12 +96,20 @@ pub struct SourceHealth {
 }
 
 /// One part's latest failure, if it is failing.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone)]
 struct Part {
     /// Why it is failing.
     error: Option<String>,
-    /// Since when (unix seconds).
-    failing_since: Option<u64>,
+    /// Since when.
+    failing_since: Option<SystemTime>,
+}
+
+/// A failing part as the config dump shows it.
+#[derive(Debug, Serialize)]
+struct FailingPart {
+    error: String,
+    /// Unix seconds.
+    failing_since: u64,
 }
 
 impl SourceHealth {
@@ -127,7 +135,7 @@ impl SourceHealth {
             let p = parts.entry(part.to_string()).or_default();
             let news = p.error.as_deref() != Some(error);
             p.error = Some(error.to_string());
-            p.failing_since.get_or_insert_with(unix_now);
+            p.failing_since.get_or_insert_with(SystemTime::now);
             news
         };
         self.refresh();
@@ -142,7 +150,8 @@ impl SourceHealth {
             failing_since: Some(since),
         }) = was
         {
-            tracing::info!(source = self.source, part, after_secs = unix_now().saturating_sub(since), previous_error = %e, "state source current again");
+            let after = since.elapsed().unwrap_or_default();
+            tracing::info!(source = self.source, part, after_secs = after.as_secs_f64(), previous_error = %e, "state source current again");
         }
         self.refresh();
     }
@@ -151,16 +160,18 @@ impl SourceHealth {
     /// much older than the cluster the daemon's view may be.
     pub fn stale_for(&self) -> Duration {
         let oldest = self.parts().values().filter_map(|p| p.failing_since).min();
-        oldest.map_or(Duration::ZERO, |t| {
-            Duration::from_secs(unix_now().saturating_sub(t))
-        })
+        oldest.map_or(Duration::ZERO, |t| t.elapsed().unwrap_or_default())
+    }
+
+    /// Whether no part is failing.
+    pub fn in_sync(&self) -> bool {
+        self.parts().values().all(|p| p.error.is_none())
     }
 
     /// Updates the gauges (called on changes and every second by the source).
     pub fn refresh(&self) {
-        let stale = self.stale_for();
-        self.stale_seconds.set(stale.as_secs_f64());
-        self.in_sync.set(i64::from(stale.is_zero()));
+        self.stale_seconds.set(self.stale_for().as_secs_f64());
+        self.in_sync.set(i64::from(self.in_sync()));
     }
 
     /// Registers `ztunnel_state_source_stale_seconds` and `ztunnel_state_source_in_sync`.
@@ -179,10 +190,21 @@ impl SourceHealth {
 
     /// For the config dump and `ztunnel status`.
     pub fn snapshot(&self) -> serde_json::Value {
-        let parts = self.parts().clone();
-        let failing: BTreeMap<_, _> = parts
-            .into_iter()
-            .filter(|(_, p)| p.error.is_some())
+        let failing: BTreeMap<String, FailingPart> = self
+            .parts()
+            .iter()
+            .filter_map(|(name, p)| {
+                let since = p.failing_since.unwrap_or(SystemTime::UNIX_EPOCH);
+                Some((
+                    name.clone(),
+                    FailingPart {
+                        error: p.error.clone()?,
+                        failing_since: since
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    },
+                ))
+            })
             .collect();
         serde_json::json!({
             "source": self.source,
@@ -191,12 +213,6 @@ impl SourceHealth {
             "failing": failing,
         })
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The log line tests and operators watch for after each accepted change.
