@@ -463,7 +463,7 @@ async fn first_complete_state(
         _ = signals.recv() => return None,
     }
     let state = rx.borrow_and_update().clone();
-    source::log_applied(&state);
+    source::log_applied(&state, None);
     Some(state)
 }
 

@@ -215,10 +215,11 @@ impl FileSource {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            let started = std::time::Instant::now();
             match self.poll() {
                 Ok(Some(state)) => {
                     self.health.set_ok("files");
-                    log_applied(&state);
+                    log_applied(&state, Some(started.elapsed()));
                     tx.send_replace(Arc::new(state));
                 }
                 Ok(None) => self.health.set_ok("files"),

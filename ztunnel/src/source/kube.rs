@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -272,10 +272,12 @@ impl KubeSource {
     }
 
     /// Waits for the next update, applies it and every update already queued behind it.
-    /// Returns whether the model changed, or `None` when every watch task is gone.
-    async fn next_batch(&mut self) -> Option<bool> {
+    /// Returns whether the model changed and when the first update arrived, or `None` when
+    /// every watch task is gone.
+    async fn next_batch(&mut self) -> Option<(bool, Instant)> {
         let rx = self.updates.as_mut()?;
         let (kind, first) = rx.recv().await?;
+        let arrived = Instant::now();
         let mut batch = vec![(kind, first)];
         while batch.len() < 10_000 {
             match rx.try_recv() {
@@ -287,13 +289,13 @@ impl KubeSource {
         for (kind, u) in batch {
             changed |= self.apply(kind, u);
         }
-        Some(changed)
+        Some((changed, arrived))
     }
 
-    fn publish(&mut self, tx: &watch::Sender<Arc<State>>) {
+    fn publish(&mut self, tx: &watch::Sender<Arc<State>>, arrived: Option<Instant>) {
         self.generation += 1;
         let state = self.model.snapshot(self.generation);
-        log_applied(&state);
+        log_applied(&state, arrived.map(|t| t.elapsed()));
         tx.send_replace(Arc::new(state));
     }
 }
@@ -344,7 +346,7 @@ impl StateSource for KubeSource {
                     return std::future::pending().await;
                 }
             }
-            self.publish(tx);
+            self.publish(tx, None);
         }
         .boxed()
     }
@@ -355,8 +357,8 @@ impl StateSource for KubeSource {
             loop {
                 tokio::select! {
                     batch = self.next_batch() => match batch {
-                        Some(true) => self.publish(&tx),
-                        Some(false) => {}
+                        Some((true, arrived)) => self.publish(&tx, Some(arrived)),
+                        Some((false, _)) => {}
                         None => return,
                     },
                     _ = tick.tick() => self.health.refresh(),

@@ -216,12 +216,24 @@ impl SourceHealth {
 }
 
 /// The log line tests and operators watch for after each accepted change.
-pub fn log_applied(state: &State) {
-    tracing::info!(
-        generation = state.generation,
-        pods = state.workloads.len(),
-        services = state.services.len(),
-        enrolled = state.workloads.values().filter(|w| w.enrolled).count(),
-        "state applied"
+/// `took`: the daemon's own work for the change, from the source seeing it (a file read, the
+/// first watch event of a burst) to the new snapshot being published; `took_us` in the line.
+pub fn log_applied(state: &State, took: Option<Duration>) {
+    let enrolled = state.workloads.values().filter(|w| w.enrolled).count();
+    let (generation, pods, services) = (
+        state.generation,
+        state.workloads.len(),
+        state.services.len(),
     );
+    match took {
+        Some(t) => tracing::info!(
+            generation,
+            pods,
+            services,
+            enrolled,
+            took_us = u64::try_from(t.as_micros()).unwrap_or(u64::MAX),
+            "state applied"
+        ),
+        None => tracing::info!(generation, pods, services, enrolled, "state applied"),
+    }
 }
