@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             "demo" => demo::run(rest),
             "bench" => bench::run(rest),
             "overhead" => bench::overhead(rest),
+            "scale" => bench::scale(rest),
             "help" | "-h" | "--help" => {
                 usage();
                 Ok(true)

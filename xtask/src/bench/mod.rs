@@ -12,6 +12,7 @@
 
 mod overhead;
 mod probe;
+mod scale;
 mod sidecar;
 
 use std::collections::BTreeMap;
@@ -252,6 +253,11 @@ fn push(s: &mut Samples, mode: Mode, metric: &str, v: f64) {
 }
 
 /// `cargo xtask bench [scenario...] [--runs N] [--secs S] [--rate R]`.
+/// `cargo xtask scale`: see [`scale`].
+pub fn scale(args: &[String]) -> Result<bool> {
+    scale::run(args)
+}
+
 pub fn run(args: &[String]) -> Result<bool> {
     let o = parse(args)?;
     let profile = o.scenarios.iter().any(|s| s == "profile");

@@ -1,0 +1,423 @@
+//! `cargo xtask scale [--source file|kube] [--changes N] [--churn-secs S]`: what a large
+//! cluster costs the daemon.
+//!
+//! The state: 10,000 pods in 200 namespaces (100 of them on this node), 2,000 Services and
+//! 1,000 AuthorizationPolicies. For each source (state files: one file per namespace; or a
+//! real kube-apiserver holding the objects) a release daemon with capture off follows it on a
+//! one-node namespace cluster, and the run reports: the time to ready, memory once ready
+//! (RSS and anonymous), the time from a change (a pod relabelled, a namespace label flipped,
+//! a policy edited) to the daemon logging it applied, split into the daemon's own work
+//! (`took_us` of its `state applied` line) and the whole path, memory after the changes, and
+//! the daemon's CPU while pods are updated at 50 per second. Results: a table on stdout and
+//! JSON in target/bench/.
+//!
+//! The end-to-end figure for the API server starts when `kubectl` is started, so it includes
+//! kubectl's own start-up and request; the daemon's part is `took_us`.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use mesh_tests::cluster::{message, Cluster, ClusterSpec};
+use serde_json::{json, Value};
+
+use super::probe;
+
+const NAMESPACES: usize = 200;
+const PODS: usize = 10_000;
+const SERVICES: usize = 2_000;
+const POLICIES: usize = 1_000;
+/// Pods whose `nodeName` is the measured daemon's node.
+const LOCAL_PODS: usize = 100;
+
+#[derive(Debug)]
+struct Opts {
+    sources: Vec<&'static str>,
+    changes: usize,
+    churn_secs: f64,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        sources: vec!["file", "kube"],
+        changes: 10,
+        churn_secs: 10.0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| -> Result<String> {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--source" => {
+                o.sources = match val("--source")?.as_str() {
+                    "file" => vec!["file"],
+                    "kube" => vec!["kube"],
+                    other => bail!("--source: `{other}` is not file or kube"),
+                }
+            }
+            "--changes" => o.changes = val("--changes")?.parse().context("--changes")?,
+            "--churn-secs" => o.churn_secs = val("--churn-secs")?.parse().context("--churn-secs")?,
+            other => bail!(
+                "unknown argument `{other}`; usage: cargo xtask scale [--source file|kube] [--changes N] [--churn-secs S]"
+            ),
+        }
+    }
+    Ok(o)
+}
+
+/// The objects of namespace `ns`: the namespace, its pods, services and policies.
+/// `pod_label` and `policy_port` let a change rewrite one of them.
+fn namespace_yaml(
+    ns: usize,
+    ambient: bool,
+    pod_label: Option<(usize, &str)>,
+    policy_port: u16,
+    with_status: bool,
+) -> String {
+    let mut y = String::new();
+    let labels = if ambient {
+        "{istio.io/dataplane-mode: ambient}"
+    } else {
+        "{}"
+    };
+    let _ = writeln!(y, "---\n{{apiVersion: v1, kind: Namespace, metadata: {{name: scale-{ns}, labels: {labels}}}}}");
+    for i in (ns..PODS).step_by(NAMESPACES) {
+        let app = match pod_label {
+            Some((p, l)) if p == i => l.to_string(),
+            _ => format!("app{}", i % 10),
+        };
+        // Every 100th pod runs on node1, the measured node.
+        let node = if i % (PODS / LOCAL_PODS) == 0 {
+            "node1".to_string()
+        } else {
+            format!("node{}", 2 + i % 99)
+        };
+        let _ = writeln!(
+            y,
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: p{i}, namespace: scale-{ns}, labels: {{app: {app}, version: v1}}}}, \
+             spec: {{nodeName: {node}, serviceAccountName: sa{sa}, containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]}}{status}}}",
+            sa = i % 10,
+            status = if with_status {
+                format!(", status: {{phase: Running, podIP: {}, conditions: [{{type: Ready, status: 'True'}}]}}", pod_ip(i))
+            } else {
+                String::new()
+            },
+        );
+    }
+    for i in (ns..SERVICES).step_by(NAMESPACES) {
+        let _ = writeln!(
+            y,
+            "---\n{{apiVersion: v1, kind: Service, metadata: {{name: s{i}, namespace: scale-{ns}}}, spec: {{clusterIP: 10.100.{a}.{b}, selector: {{app: app{app}}}, ports: [{{port: 80, targetPort: http}}]}}}}",
+            a = i / 250,
+            b = 1 + i % 250,
+            app = i % 10,
+        );
+    }
+    for i in (ns..POLICIES).step_by(NAMESPACES) {
+        let _ = writeln!(
+            y,
+            "---\n{{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: ap{i}, namespace: scale-{ns}}}, \
+             spec: {{selector: {{matchLabels: {{app: app{app}}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/scale-{ns}/sa/sa1]}}}}], to: [{{operation: {{ports: ['{port}']}}}}]}}]}}}}",
+            app = i % 10,
+            port = policy_port,
+        );
+    }
+    y
+}
+
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 120 + i / 65_000, i / 250 % 260, 1 + i % 250)
+}
+
+/// Pod status documents of namespace `ns` (for the API server's status subresource).
+fn status_yaml(ns: usize) -> String {
+    let mut y = String::new();
+    for i in (ns..PODS).step_by(NAMESPACES) {
+        let _ = writeln!(
+            y,
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: p{i}, namespace: scale-{ns}}}, \
+             status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}], conditions: [{{type: Ready, status: 'True'}}]}}}}",
+            ip = pod_ip(i),
+        );
+    }
+    y
+}
+
+/// How a source is fed: state files, or the API server (statuses set once, at load).
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    Files(&'a Cluster),
+    Api(&'a Cluster),
+}
+
+impl Feed<'_> {
+    /// Writes or applies namespace `ns`'s objects ([`namespace_yaml`]).
+    /// Files get the namespace's whole file rewritten (as a config tool would); the API
+    /// server gets only the object that `changed` names (`Namespace`, `Pod`,
+    /// `AuthorizationPolicy`, or `*` for all), as `kubectl apply` of one object would.
+    fn put(
+        self,
+        ns: usize,
+        ambient: bool,
+        pod_label: Option<(usize, &str)>,
+        port: u16,
+        changed: &str,
+    ) -> Result<()> {
+        match self {
+            Feed::Files(c) => c.write_node_state_file(
+                1,
+                &format!("scale-{ns}.yaml"),
+                &namespace_yaml(ns, ambient, pod_label, port, true),
+            ),
+            Feed::Api(c) => {
+                let all = namespace_yaml(ns, ambient, pod_label, port, false);
+                let name = match (changed, pod_label) {
+                    ("Pod", Some((p, _))) => format!("name: p{p},"),
+                    ("AuthorizationPolicy", _) => format!("name: ap{ns},"),
+                    _ => String::new(),
+                };
+                let docs: Vec<&str> = all
+                    .split("---\n")
+                    .filter(|d| {
+                        changed == "*"
+                            || (d.contains(&format!("kind: {changed},")) && d.contains(&name))
+                    })
+                    .collect();
+                c.kube()
+                    .api
+                    .apply(&format!("---\n{}", docs.join("---\n")))
+                    .map(drop)
+            }
+        }
+    }
+}
+
+/// Applies every namespace's objects to the API server, four kubectl processes at a time
+/// (kubectl sends one request per object).
+fn load_api(c: &Cluster) -> Result<()> {
+    let api = &c.kube().api;
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                s.spawn(move || -> Result<()> {
+                    for ns in (w..NAMESPACES).step_by(4) {
+                        api.apply(&namespace_yaml(ns, true, None, 8080, false))?;
+                        api.kubectl_output(
+                            api.kubeconfig(),
+                            &[
+                                "apply",
+                                "--server-side",
+                                "--force-conflicts",
+                                "--field-manager",
+                                "scale-kubelet",
+                                "--subresource=status",
+                                "-f",
+                                "-",
+                            ],
+                            Some(&status_yaml(ns)),
+                        )
+                        .and_then(|o| {
+                            if o.status.success() {
+                                Ok(())
+                            } else {
+                                bail!("status apply: {}", String::from_utf8_lossy(&o.stderr))
+                            }
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a loader thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "scale: {} objects in the API server after {:.0} s",
+        NAMESPACES + PODS + SERVICES + POLICIES,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One change and what it took: (end to end ms, daemon's own ms).
+fn change(
+    c: &Cluster,
+    feed: Feed<'_>,
+    ns: usize,
+    ambient: bool,
+    pod_label: Option<(usize, &str)>,
+    port: u16,
+    changed: &str,
+) -> Result<(f64, f64)> {
+    let d = c.daemon(1);
+    let skip = d.log_lines().len();
+    let t0 = SystemTime::now();
+    feed.put(ns, ambient, pod_label, port, changed)?;
+    let line = d.wait_for_log_after(
+        skip,
+        |l| message(l) == "state applied",
+        Duration::from_secs(30),
+    )?;
+    let logged = line["timestamp"]
+        .as_str()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .context("`state applied` has no RFC 3339 timestamp")?;
+    let t0 = time::OffsetDateTime::from(t0);
+    let e2e = (logged - t0).as_seconds_f64() * 1e3;
+    let own = line["took_us"].as_f64().unwrap_or(f64::NAN) / 1e3;
+    Ok((e2e, own))
+}
+
+fn stats(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    json!({"median": probe::median(&s), "max": s.last().copied().unwrap_or(f64::NAN), "n": s.len()})
+}
+
+fn measure(o: &Opts, source: &str) -> Result<Value> {
+    let spec = ClusterSpec::new(1);
+    let mut cluster = match source {
+        "kube" => Cluster::start_kube(spec)?,
+        _ => Cluster::start(spec)?,
+    };
+    let kube = source == "kube";
+    if kube {
+        load_api(&cluster)?;
+    } else {
+        for ns in 0..NAMESPACES {
+            Feed::Files(&cluster).put(ns, true, None, 8080, "*")?;
+        }
+    }
+    let t = Instant::now();
+    cluster.start_daemon(1, &["--capture=false", "--dns-capture=false"])?;
+    let ready = t.elapsed().as_secs_f64();
+    let pid = cluster.daemon(1).pid().context("daemon pid")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mem_ready = probe::mem(pid)?;
+    let feed = if kube {
+        Feed::Api(&cluster)
+    } else {
+        Feed::Files(&cluster)
+    };
+
+    let (mut pod_e2e, mut pod_own, mut ns_e2e, mut ns_own, mut ap_e2e, mut ap_own) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for r in 0..o.changes {
+        let ns = (r * 7) % NAMESPACES;
+        let label = if r % 2 == 0 { "moved" } else { "app3" };
+        let pod = Some((ns, label));
+        let (e, w) = change(&cluster, feed, ns, true, pod, 8080, "Pod")?;
+        pod_e2e.push(e);
+        pod_own.push(w);
+        let (e, w) = change(&cluster, feed, ns, false, pod, 8080, "Namespace")?;
+        ns_e2e.push(e);
+        ns_own.push(w);
+        let port = 9000 + u16::try_from(r % 1000).unwrap_or(0);
+        let (e, w) = change(&cluster, feed, ns, true, pod, port, "AuthorizationPolicy")?;
+        ap_e2e.push(e);
+        ap_own.push(w);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mem_after = probe::mem(pid)?;
+
+    // Churn: 50 pod updates per second (five per 100 ms tick), the daemon's CPU meanwhile.
+    let cpu0 = probe::cpu_secs(pid)?;
+    let start = Instant::now();
+    let mut updates = 0usize;
+    let mut tick = 0usize;
+    while start.elapsed().as_secs_f64() < o.churn_secs {
+        let due = start + Duration::from_millis(100 * tick as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // One namespace file (or apply) carries 50 pods; relabel one of them per update,
+        // five namespaces per tick.
+        for k in 0..5 {
+            let ns = (tick * 5 + k) % NAMESPACES;
+            let label = format!("churn{}", tick % 3);
+            feed.put(ns, true, Some((ns, &label)), 8080, "Pod")?;
+            updates += 1;
+        }
+        tick += 1;
+    }
+    let churn_secs = start.elapsed().as_secs_f64();
+    let cpu = probe::cpu_secs(pid)? - cpu0;
+    let mem_churn = probe::mem(pid)?;
+    drop(cluster);
+    Ok(json!({
+        "source": source,
+        "ready_secs": ready,
+        "mem_ready_mib": {"rss": mem_ready.rss, "anon": mem_ready.anon},
+        "mem_after_changes_mib": {"rss": mem_after.rss, "anon": mem_after.anon},
+        "mem_after_churn_mib": {"rss": mem_churn.rss, "anon": mem_churn.anon},
+        "pod_relabel_ms": {"end_to_end": stats(&pod_e2e), "daemon": stats(&pod_own)},
+        "namespace_label_ms": {"end_to_end": stats(&ns_e2e), "daemon": stats(&ns_own)},
+        "policy_edit_ms": {"end_to_end": stats(&ap_e2e), "daemon": stats(&ap_own)},
+        "churn": {"updates_per_sec": updates as f64 / churn_secs, "daemon_cpu_pct": 100.0 * cpu / churn_secs},
+    }))
+}
+
+pub fn run(args: &[String]) -> Result<bool> {
+    let o = parse(args)?;
+    mesh_tests::require_root()?;
+    crate::test::prepare_machine(o.sources.contains(&"kube"))?;
+    super::prepare(false)?;
+    let mut results = Vec::new();
+    for source in &o.sources {
+        eprintln!("scale: measuring the {source} source");
+        results.push(measure(&o, source)?);
+    }
+    println!("\n| source | ready s | RSS / anon MiB ready | after changes | after churn | pod relabel ms (e2e / daemon) | namespace label ms | policy edit ms | churn: updates/s, daemon CPU % |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let m = |k: &str| {
+            format!(
+                "{:.1} / {:.1}",
+                r[k]["rss"].as_f64().unwrap_or(0.0),
+                r[k]["anon"].as_f64().unwrap_or(0.0)
+            )
+        };
+        let c = |k: &str| {
+            format!(
+                "{:.1} / {:.2}",
+                r[k]["end_to_end"]["median"].as_f64().unwrap_or(0.0),
+                r[k]["daemon"]["median"].as_f64().unwrap_or(0.0)
+            )
+        };
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0}, {:.1} |",
+            r["source"].as_str().unwrap_or(""),
+            r["ready_secs"].as_f64().unwrap_or(0.0),
+            m("mem_ready_mib"),
+            m("mem_after_changes_mib"),
+            m("mem_after_churn_mib"),
+            c("pod_relabel_ms"),
+            c("namespace_label_ms"),
+            c("policy_edit_ms"),
+            r["churn"]["updates_per_sec"].as_f64().unwrap_or(0.0),
+            r["churn"]["daemon_cpu_pct"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let out = json!({
+        "command": format!("cargo xtask scale {}", args.join(" ")),
+        "state": {"namespaces": NAMESPACES, "pods": PODS, "local_pods": LOCAL_PODS, "services": SERVICES, "policies": POLICIES},
+        "machine": super::machine(),
+        "when": super::now_utc(),
+        "results": results,
+    });
+    let dir = crate::target_dir()?.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("scale.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    println!("\nJSON: {}", path.display());
+    Ok(true)
+}
