@@ -13,6 +13,7 @@
 //! same wire protocol from the same code. See ARCHITECTURE.md ("Waypoint") for the modules.
 
 pub mod app;
+pub mod authz;
 pub mod forward;
 pub mod io;
 pub mod metrics;

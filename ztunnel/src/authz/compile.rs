@@ -271,7 +271,11 @@ fn operation(o: &OperationSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<O
 
 /// Compiles a `when` condition; `None` for an L7 key (`request.*`, `experimental.*`), which
 /// is pushed to `l7`.
-pub fn condition(c: &ConditionSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Condition>> {
+pub fn condition(
+    c: &ConditionSpec,
+    at: &str,
+    l7: &mut Vec<String>,
+) -> FieldResult<Option<Condition>> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err((at.to_string(), "must set values or notValues".into()));
     }
