@@ -163,16 +163,32 @@ async fn a_90_10_route_splits_1000_requests_within_tolerance() {
     // 100 expected, standard deviation about 9.5: the bounds are more than four away.
     assert!((60..=140).contains(&v2), "v2 got {v2} of 1000");
     let text = mesh.metrics.encode();
-    let counted = text
+    // One series per answering endpoint (v1 and v2): together, every request.
+    let counted: f64 = text
         .lines()
-        .find(|l| {
+        .filter(|l| {
             l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"waypoint\"")
                 && l.contains("destination_service=\"reviews.mesh.svc.cluster.local\"")
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/mesh/sa/a\"")
                 && l.contains("response_code=\"200\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
         })
-        .unwrap_or_else(|| panic!("no request counter in\n{text}"));
-    assert!(counted.ends_with(" 1000"), "{counted}");
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 1000.0, "request counters in\n{text}");
+    for family in [
+        "istio_request_bytes",
+        "istio_response_bytes",
+        "istio_request_duration_milliseconds",
+    ] {
+        let count: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}_count{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(count, 1000.0, "{family} in\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -218,6 +218,7 @@ impl Mesh {
             hbone: hbone_config(1 << 20, Duration::from_secs(5)),
             sniff_timeout: Duration::from_millis(500),
             cluster_domain: "cluster.local".into(),
+            gateway: "waypoint".into(),
         };
         let metrics = Metrics::new("cluster.local");
         let (snapshots, snap_rx) = watch::channel(Arc::new(snapshot(&format!("{yaml}{routes}"))));
