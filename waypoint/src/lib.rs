@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod check;
 pub mod forward;
 pub mod io;
 pub mod metrics;
