@@ -189,3 +189,70 @@ pub fn admin(view: AdminView) -> Answer {
         _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_waits_for_state_and_certificate_and_fails_on_drain() {
+        let drain = Drain::default();
+        let ready = Readiness::new(drain.clone());
+        let answer = readiness(ready.clone());
+        let get = || answer(&Method::GET, "/healthz/ready");
+        let r = get();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.body, "not ready: state, certificate\n");
+        ready.state_loaded();
+        assert_eq!(get().body, "not ready: certificate\n");
+        ready.certificate_issued();
+        assert_eq!(get().status, StatusCode::OK);
+        drain.start();
+        assert_eq!(get().status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer(&Method::GET, "/other").status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn config_dump_shows_routes_and_attached_policies() {
+        let yaml = r#"
+{apiVersion: v1, kind: Service, metadata: {name: svc, namespace: ns}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: ns}
+spec:
+  parentRefs: [{kind: Service, name: svc}]
+  rules: [{matches: [{path: {value: /api}}], backendRefs: [{name: svc, port: 80}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: ns}
+spec:
+  targetRefs: [{kind: Service, group: "", name: svc}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+        let objs = ztunnel::k8s::parse_file(std::path::Path::new("t.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_tx, snapshots) = watch::channel(Arc::new(Snapshot::build(3, "cluster.local", &objs)));
+        let view = AdminView {
+            identity: SpiffeId::new("cluster.local", "ns", "waypoint"),
+            gateway: "ns/waypoint".into(),
+            snapshots,
+        };
+        let r = admin(view)(&Method::GET, "/config_dump");
+        assert_eq!(r.status, StatusCode::OK);
+        let dump: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        assert_eq!(dump["generation"], 3);
+        assert_eq!(dump["routes"]["ns/svc"][0]["path"]["prefix"], "/api/");
+        assert_eq!(
+            dump["routes"]["ns/svc"][0]["backends"][0]["service"],
+            "ns/svc"
+        );
+        assert_eq!(dump["policies"][0]["name"], "p");
+        assert_eq!(dump["policies"][0]["targets"][0]["Service"], "ns/svc");
+        assert_eq!(
+            dump["policies"][0]["rules"][0]["to"][0]["methods"]["values"][0]["Exact"],
+            "GET"
+        );
+    }
+}
