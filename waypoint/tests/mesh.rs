@@ -535,3 +535,44 @@ async fn the_metrics_port_serves_what_promtool_accepts() {
     assert!(text.contains("request_protocol=\"http\""), "{text}");
     promtool_check(&text);
 }
+
+/// Bytes sent by `a` to `reviews:9000` (the echo port), and what came back.
+async fn echo_through(mesh: &Mesh) -> std::io::Result<Vec<u8>> {
+    let mut io = mesh
+        .connect(SocketAddr::new(mesh.ip(VIP), 9000))
+        .await
+        .map_err(std::io::Error::other)?;
+    io.write_all(b"\x00\x01bytes").await?;
+    io.shutdown().await?;
+    let mut got = Vec::new();
+    io.read_to_end(&mut got).await?;
+    Ok(got)
+}
+
+#[tokio::test]
+async fn opaque_streams_are_authorized_on_l4_attributes() {
+    let mesh = Mesh::start(13, POLICIES).await;
+    // The only ALLOW is on HTTP attributes: no stream can match it.
+    let got = tokio::time::timeout(WAIT, echo_through(&mesh))
+        .await
+        .expect("in time");
+    assert!(
+        got.as_ref().map_or(true, Vec::is_empty),
+        "denied stream echoed {got:?}"
+    );
+    let tcp_allowed = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: tcp, namespace: mesh}\n\
+        spec: {targetRefs: [{kind: Service, group: '', name: reviews}], rules: [{from: [{source: {namespaces: [mesh]}}], to: [{operation: {ports: ['9000']}}]}]}\n";
+    // POLICIES' DENY on a header cannot be evaluated on a stream, so it would deny every
+    // stream to `reviews` (fail closed): without it, the L4 ALLOW admits the stream.
+    let without_header_deny = POLICIES
+        .split_once("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: block-header")
+        .map(|(keep, _)| keep)
+        .expect("POLICIES ends with block-header");
+    mesh.set_routes(&format!("{without_header_deny}{tcp_allowed}"));
+    let got = tokio::time::timeout(WAIT, echo_through(&mesh))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&got[..], b"\x00\x01bytes");
+}

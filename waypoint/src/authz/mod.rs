@@ -89,13 +89,21 @@ pub struct Operation {
 }
 
 impl Operation {
-    fn matches(&self, h: &HttpRequest<'_>) -> bool {
+    /// Whether `r` is this operation. Without an HTTP request (an opaque stream) the HTTP
+    /// fields cannot be seen: they fail an ALLOW (`allow`) and are taken as matched otherwise.
+    fn matches(&self, r: &Request<'_>, allow: bool) -> bool {
+        if !self.ports.check(|p| *p == r.dst.port()) {
+            return false;
+        }
+        let Some(h) = &r.http else {
+            let http_fields =
+                !self.hosts.is_empty() || !self.methods.is_empty() || !self.paths.is_empty();
+            return !(allow && http_fields);
+        };
         let host = h.host.to_ascii_lowercase();
         let bare = host_without_port(&host);
-        self.ports.check(|p| *p == h.dst.port())
-            && self
-                .hosts
-                .check(|m| m.matches(&host) || bare.is_some_and(|b| m.matches(b)))
+        self.hosts
+            .check(|m| m.matches(&host) || bare.is_some_and(|b| m.matches(b)))
             && self.methods.check(|m| m.matches(h.method))
             && self.paths.check(|m| m.matches(h.path))
     }
@@ -127,10 +135,15 @@ pub enum Condition {
 }
 
 impl Condition {
-    fn matches(&self, ctx: &Ctx<'_>, h: &HttpRequest<'_>) -> bool {
+    /// Whether `r` satisfies the condition; a header condition on an opaque stream fails an
+    /// ALLOW (`allow`) and is taken as met otherwise.
+    fn matches(&self, ctx: &Ctx<'_>, r: &Request<'_>, allow: bool) -> bool {
         match self {
             Condition::L4(c) => c.matches(ctx),
             Condition::Header { name, values } => {
+                let Some(h) = &r.http else {
+                    return !allow;
+                };
                 let joined = header_value(h.headers, name);
                 values.check(|m| match (m, &joined) {
                     (StrMatch::Present, Some(_)) => true,
@@ -171,11 +184,11 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, ctx: &Ctx<'_>, h: &HttpRequest<'_>) -> bool {
+    fn matches(&self, ctx: &Ctx<'_>, r: &Request<'_>, allow: bool) -> bool {
         !self.never
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(ctx)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(h)))
-            && self.when.iter().all(|c| c.matches(ctx, h))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r, allow)))
+            && self.when.iter().all(|c| c.matches(ctx, r, allow))
     }
 }
 
@@ -206,11 +219,14 @@ impl Policy {
     }
 
     /// The first matching rule; an invalid non-ALLOW policy matches as rule 0.
-    fn matching_rule(&self, ctx: &Ctx<'_>, h: &HttpRequest<'_>) -> Option<usize> {
+    fn matching_rule(&self, ctx: &Ctx<'_>, r: &Request<'_>) -> Option<usize> {
+        let allow = self.action == Action::Allow;
         if self.invalid.is_some() {
-            return (self.action != Action::Allow).then_some(0);
+            return (!allow).then_some(0);
         }
-        self.rules.iter().position(|r| r.matches(ctx, h))
+        self.rules
+            .iter()
+            .position(|rule| rule.matches(ctx, r, allow))
     }
 }
 
@@ -257,9 +273,9 @@ impl PolicySet {
     }
 }
 
-/// The attributes of one HTTP request at the waypoint.
+/// The attributes of one request (or opaque stream) at the waypoint.
 #[derive(Debug, Clone)]
-pub struct HttpRequest<'a> {
+pub struct Request<'a> {
     /// The original client's address (HBONE `forwarded`, pod IPs are preserved).
     pub src_ip: IpAddr,
     /// The client's identity, from its HBONE peer certificate.
@@ -268,6 +284,14 @@ pub struct HttpRequest<'a> {
     pub dst: SocketAddr,
     /// `namespace/name` of the destination Service, when the destination is one.
     pub service: Option<&'a str>,
+    /// The HTTP request; `None` for a stream that is not HTTP, decided on its L4 attributes
+    /// as a node daemon would (rules on HTTP attributes fail closed).
+    pub http: Option<Http<'a>>,
+}
+
+/// The HTTP attributes of a request.
+#[derive(Debug, Clone)]
+pub struct Http<'a> {
     /// Method.
     pub method: &'a str,
     /// Host (`:authority` or `Host`), as sent.
@@ -392,7 +416,7 @@ impl Decision {
     }
 }
 
-fn decide(policies: &[&Policy], ctx: &Ctx<'_>, h: &HttpRequest<'_>) -> (Verdict, Reason) {
+fn decide(policies: &[&Policy], ctx: &Ctx<'_>, h: &Request<'_>) -> (Verdict, Reason) {
     for action in [Action::Custom, Action::Deny] {
         for p in policies.iter().filter(|p| p.action == action) {
             let Some(rule) = p.matching_rule(ctx, h) else {
@@ -427,9 +451,10 @@ fn decide(policies: &[&Policy], ctx: &Ctx<'_>, h: &HttpRequest<'_>) -> (Verdict,
 /// Labels of no workload: the waypoint's policies have no selector.
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
-/// Decides one request against the policies attached to `gateway` (`namespace/name`) and to
-/// the request's Service. The one function the data path and `waypoint check` call.
-pub fn evaluate(set: &PolicySet, gateway: &str, h: &HttpRequest<'_>) -> Decision {
+/// Decides one request (or opaque stream) against the policies attached to `gateway`
+/// (`namespace/name`) and to its Service. The one function the data path and `waypoint
+/// check` call.
+pub fn evaluate(set: &PolicySet, gateway: &str, h: &Request<'_>) -> Decision {
     let l4 = ztunnel::authz::Request {
         src_ip: h.src_ip,
         src_identity: h.src_identity,

@@ -23,6 +23,8 @@ struct Req {
     host: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
+    /// Not HTTP: an opaque stream.
+    opaque: bool,
 }
 
 fn get() -> Req {
@@ -35,6 +37,7 @@ fn get() -> Req {
         host: "reviews.mesh.svc.cluster.local",
         path: "/public/page",
         headers: Vec::new(),
+        opaque: false,
     }
 }
 
@@ -58,6 +61,10 @@ impl Req {
     }
     fn header(mut self, n: &'static str, v: &'static str) -> Req {
         self.headers.push((n, v));
+        self
+    }
+    fn opaque(mut self) -> Req {
+        self.opaque = true;
         self
     }
     fn to(mut self, dst: &'static str, service: Option<&'static str>) -> Req {
@@ -88,15 +95,17 @@ fn decide(yaml: &str, r: &Req) -> Decision {
     for (n, v) in &r.headers {
         headers.append(*n, HeaderValue::from_static(v));
     }
-    let h = HttpRequest {
+    let h = Request {
         src_ip: r.src_ip.parse().expect("ip"),
         src_identity: Some(&id),
         dst: r.dst.parse().expect("addr"),
         service: r.service,
-        method: r.method,
-        host: r.host,
-        path: r.path,
-        headers: &headers,
+        http: (!r.opaque).then_some(Http {
+            method: r.method,
+            host: r.host,
+            path: r.path,
+            headers: &headers,
+        }),
     };
     evaluate(&set, GATEWAY, &h)
 }
@@ -653,4 +662,48 @@ fn reasons_name_policy_and_rule() {
         (d.reason.policy(), d.reason.rule()),
         (Some("mesh/allow"), Some(0))
     );
+}
+
+#[test]
+fn opaque_streams_are_decided_on_l4_attributes_and_fail_closed_on_http_ones() {
+    let a_public = allow(GET_PUBLIC_FOR_A);
+    let header_deny = deny("{from: [{source: {namespaces: [mesh]}}], when: [{key: 'request.headers[x-block]', values: ['yes']}]}");
+    check(&[
+        (
+            "an ALLOW on HTTP fields matches no stream",
+            a_public,
+            get().opaque(),
+            false,
+        ),
+        (
+            "an ALLOW on L4 fields",
+            allow("{from: [{source: {namespaces: [mesh]}}], to: [{operation: {ports: ['9000']}}]}"),
+            get().to("10.96.0.10:9000", Some("mesh/reviews")).opaque(),
+            true,
+        ),
+        (
+            "notPaths in an ALLOW does not match a stream",
+            allow("{to: [{operation: {notPaths: [/admin]}}]}"),
+            get().opaque(),
+            false,
+        ),
+        (
+            "a DENY on a header denies the stream",
+            header_deny.clone(),
+            get().opaque(),
+            false,
+        ),
+        (
+            "... on its L4 parts only",
+            header_deny,
+            get().from("other", "b", "10.0.2.2").opaque(),
+            true,
+        ),
+        (
+            "a DENY on methods applies on ports",
+            deny("{to: [{operation: {methods: [POST], ports: ['80']}}]}"),
+            get().opaque(),
+            false,
+        ),
+    ]);
 }

@@ -24,7 +24,7 @@ use ztunnel::identity::SpiffeId;
 use ztunnel::telemetry::metrics::{Protocol, Reporter, ResponseFlag};
 use ztunnel::telemetry::FlowReport;
 
-use crate::authz::{evaluate, Decision, HttpRequest, DENIED_BODY};
+use crate::authz::{evaluate, Decision, Http, Request as AuthzRequest, DENIED_BODY};
 use crate::metrics::RequestMetrics;
 use crate::report::{AccessLog, Counted, Report};
 use crate::routing::filters::{Filter, RequestUrl};
@@ -108,6 +108,29 @@ impl Forwarder {
             Dest::Pod(addr) => Target::Pod(*addr),
         };
         resolve(snap, &target).map_err(|Local(s, m)| (s, m))
+    }
+
+    /// The decision for a stream that is not HTTP: the policies attached to the waypoint and
+    /// to `dest`'s Service, on L4 attributes only (rules on HTTP attributes fail closed).
+    pub fn authorize_stream(
+        &self,
+        snap: &Snapshot,
+        dest: &Dest,
+        authority: SocketAddr,
+        client: SocketAddr,
+        identity: &SpiffeId,
+    ) -> Decision {
+        let req = AuthzRequest {
+            src_ip: client.ip(),
+            src_identity: Some(identity),
+            dst: authority,
+            service: match dest {
+                Dest::Service { key, .. } => Some(key.as_str()),
+                Dest::Pod(_) => None,
+            },
+            http: None,
+        };
+        evaluate(&snap.policies, &self.gateway, &req)
     }
 
     /// Answers one request; never fails (errors become responses). Its metrics and its one
@@ -442,15 +465,17 @@ pub fn authorize(
         Dest::Service { key, .. } => Some(key.as_str()),
         Dest::Pod(_) => None,
     };
-    let req = HttpRequest {
+    let req = AuthzRequest {
         src_ip: down.client.ip(),
         src_identity: Some(&down.identity),
         dst: down.authority,
         service,
-        method: parts.method.as_str(),
-        host: &host,
-        path: parts.uri.path(),
-        headers: &parts.headers,
+        http: Some(Http {
+            method: parts.method.as_str(),
+            host: &host,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        }),
     };
     evaluate(&snap.policies, gateway, &req)
 }
