@@ -18,6 +18,7 @@ use ztunnel::socket::{Leg, PlainSockets, SocketFactory};
 use ztunnel::telemetry::metrics::CLUSTER;
 use ztunnel::telemetry::Metrics;
 
+use crate::admin::{self, AdminView, Readiness};
 use crate::forward::Forwarder;
 use crate::metrics::RequestMetrics;
 use crate::server::Waypoint;
@@ -30,7 +31,8 @@ use crate::upstream::Upstreams;
 #[command(
     name = "waypoint",
     version,
-    about = "Ambient-mesh waypoint: L7 proxy behind HBONE"
+    about = "Ambient-mesh waypoint: L7 proxy behind HBONE",
+    after_help = "Explain a request without sending it: waypoint check --help"
 )]
 pub struct Args {
     /// Kubernetes YAML state: a file, or a directory of `.yaml`/`.yml`/`.json` files.
@@ -60,6 +62,21 @@ pub struct Args {
     /// Cluster DNS domain, for the destination Service names in metrics.
     #[arg(long, env = "WAYPOINT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Name of the waypoint's Gateway (in --namespace), whose attached AuthorizationPolicies
+    /// it enforces; by default the service account's name, as Istio names a waypoint's
+    /// service account after its Gateway.
+    #[arg(long, env = "WAYPOINT_GATEWAY_NAME")]
+    pub gateway_name: Option<String>,
+    /// Where `/config_dump` is served (keep it on loopback: it shows every policy).
+    #[arg(long, env = "WAYPOINT_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
+    pub admin_listen: SocketAddr,
+    /// Where `/healthz/ready` is served.
+    #[arg(
+        long,
+        env = "WAYPOINT_READINESS_LISTEN",
+        default_value = "0.0.0.0:15021"
+    )]
+    pub readiness_listen: SocketAddr,
     /// Where Prometheus scrapes `/metrics` (and `/stats/prometheus`).
     #[arg(long, env = "WAYPOINT_METRICS_LISTEN", default_value = "0.0.0.0:15020")]
     pub metrics_listen: SocketAddr,
@@ -132,6 +149,15 @@ pub struct Settings {
     pub sniff_timeout: Duration,
     /// Cluster DNS domain.
     pub cluster_domain: String,
+    /// Name of the waypoint's Gateway, in the identity's namespace.
+    pub gateway: String,
+}
+
+impl Settings {
+    /// `namespace/name` of the waypoint's Gateway.
+    pub fn gateway_key(&self) -> String {
+        format!("{}/{}", self.identity.namespace, self.gateway)
+    }
 }
 
 impl Args {
@@ -149,6 +175,10 @@ impl Args {
             hbone: hbone_config(window, self.connect_timeout.0),
             sniff_timeout: self.sniff_timeout.0,
             cluster_domain: self.cluster_domain.clone(),
+            gateway: self
+                .gateway_name
+                .clone()
+                .unwrap_or_else(|| self.service_account.clone()),
         }
     }
 }
@@ -196,8 +226,8 @@ pub fn build(
     let forwarder = Forwarder::new(
         snapshots.clone(),
         upstreams.clone(),
-        RequestMetrics::new(metrics),
-        &settings.cluster_domain,
+        RequestMetrics::new(metrics, &settings.cluster_domain),
+        &settings.gateway_key(),
     );
     let waypoint = Waypoint::new(
         settings.identity.clone(),
@@ -226,10 +256,17 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     let first = watch.poll()?.unwrap_or_default();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(watch.run(args.state_poll_interval.0, tx));
+    let drain = Drain::default();
+    let ready = Readiness::new(drain.clone());
+    ready.state_loaded();
+    let view = AdminView {
+        identity: settings.identity.clone(),
+        gateway: settings.gateway_key(),
+        snapshots: rx.clone(),
+    };
     let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
         connect_timeout: args.connect_timeout.0,
     });
-    let drain = Drain::default();
     let metrics = Metrics::new(&args.cluster_domain);
     let (server, _) = build(
         &settings,
@@ -246,13 +283,22 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
             .map_err(|error| WaypointError::Listen { addr, error })
     };
     let listener = listen(args.listen, Leg::Hbone)?;
-    tokio::spawn(crate::metrics::serve(
-        listen(args.metrics_listen, Leg::Node)?,
-        metrics,
-    ));
+    let side_ports = [
+        (args.metrics_listen, "metrics", admin::metrics(metrics)),
+        (
+            args.readiness_listen,
+            "readiness",
+            admin::readiness(ready.clone()),
+        ),
+        (args.admin_listen, "admin", admin::admin(view)),
+    ];
+    for (addr, port, answer) in side_ports {
+        tokio::spawn(admin::serve(listen(addr, Leg::Node)?, port, answer));
+    }
     certs
         .fetch(&settings.identity, args.connect_timeout.0)
         .await?;
+    ready.certificate_issued();
     let bound = listener.local_addr().unwrap_or(args.listen);
     tracing::info!(listen = %bound, identity = %settings.identity, "waypoint ready");
     let serving = tokio::spawn(server.run(listener));

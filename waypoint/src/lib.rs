@@ -12,10 +12,15 @@
 //! and the state snapshot all come from the `ztunnel` library, so both binaries speak the
 //! same wire protocol from the same code. See ARCHITECTURE.md ("Waypoint") for the modules.
 
+pub mod admin;
 pub mod app;
+pub mod authz;
+pub mod check;
 pub mod forward;
 pub mod io;
 pub mod metrics;
+pub mod normalize;
+pub mod report;
 pub mod routing;
 pub mod server;
 pub mod snapshot;

@@ -1,51 +1,46 @@
-//! The waypoint's request metrics, the minimum Istio dashboards read from an L7 proxy:
-//! `istio_requests_total` and `istio_request_duration_milliseconds`, labelled with who asked,
-//! which Service, and the answer, in the shared `ztunnel::telemetry::Metrics` registry; and
-//! the port that serves them to Prometheus (`/metrics`, `/stats/prometheus`).
+//! The waypoint's request metrics under Istio's names, so Istio's dashboards and Kiali read a
+//! waypoint like any other L7 proxy: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes`,
+//! in the shared `ztunnel::telemetry::Metrics` registry (served by [`crate::admin`]).
+//!
+//! The label set is the node daemon's TCP label set ([`ConnLabels`], built by the same
+//! function, so a workload or Service is named identically in both) with `reporter="waypoint"`,
+//! `request_protocol` `http` or `grpc`, and the response code added.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use tokio::net::TcpListener;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use ztunnel::telemetry::flow::FlowReport;
+use ztunnel::telemetry::metrics::{ConnLabels, ResponseFlag};
 use ztunnel::telemetry::Metrics;
 
-/// Labels of one request series.
+/// Labels of one request series: the connection labels plus the response code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    reporter: &'static str,
-    source_principal: String,
-    source_workload_namespace: String,
-    destination_service: String,
-    request_protocol: &'static str,
-    response_code: u16,
-    response_flags: &'static str,
+pub struct RequestLabels {
+    /// Istio's standard labels (source, destination, Service, flags, security policy).
+    #[prometheus(flatten)]
+    pub conn: ConnLabels,
+    /// HTTP status sent to the client.
+    pub response_code: u16,
 }
 
-/// What one finished request is counted by.
-#[derive(Debug, Clone)]
-pub struct RequestRecord<'a> {
-    /// The client's SPIFFE identity.
-    pub source_principal: String,
-    /// The client's namespace.
-    pub source_namespace: &'a str,
-    /// `name.namespace.svc.<domain>` of the destination Service, or the pod's address.
-    pub destination_service: String,
-    /// Response status.
-    pub status: StatusCode,
-    /// Whether the waypoint answered itself (no route, timeout, no endpoint) rather than an
-    /// endpoint.
-    pub local: bool,
+/// Istio's buckets of `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// Istio's buckets of the byte histograms: powers of ten from 1 to 10^8.
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 10.0, 9))
 }
 
 /// The request families, registered once per process.
@@ -53,22 +48,20 @@ pub struct RequestRecord<'a> {
 pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
-}
-
-fn duration_histogram() -> Histogram {
-    // Istio's default buckets, in milliseconds.
-    Histogram::new([
-        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
-    ])
+    request_bytes: Family<RequestLabels, Histogram>,
+    response_bytes: Family<RequestLabels, Histogram>,
+    cluster_domain: String,
 }
 
 impl RequestMetrics {
-    /// Registers the families in `metrics`.
-    pub fn new(metrics: &Metrics) -> Arc<RequestMetrics> {
+    /// Registers the families in `metrics`; Services are named in `cluster_domain`.
+    pub fn new(metrics: &Metrics, cluster_domain: &str) -> Arc<RequestMetrics> {
         let m = RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
+            cluster_domain: cluster_domain.to_string(),
         };
         metrics.register(|r| {
             r.register(
@@ -78,72 +71,52 @@ impl RequestMetrics {
             );
             r.register(
                 "istio_request_duration_milliseconds",
-                "Request durations at the waypoint",
+                "Request durations at the waypoint, until the response's last byte",
                 m.duration.clone(),
+            );
+            r.register(
+                "istio_request_bytes",
+                "Request body sizes at the waypoint",
+                m.request_bytes.clone(),
+            );
+            r.register(
+                "istio_response_bytes",
+                "Response body sizes at the waypoint",
+                m.response_bytes.clone(),
             );
         });
         Arc::new(m)
     }
 
-    /// Counts one finished request that took `elapsed`.
-    pub fn record(&self, r: &RequestRecord<'_>, elapsed: Duration) {
-        let code = r.status.as_u16();
-        let labels = RequestLabels {
-            reporter: "waypoint",
-            source_principal: r.source_principal.clone(),
-            source_workload_namespace: r.source_namespace.to_string(),
-            destination_service: r.destination_service.clone(),
-            request_protocol: "http",
+    /// The label set of a request `report` describes, answered with `code` and `flag`;
+    /// `protocol` is `http` or `grpc`.
+    pub fn labels(
+        &self,
+        report: &FlowReport<'_>,
+        protocol: &'static str,
+        code: u16,
+        flag: ResponseFlag,
+    ) -> RequestLabels {
+        let mut conn = ConnLabels::new(report, flag, &self.cluster_domain);
+        conn.request_protocol = protocol;
+        RequestLabels {
+            conn,
             response_code: code,
-            response_flags: match (r.local, code) {
-                (false, _) => "-",
-                (true, 404) => "NR",
-                (true, 504) => "UT",
-                (true, 503) => "UF",
-                (true, _) => "-",
-            },
-        };
-        self.requests.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn record(&self, labels: &RequestLabels, elapsed: Duration, received: u64, sent: u64) {
+        self.requests.get_or_create(labels).inc();
         self.duration
-            .get_or_create(&labels)
+            .get_or_create(labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
+        // Byte counts far below 2^53 are exact as f64.
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(received as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(sent as f64);
     }
-}
-
-/// Serves `metrics` in the Prometheus text format on every connection `listener` accepts.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
-}
-
-fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics" | "/stats/prometheus") => (StatusCode::OK, metrics.encode()),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    resp
 }

@@ -103,6 +103,20 @@ impl Waypoint {
             Sniffed::Http1 => Proto::Http1,
             Sniffed::Http2 => Proto::Http2,
             Sniffed::Opaque | Sniffed::NeedMore => {
+                let decision = self.forwarder.authorize_stream(
+                    &snap,
+                    &dest,
+                    req.authority,
+                    client,
+                    &req.peer_identity,
+                );
+                if !decision.allowed() {
+                    // Dropping the stream resets it: a TCP client sees its connection reset.
+                    tracing::info!(target: "access", ?dest, %client, src_identity = %req.peer_identity,
+                        authz = "DENY", policy = decision.reason.policy().unwrap_or("-"),
+                        authz_reason = %decision.reason, "opaque stream denied");
+                    return;
+                }
                 return self
                     .forward_opaque(&snap, dest, client, io.into_inner())
                     .await;

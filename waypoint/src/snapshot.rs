@@ -1,7 +1,7 @@
 //! What the waypoint knows of the cluster: the daemon's [`State`] (Services, their VIPs and
-//! ready endpoints, workloads and identities) plus the compiled [`RouteTable`], built together
-//! from the same Kubernetes objects so a request never sees routes of one version and
-//! endpoints of another.
+//! ready endpoints, workloads and identities) plus the compiled [`RouteTable`] and the
+//! attached authorization policies ([`PolicySet`]), built together from the same Kubernetes
+//! objects so a request never sees routes or policies of one version and endpoints of another.
 //!
 //! [`FileWatch`] reads them from the `--state` YAML (a file, or every `.yaml`/`.yml`/`.json`
 //! file of a directory) by polling, as the daemon does; a file that fails to parse keeps its
@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use ztunnel::k8s::{self, Object};
 use ztunnel::state::State;
 
+use crate::authz::compile::Problem;
+use crate::authz::PolicySet;
 use crate::routing::RouteTable;
 
 /// One consistent view of endpoints and routes.
@@ -25,6 +27,8 @@ pub struct Snapshot {
     pub state: State,
     /// HTTPRoutes attached to Services.
     pub routes: RouteTable,
+    /// AuthorizationPolicies attached to waypoints and Services.
+    pub policies: PolicySet,
 }
 
 impl Snapshot {
@@ -42,7 +46,36 @@ impl Snapshot {
         for e in &errors {
             tracing::warn!(route = %e.route, field = %e.field, error = %e.message, "route rejected in part");
         }
-        Snapshot { state, routes }
+        let mut policies = Vec::new();
+        for obj in objects.iter().filter_map(|o| match o {
+            Object::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        }) {
+            let (compiled, problems) = crate::authz::compile::policy(obj);
+            let key = format!(
+                "{}/{}",
+                obj.metadata.namespace.as_deref().unwrap_or_default(),
+                obj.metadata.name
+            );
+            for p in problems {
+                match p {
+                    Problem::Invalid { field, message } => tracing::warn!(
+                        kind = "AuthorizationPolicy", policy = %key, field = %field, error = %message,
+                        "policy rejected; it fails closed (an ALLOW allows nothing, a DENY or CUSTOM denies all)"
+                    ),
+                    Problem::Caveat(message) => tracing::warn!(
+                        kind = "AuthorizationPolicy", policy = %key, caveat = %message,
+                        "policy applied with a caveat"
+                    ),
+                }
+            }
+            policies.extend(compiled);
+        }
+        Snapshot {
+            state,
+            routes,
+            policies: PolicySet::new(policies),
+        }
     }
 }
 

@@ -307,6 +307,60 @@ impl RouteTable {
     pub fn services(&self) -> usize {
         self.by_service.len()
     }
+
+    /// The compiled table for the admin port's `/config_dump`: per Service, its matches in
+    /// precedence order, each with the rule it leads to, so an operator sees which rule a
+    /// request takes without reading every route.
+    pub fn dump(&self) -> serde_json::Value {
+        use serde_json::json;
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        let value = |c: &ValueCond| match c {
+            ValueCond::Exact(v) => json!({"exact": v}),
+            ValueCond::Regex(r) => json!({"regex": r.as_str()}),
+        };
+        let mut services: Vec<_> = self.by_service.iter().collect();
+        services.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = serde_json::Map::new();
+        for (service, entries) in services {
+            let list: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    let r = &e.rule;
+                    json!({
+                        "route": r.route,
+                        "rule": r.index,
+                        "port": e.port,
+                        "path": match &e.path {
+                            PathCond::Exact(p) => json!({"exact": p}),
+                            PathCond::Prefix(p) => json!({"prefix": format!("{p}/")}),
+                            PathCond::Regex(re) => json!({"regex": re.as_str()}),
+                        },
+                        "method": e.method.as_ref().map(Method::as_str),
+                        "headers": e.headers.iter()
+                            .map(|(n, c)| json!({"name": n.as_str(), "value": value(c)}))
+                            .collect::<Vec<_>>(),
+                        "query": e.query.iter()
+                            .map(|(n, c)| json!({"name": n, "value": value(c)}))
+                            .collect::<Vec<_>>(),
+                        "backends": r.backends.iter()
+                            .map(|b| json!({"service": b.service, "port": b.port, "weight": b.weight}))
+                            .collect::<Vec<_>>(),
+                        "filters": r.filters.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
+                        "timeout_ms": ms(r.timeout),
+                        "backend_timeout_ms": ms(r.attempt_timeout),
+                        "retry": {
+                            "attempts": r.retry.attempts,
+                            "codes": r.retry.codes,
+                            "backoff_ms": r.retry.backoff.as_millis() as u64,
+                        },
+                        "invalid": r.invalid,
+                    })
+                })
+                .collect();
+            out.insert(service.clone(), serde_json::Value::Array(list));
+        }
+        serde_json::Value::Object(out)
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! echoed, and what it saw as `x-seen-*` headers; `/flaky` answers 503 on odd hits (counted
 //! across both backends, so a retry on either gets 200); `/slow` waits 3 s first.
 
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -44,6 +46,7 @@ use ztunnel::telemetry::Metrics;
 pub const A: u8 = 1;
 pub const V1: u8 = 2;
 pub const V2: u8 = 3;
+pub const B: u8 = 4;
 pub const WAYPOINT: u8 = 10;
 pub const VIP: u8 = 50;
 
@@ -100,6 +103,50 @@ fn hbone_listeners(sockets: &dyn SocketFactory, net: u8) -> (u16, Vec<TcpListene
     panic!("no common free HBONE port");
 }
 
+/// The cluster of the mesh on 127.78.`net`.0/24: namespace `mesh` (ambient), pods `a`, `b`
+/// (clients, node n1), `waypoint` (n1), `v1`, `v2` (backends on n2, with their `http` and
+/// `tcp` container ports), Services `reviews`, `reviews-v1`, `reviews-v2`, and the waypoint's
+/// Gateway `mesh/waypoint`.
+pub fn state_yaml(net: u8, ports: [(u16, u16); 2]) -> String {
+    let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n".to_string();
+    let pods = [
+        ("a", A, "n1", "app: a", (1, 1)),
+        ("b", B, "n1", "app: b", (1, 1)),
+        (
+            "waypoint",
+            WAYPOINT,
+            "n1",
+            "gateway.networking.k8s.io/gateway-name: waypoint",
+            (1, 1),
+        ),
+        ("v1", V1, "n2", "app: reviews, version: v1", ports[0]),
+        ("v2", V2, "n2", "app: reviews, version: v2", ports[1]),
+    ];
+    for (name, host, node, labels, (http, tcp)) in pods {
+        yaml += &format!(
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: mesh, labels: {{{labels}}}}}, \
+             spec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{ports: [{{name: http, containerPort: {http}}}, {{name: tcp, containerPort: {tcp}}}]}}]}}, \
+             status: {{podIP: \"{}\", phase: Running}}}}\n",
+            ip(net, host)
+        );
+    }
+    for (name, vip, selector) in [
+        ("reviews", VIP, "app: reviews"),
+        ("reviews-v1", VIP + 1, "version: v1"),
+        ("reviews-v2", VIP + 2, "version: v2"),
+    ] {
+        yaml += &format!(
+            "---\n{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: mesh}}, \
+             spec: {{clusterIP: \"{}\", selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: tcp, port: 9000, targetPort: tcp}}]}}}}\n",
+            ip(net, vip)
+        );
+    }
+    yaml += "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {name: waypoint, namespace: mesh}\n\
+             spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n";
+    yaml
+}
+
 impl Mesh {
     /// The mesh with `routes` (more YAML documents) in its state.
     pub async fn start(net: u8, routes: &str) -> Mesh {
@@ -124,41 +171,7 @@ impl Mesh {
         }
         let (hbone_port, mut listeners) = hbone_listeners(sockets.as_ref(), net);
 
-        let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n".to_string();
-        let pods = [
-            ("a", A, "n1", "app: a", (1, 1)),
-            (
-                "waypoint",
-                WAYPOINT,
-                "n1",
-                "gateway.networking.k8s.io/gateway-name: waypoint",
-                (1, 1),
-            ),
-            ("v1", V1, "n2", "app: reviews, version: v1", ports[0]),
-            ("v2", V2, "n2", "app: reviews, version: v2", ports[1]),
-        ];
-        for (name, host, node, labels, (http, tcp)) in pods {
-            yaml += &format!(
-                "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: mesh, labels: {{{labels}}}}}, \
-                 spec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{ports: [{{name: http, containerPort: {http}}}, {{name: tcp, containerPort: {tcp}}}]}}]}}, \
-                 status: {{podIP: \"{}\", phase: Running}}}}\n",
-                ip(net, host)
-            );
-        }
-        for (name, vip, selector) in [
-            ("reviews", VIP, "app: reviews"),
-            ("reviews-v1", VIP + 1, "version: v1"),
-            ("reviews-v2", VIP + 2, "version: v2"),
-        ] {
-            yaml += &format!(
-                "---\n{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: mesh}}, \
-                 spec: {{clusterIP: \"{}\", selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: tcp, port: 9000, targetPort: tcp}}]}}}}\n",
-                ip(net, vip)
-            );
-        }
-        yaml += "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
-                 metadata: {name: waypoint, namespace: mesh}\n\
-                 spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n";
+        let yaml = state_yaml(net, [ports[0], ports[1]]);
 
         let ca_dir = tempfile::tempdir().expect("tempdir");
         let certs = || {
@@ -167,7 +180,7 @@ impl Mesh {
         };
         let (mesh_certs, waypoint_certs) = (certs(), certs());
         mesh_certs.set_identities(
-            &["a", "v1", "v2"]
+            &["a", "b", "v1", "v2"]
                 .into_iter()
                 .map(id)
                 .collect::<BTreeSet<_>>(),
@@ -218,6 +231,7 @@ impl Mesh {
             hbone: hbone_config(1 << 20, Duration::from_secs(5)),
             sniff_timeout: Duration::from_millis(500),
             cluster_domain: "cluster.local".into(),
+            gateway: "waypoint".into(),
         };
         let metrics = Metrics::new("cluster.local");
         let (snapshots, snap_rx) = watch::channel(Arc::new(snapshot(&format!("{yaml}{routes}"))));
@@ -266,15 +280,25 @@ impl Mesh {
     /// An HBONE stream from pod `a` to the waypoint for `authority`, as a node daemon would
     /// open it.
     pub async fn connect(&self, authority: SocketAddr) -> Result<H2Io, HboneError> {
+        self.connect_as("a", A, authority).await
+    }
+
+    /// An HBONE stream from the pod with service account `sa` on host `host`.
+    pub async fn connect_as(
+        &self,
+        sa: &str,
+        host: u8,
+        authority: SocketAddr,
+    ) -> Result<H2Io, HboneError> {
         let key = PoolKey {
-            src_identity: id("a"),
-            src_ip: self.ip(A),
+            src_identity: id(sa),
+            src_ip: self.ip(host),
             dst_identities: vec![id("waypoint")],
             dst: SocketAddr::new(self.ip(WAYPOINT), self.hbone_port),
         };
         let req = ConnectRequest {
             authority,
-            client: SocketAddr::new(self.ip(A), 40000),
+            client: SocketAddr::new(self.ip(host), 40000),
             baggage: String::new(),
         };
         let flow = tokio::time::timeout(WAIT, self.pool.connect(&key, &req))
@@ -285,8 +309,17 @@ impl Mesh {
 
     /// An HTTP/1.1 client on a stream to `reviews:80` through the waypoint.
     pub async fn http1(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        self.http1_as("a", A).await
+    }
+
+    /// An HTTP/1.1 client of pod `sa` on `host` to `reviews:80` through the waypoint.
+    pub async fn http1_as(
+        &self,
+        sa: &str,
+        host: u8,
+    ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
         let io = self
-            .connect(SocketAddr::new(self.ip(VIP), 80))
+            .connect_as(sa, host, SocketAddr::new(self.ip(VIP), 80))
             .await
             .expect("HBONE");
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -445,3 +478,27 @@ async fn echo_app(l: TcpListener) {
         });
     }
 }
+
+/// The authorization policies of the mesh test and the `waypoint check` test: `a` may GET
+/// `/public/*` through the waypoint (nothing else is allowed, since an ALLOW is attached), and
+/// any request to `reviews` with `x-block: yes` is denied.
+pub const POLICIES: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: public-get, namespace: mesh}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/mesh/sa/a]}}]
+    to: [{operation: {methods: [GET], paths: [/public/*]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: block-header, namespace: mesh}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - when: [{key: "request.headers[x-block]", values: ["yes"]}]
+"#;

@@ -41,7 +41,8 @@ pub enum Compiled {
     Waypoint,
 }
 
-type FieldResult<T> = Result<T, (String, String)>;
+/// A compiled part, or the dotted path of the offending field and what is wrong with it.
+pub type FieldResult<T> = Result<T, (String, String)>;
 
 /// Compiles an `AuthorizationPolicy`.
 pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled, PolicyError> {
@@ -83,19 +84,7 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled,
             )))
         }
     };
-    let dry_run = match obj.metadata.annotations.get(DRY_RUN_ANNOTATION) {
-        None => false,
-        Some(v) => match v.as_str() {
-            "true" => true,
-            "false" => false,
-            other => {
-                return Err(err((
-                    format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
-                    format!("`{other}`: expected \"true\" or \"false\""),
-                )))
-            }
-        },
-    };
+    let dry_run = dry_run(&obj.metadata).map_err(err)?;
     let mut warnings = Vec::new();
     let mut rules = Vec::new();
     for (i, r) in spec.rules.iter().flatten().enumerate() {
@@ -143,9 +132,12 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled,
                 )
             });
         }
+        // An entry made only of L7 fields keeps no L4 constraint: it matches every flow (in a
+        // DENY that is the fail-safe reading; an ALLOW rule with L7 fields is `never` anyway).
+        // Dropping it instead would narrow a DENY whose other entries are L4.
         rules.push(Rule {
-            from: from.into_iter().flatten().collect(),
-            to: to.into_iter().flatten().collect(),
+            from: from.into_iter().map(Option::unwrap_or_default).collect(),
+            to: to.into_iter().map(Option::unwrap_or_default).collect(),
             when,
             never,
         });
@@ -163,8 +155,21 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled,
     ))
 }
 
-/// Compiles a source; `None` when all its fields were L7 (nothing left to match at L4).
-fn source(s: &SourceSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Source>> {
+/// The `istio.io/dry-run` annotation: `true`, `false` or absent (false).
+pub fn dry_run(meta: &crate::k8s::ObjectMeta) -> FieldResult<bool> {
+    match meta.annotations.get(DRY_RUN_ANNOTATION).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err((
+            format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+            format!("`{other}`: expected \"true\" or \"false\""),
+        )),
+    }
+}
+
+/// Compiles a source; `None` when all its fields were L7 (nothing left to match at L4). The
+/// L7 fields found are pushed to `l7` as `<at>.<field>`.
+pub fn source(s: &SourceSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Source>> {
     let strs = |v: &[String], f: &str| -> FieldResult<Vec<StrMatch>> {
         v.iter()
             .enumerate()
@@ -264,8 +269,13 @@ fn operation(o: &OperationSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<O
     Ok((!l4_empty).then_some(op))
 }
 
-/// Compiles a `when` condition; `None` for an L7 key.
-fn condition(c: &ConditionSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<Option<Condition>> {
+/// Compiles a `when` condition; `None` for an L7 key (`request.*`, `experimental.*`), which
+/// is pushed to `l7`.
+pub fn condition(
+    c: &ConditionSpec,
+    at: &str,
+    l7: &mut Vec<String>,
+) -> FieldResult<Option<Condition>> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err((at.to_string(), "must set values or notValues".into()));
     }
@@ -320,7 +330,8 @@ fn condition(c: &ConditionSpec, at: &str, l7: &mut Vec<String>) -> FieldResult<O
     Ok(Some(Condition { attr }))
 }
 
-fn port(x: &Scalar) -> Result<u16, String> {
+/// A port number 1-65535, written as a number or a string.
+pub fn port(x: &Scalar) -> Result<u16, String> {
     let n = match x {
         Scalar::Int(i) => *i,
         Scalar::Str(s) => s
@@ -334,7 +345,8 @@ fn port(x: &Scalar) -> Result<u16, String> {
     }
 }
 
-fn str_match(s: &str) -> Result<StrMatch, String> {
+/// Istio's string forms: `*` (present), `abc*`, `*abc`, `abc`; empty is an error.
+pub fn str_match(s: &str) -> Result<StrMatch, String> {
     Ok(if s == "*" {
         StrMatch::Present
     } else if let Some(rest) = s.strip_prefix('*') {

@@ -72,7 +72,8 @@ pub enum StrMatch {
 }
 
 impl StrMatch {
-    fn matches(&self, v: &str) -> bool {
+    /// Whether `v` matches; the waypoint's L7 attributes use the same forms.
+    pub fn matches(&self, v: &str) -> bool {
         match self {
             StrMatch::Present => !v.is_empty(),
             StrMatch::Prefix(p) => v.starts_with(p.as_str()),
@@ -92,7 +93,8 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in the block (never across address families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = u32::MAX
@@ -121,22 +123,32 @@ pub struct Field<T> {
     pub not_values: Vec<T>,
 }
 
+impl<T> Default for Field<T> {
+    /// No constraint: matches anything.
+    fn default() -> Self {
+        Field::new(Vec::new(), Vec::new())
+    }
+}
+
 impl<T> Field<T> {
-    fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
+    /// A field from its values and not-values.
+    pub fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
         Field { values, not_values }
     }
 
-    fn is_empty(&self) -> bool {
+    /// Neither values nor not-values: the field constrains nothing.
+    pub fn is_empty(&self) -> bool {
         self.values.is_empty() && self.not_values.is_empty()
     }
 
-    fn check(&self, m: impl Fn(&T) -> bool) -> bool {
+    /// Matches when no value is given or `m` accepts one, and `m` accepts no not-value.
+    pub fn check(&self, m: impl Fn(&T) -> bool) -> bool {
         (self.values.is_empty() || self.values.iter().any(&m)) && !self.not_values.iter().any(&m)
     }
 }
 
-/// `from[].source`, compiled.
-#[derive(Debug, Clone, Serialize)]
+/// `from[].source`, compiled. The default constrains nothing (matches every source).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Source {
     /// `principals` / `notPrincipals` (`<trust domain>/ns/<ns>/sa/<sa>`).
     pub principals: Field<StrMatch>,
@@ -151,7 +163,8 @@ pub struct Source {
 }
 
 impl Source {
-    fn is_empty(&self) -> bool {
+    /// No L4 constraint at all.
+    pub fn is_empty(&self) -> bool {
         self.principals.is_empty()
             && self.namespaces.is_empty()
             && self.service_accounts.is_empty()
@@ -159,7 +172,9 @@ impl Source {
             && self.remote_ip_blocks.is_empty()
     }
 
-    fn matches(&self, r: &Ctx<'_>) -> bool {
+    /// Whether the source of `r` is one of these; identity attributes come from the peer
+    /// certificate only (`r.src_identity`).
+    pub fn matches(&self, r: &Ctx<'_>) -> bool {
         let principal = r.principal.as_deref();
         let ns = r.src_identity.map(|i| i.namespace.as_str()).unwrap_or("");
         let sa = r.service_account.as_deref();
@@ -174,8 +189,8 @@ impl Source {
     }
 }
 
-/// `to[].operation`, compiled: only ports exist at L4.
-#[derive(Debug, Clone, Serialize)]
+/// `to[].operation`, compiled: only ports exist at L4. The default matches every port.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Operation {
     /// `ports` / `notPorts`: the destination pod's port.
     pub ports: Field<u16>,
@@ -207,7 +222,8 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn matches(&self, r: &Ctx<'_>) -> bool {
+    /// Whether `r` satisfies the condition.
+    pub fn matches(&self, r: &Ctx<'_>) -> bool {
         match &self.attr {
             Attr::SourceIp(f) => f.check(|c| c.contains(r.src_ip)),
             Attr::DestinationIp(f) => f.check(|c| c.contains(r.dst_ip)),
@@ -461,8 +477,9 @@ pub struct Request<'a> {
     pub dst_port: u16,
 }
 
-/// A request with the derived strings computed once per decision, not once per policy.
-struct Ctx<'a> {
+/// A request with the derived strings computed once per decision, not once per policy. Public
+/// so that an L7 evaluator (the waypoint) can match the same [`Source`]s and [`Condition`]s.
+pub struct Ctx<'a> {
     req: &'a Request<'a>,
     /// `<trust domain>/ns/<ns>/sa/<sa>`.
     principal: Option<String>,
@@ -478,7 +495,8 @@ impl<'a> std::ops::Deref for Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(req: &'a Request<'a>) -> Self {
+    /// Derives the principal and service-account strings of `req` once.
+    pub fn new(req: &'a Request<'a>) -> Self {
         Ctx {
             req,
             principal: req.src_identity.map(|i| {

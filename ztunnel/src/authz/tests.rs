@@ -229,6 +229,11 @@ fn istio_l4_semantics_table() {
         case("L7 DENY applies L4 parts", ap("back", "l7", "{action: DENY, rules: [{from: [{source: {namespaces: [other]}}], to: [{operation: {paths: [/admin]}}]}]}"), Other, 5432, false, Some("back/l7")),
         // ... and traffic not matching the L4 parts is untouched.
         case("L7 DENY spares others", ap("back", "l7", "{action: DENY, rules: [{from: [{source: {namespaces: [other]}}], to: [{operation: {paths: [/admin]}}]}]}"), Client, 5432, true, None),
+        // L7 fail-safe: a DENY `from` entry made only of L7 fields matches every source, so the
+        // other entries of the same rule cannot narrow the deny.
+        case("L7-only DENY entry matches all", ap("back", "l7", "{action: DENY, rules: [{from: [{source: {requestPrincipals: ['*']}}, {source: {namespaces: [front]}}]}]}"), Other, 5432, false, Some("back/l7")),
+        // ... and the same for a `to` entry made only of L7 fields.
+        case("L7-only DENY to entry matches all", ap("back", "l7", "{action: DENY, rules: [{to: [{operation: {methods: [POST]}}, {operation: {ports: ['1']}}]}]}"), Client, 5432, false, Some("back/l7")),
         // L7 fail-safe: a `when` on request.* in an ALLOW matches nothing.
         case("L7 when in ALLOW", when("{key: 'request.headers[x-user]', values: [me]}"), Client, 5432, false, None),
         // L7 fail-safe: requestPrincipals (JWT) in an ALLOW matches nothing.

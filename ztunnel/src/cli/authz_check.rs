@@ -204,6 +204,13 @@ fn find(state: &State, key: &str) -> Option<std::sync::Arc<Workload>> {
 
 /// Reads the state like the daemon does, but any bad document is an error here.
 fn load(path: &Path, trust_domain: &str) -> Result<State, CheckError> {
+    Ok(State::build(0, trust_domain, &read_objects(path)?))
+}
+
+/// The objects of a state file or directory (its `.yaml`, `.yml` and `.json` files in name
+/// order), strictly: unlike the daemon, which keeps a bad file's last good content, an
+/// operator command reports the first bad document. Shared with `waypoint check`.
+pub fn read_objects(path: &Path) -> Result<Vec<k8s::Object>, CheckError> {
     let read_err = |error| CheckError::Read {
         path: path.to_path_buf(),
         error,
@@ -231,5 +238,5 @@ fn load(path: &Path, trust_domain: &str) -> Result<State, CheckError> {
         })?;
         objects.extend(k8s::parse_file(&f, &text)?);
     }
-    Ok(State::build(0, trust_domain, &objects))
+    Ok(objects)
 }

@@ -10,7 +10,7 @@ use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_D
 use crate::status::{StatusArgs, View};
 use authz_check::AuthzCommand;
 
-mod authz_check;
+pub mod authz_check;
 
 /// Command line of the `ztunnel` binary.
 #[derive(Debug, Parser)]

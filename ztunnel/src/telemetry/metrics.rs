@@ -74,6 +74,8 @@ label_enum!(
         Source => "source",
         /// The daemon of the server's node.
         Destination => "destination",
+        /// A waypoint (L7 proxy), per request.
+        Waypoint => "waypoint",
     }
 );
 
@@ -98,6 +100,10 @@ label_enum!(
         UpstreamFailure => "UF",
         /// Refused by authorization.
         Denied => "DENY",
+        /// The upstream did not answer in time (a waypoint's request timeout).
+        UpstreamTimeout => "UT",
+        /// The client went away before the response was complete.
+        DownstreamTerminated => "DC",
     }
 );
 

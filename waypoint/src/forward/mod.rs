@@ -1,13 +1,16 @@
-//! One HTTP request, from arrival to answer: route it ([`crate::routing`]), apply the rule's
-//! filters, pick an endpoint of the chosen Service, forward over [`Upstreams`], retry what the
-//! policy allows, and give up with 504 when `timeouts.request` passes.
+//! One HTTP request, from arrival to answer: normalize its path ([`crate::normalize`]),
+//! authorize it ([`crate::authz`]), route it ([`crate::routing`]), apply the rule's filters,
+//! pick an endpoint of the chosen Service, forward over [`Upstreams`], retry what the policy
+//! allows, give up with 504 when `timeouts.request` passes, and report it
+//! ([`crate::report`]) when its response has ended.
 //!
-//! Errors the waypoint answers itself: 404 no rule matched, 500 a rule the waypoint cannot
-//! apply (unsupported filter, unknown backend), 503 no ready endpoint or the endpoint failed,
-//! 504 timeout.
+//! Errors the waypoint answers itself: 403 denied by policy, 404 no rule matched, 500 a rule
+//! the waypoint cannot apply (unsupported filter, unknown backend), 503 no ready endpoint or
+//! the endpoint failed, 504 timeout.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,8 +21,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use ztunnel::identity::SpiffeId;
+use ztunnel::telemetry::metrics::{Protocol, Reporter, ResponseFlag};
+use ztunnel::telemetry::FlowReport;
 
-use crate::metrics::{RequestMetrics, RequestRecord};
+use crate::authz::{evaluate, Decision, Http, Request as AuthzRequest, DENIED_BODY};
+use crate::metrics::RequestMetrics;
+use crate::report::{AccessLog, Counted, Report};
 use crate::routing::filters::{Filter, RequestUrl};
 use crate::routing::{Lookup, RequestInfo, RetryPolicy, Rule};
 use crate::snapshot::Snapshot;
@@ -60,7 +67,7 @@ pub struct Downstream {
 
 /// Where a request goes after routing.
 #[derive(Debug, Clone)]
-enum Target {
+pub(crate) enum Target {
     Service(String, u16),
     Pod(SocketAddr),
 }
@@ -71,26 +78,26 @@ pub struct Forwarder {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     upstreams: Arc<Upstreams>,
     metrics: Arc<RequestMetrics>,
-    cluster_domain: String,
+    gateway: String,
 }
 
 /// A failure answered by the waypoint.
 struct Local(StatusCode, String);
 
 impl Forwarder {
-    /// A forwarder routing on the latest of `snapshots`, counting requests into `metrics`
-    /// (Services named in `cluster_domain`).
+    /// A forwarder routing on the latest of `snapshots`, counting requests into `metrics`,
+    /// enforcing the policies attached to the waypoint's `gateway` (`namespace/name`).
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<RequestMetrics>,
-        cluster_domain: &str,
+        gateway: &str,
     ) -> Arc<Self> {
         Arc::new(Forwarder {
             snapshots,
             upstreams,
             metrics,
-            cluster_domain: cluster_domain.to_string(),
+            gateway: gateway.to_string(),
         })
     }
 
@@ -103,7 +110,31 @@ impl Forwarder {
         resolve(snap, &target).map_err(|Local(s, m)| (s, m))
     }
 
-    /// Answers one request; never fails (errors become responses). Logs one `access` line.
+    /// The decision for a stream that is not HTTP: the policies attached to the waypoint and
+    /// to `dest`'s Service, on L4 attributes only (rules on HTTP attributes fail closed).
+    pub fn authorize_stream(
+        &self,
+        snap: &Snapshot,
+        dest: &Dest,
+        authority: SocketAddr,
+        client: SocketAddr,
+        identity: &SpiffeId,
+    ) -> Decision {
+        let req = AuthzRequest {
+            src_ip: client.ip(),
+            src_identity: Some(identity),
+            dst: authority,
+            service: match dest {
+                Dest::Service { key, .. } => Some(key.as_str()),
+                Dest::Pod(_) => None,
+            },
+            http: None,
+        };
+        evaluate(&snap.policies, &self.gateway, &req)
+    }
+
+    /// Answers one request; never fails (errors become responses). Its metrics and its one
+    /// `access` line are written when the response has ended.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
@@ -112,56 +143,94 @@ impl Forwarder {
         let start = Instant::now();
         let snap = self.snapshots.borrow().clone();
         let (mut parts, body) = req.into_parts();
-        let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
-        let trace = parts
+        let received = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(body, received.clone());
+        let grpc = parts
             .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|t| t.split('-').nth(1))
-            .unwrap_or("-")
-            .to_string();
-        let (resp, upstream, rule) = match route(&snap, &mut parts, down) {
-            Routed::Answer(resp, rule) => (resp, None, rule),
-            Routed::Forward(fwd) => {
-                let rule = fwd.rule.clone();
-                match self.forward(&snap, parts, body, down, fwd).await {
-                    Ok((resp, upstream)) => (resp, Some(upstream), rule),
-                    Err(Local(status, why)) => (local(status, &why), None, rule),
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let mut log = AccessLog {
+            method: parts.method.to_string(),
+            authority: request_host(&parts, down),
+            client: down.client.ip().to_string(),
+            src_identity: down.identity.to_string(),
+            destination: match &down.dest {
+                Dest::Service { key, port } => format!("{key}:{port}"),
+                Dest::Pod(addr) => addr.to_string(),
+            },
+            trace_id: trace_id(&parts.headers),
+            authz: "ALLOW",
+            ..AccessLog::default()
+        };
+        let normal = crate::normalize::uri(&mut parts.uri);
+        log.path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+        let decision = authorize(&snap, &self.gateway, down, &parts);
+        note_decision(&decision, down, &parts);
+        log.authz = if decision.allowed() { "ALLOW" } else { "DENY" };
+        log.policy = decision.reason.policy().unwrap_or("-").to_string();
+        log.rule = decision
+            .reason
+            .rule()
+            .map_or_else(|| "-".to_string(), |r| r.to_string());
+        log.authz_reason = decision.reason.to_string();
+        let (resp, upstream, rule, flag) = if !normal {
+            let resp = local(StatusCode::BAD_REQUEST, "bad request path");
+            (resp, None, None, ResponseFlag::NoRoute)
+        } else if !decision.allowed() {
+            (forbidden(), None, None, ResponseFlag::Denied)
+        } else {
+            match route(&snap, &mut parts, down) {
+                Routed::Answer(resp, rule) => {
+                    let flag = local_flag(resp.status());
+                    (resp, None, rule, flag)
+                }
+                Routed::Forward(fwd) => {
+                    let rule = fwd.rule.clone();
+                    match self.forward(&snap, parts, body, down, fwd).await {
+                        Ok((resp, ep)) => (resp, Some(ep), rule, ResponseFlag::None),
+                        Err(Local(status, why)) => {
+                            (local(status, &why), None, rule, local_flag(status))
+                        }
+                    }
                 }
             }
         };
-        let destination_service = match &down.dest {
-            Dest::Service { key, .. } => match key.split_once('/') {
-                Some((ns, name)) => format!("{name}.{ns}.svc.{}", self.cluster_domain),
-                None => key.clone(),
-            },
-            Dest::Pod(addr) => addr.to_string(),
+        log.route = rule
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |r| format!("{}#{}", r.route, r.index));
+        log.upstream = upstream
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |ep| ep.authority().to_string());
+        let src_workload = snap.state.workload(down.client.ip());
+        let service = match &down.dest {
+            Dest::Service { key, .. } => snap.state.services.get(key),
+            Dest::Pod(addr) => snap.state.service_of(addr.ip()),
         };
-        self.metrics.record(
-            &RequestRecord {
-                source_principal: down.identity.to_string(),
-                source_namespace: &down.identity.namespace,
-                destination_service,
-                status: resp.status(),
-                local: upstream.is_none(),
-            },
-            start.elapsed(),
-        );
-        tracing::info!(
-            target: "access",
-            method = %method,
-            path,
-            status = resp.status().as_u16(),
-            duration_ms = start.elapsed().as_millis() as u64,
-            src_identity = %down.identity,
-            client = %down.client.ip(),
-            destination = ?down.dest,
-            route = rule.as_ref().map(|r| format!("{}#{}", r.route, r.index)).as_deref().unwrap_or("-"),
-            upstream = upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
-            trace_id = trace,
-            "request"
-        );
-        Ok(resp)
+        let dst_workload = upstream.as_ref().map(|ep| ep.workload.as_ref());
+        let flow = FlowReport {
+            reporter: Reporter::Waypoint,
+            protocol: Protocol::Hbone,
+            src: down.client,
+            dst: upstream
+                .as_ref()
+                .map_or(down.authority, |ep| ep.authority()),
+            src_workload: src_workload.map(Arc::as_ref),
+            dst_workload,
+            src_identity: Some(&down.identity),
+            dst_identity: dst_workload.filter(|w| w.enrolled).map(|w| &w.identity),
+            service: service.map(Arc::as_ref),
+            start,
+        };
+        let protocol = if grpc { "grpc" } else { "http" };
+        let labels = self
+            .metrics
+            .labels(&flow, protocol, resp.status().as_u16(), flag);
+        let report = Report::new(self.metrics.clone(), labels, start, received, log);
+        let (head, body) = resp.into_parts();
+        Ok(Response::from_parts(head, report.attach(body)))
     }
 
     /// Sends the routed request, retrying as the rule allows within its timeout, and applies
@@ -170,10 +239,10 @@ impl Forwarder {
         &self,
         snap: &Snapshot,
         parts: http::request::Parts,
-        body: Incoming,
+        body: Counted<Incoming>,
         down: &Downstream,
         fwd: Forward,
-    ) -> Result<(Response<Body>, SocketAddr), Local> {
+    ) -> Result<(Response<Body>, Endpoint), Local> {
         let (uri, headers) =
             upstream_head(parts.headers, down, &fwd.host, &fwd.path, parts.uri.query())?;
         let version = match down.proto {
@@ -234,7 +303,7 @@ impl Forwarder {
                 };
                 if !retry || attempt >= retries {
                     return match result {
-                        Ok(resp) => Ok((resp, ep.authority())),
+                        Ok(resp) => Ok((resp, ep)),
                         Err(e) => Err(Local(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
                     };
                 }
@@ -275,19 +344,19 @@ impl Forwarder {
 
 /// A request routed for forwarding.
 #[derive(Debug)]
-struct Forward {
-    target: Target,
+pub(crate) struct Forward {
+    pub(crate) target: Target,
     /// Host for the upstream request (rewritten or the client's).
     host: String,
     /// Path for the upstream request (rewritten or the client's).
     path: String,
     /// The rule that decided, if a route matched.
-    rule: Option<Arc<Rule>>,
+    pub(crate) rule: Option<Arc<Rule>>,
 }
 
 /// The routing decision for one request.
 #[derive(Debug)]
-enum Routed {
+pub(crate) enum Routed {
     Forward(Forward),
     /// Answered by the waypoint (a redirect, 404, 500), with the rule that decided.
     Answer(Response<Body>, Option<Arc<Rule>>),
@@ -296,11 +365,12 @@ enum Routed {
 /// Routes a request to `down.dest`: a pod goes to that pod; a Service with no route to its
 /// own endpoints; otherwise the matched rule's filters apply (request headers edited in
 /// place) and a backend is drawn by weight.
-fn route(snap: &Snapshot, parts: &mut http::request::Parts, down: &Downstream) -> Routed {
-    let mut host = host_of(&parts.uri, &parts.headers);
-    if host.is_empty() {
-        host = down.authority.to_string();
-    }
+pub(crate) fn route(
+    snap: &Snapshot,
+    parts: &mut http::request::Parts,
+    down: &Downstream,
+) -> Routed {
+    let host = request_host(parts, down);
     let path = parts.uri.path().to_string();
     let plain = |target| {
         Routed::Forward(Forward {
@@ -379,6 +449,92 @@ fn route(snap: &Snapshot, parts: &mut http::request::Parts, down: &Downstream) -
         path,
         rule: Some(rule.clone()),
     })
+}
+
+/// The authorization decision for a request to `down.dest` through the waypoint `gateway`
+/// (`namespace/name`): the one function the data path and `waypoint check` call. `parts` has
+/// its path normalized already.
+pub fn authorize(
+    snap: &Snapshot,
+    gateway: &str,
+    down: &Downstream,
+    parts: &http::request::Parts,
+) -> Decision {
+    let host = request_host(parts, down);
+    let service = match &down.dest {
+        Dest::Service { key, .. } => Some(key.as_str()),
+        Dest::Pod(_) => None,
+    };
+    let req = AuthzRequest {
+        src_ip: down.client.ip(),
+        src_identity: Some(&down.identity),
+        dst: down.authority,
+        service,
+        http: Some(Http {
+            method: parts.method.as_str(),
+            host: &host,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        }),
+    };
+    evaluate(&snap.policies, gateway, &req)
+}
+
+/// Logs what the decision enforces nothing about: matching AUDIT policies, and dry-run
+/// policies that would have decided otherwise.
+fn note_decision(d: &Decision, down: &Downstream, parts: &http::request::Parts) {
+    if !d.audited.is_empty() {
+        tracing::info!(
+            policies = %d.audited.join(","), src_identity = %down.identity,
+            method = %parts.method, path = parts.uri.path(), "authorization audit"
+        );
+    }
+    if let Some((verdict, reason)) = &d.dry_run {
+        tracing::info!(
+            would = %verdict, reason = %reason, policy = reason.policy().unwrap_or("-"),
+            enforced = %d.verdict, src_identity = %down.identity, method = %parts.method,
+            path = parts.uri.path(), "dry-run policy would change the decision (not enforced)"
+        );
+    }
+}
+
+/// The response flag of an answer the waypoint made itself.
+fn local_flag(status: StatusCode) -> ResponseFlag {
+    match status.as_u16() {
+        404 => ResponseFlag::NoRoute,
+        503 => ResponseFlag::UpstreamFailure,
+        504 => ResponseFlag::UpstreamTimeout,
+        _ => ResponseFlag::None,
+    }
+}
+
+/// The request's host: its own (`:authority` or `Host`), else the CONNECT authority.
+fn request_host(parts: &http::request::Parts, down: &Downstream) -> String {
+    let host = host_of(&parts.uri, &parts.headers);
+    if host.is_empty() {
+        down.authority.to_string()
+    } else {
+        host
+    }
+}
+
+/// The W3C trace ID of `traceparent`, or `-`.
+fn trace_id(headers: &HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.split('-').nth(1))
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// The answer to a request authorization denied.
+fn forbidden() -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(DENIED_BODY.as_bytes())));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
 }
 
 /// The upstream request's target and headers: origin form and `Host` for HTTP/1.1, absolute
@@ -544,134 +700,4 @@ fn local(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarding_headers_are_appended_and_hop_by_hop_ones_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.insert("connection", HeaderValue::from_static("close, x-private"));
-        h.insert("x-private", HeaderValue::from_static("p"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("traceparent", HeaderValue::from_static("00-ab-cd-01"));
-        append_forwarded_for(&mut h, "10.0.0.1".parse().expect("ip"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(
-            h.get("x-forwarded-for").map(|v| v.as_bytes()),
-            Some(&b"1.1.1.1, 10.0.0.1"[..])
-        );
-        assert!(h.get("connection").is_none() && h.get("x-private").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get("traceparent").is_some());
-    }
-
-    #[test]
-    fn host_is_taken_from_the_uri_then_the_header() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("reviews:9080"));
-        assert_eq!(host_of(&"/a".parse().expect("uri"), &h), "reviews:9080");
-        assert_eq!(host_of(&"http://x.y/a".parse().expect("uri"), &h), "x.y");
-        assert_eq!(host_only("reviews:9080"), "reviews");
-        assert_eq!(host_only("[fd00::1]:80"), "[fd00::1]");
-    }
-
-    const STATE: &str = r#"
-{apiVersion: v1, kind: Service, metadata: {name: svc, namespace: ns}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: ns}
-spec:
-  parentRefs: [{kind: Service, name: svc}]
-  rules:
-  - matches: [{path: {value: /api}}]
-    filters:
-    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: "1"}]}}
-    - {type: URLRewrite, urlRewrite: {hostname: other, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
-    backendRefs: [{name: other, port: 8080}]
-  - matches: [{path: {type: Exact, value: /old}}]
-    filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301, hostname: new}}]
-  - matches: [{path: {type: Exact, value: /mirror}}]
-    filters: [{type: RequestMirror}]
-    backendRefs: [{name: svc}]
-"#;
-
-    fn routed(dest: Dest, path: &str) -> (Routed, http::request::Parts) {
-        let objs = ztunnel::k8s::parse_file(std::path::Path::new("t.yaml"), STATE)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let snap = Snapshot::build(1, "cluster.local", &objs);
-        let (mut parts, ()) = Request::builder()
-            .uri(path)
-            .header("host", "svc.ns:80")
-            .body(())
-            .expect("request")
-            .into_parts();
-        let down = Downstream {
-            dest,
-            authority: "10.96.0.1:80".parse().expect("addr"),
-            client: "10.0.0.9:1234".parse().expect("addr"),
-            identity: SpiffeId::new("cluster.local", "ns", "client"),
-            proto: Proto::Http1,
-        };
-        (route(&snap, &mut parts, &down), parts)
-    }
-
-    fn svc() -> Dest {
-        Dest::Service {
-            key: "ns/svc".into(),
-            port: 80,
-        }
-    }
-
-    #[test]
-    fn a_matched_rule_edits_headers_rewrites_and_picks_its_backend() {
-        let (r, parts) = routed(svc(), "/api/x?q=1");
-        let Routed::Forward(f) = r else {
-            panic!("forwarded: {r:?}")
-        };
-        assert!(matches!(&f.target, Target::Service(k, 8080) if k == "ns/other"));
-        assert_eq!((f.host.as_str(), f.path.as_str()), ("other", "/v2/x"));
-        assert_eq!(
-            parts.headers.get("x-set").map(|v| v.as_bytes()),
-            Some(&b"1"[..])
-        );
-        assert!(f.rule.is_some());
-    }
-
-    #[test]
-    fn waypoint_answers_redirects_404_and_unusable_rules() {
-        let status = |path| match routed(svc(), path).0 {
-            Routed::Answer(resp, _) => (
-                resp.status().as_u16(),
-                resp.headers()
-                    .get("location")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string(),
-            ),
-            Routed::Forward(f) => panic!("{path} forwarded to {f:?}"),
-        };
-        assert_eq!(status("/old?a=b"), (301, "http://new/old?a=b".into()));
-        assert_eq!(status("/elsewhere").0, 404);
-        assert_eq!(status("/mirror").0, 500);
-    }
-
-    #[test]
-    fn pods_and_unrouted_services_go_straight_to_their_endpoints() {
-        let pod: SocketAddr = "10.0.0.5:9090".parse().expect("addr");
-        let Routed::Forward(f) = routed(Dest::Pod(pod), "/old").0 else {
-            panic!("pods are not routed")
-        };
-        assert!(matches!(f.target, Target::Pod(a) if a == pod));
-        let unrouted = Dest::Service {
-            key: "ns/plain".into(),
-            port: 81,
-        };
-        let Routed::Forward(f) = routed(unrouted, "/api").0 else {
-            panic!("no routes: the Service itself")
-        };
-        assert!(matches!(&f.target, Target::Service(k, 81) if k == "ns/plain"));
-        assert!(f.rule.is_none());
-    }
-}
+mod tests;
