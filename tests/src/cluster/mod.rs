@@ -329,6 +329,10 @@ impl Cluster {
         if !extra.iter().any(|a| a.starts_with("--drain-timeout")) {
             args.extend(["--drain-timeout".into(), "3s".into()]);
         }
+        // The nodes share this machine's file system: each daemon gets its own admin socket.
+        if !extra.iter().any(|a| a.starts_with("--admin-socket")) {
+            args.extend(["--admin-socket".into(), self.admin_socket(node).into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let logdir = self.workdir.join("logs");
         std::fs::create_dir_all(&logdir)
@@ -340,6 +344,14 @@ impl Cluster {
             Daemon::spawn_unready(node, &self.node_netns(node), &bin, args, &logdir)?
         };
         Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// Node i's admin socket (`--admin-socket`): every admin route, the changing ones included;
+    /// `ztunnel status` finds it through `ZTUNNEL_ADMIN_SOCKET`.
+    pub fn admin_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-admin.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.
