@@ -41,7 +41,10 @@ fn routes(dir: &std::path::Path) -> AdminRoutes {
         readiness: Arc::default(),
         drain: Drain::default(),
         dns: Arc::default(),
-        source: Arc::new(crate::source::SourceHealth::new("file", ["files"].into_iter())),
+        source: Arc::new(crate::source::SourceHealth::new(
+            "file",
+            ["files"].into_iter(),
+        )),
     }
 }
 
