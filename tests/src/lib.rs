@@ -13,7 +13,6 @@
 pub mod app;
 pub mod bpf;
 pub mod cluster;
-pub mod flags;
 pub mod kube;
 pub mod pcap;
 pub mod testkit;

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -58,18 +59,38 @@ pub fn node_http(
         let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .with_context(|| format!("connecting to {addr}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            tcp,
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        tcp.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no status")?;
-        Ok((status, body.to_string()))
+        exchange(&mut tcp, &method, &path)
     })
+}
+
+/// One HTTP/1.1 request on node `node`'s admin socket (every admin route, the ones that
+/// change the daemon included): (status, body).
+pub fn admin_socket_http(
+    c: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String)> {
+    let socket = c.admin_socket(node);
+    let mut unix = UnixStream::connect(&socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    unix.set_read_timeout(Some(Duration::from_secs(10)))?;
+    exchange(&mut unix, method, path)
+}
+
+/// Writes one request (`connection: close`) and reads the response to EOF.
+fn exchange<S: Read + Write>(s: &mut S, method: &str, path: &str) -> Result<(u16, String)> {
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_string()))
 }

@@ -1,6 +1,7 @@
 //! Acceptance tests of what operators observe: Istio-named metrics with exact counts and
 //! labels on both reporters, a real `promtool` and a real Prometheus scraping the daemon, the
-//! admin API and the status commands, readiness, and the graceful drain on SIGTERM.
+//! admin API and the status commands, readiness, and the graceful drain on SIGTERM and on the
+//! admin socket. (The HTTP behaviour of the ports themselves: tests/tests/admin.rs.)
 //!
 //! Needs root, a built `ztunnel`, and Debian's `prometheus` package (`promtool`,
 //! `prometheus`); `cargo xtask test` provides all. Missing tools fail the test, never skip it.
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{message, Cluster, ClusterSpec, PodSpec, SvcSpec, PODS_FILE};
-use mesh_tests::testkit::node_http as http;
+use mesh_tests::testkit::{admin_socket_http, node_http as http};
 use serde_json::Value;
 
 const METRICS: u16 = 15020;
@@ -401,11 +402,14 @@ fn promtool_accepts_the_scrape_and_prometheus_scrapes_the_daemon() {
     assert_eq!(result[0]["value"][1], "1", "{result:?}");
 }
 
+/// `ztunnel <args>` in node `node`'s namespace, finding the admin socket as an operator's
+/// environment would (`ZTUNNEL_ADMIN_SOCKET`); its stdout.
 fn ztunnel_cli(c: &Cluster, node: usize, args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &c.node_netns(node)])
         .arg(mesh_tests::ztunnel_bin())
         .args(args)
+        .env("ZTUNNEL_ADMIN_SOCKET", c.admin_socket(node))
         .output()
         .expect("ztunnel runs");
     assert!(
@@ -472,13 +476,29 @@ fn config_dump_status_commands_and_log_level() {
         certs.contains("spiffe://cluster.local/ns/mesh/sa/client") && certs.contains("issued"),
         "{certs}"
     );
+    // The same view from the read-only TCP port (the expiry countdown aside).
+    let over_tcp = ztunnel_cli(&c, 1, &["certificates", "--admin", "127.0.0.1:15000"]);
+    let identity_and_serial = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(identity_and_serial(&over_tcp), identity_and_serial(&certs));
 
-    // Log level at run time: node2 logs the HBONE connection at debug only after the change.
+    // Log level at run time: node2 logs the HBONE connection at debug only after the change,
+    // which only the admin socket takes.
     let (a, b) = (c.pod("mesh/a").clone(), c.pod("mesh/b").clone());
     let _srv = b.serve(8080, "b").expect("serve");
     let d = c.daemon(2);
     let (status, body) = http(&c, 2, ADMIN, "POST", "/logging?level=debug").expect("logging");
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 403, "the TCP port refuses a change: {body}");
+    assert!(
+        body.contains(&c.admin_socket(2).display().to_string()),
+        "{body}"
+    );
+    assert_eq!(ztunnel_cli(&c, 2, &["log-level"]), "level: info\n");
+    let body = ztunnel_cli(&c, 2, &["log-level", "debug"]);
     assert!(body.contains("debug"), "{body}");
     let skip = d.log_lines().len();
     a.send(&SendOpts::to(&format!("{}:8080", b.ip)))
@@ -491,7 +511,8 @@ fn config_dump_status_commands_and_log_level() {
         WAIT,
     )
     .expect("debug lines after /logging?level=debug");
-    let (status, _) = http(&c, 2, ADMIN, "POST", "/logging?level=bogus%3D%3D").expect("logging");
+    let (status, _) =
+        admin_socket_http(&c, 2, "POST", "/logging?level=bogus%3D%3D").expect("logging");
     assert_eq!(status, 400, "a bad level is refused");
 }
 
@@ -577,17 +598,50 @@ fn sigterm_drains_a_long_transfer_and_refuses_new_connections() {
     }
 }
 
+/// Any process in the node's network namespace reaches the TCP admin port: there
+/// `/quitquitquit` is refused and the daemon goes on; on the admin socket it drains and exits.
 #[test]
-fn quitquitquit_drains_and_exits() {
+fn quitquitquit_only_on_the_admin_socket() {
     let spec = ClusterSpec::new(1)
         .namespace("mesh", true)
         .pod(PodSpec::new("mesh/a", 1));
     let mut c = Cluster::start(spec).expect("cluster");
     c.start_all_daemons().expect("daemon");
-    let (status, _) = http(&c, 1, ADMIN, "POST", "/quitquitquit").expect("quit");
-    assert_eq!(status, 200);
     let d = c.daemon(1);
+    for method in ["POST", "GET"] {
+        let (status, body) = http(&c, 1, ADMIN, method, "/quitquitquit").expect("quit over TCP");
+        assert_eq!(
+            status, 403,
+            "{method} /quitquitquit on the TCP port: {body}"
+        );
+        assert!(body.contains("admin socket"), "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.is_running(), "the TCP port stopped the daemon");
+    let (status, _) = http(&c, 1, READINESS, "GET", "/healthz/ready").expect("probe");
+    assert_eq!(status, 200, "still ready after the refused quits");
+    assert!(
+        !d.log_lines()
+            .iter()
+            .any(|l| message(l).starts_with("drain")),
+        "no drain started"
+    );
+
+    let socket = c.admin_socket(1);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&socket).expect("socket").permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "only the daemon's user may open the socket"
+    );
+    let (status, _) = admin_socket_http(&c, 1, "GET", "/quitquitquit").expect("GET on the socket");
+    assert_eq!(status, 405, "a change takes POST");
+    let (status, _) = admin_socket_http(&c, 1, "POST", "/quitquitquit").expect("quit");
+    assert_eq!(status, 200);
     d.wait_for_log(|l| message(l) == "capture removed; exiting", WAIT)
         .expect("exits after the drain");
     wait_until("process exit", || (!d.is_running()).then_some(()));
+    assert!(!socket.exists(), "the socket file is removed on exit");
 }

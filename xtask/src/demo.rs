@@ -405,6 +405,11 @@ fn print_poke(cluster: &Cluster) {
     );
     println!("  ip netns exec {} tcpdump -ni br0", cluster.fabric_netns());
     println!("  ip netns exec {} ss -tnp", cluster.node_netns(1));
+    println!(
+        "  {} status --admin-socket {}",
+        mesh_tests::ztunnel_bin().display(),
+        cluster.admin_socket(1).display()
+    );
     println!("  tail -f {}/logs/node1.log", cluster.workdir().display());
     if let Some(cp) = cluster.kube_api() {
         let kubectl = format!(

@@ -8,7 +8,8 @@
 //! 4. `Listeners::bind`: every socket the daemon serves.
 //! 5. `start_dns`, `start_data_plane`: the DNS proxy; the workers, HBONE pool, proxy, HBONE
 //!    server and the accept loops of 15001, 15006 and 15008.
-//! 6. `serve_admin`: admin, metrics and readiness (answering 503 until ready).
+//! 6. `serve_admin`: admin, metrics and readiness (answering 503 until ready), and the admin
+//!    socket, on a thread of their own.
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
 //! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
 //! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
+use crate::admin::socket::{SocketError, SocketFile};
 use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
@@ -88,6 +90,12 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+    /// The admin socket could not be bound.
+    #[error("admin socket {0}")]
+    AdminSocket(#[from] SocketError),
+    /// The thread of the admin, metrics and readiness ports could not be started.
+    #[error("cannot start the admin thread: {0}")]
+    Admin(std::io::Error),
 }
 
 /// How often capture is re-checked against the state without a state change.
@@ -103,10 +111,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let sockets = daemon_sockets(&cfg);
     let listeners = Listeners::bind(&cfg, &*sockets)?;
 
+    // Removes the socket file when the daemon stops, however it stops.
+    let _admin_socket = listeners.admin_socket_file;
+
     let shared = Shared::new(cfg, state_rx.clone(), certs, sockets, source.health());
     let dns = start_dns(&shared, listeners.dns);
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
-    serve_admin(&shared, listeners.admin, &data_plane, dns);
+    serve_admin(&shared, listeners.admin, &data_plane, dns)?;
 
     let mut signals = Signals::install()?;
     let first = first_complete_state(&mut *source, &state_tx, &mut state_rx, &mut signals);
@@ -170,7 +181,9 @@ fn daemon_sockets(cfg: &Config) -> Arc<dyn SocketFactory> {
 /// or DNS datagram finds its listener missing.
 struct Listeners {
     data_plane: DataPlaneListeners,
-    admin: AdminListeners,
+    admin: admin::Listeners,
+    /// The admin socket's file, removed when dropped.
+    admin_socket_file: SocketFile,
     /// Only when the DNS proxy is on.
     dns: Option<DnsSockets>,
 }
@@ -183,16 +196,6 @@ struct DataPlaneListeners {
     inbound_plaintext: TcpListener,
     /// HBONE (15008).
     hbone: TcpListener,
-}
-
-/// The operators' and probes' ports.
-struct AdminListeners {
-    /// Admin API (15000, loopback).
-    admin: TcpListener,
-    /// Prometheus metrics (15020).
-    metrics: TcpListener,
-    /// Readiness (15021).
-    readiness: TcpListener,
 }
 
 /// The DNS proxy's sockets (15053).
@@ -226,10 +229,23 @@ impl Listeners {
             )?,
             hbone: bind("hbone", any, p.hbone, Leg::Hbone, true)?,
         };
-        let admin = AdminListeners {
-            admin: bind("admin", cfg.admin_addr, p.admin, Leg::Node, false)?,
-            metrics: bind("metrics", any, p.metrics, Leg::Node, false)?,
-            readiness: bind("readiness", any, p.readiness, Leg::Node, false)?,
+        // Served by the admin thread's runtime: taken off this one's reactor.
+        let to_std = |l: TcpListener, what, port| {
+            l.into_std().map_err(|error| AppError::Bind {
+                what,
+                addr: SocketAddr::new(any, port),
+                error,
+            })
+        };
+        let admin_port = bind("admin", cfg.admin_addr, p.admin, Leg::Node, false)?;
+        let metrics = bind("metrics", any, p.metrics, Leg::Node, false)?;
+        let readiness = bind("readiness", any, p.readiness, Leg::Node, false)?;
+        let (socket, admin_socket_file) = admin::socket::bind(&cfg.admin_socket)?;
+        let admin = admin::Listeners {
+            admin: to_std(admin_port, "admin", p.admin)?,
+            socket,
+            metrics: to_std(metrics, "metrics", p.metrics)?,
+            readiness: to_std(readiness, "readiness", p.readiness)?,
         };
         let dns = match cfg.dns {
             Some(_) => {
@@ -249,6 +265,7 @@ impl Listeners {
         Ok(Listeners {
             data_plane,
             admin,
+            admin_socket_file,
             dns,
         })
     }
@@ -386,18 +403,15 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
     })
 }
 
-/// Serves readiness, metrics and the admin API ([`crate::admin`]). They start before the
-/// first complete state: readiness answers 503 until then, the admin API shows what is loaded.
+/// Serves readiness, metrics, the admin API and the admin socket ([`crate::admin`]) on the
+/// admin thread. They start before the first complete state: readiness answers 503 until
+/// then, the admin API shows what is loaded.
 fn serve_admin(
     shared: &Shared,
-    listeners: AdminListeners,
+    listeners: admin::Listeners,
     data_plane: &DataPlane,
     dns: Arc<DnsStats>,
-) {
-    let readiness = shared.readiness.clone();
-    tokio::spawn(admin::serve(listeners.readiness, move |path| {
-        admin::readiness::route(&readiness, path)
-    }));
+) -> Result<(), AppError> {
     let metrics = MetricsRoutes {
         metrics: shared.metrics.clone(),
         certs: shared.certs.clone(),
@@ -405,9 +419,6 @@ fn serve_admin(
         capture: shared.capture.clone(),
         workers: data_plane.workers.clone(),
     };
-    tokio::spawn(admin::serve(listeners.metrics, move |path| {
-        metrics.route(path)
-    }));
     let routes = AdminRoutes {
         cfg: shared.cfg.clone(),
         state: shared.state.clone(),
@@ -419,9 +430,14 @@ fn serve_admin(
         dns,
         source: shared.source_health.clone(),
     };
-    tokio::spawn(admin::serve(listeners.admin, move |path| {
-        routes.route(path)
-    }));
+    let routes = admin::Routes {
+        admin: routes,
+        metrics,
+        readiness: shared.readiness.clone(),
+    };
+    admin::spawn(listeners, routes, admin::Limits::DEFAULT).map_err(AppError::Admin)?;
+    tracing::info!(socket = %shared.cfg.admin_socket.display(), "admin socket listening");
+    Ok(())
 }
 
 /// SIGTERM and SIGINT. Installed once the daemon serves its ports; before, either ends the
@@ -540,7 +556,7 @@ async fn steady_state(
                 return;
             }
             _ = shared.drain.started() => {
-                tracing::info!("drain requested through the admin API");
+                tracing::info!("drain requested through the admin socket");
                 return;
             }
         }

@@ -1,19 +1,37 @@
 //! `ztunnel status`, `ztunnel workloads`, `ztunnel certificates`: operator views of a running
-//! daemon, read from its admin API (`/config_dump` on 15000, loopback: run them in the node's
-//! network namespace). Aligned tables by default, the raw JSON parts with `-o json`.
+//! daemon, read from its admin socket (`/config_dump`; or with `--admin` from the read-only
+//! TCP admin port, in the node's network namespace). Aligned tables by default, the raw JSON
+//! parts with `-o json`. Also `ztunnel log-level` and `ztunnel quit`, which change the daemon
+//! and so only work on the socket.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+/// Where the daemon's admin API is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// The daemon's admin socket (every admin route; needs the daemon's user, normally root).
+    #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Use the TCP admin port at this address instead (e.g. `127.0.0.1:15000`, from the node's
+    /// network namespace); it only reads.
+    #[arg(long, env = "ZTUNNEL_ADMIN")]
+    pub admin: Option<SocketAddr>,
+}
+
 /// Options shared by the status commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    /// Admin API of the daemon.
-    #[arg(long, env = "ZTUNNEL_ADMIN", default_value_t = (Ipv4Addr::LOCALHOST, crate::config::DEFAULT_ADMIN_PORT).into())]
-    pub admin: SocketAddr,
+    /// Where the admin API is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Output format: `table` or `json`.
     #[arg(short = 'o', long = "output", default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -30,22 +48,36 @@ pub enum View {
     Certificates,
 }
 
-/// Why a status command failed.
+/// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The admin API could not be reached or answered badly.
-    #[error("admin API at {addr}: {error} (is the daemon running in this network namespace? set --admin)")]
+    #[error("admin API at {endpoint}: {error} (is the daemon running? set --admin-socket, or --admin for the read-only TCP port)")]
     Fetch {
-        /// Admin address.
-        addr: SocketAddr,
+        /// The socket path or TCP address.
+        endpoint: String,
         /// Cause.
         error: String,
+    },
+    /// The daemon refused the request.
+    #[error("{endpoint}: {status}: {body}")]
+    Refused {
+        /// The socket path or TCP address.
+        endpoint: String,
+        /// HTTP status.
+        status: u16,
+        /// The daemon's explanation.
+        body: String,
     },
 }
 
 /// Fetches `/config_dump` and prints `view` to stdout.
 pub fn run(view: View, args: &StatusArgs) -> Result<(), StatusError> {
-    let dump = fetch(args.admin, "/config_dump")?;
+    let body = call(&args.admin, "GET", "/config_dump")?;
+    let dump: Value = serde_json::from_str(&body).map_err(|e| StatusError::Fetch {
+        endpoint: endpoint(&args.admin),
+        error: format!("response is not JSON: {e}"),
+    })?;
     let json = args.output == "json";
     let out = match view {
         View::Status if json => pretty(&summary(&dump)),
@@ -59,31 +91,109 @@ pub fn run(view: View, args: &StatusArgs) -> Result<(), StatusError> {
     Ok(())
 }
 
+/// `ztunnel log-level [FILTER]`: prints the log filter, or sets it first.
+pub fn log_level(args: &AdminArgs, filter: Option<&str>) -> Result<(), StatusError> {
+    let body = match filter {
+        None => call(args, "GET", "/logging")?,
+        Some(f) => {
+            let encoded = percent_encoding::utf8_percent_encode(f, QUERY_VALUE);
+            call(args, "POST", &format!("/logging?level={encoded}"))?
+        }
+    };
+    print!("{body}");
+    Ok(())
+}
+
+/// `ztunnel quit`: starts the daemon's drain, as SIGTERM does.
+pub fn quit(args: &AdminArgs) -> Result<(), StatusError> {
+    print!("{}", call(args, "POST", "/quitquitquit")?);
+    Ok(())
+}
+
+/// What a query value must not carry unencoded.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b':');
+
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
 }
 
-/// Minimal HTTP/1.1 GET; the admin server closes after each answer.
-fn fetch(addr: SocketAddr, path: &str) -> Result<Value, StatusError> {
-    let err = |error: String| StatusError::Fetch { addr, error };
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| err(e.to_string()))?;
-    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
+fn endpoint(args: &AdminArgs) -> String {
+    match args.admin {
+        Some(addr) => addr.to_string(),
+        None => args.admin_socket.display().to_string(),
+    }
+}
+
+/// One request, `connection: close`, on the socket or the TCP port; the body of a 200.
+///
+/// Hand-written rather than an HTTP client: a command makes one request and reads to EOF, and
+/// the daemon answers with a `content-length` body, so this is all the protocol it needs.
+fn call(args: &AdminArgs, method: &str, path: &str) -> Result<String, StatusError> {
+    let endpoint = endpoint(args);
+    let err = |error: String| StatusError::Fetch {
+        endpoint: endpoint.clone(),
+        error,
+    };
+    let timeout = Some(Duration::from_secs(10));
+    let raw = match args.admin {
+        Some(addr) => {
+            let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| err(e.to_string()))?;
+            tcp.set_read_timeout(timeout)
+                .map_err(|e| err(e.to_string()))?;
+            exchange(&mut tcp, method, path)
+        }
+        None => {
+            let mut unix = UnixStream::connect(&args.admin_socket).map_err(|e| {
+                err(match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        format!("{e}: run as the daemon's user (root)")
+                    }
+                    _ => e.to_string(),
+                })
+            })?;
+            unix.set_read_timeout(timeout)
+                .map_err(|e| err(e.to_string()))?;
+            exchange(&mut unix, method, path)
+        }
+    }
     .map_err(|e| err(e.to_string()))?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).map_err(|e| err(e.to_string()))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| err("malformed HTTP response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(err(head.lines().next().unwrap_or("").to_string()));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            err(format!(
+                "malformed status line `{}`",
+                head.lines().next().unwrap_or("")
+            ))
+        })?;
+    if status != 200 {
+        return Err(StatusError::Refused {
+            endpoint,
+            status,
+            body: body.trim_end().to_string(),
+        });
     }
-    serde_json::from_str(body).map_err(|e| err(format!("response is not JSON: {e}")))
+    Ok(body.to_string())
+}
+
+fn exchange<S: Read + Write>(s: &mut S, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    Ok(raw)
 }
 
 fn s(v: &Value) -> String {

@@ -14,28 +14,84 @@
 //! timeout, unreachable), for tests that expect a failure.
 //!
 //! Plain std threads: a handful of connections per run, and nothing here should be harder to
-//! trust than the thing it tests.
+//! trust than the thing it tests. Flags through clap, so `--help` lists them and a misspelt
+//! one is an error (exit 2) rather than ignored.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesh_tests::flags::Flags;
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 type Res<T> = Result<T, String>;
 
+/// The test application of the mesh tests, the demo and the benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "meshapp")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Greet each connection with `HELLO <name> <peer as seen>`, then echo until EOF.
+    Serve(ServeArgs),
+    /// Send the pattern on `--conns` connections, check the echo; one JSON line each.
+    Send(SendArgs),
+    /// One connection attempt; a JSON line saying how it ended.
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Port to listen on (all addresses).
+    #[arg(long)]
+    port: u16,
+    /// Name in the greeting.
+    #[arg(long, default_value = "meshapp")]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Server address.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Bytes to send (and expect echoed) per connection.
+    #[arg(long, default_value_t = 1024)]
+    bytes: u64,
+    /// Text the pattern is built from, so a capture of plaintext would show it.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    marker: String,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Seconds to keep each connection open after its echo.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
+    /// Seconds any connect, read or write may take.
+    #[arg(long, default_value_t = 20.0)]
+    timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Server address.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Seconds the connect and the greeting may take.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.split_first() {
-        Some((cmd, rest)) => Flags::parse(rest).and_then(|flags| match cmd.as_str() {
-            "serve" => serve(&flags),
-            "send" => send(&flags),
-            "connect" => connect(&flags),
-            other => Err(format!("unknown command `{other}`")),
-        }),
-        None => Err("usage: meshapp serve|send|connect [flags]".to_string()),
+    let result = match Cli::parse().command {
+        Cmd::Serve(a) => serve(&a),
+        Cmd::Send(a) => send(&a),
+        Cmd::Connect(a) => connect(&a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -53,9 +109,8 @@ fn secs(s: f64) -> Duration {
 
 // ---------------------------------------------------------------- serve
 
-fn serve(flags: &Flags) -> Res<bool> {
-    let port: u16 = flags.get("port", None)?;
-    let name: String = flags.get("name", Some("meshapp".to_string()))?;
+fn serve(args: &ServeArgs) -> Res<bool> {
+    let (port, name) = (args.port, args.name.clone());
     // One descriptor per client connection; benchmarks hold thousands.
     mesh_tests::raise_fd_limit();
     let listener =
@@ -127,14 +182,10 @@ impl Pattern {
     }
 }
 
-fn send(flags: &Flags) -> Res<bool> {
-    let to: SocketAddr = flags.get("to", None)?;
-    let bytes: u64 = flags.get("bytes", Some(1024))?;
-    let marker: String = flags.get("marker", Some(String::new()))?;
-    let conns: usize = flags.get("conns", Some(1))?;
-    let hold = secs(flags.get("hold", Some(0.0))?);
-    let timeout = secs(flags.get("timeout", Some(20.0))?);
-    let pattern = std::sync::Arc::new(Pattern::new(&marker));
+fn send(args: &SendArgs) -> Res<bool> {
+    let (to, bytes, conns) = (args.to, args.bytes, args.conns);
+    let (hold, timeout) = (secs(args.hold), secs(args.timeout));
+    let pattern = std::sync::Arc::new(Pattern::new(&args.marker));
     let handles: Vec<_> = (0..conns)
         .map(|i| {
             let pattern = pattern.clone();
@@ -269,9 +320,8 @@ fn read_line(mut s: &TcpStream) -> std::io::Result<String> {
 
 // ---------------------------------------------------------------- connect
 
-fn connect(flags: &Flags) -> Res<bool> {
-    let to: SocketAddr = flags.get("to", None)?;
-    let timeout = secs(flags.get("timeout", Some(10.0))?);
+fn connect(args: &ConnectArgs) -> Res<bool> {
+    let (to, timeout) = (args.to, secs(args.timeout));
     let (result, detail) = match TcpStream::connect_timeout(&to, timeout) {
         Err(e) => (classify(&e), e.to_string()),
         Ok(s) => {

@@ -26,21 +26,84 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mesh_tests::flags::Flags;
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 type Res<T> = Result<T, String>;
 
+/// The load generator of the benchmarks (flags through clap: `--help`, and a misspelt flag is
+/// an error, exit 2).
+#[derive(Debug, Parser)]
+#[command(name = "meshload")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Request/response on one connection: latency percentiles.
+    Rr(RrArgs),
+    /// Connect, read HELLO, close, repeat: connections per second.
+    Crr(CrrArgs),
+    /// Open connections, echo on each, hold them all: the cost of idle connections.
+    Hold(HoldArgs),
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+struct RrArgs {
+    /// Server address (`meshapp serve`).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Request (and echo) size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Seconds of requests before measuring.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Requests per second on a fixed schedule; 0 sends back to back.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+struct CrrArgs {
+    /// Server address (`meshapp serve`).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Client threads.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+struct HoldArgs {
+    /// Server address (`meshapp serve`).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 500)]
+    conns: usize,
+    /// Seconds from the start until they are closed.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Bytes echoed on each before it idles (at most 1 MiB, so writing it all before reading
+    /// cannot fill both directions' buffers).
+    #[arg(long, default_value_t = 256 * 1024)]
+    bytes: usize,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.split_first() {
-        Some((cmd, rest)) => Flags::parse(rest).and_then(|f| match cmd.as_str() {
-            "rr" => rr(&f),
-            "crr" => crr(&f),
-            "hold" => hold(&f),
-            other => Err(format!("unknown command `{other}`")),
-        }),
-        None => Err("usage: meshload rr|crr|hold [flags]".to_string()),
+    let result = match Cli::parse().command {
+        Cmd::Rr(a) => rr(&a),
+        Cmd::Crr(a) => crr(&a),
+        Cmd::Hold(a) => hold(&a),
     };
     match result {
         Ok(report) => {
@@ -77,12 +140,14 @@ fn open(to: SocketAddr) -> Res<TcpStream> {
     }
 }
 
-fn rr(f: &Flags) -> Res<serde_json::Value> {
-    let to: SocketAddr = f.get("to", None)?;
-    let size: usize = f.get("size", Some(64))?;
-    let secs: f64 = f.get("secs", Some(3.0))?;
-    let warmup: f64 = f.get("warmup", Some(0.5))?;
-    let rate: f64 = f.get("rate", Some(0.0))?;
+fn rr(a: &RrArgs) -> Res<serde_json::Value> {
+    let RrArgs {
+        to,
+        size,
+        secs,
+        warmup,
+        rate,
+    } = *a;
     let mut s = open(to)?;
     let req = vec![0x5au8; size.max(1)];
     let mut resp = vec![0u8; req.len()];
@@ -157,10 +222,8 @@ fn precise_timers() {
     }
 }
 
-fn crr(f: &Flags) -> Res<serde_json::Value> {
-    let to: SocketAddr = f.get("to", None)?;
-    let secs: f64 = f.get("secs", Some(3.0))?;
-    let conns: usize = f.get("conns", Some(1))?;
+fn crr(a: &CrrArgs) -> Res<serde_json::Value> {
+    let CrrArgs { to, secs, conns } = *a;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let handles: Vec<_> = (0..conns.max(1))
@@ -206,13 +269,13 @@ fn crr(f: &Flags) -> Res<serde_json::Value> {
     )
 }
 
-fn hold(f: &Flags) -> Res<serde_json::Value> {
-    let to: SocketAddr = f.get("to", None)?;
-    let conns: usize = f.get("conns", Some(500))?;
-    let secs: f64 = f.get("secs", Some(5.0))?;
-    // Small enough that writing all of it before reading the echo cannot fill both
-    // directions' socket buffers and deadlock.
-    let bytes: usize = f.get("bytes", Some(256 * 1024))?;
+fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
+    let HoldArgs {
+        to,
+        conns,
+        secs,
+        bytes,
+    } = *a;
     if bytes > 1024 * 1024 {
         return Err(format!("--bytes {bytes}: at most 1 MiB"));
     }

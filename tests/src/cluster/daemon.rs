@@ -27,10 +27,19 @@ const TERM_GRACE: Duration = Duration::from_secs(10);
 pub struct Daemon {
     node: usize,
     netns: String,
-    program: PathBuf,
-    args: Vec<OsString>,
+    cmd: DaemonCmd,
     logdir: PathBuf,
     proc: Mutex<Proc>,
+}
+
+/// What a daemon runs: program, arguments and environment variables. Settings every build
+/// understands go in `args`; newer ones the harness sets anyway go in `env` (`ZTUNNEL_*`),
+/// which an older build ignores, so `ZTUNNEL_BIN=<older build>` still runs for an A/B.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonCmd {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(&'static str, OsString)>,
 }
 
 #[derive(Debug)]
@@ -41,12 +50,11 @@ struct Proc {
 
 impl Daemon {
     /// A daemon handle that has not started yet.
-    fn new(node: usize, netns: &str, program: &Path, args: Vec<OsString>, logdir: &Path) -> Daemon {
+    fn new(node: usize, netns: &str, cmd: DaemonCmd, logdir: &Path) -> Daemon {
         Daemon {
             node,
             netns: netns.to_string(),
-            program: program.to_path_buf(),
-            args,
+            cmd,
             logdir: logdir.to_path_buf(),
             proc: Mutex::new(Proc {
                 child: None,
@@ -56,14 +64,8 @@ impl Daemon {
     }
 
     /// Starts `ip netns exec <netns> setsid <program> <args>` and waits for `ready`.
-    pub(crate) fn start(
-        node: usize,
-        netns: &str,
-        program: &Path,
-        args: Vec<OsString>,
-        logdir: &Path,
-    ) -> Result<Daemon> {
-        let d = Daemon::new(node, netns, program, args, logdir);
+    pub(crate) fn start(node: usize, netns: &str, cmd: DaemonCmd, logdir: &Path) -> Result<Daemon> {
+        let d = Daemon::new(node, netns, cmd, logdir);
         d.spawn_and_wait_ready()?;
         Ok(d)
     }
@@ -72,11 +74,10 @@ impl Daemon {
     pub(crate) fn spawn_unready(
         node: usize,
         netns: &str,
-        program: &Path,
-        args: Vec<OsString>,
+        cmd: DaemonCmd,
         logdir: &Path,
     ) -> Result<Daemon> {
-        let d = Daemon::new(node, netns, program, args, logdir);
+        let d = Daemon::new(node, netns, cmd, logdir);
         d.spawn()?;
         Ok(d)
     }
@@ -118,14 +119,15 @@ impl Daemon {
             // harness (which then tears down) rather than killing daemons behind its back.
             let child = Command::new("ip")
                 .args(["netns", "exec", &self.netns, "setsid"])
-                .arg(&self.program)
-                .args(&self.args)
+                .arg(&self.cmd.program)
+                .args(&self.cmd.args)
+                .envs(self.cmd.env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_BACKTRACE", "1")
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2)
                 .spawn()
-                .with_context(|| format!("spawning {}", self.program.display()))?;
+                .with_context(|| format!("spawning {}", self.cmd.program.display()))?;
             p.child = Some(child);
         }
         Ok(())

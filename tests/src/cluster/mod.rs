@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{bail, Context, Result};
 
 pub use capture::Capture;
+use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
 pub use kube::{ControlPlane, API_ADDRESS};
 pub use net::{in_netns, run};
@@ -333,13 +334,28 @@ impl Cluster {
         let logdir = self.workdir.join("logs");
         std::fs::create_dir_all(&logdir)
             .with_context(|| format!("creating {}", logdir.display()))?;
-        let bin = crate::ztunnel_bin();
+        let cmd = DaemonCmd {
+            program: crate::ztunnel_bin(),
+            args,
+            // The nodes share this machine's file system: each daemon gets its own admin
+            // socket (a flag in `extra` overrides it).
+            env: vec![("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into())],
+        };
+        let netns = self.node_netns(node);
         let daemon = if wait {
-            Daemon::start(node, &self.node_netns(node), &bin, args, &logdir)?
+            Daemon::start(node, &netns, cmd, &logdir)?
         } else {
-            Daemon::spawn_unready(node, &self.node_netns(node), &bin, args, &logdir)?
+            Daemon::spawn_unready(node, &netns, cmd, &logdir)?
         };
         Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// Node i's admin socket (`--admin-socket`): every admin route, the changing ones included;
+    /// `ztunnel status` finds it through `ZTUNNEL_ADMIN_SOCKET`.
+    pub fn admin_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-admin.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.

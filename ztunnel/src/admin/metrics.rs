@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{CaptureView, Reply};
+use super::{read_only, CaptureView, Reply, Request};
 use crate::hbone::client::Pool;
 use crate::identity::CertManager;
 use crate::telemetry::metrics::{gauge, Metrics, CONTENT_TYPE};
@@ -26,14 +26,14 @@ pub struct MetricsRoutes {
 }
 
 impl MetricsRoutes {
-    /// Answers `target` (path and query).
-    pub fn route(&self, target: &str) -> Reply {
-        match target.split('?').next().unwrap_or("") {
-            "/metrics" | "/stats/prometheus" => {
+    /// Answers a request.
+    pub fn route(&self, req: &Request<'_>) -> Reply {
+        match req.path {
+            "/metrics" | "/stats/prometheus" => read_only(req, || {
                 self.refresh_gauges();
                 Reply::new(200, CONTENT_TYPE, self.metrics.encode())
-            }
-            _ => Reply::text(404, "not found\n"),
+            }),
+            _ => Reply::not_found(),
         }
     }
 

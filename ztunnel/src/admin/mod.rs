@@ -1,22 +1,28 @@
-//! The admin (15000, loopback), metrics (15020) and readiness (15021) ports.
+//! The admin (15000, loopback), metrics (15020) and readiness (15021) ports, and the admin
+//! socket.
 //!
-//! A deliberately tiny HTTP/1.1 responder ([`serve`]): one request per connection, GET only, a
-//! few fixed paths. It serves probes and operators, never the data path, so it need not be
-//! fast, and keeping it small avoids pulling an HTTP server framework into the daemon. The
-//! routes of each port live in their own module: [`routes`] (admin: `/config_dump`,
-//! `/logging`, `/quitquitquit`), [`metrics`] (`/metrics`, `/stats/prometheus`) and
-//! [`readiness`] (`/healthz/ready`).
+//! They serve probes, scrapers and operators, never the data path, on a thread of their own
+//! ([`spawn`]): a slow scrape or a client holding connections never delays the accept loops
+//! of the captured ports. The server is hyper with bounds on what one client may hold
+//! ([`http`]). The routes of each port live in their own module: [`routes`] (admin:
+//! `/config_dump`, `/logging`, `/quitquitquit`), [`metrics`] (`/metrics`,
+//! `/stats/prometheus`) and [`readiness`] (`/healthz/ready`).
+//!
+//! The TCP admin port only reads. What changes the daemon (`POST /logging?level=`,
+//! `POST /quitquitquit`) is served on the admin socket ([`socket`], a unix socket of mode
+//! 0600): any process in the node's network namespace reaches the port, only the daemon's user
+//! the socket.
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
+pub mod http;
 pub mod metrics;
 pub mod readiness;
 pub mod routes;
+pub mod socket;
+
+pub use http::{Limits, Request};
 
 pub use readiness::Readiness;
 
@@ -51,12 +57,13 @@ impl CaptureView {
     }
 }
 
-/// A response: status, content type, body.
+/// A response: status, content type, body, and for 405 the methods allowed.
 #[derive(Debug)]
 pub struct Reply {
     status: u16,
     content_type: &'static str,
     body: String,
+    allow: Option<&'static str>,
 }
 
 impl Reply {
@@ -66,6 +73,7 @@ impl Reply {
             status: 200,
             content_type: "application/json",
             body,
+            allow: None,
         }
     }
     /// A reply with any content type.
@@ -74,6 +82,7 @@ impl Reply {
             status,
             content_type,
             body,
+            allow: None,
         }
     }
     /// A plain-text reply.
@@ -82,58 +91,105 @@ impl Reply {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
+            allow: None,
         }
+    }
+    /// 404.
+    pub fn not_found() -> Reply {
+        Reply::text(404, "not found\n")
+    }
+    /// 405 with the methods the path takes (`Allow`).
+    pub fn method_not_allowed(allow: &'static str) -> Reply {
+        Reply {
+            allow: Some(allow),
+            ..Reply::text(
+                405,
+                format!("method not allowed; this path takes {allow}\n"),
+            )
+        }
+    }
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+    /// The body.
+    pub fn body(&self) -> &str {
+        &self.body
     }
 }
 
-/// Serves `route(path)` on `listener` forever.
-pub async fn serve<F>(listener: TcpListener, route: F)
-where
-    F: Fn(&str) -> Reply + Send + Sync + 'static,
-{
-    let route = Arc::new(route);
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(tcp, &*route)).await;
-        });
+/// A read-only route: `reply()` for `GET` and `HEAD`, 405 for any other method.
+pub fn read_only(req: &Request<'_>, reply: impl FnOnce() -> Reply) -> Reply {
+    if req.is_read() {
+        reply()
+    } else {
+        Reply::method_not_allowed("GET, HEAD")
     }
 }
 
-async fn answer<F: Fn(&str) -> Reply>(mut tcp: TcpStream, route: &F) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = tcp.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.split_whitespace();
-    let reply = match (parts.next(), parts.next()) {
-        (Some("GET") | Some("POST"), Some(path)) => route(path),
-        _ => Reply::text(400, "bad request\n"),
+/// The listeners of the admin thread, bound by start-up (before capture attaches).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Admin API, read-only (15000, loopback).
+    pub admin: std::net::TcpListener,
+    /// The admin socket (every admin route, the changing ones included).
+    pub socket: std::os::unix::net::UnixListener,
+    /// Prometheus metrics (15020).
+    pub metrics: std::net::TcpListener,
+    /// Readiness (15021).
+    pub readiness: std::net::TcpListener,
+}
+
+/// What the ports answer from.
+#[derive(Debug)]
+pub struct Routes {
+    /// The admin routes, on the port and the socket.
+    pub admin: routes::AdminRoutes,
+    /// The metrics routes.
+    pub metrics: metrics::MetricsRoutes,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+}
+
+/// Starts the thread `ztunnel-admin`, a single-threaded runtime of its own, serving `routes` on
+/// `listeners` within `limits` until the process exits. Its own thread, so that nothing the
+/// ports' clients do (many connections, slow reads, a large scrape) takes time from the
+/// control runtime, where the accept loops of the captured ports run.
+pub fn spawn(listeners: Listeners, routes: Routes, limits: Limits) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered with this runtime's reactor, which the new thread drives.
+    let (admin, socket, metrics, readiness) = {
+        let _in = runtime.enter();
+        (
+            tokio::net::TcpListener::from_std(listeners.admin)?,
+            tokio::net::UnixListener::from_std(listeners.socket)?,
+            tokio::net::TcpListener::from_std(listeners.metrics)?,
+            tokio::net::TcpListener::from_std(listeners.readiness)?,
+        )
     };
-    let reason = match reply.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        503 => "Service Unavailable",
-        _ => "",
+    let admin_routes = Arc::new(routes.admin);
+    let on_socket = admin_routes.clone();
+    let (metrics_routes, ready) = (routes.metrics, routes.readiness);
+    let serve = async move {
+        tokio::join!(
+            http::serve(readiness, "readiness", limits, move |req| {
+                readiness::route(&ready, req)
+            }),
+            http::serve(metrics, "metrics", limits, move |req| {
+                metrics_routes.route(req)
+            }),
+            http::serve(admin, "admin", limits, move |req| {
+                admin_routes.route(req, routes::Via::Port)
+            }),
+            http::serve(socket, "admin-socket", limits, move |req| {
+                on_socket.route(req, routes::Via::Socket)
+            }),
+        );
     };
-    let msg = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-        reply.status,
-        reply.content_type,
-        reply.body.len(),
-        reply.body
-    );
-    tcp.write_all(msg.as_bytes()).await?;
-    tcp.shutdown().await
+    std::thread::Builder::new()
+        .name("ztunnel-admin".into())
+        .spawn(move || runtime.block_on(serve))?;
+    Ok(())
 }

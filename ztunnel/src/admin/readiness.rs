@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::Reply;
+use super::{read_only, Reply, Request};
 
 /// Whether the daemon is ready: first state loaded, certificates issued, capture attached.
 #[derive(Debug, Default)]
@@ -20,11 +20,13 @@ impl Readiness {
 }
 
 /// The readiness port's one route.
-pub fn route(readiness: &Readiness, path: &str) -> Reply {
-    match path {
-        "/healthz/ready" if readiness.is_ready() => Reply::text(200, "ready\n"),
-        "/healthz/ready" => Reply::text(503, "not ready\n"),
-        _ => Reply::text(404, "not found\n"),
+pub fn route(readiness: &Readiness, req: &Request<'_>) -> Reply {
+    match req.path {
+        "/healthz/ready" => read_only(req, || match readiness.is_ready() {
+            true => Reply::text(200, "ready\n"),
+            false => Reply::text(503, "not ready\n"),
+        }),
+        _ => Reply::not_found(),
     }
 }
 
@@ -32,12 +34,28 @@ pub fn route(readiness: &Readiness, path: &str) -> Reply {
 mod tests {
     use super::*;
 
+    use hyper::Method;
+
+    fn get(path: &str) -> Request<'_> {
+        Request {
+            method: &Method::GET,
+            path,
+            query: "",
+        }
+    }
+
     #[test]
     fn ready_only_once_set() {
         let r = Readiness::default();
-        assert_eq!(route(&r, "/healthz/ready").status, 503);
+        assert_eq!(route(&r, &get("/healthz/ready")).status, 503);
         r.set_ready();
-        assert_eq!(route(&r, "/healthz/ready").status, 200);
-        assert_eq!(route(&r, "/other").status, 404);
+        assert_eq!(route(&r, &get("/healthz/ready")).status, 200);
+        assert_eq!(route(&r, &get("/other")).status, 404);
+        let post = Request {
+            method: &Method::POST,
+            ..get("/healthz/ready")
+        };
+        let refused = route(&r, &post);
+        assert_eq!((refused.status, refused.allow), (405, Some("GET, HEAD")));
     }
 }

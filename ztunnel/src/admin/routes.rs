@@ -1,6 +1,12 @@
-//! Admin (15000, loopback only): `/config_dump` (the JSON that `ztunnel status`, `workloads`
-//! and `certificates` read, see [`crate::status`]), `/logging` (read or change the log
-//! filter) and `/quitquitquit` (start the drain, as SIGTERM does).
+//! The admin routes: `/config_dump` (the JSON that `ztunnel status`, `workloads` and
+//! `certificates` read, see [`crate::status`]), `/logging` (read, or with `POST ?level=`
+//! change, the log filter) and `POST /quitquitquit` (start the drain, as SIGTERM does).
+//!
+//! Served twice: on the TCP admin port (15000, loopback), which every process of the node's
+//! network namespace reaches and which therefore only reads (a change answers 403 naming the
+//! socket), and on the admin socket, which only the daemon's user may open, with every route.
+//! Nothing here shows a secret: certificates appear as identity, serial and validity, never a
+//! key, and the configuration holds paths, not contents.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,7 +14,9 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{CaptureView, Readiness, Reply};
+use hyper::Method;
+
+use super::{read_only, CaptureView, Readiness, Reply, Request};
 use crate::config::Config;
 use crate::dns::DnsStats;
 use crate::drain::Drain;
@@ -42,20 +50,54 @@ pub struct AdminRoutes {
 }
 
 impl AdminRoutes {
-    /// Answers `target` (path and query).
-    pub fn route(&self, target: &str) -> Reply {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        match path {
-            "/config_dump" => {
+    /// Answers a request that came in `via` the port or the socket.
+    pub fn route(&self, req: &Request<'_>, via: Via) -> Reply {
+        let level = level(req.query);
+        match (req.path, via) {
+            ("/config_dump", _) => read_only(req, || {
                 Reply::json(serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default())
+            }),
+            ("/logging", _) if req.is_read() && level.is_none() => Reply::text(
+                200,
+                format!(
+                    "level: {}\n",
+                    telemetry::current_log_level().unwrap_or_default()
+                ),
+            ),
+            ("/logging" | "/quitquitquit", Via::Port) => {
+                tracing::debug!(path = req.path, method = %req.method, "admin: change refused on the TCP port");
+                self.use_the_socket()
             }
-            "/logging" => logging(query),
-            "/quitquitquit" => {
-                self.drain.start();
-                Reply::text(200, "draining\n")
-            }
-            _ => Reply::text(404, "not found\n"),
+            ("/logging", Via::Socket) => match (req.method, level) {
+                (&Method::POST, Some(level)) => set_level(&level),
+                (&Method::POST, None) => Reply::text(400, "missing ?level=<filter>\n"),
+                _ => Reply {
+                    allow: Some("GET, HEAD, POST"),
+                    ..Reply::text(405, "changing the log level takes POST\n")
+                },
+            },
+            ("/quitquitquit", Via::Socket) => match *req.method {
+                Method::POST => {
+                    self.drain.start();
+                    Reply::text(200, "draining\n")
+                }
+                _ => Reply::method_not_allowed("POST"),
+            },
+            _ => Reply::not_found(),
         }
+    }
+
+    /// 403 for a change asked on the TCP port, saying where it is served.
+    fn use_the_socket(&self) -> Reply {
+        let socket = self.cfg.admin_socket.display();
+        Reply::text(
+            403,
+            format!(
+                "this port only reads: changing the log level and /quitquitquit are served with \
+                 POST on the admin socket {socket}, which only the daemon's user can open, e.g. \
+                 curl --unix-socket {socket} -X POST 'http://localhost/logging?level=debug'\n"
+            ),
+        )
     }
 
     fn config_dump(&self) -> serde_json::Value {
@@ -114,27 +156,31 @@ impl AdminRoutes {
     }
 }
 
-/// `/logging`: the current filter, or with `?level=` a new one.
-fn logging(query: &str) -> Reply {
-    let level = query
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The TCP admin port: reads only.
+    Port,
+    /// The admin socket: every route.
+    Socket,
+}
+
+/// The `level` of a query, decoded (log filters contain `=` and `,`, sent `%`-encoded).
+fn level(query: &str) -> Option<String> {
+    query
         .split('&')
         .find_map(|kv| kv.strip_prefix("level="))
-        .map(percent_decode);
-    match level {
-        None => Reply::text(
-            200,
-            format!(
-                "level: {}\n",
-                telemetry::current_log_level().unwrap_or_default()
-            ),
-        ),
-        Some(l) => match telemetry::set_log_level(&l) {
-            Ok(now) => {
-                tracing::info!(level = %now, "log level changed");
-                Reply::text(200, format!("level: {now}\n"))
-            }
-            Err(e) => Reply::text(400, format!("{e}\n")),
-        },
+        .map(decode)
+}
+
+/// `POST /logging?level=`: a new log filter.
+fn set_level(level: &str) -> Reply {
+    match telemetry::set_log_level(level) {
+        Ok(now) => {
+            tracing::info!(level = %now, "log level changed");
+            Reply::text(200, format!("level: {now}\n"))
+        }
+        Err(e) => Reply::text(400, format!("{e}\n")),
     }
 }
 
@@ -144,45 +190,15 @@ fn unix_secs(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Decodes `%XX` and `+` in a query value (log directives contain `=` and `,`).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Decodes a query value: `+` is a space, `%XX` a byte; a `%` not followed by two hex digits
+/// stays as it is.
+fn decode(s: &str) -> String {
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::percent_decode;
-
-    #[test]
-    fn percent_decode_as_before() {
-        assert_eq!(
-            percent_decode("info%2Cztunnel%3Ddebug"),
-            "info,ztunnel=debug"
-        );
-        assert_eq!(percent_decode("a+b"), "a b");
-        assert_eq!(percent_decode("bad%zz"), "bad%zz");
-        // A `%` without two bytes after it stays as is.
-        assert_eq!(percent_decode("x%4"), "x%4");
-        assert_eq!(percent_decode("x%41"), "xA");
-    }
-}
+#[path = "routes_tests.rs"]
+mod tests;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
-use crate::status::{StatusArgs, View};
+use crate::status::{AdminArgs, StatusArgs, View};
 use authz_check::AuthzCommand;
 
 pub mod authz_check;
@@ -50,6 +50,17 @@ pub enum Command {
     Workloads(StatusArgs),
     /// Workload certificates a running daemon holds: identity, serial, expiry.
     Certificates(StatusArgs),
+    /// Print a running daemon's log filter, or set it (on the admin socket).
+    LogLevel {
+        /// New filter, e.g. `debug` or `info,ztunnel::hbone=debug`; without it, print the
+        /// current one.
+        filter: Option<String>,
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make a running daemon drain and exit, as SIGTERM does (on the admin socket).
+    Quit(AdminArgs),
     /// Explain authorization decisions (AuthorizationPolicy, PeerAuthentication).
     #[command(subcommand)]
     Authz(AuthzCommand),
@@ -98,6 +109,10 @@ impl Command {
             Command::Certificates(a) => {
                 crate::status::run(View::Certificates, &a).map_err(Into::into)
             }
+            Command::LogLevel { filter, admin } => {
+                crate::status::log_level(&admin, filter.as_deref()).map_err(Into::into)
+            }
+            Command::Quit(a) => crate::status::quit(&a).map_err(Into::into),
             Command::Authz(AuthzCommand::Check(args)) => {
                 // Policy rejections and caveats are logged while the state is built: show them.
                 let _ = tracing_subscriber::fmt()

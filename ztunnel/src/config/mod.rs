@@ -25,8 +25,10 @@ pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default lifetime of issued certificates (also of `ztunnel ca issue`).
 pub const DEFAULT_CERT_TTL: Dur = Dur::hours(24);
-/// Default admin port (also where `ztunnel status` looks).
+/// Default admin port (read-only).
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
+/// Default admin socket (every admin route; also where `ztunnel status` looks).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ztunnel/admin.sock";
 
 /// Every daemon setting, as flag (`--name`), environment variable (`ZTUNNEL_NAME`) and config
 /// file key (`name`), with its default. Settings without a default are optional or checked by
@@ -120,9 +122,15 @@ pub struct RunArgs {
     /// Time an upstream query may take before the pod gets SERVFAIL.
     #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM_TIMEOUT", default_value_t = Dur::secs(2))]
     pub dns_upstream_timeout: Dur,
-    /// Admin API, bound to loopback.
+    /// Admin API, bound to loopback; read-only (any process in the node's network namespace
+    /// reaches it).
     #[arg(long, env = "ZTUNNEL_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT)]
     pub admin_port: u16,
+    /// Unix socket (mode 0600) serving every admin route, including those that change the
+    /// daemon (`POST /logging`, `POST /quitquitquit`); `ztunnel status` reads it. Its directory
+    /// is created (mode 0700) when missing.
+    #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
     /// Prometheus metrics.
     #[arg(long, env = "ZTUNNEL_METRICS_PORT", default_value_t = 15020)]
     pub metrics_port: u16,
@@ -377,6 +385,8 @@ pub struct Config {
     pub ports: Ports,
     /// Address the admin API binds.
     pub admin_addr: IpAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     /// eBPF capture, or `None` when disabled.
     pub capture: Option<CaptureConfig>,
     /// SO_MARK of every daemon socket.
@@ -442,6 +452,14 @@ impl Config {
             dns: a.dns_port,
         };
         check_ports(&ports)?;
+        let admin_socket = a.admin_socket;
+        // sun_path holds 108 bytes with the terminating NUL.
+        if admin_socket.as_os_str().is_empty() || admin_socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                "admin-socket",
+                "must be a path of 1 to 107 bytes (the limit of a unix socket address)",
+            ));
+        }
 
         let daemon_mark = a.daemon_mark.0;
         let capture = if a.capture {
@@ -533,6 +551,7 @@ impl Config {
             drain_timeout: a.drain_timeout.0,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            admin_socket,
             capture,
             daemon_mark,
             dns,

@@ -38,6 +38,21 @@ fn defaults_are_istio_ports() {
     assert_eq!(c.trust_domain, "cluster.local");
     assert_eq!(c.cert_ttl, Duration::from_secs(86400));
     assert!(c.release_code_pages);
+    assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+}
+
+#[test]
+fn admin_socket_fits_a_unix_address() {
+    let c = resolve(&["--admin-socket", "/tmp/x/admin.sock"]).expect("valid");
+    assert_eq!(c.admin_socket, PathBuf::from("/tmp/x/admin.sock"));
+    let long = format!("/{}", "a".repeat(107));
+    let e = resolve(&["--admin-socket", &long])
+        .expect_err("too long")
+        .to_string();
+    assert!(
+        e.contains("--admin-socket") && e.contains("107 bytes"),
+        "{e}"
+    );
 }
 
 #[test]
