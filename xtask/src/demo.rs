@@ -432,11 +432,7 @@ fn print_poke(cluster: &Cluster) {
              spec: {{selector: {{matchLabels: {{app: server}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]}}]}}\n\
              EOF"
         );
-        println!(
-            "  ip netns exec {} {} status   # 'state source: kube, in sync'",
-            cluster.node_netns(1),
-            mesh_tests::ztunnel_bin().display()
-        );
+        println!("  (`status` above shows 'state source: kube, in sync')");
     }
     println!("\nPress Ctrl-C to tear down.");
 }
