@@ -313,7 +313,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for r in 0..o.changes {
         let ns = (r * 7) % NAMESPACES;
-        let label = if r % 2 == 0 { "moved" } else { "app3" };
+        let label = if r % 2 == 0 { "moved-a" } else { "moved-b" };
         let pod = Some((ns, label));
         let (e, w) = change(&cluster, feed, ns, true, pod, 8080, "Pod")?;
         pod_e2e.push(e);

@@ -19,6 +19,10 @@ use crate::k8s::{self, Object};
 use crate::state::Model;
 use crate::state::State;
 
+/// How old a file's modification time must be before an unchanged stamp means an unchanged
+/// file.
+const STAMP_SETTLE: Duration = Duration::from_secs(1);
+
 /// `(kind, namespace, name)`: what identifies an object across files and versions.
 type ObjectKey = (&'static str, String, String);
 
@@ -33,6 +37,9 @@ fn object_key(o: &Object) -> ObjectKey {
 
 #[derive(Debug)]
 struct FileEntry {
+    /// Modification time and size when last read: a file whose stamp is unchanged is not read
+    /// again (a poll of a large state directory then costs one `stat` per file).
+    stamp: Option<(std::time::SystemTime, u64)>,
     /// Hash of the text last read, to detect changes without keeping the text.
     hash: u64,
     /// The objects of the last version that parsed (they live in the model).
@@ -83,6 +90,15 @@ impl FileSource {
             }
         }
         for p in paths {
+            let stamp = std::fs::metadata(&p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            // A stamp is trusted only once it is a second old: two writes of the same size
+            // within one tick of the file system's clock would otherwise look like one.
+            let settled = stamp.is_some_and(|(m, _)| m.elapsed().is_ok_and(|a| a > STAMP_SETTLE));
+            if settled && self.files.get(&p).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
             let text = match std::fs::read_to_string(&p) {
                 Ok(t) => t,
                 // Removed between listing and reading: the next poll sees it gone.
@@ -90,13 +106,15 @@ impl FileSource {
                 Err(error) => return Err(SourceError::Read { path: p, error }),
             };
             let hash = text_hash(&text);
-            if self.files.get(&p).is_some_and(|f| f.hash == hash) {
+            if let Some(f) = self.files.get_mut(&p).filter(|f| f.hash == hash) {
+                f.stamp = stamp;
                 continue;
             }
             match k8s::parse_file(&p, &text) {
                 Ok(objects) => {
                     let keys: Vec<ObjectKey> = objects.iter().map(object_key).collect();
                     let entry = FileEntry {
+                        stamp,
                         hash,
                         keys: keys.clone(),
                         good: true,
@@ -125,11 +143,13 @@ impl FileSource {
                     // Remember the bad version so it is reported once, but keep the last
                     // good objects of this file in force.
                     let f = self.files.entry(p).or_insert(FileEntry {
+                        stamp,
                         hash,
                         keys: Vec::new(),
                         good: false,
                     });
                     f.hash = hash;
+                    f.stamp = stamp;
                 }
             }
         }
