@@ -6,6 +6,7 @@
 //! - [`app`]: typed wrappers around the `meshapp` test application running inside pods.
 //! - [`bpf`]: which eBPF programs are attached in a namespace (cleanup checks).
 //! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
+//! - [`web`]: HTTP in pods (the `meshhttp` backend, `curl`), for the waypoint tests.
 //!
 //! Everything here needs root. Missing privileges or tools are reported as errors naming what
 //! to do; nothing is ever skipped silently, so a green test run always means the checks ran.
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod kube;
 pub mod pcap;
 pub mod testkit;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +106,20 @@ pub fn ztunnel_bin() -> PathBuf {
 /// The test application: `MESHAPP_BIN`, else `<target>/debug/meshapp`. Panics when missing.
 pub fn meshapp_bin() -> PathBuf {
     binary("MESHAPP_BIN", "meshapp", "cargo build -p mesh-tests --bins")
+}
+
+/// The waypoint: `WAYPOINT_BIN`, else `<target>/debug/waypoint`. Panics when missing.
+pub fn waypoint_bin() -> PathBuf {
+    binary("WAYPOINT_BIN", "waypoint", "cargo build -p waypoint")
+}
+
+/// The HTTP test backend: `MESHHTTP_BIN`, else `<target>/debug/meshhttp`. Panics when missing.
+pub fn meshhttp_bin() -> PathBuf {
+    binary(
+        "MESHHTTP_BIN",
+        "meshhttp",
+        "cargo build -p mesh-tests --bins",
+    )
 }
 
 fn binary(env: &str, name: &str, build: &str) -> PathBuf {

@@ -100,6 +100,8 @@ fn target_dir() -> Result<PathBuf> {
 fn binaries_env(cmd: &mut Command) -> Result<()> {
     let debug = target_dir()?.join("debug");
     cmd.env("ZTUNNEL_BIN", debug.join("ztunnel"))
-        .env("MESHAPP_BIN", debug.join("meshapp"));
+        .env("MESHAPP_BIN", debug.join("meshapp"))
+        .env("MESHHTTP_BIN", debug.join("meshhttp"))
+        .env("WAYPOINT_BIN", debug.join("waypoint"));
     Ok(())
 }

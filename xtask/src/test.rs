@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 /// bpftool, nftables for fallbacks, socat/tshark for humans, prometheus for `promtool` and a
 /// real scraping Prometheus in the observability tests, dnsmasq-base/dnsutils for the DNS tests:
 /// a real upstream resolver and `dig`, etcd-server for the Kubernetes API server of
-/// `mesh_tests::kube`, curl for the admin port tests) need.
+/// `mesh_tests::kube`, curl for the admin port tests and the waypoint tests: an HTTP/1.1 and
+/// HTTP/2 client independent of the waypoint's own) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",

@@ -11,6 +11,7 @@ mod kube;
 mod net;
 mod pod;
 mod spec;
+mod waypoint;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub use spec::{
     node_ip, pod_ip, render_docs, split_key, ClusterSpec, NsSpec, PodSpec, SvcSpec, DATAPLANE_MODE,
     NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
 };
+pub use waypoint::WaypointProc;
 
 /// A running test cluster. See the module docs.
 #[derive(Debug)]

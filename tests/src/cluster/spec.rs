@@ -70,6 +70,8 @@ pub struct SvcSpec {
     pub selector: BTreeMap<String, String>,
     /// `(port, targetPort)` pairs, TCP.
     pub ports: Vec<(u16, u16)>,
+    /// Labels (`istio.io/use-waypoint` attaches a waypoint).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Splits `"ns/name"`.
@@ -240,7 +242,7 @@ impl ClusterSpec {
             json!({
                 "apiVersion": "v1",
                 "kind": "Service",
-                "metadata": {"name": s.name, "namespace": s.namespace},
+                "metadata": {"name": s.name, "namespace": s.namespace, "labels": s.labels},
                 "spec": {
                     "type": "ClusterIP",
                     "clusterIP": s.cluster_ip.to_string(),
@@ -349,7 +351,14 @@ impl SvcSpec {
             cluster_ip,
             selector: BTreeMap::new(),
             ports: Vec::new(),
+            labels: BTreeMap::new(),
         }
+    }
+
+    /// Adds or replaces a label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
     }
 
     /// Adds a selector term.

@@ -222,6 +222,7 @@ impl Forwarder {
             src_identity: Some(&down.identity),
             dst_identity: dst_workload.filter(|w| w.enrolled).map(|w| &w.identity),
             service: service.map(Arc::as_ref),
+            waypoint: None,
             start,
         };
         let protocol = if grpc { "grpc" } else { "http" };

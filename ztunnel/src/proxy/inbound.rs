@@ -64,6 +64,7 @@ impl Proxy {
             src_identity: Some(&req.peer_identity),
             dst_identity: dst_w.as_ref().map(|w| &w.identity),
             service: reported_service(&state, None, dst_w.as_deref()),
+            waypoint: None,
             start,
         };
         if let Err(e) = route::inbound_hbone(&state, &self.node, req.local, req.authority) {
@@ -129,6 +130,7 @@ impl Proxy {
             src_identity: None,
             dst_identity: dst_w.as_ref().map(|w| &w.identity),
             service: reported_service(&state, None, dst_w.as_deref()),
+            waypoint: None,
             start,
         };
         if let Err(e) = route::inbound_plaintext(&state, &self.node, dst) {

@@ -45,7 +45,18 @@ impl Proxy {
                 SocketAddr::new(workload.ip, *port),
                 Some(&**workload),
             ),
-            Route::Hbone(t) => (Protocol::Hbone, t.authority, Some(&*t.workload)),
+            Route::Hbone(t) | Route::Waypoint { target: t, .. } => {
+                (Protocol::Hbone, t.authority, Some(&*t.workload))
+            }
+        };
+        // Handed to a waypoint, the flow reports the waypoint pod as its destination workload
+        // (it is the peer proven) and the original destination's Service as its service.
+        let (waypoint, service_of) = match &out.route {
+            Route::Waypoint { waypoint, target } => (
+                Some(&**waypoint),
+                state.workload(target.authority.ip()).map(|w| &**w),
+            ),
+            _ => (None, dst_w),
         };
         let report = FlowReport {
             reporter: Reporter::Source,
@@ -59,7 +70,8 @@ impl Proxy {
             dst_identity: dst_w
                 .filter(|_| protocol == Protocol::Hbone)
                 .map(|w| &w.identity),
-            service: reported_service(&state, out.service.as_deref(), dst_w),
+            service: reported_service(&state, out.service.as_deref(), service_of),
+            waypoint,
             start,
         };
         match &out.route {
@@ -69,7 +81,9 @@ impl Proxy {
             }
             Route::Passthrough { dst, .. } => self.passthrough(tcp, &report, *dst).await,
             Route::SameNode { .. } => self.same_node(tcp, &report).await,
-            Route::Hbone(target) => self.via_hbone(tcp, &report, &out, target).await,
+            Route::Hbone(target) | Route::Waypoint { target, .. } => {
+                self.via_hbone(tcp, &report, &out, target).await
+            }
         }
     }
 

@@ -3,10 +3,10 @@
 //! The outbound and inbound paths call these first and then do the I/O the answer asks for,
 //! so every routing rule can be tested in-process against a state built from YAML.
 //!
-//! A new kind of route (a waypoint hand-off, say) is a new [`Route`] variant or a new way to
-//! fill [`HboneTarget`] (a waypoint is reached over HBONE like a pod, with the original
-//! destination as the authority and the waypoint's identity expected), decided in [`outbound`],
-//! plus one match arm in `proxy::outbound` that does its I/O.
+//! A new kind of route is a new [`Route`] variant or a new way to fill [`HboneTarget`], decided
+//! in [`outbound`], plus one match arm in `proxy::outbound` that does its I/O. The waypoint
+//! hand-off ([`Route::Waypoint`]) is one: a waypoint is reached over HBONE like a pod, with
+//! the original destination as the authority and the waypoint pod's identity expected.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::error::FlowError;
 use crate::config::Config;
 use crate::identity::SpiffeId;
-use crate::state::{Destination, ResolveError, Service, State, Workload};
+use crate::state::{Destination, ResolveError, Service, State, Waypoint, Workload};
 
 /// What routing needs to know of this daemon.
 #[derive(Debug, Clone)]
@@ -82,6 +82,16 @@ pub enum Route {
     },
     /// An HBONE tunnel to another node.
     Hbone(HboneTarget),
+    /// A hand-off to the destination's waypoint: HBONE to one of its pods, the `:authority`
+    /// being the original destination (Service VIP and port, or pod IP and port), so the
+    /// waypoint routes and authorizes the request and tunnels on to an endpoint itself. The
+    /// target's `workload` is the waypoint pod.
+    Waypoint {
+        /// Where and how to tunnel.
+        target: HboneTarget,
+        /// The waypoint it belongs to.
+        waypoint: Arc<Waypoint>,
+    },
     /// Nowhere: a service without a ready endpoint for the port.
     NoRoute(ResolveError),
 }
@@ -89,12 +99,13 @@ pub enum Route {
 /// An HBONE tunnel to open: where to connect, what to ask for, whom to expect.
 #[derive(Debug, Clone)]
 pub struct HboneTarget {
-    /// The destination pod.
+    /// The pod the tunnel ends at: the destination pod, or a waypoint pod.
     pub workload: Arc<Workload>,
-    /// `:authority` of the CONNECT: the pod's IP and target port.
+    /// `:authority` of the CONNECT: the pod's IP and target port (to a waypoint: the original
+    /// destination).
     pub authority: SocketAddr,
     /// Where the TLS connection goes: the pod's IP and the HBONE port (the destination's
-    /// daemon captures it).
+    /// daemon captures it; a waypoint pod listens on it itself).
     pub connect: SocketAddr,
     /// Identities the server may prove.
     pub identities: Vec<SpiffeId>,
@@ -127,6 +138,13 @@ impl fmt::Display for Reason {
 /// Routes a connection captured leaving the pod at `src` for `orig_dst`. Fails only when the
 /// source is not an enrolled pod of this node: capture steers only those here, so anything
 /// else is a stale map entry or a direct connection to the port, and is refused.
+///
+/// A destination with a waypoint goes to the waypoint: a Service VIP whose Service has one
+/// that takes service traffic (`waypoint-for` `service`/`all`), else a pod (addressed
+/// directly, or picked behind a VIP without a waypoint) whose waypoint takes workload traffic.
+/// A waypoint without a ready pod fails the flow (its policies are never bypassed). A flow
+/// from one of the waypoint's own pods is never handed back to it; such pods are not captured
+/// at all, the check keeps the rule true whatever capture does.
 pub fn outbound(
     state: &State,
     node: &Node,
@@ -138,7 +156,37 @@ pub fn outbound(
         .ok_or(FlowError::UnknownSource(src))?;
     let service = state.service_by_vip(orig_dst.ip()).cloned();
     let via_vip = service.is_some();
-    let (route, reason) = match state.resolve(orig_dst) {
+    let handed_off = service.as_ref().and_then(|svc| {
+        let serves_port = svc.ports.iter().any(|p| p.port == orig_dst.port());
+        let wp = state.service_waypoint(svc).filter(|wp| !wp.has_pod(src))?;
+        serves_port.then(|| hand_off(wp, orig_dst, svc.key()))
+    });
+    if let Some(route) = handed_off {
+        return Ok(Outbound {
+            source,
+            service,
+            route,
+            reason: Reason::ServiceVip,
+        });
+    }
+    let vip_or_pod = if via_vip {
+        Reason::ServiceVip
+    } else {
+        Reason::PodIp
+    };
+    let resolved = state.resolve(orig_dst);
+    if let Ok(Destination::Workload(w, port)) = &resolved {
+        if let Some(wp) = state.workload_waypoint(w).filter(|wp| !wp.has_pod(src)) {
+            let dst = SocketAddr::new(w.ip, *port);
+            return Ok(Outbound {
+                source,
+                service,
+                route: hand_off(wp, dst, dst.to_string()),
+                reason: vip_or_pod,
+            });
+        }
+    }
+    let (route, reason) = match resolved {
         Err(e) => (Route::NoRoute(e), Reason::ServiceVip),
         Ok(Destination::External(dst)) => (
             Route::Passthrough {
@@ -155,11 +203,7 @@ pub fn outbound(
             Reason::NotEnrolled,
         ),
         Ok(Destination::Workload(w, port)) => {
-            let reason = if via_vip {
-                Reason::ServiceVip
-            } else {
-                Reason::PodIp
-            };
+            let reason = vip_or_pod;
             let route = if w.node == node.name {
                 Route::SameNode { workload: w, port }
             } else {
@@ -179,6 +223,25 @@ pub fn outbound(
         route,
         reason,
     })
+}
+
+/// The route to `wp` for a flow to `authority` (`target` names what it fronts, for errors).
+fn hand_off(wp: &Arc<Waypoint>, authority: SocketAddr, target: String) -> Route {
+    match wp.pick() {
+        Some(pod) => Route::Waypoint {
+            target: HboneTarget {
+                authority,
+                connect: SocketAddr::new(pod.ip, wp.port),
+                identities: vec![pod.identity.clone()],
+                workload: pod,
+            },
+            waypoint: wp.clone(),
+        },
+        None => Route::NoRoute(ResolveError::NoWaypointPod {
+            waypoint: wp.key(),
+            target,
+        }),
+    }
 }
 
 /// Checks an HBONE stream that arrived on a connection to `local` (a pod IP and the HBONE

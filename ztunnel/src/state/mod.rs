@@ -14,9 +14,16 @@ use serde::Serialize;
 use crate::identity::SpiffeId;
 use crate::k8s::{Object, ObjectMeta};
 
+#[cfg(test)]
+mod attach_tests;
 mod model;
+mod waypoint;
 
 pub use model::Model;
+pub use waypoint::{
+    TrafficKind, UseWaypoint, Waypoint, WaypointRef, DEFAULT_WAYPOINT_PORT, GATEWAY_MANAGED_LABEL,
+    GATEWAY_NAME_LABEL, MESH_CONTROLLER, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL,
+};
 
 /// Namespace label that enrolls a namespace's pods, and pod label value that opts one out.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -38,9 +45,15 @@ pub struct Workload {
     pub ip: IpAddr,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
-    /// In the mesh: namespace labelled ambient, pod not opted out, not host-network. Enrolled
-    /// workloads are reached over HBONE and their outbound traffic is captured.
+    /// In the mesh: namespace labelled ambient, pod not opted out, not host-network, not a
+    /// waypoint's pod. Enrolled workloads are reached over HBONE and their outbound traffic is
+    /// captured. A waypoint's pods speak HBONE themselves: capturing them would send their
+    /// flows back into a daemon (and the flows addressed to their 15008 into the wrong one).
     pub enrolled: bool,
+    /// The waypoint traffic addressed to this pod goes through, as its labels and its
+    /// namespace's attach it (resolve it with [`State::workload_waypoint`]); `None` for a
+    /// waypoint's own pods.
+    pub waypoint: Option<WaypointRef>,
     /// Receives Service traffic: `Ready` and not terminating. An unready pod keeps its
     /// identity, capture and open flows; only new Service flows skip it.
     pub ready: bool,
@@ -127,6 +140,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Ready, non-terminating pods selected by the service.
     pub endpoints: Vec<Arc<Workload>>,
+    /// The waypoint traffic to the VIP goes through, as the Service's labels and its
+    /// namespace's attach it (resolve it with [`State::service_waypoint`]).
+    pub waypoint: Option<WaypointRef>,
     /// Round-robin cursor over endpoints.
     #[serde(skip)]
     next: AtomicUsize,
@@ -174,6 +190,15 @@ pub enum ResolveError {
         /// Service port asked for.
         port: u16,
     },
+    /// The destination's waypoint has no ready pod. The flow fails rather than skip the
+    /// waypoint: its policies must not be bypassed.
+    #[error("waypoint {waypoint} of {target} has no ready pod")]
+    NoWaypointPod {
+        /// `namespace/name` of the waypoint.
+        waypoint: String,
+        /// The Service (`namespace/name`) or pod address it fronts.
+        target: String,
+    },
 }
 
 /// An immutable snapshot of everything the daemon knows.
@@ -188,6 +213,8 @@ pub struct State {
     /// Services by virtual IP.
     #[serde(skip)]
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Waypoints (Gateways of class `istio-waypoint`) by `namespace/name`.
+    pub waypoints: BTreeMap<String, Arc<Waypoint>>,
     /// Valid AuthorizationPolicies and PeerAuthentications.
     pub authz: Arc<crate::authz::Registry>,
 }
@@ -213,6 +240,23 @@ impl State {
         self.services
             .values()
             .find(|s| s.endpoints.iter().any(|w| w.ip == ip))
+    }
+
+    /// The waypoint that takes traffic to `svc`'s VIP: the one its labels attach, when that
+    /// Gateway exists and is `waypoint-for` `service` or `all`. A label naming a Gateway that
+    /// does not exist (yet) attaches nothing, as in Istio.
+    pub fn service_waypoint(&self, svc: &Service) -> Option<&Arc<Waypoint>> {
+        self.waypoint(svc.waypoint.as_ref()?, TrafficKind::Service)
+    }
+
+    /// The waypoint that takes traffic addressed to pod `w` directly: the one its labels
+    /// attach, when that Gateway exists and is `waypoint-for` `workload` or `all`.
+    pub fn workload_waypoint(&self, w: &Workload) -> Option<&Arc<Waypoint>> {
+        self.waypoint(w.waypoint.as_ref()?, TrafficKind::Workload)
+    }
+
+    fn waypoint(&self, r: &WaypointRef, kind: TrafficKind) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(&r.key()).filter(|w| w.takes(kind))
     }
 
     /// The workload with pod IP `ip`.

@@ -4,7 +4,10 @@
 //! Each object is translated once, when it arrives (a pod into its [`Workload`], a service
 //! into its VIPs and ports), and the indexes a snapshot is made of (workloads by IP, services
 //! by name and VIP) are updated in place: a change re-selects the endpoints of its own
-//! namespace only, and policies are compiled again only after a policy changed. A snapshot
+//! namespace only, and policies are compiled again only after a policy changed. Waypoint
+//! attachment is derived the same way: a Gateway, or a waypoint label on a Namespace, Service
+//! or Pod, re-derives its own namespace (which pods are a waypoint's and so not captured, which
+//! waypoint each Service and pod uses, each waypoint's ready pods). A snapshot
 //! then costs a copy of the indexes' pointers, not a re-translation of the cluster. Both sources use it:
 //! the API-server watch applies each event, the file source applies whole files.
 
@@ -13,13 +16,15 @@ use std::net::IpAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+use super::waypoint::{UseWaypoint, Waypoint, WaypointRef, DEFAULT_WAYPOINT_PORT};
 use super::{
     workload_name, Service, ServicePort, State, TargetPort, Workload, DATAPLANE_MODE_LABEL,
-    DNS_CAPTURE_ANNOTATION,
+    DNS_CAPTURE_ANNOTATION, GATEWAY_MANAGED_LABEL, GATEWAY_NAME_LABEL, MESH_CONTROLLER,
 };
 use crate::authz::Registry;
 use crate::identity::SpiffeId;
 use crate::k8s::core::{Pod, Service as ServiceObject};
+use crate::k8s::gateway::{Gateway, WaypointFor};
 use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
 use crate::k8s::{IntOrString, Object, ObjectMeta};
 
@@ -33,6 +38,13 @@ struct PodEntry {
     workload: Option<Arc<Workload>>,
     /// Labelled `istio.io/dataplane-mode=none`.
     opted_out: bool,
+    /// Its own `istio.io/use-waypoint` labels.
+    use_waypoint: UseWaypoint,
+    /// `gateway.networking.k8s.io/gateway-name`: the Gateway it serves, when that is a
+    /// waypoint of its namespace.
+    gateway: Option<String>,
+    /// Labelled as a waypoint by Istio's gateway controller.
+    managed_waypoint: bool,
 }
 
 /// A service as translated on arrival; endpoints are selected when its namespace changes.
@@ -41,6 +53,27 @@ struct ServiceEntry {
     vips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
     selector: Option<BTreeMap<String, String>>,
+    /// Its own `istio.io/use-waypoint` labels.
+    use_waypoint: UseWaypoint,
+    /// A waypoint's own Service (labelled with a Gateway's name or as controller-managed):
+    /// it never has a waypoint of its own.
+    of_waypoint: bool,
+}
+
+/// A namespace's labels that matter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NamespaceEntry {
+    /// Labelled `istio.io/dataplane-mode=ambient`.
+    ambient: bool,
+    /// Its `istio.io/use-waypoint` labels, the default of its Services and pods.
+    use_waypoint: UseWaypoint,
+}
+
+/// A waypoint Gateway as translated on arrival.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GatewayEntry {
+    traffic: WaypointFor,
+    port: u16,
 }
 
 /// Every object the daemon knows, translated, keyed by kind and `namespace/name`, and the
@@ -48,13 +81,15 @@ struct ServiceEntry {
 #[derive(Debug)]
 pub struct Model {
     trust_domain: String,
-    /// Namespace name -> labelled `istio.io/dataplane-mode=ambient`.
-    namespaces: HashMap<String, bool>,
+    /// Namespace name -> its enrollment and waypoint labels.
+    namespaces: HashMap<String, NamespaceEntry>,
     /// Ordered, so a namespace's pods and services are a range.
     pods: BTreeMap<Key, PodEntry>,
     services: BTreeMap<Key, ServiceEntry>,
     authz_policies: BTreeMap<Key, AuthorizationPolicyObject>,
     peer_authentications: BTreeMap<Key, PeerAuthenticationObject>,
+    /// Gateways of class `istio-waypoint` (others are not the daemon's business).
+    gateways: BTreeMap<Key, GatewayEntry>,
 
     /// Pod IP -> the pod holding it (the one applied last, when two claim it).
     ip_owner: HashMap<IpAddr, Key>,
@@ -63,6 +98,8 @@ pub struct Model {
     /// The snapshot's services by `namespace/name`, and by VIP.
     resolved: BTreeMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// The snapshot's waypoints by `namespace/name`.
+    waypoints: BTreeMap<String, Arc<Waypoint>>,
     /// Namespaces whose services' endpoints must be selected again before the next snapshot.
     dirty: HashSet<String>,
     /// Compiled policies; `None` after a policy changed, until the next snapshot.
@@ -79,10 +116,12 @@ impl Model {
             services: BTreeMap::new(),
             authz_policies: BTreeMap::new(),
             peer_authentications: BTreeMap::new(),
+            gateways: BTreeMap::new(),
             ip_owner: HashMap::new(),
             workloads: HashMap::new(),
             resolved: BTreeMap::new(),
             by_vip: HashMap::new(),
+            waypoints: BTreeMap::new(),
             dirty: HashSet::new(),
             authz: None,
         }
@@ -92,14 +131,14 @@ impl Model {
     pub fn apply(&mut self, object: Object) {
         match object {
             Object::Namespace(n) => {
-                let ambient = n
-                    .metadata
-                    .labels
-                    .get(DATAPLANE_MODE_LABEL)
-                    .map(String::as_str)
-                    == Some("ambient");
-                let name = n.metadata.name;
-                if self.namespaces.insert(name.clone(), ambient) != Some(ambient) {
+                let labels = &n.metadata.labels;
+                let name = n.metadata.name.clone();
+                let entry = NamespaceEntry {
+                    ambient: labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
+                        == Some("ambient"),
+                    use_waypoint: UseWaypoint::from_labels(labels, &name),
+                };
+                if self.namespaces.insert(name.clone(), entry.clone()) != Some(entry) {
                     self.reenroll(&name);
                 }
             }
@@ -120,8 +159,19 @@ impl Model {
                 self.peer_authentications.insert(key(&p.metadata), p);
                 self.authz = None;
             }
-            // Read by the waypoint; attachment to the state comes later.
-            Object::Gateway(_) | Object::HttpRoute(_) => {}
+            Object::Gateway(g) => {
+                let k = key(&g.metadata);
+                let changed = match translate_gateway(&g) {
+                    Some(entry) => self.gateways.insert(k.clone(), entry.clone()) != Some(entry),
+                    // A Gateway of another class (perhaps no longer a waypoint).
+                    None => self.gateways.remove(&k).is_some(),
+                };
+                if changed {
+                    self.reenroll(&k.0);
+                }
+            }
+            // Read by the waypoint.
+            Object::HttpRoute(_) => {}
         }
     }
 
@@ -130,7 +180,14 @@ impl Model {
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) {
         let k = (namespace.to_string(), name.to_string());
         match kind {
-            "Namespace" if self.namespaces.remove(name) == Some(true) => self.reenroll(name),
+            "Namespace"
+                if self
+                    .namespaces
+                    .remove(name)
+                    .is_some_and(|e| e != Default::default()) =>
+            {
+                self.reenroll(name)
+            }
             "Pod" => self.put_pod(k, None),
             "Service" if self.services.remove(&k).is_some() => {
                 self.dirty.insert(k.0);
@@ -141,6 +198,7 @@ impl Model {
             "PeerAuthentication" if self.peer_authentications.remove(&k).is_some() => {
                 self.authz = None;
             }
+            "Gateway" if self.gateways.remove(&k).is_some() => self.reenroll(namespace),
             _ => {}
         }
     }
@@ -152,6 +210,7 @@ impl Model {
             + self.services.len()
             + self.authz_policies.len()
             + self.peer_authentications.len()
+            + self.gateways.len()
     }
 
     /// Whether the model holds no object.
@@ -182,6 +241,7 @@ impl Model {
             workloads: self.workloads.clone(),
             services: self.resolved.clone(),
             by_vip: self.by_vip.clone(),
+            waypoints: self.waypoints.clone(),
             authz,
         }
     }
@@ -191,9 +251,11 @@ impl Model {
         self.dirty.insert(k.0.clone());
         let old = match entry {
             Some(mut e) => {
-                let enrolled = self.namespaces.get(&k.0).copied().unwrap_or(false) && !e.opted_out;
+                let (enrolled, waypoint) = self.derive_pod(&k.0, &e);
                 if let Some(w) = e.workload.as_mut() {
-                    Arc::make_mut(w).enrolled = enrolled;
+                    let m = Arc::make_mut(w);
+                    m.enrolled = enrolled;
+                    m.waypoint = waypoint;
                     if let Some(prev) = self.ip_owner.insert(w.ip, k.clone()) {
                         if prev != k {
                             tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %format!("{}/{}", prev.0, prev.1), "two running pods share an IP; the one applied last wins");
@@ -232,16 +294,47 @@ impl Model {
         }
     }
 
-    /// A namespace's enrollment label changed: its pods' `enrolled` follow.
+    /// Whether a pod of `ns` is enrolled, and the waypoint it uses. A waypoint's pod is never
+    /// enrolled (it speaks HBONE itself) and has no waypoint of its own.
+    fn derive_pod(&self, ns: &str, e: &PodEntry) -> (bool, Option<WaypointRef>) {
+        let namespace = self.namespaces.get(ns);
+        let serves_waypoint = e.managed_waypoint
+            || e.gateway
+                .as_ref()
+                .is_some_and(|g| self.gateways.contains_key(&(ns.to_string(), g.to_string())));
+        if serves_waypoint {
+            return (false, None);
+        }
+        let enrolled = namespace.is_some_and(|n| n.ambient) && !e.opted_out;
+        let waypoint = match namespace {
+            Some(n) => e.use_waypoint.resolve(&n.use_waypoint),
+            None => e.use_waypoint.resolve(&UseWaypoint::Unset),
+        };
+        (enrolled, waypoint)
+    }
+
+    /// A namespace's labels or waypoint Gateways changed: its pods' enrollment and waypoint
+    /// follow, and its Services and waypoints are derived again before the next snapshot.
     fn reenroll(&mut self, ns: &str) {
-        let ambient = self.namespaces.get(ns).copied().unwrap_or(false);
-        for (k, e) in namespace_range_mut(&mut self.pods, ns) {
-            let enrolled = ambient && !e.opted_out;
-            let Some(w) = e.workload.as_mut().filter(|w| w.enrolled != enrolled) else {
+        let keys: Vec<Key> = namespace_range(&self.pods, ns)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            let Some(e) = self.pods.get(&k) else { continue };
+            let derived = self.derive_pod(ns, e);
+            let Some(e) = self.pods.get_mut(&k) else {
                 continue;
             };
-            Arc::make_mut(w).enrolled = enrolled;
-            if self.ip_owner.get(&w.ip) == Some(k) {
+            let Some(w) = e
+                .workload
+                .as_mut()
+                .filter(|w| (w.enrolled, &w.waypoint) != (derived.0, &derived.1))
+            else {
+                continue;
+            };
+            let m = Arc::make_mut(w);
+            (m.enrolled, m.waypoint) = derived;
+            if self.ip_owner.get(&w.ip) == Some(&k) {
                 self.workloads.insert(w.ip, w.clone());
             }
         }
@@ -265,17 +358,22 @@ impl Model {
                 }
             }
         }
-        let ready: Vec<&Arc<Workload>> = namespace_range(&self.pods, ns)
+        let ready: Vec<Arc<Workload>> = namespace_range(&self.pods, ns)
             .filter_map(|(k, e)| e.workload.as_ref().filter(|w| w.ready).map(|w| (k, w)))
             .filter(|(k, w)| self.ip_owner.get(&w.ip) == Some(*k))
-            .map(|(_, w)| w)
+            .map(|(_, w)| w.clone())
             .collect();
+        let ns_waypoint = self
+            .namespaces
+            .get(ns)
+            .map(|n| n.use_waypoint.clone())
+            .unwrap_or_default();
         for ((_, name), s) in namespace_range(&self.services, ns) {
             let mut endpoints: Vec<Arc<Workload>> = match &s.selector {
                 Some(sel) if !sel.is_empty() => ready
                     .iter()
                     .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                    .map(|w| (*w).clone())
+                    .cloned()
                     .collect(),
                 _ => Vec::new(),
             };
@@ -286,6 +384,11 @@ impl Model {
                 vips: s.vips.clone(),
                 ports: s.ports.clone(),
                 endpoints,
+                waypoint: if s.of_waypoint {
+                    None
+                } else {
+                    s.use_waypoint.resolve(&ns_waypoint)
+                },
                 next: AtomicUsize::new(0),
             });
             for vip in &svc.vips {
@@ -293,24 +396,57 @@ impl Model {
             }
             self.resolved.insert(svc.key(), svc);
         }
+        self.select_waypoints(ns, &ready);
+    }
+
+    /// Derives the waypoints of `ns` again: each waypoint Gateway with the `ready` pods of the
+    /// namespace labelled with its name.
+    fn select_waypoints(&mut self, ns: &str, ready: &[Arc<Workload>]) {
+        let prefix = format!("{ns}/");
+        let stale: Vec<String> = self
+            .waypoints
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.waypoints.remove(&k);
+        }
+        for ((_, name), g) in namespace_range(&self.gateways, ns) {
+            let endpoints = ready
+                .iter()
+                .filter(|w| w.labels.get(GATEWAY_NAME_LABEL) == Some(name))
+                .cloned()
+                .collect();
+            let wp = Waypoint {
+                name: name.clone(),
+                namespace: ns.to_string(),
+                traffic: g.traffic,
+                port: g.port,
+                endpoints,
+                next: AtomicUsize::new(0),
+            };
+            self.waypoints.insert(wp.key(), Arc::new(wp));
+        }
     }
 
     fn translate_pod(&self, p: &Pod) -> PodEntry {
         let meta = &p.metadata;
-        let opted_out = meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none");
+        let ns = meta.namespace.clone().unwrap_or_default();
+        let mut entry = PodEntry {
+            workload: None,
+            opted_out: meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none"),
+            use_waypoint: UseWaypoint::from_labels(&meta.labels, &ns),
+            gateway: meta.labels.get(GATEWAY_NAME_LABEL).cloned(),
+            managed_waypoint: meta.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
+                == Some(MESH_CONTROLLER),
+        };
         let (Some(ip), Some("Running")) = (p.status.pod_ip, p.status.phase.as_deref()) else {
-            return PodEntry {
-                workload: None,
-                opted_out,
-            };
+            return entry;
         };
         if p.spec.host_network {
-            return PodEntry {
-                workload: None,
-                opted_out,
-            };
+            return entry;
         }
-        let ns = meta.namespace.clone().unwrap_or_default();
         let service_account = p
             .spec
             .service_account_name
@@ -333,6 +469,7 @@ impl Model {
             ip,
             labels: meta.labels.clone(),
             enrolled: false,
+            waypoint: None,
             ready: p.status.ready() && meta.deletion_timestamp.is_none(),
             named_ports,
             workload_name: workload_name(meta),
@@ -348,10 +485,8 @@ impl Model {
                 .map(|c| c.searches.clone())
                 .unwrap_or_default(),
         };
-        PodEntry {
-            workload: Some(Arc::new(w)),
-            opted_out,
-        }
+        entry.workload = Some(Arc::new(w));
+        entry
     }
 }
 
@@ -362,15 +497,6 @@ fn namespace_range<'a, V>(
 ) -> impl Iterator<Item = (&'a Key, &'a V)> {
     let ns = ns.to_string();
     map.range((ns.clone(), String::new())..)
-        .take_while(move |(k, _)| k.0 == ns)
-}
-
-fn namespace_range_mut<'a, V>(
-    map: &'a mut BTreeMap<Key, V>,
-    ns: &str,
-) -> impl Iterator<Item = (&'a Key, &'a mut V)> {
-    let ns = ns.to_string();
-    map.range_mut((ns.clone(), String::new())..)
         .take_while(move |(k, _)| k.0 == ns)
 }
 
@@ -411,11 +537,36 @@ fn translate_service(s: &ServiceObject) -> ServiceEntry {
             },
         })
         .collect();
+    let labels = &s.metadata.labels;
     ServiceEntry {
         vips,
         ports,
         selector: s.spec.selector.clone(),
+        use_waypoint: UseWaypoint::from_labels(
+            labels,
+            s.metadata.namespace.as_deref().unwrap_or(""),
+        ),
+        of_waypoint: labels.contains_key(GATEWAY_NAME_LABEL)
+            || labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str) == Some(MESH_CONTROLLER),
     }
+}
+
+/// A Gateway of class `istio-waypoint` as the data path needs it; `None` for other classes.
+fn translate_gateway(g: &Gateway) -> Option<GatewayEntry> {
+    if !g.is_waypoint() {
+        return None;
+    }
+    let port = g
+        .spec
+        .listeners
+        .iter()
+        .find(|l| l.protocol.eq_ignore_ascii_case("HBONE"))
+        .map(|l| l.port)
+        .unwrap_or(DEFAULT_WAYPOINT_PORT);
+    Some(GatewayEntry {
+        traffic: g.waypoint_for(),
+        port,
+    })
 }
 
 /// Compiles the policies, logging each dropped one (with object and field) and each caveat.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::metrics::{ConnMeter, Metrics, Protocol, Reporter, ResponseFlag};
 use crate::identity::SpiffeId;
 use crate::splice::Transferred;
-use crate::state::{Service, Workload};
+use crate::state::{Service, Waypoint, Workload};
 
 /// What is known of one flow, from one reporter's point of view.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,10 @@ pub struct FlowReport<'a> {
     pub dst_identity: Option<&'a SpiffeId>,
     /// The service dialled (its VIP) or else the first service selecting the destination pod.
     pub service: Option<&'a Service>,
+    /// The waypoint the flow was handed to (source reporter only). The destination workload
+    /// and identity are then the waypoint pod's, as in Istio's metrics; the log line names the
+    /// waypoint so a flow to a Service can be told from one through its waypoint.
+    pub waypoint: Option<&'a Waypoint>,
     /// When the flow was accepted.
     pub start: Instant,
 }
@@ -108,6 +112,7 @@ impl FlowReport<'_> {
             response_flags = %flag,
             error = error.map(ToString::to_string),
             deny_reason = deny_reason.map(ToString::to_string),
+            waypoint = self.waypoint.map(Waypoint::key),
             "access"
         );
     }

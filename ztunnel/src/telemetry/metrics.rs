@@ -469,6 +469,7 @@ mod tests {
             src_identity: None,
             dst_identity: None,
             service: None,
+            waypoint: None,
             start: std::time::Instant::now(),
         };
         let meter = m.open(&report, ResponseFlag::UpstreamFailure);

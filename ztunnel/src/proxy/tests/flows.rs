@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn hbone_config() -> HboneConfig {
+pub(super) fn hbone_config() -> HboneConfig {
     HboneConfig {
         max_streams: 100,
         spread: 4,

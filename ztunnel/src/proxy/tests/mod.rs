@@ -7,6 +7,7 @@
 //! itself, transparent sockets, marks) is covered by the namespace tests in `tests/`.
 
 mod flows;
+mod handoff;
 mod route;
 
 use std::path::Path;

@@ -1,0 +1,136 @@
+//! A `waypoint` process running in a pod of the test cluster, and its JSON log.
+//!
+//! The pod is an ordinary pod of the spec; what makes it a waypoint's is its label
+//! `gateway.networking.k8s.io/gateway-name: <gateway>` and a `Gateway` of class
+//! `istio-waypoint` in the state, which the test writes. The process reads the pod's node's
+//! state directory (the same YAML the node daemon reads), gets its certificate from the
+//! cluster's file CA, and listens for HBONE on the pod's 15008.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::daemon::message;
+use super::{Cluster, Pod};
+
+/// How long a waypoint may take to log `waypoint ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running waypoint; SIGKILLed on drop (cluster teardown kills it too).
+#[derive(Debug)]
+pub struct WaypointProc {
+    child: Child,
+    /// The pod it runs in.
+    pub pod: Pod,
+    /// stdout and stderr (JSON lines).
+    pub log: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `waypoint` in pod `key` (identity from the pod's namespace and service account)
+    /// with `extra` flags, and waits until it logs `waypoint ready`.
+    pub fn start_waypoint(&mut self, key: &str, extra: &[&str]) -> Result<WaypointProc> {
+        let pod = self.pod(key).clone();
+        let ca = self.ca_dir()?;
+        let state = self.state_dir(pod.node);
+        let log = pod.logdir.join("waypoint.log");
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().context("duplicating log handle")?;
+        let child = pod
+            .command(crate::waypoint_bin())
+            .arg("--state")
+            .arg(&state)
+            .arg("--ca-dir")
+            .arg(&ca)
+            .args(["--namespace", &pod.namespace])
+            .args(["--service-account", &pod.service_account])
+            .args(["--pod-name", &pod.name])
+            .args(["--pod-ip", &pod.ip.to_string()])
+            .args(["--listen", "0.0.0.0:15008"])
+            .args(["--metrics-listen", &format!("{}:15020", pod.ip)])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting waypoint in {key}"))?;
+        let mut w = WaypointProc { child, pod, log };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if w.log_lines().iter().any(|l| message(l) == "waypoint ready") {
+                return Ok(w);
+            }
+            if let Some(status) = w.child.try_wait().context("waiting for waypoint")? {
+                bail!("waypoint in {key} exited ({status}):\n{}", w.log_tail(30));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waypoint in {key} not ready within {READY_TIMEOUT:?}:\n{}",
+                    w.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl WaypointProc {
+    /// Every complete JSON line of its log, in order.
+    pub fn log_lines(&self) -> Vec<Value> {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
+    }
+
+    /// The per-request `access` lines (message `request`).
+    pub fn requests(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| message(l) == "request")
+            .collect()
+    }
+
+    /// The last `n` lines of its log, for messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits until the log has at least `n` request lines (it writes each when the response
+    /// head is out, so a client may see its answer a moment before the line is written).
+    pub fn wait_for_requests(&self, n: usize, timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.requests();
+            if r.len() >= n {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waypoint logged {} requests, expected {n}; tail:\n{}",
+                    r.len(),
+                    self.log_tail(10)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WaypointProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
