@@ -71,7 +71,9 @@ impl ControlPlane {
                 docs.push(v);
             }
         }
-        self.api.apply(&render_docs(docs)?)?;
+        if !docs.is_empty() {
+            self.api.apply(&render_docs(docs)?)?;
+        }
         if statuses {
             for (p, _, ip) in spec.placements() {
                 self.set_pod_status(&p.namespace, &p.name, ip, p.node, true)?;
