@@ -110,7 +110,7 @@ fn namespace_yaml(
     for i in (ns..SERVICES).step_by(NAMESPACES) {
         let _ = writeln!(
             y,
-            "---\n{{apiVersion: v1, kind: Service, metadata: {{name: s{i}, namespace: scale-{ns}}}, spec: {{clusterIP: 10.100.{a}.{b}, selector: {{app: app{app}}}, ports: [{{port: 80, targetPort: http}}]}}}}",
+            "---\n{{apiVersion: v1, kind: Service, metadata: {{name: s{i}, namespace: scale-{ns}}}, spec: {{clusterIP: 10.100.{a}.{b}, selector: {{app: app{app}}}, ports: [{{port: 80, targetPort: http, protocol: TCP}}]}}}}",
             a = i / 250,
             b = 1 + i % 250,
             app = i % 10,
@@ -374,7 +374,9 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut results = Vec::new();
     for source in &o.sources {
         eprintln!("scale: measuring the {source} source");
-        results.push(measure(&o, source)?);
+        let r = measure(&o, source)?;
+        eprintln!("scale: {source}: {}", serde_json::to_string(&r)?);
+        results.push(r);
     }
     println!("\n| source | ready s | RSS / anon MiB ready | after changes | after churn | pod relabel ms (e2e / daemon) | namespace label ms | policy edit ms | churn: updates/s, daemon CPU % |");
     println!("|---|---|---|---|---|---|---|---|---|");
