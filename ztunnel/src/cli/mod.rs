@@ -41,7 +41,7 @@ impl Cli {
 /// Subcommands besides running the daemon.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage the built-in file certificate authority.
+    /// The built-in file certificate authority, and the CA service serving from it.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Summary of a running daemon: readiness, pods, captures, certificates, HBONE pool.
@@ -97,6 +97,11 @@ pub enum CaCommand {
         #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
         ttl: Dur,
     },
+    /// Serve Istio's certificate protocol (gRPC over TLS) from the root in --ca-dir, so node
+    /// daemons (`--ca-address`) get certificates without the root key: each caller is
+    /// authenticated by a TokenReview and a node daemon gets only identities of pods on its
+    /// own node.
+    Serve(crate::ca_service::ServeArgs),
 }
 
 impl Command {
@@ -157,6 +162,7 @@ impl CaCommand {
                 let ca = FileCa::load_or_create(&ca_dir, &id.trust_domain)?;
                 ca.issue_to_files(&id, ttl.0, &cert, &key)?;
             }
+            CaCommand::Serve(args) => crate::ca_service::run(args)?,
         }
         Ok(())
     }

@@ -207,7 +207,7 @@ impl CertManager {
             reason,
         };
         let (key, csr) = super::ca::new_key_and_csr(id)?;
-        let issued = self.ca.sign(&csr, self.ttl).await?;
+        let issued = self.ca.sign(id, &csr, self.ttl).await?;
         let chain: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut issued.chain_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -272,6 +272,7 @@ mod tests {
     impl CertificateAuthority for Switchable {
         fn sign<'a>(
             &'a self,
+            id: &'a SpiffeId,
             csr_pem: &'a str,
             ttl: Duration,
         ) -> Pin<Box<dyn Future<Output = Result<IssuedChain, CaError>> + Send + 'a>> {
@@ -279,7 +280,7 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(CaError::Sign("CA unreachable".into())) });
             }
-            self.inner.sign(csr_pem, ttl)
+            self.inner.sign(id, csr_pem, ttl)
         }
         fn roots_pem(&self) -> String {
             self.inner.roots_pem()
