@@ -287,6 +287,20 @@ impl FileCa {
     }
 }
 
+/// Issues a certificate for `id` from any CA and writes the chain and the key (mode 0600).
+pub async fn issue_to_files(
+    ca: &dyn CertificateAuthority,
+    id: &SpiffeId,
+    ttl: Duration,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), CaError> {
+    let (key, csr) = new_key_and_csr(id)?;
+    let chain = ca.sign(id, &csr, ttl).await?;
+    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(cert_path, chain.chain_pem.as_bytes(), 0o644)
+}
+
 impl CertificateAuthority for FileCa {
     fn sign<'a>(
         &'a self,

@@ -5,7 +5,7 @@ pub mod istio_ca;
 mod manager;
 mod remote;
 
-pub use ca::{csr_identity, CaError, CertificateAuthority, FileCa, IssuedChain};
+pub use ca::{csr_identity, issue_to_files, CaError, CertificateAuthority, FileCa, IssuedChain};
 pub use manager::{CertError, CertManager, WorkloadCert};
 pub use remote::RemoteCa;
 
