@@ -144,3 +144,108 @@ impl CertificateAuthority for RemoteCa {
         self.roots_pem.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::istio_ca::{CertificateServer, IstioCertificateResponse, Signer};
+    use crate::identity::{CertManager, FileCa};
+    use std::sync::Arc;
+    use tonic::codegen::BoxFuture;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+    /// A CA service stand-in over the real wire (gRPC, TLS): it accepts the token "good", signs
+    /// the impersonated identity with a file CA and answers leaf + root, as the protocol says.
+    struct Stub {
+        ca: FileCa,
+    }
+
+    impl Signer for Stub {
+        fn create_certificate(
+            self: Arc<Self>,
+            request: tonic::Request<IstioCertificateRequest>,
+        ) -> BoxFuture<tonic::Response<IstioCertificateResponse>, tonic::Status> {
+            Box::pin(async move {
+                let auth = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                if auth != "Bearer good" {
+                    return Err(tonic::Status::unauthenticated("bad token"));
+                }
+                let body = request.into_inner();
+                let id = body
+                    .impersonated_identity()
+                    .and_then(|s| SpiffeId::parse(s).ok())
+                    .ok_or_else(|| tonic::Status::invalid_argument("no ImpersonatedIdentity"))?;
+                let ttl = Duration::from_secs(u64::try_from(body.validity_duration).unwrap_or(60));
+                let leaf = self
+                    .ca
+                    .sign_for(&id, &body.csr, ttl)
+                    .map_err(|e| tonic::Status::permission_denied(e.to_string()))?;
+                Ok(tonic::Response::new(IstioCertificateResponse {
+                    cert_chain: vec![leaf.chain_pem, self.ca.root_pem().to_string()],
+                }))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn signs_over_grpc_and_tls_with_the_token_and_drops_the_root_from_the_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = FileCa::load_or_create(&dir.path().join("ca"), "cluster.local").expect("CA");
+        let (cert, key) = ca
+            .issue_serving(&["127.0.0.1".into()], Duration::from_secs(3600))
+            .expect("serving certificate");
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, ca.root_pem()).expect("root file");
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = incoming.local_addr().expect("local addr");
+        let server = Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .expect("TLS")
+            .add_service(CertificateServer::new(Arc::new(Stub { ca })))
+            .serve_with_incoming(incoming);
+        let server = tokio::spawn(server);
+
+        let token = dir.path().join("token");
+        std::fs::write(&token, "good\n").expect("token file");
+        let remote = RemoteCa::new(&format!("https://{addr}"), &token, &root).expect("client");
+        let manager =
+            CertManager::new(Arc::new(remote), Duration::from_secs(3600)).expect("manager");
+        let id = SpiffeId::new("cluster.local", "mesh", "client");
+        manager.set_identities(&[id.clone()].into());
+        let cert = manager
+            .fetch(&id, Duration::from_secs(10))
+            .await
+            .expect("issued through the CA service");
+        assert_eq!(cert.identity, id);
+        assert_eq!(
+            cert.certified.cert.len(),
+            1,
+            "the root is not sent to peers"
+        );
+
+        std::fs::write(&token, "forged").expect("token file");
+        let remote = RemoteCa::new(&format!("https://{addr}"), &token, &root).expect("client");
+        let (_key, csr) = super::super::ca::new_key_and_csr(&id).expect("csr");
+        let err = remote
+            .sign(&id, &csr, Duration::from_secs(60))
+            .await
+            .expect_err("a forged token is refused");
+        assert!(
+            matches!(
+                &err,
+                CaError::Remote {
+                    code: tonic::Code::Unauthenticated,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        server.abort();
+    }
+}
