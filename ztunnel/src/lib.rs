@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod burst;
+pub mod ca_service;
 pub mod capture;
 pub mod cli;
 pub mod config;

@@ -308,7 +308,13 @@ impl Cluster {
         if self.daemons[idx].as_ref().is_some_and(Daemon::is_running) {
             bail!("node{node} daemon is already running");
         }
-        let ca = self.ca_dir()?;
+        // A daemon given a CA service (`--ca-address`) gets no file CA: the root key stays
+        // with the service.
+        let ca = if extra.contains(&"--ca-address") {
+            None
+        } else {
+            Some(self.ca_dir()?)
+        };
         let mut args: Vec<OsString> = vec!["--node-name".into(), format!("node{node}").into()];
         match &self.kube {
             Some(cp) => {
@@ -320,9 +326,10 @@ impl Cluster {
             }
             None => args.extend(["--state".into(), self.state_dir(node).into()]),
         }
+        if let Some(ca) = ca {
+            args.extend(["--ca-dir".into(), ca.into()]);
+        }
         args.extend([
-            "--ca-dir".into(),
-            ca.into(),
             "--uplink".into(),
             "eth0".into(),
             "--log-format".into(),

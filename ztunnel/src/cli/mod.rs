@@ -41,7 +41,7 @@ impl Cli {
 /// Subcommands besides running the daemon.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage the built-in file certificate authority.
+    /// The built-in file certificate authority, and the CA service serving from it.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Summary of a running daemon: readiness, pods, captures, certificates, HBONE pool.
@@ -94,6 +94,37 @@ pub enum CaCommand {
         #[arg(long)]
         key: PathBuf,
         /// Certificate lifetime.
+        #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
+        ttl: Dur,
+    },
+    /// Serve Istio's certificate protocol (gRPC over TLS) from the root in --ca-dir, so node
+    /// daemons (`--ca-address`) get certificates without the root key: each caller is
+    /// authenticated by a TokenReview and a node daemon gets only identities of pods on its
+    /// own node.
+    Serve(crate::ca_service::ServeArgs),
+    /// Ask a CA service (`ztunnel ca serve`, istiod) for a certificate, as a daemon would, and
+    /// write it and its key to files: to obtain a sidecar's certificate, or to see what the CA
+    /// grants a token (the refusal's gRPC code is printed).
+    Request {
+        /// The CA service, https://host:port.
+        #[arg(long, env = "ZTUNNEL_CA_ADDRESS")]
+        ca_address: String,
+        /// Root certificate (PEM) the CA's serving certificate chains to.
+        #[arg(long, env = "ZTUNNEL_CA_ROOT_CERT")]
+        ca_root_cert: PathBuf,
+        /// Service-account token to present.
+        #[arg(long, env = "ZTUNNEL_CA_TOKEN_PATH", default_value = crate::config::DEFAULT_CA_TOKEN_PATH)]
+        ca_token_path: PathBuf,
+        /// SPIFFE identity asked for (sent as the CSR's SAN and as `ImpersonatedIdentity`).
+        #[arg(long)]
+        identity: String,
+        /// Where to write the PEM certificate chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the PEM private key (mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Certificate lifetime asked for.
         #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
         ttl: Dur,
     },
@@ -156,6 +187,26 @@ impl CaCommand {
                 let id = SpiffeId::parse(&identity)?;
                 let ca = FileCa::load_or_create(&ca_dir, &id.trust_domain)?;
                 ca.issue_to_files(&id, ttl.0, &cert, &key)?;
+            }
+            CaCommand::Serve(args) => crate::ca_service::run(args)?,
+            CaCommand::Request {
+                ca_address,
+                ca_root_cert,
+                ca_token_path,
+                identity,
+                cert,
+                key,
+                ttl,
+            } => {
+                let id = SpiffeId::parse(&identity)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let ca =
+                        crate::identity::RemoteCa::new(&ca_address, &ca_token_path, &ca_root_cert)?;
+                    crate::identity::issue_to_files(&ca, &id, ttl.0, &cert, &key).await
+                })?;
             }
         }
         Ok(())

@@ -25,6 +25,8 @@ pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default lifetime of issued certificates (also of `ztunnel ca issue`).
 pub const DEFAULT_CERT_TTL: Dur = Dur::hours(24);
+/// The pod's service-account token, where Kubernetes mounts it.
+pub const DEFAULT_CA_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// Default admin port (read-only).
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Default admin socket (every admin route; also where `ztunnel status` looks).
@@ -58,10 +60,24 @@ pub struct RunArgs {
     /// service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount).
     #[arg(long, env = "ZTUNNEL_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Directory of the built-in file CA (root-cert.pem, root-key.pem; created when absent).
-    /// Required.
+    /// Directory of the built-in file CA (root-cert.pem, root-key.pem; created when absent):
+    /// the node holds the mesh's root key, so only for a single machine (bench, demo). Exactly
+    /// one of this and --ca-address is required.
     #[arg(long, env = "ZTUNNEL_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// A CA speaking Istio's certificate protocol (`ztunnel ca serve`, istiod), as
+    /// `https://host:port`: workload certificates are signed there and the node never holds
+    /// the root key.
+    #[arg(long, env = "ZTUNNEL_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// With --ca-address: the service-account token presented to the CA, read on every
+    /// request (projected tokens rotate).
+    #[arg(long, env = "ZTUNNEL_CA_TOKEN_PATH", default_value = DEFAULT_CA_TOKEN_PATH)]
+    pub ca_token_path: PathBuf,
+    /// With --ca-address: the mesh's root certificate (PEM), trusted for the CA's serving
+    /// certificate and for peers' workload certificates. Required there.
+    #[arg(long, env = "ZTUNNEL_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -360,6 +376,75 @@ fn source_config(
     }
 }
 
+/// Where workload certificates come from, validated.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CaConfig {
+    /// The built-in file CA (`--ca-dir`): the root key on this machine.
+    File {
+        /// Directory of root-cert.pem and root-key.pem.
+        dir: PathBuf,
+    },
+    /// A CA service (`--ca-address`).
+    Remote {
+        /// `https://host:port`.
+        address: String,
+        /// Bearer token file.
+        token_path: PathBuf,
+        /// Trusted root certificate file.
+        root_cert: PathBuf,
+    },
+}
+
+fn ca_config(
+    dir: Option<PathBuf>,
+    address: Option<String>,
+    token_path: PathBuf,
+    root_cert: Option<PathBuf>,
+) -> Result<CaConfig, ConfigError> {
+    match (dir, address) {
+        (Some(_), Some(_)) => Err(invalid(
+            "ca-address",
+            "cannot be combined with --ca-dir: pick the file CA (root key on this node) or a CA \
+             service, not both",
+        )),
+        (None, None) => Err(invalid(
+            "ca-dir",
+            "is required, or --ca-address for a CA service",
+        )),
+        (Some(dir), None) => {
+            if root_cert.is_some() {
+                return Err(invalid(
+                    "ca-root-cert",
+                    "is only read with --ca-address (the file CA has its root in --ca-dir)",
+                ));
+            }
+            Ok(CaConfig::File { dir })
+        }
+        (None, Some(address)) => {
+            if !address.starts_with("https://") {
+                return Err(invalid(
+                    "ca-address",
+                    format!("`{address}`: expected https://host:port (the CA is reached over TLS)"),
+                ));
+            }
+            let root_cert = root_cert
+                .ok_or_else(|| invalid("ca-root-cert", "is required with --ca-address"))?;
+            if !root_cert.exists() {
+                return Err(invalid(
+                    "ca-root-cert",
+                    format!("{} does not exist", root_cert.display()),
+                ));
+            }
+            Ok(CaConfig::Remote {
+                address,
+                token_path,
+                root_cert,
+            })
+        }
+    }
+}
+
 /// The validated configuration the daemon runs with. Serialized for the admin config dump.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -373,8 +458,8 @@ pub struct Config {
     pub root_namespace: String,
     /// Where cluster state comes from.
     pub source: SourceConfig,
-    /// File CA directory.
-    pub ca_dir: PathBuf,
+    /// Where workload certificates are signed.
+    pub ca: CaConfig,
     /// Workload certificate lifetime.
     #[serde(with = "duration_str")]
     pub cert_ttl: Duration,
@@ -441,7 +526,7 @@ impl Config {
             ));
         }
         let source = source_config(a.source, a.state, a.state_poll_interval, a.kubeconfig)?;
-        let ca_dir = a.ca_dir.ok_or_else(|| invalid("ca-dir", "is required"))?;
+        let ca = ca_config(a.ca_dir, a.ca_address, a.ca_token_path, a.ca_root_cert)?;
         let ports = Ports {
             outbound: a.outbound_port,
             inbound_plaintext: a.inbound_plaintext_port,
@@ -546,7 +631,7 @@ impl Config {
             cluster_domain,
             root_namespace,
             source,
-            ca_dir,
+            ca,
             cert_ttl,
             drain_timeout: a.drain_timeout.0,
             ports,

@@ -437,7 +437,14 @@ fn help_shows_each_default() {
     ] {
         assert!(help.contains(shown), "{shown} in:\n{help}");
     }
-    let without_default = ["config", "node-name", "state", "ca-dir"];
+    let without_default = [
+        "config",
+        "node-name",
+        "state",
+        "ca-dir",
+        "ca-address",
+        "ca-root-cert",
+    ];
     let unset_means = ["dns-upstream", "worker-threads", "kubeconfig"];
     let settings = parse::settings();
     for arg in settings.get_arguments() {
@@ -501,4 +508,41 @@ fn config_dump_is_readable() {
     assert_eq!(dump["source"]["poll_interval"], "500ms");
     assert_eq!(dump["hbone"]["idle_timeout"], "1m");
     assert_eq!(dump["hbone"]["stream_window"], 8 << 20);
+}
+
+#[test]
+fn file_ca_and_ca_service_are_mutually_exclusive() {
+    let e = resolve(&["--ca-address", "https://ca:15012"])
+        .expect_err("both CAs")
+        .to_string();
+    assert!(e.contains("--ca-address") && e.contains("--ca-dir"), "{e}");
+
+    let root = tempfile::NamedTempFile::new().expect("temp file");
+    let root_path = root.path().to_str().expect("utf-8");
+    let mut a = base();
+    a.ca_dir = None;
+    a.ca_address = Some("https://ca:15012".into());
+    let e = Config::resolve(a.clone()).expect_err("no root").to_string();
+    assert!(e.contains("--ca-root-cert"), "{e}");
+    a.ca_root_cert = Some(root_path.into());
+    let c = Config::resolve(a.clone()).expect("remote CA");
+    match c.ca {
+        CaConfig::Remote {
+            address,
+            token_path,
+            ..
+        } => {
+            assert_eq!(address, "https://ca:15012");
+            assert_eq!(token_path, PathBuf::from(DEFAULT_CA_TOKEN_PATH));
+        }
+        other => panic!("expected the CA service, got {other:?}"),
+    }
+    a.ca_address = Some("ca:15012".into());
+    let e = Config::resolve(a).expect_err("not https").to_string();
+    assert!(e.contains("https://"), "{e}");
+
+    let mut a = base();
+    a.ca_dir = None;
+    let e = Config::resolve(a).expect_err("no CA").to_string();
+    assert!(e.contains("--ca-dir") && e.contains("--ca-address"), "{e}");
 }

@@ -1,6 +1,7 @@
-//! Certificate authorities behind one trait: the built-in file CA now, Istio's CA protocol
-//! (gRPC `CreateCertificate`) later. The trait has the shape of that protocol: a CSR in PEM and
-//! a requested lifetime in, a PEM chain out.
+//! Certificate authorities behind one trait: the built-in file CA (root key on the machine: the
+//! single-machine bench, the demo, and the signer inside `ztunnel ca serve`) and the remote CA
+//! of [`super::RemoteCa`] (Istio's gRPC `CreateCertificate`). The trait has the shape of that
+//! protocol: the identity, a CSR in PEM and a requested lifetime in, a PEM chain out.
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -42,6 +43,32 @@ pub enum CaError {
     /// Signing failed (malformed CSR, or a CSR asking for something not allowed).
     #[error("signing refused: {0}")]
     Sign(String),
+    /// The remote CA's address is not a usable URL.
+    #[error("CA address {address:?}: {error}")]
+    Address {
+        /// The address as configured.
+        address: String,
+        /// What is wrong with it.
+        error: String,
+    },
+    /// The token to present to the remote CA is unusable.
+    #[error("CA token {path}: {error}")]
+    Token {
+        /// Token file.
+        path: PathBuf,
+        /// What is wrong with it.
+        error: String,
+    },
+    /// The remote CA refused, failed or could not be reached.
+    #[error("CA {address}: {code:?}: {message}")]
+    Remote {
+        /// The CA's address.
+        address: String,
+        /// gRPC status code (`Unavailable` when unreachable).
+        code: tonic::Code,
+        /// The CA's message.
+        message: String,
+    },
 }
 
 /// What a CA returns for a CSR: the leaf first, then intermediates, all PEM.
@@ -53,9 +80,11 @@ pub struct IssuedChain {
 
 /// A source of workload certificates. Implementations sign CSRs; they never see private keys.
 pub trait CertificateAuthority: Send + Sync + std::fmt::Debug {
-    /// Signs a PEM CSR carrying exactly one SPIFFE URI SAN, valid for `ttl`.
+    /// Signs a PEM CSR whose one SAN is `id`, valid for `ttl`. A remote CA is told `id` apart
+    /// from the CSR: a node daemon asks on behalf of its workloads.
     fn sign<'a>(
         &'a self,
+        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<IssuedChain, CaError>> + Send + 'a>>;
@@ -133,6 +162,76 @@ impl FileCa {
         Ok(FileCa { issuer, root_pem })
     }
 
+    /// Loads an existing CA from `dir` without writing anything there, so the directory may be
+    /// a read-only Secret mount (`ztunnel ca serve`). Both files must exist.
+    pub fn load(dir: &Path) -> Result<FileCa, CaError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |error| CaError::Io { path, error }
+        };
+        let cert_path = dir.join(ROOT_CERT);
+        let key_path = dir.join(ROOT_KEY);
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let root_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadFile {
+            path: key_path.clone(),
+            what: "private key",
+            error: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| CaError::BadFile {
+            path: cert_path.clone(),
+            what: "certificate",
+            error: e.to_string(),
+        })?;
+        Ok(FileCa { issuer, root_pem })
+    }
+
+    /// Signs `csr_pem` only if its one SAN is exactly `id`: the CA service's last check, after
+    /// it has decided that the caller may have `id`.
+    pub fn sign_for(
+        &self,
+        id: &SpiffeId,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<IssuedChain, CaError> {
+        let asked = csr_identity(csr_pem)?;
+        if &asked != id {
+            return Err(CaError::Sign(format!("the CSR asks for {asked}, not {id}")));
+        }
+        self.sign_now(csr_pem, ttl)
+    }
+
+    /// A TLS serving certificate and its PEM key for the CA service itself, issued from the
+    /// root with `sans` (DNS names or IP addresses) and valid for `ttl`. The key lives only in
+    /// memory of the process that asked.
+    pub fn issue_serving(
+        &self,
+        sans: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let mut params = CertificateParams::new(sans.to_vec()).map_err(sign_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ztunnel CA service");
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
     fn sign_now(&self, csr_pem: &str, ttl: Duration) -> Result<IssuedChain, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Sign(format!("malformed CSR: {e}")))?;
@@ -188,9 +287,24 @@ impl FileCa {
     }
 }
 
+/// Issues a certificate for `id` from any CA and writes the chain and the key (mode 0600).
+pub async fn issue_to_files(
+    ca: &dyn CertificateAuthority,
+    id: &SpiffeId,
+    ttl: Duration,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), CaError> {
+    let (key, csr) = new_key_and_csr(id)?;
+    let chain = ca.sign(id, &csr, ttl).await?;
+    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(cert_path, chain.chain_pem.as_bytes(), 0o644)
+}
+
 impl CertificateAuthority for FileCa {
     fn sign<'a>(
         &'a self,
+        _id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<IssuedChain, CaError>> + Send + 'a>> {
@@ -216,6 +330,21 @@ pub(crate) fn new_key_and_csr(id: &SpiffeId) -> Result<(KeyPair, String), CaErro
         .and_then(|c| c.pem())
         .map_err(sign_err)?;
     Ok((key, csr))
+}
+
+/// The one SPIFFE URI SAN of a PEM CSR; anything else (no SAN, several, another kind) is
+/// refused, so a CSR never names more than the identity it was checked for.
+pub fn csr_identity(csr_pem: &str) -> Result<SpiffeId, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CaError::Sign(format!("malformed CSR: {e}")))?;
+    match csr.params.subject_alt_names.as_slice() {
+        [rcgen::SanType::URI(uri)] => {
+            SpiffeId::parse(uri.as_str()).map_err(|e| CaError::Sign(e.to_string()))
+        }
+        _ => Err(CaError::Sign(
+            "CSR must carry exactly one SAN, the SPIFFE URI".into(),
+        )),
+    }
 }
 
 /// 16 random bytes with the top bit clear (serials must be positive).

@@ -179,9 +179,13 @@ impl CertManager {
                     tracing::info!(identity = %id, serial = %cert.serial, "workload certificate issued");
                     tx.send_replace(Some(Arc::new(cert)));
                     backoff = Duration::from_millis(500);
+                    // CAs backdate certificates (ours by a minute), so with a lifetime near
+                    // the backdating the half-life is already past: without a floor, renewal
+                    // would spin against the CA.
                     let wait = renew_at
                         .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
+                        .unwrap_or(Duration::ZERO)
+                        .max(self.ttl / 16);
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
@@ -207,7 +211,7 @@ impl CertManager {
             reason,
         };
         let (key, csr) = super::ca::new_key_and_csr(id)?;
-        let issued = self.ca.sign(&csr, self.ttl).await?;
+        let issued = self.ca.sign(id, &csr, self.ttl).await?;
         let chain: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut issued.chain_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -272,6 +276,7 @@ mod tests {
     impl CertificateAuthority for Switchable {
         fn sign<'a>(
             &'a self,
+            id: &'a SpiffeId,
             csr_pem: &'a str,
             ttl: Duration,
         ) -> Pin<Box<dyn Future<Output = Result<IssuedChain, CaError>> + Send + 'a>> {
@@ -279,7 +284,7 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(CaError::Sign("CA unreachable".into())) });
             }
-            self.inner.sign(csr_pem, ttl)
+            self.inner.sign(id, csr_pem, ttl)
         }
         fn roots_pem(&self) -> String {
             self.inner.roots_pem()
@@ -336,5 +341,24 @@ mod tests {
             m.get(&id).is_none(),
             "identity without local pods is dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lifetime_within_the_backdating_does_not_make_renewal_spin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(Switchable {
+            inner: FileCa::load_or_create(dir.path(), "cluster.local").expect("ca"),
+            down: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        });
+        // Backdated a minute, a 60 s certificate is past its half-life when it arrives.
+        let m = CertManager::new(ca.clone(), Duration::from_secs(60)).expect("manager");
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        m.set_identities(&[id.clone()].into());
+        m.fetch(&id, Duration::from_secs(5)).await.expect("issued");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let calls = ca.calls.load(Ordering::SeqCst);
+        assert!(calls <= 2, "{calls} issuances in a second");
+        m.set_identities(&BTreeSet::new());
     }
 }
