@@ -5,6 +5,7 @@
 //! - [`kube`]: a real Kubernetes API server (etcd + kube-apiserver) with the repository's CRDs.
 //! - [`app`]: typed wrappers around the `meshapp` test application running inside pods.
 //! - [`bpf`]: which eBPF programs are attached in a namespace (cleanup checks).
+//! - [`image`]: the daemon's OCI image (umoci), for `cargo xtask image` and its test.
 //! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
 //! - [`web`]: HTTP in pods (the `meshhttp` backend, `curl`), for the waypoint tests.
 //!
@@ -14,6 +15,7 @@
 pub mod app;
 pub mod bpf;
 pub mod cluster;
+pub mod image;
 pub mod kube;
 pub mod pcap;
 pub mod testkit;
@@ -133,4 +135,34 @@ fn binary(env: &str, name: &str, build: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A Python 3.12 or newer (what `helm-sdkpy` needs; the system's may be older): of
+/// `$PYENV_ROOT/versions/3.N.*` (default `~/.pyenv`) with N >= 12 the lowest N (its newest
+/// patch release), else `python3.N` on `PATH`.
+pub fn helm_python() -> Option<PathBuf> {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")))
+        .unwrap_or_default();
+    let minor_patch = |name: &str| -> Option<(u32, std::cmp::Reverse<u32>)> {
+        let mut parts = name.split('.');
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next()?.parse().ok()?;
+        let patch: u32 = parts.next()?.parse().ok()?;
+        (major == 3 && minor >= 12 && parts.next().is_none())
+            .then_some((minor, std::cmp::Reverse(patch)))
+    };
+    let pyenv = std::fs::read_dir(root.join("versions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let python = e.path().join("bin/python3");
+            Some((minor_patch(&name)?, python)).filter(|(_, p)| p.is_file())
+        })
+        .min()
+        .map(|(_, p)| p);
+    pyenv.or_else(|| (12..=20).find_map(|m| find_tool(&format!("python3.{m}"))))
 }

@@ -9,9 +9,11 @@
 //!   sidecars on the test cluster (docs/BENCHMARKS.md).
 //! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
 //!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
+//! - `image [--debug]`: the daemon's OCI image with umoci, under `<target>/image/`.
 
 mod bench;
 mod demo;
+mod image;
 mod test;
 
 use std::path::PathBuf;
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
             "bench" => bench::run(rest),
             "overhead" => bench::overhead(rest),
             "scale" => bench::scale(rest),
+            "image" => image::run(rest),
             "help" | "-h" | "--help" => {
                 usage();
                 Ok(true)
@@ -60,7 +63,8 @@ fn usage() {
          \n  bench [throughput|latency|connrate|conns|profile...] [--runs N] [--secs S] [--rate R] [--conns K]\
          \n                                          direct vs ambient vs Envoy sidecars (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\
-         \n                                          sidecar vs ambient cost at N pods/node (root)"
+         \n                                          sidecar vs ambient cost at N pods/node (root)\
+         \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)"
     );
 }
 

