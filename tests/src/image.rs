@@ -1,9 +1,12 @@
 //! The daemon's OCI image, built with umoci (apt `umoci`): no container engine, no registry, no
-//! base image. Its root filesystem holds the `ztunnel` binary at `/usr/local/bin/ztunnel` and
-//! exactly the shared objects `ldd` says it loads (libc, libgcc_s, the dynamic loader), copied
-//! from this machine at the paths the binary looks them up; nothing else (no shell, no package
-//! manager). Entrypoint: the daemon. `cargo xtask image` builds it from the release binary
-//! under `<target>/image/`; the image tests build it from the debug binary.
+//! base image. Its root filesystem holds the `ztunnel` binary at `/usr/local/bin/ztunnel`, the
+//! machine's `ip` (iproute2) at `/usr/bin/ip` (capture installs its policy route by running
+//! `ip`: `ztunnel::capture::routes`), and exactly the shared objects `ldd` says the two load
+//! (libc, libgcc_s and the dynamic loader for the daemon; libbpf, libelf, libmnl, libbsd,
+//! libcap, libz, libmd for `ip`), copied from this machine at the paths they are looked up;
+//! nothing else (no shell, no package manager). Entrypoint: the daemon. `cargo xtask image`
+//! builds it from the release binary under `<target>/image/`; the image tests build it from the
+//! debug binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +16,10 @@ use serde_json::Value;
 
 /// Where the binary lives in the image.
 pub const BINARY_PATH: &str = "/usr/local/bin/ztunnel";
+/// Where `ip` lives in the image (on the image's `PATH`).
+pub const IP_PATH: &str = "/usr/bin/ip";
+/// The image's `PATH`.
+pub const PATH: &str = "/usr/local/bin:/usr/bin";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -70,6 +77,15 @@ pub fn runtime_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         );
     }
     parse_ldd(&text)
+}
+
+/// The shared objects of the daemon and of `ip` together, each once.
+pub fn image_libraries(binary: &Path, ip: &Path) -> Result<Vec<PathBuf>> {
+    let mut libs = runtime_libraries(binary)?;
+    libs.extend(runtime_libraries(ip)?);
+    libs.sort();
+    libs.dedup();
+    Ok(libs)
 }
 
 /// Parses `ldd` output: `name => /path (0x...)` and `/lib64/ld-linux-x86-64.so.2 (0x...)`.
@@ -134,8 +150,10 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage> {
         files.push(dest.to_string());
         Ok(())
     };
+    let ip = crate::find_tool("ip").context("`ip` not found; install iproute2")?;
     put(&spec.binary, BINARY_PATH, 0o755)?;
-    for lib in runtime_libraries(&spec.binary)? {
+    put(&ip, IP_PATH, 0o755)?;
+    for lib in image_libraries(&spec.binary, &ip)? {
         put(&lib, &lib.to_string_lossy(), 0o755)?;
     }
     // Mount points the pod fills (scratch space, the CA directory); empty in the image.
@@ -157,7 +175,7 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage> {
         "--config.workingdir".into(),
         "/".into(),
         "--config.env".into(),
-        "PATH=/usr/local/bin".into(),
+        format!("PATH={PATH}"),
         "--os".into(),
         "linux".into(),
         "--architecture".into(),

@@ -9,6 +9,11 @@
 //! server-side applied with `--dry-run=server`. `cargo xtask test` installs both Python packages;
 //! these tests fail (never skip) without them.
 //!
+//! The image tests build the image from the debug binary (`cargo xtask image` uses the release
+//! one; a release build takes minutes here), unpack it and run its `ztunnel --version` in a
+//! chroot, and run the daemon in it through a private containerd with the chart's security
+//! context.
+//!
 //! Every test name contains `kube`, so `cargo xtask test -- kube` selects them with the other
 //! API-server tests.
 
@@ -209,6 +214,14 @@ fn helm_chart_installs_into_the_api_server_kube() {
         json!({"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]})
     );
     assert_eq!(c["resources"]["requests"]["memory"], "32Mi");
+    // The CA directory is writable scratch with the Secret's two files on top.
+    let mounts = &c["volumeMounts"];
+    assert_eq!(
+        mounts[0],
+        json!({"name": "ca-dir", "mountPath": "/var/lib/ztunnel/ca"})
+    );
+    assert_eq!(mounts[2]["subPath"], "root-key.pem");
+    assert_eq!(mounts[2]["readOnly"], true);
 
     // The chart's ClusterRole is the one of deploy/rbac/ztunnel.yaml, rule for rule.
     let rbac_file = std::fs::read_to_string(deploy_dir().join("rbac/ztunnel.yaml"))
@@ -362,10 +375,11 @@ fn oci_image_unpacks_and_runs_kube() {
     .unwrap_or_else(|e| panic!("building the image: {e:#}"));
     assert!(built.archive.is_file(), "the oci-archive is written");
 
-    // Exactly the binary and what it links.
-    let mut expected = vec![image::BINARY_PATH.to_string()];
+    // Exactly the binary, `ip` and what the two link.
+    let ip = mesh_tests::find_tool("ip").expect("ip (iproute2)");
+    let mut expected = vec![image::BINARY_PATH.to_string(), image::IP_PATH.to_string()];
     expected.extend(
-        image::runtime_libraries(&binary)
+        image::image_libraries(&binary, &ip)
             .expect("ldd")
             .iter()
             .map(|p| p.to_string_lossy().into_owned()),
@@ -406,4 +420,312 @@ fn oci_image_unpacks_and_runs_kube() {
         stdout.trim(),
         format!("ztunnel {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// A private containerd (apt `containerd`, which brings runc) with its own root, state and
+/// socket in a temporary directory: what a node's kubelet runs containers with.
+struct Containerd {
+    child: std::process::Child,
+    address: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        mesh_tests::require_tool("containerd", "containerd").expect("containerd");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = write(
+            dir.path(),
+            "config.toml",
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        );
+        let address = dir.path().join("containerd.sock");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log file");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .arg("--address")
+            .arg(&address)
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let c = Containerd {
+            child,
+            address,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", "k8s.io"]);
+        cmd
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        self.command().args(args).output().expect("running ctr")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SIGTERM, so it unmounts its snapshots before the directory goes.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A network namespace with an `eth0` (one end of a veth pair), removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        for args in [
+            vec!["netns", "add", &name],
+            vec![
+                "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+            ],
+            vec!["-n", &name, "link", "set", "eth0", "up"],
+            vec!["-n", &name, "link", "set", "eth0p", "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let ok = Command::new("ip").args(&args).status().expect("running ip");
+            assert!(ok.success(), "ip {args:?}");
+        }
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The chart's values of `key` in values.yaml.
+fn chart_value(key: &str) -> Value {
+    let text = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
+    documents(&text)[0][key].clone()
+}
+
+/// The capabilities containerd hands a container by default, all dropped as the chart's
+/// `drop: [ALL]` does.
+const CONTAINERD_DEFAULT_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// Capability numbers (linux/capability.h) of those the chart may add.
+fn cap_bit(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "NET_RAW" => 13,
+        "SYS_ADMIN" => 21,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("unexpected capability {other} in values.yaml"),
+    }
+}
+
+/// The image, imported into containerd and run as the chart's DaemonSet runs it (read-only root,
+/// every capability dropped but the chart's `capabilities`, the chart's `seccompProfile`, the CA
+/// directory as scratch space with the certificate and key read-only on top, a memory /tmp):
+/// the daemon loads and attaches capture, gets ready, holds exactly those capabilities, and on
+/// SIGTERM detaches and exits 0.
+#[test]
+fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
+    mesh_tests::require_root().expect("root");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let version = env!("CARGO_PKG_VERSION");
+    let built = image::build(&ImageSpec {
+        binary: mesh_tests::ztunnel_bin(),
+        out_dir: dir.path().join("image"),
+        tag: version.into(),
+        source: "file:///ztunnel".into(),
+        revision: None,
+    })
+    .unwrap_or_else(|e| panic!("building the image: {e:#}"));
+    let ctrd = Containerd::start();
+    let archive = built.archive.to_string_lossy().into_owned();
+    let out = ctrd.ctr(&[
+        "images",
+        "import",
+        "--base-name",
+        "localhost/ztunnel",
+        &archive,
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr images import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = format!("localhost/ztunnel:{version}");
+
+    // A CA, a state with no pods, a node namespace with an uplink.
+    let ca = dir.path().join("ca");
+    let ok = Command::new(mesh_tests::ztunnel_bin())
+        .args(["ca", "init", "--ca-dir"])
+        .arg(&ca)
+        .output()
+        .expect("ztunnel ca init");
+    assert!(ok.status.success(), "ztunnel ca init");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    write(
+        &state,
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: mesh\n",
+    );
+    let netns = Netns::new(format!("ztimg{}", std::process::id()));
+
+    let caps: Vec<String> = chart_value("capabilities")
+        .as_array()
+        .expect("capabilities is a list")
+        .iter()
+        .map(|c| c.as_str().expect("a name").to_string())
+        .collect();
+    let mut cmd = ctrd.command();
+    cmd.args(["run", "--rm", "--read-only"]);
+    match chart_value("seccompProfile").as_str() {
+        Some("RuntimeDefault") => drop(cmd.arg("--seccomp")),
+        Some("Unconfined") => {}
+        other => panic!("seccompProfile {other:?}"),
+    }
+    for c in CONTAINERD_DEFAULT_CAPS {
+        cmd.args(["--cap-drop", &format!("CAP_{c}")]);
+    }
+    for c in &caps {
+        cmd.args(["--cap-add", &format!("CAP_{c}")]);
+    }
+    let file = |name: &str| {
+        format!(
+            "type=bind,src={},dst=/var/lib/ztunnel/ca/{name},options=rbind:ro",
+            ca.join(name).display()
+        )
+    };
+    cmd.arg("--with-ns")
+        .arg(format!("network:/var/run/netns/{}", netns.0))
+        .args(["--mount", "type=tmpfs,src=tmpfs,dst=/var/lib/ztunnel/ca"])
+        .args(["--mount", &file("root-cert.pem")])
+        .args(["--mount", &file("root-key.pem")])
+        .args(["--mount", "type=tmpfs,src=tmpfs,dst=/tmp"])
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/state,options=rbind:ro",
+            state.display()
+        ))
+        .args(["--env", "ZTUNNEL_NODE_NAME=node1"])
+        .args(["--env", "ZTUNNEL_LOG_FORMAT=json"])
+        .args([&reference, "ztunnel-image-test", image::BINARY_PATH])
+        .args(["--state", "/state", "--ca-dir", "/var/lib/ztunnel/ca"])
+        .args(["--drain-timeout", "1s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("ctr run");
+
+    // Wait for "ready" in the daemon's log (stdout or stderr).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    let stdout: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("stdout"));
+    let stderr: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().expect("stderr"));
+    for pipe in [stdout, stderr] {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    drop(tx);
+    let mut log = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ready = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let is_ready = line.contains("\"ready\"");
+                log.push(line);
+                if is_ready {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    if !ready {
+        let _ = child.kill();
+        panic!(
+            "the daemon in the container did not get ready:\n{}",
+            log.join("\n")
+        );
+    }
+
+    // The container's process holds exactly the chart's capabilities.
+    let tasks = ctrd.ctr(&["tasks", "ls"]);
+    let tasks = String::from_utf8_lossy(&tasks.stdout);
+    let pid: u32 = tasks
+        .lines()
+        .find(|l| l.starts_with("ztunnel-image-test"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("task pid in {tasks}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+        .expect("CapEff");
+    let want = caps.iter().fold(0u64, |m, c| m | 1 << cap_bit(c));
+    assert_eq!(cap_eff, want, "effective capabilities {cap_eff:#x}");
+
+    let killed = ctrd.ctr(&["tasks", "kill", "--signal", "SIGTERM", "ztunnel-image-test"]);
+    assert!(killed.status.success(), "ctr tasks kill");
+    let exit = child.wait().expect("ctr run exits");
+    for r in readers {
+        let _ = r.join();
+    }
+    log.extend(rx.try_iter());
+    let log = log.join("\n");
+    assert!(exit.success(), "the daemon exits 0 after SIGTERM:\n{log}");
+    for line in [
+        "capture attached",
+        "capture detached",
+        "capture routing removed",
+    ] {
+        assert!(log.contains(line), "{line:?} in the log:\n{log}");
+    }
 }
