@@ -47,9 +47,22 @@ fn helm_python() -> PathBuf {
 
 /// Runs `tests/helm/helm_sdk.py <args>`; its JSON output.
 fn helm(args: &[&str]) -> Value {
+    helm_in(None, args)
+}
+
+/// [`helm`] inside network namespace `netns` (where an API server of that namespace is).
+fn helm_in(netns: Option<&str>, args: &[&str]) -> Value {
     let script = mesh_tests::workspace_root().join("tests/helm/helm_sdk.py");
     let py = helm_python();
-    let out = Command::new(&py)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&py);
+            c
+        }
+        None => Command::new(&py),
+    };
+    let out = cmd
         .arg(&script)
         .args(args)
         .output()
@@ -75,10 +88,19 @@ fn start_api(install_crds: bool) -> ApiServer {
 
 /// Installs the chart into `api` with `values`; returns the rendered manifest.
 fn install(api: &ApiServer, values: &Value) -> String {
+    install_in(None, api, values);
+    manifest(api)
+}
+
+/// Installs the chart with helm running in `netns`; the release.
+fn install_in(netns: Option<&str>, api: &ApiServer, values: &Value) {
     let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
     let chart = chart_dir().to_string_lossy().into_owned();
     let values = values.to_string();
-    let release = helm(&["install", &kubeconfig, NAMESPACE, RELEASE, &chart, &values]);
+    let release = helm_in(
+        netns,
+        &["install", &kubeconfig, NAMESPACE, RELEASE, &chart, &values],
+    );
     assert_eq!(
         release["info"]["status"]
             .as_str()
@@ -86,7 +108,6 @@ fn install(api: &ApiServer, values: &Value) -> String {
         Some("deployed"),
         "release after install: {release}"
     );
-    manifest(api)
 }
 
 fn manifest(api: &ApiServer) -> String {
@@ -522,12 +543,6 @@ impl Drop for Netns {
     }
 }
 
-/// The chart's values of `key` in values.yaml.
-fn chart_value(key: &str) -> Value {
-    let text = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
-    documents(&text)[0][key].clone()
-}
-
 /// The capabilities containerd hands a container by default, all dropped as the chart's
 /// `drop: [ALL]` does.
 const CONTAINERD_DEFAULT_CAPS: &[&str] = &[
@@ -559,13 +574,15 @@ fn cap_bit(name: &str) -> u32 {
     }
 }
 
-/// The image, imported into containerd and run as the chart's DaemonSet runs it (read-only root,
-/// every capability dropped but the chart's `capabilities`, the chart's `seccompProfile`, the CA
-/// directory as scratch space with the certificate and key read-only on top, a memory /tmp):
-/// the daemon loads and attaches capture, gets ready, holds exactly those capabilities, and on
-/// SIGTERM detaches and exits 0.
+/// The chart's DaemonSet container, as the API server stored it, run from the image through
+/// containerd the way a kubelet would: the DaemonSet's args (`--source kube`, in-cluster), its
+/// capabilities (every other one dropped), read-only root, seccomp profile and volume mounts (the
+/// CA directory as memory scratch with the certificate and key read-only on top, a memory /tmp),
+/// the chart's service account's token where a pod gets it, the node's network namespace. The
+/// daemon lists every kind through the chart's RBAC, loads and attaches capture, gets ready, holds
+/// exactly the chart's capabilities, and on SIGTERM detaches and exits 0.
 #[test]
-fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
+fn oci_image_runs_the_chart_daemonset_container_kube() {
     mesh_tests::require_root().expect("root");
     let dir = tempfile::tempdir().expect("temporary directory");
     let version = env!("CARGO_PKG_VERSION");
@@ -591,9 +608,44 @@ fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
         "ctr images import: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reference = format!("localhost/ztunnel:{version}");
 
-    // A CA, a state with no pods, a node namespace with an uplink.
+    // The node's network namespace, with the API server on the node's address.
+    let netns = Netns::new(format!("ztimg{}", std::process::id()));
+    let node_ip = "10.250.0.1";
+    let ok = Command::new("ip")
+        .args([
+            "-n",
+            &netns.0,
+            "addr",
+            "add",
+            "10.250.0.1/24",
+            "dev",
+            "eth0",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(ok.success());
+    let api = ApiServer::start_with(Options {
+        netns: Some(netns.0.clone()),
+        address: node_ip.parse().expect("an address"),
+        install_crds: false,
+        ..Options::default()
+    })
+    .unwrap_or_else(|e| panic!("the API server harness starts: {e:#}"));
+    api.ensure_namespace(NAMESPACE)
+        .expect("creating the namespace");
+    install_in(Some(&netns.0), &api, &json!({"drainTimeout": 2}));
+    let ds = api
+        .kubectl_json(&["get", "daemonset", "ztunnel", "-n", NAMESPACE])
+        .expect("reading the DaemonSet");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        format!("localhost/ztunnel:{version}"),
+        "the chart runs the image `cargo xtask image` builds"
+    );
+
+    // What the kubelet would provide: the CA Secret's files, the service-account token.
     let ca = dir.path().join("ca");
     let ok = Command::new(mesh_tests::ztunnel_bin())
         .args(["ca", "init", "--ca-dir"])
@@ -601,24 +653,29 @@ fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
         .output()
         .expect("ztunnel ca init");
     assert!(ok.status.success(), "ztunnel ca init");
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).expect("state dir");
-    write(
-        &state,
-        "ns.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: mesh\n",
-    );
-    let netns = Netns::new(format!("ztimg{}", std::process::id()));
+    let sa = dir.path().join("serviceaccount");
+    std::fs::create_dir_all(&sa).expect("token dir");
+    let token = api
+        .service_account_token(NAMESPACE, "ztunnel", std::time::Duration::from_secs(3600))
+        .expect("a token of the chart's service account");
+    write(&sa, "token", &token);
+    write(&sa, "namespace", NAMESPACE);
+    std::fs::copy(api.ca_cert(), sa.join("ca.crt")).expect("copying the cluster CA");
 
-    let caps: Vec<String> = chart_value("capabilities")
+    let sc = &container["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    let caps: Vec<String> = sc["capabilities"]["add"]
         .as_array()
-        .expect("capabilities is a list")
+        .expect("added capabilities")
         .iter()
         .map(|c| c.as_str().expect("a name").to_string())
         .collect();
+    let reference = format!("localhost/ztunnel:{version}");
     let mut cmd = ctrd.command();
-    cmd.args(["run", "--rm", "--read-only"]);
-    match chart_value("seccompProfile").as_str() {
+    cmd.args(["run", "--rm"]);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    cmd.arg("--read-only");
+    match sc["seccompProfile"]["type"].as_str() {
         Some("RuntimeDefault") => drop(cmd.arg("--seccomp")),
         Some("Unconfined") => {}
         other => panic!("seccompProfile {other:?}"),
@@ -629,29 +686,50 @@ fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
     for c in &caps {
         cmd.args(["--cap-add", &format!("CAP_{c}")]);
     }
-    let file = |name: &str| {
-        format!(
-            "type=bind,src={},dst=/var/lib/ztunnel/ca/{name},options=rbind:ro",
-            ca.join(name).display()
-        )
-    };
-    cmd.arg("--with-ns")
+    for m in container["volumeMounts"].as_array().expect("volumeMounts") {
+        let dst = m["mountPath"].as_str().expect("mountPath");
+        let mount = match (m["name"].as_str(), m["subPath"].as_str()) {
+            (Some("ca-dir" | "tmp"), None) => format!("type=tmpfs,src=tmpfs,dst={dst}"),
+            (Some("ca"), Some(file)) => format!(
+                "type=bind,src={},dst={dst},options=rbind:ro",
+                ca.join(file).display()
+            ),
+            other => panic!("a volume mount this test does not know: {other:?}"),
+        };
+        cmd.args(["--mount", &mount]);
+    }
+    cmd.arg("--mount").arg(format!(
+        "type=bind,src={},dst=/var/run/secrets/kubernetes.io/serviceaccount,options=rbind:ro",
+        sa.display()
+    ));
+    for e in container["env"].as_array().expect("env") {
+        match (e["name"].as_str(), &e["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Some(name), Value::String(f)) if f == "spec.nodeName" => {
+                cmd.args(["--env", &format!("{name}=node1")]);
+            }
+            other => panic!("an env var this test does not know: {other:?}"),
+        }
+    }
+    cmd.args(["--env", &format!("KUBERNETES_SERVICE_HOST={node_ip}")])
+        .args(["--env", &format!("KUBERNETES_SERVICE_PORT={}", api.port())])
+        .arg("--with-ns")
         .arg(format!("network:/var/run/netns/{}", netns.0))
-        .args(["--mount", "type=tmpfs,src=tmpfs,dst=/var/lib/ztunnel/ca"])
-        .args(["--mount", &file("root-cert.pem")])
-        .args(["--mount", &file("root-key.pem")])
-        .args(["--mount", "type=tmpfs,src=tmpfs,dst=/tmp"])
-        .arg("--mount")
-        .arg(format!(
-            "type=bind,src={},dst=/state,options=rbind:ro",
-            state.display()
-        ))
-        .args(["--env", "ZTUNNEL_NODE_NAME=node1"])
-        .args(["--env", "ZTUNNEL_LOG_FORMAT=json"])
-        .args([&reference, "ztunnel-image-test", image::BINARY_PATH])
-        .args(["--state", "/state", "--ca-dir", "/var/lib/ztunnel/ca"])
-        .args(["--drain-timeout", "1s"])
-        .stdin(std::process::Stdio::null())
+        .args([&reference, "ztunnel-image-test", image::BINARY_PATH]);
+    // The DaemonSet's args, but JSON logs (the env var loses to the flag).
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("a string"))
+        .collect();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 && args[i - 1] == "--log-format" {
+            cmd.arg("json");
+        } else {
+            cmd.arg(a);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().expect("ctr run");
@@ -677,7 +755,8 @@ fn oci_image_runs_the_daemon_with_the_chart_security_context_kube() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                let is_ready = line.contains("\"ready\"");
+                let is_ready =
+                    serde_json::from_str::<Value>(&line).is_ok_and(|v| v["message"] == "ready");
                 log.push(line);
                 if is_ready {
                     break true;
