@@ -791,6 +791,23 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     let want = caps.iter().fold(0u64, |m, c| m | 1 << cap_bit(c));
     assert_eq!(cap_eff, want, "effective capabilities {cap_eff:#x}");
 
+    // `kubectl exec <pod> -- ztunnel status`: the image's binary reads the admin API.
+    let status = ctrd.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "status",
+        "ztunnel-image-test",
+        image::BINARY_PATH,
+        "status",
+    ]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("node1"),
+        "ztunnel status in the container: {text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+
     let killed = ctrd.ctr(&["tasks", "kill", "--signal", "SIGTERM", "ztunnel-image-test"]);
     assert!(killed.status.success(), "ctr tasks kill");
     let exit = child.wait().expect("ctr run exits");
