@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 /// real scraping Prometheus in the observability tests, dnsmasq-base/dnsutils for the DNS tests:
 /// a real upstream resolver and `dig`, etcd-server for the Kubernetes API server of
 /// `mesh_tests::kube`, curl for the admin port tests and the waypoint tests: an HTTP/1.1 and
-/// HTTP/2 client independent of the waypoint's own, umoci and containerd (with runc) for the image tests: build
-/// the image, run it as the chart does) need.
+/// HTTP/2 client independent of the waypoint's own, umoci and containerd (with runc) for the
+/// image tests: build the image, run it as the chart does) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
