@@ -230,6 +230,7 @@ fn helm_chart_installs_into_the_api_server_kube() {
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(
         sc["capabilities"],
         json!({"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]})
@@ -330,14 +331,24 @@ fn helm_chart_installs_into_the_api_server_kube() {
     api.stop().expect("stopping the API server");
 }
 
+/// Values other than the defaults render objects the server accepts too: the CA service mode
+/// (its Deployment), SYS_ADMIN added for an old kernel, bpffs, extra flags and environment.
 #[test]
-fn helm_ca_service_mode_adds_the_ca_deployment_kube() {
+fn helm_ca_service_mode_and_other_values_install_kube() {
     let api = start_api(true);
     api.ensure_namespace(NAMESPACE)
         .expect("creating the namespace");
     let text = install(
         &api,
-        &json!({"ca": {"mode": "service", "service": {"args": ["--listen", "0.0.0.0:15012"]}}}),
+        &json!({
+            "ca": {"mode": "service", "service": {"args": ["--listen", "0.0.0.0:15012"]}},
+            "capabilities": ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"],
+            "mountBpffs": true,
+            "extraArgs": ["--worker-threads", "2"],
+            "extraEnv": [{"name": "ZTUNNEL_LOG_LEVEL", "value": "debug"}],
+            "podAnnotations": {"example.com/note": "x"},
+            "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "256Mi"}},
+        }),
     );
     let docs = documents(&text);
     let ca = find(&docs, "Deployment", "ztunnel-ca");
@@ -347,6 +358,16 @@ fn helm_ca_service_mode_adds_the_ca_deployment_kube() {
     kubernetes_validate(&write(dir.path(), "rendered.yaml", &text));
     api.kubectl_json(&["get", "deployment", "ztunnel-ca", "-n", NAMESPACE])
         .expect("the CA Deployment is stored");
+    let ds = api
+        .kubectl_json(&["get", "daemonset", "ztunnel", "-n", NAMESPACE])
+        .expect("the DaemonSet is stored");
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], true);
+    let args = c["args"].as_array().expect("args");
+    assert_eq!(
+        args[args.len() - 2..],
+        [json!("--worker-threads"), json!("2")]
+    );
     api.stop().expect("stopping the API server");
 }
 
