@@ -40,8 +40,9 @@ pub fn run(args: &[String]) -> Result<bool> {
     let built = image::build(&spec)?;
     println!(
         "image localhost/ztunnel:{version} ({} files: {})\n  OCI layout:  {}  (tag {version})\n  \
-         OCI archive: {}\n  load it:     podman load -i {}\n               ctr -n k8s.io images \
-         import --base-name localhost/ztunnel {}",
+         OCI archive: {}\n  load it:     ctr -n k8s.io images import --base-name \
+         localhost/ztunnel {}\n               skopeo copy oci-archive:{} \
+         containers-storage:localhost/ztunnel:{version}",
         built.files.len(),
         built.files.join(" "),
         built.layout.display(),
