@@ -332,7 +332,7 @@ fn helm_chart_installs_into_the_api_server_kube() {
 }
 
 /// Values other than the defaults render objects the server accepts too: the CA service mode
-/// (its Deployment), SYS_ADMIN added for an old kernel, bpffs, extra flags and environment.
+/// (its Deployment, Service and RBAC; the daemons on `--ca-address`), SYS_ADMIN added for an old kernel, bpffs, extra flags and environment.
 #[test]
 fn helm_ca_service_mode_and_other_values_install_kube() {
     let api = start_api(true);
@@ -341,7 +341,7 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
     let text = install(
         &api,
         &json!({
-            "ca": {"mode": "service", "service": {"args": ["--listen", "0.0.0.0:15012"]}},
+            "ca": {"mode": "service", "service": {"args": ["--max-cert-ttl", "12h"]}},
             "capabilities": ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"],
             "mountBpffs": true,
             "extraArgs": ["--worker-threads", "2"],
@@ -352,8 +352,32 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
     );
     let docs = documents(&text);
     let ca = find(&docs, "Deployment", "ztunnel-ca");
-    let args = &ca["spec"]["template"]["spec"]["containers"][0]["args"];
-    assert_eq!(args, &json!(["ca", "serve", "--listen", "0.0.0.0:15012"]));
+    let args: Vec<&str> = ca["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args[..2], ["ca", "serve"]);
+    for pair in [
+        ["--node-agent", "istio-system/ztunnel"],
+        ["--san", "ztunnel-ca.istio-system.svc"],
+        ["--max-cert-ttl", "12h"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    // The CA's account has the rules of deploy/rbac/ztunnel-ca.yaml.
+    let rbac_file =
+        std::fs::read_to_string(deploy_dir().join("rbac/ztunnel-ca.yaml")).expect("reading it");
+    let rbac = documents(&rbac_file);
+    assert_eq!(
+        find(&docs, "ClusterRole", "ztunnel-ca")["rules"],
+        find(&rbac, "ClusterRole", "ztunnel-ca")["rules"]
+    );
+    assert_eq!(
+        find(&docs, "ClusterRoleBinding", "ztunnel-ca")["subjects"],
+        find(&rbac, "ClusterRoleBinding", "ztunnel-ca")["subjects"]
+    );
     let dir = tempfile::tempdir().expect("temporary directory");
     kubernetes_validate(&write(dir.path(), "rendered.yaml", &text));
     api.kubectl_json(&["get", "deployment", "ztunnel-ca", "-n", NAMESPACE])
@@ -367,6 +391,24 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
     assert_eq!(
         args[args.len() - 2..],
         [json!("--worker-threads"), json!("2")]
+    );
+    // The daemons reach the CA service and never mount the root key.
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--ca-address" && w[1] == "https://ztunnel-ca.istio-system.svc:15012"),
+        "{args:?}"
+    );
+    assert!(!args.iter().any(|a| a == "--ca-dir"), "{args:?}");
+    let pod = &ds["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "ca")
+        .expect("the ca volume");
+    assert_eq!(
+        volume["secret"]["items"],
+        json!([{"key": "root-cert.pem", "path": "root-cert.pem"}])
     );
     api.stop().expect("stopping the API server");
 }
