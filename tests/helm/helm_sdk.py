@@ -1,4 +1,4 @@
-"""Helm through its Go SDK (the PyPI package helm-sdkpy; Python >= 3.12): what the chart tests
+"""Helm through its Go SDK (the Python package helm-sdkpy; Python >= 3.12): what the chart tests
 need, printed as JSON on stdout.
 
     helm_sdk.py lint CHART
