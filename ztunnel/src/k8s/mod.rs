@@ -4,11 +4,10 @@
 //! Only the fields the data plane needs are typed; everything else is ignored, so real cluster
 //! dumps load as they are. [`core`] holds the core `v1` kinds (Namespace, Pod, Service),
 //! [`security`] the `security.istio.io` policy kinds (AuthorizationPolicy, PeerAuthentication),
-//! and [`parse_file`] reads them from multi-document YAML with file, document and field errors.
-//!
-//! Every source of cluster state produces the same [`Object`]s: today the state files, later a
-//! Kubernetes API watch. [`gateway`] holds the Gateway API kinds a waypoint uses (Gateway,
-//! HTTPRoute).
+//! and [`gateway`] the Gateway API kinds of waypoints (Gateway, HTTPRoute). [`parse_file`] reads
+//! them from multi-document YAML with file, document and field errors, [`from_json`] from the
+//! JSON an API server sends; both go through one typed translation, so every source of cluster
+//! state produces the same [`Object`]s.
 //!
 //! This module uses nothing else of the crate. What the objects mean (enrollment, endpoints,
 //! compiled policies) is decided by `state` and `authz`, which build on it.
