@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::app::SendReport;
 use crate::bpf::in_netns;
-use crate::cluster::{Cluster, ClusterSpec, Pod};
+use crate::cluster::{field, message, Cluster, ClusterSpec, Daemon, Pod};
 
 /// A cluster with every node's daemon started and ready.
 pub fn start_with_daemons(spec: ClusterSpec) -> Cluster {
@@ -93,4 +93,22 @@ fn exchange<S: Read + Write>(s: &mut S, method: &str, path: &str) -> Result<(u16
         .and_then(|s| s.parse().ok())
         .context("no status")?;
     Ok((status, body.to_string()))
+}
+
+/// The `connection denied` line `d` logs after its first `skip` lines for a flow from `src`
+/// (waits up to 10 s; fails the test without one).
+pub fn denied_line(d: &Daemon, skip: usize, src: &Pod) -> serde_json::Value {
+    d.wait_for_log_after(
+        skip,
+        |l| {
+            message(l) == "connection denied"
+                && field(l, "src_addr")
+                    .parse::<SocketAddr>()
+                    .map(|a| a.ip())
+                    .ok()
+                    == Some(src.ip.into())
+        },
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("waiting for `connection denied` from {}: {e:#}", src.key()))
 }

@@ -5,13 +5,12 @@
 //!
 //! Needs root and a built `ztunnel`; `cargo xtask test` provides both. Fails, never skips.
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use mesh_tests::app::{SendOpts, SendReport};
-use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Daemon, Pod, PodSpec};
-use mesh_tests::testkit::{at, ok, start_with_daemons};
+use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec};
+use mesh_tests::testkit::{at, denied_line, ok, start_with_daemons};
 use serde_json::Value;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -80,22 +79,6 @@ fn expect_check(cluster: &Cluster, node: usize, from: &str, to: &str, want: i32,
 }
 
 /// The `connection denied` line for flows from `src`.
-fn denied_line(d: &Daemon, skip: usize, src: &Pod) -> Value {
-    d.wait_for_log_after(
-        skip,
-        |l| {
-            message(l) == "connection denied"
-                && field(l, "src_addr")
-                    .parse::<SocketAddr>()
-                    .map(|a| a.ip())
-                    .ok()
-                    == Some(src.ip.into())
-        },
-        LOG_WAIT,
-    )
-    .unwrap_or_else(|e| panic!("waiting for `connection denied` from {}: {e:#}", src.key()))
-}
-
 #[test]
 fn allow_by_principal_admits_named_client_and_401s_another() {
     let spec = ClusterSpec::new(2)

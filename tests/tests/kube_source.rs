@@ -8,16 +8,13 @@
 //! them all). Fails, never skips. Every test name contains `kube`, so `cargo xtask test --
 //! kube` runs the API-server tests alone.
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::{SendOpts, SendReport};
-use mesh_tests::cluster::{
-    field, message, Cluster, ClusterSpec, Daemon, PodSpec, SvcSpec, DATAPLANE_MODE,
-};
+use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec, SvcSpec, DATAPLANE_MODE};
 use mesh_tests::kube::RoleRef;
 use mesh_tests::pcap::Pcap;
-use mesh_tests::testkit::{at, eventually, node_http, ok};
+use mesh_tests::testkit::{at, denied_line, eventually, node_http, ok};
 use serde_json::Value;
 
 const HBONE: u16 = 15008;
@@ -75,22 +72,6 @@ fn config_dump(c: &Cluster, node: usize) -> Value {
     let (code, body) = node_http(c, node, 15000, "GET", "/config_dump").expect("admin answers");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).expect("config dump is JSON")
-}
-
-fn denied_line(d: &Daemon, skip: usize, src: IpAddr) -> Value {
-    d.wait_for_log_after(
-        skip,
-        |l| {
-            message(l) == "connection denied"
-                && field(l, "src_addr")
-                    .parse::<SocketAddr>()
-                    .map(|a| a.ip())
-                    .ok()
-                    == Some(src)
-        },
-        LOG_WAIT,
-    )
-    .unwrap_or_else(|e| panic!("waiting for `connection denied` from {src}: {e:#}"))
 }
 
 /// Labelling a namespace through the API enrolls its pods on every node within a second;
@@ -165,7 +146,7 @@ fn kube_source_follows_labels_and_policies() {
             .expect("runs"),
         "another client",
     );
-    let line = denied_line(cluster.daemon(2), skip2, c.ip.into());
+    let line = denied_line(cluster.daemon(2), skip2, &c);
     assert_eq!(field(&line, "response"), "401", "{line}");
     assert!(
         field(&line, "reason").contains("mesh/allow-client"),

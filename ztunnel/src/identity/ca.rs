@@ -146,20 +146,10 @@ impl FileCa {
             write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
             tracing::info!(dir = %dir.display(), "created file CA root");
         }
-        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let root_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadFile {
-            path: key_path.clone(),
-            what: "private key",
-            error: e.to_string(),
-        })?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| CaError::BadFile {
-            path: cert_path.clone(),
-            what: "certificate",
-            error: e.to_string(),
-        })?;
+        // Read back under the lock: a root another daemon just wrote is complete.
+        let ca = FileCa::load(dir);
         drop(lock);
-        Ok(FileCa { issuer, root_pem })
+        ca
     }
 
     /// Loads an existing CA from `dir` without writing anything there, so the directory may be
