@@ -32,6 +32,15 @@ pub fn ok(r: SendReport, what: &str) -> SendReport {
     r
 }
 
+/// The report, after asserting that every connection in it was refused (none echoed).
+pub fn refused(r: SendReport, what: &str) -> SendReport {
+    assert!(
+        !r.success && r.conns.iter().all(|c| !c.ok),
+        "{what}: expected the connection to be refused, got {r}"
+    );
+    r
+}
+
 /// Polls `cond` every 100 ms until it holds; fails the test after `timeout`.
 pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -8,21 +8,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::app::{SendOpts, SendReport};
+use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec};
-use mesh_tests::testkit::{at, denied_line, ok, start_with_daemons};
+use mesh_tests::testkit::{at, denied_line, ok, refused, start_with_daemons};
 use serde_json::Value;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 const POLICY_FILE: &str = "policies.yaml";
-
-fn refused(r: SendReport, what: &str) -> SendReport {
-    assert!(
-        !r.success && r.conns.iter().all(|c| !c.ok),
-        "{what}: expected the connection to be refused, got {r}"
-    );
-    r
-}
 
 fn policy(kind: &str, ns: &str, name: &str, spec: &str) -> String {
     format!(
@@ -78,7 +70,6 @@ fn expect_check(cluster: &Cluster, node: usize, from: &str, to: &str, want: i32,
     );
 }
 
-/// The `connection denied` line for flows from `src`.
 #[test]
 fn allow_by_principal_admits_named_client_and_401s_another() {
     let spec = ClusterSpec::new(2)

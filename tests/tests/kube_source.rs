@@ -10,11 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::app::{SendOpts, SendReport};
+use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec, SvcSpec, DATAPLANE_MODE};
 use mesh_tests::kube::RoleRef;
 use mesh_tests::pcap::Pcap;
-use mesh_tests::testkit::{at, denied_line, eventually, node_http, ok};
+use mesh_tests::testkit::{at, denied_line, eventually, node_http, ok, refused};
 use serde_json::Value;
 
 const HBONE: u16 = 15008;
@@ -59,13 +59,6 @@ fn apply(c: &Cluster, yaml: &str) {
         .api
         .apply(yaml)
         .unwrap_or_else(|e| panic!("kubectl apply: {e:#}\n{yaml}"));
-}
-
-fn refused(r: SendReport, what: &str) {
-    assert!(
-        !r.success && r.conns.iter().all(|c| !c.ok),
-        "{what}: expected the connection to be refused, got {r}"
-    );
 }
 
 fn config_dump(c: &Cluster, node: usize) -> Value {

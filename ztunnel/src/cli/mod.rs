@@ -66,6 +66,24 @@ pub enum Command {
     Authz(AuthzCommand),
 }
 
+/// The certificate `ca issue` and `ca request` obtain, and where they write it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CertOut {
+    /// SPIFFE identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa> (for `ca request`, sent as the
+    /// CSR's SAN and as `ImpersonatedIdentity`).
+    #[arg(long)]
+    identity: String,
+    /// Where to write the PEM certificate chain.
+    #[arg(long)]
+    cert: PathBuf,
+    /// Where to write the PEM private key (mode 0600).
+    #[arg(long)]
+    key: PathBuf,
+    /// Certificate lifetime (asked for, with `ca request`).
+    #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
+    ttl: Dur,
+}
+
 /// `ztunnel ca …`
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -84,18 +102,8 @@ pub enum CaCommand {
         /// Directory holding root-cert.pem and root-key.pem.
         #[arg(long, env = "ZTUNNEL_CA_DIR")]
         ca_dir: PathBuf,
-        /// SPIFFE identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
-        #[arg(long)]
-        identity: String,
-        /// Where to write the PEM certificate chain.
-        #[arg(long)]
-        cert: PathBuf,
-        /// Where to write the PEM private key (mode 0600).
-        #[arg(long)]
-        key: PathBuf,
-        /// Certificate lifetime.
-        #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
-        ttl: Dur,
+        #[command(flatten)]
+        out: CertOut,
     },
     /// Serve Istio's certificate protocol (gRPC over TLS) from the root in --ca-dir, so node
     /// daemons (`--ca-address`) get certificates without the root key: each caller is
@@ -115,18 +123,8 @@ pub enum CaCommand {
         /// Service-account token to present.
         #[arg(long, env = "ZTUNNEL_CA_TOKEN_PATH", default_value = crate::config::DEFAULT_CA_TOKEN_PATH)]
         ca_token_path: PathBuf,
-        /// SPIFFE identity asked for (sent as the CSR's SAN and as `ImpersonatedIdentity`).
-        #[arg(long)]
-        identity: String,
-        /// Where to write the PEM certificate chain.
-        #[arg(long)]
-        cert: PathBuf,
-        /// Where to write the PEM private key (mode 0600).
-        #[arg(long)]
-        key: PathBuf,
-        /// Certificate lifetime asked for.
-        #[arg(long, default_value_t = DEFAULT_CERT_TTL)]
-        ttl: Dur,
+        #[command(flatten)]
+        out: CertOut,
     },
 }
 
@@ -177,35 +175,26 @@ impl CaCommand {
             } => {
                 FileCa::load_or_create(&ca_dir, &trust_domain)?;
             }
-            CaCommand::Issue {
-                ca_dir,
-                identity,
-                cert,
-                key,
-                ttl,
-            } => {
-                let id = SpiffeId::parse(&identity)?;
+            CaCommand::Issue { ca_dir, out } => {
+                let id = SpiffeId::parse(&out.identity)?;
                 let ca = FileCa::load_or_create(&ca_dir, &id.trust_domain)?;
-                ca.issue_to_files(&id, ttl.0, &cert, &key)?;
+                ca.issue_to_files(&id, out.ttl.0, &out.cert, &out.key)?;
             }
             CaCommand::Serve(args) => crate::ca_service::run(args)?,
             CaCommand::Request {
                 ca_address,
                 ca_root_cert,
                 ca_token_path,
-                identity,
-                cert,
-                key,
-                ttl,
+                out,
             } => {
-                let id = SpiffeId::parse(&identity)?;
+                let id = SpiffeId::parse(&out.identity)?;
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
                 runtime.block_on(async {
                     let ca =
                         crate::identity::RemoteCa::new(&ca_address, &ca_token_path, &ca_root_cert)?;
-                    crate::identity::issue_to_files(&ca, &id, ttl.0, &cert, &key).await
+                    crate::identity::issue_to_files(&ca, &id, out.ttl.0, &out.cert, &out.key).await
                 })?;
             }
         }
