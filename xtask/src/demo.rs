@@ -16,10 +16,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+
+use crate::{demo_up, interrupt};
 use mesh_tests::app::{SendOpts, SendReport, Server};
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec, SvcSpec};
 use mesh_tests::pcap::Pcap;
-use nix::sys::signal::{SigSet, Signal};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
@@ -62,21 +63,30 @@ struct Flow {
 }
 
 pub fn run(args: &[String]) -> Result<bool> {
-    let (mut once, mut kube) = (false, false);
+    let (mut once, mut kube, mut up, mut background) = (false, false, false, false);
     for a in args {
         match a.as_str() {
             "--once" => once = true,
             "--kube" => kube = true,
-            _ => bail!("usage: cargo xtask demo [--kube] [--once]"),
+            "--up" => up = true,
+            "--down" => return demo_up::down(),
+            // `--up`'s own process, after the foreground prepared and built.
+            "--background" => background = true,
+            _ => bail!("usage: cargo xtask demo [--kube] [--once | --up | --down]"),
         }
     }
     mesh_tests::require_root()?;
-    super::test::prepare_machine(kube)?;
-    super::run_status(
-        super::cargo()
-            .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "--bins"])
-            .current_dir(mesh_tests::workspace_root()),
-    )?;
+    if !background {
+        super::test::prepare_machine(kube)?;
+        super::run_status(
+            super::cargo()
+                .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "--bins"])
+                .current_dir(mesh_tests::workspace_root()),
+        )?;
+    }
+    if up {
+        return demo_up::up(kube);
+    }
 
     let mut cluster = if kube {
         println!("starting etcd and kube-apiserver ...");
@@ -176,10 +186,17 @@ pub fn run(args: &[String]) -> Result<bool> {
         println!("Tearing down (--once).");
         return Ok(all_ok);
     }
-    print_poke(&cluster);
-    wait_for_signal()?;
-    println!("\nTearing down ...");
+    let commands = poke(&cluster);
+    if background {
+        demo_up::write_description(&cluster, all_ok, &commands)?;
+        println!("\n`cargo xtask demo --down` tears it down.");
+    } else {
+        println!("\nPress Ctrl-C to tear down.");
+    }
+    let sig = interrupt::wait();
+    println!("\n(received {}) Tearing down ...", interrupt::name(sig));
     drop(cluster);
+    demo_up::remove_description();
     Ok(all_ok)
 }
 
@@ -378,7 +395,9 @@ fn checks(cluster: &Cluster, flows: &[Flow], pcap: &Pcap, leaks: &[String]) -> V
     out
 }
 
-fn print_poke(cluster: &Cluster) {
+/// Prints the pods and commands to try on the running cluster, and returns the commands (the
+/// background demo also puts them in its description).
+fn poke(cluster: &Cluster) -> Vec<String> {
     let meshapp = mesh_tests::meshapp_bin();
     let client = cluster.pod("demo/client");
     println!("\nThe cluster keeps running. Pods:");
@@ -391,26 +410,31 @@ fn print_poke(cluster: &Cluster) {
             p.netns
         );
     }
+    let mut commands = vec![
+        format!(
+            "ip netns exec {} {} send --to {VIP} --bytes 1000 --conns 4",
+            client.netns,
+            meshapp.display()
+        ),
+        format!(
+            "ip netns exec {} {} connect --to {}:8080",
+            client.netns,
+            meshapp.display(),
+            cluster.pod("legacy/legacy").ip
+        ),
+        format!("ip netns exec {} tcpdump -ni br0", cluster.fabric_netns()),
+        format!("ip netns exec {} ss -tnp", cluster.node_netns(1)),
+        format!(
+            "{} status --admin-socket {}",
+            mesh_tests::ztunnel_bin().display(),
+            cluster.admin_socket(1).display()
+        ),
+        format!("tail -f {}/logs/node1.log", cluster.workdir().display()),
+    ];
     println!("\nTry:");
-    println!(
-        "  ip netns exec {} {} send --to {VIP} --bytes 1000 --conns 4",
-        client.netns,
-        meshapp.display()
-    );
-    println!(
-        "  ip netns exec {} {} connect --to {}:8080",
-        client.netns,
-        meshapp.display(),
-        cluster.pod("legacy/legacy").ip
-    );
-    println!("  ip netns exec {} tcpdump -ni br0", cluster.fabric_netns());
-    println!("  ip netns exec {} ss -tnp", cluster.node_netns(1));
-    println!(
-        "  {} status --admin-socket {}",
-        mesh_tests::ztunnel_bin().display(),
-        cluster.admin_socket(1).display()
-    );
-    println!("  tail -f {}/logs/node1.log", cluster.workdir().display());
+    for c in &commands {
+        println!("  {c}");
+    }
     if let Some(cp) = cluster.kube_api() {
         let kubectl = format!(
             "ip netns exec {} {} --kubeconfig {}",
@@ -422,19 +446,25 @@ fn print_poke(cluster: &Cluster) {
             "\nThe API server (https://{}) holds the objects; the daemons follow it:",
             cp.api.server_url().trim_start_matches("https://")
         );
-        println!("  {kubectl} get namespaces,pods,services -A -o wide");
-        println!("  {kubectl} label namespace legacy istio.io/dataplane-mode-");
-        println!(
-            "  {kubectl} apply -f - <<'EOF'\n\
-             apiVersion: security.istio.io/v1\n\
-             kind: AuthorizationPolicy\n\
-             metadata: {{name: only-client, namespace: demo}}\n\
-             spec: {{selector: {{matchLabels: {{app: server}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]}}]}}\n\
-             EOF"
-        );
+        let kube_commands = [
+            format!("{kubectl} get namespaces,pods,services -A -o wide"),
+            format!("{kubectl} label namespace legacy istio.io/dataplane-mode-"),
+            format!(
+                "{kubectl} apply -f - <<'EOF'\n\
+                 apiVersion: security.istio.io/v1\n\
+                 kind: AuthorizationPolicy\n\
+                 metadata: {{name: only-client, namespace: demo}}\n\
+                 spec: {{selector: {{matchLabels: {{app: server}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]}}]}}\n\
+                 EOF"
+            ),
+        ];
+        for c in &kube_commands {
+            println!("  {c}");
+        }
         println!("  (`status` above shows 'state source: kube, in sync')");
+        commands.extend(kube_commands);
     }
-    println!("\nPress Ctrl-C to tear down.");
+    commands
 }
 
 /// With the API server: a label applied through it enrolls `legacy` on both nodes within a
@@ -480,17 +510,4 @@ fn kube_checks(cluster: &mut Cluster) -> Vec<(bool, String)> {
             ),
         ),
     ]
-}
-
-/// Blocks until SIGINT or SIGTERM. The signals are blocked first and taken with sigwait, so
-/// Ctrl-C leads to an orderly teardown instead of killing the process. (Daemons and pod
-/// programs run in their own sessions/process groups and do not see the terminal's Ctrl-C.)
-fn wait_for_signal() -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()?;
-    let sig = set.wait()?;
-    println!("\n(received {sig})");
-    Ok(())
 }

@@ -13,7 +13,9 @@
 
 mod bench;
 mod demo;
+mod demo_up;
 mod image;
+mod interrupt;
 mod test;
 
 use std::path::PathBuf;
@@ -23,6 +25,16 @@ use anyhow::{bail, Context, Result};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The commands that build clusters clean up after Ctrl-C or SIGTERM at any point.
+    if matches!(
+        args.first().map(String::as_str),
+        Some("demo" | "bench" | "overhead" | "scale")
+    ) {
+        if let Err(e) = interrupt::install() {
+            eprintln!("xtask: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match args.split_first() {
         Some((cmd, rest)) => match cmd.as_str() {
             "test" => test::run(rest),
@@ -59,7 +71,8 @@ fn usage() {
     eprintln!(
         "usage: cargo xtask <command>\n\
          \n  test [cargo-test-args] [-- test-args]   install test tools, build, run all tests (root)\
-         \n  demo [--once]                           run the demo cluster and its checks (root)\
+         \n  demo [--kube] [--once|--up|--down]      run the demo cluster and its checks (root); --up leaves it\
+         \n                                          running in the background, --down removes it\
          \n  bench [throughput|latency|connrate|conns|profile...] [--runs N] [--secs S] [--rate R] [--conns K]\
          \n                                          direct vs ambient vs Envoy sidecars (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\

@@ -24,7 +24,7 @@ pub use capture::Capture;
 use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
 pub use kube::{ControlPlane, API_ADDRESS};
-pub use net::{in_netns, run};
+pub use net::{in_netns, remove_own, remove_stale, run};
 pub use pod::Pod;
 pub use spec::{
     node_ip, pod_ip, render_docs, split_key, ClusterSpec, NsSpec, PodSpec, SvcSpec, DATAPLANE_MODE,

@@ -94,6 +94,33 @@ pub fn remove_stale() {
     }
 }
 
+/// Removes every cluster this process created: its namespaces (killing what runs in them:
+/// daemons, apps, Envoy, tcpdump, the API server) and its work directories. For an interrupted
+/// `cargo xtask demo`/`bench`, whose clusters' `Drop` will never run because the process exits
+/// on the signal.
+pub fn remove_own() {
+    let own = std::process::id();
+    match list_netns() {
+        Ok(names) => {
+            for name in names.iter().filter(|n| creator_pid(n) == Some(own)) {
+                delete_netns(name);
+            }
+        }
+        Err(e) => eprintln!("mesh-tests: cannot list namespaces: {e:#}"),
+    }
+    let mine = format!("zt{own:x}x");
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&mine) {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                eprintln!("mesh-tests: removing {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
+
 /// Kills every process inside `netns` and deletes it. Never fails: teardown must get as far
 /// as it can, so problems are logged and skipped.
 pub fn delete_netns(netns: &str) {
