@@ -34,7 +34,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot from `objects` (tests and `waypoint check`).
     pub fn build(generation: u64, trust_domain: &str, objects: &[Object]) -> Snapshot {
-        Snapshot::from_state(Arc::new(State::build(generation, trust_domain, objects)), None)
+        Snapshot::from_state(
+            Arc::new(State::build(generation, trust_domain, objects)),
+            None,
+        )
     }
 
     /// The snapshot of a delivered `state`. Routes and policies are taken over from
