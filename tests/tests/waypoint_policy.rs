@@ -9,7 +9,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::cluster::{field, message, Cluster};
+use mesh_tests::cluster::{field, message, CaService, Cluster};
+use mesh_tests::kube::RoleRef;
 use mesh_tests::testkit::{eventually, promtool_check};
 use mesh_tests::waypoint_mesh::{
     self, WaypointMesh, CLIENT_ID, GATEWAY_YAML, OTHER_ID, REVIEWS, ROUTE_YAML, WAYPOINT_ID,
@@ -272,7 +273,7 @@ fn l7_policies_decide_each_request_and_waypoint_check_metrics_and_logs_agree() {
 
 /// The waypoint and the daemons on `--source kube`: the Gateway and the HTTPRoute are
 /// applied through the API server, a request follows the route through the waypoint, and a
-/// route added later is followed too.
+/// route added later is followed too. The waypoint's certificate comes from the CA service.
 #[test]
 fn kube_source_waypoint_routes_by_an_httproute_from_the_api_server() {
     let mut cluster =
@@ -285,7 +286,42 @@ fn kube_source_waypoint_routes_by_an_httproute_from_the_api_server() {
     cluster
         .start_all_daemons()
         .expect("daemons on --source kube become ready");
-    let m = WaypointMesh::with_waypoint(cluster, &[]);
+
+    // The waypoint's certificate comes from the CA service (signing from the cluster's CA
+    // directory, which the daemons' file CA shares, so they trust it); the waypoint is given
+    // the root certificate and its service account's token, never the root key.
+    let ca_dir = cluster.ca_dir().expect("cluster CA");
+    let mut ca = CaService::new(&cluster, ca_dir.clone()).expect("CA service set-up");
+    ca.start();
+    let api = &cluster.kube().api;
+    api.create_service_account("mesh", "waypoint", RoleRef::ClusterRole("ztunnel-waypoint"))
+        .expect("the waypoint's service account");
+    let token = api
+        .service_account_token("mesh", "waypoint", Duration::from_secs(3600))
+        .expect("a token of the waypoint's service account");
+    let trust = cluster.workdir().join("waypoint-trust");
+    std::fs::create_dir_all(&trust).expect("trust dir");
+    let (token_file, root) = (trust.join("token"), trust.join("root-cert.pem"));
+    std::fs::write(&token_file, token).expect("token file");
+    std::fs::copy(ca_dir.join("root-cert.pem"), &root).expect("root certificate");
+    let (token_arg, root_arg) = (token_file.display().to_string(), root.display().to_string());
+    let address = CaService::address();
+    let flags = [
+        "--ca-address",
+        &address,
+        "--ca-root-cert",
+        &root_arg,
+        "--ca-token-path",
+        &token_arg,
+    ];
+    let m = WaypointMesh::with_waypoint(cluster, &flags);
+    ca.wait_for(0, |l| {
+        message(l) == "certificate request"
+            && field(l, "decision") == "allow"
+            && field(l, "caller") == "mesh/waypoint"
+            && field(l, "requested") == WAYPOINT_ID
+    })
+    .unwrap_or_else(|e| panic!("the waypoint's own identity granted: {e:#}"));
 
     let dump = m.waypoint.config_dump().expect("config dump");
     assert_eq!(dump["source"]["source"], "kube", "{dump:#}");
