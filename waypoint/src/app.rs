@@ -418,3 +418,47 @@ async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let base = ["waypoint", "--namespace", "ns", "--pod-ip", "10.0.0.1"];
+        Args::parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn source_and_ca_flags_are_checked_as_the_daemon_checks_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8");
+        let a = args(&["--state", d, "--ca-dir", d]);
+        assert!(matches!(a.source_config(), Ok(SourceConfig::File { .. })));
+        assert!(matches!(a.ca_config(), Ok(CaConfig::File { .. })));
+
+        let err = |r: Result<(), ConfigError>| r.expect_err("refused").to_string();
+        let both = args(&[
+            "--state",
+            d,
+            "--ca-dir",
+            d,
+            "--ca-address",
+            "https://ca:15012",
+        ]);
+        let e = err(both.ca_config().map(drop));
+        assert!(
+            e.contains("--ca-address") && e.contains("WAYPOINT_CA_ADDRESS"),
+            "{e}"
+        );
+        let no_root = args(&["--state", d, "--ca-address", "https://ca:15012"]);
+        let e = err(no_root.ca_config().map(drop));
+        assert!(e.contains("--ca-root-cert"), "{e}");
+        let kube_and_state = args(&["--source", "kube", "--state", d, "--ca-dir", d]);
+        let e = err(kube_and_state.source_config().map(drop));
+        assert!(e.contains("--state") && e.contains("WAYPOINT_STATE"), "{e}");
+        let e = err(args(&["--ca-dir", d]).source_config().map(drop));
+        assert!(e.contains("--state"), "{e}");
+    }
+}
