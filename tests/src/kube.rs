@@ -570,6 +570,12 @@ impl ApiServer {
 
     /// Creates namespace `name` unless it exists.
     pub fn ensure_namespace(&self, name: &str) -> Result<()> {
+        // An existing namespace is left alone: applying it again under the same field manager
+        // would drop the labels a test applied before (its dataplane mode, for one).
+        let exists = self.kubectl_output(&self.kubeconfig, &["get", "namespace", name], None)?;
+        if exists.status.success() {
+            return Ok(());
+        }
         self.apply(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"
         ))

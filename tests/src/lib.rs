@@ -8,6 +8,7 @@
 //! - [`image`]: the daemon's OCI image (umoci), for `cargo xtask image` and its test.
 //! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
 //! - [`web`]: HTTP in pods (the `meshhttp` backend, `curl`), for the waypoint tests.
+//! - [`waypoint_mesh`]: the mesh the waypoint tests share (daemons, a waypoint, backends).
 //!
 //! Everything here needs root. Missing privileges or tools are reported as errors naming what
 //! to do; nothing is ever skipped silently, so a green test run always means the checks ran.
@@ -19,6 +20,7 @@ pub mod image;
 pub mod kube;
 pub mod pcap;
 pub mod testkit;
+pub mod waypoint_mesh;
 pub mod web;
 
 use std::path::{Path, PathBuf};

@@ -121,3 +121,40 @@ pub fn denied_line(d: &Daemon, skip: usize, src: &Pod) -> serde_json::Value {
     )
     .unwrap_or_else(|e| panic!("waiting for `connection denied` from {}: {e:#}", src.key()))
 }
+
+/// Runs `promtool check metrics` on `text` and fails the test on any problem but the lines in
+/// `tolerated` (exact lines of promtool's report, each to be justified by the caller).
+pub fn promtool_check(text: &str, tolerated: &[&str]) {
+    use std::process::{Command, Stdio};
+    crate::require_tool("promtool", "prometheus").unwrap_or_else(|e| panic!("{e:#}"));
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(text.as_bytes())
+            .expect("writing to promtool");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !tolerated.contains(l))
+        .collect();
+    // Exit status 3 is promtool's "lint problems only"; anything else it exits 1 for.
+    let only_lint = out.status.code() == Some(3) && !tolerated.is_empty();
+    assert!(
+        (out.status.success() || only_lint) && problems.is_empty(),
+        "promtool check metrics: {:?}\n{report}\n--- metrics ---\n{text}",
+        out.status
+    );
+}

@@ -193,6 +193,43 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// One request with curl from this pod: `method` to `url` with `headers` (`name: value`),
+    /// allowed `timeout`; the status and the response body. A request that gets no answer is
+    /// an error naming curl's complaint.
+    pub fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[&str],
+        timeout: Duration,
+    ) -> Result<(u16, String)> {
+        crate::require_tool("curl", "curl")?;
+        let mut cmd = self.command("curl");
+        cmd.args(["-sS", "--http1.1", "-X", method, "--max-time"])
+            .arg(timeout.as_secs_f64().to_string())
+            .args(["-w", "\n%{http_code}"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running curl in {}", self.key()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        match code.trim().parse::<u16>() {
+            Ok(code) if code != 0 => Ok((code, body.to_string())),
+            _ => bail!(
+                "{method} {url} from {}: no answer: {}",
+                self.key(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    }
+}
+
 /// `<status> <backend>` lines of stdout, and stderr.
 fn parse_answers(out: &std::process::Output) -> CurlRun {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -11,99 +11,17 @@
 //! them). Every test name contains `kube`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use mesh_tests::app::SendOpts;
-use mesh_tests::cluster::{field, in_netns, message, Cluster, ClusterSpec, PodSpec, API_ADDRESS};
+use mesh_tests::cluster::{field, in_netns, message, CaService, Cluster, ClusterSpec, PodSpec};
 use mesh_tests::testkit::{at, node_http, ok};
 use serde_json::Value;
 
-const CA_PORT: u16 = 15012;
 const LOG_WAIT: Duration = Duration::from_secs(15);
 const CLIENT: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/mesh/sa/server";
-
-/// The CA service process, stopped on drop.
-struct CaService {
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-    fabric: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl CaService {
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "CA service already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("CA log file");
-        let skip = self.lines().len();
-        let listen = format!("{API_ADDRESS}:{CA_PORT}");
-        let child = in_netns(&self.fabric, mesh_tests::ztunnel_bin())
-            .args(["ca", "serve", "--ca-dir"])
-            .arg(&self.dir)
-            .args(["--listen", &listen, "--san", &API_ADDRESS.to_string()])
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("ztunnel ca serve starts");
-        self.child = Some(child);
-        self.wait_for(skip, |l| message(l) == "CA service ready")
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn wait_for(&self, skip: usize, pred: impl Fn(&Value) -> bool) -> Result<Value, String> {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            if let Some(l) = self.lines().into_iter().skip(skip).find(|l| pred(l)) {
-                return Ok(l);
-            }
-            if Instant::now() > deadline {
-                let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-                return Err(format!("CA service log never matched; log:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for CaService {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A cluster on a real API server, the CA service next to it, and each node's credentials.
 struct Setup {
@@ -115,7 +33,7 @@ struct Setup {
 
 impl Setup {
     fn address() -> String {
-        format!("https://{API_ADDRESS}:{CA_PORT}")
+        CaService::address()
     }
 
     /// The flags that put node `n`'s daemon on the CA service.
@@ -178,16 +96,7 @@ fn setup(cert_ttl: &str) -> Setup {
     std::fs::copy(ca_dir.join("root-cert.pem"), &root_cert).expect("copy root certificate");
 
     let api = &cluster.kube().api;
-    let kubeconfig = api
-        .service_account_kubeconfig("istio-system", "ztunnel-ca")
-        .expect("the CA's service account (deploy/rbac/ztunnel-ca.yaml)");
-    let mut ca = CaService {
-        dir: ca_dir,
-        kubeconfig,
-        fabric: cluster.fabric_netns(),
-        log: work.join("ca-service.log"),
-        child: None,
-    };
+    let mut ca = CaService::new(&cluster, ca_dir).expect("the CA service's set-up");
     ca.start();
 
     // One daemon pod per node, and a token bound to it, as a DaemonSet's projected token.

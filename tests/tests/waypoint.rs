@@ -3,144 +3,25 @@
 //! labelled `istio.io/use-waypoint`), HTTP/1.1 and HTTP/2 from `curl` in a client pod to
 //! `meshhttp` backends.
 //!
-//! Layout (2 nodes):
-//!
-//! ```text
-//! node1: client 10.244.1.11, v2 10.244.1.12        node2: waypoint 10.244.2.11, v1 10.244.2.12
-//! reviews 10.96.0.20:80 (use-waypoint: waypoint) -> HTTPRoute: 90 reviews-v1 / 10 reviews-v2
-//! direct  10.96.0.23:80 (no label)                -> v1 or v2, straight from the client's daemon
-//! ```
+//! Layout: `mesh_tests::waypoint_mesh` (2 nodes; `reviews` labelled for the waypoint, split
+//! 90/10 by the route; `direct`, the same pods without the label).
 //!
 //! Needs root and the built binaries (`cargo xtask test`); fails, never skips, without them.
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec, SvcSpec, WaypointProc};
+use mesh_tests::cluster::{field, message, WaypointProc};
 use mesh_tests::pcap::TCP;
 use mesh_tests::testkit::{eventually, node_http};
-use mesh_tests::web::{CurlRun, HttpServer, HttpVersion};
+use mesh_tests::waypoint_mesh::{WaypointMesh, CLIENT_ID, DIRECT, REVIEWS, WAYPOINT_ID};
+use mesh_tests::web::{CurlRun, HttpVersion};
 use serde_json::Value;
 
-const REVIEWS: &str = "10.96.0.20";
-const DIRECT: &str = "10.96.0.23";
-const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/waypoint";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const WAIT: Duration = Duration::from_secs(10);
 const REQUESTS: usize = 1000;
 
-/// The Gateway naming the waypoint, and the route splitting `reviews` 90/10, with a rule
-/// retrying `/flaky` on 503 and one giving `/slow` 1 s in all.
-const WAYPOINT_YAML: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: mesh}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews, namespace: mesh}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /slow}}]
-    timeouts: {request: 1s}
-    backendRefs: [{name: reviews-v1, port: 80}]
-  - matches: [{path: {type: PathPrefix, value: /flaky}}]
-    retry: {attempts: 2, codes: [503]}
-    backendRefs: [{name: reviews-v1, port: 80}]
-  - backendRefs:
-    - {name: reviews-v1, port: 80, weight: 90}
-    - {name: reviews-v2, port: 80, weight: 10}
-"#;
-
-struct Mesh {
-    cluster: Cluster,
-    waypoint: WaypointProc,
-    v1: HttpServer,
-    v2: HttpServer,
-}
-
-fn reviews_pod(key: &str, node: usize, version: &str) -> PodSpec {
-    PodSpec::new(key, node)
-        .sa("reviews")
-        .label("app", "reviews")
-        .label("version", version)
-}
-
-fn start() -> Mesh {
-    let spec = ClusterSpec::new(2)
-        .namespace("mesh", true)
-        .pod(PodSpec::new("mesh/client", 1).sa("client"))
-        .pod(reviews_pod("mesh/v2", 1, "v2"))
-        .pod(
-            PodSpec::new("mesh/waypoint", 2)
-                .sa("waypoint")
-                .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
-        )
-        .pod(reviews_pod("mesh/v1", 2, "v1"))
-        .service(
-            SvcSpec::new("mesh/reviews", REVIEWS)
-                .select("app", "reviews")
-                .port(80, 8080)
-                .label("istio.io/use-waypoint", "waypoint"),
-        )
-        .service(
-            SvcSpec::new("mesh/reviews-v1", "10.96.0.21")
-                .select("version", "v1")
-                .port(80, 8080),
-        )
-        .service(
-            SvcSpec::new("mesh/reviews-v2", "10.96.0.22")
-                .select("version", "v2")
-                .port(80, 8080),
-        )
-        .service(
-            SvcSpec::new("mesh/direct", DIRECT)
-                .select("app", "reviews")
-                .port(80, 8080),
-        );
-    let mut cluster = Cluster::start(spec).expect("cluster starts");
-    cluster
-        .write_state_file("waypoint.yaml", WAYPOINT_YAML)
-        .expect("waypoint state");
-    cluster.start_all_daemons().expect("daemons become ready");
-    let waypoint = cluster
-        .start_waypoint("mesh/waypoint", &[])
-        .expect("waypoint starts");
-    let v1 = cluster.pod("mesh/v1").serve_http(8080, "v1").expect("v1");
-    let v2 = cluster.pod("mesh/v2").serve_http(8080, "v2").expect("v2");
-    Mesh {
-        cluster,
-        waypoint,
-        v1,
-        v2,
-    }
-}
-
-impl Mesh {
-    fn curl(&self, version: HttpVersion, path: &str, count: usize) -> CurlRun {
-        let url = format!("http://{REVIEWS}{path}");
-        self.cluster
-            .pod("mesh/client")
-            .curl(version, &url, count, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("curl {url}: {e:#}"))
-    }
-
-    /// `count` HTTP/2 requests on one connection (`meshhttp get`; curl cannot reuse one).
-    fn h2_get(&self, path: &str, count: usize) -> CurlRun {
-        let url = format!("http://{REVIEWS}{path}");
-        self.cluster
-            .pod("mesh/client")
-            .http_get(HttpVersion::Http2, &url, count, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("meshhttp get {url}: {e:#}"))
-    }
-
-    fn ip(&self, key: &str) -> Ipv4Addr {
-        self.cluster.pod(key).ip
-    }
+fn start() -> WaypointMesh {
+    WaypointMesh::start("")
 }
 
 /// The share of `v1` among `run`'s answers must be 90% within ±5 points.

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use ztunnel::drain::Drain;
 use ztunnel::identity::SpiffeId;
+use ztunnel::source::SourceHealth;
 use ztunnel::telemetry::metrics::CONTENT_TYPE;
 use ztunnel::telemetry::Metrics;
 
@@ -80,14 +81,20 @@ pub async fn serve(listener: TcpListener, port: &'static str, answer: Answer) {
     }
 }
 
-/// `/metrics` and `/stats/prometheus`: the Prometheus text format.
-pub fn metrics(metrics: Arc<Metrics>) -> Answer {
+/// `/metrics` and `/stats/prometheus`: the Prometheus text format, with the state source's
+/// staleness brought up to date at each scrape.
+pub fn metrics(metrics: Arc<Metrics>, source: Option<Arc<SourceHealth>>) -> Answer {
     Arc::new(move |method, path| match (method, path) {
-        (&Method::GET, "/metrics" | "/stats/prometheus") => Reply {
-            status: StatusCode::OK,
-            content_type: CONTENT_TYPE,
-            body: metrics.encode(),
-        },
+        (&Method::GET, "/metrics" | "/stats/prometheus") => {
+            if let Some(h) = &source {
+                h.refresh();
+            }
+            Reply {
+                status: StatusCode::OK,
+                content_type: CONTENT_TYPE,
+                body: metrics.encode(),
+            }
+        }
         _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
     })
 }
@@ -159,16 +166,19 @@ pub struct AdminView {
     pub gateway: String,
     /// The state it serves.
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// How current the state source is (`None` where there is no source, in tests).
+    pub source: Option<Arc<SourceHealth>>,
 }
 
-/// The JSON of `/config_dump`: identity, Gateway, state generation, the compiled routes per
-/// Service and the attached policies.
+/// The JSON of `/config_dump`: identity, Gateway, state generation and source health (as the
+/// node daemon shows it), the compiled routes per Service and the attached policies.
 pub fn config_dump(view: &AdminView) -> serde_json::Value {
     let snap = view.snapshots.borrow().clone();
     serde_json::json!({
         "identity": view.identity.to_string(),
         "gateway": view.gateway,
         "generation": snap.state.generation,
+        "source": view.source.as_ref().map(|h| h.snapshot()),
         "services": snap.state.services.len(),
         "routes": snap.routes.dump(),
         "policies": snap.policies.policies,
@@ -238,11 +248,14 @@ spec:
             identity: SpiffeId::new("cluster.local", "ns", "waypoint"),
             gateway: "ns/waypoint".into(),
             snapshots,
+            source: Some(Arc::new(SourceHealth::new("file", ["files"].into_iter()))),
         };
         let r = admin(view)(&Method::GET, "/config_dump");
         assert_eq!(r.status, StatusCode::OK);
         let dump: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
         assert_eq!(dump["generation"], 3);
+        assert_eq!(dump["source"]["source"], "file");
+        assert_eq!(dump["source"]["in_sync"], true);
         assert_eq!(dump["routes"]["ns/svc"][0]["path"]["prefix"], "/api/");
         assert_eq!(
             dump["routes"]["ns/svc"][0]["backends"][0]["service"],

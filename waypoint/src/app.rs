@@ -1,5 +1,6 @@
 //! The command line, and putting the waypoint together: identity and certificate from the
-//! CA, state from the YAML files, the HBONE pool towards endpoints, the HBONE server on 15008,
+//! CA (the file CA or a CA service), state from the node daemon's sources (the YAML files or
+//! the API server), the HBONE pool towards endpoints, the HBONE server on 15008,
 //! drain on SIGTERM.
 
 use std::collections::BTreeSet;
@@ -9,12 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use ztunnel::config::{Dur, HboneConfig, LogFormat, Size};
+use ztunnel::config::{
+    self, CaConfig, ConfigError, Dur, HboneConfig, LogFormat, Size, SourceConfig, SourceKind,
+    DEFAULT_CA_TOKEN_PATH,
+};
 use ztunnel::drain::Drain;
 use ztunnel::hbone::client::Pool;
 use ztunnel::hbone::server::Server;
-use ztunnel::identity::{CaError, CertError, CertManager, FileCa, SpiffeId};
+use ztunnel::identity::{CaError, CertError, CertManager, SpiffeId};
 use ztunnel::socket::{Leg, PlainSockets, SocketFactory};
+use ztunnel::source::SourceError;
 use ztunnel::telemetry::metrics::CLUSTER;
 use ztunnel::telemetry::Metrics;
 
@@ -22,7 +27,7 @@ use crate::admin::{self, AdminView, Readiness};
 use crate::forward::Forwarder;
 use crate::metrics::RequestMetrics;
 use crate::server::Waypoint;
-use crate::snapshot::{FileWatch, ReadError, Snapshot};
+use crate::snapshot::{self, Snapshot};
 use crate::upstream::Upstreams;
 
 /// `waypoint` command line. Every flag is also an environment variable; the pod's own names
@@ -35,15 +40,39 @@ use crate::upstream::Upstreams;
     after_help = "Explain a request without sending it: waypoint check --help"
 )]
 pub struct Args {
-    /// Kubernetes YAML state: a file, or a directory of `.yaml`/`.yml`/`.json` files.
+    /// Where cluster state comes from, as for the node daemon: `file` (the Kubernetes YAML of
+    /// `--state`) or `kube` (watches on the Kubernetes API server: `--kubeconfig`, else the
+    /// pod's service account).
+    #[arg(long, env = "WAYPOINT_SOURCE", default_value_t = SourceKind::File)]
+    pub source: SourceKind,
+    /// With `--source file`: file or directory of Kubernetes YAML (`.yaml`, `.yml`, `.json`),
+    /// watched for changes. Required there.
     #[arg(long, env = "WAYPOINT_STATE")]
-    pub state: PathBuf,
-    /// How often the state is re-read.
-    #[arg(long, env = "WAYPOINT_STATE_POLL_INTERVAL", default_value_t = Dur::secs(1))]
+    pub state: Option<PathBuf>,
+    /// With `--source file`: how often the files are checked for changes.
+    #[arg(long, env = "WAYPOINT_STATE_POLL_INTERVAL", default_value_t = Dur::millis(500))]
     pub state_poll_interval: Dur,
-    /// File CA directory, shared with the node daemons (`ztunnel ca init`).
+    /// With `--source kube`: kubeconfig file to reach the API server. Unset: the in-cluster
+    /// service account.
+    #[arg(long, env = "WAYPOINT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory of the file CA, shared with the node daemons (`ztunnel ca init`). Exactly one
+    /// of this and --ca-address is required.
     #[arg(long, env = "WAYPOINT_CA_DIR")]
-    pub ca_dir: PathBuf,
+    pub ca_dir: Option<PathBuf>,
+    /// A CA speaking Istio's certificate protocol (`ztunnel ca serve`, istiod), as
+    /// `https://host:port`: the waypoint asks it for its own identity with its service-account
+    /// token, and never holds the root key.
+    #[arg(long, env = "WAYPOINT_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// With --ca-address: the service-account token presented to the CA, read on every
+    /// request (projected tokens rotate).
+    #[arg(long, env = "WAYPOINT_CA_TOKEN_PATH", default_value = DEFAULT_CA_TOKEN_PATH)]
+    pub ca_token_path: PathBuf,
+    /// With --ca-address: the mesh's root certificate (PEM), trusted for the CA's serving
+    /// certificate and for peers' certificates. Required there.
+    #[arg(long, env = "WAYPOINT_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
     /// SPIFFE trust domain.
     #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -113,15 +142,18 @@ pub struct Args {
 /// Why the waypoint cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WaypointError {
-    /// The CA directory is unusable.
+    /// A flag has a bad or missing value, or flags contradict each other.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The CA is unusable (file CA directory, CA service address or root certificate).
     #[error("CA: {0}")]
     Ca(#[from] CaError),
     /// The certificate manager cannot start or issue.
     #[error("certificate: {0}")]
     Cert(#[from] CertError),
-    /// The state cannot be read at all.
+    /// The state source cannot be read at all.
     #[error(transparent)]
-    State(#[from] ReadError),
+    State(#[from] SourceError),
     /// The HBONE listener cannot be bound.
     #[error("listen on {addr}: {error}")]
     Listen {
@@ -161,6 +193,28 @@ impl Settings {
 }
 
 impl Args {
+    /// The state source these flags describe, checked as the daemon checks its own.
+    pub fn source_config(&self) -> Result<SourceConfig, ConfigError> {
+        config::source_config(
+            self.source,
+            self.state.clone(),
+            self.state_poll_interval,
+            self.kubeconfig.clone(),
+        )
+        .map_err(waypoint_env)
+    }
+
+    /// The CA these flags describe, checked as the daemon checks its own.
+    pub fn ca_config(&self) -> Result<CaConfig, ConfigError> {
+        config::ca_config(
+            self.ca_dir.clone(),
+            self.ca_address.clone(),
+            self.ca_token_path.clone(),
+            self.ca_root_cert.clone(),
+        )
+        .map_err(waypoint_env)
+    }
+
     /// The settings these flags describe.
     pub fn settings(&self) -> Settings {
         let window = self.hbone_stream_window.0.max(65_535);
@@ -180,6 +234,18 @@ impl Args {
                 .clone()
                 .unwrap_or_else(|| self.service_account.clone()),
         }
+    }
+}
+
+/// The daemon's checks name its `ZTUNNEL_*` variables; the waypoint's are `WAYPOINT_*`.
+fn waypoint_env(e: ConfigError) -> ConfigError {
+    match e {
+        ConfigError::Invalid { flag, message, .. } => ConfigError::Invalid {
+            env: format!("WAYPOINT_{}", flag.replace('-', "_").to_uppercase()),
+            flag,
+            message,
+        },
+        other => other,
     }
 }
 
@@ -250,24 +316,28 @@ pub fn build(
 /// Runs the waypoint until SIGTERM or Ctrl-C, then drains.
 pub async fn run(args: Args) -> Result<(), WaypointError> {
     let settings = args.settings();
-    let ca = FileCa::load_or_create(&args.ca_dir, &args.trust_domain)?;
-    let certs = CertManager::new(Arc::new(ca), args.cert_ttl.0)?;
-    let mut watch = FileWatch::new(&args.state, &args.trust_domain);
-    let first = watch.poll()?.unwrap_or_default();
+    let source_config = args.source_config()?;
+    let ca = args.ca_config()?.authority(&args.trust_domain)?;
+    let certs = CertManager::new(ca, args.cert_ttl.0)?;
+    let mut source = ztunnel::source::open(&source_config, &args.trust_domain);
+    let health = source.health();
+    let (state_tx, state_rx) = watch::channel(Arc::new(source.initial()?));
+    let first = Snapshot::from_state(state_rx.borrow().clone(), None);
     let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(watch.run(args.state_poll_interval.0, tx));
+    tokio::spawn(snapshot::follow(state_rx, tx));
     let drain = Drain::default();
     let ready = Readiness::new(drain.clone());
-    ready.state_loaded();
     let view = AdminView {
         identity: settings.identity.clone(),
         gateway: settings.gateway_key(),
         snapshots: rx.clone(),
+        source: Some(health.clone()),
     };
     let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
         connect_timeout: args.connect_timeout.0,
     });
     let metrics = Metrics::new(&args.cluster_domain);
+    metrics.register(|r| health.register(r));
     let (server, _) = build(
         &settings,
         &args.trust_domain,
@@ -284,7 +354,11 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     };
     let listener = listen(args.listen, Leg::Hbone)?;
     let side_ports = [
-        (args.metrics_listen, "metrics", admin::metrics(metrics)),
+        (
+            args.metrics_listen,
+            "metrics",
+            admin::metrics(metrics, Some(health.clone())),
+        ),
         (
             args.readiness_listen,
             "readiness",
@@ -295,8 +369,21 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     for (addr, port, answer) in side_ports {
         tokio::spawn(admin::serve(listen(addr, Leg::Node)?, port, answer));
     }
+    // Not ready before the source holds a complete state: a Service or policy it has not
+    // delivered yet would route or authorize wrongly.
+    tokio::select! {
+        biased;
+        () = source.first_complete(&state_tx) => {}
+        () = shutdown_signal() => {
+            tracing::info!("stopped before the first complete state");
+            return Ok(());
+        }
+    }
+    ztunnel::source::log_applied(&state_tx.borrow(), None);
+    ready.state_loaded();
+    tokio::spawn(source.run(state_tx));
     certs
-        .fetch(&settings.identity, args.connect_timeout.0)
+        .fetch(&settings.identity, args.connect_timeout.0.max(CERT_WAIT))
         .await?;
     ready.certificate_issued();
     let bound = listener.local_addr().unwrap_or(args.listen);
@@ -312,6 +399,10 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
     Ok(())
 }
 
+/// The longest wait for the first certificate: a CA service may be restarting; the
+/// certificate manager retries within it.
+const CERT_WAIT: Duration = Duration::from_secs(30);
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
@@ -325,5 +416,49 @@ async fn shutdown_signal() {
             tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let base = ["waypoint", "--namespace", "ns", "--pod-ip", "10.0.0.1"];
+        Args::parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn source_and_ca_flags_are_checked_as_the_daemon_checks_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8");
+        let a = args(&["--state", d, "--ca-dir", d]);
+        assert!(matches!(a.source_config(), Ok(SourceConfig::File { .. })));
+        assert!(matches!(a.ca_config(), Ok(CaConfig::File { .. })));
+
+        let err = |r: Result<(), ConfigError>| r.expect_err("refused").to_string();
+        let both = args(&[
+            "--state",
+            d,
+            "--ca-dir",
+            d,
+            "--ca-address",
+            "https://ca:15012",
+        ]);
+        let e = err(both.ca_config().map(drop));
+        assert!(
+            e.contains("--ca-address") && e.contains("WAYPOINT_CA_ADDRESS"),
+            "{e}"
+        );
+        let no_root = args(&["--state", d, "--ca-address", "https://ca:15012"]);
+        let e = err(no_root.ca_config().map(drop));
+        assert!(e.contains("--ca-root-cert"), "{e}");
+        let kube_and_state = args(&["--source", "kube", "--state", d, "--ca-dir", d]);
+        let e = err(kube_and_state.source_config().map(drop));
+        assert!(e.contains("--state") && e.contains("WAYPOINT_STATE"), "{e}");
+        let e = err(args(&["--ca-dir", d]).source_config().map(drop));
+        assert!(e.contains("--state"), "{e}");
     }
 }

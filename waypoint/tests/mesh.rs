@@ -503,7 +503,7 @@ async fn the_metrics_port_serves_what_promtool_accepts() {
     tokio::spawn(waypoint::admin::serve(
         listener,
         "metrics",
-        waypoint::admin::metrics(mesh.metrics.clone()),
+        waypoint::admin::metrics(mesh.metrics.clone(), None),
     ));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut scrape, conn) =

@@ -35,14 +35,12 @@ use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::{SocketError, SocketFile};
 use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
-use crate::config::{CaConfig, Config};
+use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::hbone::server::Server;
-use crate::identity::{
-    CaError, CertError, CertManager, CertificateAuthority, FileCa, RemoteCa, SpiffeId,
-};
+use crate::identity::{CaError, CertError, CertManager, SpiffeId};
 use crate::proxy::route::Node;
 use crate::proxy::{Captured, Proxy};
 use crate::socket::{self, Leg, SocketFactory, TransparentSockets};
@@ -167,18 +165,7 @@ fn check_host(cfg: &Config) -> Result<(), AppError> {
 /// certificates are issued once the first complete state names the local workloads
 /// (`issue_first_certificates`).
 fn start_identity(cfg: &Config) -> Result<Arc<CertManager>, AppError> {
-    let ca: Arc<dyn CertificateAuthority> = match &cfg.ca {
-        CaConfig::File { dir } => Arc::new(FileCa::load_or_create(dir, &cfg.trust_domain)?),
-        CaConfig::Remote {
-            address,
-            token_path,
-            root_cert,
-        } => {
-            tracing::info!(ca = %address, token = %token_path.display(),
-                "workload certificates come from a CA service");
-            Arc::new(RemoteCa::new(address, token_path, root_cert)?)
-        }
-    };
+    let ca = cfg.ca.authority(&cfg.trust_domain)?;
     Ok(CertManager::new(ca, cfg.cert_ttl)?)
 }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::spec::{node_ip, ClusterSpec};
-use super::{render_docs, run};
+use super::{render_docs, run, Pod};
 use crate::kube::{ApiServer, Options};
 
 /// The API server's address on the fabric bridge.
@@ -80,6 +80,30 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// Lets `pod` reach the API server as a pod reaches its control plane: a route from the
+    /// pod through its node to [`API_ADDRESS`], and one back from the fabric to the pod's IP
+    /// through its node. For pods that watch the API server themselves (a waypoint).
+    pub fn route_pod(&self, fabric: &str, pod: &Pod) -> Result<()> {
+        let api = format!("{API_ADDRESS}/32");
+        run(Command::new("ip").args([
+            "-n",
+            &pod.netns,
+            "route",
+            "add",
+            &api,
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]))
+        .with_context(|| format!("a route from pod {} to the API server", pod.key()))?;
+        let back = format!("{}/32", pod.ip);
+        let via = node_ip(pod.node).to_string();
+        run(Command::new("ip").args(["-n", fabric, "route", "add", &back, "via", &via]))
+            .with_context(|| format!("a route from the API server to pod {}", pod.key()))
+            .map(drop)
     }
 
     /// Reports pod `namespace/name` running at `ip` on `node`, `Ready` or not.

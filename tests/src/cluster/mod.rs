@@ -5,6 +5,7 @@
 //! panicked; the work dir (state, logs, captures) is kept after a panic or when
 //! `MESH_KEEP_WORKDIR=1`, and its path printed, so a failure can be investigated.
 
+mod ca_service;
 mod capture;
 mod daemon;
 mod kube;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
 
+pub use ca_service::{CaService, CA_PORT};
 pub use capture::Capture;
 use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};

@@ -3,8 +3,11 @@
 //! The pod is an ordinary pod of the spec; what makes it a waypoint's is its label
 //! `gateway.networking.k8s.io/gateway-name: <gateway>` and a `Gateway` of class
 //! `istio-waypoint` in the state, which the test writes. The process reads the pod's node's
-//! state directory (the same YAML the node daemon reads), gets its certificate from the
-//! cluster's file CA, and listens for HBONE on the pod's 15008.
+//! state directory (the same YAML the node daemon reads) or, on a [`Cluster::start_kube`]
+//! cluster, watches the API server as the pod's service account bound to the
+//! `ztunnel-waypoint` ClusterRole of deploy/rbac/waypoint.yaml; it gets its certificate from
+//! the cluster's file CA (unless `extra` names `--ca-address`), and listens for HBONE on the
+//! pod's 15008.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -16,6 +19,7 @@ use serde_json::Value;
 
 use super::daemon::message;
 use super::{Cluster, Pod};
+use crate::kube::RoleRef;
 
 /// How long a waypoint may take to log `waypoint ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -35,17 +39,34 @@ impl Cluster {
     /// with `extra` flags, and waits until it logs `waypoint ready`.
     pub fn start_waypoint(&mut self, key: &str, extra: &[&str]) -> Result<WaypointProc> {
         let pod = self.pod(key).clone();
-        let ca = self.ca_dir()?;
-        let state = self.state_dir(pod.node);
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        match self.kube_api() {
+            Some(cp) => {
+                cp.route_pod(&self.fabric_netns(), &pod)?;
+                let kubeconfig = cp
+                    .api
+                    .create_service_account(
+                        &pod.namespace,
+                        &pod.service_account,
+                        RoleRef::ClusterRole("ztunnel-waypoint"),
+                    )
+                    .context("the waypoint's service account")?;
+                args.extend(["--source".into(), "kube".into(), "--kubeconfig".into()]);
+                args.push(kubeconfig.into());
+            }
+            None => {
+                args.extend(["--state".into(), self.state_dir(pod.node).into()]);
+            }
+        }
+        if !extra.contains(&"--ca-address") {
+            args.extend(["--ca-dir".into(), self.ca_dir()?.into()]);
+        }
         let log = pod.logdir.join("waypoint.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating log handle")?;
         let child = pod
             .command(crate::waypoint_bin())
-            .arg("--state")
-            .arg(&state)
-            .arg("--ca-dir")
-            .arg(&ca)
+            .args(&args)
             .args(["--namespace", &pod.namespace])
             .args(["--service-account", &pod.service_account])
             .args(["--pod-name", &pod.name])
@@ -132,5 +153,36 @@ impl Drop for WaypointProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl WaypointProc {
+    /// `GET http://<addr><path>` from inside the waypoint's pod (its side ports): status and
+    /// body.
+    pub fn get(&self, addr: &str, path: &str) -> Result<(u16, String)> {
+        self.pod.request(
+            "GET",
+            &format!("http://{addr}{path}"),
+            &[],
+            Duration::from_secs(10),
+        )
+    }
+
+    /// The Prometheus text of its metrics port (`<pod ip>:15020/metrics`).
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = self.get(&format!("{}:15020", self.pod.ip), "/metrics")?;
+        if status != 200 {
+            bail!("waypoint /metrics answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Its `/config_dump` (admin port, loopback of its pod).
+    pub fn config_dump(&self) -> Result<Value> {
+        let (status, body) = self.get("127.0.0.1:15000", "/config_dump")?;
+        if status != 200 {
+            bail!("waypoint /config_dump answered {status}: {body}");
+        }
+        serde_json::from_str(&body).context("config dump is JSON")
     }
 }

@@ -13,10 +13,13 @@ pub mod values;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Args};
 use serde::Serialize;
+
+use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
 pub use parse::parse;
 pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
@@ -331,7 +334,9 @@ pub enum SourceConfig {
     },
 }
 
-fn source_config(
+/// Checks the state-source flags (`--source`, `--state`, `--state-poll-interval`,
+/// `--kubeconfig`) together; the waypoint takes the same flags and calls this too.
+pub fn source_config(
     kind: SourceKind,
     state: Option<PathBuf>,
     poll: Dur,
@@ -396,7 +401,29 @@ pub enum CaConfig {
     },
 }
 
-fn ca_config(
+impl CaConfig {
+    /// The CA this describes: the file CA (created on first use), or a client of a CA service,
+    /// which connects lazily so a CA that is down only delays certificates. The daemon and the
+    /// waypoint both get theirs here.
+    pub fn authority(&self, trust_domain: &str) -> Result<Arc<dyn CertificateAuthority>, CaError> {
+        Ok(match self {
+            CaConfig::File { dir } => Arc::new(FileCa::load_or_create(dir, trust_domain)?),
+            CaConfig::Remote {
+                address,
+                token_path,
+                root_cert,
+            } => {
+                tracing::info!(ca = %address, token = %token_path.display(),
+                    "certificates come from a CA service");
+                Arc::new(RemoteCa::new(address, token_path, root_cert)?)
+            }
+        })
+    }
+}
+
+/// Checks the CA flags (`--ca-dir`, `--ca-address`, `--ca-token-path`, `--ca-root-cert`)
+/// together; the waypoint takes the same flags and calls this too.
+pub fn ca_config(
     dir: Option<PathBuf>,
     address: Option<String>,
     token_path: PathBuf,

@@ -74,13 +74,19 @@ pub trait StateSource: Send {
 
 /// The state source `cfg` asks for.
 pub fn from_config(cfg: &Config) -> Box<dyn StateSource> {
-    match &cfg.source {
+    open(&cfg.source, &cfg.trust_domain)
+}
+
+/// The state source `source` describes, with identities in `trust_domain`. Shared by the
+/// daemon and the waypoint, so both follow the cluster the same way from the same flags.
+pub fn open(source: &SourceConfig, trust_domain: &str) -> Box<dyn StateSource> {
+    match source {
         SourceConfig::File {
             path,
             poll_interval,
-        } => Box::new(FileSource::new(path, &cfg.trust_domain, *poll_interval)),
+        } => Box::new(FileSource::new(path, trust_domain, *poll_interval)),
         SourceConfig::Kube { kubeconfig } => {
-            Box::new(KubeSource::new(kubeconfig.clone(), &cfg.trust_domain))
+            Box::new(KubeSource::new(kubeconfig.clone(), trust_domain))
         }
     }
 }

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
+use crate::k8s::gateway::HttpRoute;
+use crate::k8s::security::AuthorizationPolicyObject;
 use crate::k8s::{Object, ObjectMeta};
 
 #[cfg(test)]
@@ -217,6 +219,15 @@ pub struct State {
     pub waypoints: BTreeMap<String, Arc<Waypoint>>,
     /// Valid AuthorizationPolicies and PeerAuthentications.
     pub authz: Arc<crate::authz::Registry>,
+    /// Every AuthorizationPolicy as received, by `(namespace, name)`: the waypoint compiles
+    /// the ones attached by `targetRefs` (L7) from the same delivery as the endpoints. The
+    /// same `Arc` as the previous snapshot's while no policy changed.
+    #[serde(skip)]
+    pub authz_policies: Arc<BTreeMap<(String, String), Arc<AuthorizationPolicyObject>>>,
+    /// Every Gateway API HTTPRoute as received, by `(namespace, name)`, for the waypoint's
+    /// routing; the same `Arc` as the previous snapshot's while no route changed.
+    #[serde(skip)]
+    pub http_routes: Arc<BTreeMap<(String, String), Arc<HttpRoute>>>,
 }
 
 impl State {

@@ -24,7 +24,7 @@ use super::{
 use crate::authz::Registry;
 use crate::identity::SpiffeId;
 use crate::k8s::core::{Pod, Service as ServiceObject};
-use crate::k8s::gateway::{Gateway, WaypointFor};
+use crate::k8s::gateway::{Gateway, HttpRoute, WaypointFor};
 use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
 use crate::k8s::{IntOrString, Object, ObjectMeta};
 
@@ -86,7 +86,10 @@ pub struct Model {
     /// Ordered, so a namespace's pods and services are a range.
     pods: BTreeMap<Key, PodEntry>,
     services: BTreeMap<Key, ServiceEntry>,
-    authz_policies: BTreeMap<Key, AuthorizationPolicyObject>,
+    /// Shared with every snapshot until a policy changes (then copied once: pointers).
+    authz_policies: Arc<BTreeMap<Key, Arc<AuthorizationPolicyObject>>>,
+    /// HTTPRoutes, for the waypoint; shared with snapshots like the policies.
+    http_routes: Arc<BTreeMap<Key, Arc<HttpRoute>>>,
     peer_authentications: BTreeMap<Key, PeerAuthenticationObject>,
     /// Gateways of class `istio-waypoint` (others are not the daemon's business).
     gateways: BTreeMap<Key, GatewayEntry>,
@@ -114,7 +117,8 @@ impl Model {
             namespaces: HashMap::new(),
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
-            authz_policies: BTreeMap::new(),
+            authz_policies: Arc::default(),
+            http_routes: Arc::default(),
             peer_authentications: BTreeMap::new(),
             gateways: BTreeMap::new(),
             ip_owner: HashMap::new(),
@@ -152,7 +156,7 @@ impl Model {
                 self.services.insert(k, translate_service(&s));
             }
             Object::AuthorizationPolicy(p) => {
-                self.authz_policies.insert(key(&p.metadata), p);
+                Arc::make_mut(&mut self.authz_policies).insert(key(&p.metadata), Arc::new(p));
                 self.authz = None;
             }
             Object::PeerAuthentication(p) => {
@@ -170,8 +174,10 @@ impl Model {
                     self.reenroll(&k.0);
                 }
             }
-            // Read by the waypoint.
-            Object::HttpRoute(_) => {}
+            // Only carried to the snapshot, for the waypoint.
+            Object::HttpRoute(r) => {
+                Arc::make_mut(&mut self.http_routes).insert(key(&r.metadata), Arc::new(r));
+            }
         }
     }
 
@@ -192,8 +198,12 @@ impl Model {
             "Service" if self.services.remove(&k).is_some() => {
                 self.dirty.insert(k.0);
             }
-            "AuthorizationPolicy" if self.authz_policies.remove(&k).is_some() => {
+            "AuthorizationPolicy" if self.authz_policies.contains_key(&k) => {
+                Arc::make_mut(&mut self.authz_policies).remove(&k);
                 self.authz = None;
+            }
+            "HTTPRoute" if self.http_routes.contains_key(&k) => {
+                Arc::make_mut(&mut self.http_routes).remove(&k);
             }
             "PeerAuthentication" if self.peer_authentications.remove(&k).is_some() => {
                 self.authz = None;
@@ -211,6 +221,7 @@ impl Model {
             + self.authz_policies.len()
             + self.peer_authentications.len()
             + self.gateways.len()
+            + self.http_routes.len()
     }
 
     /// Whether the model holds no object.
@@ -226,7 +237,7 @@ impl Model {
             Some(a) => a.clone(),
             None => {
                 let a = Arc::new(compile_policies(
-                    self.authz_policies.values().collect(),
+                    self.authz_policies.values().map(|p| &**p).collect(),
                     self.peer_authentications.values().collect(),
                 ));
                 self.authz = Some(a.clone());
@@ -243,6 +254,8 @@ impl Model {
             by_vip: self.by_vip.clone(),
             waypoints: self.waypoints.clone(),
             authz,
+            authz_policies: self.authz_policies.clone(),
+            http_routes: self.http_routes.clone(),
         }
     }
 
