@@ -6,7 +6,10 @@
 //!   from a short-lived transparent socket bound to the original destination.
 //! - TCP: a transparent listener on the same port; accepted connections keep the original
 //!   destination as their local address, so replies need nothing special. Length-prefixed
-//!   messages, several per connection, closed after [`TCP_IDLE`] without a query.
+//!   messages, several per connection, closed after the idle timeout without a query.
+//!
+//! Both loops ask the [`Gate`] first, before parsing anything, so one pod's flood costs the
+//! others nothing but the receive calls (see [`super::limits`]).
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -19,14 +22,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 
+use super::limits::{ConnPermit, Gate};
 use super::{Handler, Transport};
-
-/// A TCP DNS connection without a new query for this long is closed.
-pub const TCP_IDLE: Duration = Duration::from_secs(10);
-/// UDP queries in flight at once; more are dropped (the client retries).
-const MAX_INFLIGHT: usize = 1024;
 
 /// Binds the UDP socket: transparent, daemon mark, original destination reported.
 pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
@@ -40,10 +38,8 @@ pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-/// Serves UDP queries forever.
-pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32) {
-    let sock = Arc::new(sock);
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+/// Serves UDP queries forever; `gate` admits each before it is parsed.
+pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32, gate: Arc<Gate>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (len, src, orig_dst) = match recv(&sock, &mut buf).await {
@@ -58,8 +54,8 @@ pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32) {
             tracing::debug!(%src, "dns: datagram without original destination; dropped");
             continue;
         };
-        let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            tracing::debug!(%src, "dns: too many queries in flight; dropped");
+        // Refused: dropped, counted and logged by the gate (the stub resolver retries).
+        let Ok(permit) = gate.admit_udp(src.ip()) else {
             continue;
         };
         let packet = buf[..len].to_vec();
@@ -119,14 +115,20 @@ fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::R
     Ok(())
 }
 
-/// Serves TCP DNS connections forever.
-pub async fn run_tcp(listener: TcpListener, handler: Handler) {
+/// Serves TCP DNS connections forever; `gate` admits each connection (a refused one is
+/// closed at once) and each query on it.
+pub async fn run_tcp(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
     loop {
         match listener.accept().await {
             Ok((stream, src)) => {
+                let Ok(permit) = gate.admit_tcp(src.ip()) else {
+                    drop(stream);
+                    continue;
+                };
                 let handler = handler.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_tcp(stream, src.ip(), handler).await {
+                    if let Err(e) = serve_tcp(stream, src.ip(), handler, gate, permit).await {
                         tracing::debug!(%src, error = %e, "dns: tcp connection ended");
                     }
                 });
@@ -139,20 +141,38 @@ pub async fn run_tcp(listener: TcpListener, handler: Handler) {
     }
 }
 
-async fn serve_tcp(mut stream: TcpStream, src: IpAddr, handler: Handler) -> io::Result<()> {
+async fn serve_tcp(
+    mut stream: TcpStream,
+    src: IpAddr,
+    handler: Handler,
+    gate: Arc<Gate>,
+    _permit: ConnPermit,
+) -> io::Result<()> {
+    let idle = gate.limits().tcp_idle;
     let mut buf = vec![0u8; 65535];
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Err(_) => return Ok(()),
+        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+            Err(_) => {
+                handler.stats().tcp_idle_closed.inc();
+                tracing::debug!(%src, idle = ?idle, "dns: idle tcp connection closed");
+                return Ok(());
+            }
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(r) => r?,
         };
         let n = usize::from(u16::from_be_bytes(len));
         let msg = buf.get_mut(..n).ok_or_else(|| io::Error::other("length"))?;
-        tokio::time::timeout(TCP_IDLE, stream.read_exact(msg))
+        tokio::time::timeout(idle, stream.read_exact(msg))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "partial query"))??;
+        if gate.admit_tcp_query(src).is_err() {
+            match super::refused(msg) {
+                Some(reply) => write_tcp_message(&mut stream, &reply).await?,
+                None => return Ok(()),
+            }
+            continue;
+        }
         let Some(reply) = handler.handle(src, msg, Transport::Tcp).await else {
             // Not a query at all: the stream cannot be trusted to stay in sync.
             return Ok(());
