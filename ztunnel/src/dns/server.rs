@@ -17,7 +17,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{
+    recvmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,6 +28,16 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use super::limits::{ConnPermit, Gate};
 use super::{Handler, Transport};
 
+/// Datagrams read per `recvmmsg`: a flood is drained in batches, one system call and one wake-up
+/// per batch rather than per datagram.
+const BATCH: usize = 32;
+/// Largest query read; a longer datagram is cut there and answered FORMERR (no real query is
+/// near it: stub resolvers send a few hundred bytes).
+const MAX_QUERY: usize = 4096;
+/// Receive buffer asked for (capped by the kernel's `rmem_max`): room for bursts while the
+/// loop is busy elsewhere on its thread.
+const RCVBUF: usize = 1 << 20;
+
 /// Binds the UDP socket: transparent, daemon mark, original destination reported.
 pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
@@ -33,72 +45,110 @@ pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.set_mark(mark)?;
     s.set_ip_transparent_v4(true)?;
+    // Best effort: the default is kept when the kernel refuses.
+    let _ = s.set_recv_buffer_size(RCVBUF);
     setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
 
+/// One datagram of a batch: where its bytes are, who sent it, which resolver it asked.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    /// Index of its buffer.
+    at: usize,
+    len: usize,
+    src: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+}
+
 /// Serves UDP queries forever; `gate` admits each before it is parsed.
 pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32, gate: Arc<Gate>) {
-    let mut buf = vec![0u8; 65535];
+    let mut bufs = vec![[0u8; MAX_QUERY]; BATCH];
+    let mut got: Vec<Received> = Vec::with_capacity(BATCH);
     loop {
-        let (len, src, orig_dst) = match recv(&sock, &mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "dns: udp receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(e) = recv_batch(&sock, &mut bufs, &mut got).await {
+            tracing::warn!(error = %e, "dns: udp receive failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        for r in &got {
+            let Received {
+                at,
+                len,
+                src,
+                orig_dst,
+            } = *r;
+            let Some(orig_dst) = orig_dst else {
+                tracing::debug!(%src, "dns: datagram without original destination; dropped");
                 continue;
-            }
-        };
-        let Some(orig_dst) = orig_dst else {
-            tracing::debug!(%src, "dns: datagram without original destination; dropped");
-            continue;
-        };
-        // Refused: dropped, counted and logged by the gate (the stub resolver retries).
-        let Ok(permit) = gate.admit_udp(src.ip()) else {
-            continue;
-        };
-        let packet = buf[..len].to_vec();
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(reply) = handler.handle(src.ip(), &packet, Transport::Udp).await else {
-                return;
             };
-            if let Err(e) = send_from(orig_dst, src, &reply, mark) {
-                tracing::debug!(%src, %orig_dst, error = %e, "dns: cannot send udp answer");
-            }
-        });
+            // Refused: dropped, counted and logged by the gate (the stub resolver retries).
+            let Ok(permit) = gate.admit_udp(src.ip()) else {
+                continue;
+            };
+            let Some(packet) = bufs.get(at).and_then(|b| b.get(..len)) else {
+                continue;
+            };
+            let packet = packet.to_vec();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let Some(reply) = handler.handle(src.ip(), &packet, Transport::Udp).await else {
+                    return;
+                };
+                if let Err(e) = send_from(orig_dst, src, &reply, mark) {
+                    tracing::debug!(%src, %orig_dst, error = %e, "dns: cannot send udp answer");
+                }
+            });
+        }
     }
 }
 
-/// Receives one datagram: length, source, original destination.
-async fn recv(
+/// Receives up to [`BATCH`] datagrams into `bufs` (one each) with one `recvmmsg`, waiting for
+/// the first; `got` says what each is.
+async fn recv_batch(
     sock: &UdpSocket,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    bufs: &mut [[u8; MAX_QUERY]],
+    got: &mut Vec<Received>,
+) -> io::Result<()> {
     sock.async_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
-        let msg = recvmsg::<SockaddrIn>(
+        got.clear();
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+            bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+        // Built per batch: the headers hold raw pointers, so they cannot live across an await
+        // of this (sendable) task.
+        let mut headers = MultiHeaders::<SockaddrIn>::preallocate(
+            slices.len(),
+            Some(nix::cmsg_space!(libc::sockaddr_in)),
+        );
+        let msgs = recvmmsg(
             sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
+            &mut headers,
+            slices.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
+            None,
         )
         .map_err(io::Error::from)?;
-        let src = msg
-            .address
-            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
-            .ok_or_else(|| io::Error::other("datagram without source address"))?;
-        let mut orig = None;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
-                let a = SockaddrIn::from(sin);
-                orig = Some(SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+        for (at, msg) in msgs.enumerate() {
+            let Some(a) = msg.address else {
+                continue;
+            };
+            let mut orig_dst = None;
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
+                    let o = SockaddrIn::from(sin);
+                    orig_dst = Some(SocketAddr::V4(SocketAddrV4::new(o.ip(), o.port())));
+                }
             }
+            got.push(Received {
+                at,
+                len: msg.bytes.min(MAX_QUERY),
+                src: SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())),
+                orig_dst,
+            });
         }
-        Ok((msg.bytes, src, orig))
+        Ok(())
     })
     .await
 }
