@@ -7,8 +7,8 @@
 //! source pod may have it:
 //!
 //! - a token bucket per pod (`--dns-pod-max-qps`, bursts of one second's worth): a query over
-//!   the rate costs the proxy one `recvmsg` and one map look-up, so the receive loop drains
-//!   the socket faster than one pod can fill it;
+//!   the rate costs the proxy its share of a batched receive call and one map look-up, so the
+//!   receive loop drains the socket faster than one pod can fill it;
 //! - UDP queries in flight per pod (`--dns-pod-max-inflight`) and on the node
 //!   (`--dns-max-inflight`): a pod whose names are slow upstream cannot hold every slot;
 //! - TCP connections per pod (`--dns-pod-max-tcp-connections`) and on the node

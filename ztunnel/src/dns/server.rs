@@ -1,7 +1,8 @@
 //! The DNS proxy's sockets.
 //!
 //! - UDP: one `IP_TRANSPARENT` socket on `127.0.0.1:<dns port>` receives the datagrams capture
-//!   assigns to it; `IP_RECVORIGDSTADDR` tells which resolver address the pod asked. The answer
+//!   assigns to it, read in batches (`recvmmsg`); `IP_RECVORIGDSTADDR` tells which resolver
+//!   address the pod asked. The answer
 //!   must come from exactly that address and port (resolvers drop anything else), so it is sent
 //!   from a short-lived transparent socket bound to the original destination.
 //! - TCP: a transparent listener on the same port; accepted connections keep the original

@@ -448,6 +448,24 @@ mod tests {
     use super::*;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    fn source(dir: &Path, max_file_size: u64) -> FileSource {
+        FileSource::new(
+            dir,
+            "cluster.local",
+            Duration::from_millis(10),
+            max_file_size,
+        )
+    }
+
+    /// Rewrites `ns.yaml` with the namespace enrolled.
+    fn enroll_namespace(dir: &Path) {
+        let ns = NS.replace(
+            "{name: a}",
+            "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
+        );
+        std::fs::write(dir.join("ns.yaml"), ns).expect("write");
+    }
+
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1, phase: Running}\n";
 
     #[test]
@@ -455,12 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
         std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
-        let mut src = FileSource::new(
-            dir.path(),
-            "cluster.local",
-            Duration::from_millis(10),
-            1 << 20,
-        );
+        let mut src = source(dir.path(), 1 << 20);
         let s = src.poll().expect("reads").expect("first state");
         assert_eq!(s.workloads.len(), 1);
         assert!(
@@ -476,14 +489,7 @@ mod tests {
         // The bad file changes nothing: no new state, the pod stays.
         assert!(src.poll().expect("reads").is_none());
 
-        std::fs::write(
-            dir.path().join("ns.yaml"),
-            NS.replace(
-                "{name: a}",
-                "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
-            ),
-        )
-        .expect("write");
+        enroll_namespace(dir.path());
         let s = src.poll().expect("reads").expect("ns changed");
         let w = s
             .workloads
@@ -502,12 +508,7 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata: [\n",
         )
         .expect("write");
-        let mut src = FileSource::new(
-            dir.path(),
-            "cluster.local",
-            Duration::from_millis(10),
-            1 << 20,
-        );
+        let mut src = source(dir.path(), 1 << 20);
         let first = src.initial().expect("readable");
         assert!(first.workloads.is_empty());
         let (tx, rx) = watch::channel(Arc::new(first));
@@ -534,12 +535,7 @@ mod tests {
         std::fs::write(dir.path().join("pods.yaml"), format!("{POD}---\n{pod2}")).expect("write");
         // The same pod in a second file: removing it from one file keeps it.
         std::fs::write(dir.path().join("more.yaml"), POD).expect("write");
-        let mut src = FileSource::new(
-            dir.path(),
-            "cluster.local",
-            Duration::from_millis(10),
-            1 << 20,
-        );
+        let mut src = source(dir.path(), 1 << 20);
         assert_eq!(
             src.poll().expect("reads").expect("state").workloads.len(),
             2
@@ -560,7 +556,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
         std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
-        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10), 400);
+        let mut src = source(dir.path(), 400);
         assert_eq!(
             src.poll().expect("reads").expect("state").workloads.len(),
             1
@@ -571,14 +567,7 @@ mod tests {
         std::fs::write(dir.path().join("pod.yaml"), big).expect("write");
         std::fs::write(dir.path().join("junk.yaml"), b"kind: \xff\xfe\n").expect("write");
         // Meanwhile ns.yaml changes: that update still goes through.
-        std::fs::write(
-            dir.path().join("ns.yaml"),
-            NS.replace(
-                "{name: a}",
-                "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
-            ),
-        )
-        .expect("write");
+        enroll_namespace(dir.path());
         let s = src
             .poll()
             .expect("one bad file is no source error")
@@ -634,12 +623,7 @@ mod tests {
     async fn polls_run_on_a_blocking_thread_of_a_single_threaded_runtime() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
-        let src = FileSource::new(
-            dir.path(),
-            "cluster.local",
-            Duration::from_millis(10),
-            1 << 20,
-        );
+        let src = source(dir.path(), 1 << 20);
         let state = src.poll_off_thread().await.expect("reads").expect("state");
         assert_eq!(state.generation, 1);
     }
