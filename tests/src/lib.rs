@@ -5,6 +5,7 @@
 //! - [`kube`]: a real Kubernetes API server (etcd + kube-apiserver) with the repository's CRDs.
 //! - [`app`]: typed wrappers around the `meshapp` test application running inside pods.
 //! - [`bpf`]: which eBPF programs are attached in a namespace (cleanup checks).
+//! - [`ca_service`]: the CA service next to the API server, daemons on `--ca-address`.
 //! - [`image`]: the daemon's OCI image (umoci), for `cargo xtask image` and its test.
 //! - [`pcap`]: a small reader for the captures, so assertions need no external dissector.
 //! - [`web`]: HTTP in pods (the `meshhttp` backend, `curl`), for the waypoint tests.
@@ -15,6 +16,7 @@
 
 pub mod app;
 pub mod bpf;
+pub mod ca_service;
 pub mod cluster;
 pub mod image;
 pub mod kube;

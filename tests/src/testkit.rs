@@ -72,6 +72,24 @@ pub fn node_http(
     })
 }
 
+/// `ztunnel <args>` (an operator command: `status`, `workloads`, ...) in node `node`'s
+/// namespace against its admin socket; its stdout, after asserting it succeeded.
+pub fn ztunnel_cli(c: &Cluster, node: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.node_netns(node)])
+        .arg(crate::ztunnel_bin())
+        .args(args)
+        .env("ZTUNNEL_ADMIN_SOCKET", c.admin_socket(node))
+        .output()
+        .expect("ztunnel runs");
+    assert!(
+        out.status.success(),
+        "ztunnel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One HTTP/1.1 request on node `node`'s admin socket (every admin route, the ones that
 /// change the daemon included): (status, body).
 pub fn admin_socket_http(

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use mesh_tests::cluster::{render_docs, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec};
+use mesh_tests::cluster::{
+    field, message, render_docs, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec,
+};
 use mesh_tests::testkit::node_http;
 use serde_json::json;
 
@@ -23,6 +25,11 @@ const EXT_IP: &str = "203.0.113.8";
 /// dnsmasq's (wrong, on purpose) answer for the mesh service FQDN: seeing it proves that a
 /// query was *not* captured.
 const DNSMASQ_WEB_IP: &str = "198.51.100.1";
+/// A pod hostname (kube-dns `pod` records) and an SRV record: only the cluster's DNS knows
+/// them, the mesh does not.
+const POD_HOSTNAME: &str = "10-244-1-13.mesh.pod.cluster.local";
+const POD_HOSTNAME_IP: &str = "10.244.1.13";
+const SRV_NAME: &str = "_http._tcp.web.mesh.svc.cluster.local";
 /// A name whose TXT answer (6 strings of 250 bytes) does not fit in a 1232-byte datagram.
 const BIG_TXT_NAME: &str = "big.example";
 
@@ -48,6 +55,7 @@ fn spec() -> ClusterSpec {
         .pod(PodSpec::new("plain/outsider", 1)) // .14, not enrolled
         .pod(PodSpec::new("infra/dns", 1)) // .15, dnsmasq
         .pod(PodSpec::new("mesh/optout", 1)) // .16, annotation opt-out
+        .pod(PodSpec::new("mesh/flooder", 1)) // .17, floods the DNS proxy
         .service(
             SvcSpec::new("mesh/web", WEB_VIP)
                 .select("app", "web")
@@ -192,6 +200,10 @@ fn start_dnsmasq(c: &Cluster) -> Dnsmasq {
                 "--bind-interfaces".into(),
                 format!("--host-record={EXT_NAME},{EXT_IP}"),
                 format!("--host-record=web.mesh.svc.cluster.local,{DNSMASQ_WEB_IP}"),
+                format!("--host-record={POD_HOSTNAME},{POD_HOSTNAME_IP}"),
+                format!("--srv-host={SRV_NAME},web.mesh.svc.cluster.local,80"),
+                // The cluster domain is dnsmasq's own: unknown names there are NXDOMAIN.
+                "--local=/cluster.local/".into(),
                 format!(
                     "--txt-record={BIG_TXT_NAME},{}",
                     big_txt_strings().join(",")
@@ -265,11 +277,9 @@ fn dns_answers_mesh_names_and_forwards_the_rest() {
     });
     assert!(ttl_30, "TTL 30: {text}");
 
-    // AAAA of an IPv4-only service: NOERROR, no answer. Unknown cluster name: NXDOMAIN.
+    // AAAA of an IPv4-only service: NOERROR, no answer.
     let (st, _, text) = status(client, &[at, "AAAA", "web.mesh.svc.cluster.local"]);
     assert!(st == "NOERROR" && text.contains("ANSWER: 0"), "{text}");
-    let (st, aa, text) = status(client, &[at, "nope.mesh.svc.cluster.local"]);
-    assert!(st == "NXDOMAIN" && aa, "{text}");
 
     // Headless: the ready pods' IPs.
     assert_eq!(
@@ -311,6 +321,37 @@ fn dns_answers_mesh_names_and_forwards_the_rest() {
     );
     assert_eq!(short(client, &["+search", "web"]), [WEB_VIP]);
     assert_eq!(short(client, &["+search", "db.other"]), [DB_VIP]);
+}
+
+#[test]
+fn dns_forwards_cluster_names_the_mesh_does_not_know() {
+    let (c, _dnsmasq) = cluster();
+    let client = c.pod("mesh/client");
+    let at = format!("@{KUBE_DNS}");
+    let at = at.as_str();
+    // A pod hostname and an SRV record of a mesh service: the cluster DNS's answers.
+    assert_eq!(short(client, &[at, POD_HOSTNAME]), [POD_HOSTNAME_IP]);
+    assert_eq!(
+        short(client, &[at, "SRV", SRV_NAME]),
+        ["0 0 80 web.mesh.svc.cluster.local."]
+    );
+    // An unknown service name: NXDOMAIN, and it is dnsmasq's (not authoritative from the
+    // daemon, and in dnsmasq's query log).
+    let (st, _, text) = status(client, &[at, "nope.mesh.svc.cluster.local"]);
+    assert_eq!(st, "NXDOMAIN", "{text}");
+    let log = std::fs::read_to_string(c.workdir().join("dnsmasq.log")).unwrap_or_default();
+    for name in [POD_HOSTNAME, SRV_NAME, "nope.mesh.svc.cluster.local"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("query[") && l.contains(&format!("] {name} from"))),
+            "{name} reached the upstream:\n{log}"
+        );
+    }
+    // Mesh names are still the mesh's: the upstream's (wrong) address is never seen.
+    assert_eq!(
+        short(client, &[at, "web.mesh.svc.cluster.local"]),
+        [WEB_VIP]
+    );
 }
 
 #[test]
@@ -401,6 +442,107 @@ fn dns_keeps_serving_after_malformed_packets() {
             && metrics.contains("istio_dns_upstream_request_duration_seconds_bucket"),
         "DNS request counter and upstream latency histogram exported"
     );
+}
+
+/// Sends DNS queries for `web` to the resolver address as fast as one socket can for `secs`
+/// seconds, reading whatever answers come back; prints `sent received`.
+const FLOOD: &str = r#"
+import socket, struct, sys, time
+dst, secs = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((dst, 53))
+s.setblocking(False)
+q = b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01"
+sent = received = 0
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    for i in range(256):
+        try:
+            s.send(struct.pack(">H", (sent + i) & 0xffff) + q)
+        except BlockingIOError:
+            pass
+    sent += 256
+    while True:
+        try:
+            s.recv(2048)
+            received += 1
+        except BlockingIOError:
+            break
+print(sent, received)
+"#;
+
+#[test]
+fn dns_flood_from_one_pod_leaves_neighbours_answered() {
+    mesh_tests::require_tool("python3", "python3").expect("python3");
+    let (c, _dnsmasq) = cluster();
+    let (client, flooder) = (c.pod("mesh/client"), c.pod("mesh/flooder"));
+    let at = format!("@{KUBE_DNS}");
+    let skip = c.daemon(1).log_lines().len();
+
+    let flood_secs = 8;
+    let flood = flooder
+        .spawn("python3", ["-c", FLOOD, KUBE_DNS, &flood_secs.to_string()])
+        .expect("flood starts");
+    std::thread::sleep(Duration::from_millis(500));
+    // The neighbour's lookups while the flood runs: a mesh name and a forwarded one, each
+    // answered within dig's 2 s (one try).
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let name = if i % 2 == 0 { "web" } else { EXT_NAME };
+        let want = if i % 2 == 0 { WEB_VIP } else { EXT_IP };
+        let t = Instant::now();
+        let out = client
+            .exec("dig", ["+tries=1", "+timeout=2", "+short", &at, name])
+            .expect("dig runs");
+        slowest = slowest.max(t.elapsed());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.trim(),
+            want,
+            "lookup {i} of {name} during the flood: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = flood.wait_with_output().expect("flood ends");
+    let counts = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "flood: {counts}{out:?}");
+    let (sent, received) = counts
+        .split_once(' ')
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
+        .unwrap_or_else(|| panic!("flood output: {counts}"));
+    eprintln!("flood: {sent} queries in {flood_secs} s, {received} answered; slowest neighbour lookup {slowest:?}");
+    assert!(sent > 50_000, "the flood was a flood: {sent}");
+
+    // The flooder was held to its rate, counted by reason...
+    let dump = config_dump(&c);
+    let rate = dump["dns"]["refused"]["pod_rate"].as_u64().unwrap_or(0);
+    assert!(rate > 0, "dns counters: {}", dump["dns"]);
+    let (_, metrics) = node_http(&c, 1, 15020, "GET", "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("ztunnel_dns_refused_total{reason=\"pod_rate\"}"),
+        "refusals exported by reason"
+    );
+    // ... and logged at most once per 10 s for that pod, not per query.
+    let warned: Vec<_> = c
+        .daemon(1)
+        .log_lines()
+        .into_iter()
+        .skip(skip)
+        .filter(|l| message(l) == "dns: pod over its limits; queries refused")
+        .collect();
+    assert!(!warned.is_empty(), "the flood is logged");
+    assert!(
+        warned.len() <= flood_secs / 10 + 2,
+        "rate-limited log: {warned:?}"
+    );
+    assert!(
+        warned
+            .iter()
+            .all(|l| field(l, "src") == flooder.ip.to_string()),
+        "only the flooder: {warned:?}"
+    );
+    // The neighbour was never refused.
+    assert_eq!(short(client, &[&at, "web"]), [WEB_VIP]);
 }
 
 /// The admin `/config_dump` of node 1 (admin listens on the node's loopback).

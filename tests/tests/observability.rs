@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{message, Cluster, ClusterSpec, PodSpec, SvcSpec, PODS_FILE};
-use mesh_tests::testkit::{admin_socket_http, node_http as http};
+use mesh_tests::testkit::{admin_socket_http, node_http as http, ztunnel_cli};
 use serde_json::Value;
 
 const METRICS: u16 = 15020;
@@ -400,24 +400,6 @@ fn promtool_accepts_the_scrape_and_prometheus_scrapes_the_daemon() {
     assert_eq!(metric["destination_workload"], "b", "{result:?}");
     assert_eq!(metric["source_workload"], "a", "{result:?}");
     assert_eq!(result[0]["value"][1], "1", "{result:?}");
-}
-
-/// `ztunnel <args>` in node `node`'s namespace, finding the admin socket as an operator's
-/// environment would (`ZTUNNEL_ADMIN_SOCKET`); its stdout.
-fn ztunnel_cli(c: &Cluster, node: usize, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &c.node_netns(node)])
-        .arg(mesh_tests::ztunnel_bin())
-        .args(args)
-        .env("ZTUNNEL_ADMIN_SOCKET", c.admin_socket(node))
-        .output()
-        .expect("ztunnel runs");
-    assert!(
-        out.status.success(),
-        "ztunnel {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

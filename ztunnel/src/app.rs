@@ -301,6 +301,7 @@ impl Shared {
     ) -> Shared {
         let metrics = Metrics::new(&cfg.cluster_domain);
         metrics.register(|r| source_health.register(r));
+        metrics.register(|r| certs.health().register(r));
         Shared {
             metrics,
             source_health,
@@ -343,8 +344,14 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
         upstream,
         stats.clone(),
     );
-    tokio::spawn(dns::server::run_udp(udp, handler.clone(), cfg.daemon_mark));
-    tokio::spawn(dns::server::run_tcp(tcp, handler));
+    let gate = dns::limits::Gate::new(d.limits, stats.refused.clone());
+    tokio::spawn(dns::server::run_udp(
+        udp,
+        handler.clone(),
+        cfg.daemon_mark,
+        gate.clone(),
+    ));
+    tokio::spawn(dns::server::run_tcp(tcp, handler, gate));
     stats
 }
 

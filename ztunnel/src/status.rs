@@ -215,6 +215,7 @@ fn summary(d: &Value) -> Value {
         "services": d["services"].as_object().map_or(0, serde_json::Map::len),
         "enrolled_pods": d["enrolled_pods"],
         "certificates": d["certificates"],
+        "ca": d["ca"],
         "hbone_pool": d["hbone_pool"],
         "capture": d["capture"],
         "source": d["source"],
@@ -238,6 +239,34 @@ fn render_source(src: &Value) -> String {
         s(&src["stale_seconds"]),
         failing.join("; ")
     )
+}
+
+/// `in sync`, or `failing for 1 identity (spiffe://...: <error>, 4 attempts, next retry in
+/// 8s; ...)`: the CA's trouble shows here before any certificate expires.
+fn render_ca(ca: &Value) -> String {
+    if ca["in_sync"].as_bool().unwrap_or(true) {
+        return "in sync".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let failing: Vec<String> = ca["failing"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(id, f)| {
+            let next = f["next_retry"].as_u64().unwrap_or(0).saturating_sub(now);
+            format!(
+                "{id}: {}, {} attempts, failing for {}s, next retry in {next}s",
+                s(&f["error"]),
+                s(&f["attempts"]),
+                now.saturating_sub(f["failing_since"].as_u64().unwrap_or(now)),
+            )
+        })
+        .collect();
+    let n = failing.len();
+    let plural = if n == 1 { "identity" } else { "identities" };
+    format!("failing for {n} {plural} ({})", failing.join("; "))
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -267,12 +296,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 fn render_status(d: &Value) -> String {
     let mut out = format!(
-        "node: {}\nready: {}\ndraining: {}\nactive flows: {}\nstate source: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\n\nENROLLED PODS\n",
+        "node: {}\nready: {}\ndraining: {}\nactive flows: {}\nstate source: {}\ncertificate authority: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\n\nENROLLED PODS\n",
         s(&d["node"]),
         s(&d["ready"]),
         s(&d["draining"]),
         s(&d["active_flows"]),
         render_source(&d["source"]),
+        render_ca(&d["ca"]),
         s(&d["generation"]),
         d["workloads"].as_array().map_or(0, Vec::len),
         d["services"].as_object().map_or(0, serde_json::Map::len),
@@ -363,5 +393,24 @@ mod tests {
         assert_eq!(lines[0], "A           BB");
         assert_eq!(lines[1], "long-value  x");
         assert_eq!(lines[2], "y           z");
+    }
+
+    #[test]
+    fn ca_trouble_is_named() {
+        assert_eq!(render_ca(&serde_json::json!({"in_sync": true})), "in sync");
+        assert_eq!(render_ca(&Value::Null), "in sync", "an older daemon's dump");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ca = serde_json::json!({"in_sync": false, "failing": {"spiffe://td/ns/a/sa/b": {
+            "error": "CA unreachable", "attempts": 3, "failing_since": now - 7,
+            "next_retry": now + 4}}});
+        let text = render_ca(&ca);
+        assert!(
+            text.starts_with(
+                "failing for 1 identity (spiffe://td/ns/a/sa/b: CA unreachable, 3 attempts"
+            ) && text.contains("failing for 7s"),
+            "{text}"
+        );
     }
 }

@@ -148,6 +148,7 @@ impl AdminRoutes {
             "services": state.services,
             "enrolled_pods": enrolled_pods,
             "certificates": certificates,
+            "ca": self.certs.health().snapshot(),
             "hbone_pool": self.pool.stats(),
             "capture": {"attached_interfaces": view.interfaces},
             "dns": self.dns.snapshot(),

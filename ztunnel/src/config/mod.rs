@@ -59,6 +59,11 @@ pub struct RunArgs {
     /// With `--source file`: how often the files are checked for changes.
     #[arg(long, env = "ZTUNNEL_STATE_POLL_INTERVAL", default_value_t = Dur::millis(500))]
     pub state_poll_interval: Dur,
+    /// With `--source file`: a state file larger than this is not read (its last good content
+    /// stays in force and the error names the file), so one runaway file cannot exhaust the
+    /// daemon's memory. Bytes, or with KiB/MiB.
+    #[arg(long, env = "ZTUNNEL_STATE_MAX_FILE_SIZE", default_value_t = Size::mib(16))]
+    pub state_max_file_size: Size,
     /// With `--source kube`: kubeconfig file to reach the API server. Unset: the in-cluster
     /// service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount).
     #[arg(long, env = "ZTUNNEL_KUBECONFIG")]
@@ -141,6 +146,32 @@ pub struct RunArgs {
     /// Time an upstream query may take before the pod gets SERVFAIL.
     #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM_TIMEOUT", default_value_t = Dur::secs(2))]
     pub dns_upstream_timeout: Dur,
+    /// DNS queries (UDP and TCP) one pod may send per second, in bursts of as many; more are
+    /// dropped (UDP) or answered REFUSED (TCP), so one pod cannot starve its neighbours. `0`: no
+    /// limit.
+    #[arg(long, env = "ZTUNNEL_DNS_POD_MAX_QPS", default_value_t = 2000)]
+    pub dns_pod_max_qps: u32,
+    /// UDP DNS queries of one pod being answered at once (e.g. waiting for the upstream);
+    /// more are dropped and the pod's resolver retries.
+    #[arg(long, env = "ZTUNNEL_DNS_POD_MAX_INFLIGHT", default_value_t = 64)]
+    pub dns_pod_max_inflight: usize,
+    /// UDP DNS queries being answered at once on the node, all pods together.
+    #[arg(long, env = "ZTUNNEL_DNS_MAX_INFLIGHT", default_value_t = 1024)]
+    pub dns_max_inflight: usize,
+    /// TCP DNS connections one pod may hold open; more are closed at once.
+    #[arg(
+        long,
+        env = "ZTUNNEL_DNS_POD_MAX_TCP_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub dns_pod_max_tcp_connections: usize,
+    /// TCP DNS connections open on the node, all pods together.
+    #[arg(long, env = "ZTUNNEL_DNS_MAX_TCP_CONNECTIONS", default_value_t = 256)]
+    pub dns_max_tcp_connections: usize,
+    /// A TCP DNS connection without a query (or with a query stalled half-way) for this long
+    /// is closed.
+    #[arg(long, env = "ZTUNNEL_DNS_TCP_IDLE_TIMEOUT", default_value_t = Dur::secs(10))]
+    pub dns_tcp_idle_timeout: Dur,
     /// Admin API, bound to loopback; read-only (any process in the node's network namespace
     /// reaches it).
     #[arg(long, env = "ZTUNNEL_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT)]
@@ -276,6 +307,8 @@ pub struct DnsConfig {
     /// Upstream query timeout.
     #[serde(with = "duration_str")]
     pub upstream_timeout: Duration,
+    /// Per-pod and node limits of the DNS sockets.
+    pub limits: crate::dns::limits::Limits,
 }
 
 /// Capture settings; `None` in [`Config::capture`] when capture is off.
@@ -315,6 +348,33 @@ pub struct HboneConfig {
     pub notsent_lowat: Option<u32>,
 }
 
+/// The DNS proxy's settings, with its limits checked.
+fn dns_config(a: &RunArgs) -> Result<DnsConfig, ConfigError> {
+    let at_least_one = |flag: &'static str, v: usize| {
+        if v == 0 {
+            Err(invalid(flag, "must be at least 1"))
+        } else {
+            Ok(v)
+        }
+    };
+    let limits = crate::dns::limits::Limits {
+        max_inflight: at_least_one("dns-max-inflight", a.dns_max_inflight)?,
+        pod_max_inflight: at_least_one("dns-pod-max-inflight", a.dns_pod_max_inflight)?,
+        pod_max_qps: a.dns_pod_max_qps,
+        max_tcp: at_least_one("dns-max-tcp-connections", a.dns_max_tcp_connections)?,
+        pod_max_tcp: at_least_one("dns-pod-max-tcp-connections", a.dns_pod_max_tcp_connections)?,
+        tcp_idle: a.dns_tcp_idle_timeout.0,
+    };
+    if limits.tcp_idle.is_zero() {
+        return Err(invalid("dns-tcp-idle-timeout", "must be above 0"));
+    }
+    Ok(DnsConfig {
+        upstreams: a.dns_upstream.iter().map(|u| u.0).collect(),
+        upstream_timeout: a.dns_upstream_timeout.0,
+        limits,
+    })
+}
+
 /// Where the daemon's cluster state comes from, validated.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -326,6 +386,8 @@ pub enum SourceConfig {
         /// Poll interval.
         #[serde(with = "duration_str")]
         poll_interval: Duration,
+        /// Largest file read, in bytes.
+        max_file_size: u64,
     },
     /// Watches on a Kubernetes API server.
     Kube {
@@ -340,6 +402,7 @@ pub fn source_config(
     kind: SourceKind,
     state: Option<PathBuf>,
     poll: Dur,
+    max_file_size: Size,
     kubeconfig: Option<PathBuf>,
 ) -> Result<SourceConfig, ConfigError> {
     let exists = |flag: &'static str, p: &PathBuf| {
@@ -359,6 +422,7 @@ pub fn source_config(
             Ok(SourceConfig::File {
                 path,
                 poll_interval: poll.0,
+                max_file_size: u64::from(max_file_size.0),
             })
         }
         SourceKind::Kube => {
@@ -522,6 +586,11 @@ pub struct Config {
 impl Config {
     /// Validates settings read by [`parse`] (which has merged the `--config` file into them).
     pub fn resolve(a: RunArgs) -> Result<Config, ConfigError> {
+        let dns = if a.dns_capture {
+            Some(dns_config(&a)?)
+        } else {
+            None
+        };
         let node_name = a
             .node_name
             .ok_or_else(|| invalid("node-name", "is required"))?;
@@ -552,7 +621,13 @@ impl Config {
                 format!("`{root_namespace}` is not a Kubernetes namespace name"),
             ));
         }
-        let source = source_config(a.source, a.state, a.state_poll_interval, a.kubeconfig)?;
+        let source = source_config(
+            a.source,
+            a.state,
+            a.state_poll_interval,
+            a.state_max_file_size,
+            a.kubeconfig,
+        )?;
         let ca = ca_config(a.ca_dir, a.ca_address, a.ca_token_path, a.ca_root_cert)?;
         let ports = Ports {
             outbound: a.outbound_port,
@@ -641,10 +716,6 @@ impl Config {
                 n => Some(n),
             },
         };
-        let dns = a.dns_capture.then(|| DnsConfig {
-            upstreams: a.dns_upstream.iter().map(|u| u.0).collect(),
-            upstream_timeout: a.dns_upstream_timeout.0,
-        });
         let cert_ttl = a.cert_ttl.0;
         if cert_ttl < Duration::from_secs(60) {
             return Err(invalid("cert-ttl", "must be at least 1m"));
@@ -728,9 +799,10 @@ fn is_dns_label_ish(s: &str) -> bool {
 }
 
 /// Durations print in the config dump as they are written in settings (`500ms`, `30s`, `24h`).
-mod duration_str {
+pub(crate) mod duration_str {
     use std::time::Duration;
 
+    /// A duration as the settings write it (`500ms`, `10s`).
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&super::Dur(*d))
     }

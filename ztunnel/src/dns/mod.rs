@@ -4,10 +4,13 @@
 //! daemon's DNS sockets on `127.0.0.1:<dns port>` with the pod's IP as source, so the proxy
 //! knows which pod asked. A and AAAA queries for mesh services are answered from the state
 //! (see [`names`] for the name forms and the pod's search list), authoritatively with TTL 30 s;
-//! other names in the cluster domain get NXDOMAIN; everything else is forwarded to the upstream
-//! resolvers ([`upstream`]). Malformed queries get FORMERR, or are dropped when not even the
-//! header can be read; the server keeps serving either way. [`server`] owns the sockets.
+//! everything else, names of the cluster domain the mesh does not know included (pod
+//! hostnames, SRV records, anything the cluster's DNS serves), and other record types of mesh
+//! names, is forwarded to the upstream resolvers ([`upstream`]). Malformed queries get
+//! FORMERR, or are dropped when not even the header can be read; the server keeps serving
+//! either way. [`server`] owns the sockets; [`limits`] keeps one pod from starving the others.
 
+pub mod limits;
 pub mod names;
 pub mod server;
 pub mod upstream;
@@ -54,6 +57,10 @@ pub struct DnsStats {
     pub malformed: Counter,
     /// Upstream round-trip time in seconds.
     pub upstream_latency: Histogram,
+    /// Queries and TCP connections refused by the per-pod limits, by reason.
+    pub refused: limits::Refused,
+    /// TCP connections closed after `--dns-tcp-idle-timeout` without a query.
+    pub tcp_idle_closed: Counter,
 }
 
 impl Default for DnsStats {
@@ -65,6 +72,8 @@ impl Default for DnsStats {
             upstream_errors: Counter::default(),
             malformed: Counter::default(),
             upstream_latency: Histogram::new(LATENCY_BUCKETS_S),
+            refused: limits::Refused::default(),
+            tcp_idle_closed: Counter::default(),
         }
     }
 }
@@ -82,6 +91,10 @@ pub struct DnsStatsSnapshot {
     pub upstream_errors: u64,
     /// See [`DnsStats::malformed`].
     pub malformed: u64,
+    /// See [`DnsStats::refused`]: reason -> count, every reason listed.
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// See [`DnsStats::tcp_idle_closed`].
+    pub tcp_idle_closed: u64,
 }
 
 impl DnsStats {
@@ -101,6 +114,14 @@ impl DnsStats {
             upstream_requests: self.upstream_requests.get(),
             upstream_errors: self.upstream_errors.get(),
             malformed: self.malformed.get(),
+            refused: limits::DropReason::ALL
+                .iter()
+                .map(|&reason| {
+                    let c = self.refused.get_or_create(&limits::DropLabels { reason });
+                    (reason.as_str(), c.get())
+                })
+                .collect(),
+            tcp_idle_closed: self.tcp_idle_closed.get(),
         }
     }
 
@@ -137,6 +158,17 @@ impl DnsStats {
             "istio_dns_upstream_request_duration_seconds",
             "Round-trip time of forwarded DNS queries",
             self.upstream_latency.clone(),
+        );
+        registry.register(
+            "ztunnel_dns_refused",
+            "DNS queries dropped (UDP), answered REFUSED (TCP) or TCP connections closed by the \
+             per-pod limits, by reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "ztunnel_dns_tcp_idle_closed",
+            "DNS TCP connections closed after the idle timeout without a query",
+            self.tcp_idle_closed.clone(),
         );
     }
 }
@@ -248,7 +280,10 @@ impl Handler {
 
         let qname = query.name().to_ascii().to_ascii_lowercase();
         let qname = qname.trim_end_matches('.');
-        let resolution = if query.query_class() == DNSClass::IN {
+        // The mesh knows addresses only; other types of mesh names (SRV, TXT, ...) are the
+        // cluster DNS's to answer.
+        let address = matches!(query.query_type(), RecordType::A | RecordType::AAAA);
+        let resolution = if query.query_class() == DNSClass::IN && address {
             let state = self.state.borrow().clone();
             let asker = state.workload(src).cloned();
             names::resolve(&state, &self.cluster_domain, asker.as_deref(), qname)
@@ -260,11 +295,6 @@ impl Handler {
                 DnsStats::inc(&self.stats.local_answers);
                 resp.set_authoritative(true);
                 resp.add_answers(records(query, &ips));
-            }
-            Resolution::NxDomain => {
-                DnsStats::inc(&self.stats.local_answers);
-                resp.set_authoritative(true);
-                resp.set_response_code(ResponseCode::NXDomain);
             }
             Resolution::NotOurs => self.forward(query, &mut resp).await,
         }
@@ -294,6 +324,17 @@ impl Handler {
             }
         }
     }
+}
+
+/// REFUSED for a query the per-pod limits turned away (TCP: the client would otherwise wait
+/// for an answer). `None` when not even the header is there.
+pub fn refused(packet: &[u8]) -> Option<Vec<u8>> {
+    let id = u16::from_be_bytes([*packet.first()?, *packet.get(1)?]);
+    encode(&Message::error_msg(
+        id,
+        OpCode::Query,
+        ResponseCode::Refused,
+    ))
 }
 
 /// A/AAAA records of the asked family (none for other types: NOERROR without answers).

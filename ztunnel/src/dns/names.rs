@@ -11,8 +11,9 @@
 //!    `dnsConfig.searches` (the node's own search list is not known here);
 //! 3. the query as a relative name (a resolver that sent the short name without suffix).
 //!
-//! Names inside the cluster domain that match nothing are NXDOMAIN; anything else that matches
-//! nothing is not ours and goes upstream. Steps 2 and 3 answer only on a match, so an external
+//! A name that matches nothing is not ours and goes upstream, inside the cluster domain too:
+//! the cluster's DNS also serves pod hostnames, SRV records and names the mesh has not seen
+//! yet, and a search-list expansion it does not know comes back NXDOMAIN from there. Steps 2 and 3 answer only on a match, so an external
 //! name such as `example.com` is never mistaken for service `example` in namespace `com` unless
 //! that service exists.
 
@@ -27,8 +28,6 @@ pub enum Resolution {
     /// A mesh service: its VIPs, or for a headless service its ready pods' IPs (may be empty
     /// for the asked family: NOERROR without answers).
     Known(Vec<IpAddr>),
-    /// In the cluster domain but no such service: NXDOMAIN.
-    NxDomain,
     /// Not a mesh name: forward upstream.
     NotOurs,
 }
@@ -43,9 +42,6 @@ pub fn resolve(
 ) -> Resolution {
     match find(state, cluster_domain, asker, qname) {
         Some(svc) => Resolution::Known(addresses(&svc)),
-        None if qname == cluster_domain || qname.ends_with(&format!(".{cluster_domain}")) => {
-            Resolution::NxDomain
-        }
         None => Resolution::NotOurs,
     }
 }
@@ -169,8 +165,9 @@ mod tests {
             Resolution::Known(vec![ip("10.96.0.2")])
         );
         assert_eq!(r("db"), Resolution::NotOurs, "db is in another namespace");
-        assert_eq!(r("db.mesh.svc.cluster.local"), Resolution::NxDomain);
-        assert_eq!(r("nope.cluster.local"), Resolution::NxDomain);
+        // Unknown names of the cluster domain are the cluster DNS's (pod hostnames, SRV).
+        assert_eq!(r("db.mesh.svc.cluster.local"), Resolution::NotOurs);
+        assert_eq!(r("nope.cluster.local"), Resolution::NotOurs);
         assert_eq!(r("example.com"), Resolution::NotOurs);
         assert_eq!(
             r("hl.mesh.svc.cluster.local"),

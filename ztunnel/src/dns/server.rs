@@ -1,12 +1,16 @@
 //! The DNS proxy's sockets.
 //!
 //! - UDP: one `IP_TRANSPARENT` socket on `127.0.0.1:<dns port>` receives the datagrams capture
-//!   assigns to it; `IP_RECVORIGDSTADDR` tells which resolver address the pod asked. The answer
+//!   assigns to it, read in batches (`recvmmsg`); `IP_RECVORIGDSTADDR` tells which resolver
+//!   address the pod asked. The answer
 //!   must come from exactly that address and port (resolvers drop anything else), so it is sent
 //!   from a short-lived transparent socket bound to the original destination.
 //! - TCP: a transparent listener on the same port; accepted connections keep the original
 //!   destination as their local address, so replies need nothing special. Length-prefixed
-//!   messages, several per connection, closed after [`TCP_IDLE`] without a query.
+//!   messages, several per connection, closed after the idle timeout without a query.
+//!
+//! Both loops ask the [`Gate`] first, before parsing anything, so one pod's flood costs the
+//! others nothing but the receive calls (see [`super::limits`]).
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -14,19 +18,26 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{
+    recvmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 
+use super::limits::{ConnPermit, Gate};
 use super::{Handler, Transport};
 
-/// A TCP DNS connection without a new query for this long is closed.
-pub const TCP_IDLE: Duration = Duration::from_secs(10);
-/// UDP queries in flight at once; more are dropped (the client retries).
-const MAX_INFLIGHT: usize = 1024;
+/// Datagrams read per `recvmmsg`: a flood is drained in batches, one system call and one wake-up
+/// per batch rather than per datagram.
+const BATCH: usize = 32;
+/// Largest query read; a longer datagram is cut there and answered FORMERR (no real query is
+/// near it: stub resolvers send a few hundred bytes).
+const MAX_QUERY: usize = 4096;
+/// Receive buffer asked for (capped by the kernel's `rmem_max`): room for bursts while the
+/// loop is busy elsewhere on its thread.
+const RCVBUF: usize = 1 << 20;
 
 /// Binds the UDP socket: transparent, daemon mark, original destination reported.
 pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
@@ -35,74 +46,110 @@ pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.set_mark(mark)?;
     s.set_ip_transparent_v4(true)?;
+    // Best effort: the default is kept when the kernel refuses.
+    let _ = s.set_recv_buffer_size(RCVBUF);
     setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
 
-/// Serves UDP queries forever.
-pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32) {
-    let sock = Arc::new(sock);
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let mut buf = vec![0u8; 65535];
+/// One datagram of a batch: where its bytes are, who sent it, which resolver it asked.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    /// Index of its buffer.
+    at: usize,
+    len: usize,
+    src: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+}
+
+/// Serves UDP queries forever; `gate` admits each before it is parsed.
+pub async fn run_udp(sock: UdpSocket, handler: Handler, mark: u32, gate: Arc<Gate>) {
+    let mut bufs = vec![[0u8; MAX_QUERY]; BATCH];
+    let mut got: Vec<Received> = Vec::with_capacity(BATCH);
     loop {
-        let (len, src, orig_dst) = match recv(&sock, &mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "dns: udp receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(e) = recv_batch(&sock, &mut bufs, &mut got).await {
+            tracing::warn!(error = %e, "dns: udp receive failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        for r in &got {
+            let Received {
+                at,
+                len,
+                src,
+                orig_dst,
+            } = *r;
+            let Some(orig_dst) = orig_dst else {
+                tracing::debug!(%src, "dns: datagram without original destination; dropped");
                 continue;
-            }
-        };
-        let Some(orig_dst) = orig_dst else {
-            tracing::debug!(%src, "dns: datagram without original destination; dropped");
-            continue;
-        };
-        let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            tracing::debug!(%src, "dns: too many queries in flight; dropped");
-            continue;
-        };
-        let packet = buf[..len].to_vec();
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(reply) = handler.handle(src.ip(), &packet, Transport::Udp).await else {
-                return;
             };
-            if let Err(e) = send_from(orig_dst, src, &reply, mark) {
-                tracing::debug!(%src, %orig_dst, error = %e, "dns: cannot send udp answer");
-            }
-        });
+            // Refused: dropped, counted and logged by the gate (the stub resolver retries).
+            let Ok(permit) = gate.admit_udp(src.ip()) else {
+                continue;
+            };
+            let Some(packet) = bufs.get(at).and_then(|b| b.get(..len)) else {
+                continue;
+            };
+            let packet = packet.to_vec();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let Some(reply) = handler.handle(src.ip(), &packet, Transport::Udp).await else {
+                    return;
+                };
+                if let Err(e) = send_from(orig_dst, src, &reply, mark) {
+                    tracing::debug!(%src, %orig_dst, error = %e, "dns: cannot send udp answer");
+                }
+            });
+        }
     }
 }
 
-/// Receives one datagram: length, source, original destination.
-async fn recv(
+/// Receives up to [`BATCH`] datagrams into `bufs` (one each) with one `recvmmsg`, waiting for
+/// the first; `got` says what each is.
+async fn recv_batch(
     sock: &UdpSocket,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    bufs: &mut [[u8; MAX_QUERY]],
+    got: &mut Vec<Received>,
+) -> io::Result<()> {
     sock.async_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
-        let msg = recvmsg::<SockaddrIn>(
+        got.clear();
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+            bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+        // Built per batch: the headers hold raw pointers, so they cannot live across an await
+        // of this (sendable) task.
+        let mut headers = MultiHeaders::<SockaddrIn>::preallocate(
+            slices.len(),
+            Some(nix::cmsg_space!(libc::sockaddr_in)),
+        );
+        let msgs = recvmmsg(
             sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
+            &mut headers,
+            slices.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
+            None,
         )
         .map_err(io::Error::from)?;
-        let src = msg
-            .address
-            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
-            .ok_or_else(|| io::Error::other("datagram without source address"))?;
-        let mut orig = None;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
-                let a = SockaddrIn::from(sin);
-                orig = Some(SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+        for (at, msg) in msgs.enumerate() {
+            let Some(a) = msg.address else {
+                continue;
+            };
+            let mut orig_dst = None;
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
+                    let o = SockaddrIn::from(sin);
+                    orig_dst = Some(SocketAddr::V4(SocketAddrV4::new(o.ip(), o.port())));
+                }
             }
+            got.push(Received {
+                at,
+                len: msg.bytes.min(MAX_QUERY),
+                src: SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())),
+                orig_dst,
+            });
         }
-        Ok((msg.bytes, src, orig))
+        Ok(())
     })
     .await
 }
@@ -119,14 +166,20 @@ fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::R
     Ok(())
 }
 
-/// Serves TCP DNS connections forever.
-pub async fn run_tcp(listener: TcpListener, handler: Handler) {
+/// Serves TCP DNS connections forever; `gate` admits each connection (a refused one is
+/// closed at once) and each query on it.
+pub async fn run_tcp(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
     loop {
         match listener.accept().await {
             Ok((stream, src)) => {
+                let Ok(permit) = gate.admit_tcp(src.ip()) else {
+                    drop(stream);
+                    continue;
+                };
                 let handler = handler.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_tcp(stream, src.ip(), handler).await {
+                    if let Err(e) = serve_tcp(stream, src.ip(), handler, gate, permit).await {
                         tracing::debug!(%src, error = %e, "dns: tcp connection ended");
                     }
                 });
@@ -139,20 +192,38 @@ pub async fn run_tcp(listener: TcpListener, handler: Handler) {
     }
 }
 
-async fn serve_tcp(mut stream: TcpStream, src: IpAddr, handler: Handler) -> io::Result<()> {
+async fn serve_tcp(
+    mut stream: TcpStream,
+    src: IpAddr,
+    handler: Handler,
+    gate: Arc<Gate>,
+    _permit: ConnPermit,
+) -> io::Result<()> {
+    let idle = gate.limits().tcp_idle;
     let mut buf = vec![0u8; 65535];
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Err(_) => return Ok(()),
+        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+            Err(_) => {
+                handler.stats().tcp_idle_closed.inc();
+                tracing::debug!(%src, idle = ?idle, "dns: idle tcp connection closed");
+                return Ok(());
+            }
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(r) => r?,
         };
         let n = usize::from(u16::from_be_bytes(len));
         let msg = buf.get_mut(..n).ok_or_else(|| io::Error::other("length"))?;
-        tokio::time::timeout(TCP_IDLE, stream.read_exact(msg))
+        tokio::time::timeout(idle, stream.read_exact(msg))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "partial query"))??;
+        if gate.admit_tcp_query(src).is_err() {
+            match super::refused(msg) {
+                Some(reply) => write_tcp_message(&mut stream, &reply).await?,
+                None => return Ok(()),
+            }
+            continue;
+        }
         let Some(reply) = handler.handle(src, msg, Transport::Tcp).await else {
             // Not a query at all: the stream cannot be trusted to stay in sync.
             return Ok(());

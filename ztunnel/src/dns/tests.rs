@@ -90,13 +90,33 @@ fn answers_mesh_names_authoritatively() {
     .expect("answer");
     assert_eq!(r.response_code(), ResponseCode::NoError);
     assert!(r.answers().is_empty(), "no IPv6 VIP: NOERROR, no answer");
+}
 
-    let r = run(
-        &query("nope.mesh.svc.cluster.local.", RecordType::A),
-        Transport::Udp,
-    )
-    .expect("answer");
-    assert_eq!(r.response_code(), ResponseCode::NXDomain);
+#[test]
+fn unknown_cluster_names_and_other_types_go_upstream() {
+    // Pod hostnames, SRV records: the cluster DNS knows names the mesh does not.
+    for (name, t) in [
+        ("nope.mesh.svc.cluster.local.", RecordType::A),
+        ("10-0-0-1.mesh.pod.cluster.local.", RecordType::A),
+        ("web.mesh.svc.cluster.local.", RecordType::SRV),
+    ] {
+        let r = run(&query(name, t), Transport::Udp).expect("answer");
+        assert_eq!(r.response_code(), ResponseCode::NoError, "{name} {t}");
+        assert!(!r.authoritative(), "{name} {t}: the upstream's answer");
+        assert_eq!(
+            r.answers()[0].data(),
+            &RData::A(A::new(192, 0, 2, 1)),
+            "{name} {t}"
+        );
+    }
+}
+
+#[test]
+fn refused_answer_keeps_the_id() {
+    let r = refused(&query("web.", RecordType::A)).expect("answer");
+    let m = Message::from_vec(&r).expect("parses");
+    assert_eq!((m.id(), m.response_code()), (0x1234, ResponseCode::Refused));
+    assert!(refused(&[7]).is_none());
 }
 
 #[test]

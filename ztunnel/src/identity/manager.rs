@@ -13,7 +13,12 @@ use rustls::RootCertStore;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{identity_of, CertificateAuthority, SpiffeId};
+use super::{identity_of, CaHealth, CertificateAuthority, SpiffeId};
+
+/// First retry after a failed issuance; doubled per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between two attempts while the CA keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// A workload certificate with its key, ready for rustls. The private key never leaves this
 /// struct except inside the signing key rustls holds.
@@ -67,6 +72,7 @@ pub struct CertManager {
     ttl: Duration,
     roots: Arc<RootCertStore>,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
+    health: CaHealth,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -95,7 +101,13 @@ impl CertManager {
             ttl,
             roots: Arc::new(roots),
             entries: Mutex::new(HashMap::new()),
+            health: CaHealth::default(),
         }))
+    }
+
+    /// How issuance is going (config dump, metrics).
+    pub fn health(&self) -> &CaHealth {
+        &self.health
     }
 
     /// Trust anchors peers must chain to.
@@ -111,6 +123,7 @@ impl CertManager {
             let keep = ids.contains(id);
             if !keep {
                 e.task.abort();
+                self.health.recovered(id);
                 tracing::info!(identity = %id, "no local workload left; certificate dropped");
             }
             keep
@@ -167,7 +180,7 @@ impl CertManager {
         id: SpiffeId,
         tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     ) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             match self.issue(&id).await {
                 Ok(cert) => {
@@ -177,8 +190,12 @@ impl CertManager {
                         .unwrap_or(self.ttl);
                     let renew_at = cert.not_before + lifetime / 2;
                     tracing::info!(identity = %id, serial = %cert.serial, "workload certificate issued");
+                    if let Some((attempts, after)) = self.health.recovered(&id) {
+                        tracing::info!(identity = %id, failed_attempts = attempts,
+                            after_secs = after.as_secs_f64(), "certificate issuance recovered");
+                    }
                     tx.send_replace(Some(Arc::new(cert)));
-                    backoff = Duration::from_millis(500);
+                    backoff = FIRST_BACKOFF;
                     // CAs backdate certificates (ours by a minute), so with a lifetime near
                     // the backdating the half-life is already past: without a floor, renewal
                     // would spin against the CA.
@@ -193,13 +210,14 @@ impl CertManager {
                         .borrow()
                         .as_ref()
                         .is_some_and(|c| c.not_after > SystemTime::now());
-                    tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, still_valid,
-                        "certificate issuance failed; keeping the current certificate");
+                    let attempts = self.health.failed(&id, &e.to_string(), backoff);
+                    tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, attempts,
+                        still_valid, "certificate issuance failed; keeping the current certificate");
                     if !still_valid {
                         tx.send_replace(None);
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -320,6 +338,16 @@ mod tests {
             .get(&id)
             .expect("still valid certificate kept while renewal fails");
         assert_eq!(kept.serial, first.serial);
+        let health = m.health().snapshot();
+        assert_eq!(health["in_sync"], false, "{health}");
+        let failing = &health["failing"][id.to_string()];
+        assert!(failing["attempts"].as_u64() >= Some(2), "{health}");
+        assert!(
+            failing["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("CA unreachable")),
+            "{health}"
+        );
 
         ca.down.store(false, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -335,6 +363,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert!(m.health().in_sync(), "{}", m.health().snapshot());
 
         m.set_identities(&BTreeSet::new());
         assert!(

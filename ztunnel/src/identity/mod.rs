@@ -1,11 +1,13 @@
 //! Workload identity: SPIFFE IDs, certificate authorities and the per-node certificate manager.
 
 mod ca;
+mod health;
 pub mod istio_ca;
 mod manager;
 mod remote;
 
 pub use ca::{csr_identity, issue_to_files, CaError, CertificateAuthority, FileCa, IssuedChain};
+pub use health::CaHealth;
 pub use manager::{CertError, CertManager, WorkloadCert};
 pub use remote::RemoteCa;
 

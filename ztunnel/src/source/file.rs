@@ -2,13 +2,19 @@
 //!
 //! Polling (default every 500 ms) is used instead of inotify because it behaves the same for
 //! plain files, editors' rename-on-save, and ConfigMap volumes (whose files are symlinks that
-//! are swapped atomically), and the files are small. Each file is parsed on its own: a file
-//! with a bad document keeps its last good content in force while the other files update, and
-//! the rejection is logged with file, document and field.
+//! are swapped atomically), and the files are small. Each file is read and parsed on its own:
+//! a file with a bad document, or one that cannot be read (not UTF-8, larger than
+//! `--state-max-file-size`, an I/O error), keeps its last good content in force while the
+//! other files update; the problem is logged once per change with the file (and document and
+//! field) and shown as a failing part of the source's health until the file is good again.
+//!
+//! Reading and parsing run on a blocking thread of the runtime (`spawn_blocking`), never on
+//! the control thread, whose accept loops hand captured connections to the workers: a large
+//! or slow file delays only the next state, not new flows.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -46,35 +52,120 @@ struct FileEntry {
     keys: Vec<ObjectKey>,
     /// Some version of this file has parsed.
     good: bool,
+    /// Why the file cannot be read now (logged when it changes).
+    unreadable: Option<String>,
+}
+
+/// Why one file of the source was not read; its last good content stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Larger than `--state-max-file-size`.
+    #[error(
+        "state file {path} is {size} bytes, over the {cap}-byte limit (--state-max-file-size); \
+         its last good content stays in force"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        cap: u64,
+    },
+    /// An I/O error, or content that is not UTF-8.
+    #[error("state file {path} cannot be read: {error}; its last good content stays in force")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
 }
 
 /// Polls a file or directory and applies what changed to a [`Model`]: only changed files are
 /// parsed again, and only their objects are re-applied or removed.
 #[derive(Debug)]
 pub struct FileSource {
-    path: PathBuf,
     interval: Duration,
+    /// The poller's state; locked only by the one poll in progress (on a blocking thread).
+    poller: Arc<Mutex<Poller>>,
+    health: Arc<SourceHealth>,
+}
+
+#[derive(Debug)]
+struct Poller {
+    path: PathBuf,
+    max_file_size: u64,
     files: BTreeMap<PathBuf, FileEntry>,
     model: Model,
     generation: u64,
     health: Arc<SourceHealth>,
+    /// A new state a poll produced that was not handed out yet: the caller of
+    /// [`FileSource::poll_off_thread`] may be dropped while its poll runs on, and the change
+    /// must not be lost with it.
+    pending: Option<State>,
 }
 
 impl FileSource {
-    /// A source for `path` (file or directory), read every `interval`.
-    pub fn new(path: &Path, trust_domain: &str, interval: Duration) -> Self {
+    /// A source for `path` (file or directory), read every `interval`; a file larger than
+    /// `max_file_size` bytes is not read.
+    pub fn new(path: &Path, trust_domain: &str, interval: Duration, max_file_size: u64) -> Self {
+        let health = Arc::new(SourceHealth::new("file", ["files"].into_iter()));
         FileSource {
-            path: path.to_path_buf(),
             interval,
-            files: BTreeMap::new(),
-            model: Model::new(trust_domain),
-            generation: 0,
-            health: Arc::new(SourceHealth::new("file", ["files"].into_iter())),
+            poller: Arc::new(Mutex::new(Poller {
+                path: path.to_path_buf(),
+                max_file_size,
+                files: BTreeMap::new(),
+                model: Model::new(trust_domain),
+                generation: 0,
+                health: health.clone(),
+                pending: None,
+            })),
+            health,
         }
     }
 
-    /// Reads the source once. Returns a new state when anything accepted changed.
+    fn poller(&self) -> std::sync::MutexGuard<'_, Poller> {
+        self.poller.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the source once, on the calling thread. Returns a new state when anything
+    /// accepted changed.
     pub fn poll(&mut self) -> Result<Option<State>, SourceError> {
+        self.poller().poll()
+    }
+
+    /// [`FileSource::poll`] on a blocking thread. A new state is kept in the poller until
+    /// handed out, so a caller dropped mid-poll (start-up racing signals) loses nothing.
+    async fn poll_off_thread(&self) -> Result<Option<State>, SourceError> {
+        let poller = self.poller.clone();
+        let polled = tokio::task::spawn_blocking(move || {
+            let mut p = poller.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = p.poll()? {
+                p.pending = Some(state);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(SourceError::Poll {
+                error: e.to_string(),
+            })
+        });
+        polled.map(|()| self.poller().pending.take())
+    }
+
+    /// Whether every file present has parsed at least once: until then the state is
+    /// incomplete (a pod file that never parsed would leave its pods unknown), and the daemon
+    /// does not report ready.
+    pub fn complete(&self) -> bool {
+        self.poller().files.values().all(|f| f.good)
+    }
+}
+
+impl Poller {
+    fn poll(&mut self) -> Result<Option<State>, SourceError> {
         let paths = self.list()?;
         let mut changed = false;
         let gone: Vec<PathBuf> = self
@@ -85,6 +176,9 @@ impl FileSource {
             .collect();
         for p in gone {
             if let Some(f) = self.files.remove(&p) {
+                if f.unreadable.is_some() {
+                    self.health.set_ok(&part(&p));
+                }
                 self.retract(&p, f.keys);
                 changed = true;
             }
@@ -99,12 +193,20 @@ impl FileSource {
             if settled && self.files.get(&p).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let text = match std::fs::read_to_string(&p) {
+            let text = match self.read(&p, stamp.map(|(_, len)| len)) {
                 Ok(t) => t,
                 // Removed between listing and reading: the next poll sees it gone.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(SourceError::Read { path: p, error }),
+                Err(FileError::Read { error, .. })
+                    if error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    self.unreadable(p, e);
+                    continue;
+                }
             };
+            self.readable(&p);
             let hash = text_hash(&text);
             if let Some(f) = self.files.get_mut(&p).filter(|f| f.hash == hash) {
                 f.stamp = stamp;
@@ -118,6 +220,7 @@ impl FileSource {
                         hash,
                         keys: keys.clone(),
                         good: true,
+                        unreadable: None,
                     };
                     let old = self.files.insert(p.clone(), entry);
                     for o in objects {
@@ -147,6 +250,7 @@ impl FileSource {
                         hash,
                         keys: Vec::new(),
                         good: false,
+                        unreadable: None,
                     });
                     f.hash = hash;
                     f.stamp = stamp;
@@ -171,7 +275,7 @@ impl FileSource {
                 .find(|(p, f)| p.as_path() != from && f.keys.contains(&key))
                 .map(|(p, _)| p.clone());
             let again = other.and_then(|p| {
-                let text = std::fs::read_to_string(&p).ok()?;
+                let text = self.read(&p, None).ok()?;
                 k8s::parse_file(&p, &text)
                     .ok()?
                     .into_iter()
@@ -184,11 +288,63 @@ impl FileSource {
         }
     }
 
-    /// Whether every file present has parsed at least once: until then the state is
-    /// incomplete (a pod file that never parsed would leave its pods unknown), and the daemon
-    /// does not report ready.
-    pub fn complete(&self) -> bool {
-        self.files.values().all(|f| f.good)
+    /// The text of `p`, unless it is over the size cap (`len`: its size from a `stat`, if
+    /// known) or unreadable.
+    fn read(&self, p: &Path, len: Option<u64>) -> Result<String, FileError> {
+        use std::io::Read;
+        let err = |error| FileError::Read {
+            path: p.to_path_buf(),
+            error,
+        };
+        let too_large = |size| FileError::TooLarge {
+            path: p.to_path_buf(),
+            size,
+            cap: self.max_file_size,
+        };
+        if let Some(len) = len.filter(|l| *l > self.max_file_size) {
+            return Err(too_large(len));
+        }
+        // The file may grow between the stat and the read: read at most one byte past the cap.
+        let file = std::fs::File::open(p).map_err(err)?;
+        let mut bytes = Vec::new();
+        file.take(self.max_file_size.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(err)?;
+        let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        if size > self.max_file_size {
+            return Err(too_large(size));
+        }
+        String::from_utf8(bytes)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    }
+
+    /// Records that `p` cannot be read: its last good objects stay; logged when the reason
+    /// changes, shown in the source's health until the file is readable again or gone.
+    fn unreadable(&mut self, p: PathBuf, e: FileError) {
+        let reason = e.to_string();
+        let f = self.files.entry(p.clone()).or_insert(FileEntry {
+            stamp: None,
+            hash: 0,
+            keys: Vec::new(),
+            good: false,
+            unreadable: None,
+        });
+        // No stamp: the file is tried again on every poll until it reads.
+        f.stamp = None;
+        if f.unreadable.as_deref() != Some(reason.as_str()) {
+            tracing::warn!(file = %p.display(), error = %reason, "state file unreadable");
+            f.unreadable = Some(reason.clone());
+        }
+        self.health.set_error(&part(&p), &reason);
+    }
+
+    /// `p` was read: clears what [`Poller::unreadable`] recorded.
+    fn readable(&mut self, p: &Path) {
+        if let Some(f) = self.files.get_mut(p) {
+            if f.unreadable.take().is_some() {
+                self.health.set_ok(&part(p));
+            }
+        }
     }
 
     fn list(&self) -> Result<Vec<PathBuf>, SourceError> {
@@ -212,13 +368,20 @@ impl FileSource {
         out.sort();
         Ok(out)
     }
+}
 
+/// The health part of one file.
+fn part(p: &Path) -> String {
+    format!("file {}", p.display())
+}
+
+impl FileSource {
     /// Polls until every file has parsed once (see [`FileSource::complete`]), publishing each
     /// state read meanwhile. Read errors are logged and retried.
     async fn poll_until_complete(&mut self, tx: &watch::Sender<Arc<State>>) {
-        while !self.complete() {
+        while !self.complete() || self.poller().pending.is_some() {
             tokio::time::sleep(self.interval).await;
-            match self.poll() {
+            match self.poll_off_thread().await {
                 Ok(Some(s)) => {
                     tx.send_replace(Arc::new(s));
                 }
@@ -230,13 +393,13 @@ impl FileSource {
 
     /// Polls forever, publishing each new state. Read errors are logged and retried: the
     /// daemon keeps its last good state while the source is unavailable.
-    async fn poll_forever(mut self, tx: watch::Sender<Arc<State>>) {
+    async fn poll_forever(self, tx: watch::Sender<Arc<State>>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
             let started = std::time::Instant::now();
-            match self.poll() {
+            match self.poll_off_thread().await {
                 Ok(Some(state)) => {
                     self.health.set_ok("files");
                     log_applied(&state, Some(started.elapsed()));
@@ -285,6 +448,24 @@ mod tests {
     use super::*;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    fn source(dir: &Path, max_file_size: u64) -> FileSource {
+        FileSource::new(
+            dir,
+            "cluster.local",
+            Duration::from_millis(10),
+            max_file_size,
+        )
+    }
+
+    /// Rewrites `ns.yaml` with the namespace enrolled.
+    fn enroll_namespace(dir: &Path) {
+        let ns = NS.replace(
+            "{name: a}",
+            "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
+        );
+        std::fs::write(dir.join("ns.yaml"), ns).expect("write");
+    }
+
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1, phase: Running}\n";
 
     #[test]
@@ -292,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
         std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
-        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
+        let mut src = source(dir.path(), 1 << 20);
         let s = src.poll().expect("reads").expect("first state");
         assert_eq!(s.workloads.len(), 1);
         assert!(
@@ -308,14 +489,7 @@ mod tests {
         // The bad file changes nothing: no new state, the pod stays.
         assert!(src.poll().expect("reads").is_none());
 
-        std::fs::write(
-            dir.path().join("ns.yaml"),
-            NS.replace(
-                "{name: a}",
-                "{name: a, labels: {istio.io/dataplane-mode: ambient}}",
-            ),
-        )
-        .expect("write");
+        enroll_namespace(dir.path());
         let s = src.poll().expect("reads").expect("ns changed");
         let w = s
             .workloads
@@ -334,7 +508,7 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata: [\n",
         )
         .expect("write");
-        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
+        let mut src = source(dir.path(), 1 << 20);
         let first = src.initial().expect("readable");
         assert!(first.workloads.is_empty());
         let (tx, rx) = watch::channel(Arc::new(first));
@@ -361,7 +535,7 @@ mod tests {
         std::fs::write(dir.path().join("pods.yaml"), format!("{POD}---\n{pod2}")).expect("write");
         // The same pod in a second file: removing it from one file keeps it.
         std::fs::write(dir.path().join("more.yaml"), POD).expect("write");
-        let mut src = FileSource::new(dir.path(), "cluster.local", Duration::from_millis(10));
+        let mut src = source(dir.path(), 1 << 20);
         assert_eq!(
             src.poll().expect("reads").expect("state").workloads.len(),
             2
@@ -375,5 +549,82 @@ mod tests {
         let s = src.poll().expect("reads").expect("changed");
         assert_eq!(s.workloads.len(), 1);
         assert!(s.workload("10.0.0.2".parse().expect("ip")).is_some());
+    }
+
+    #[test]
+    fn oversized_or_unreadable_file_keeps_its_objects_and_never_blocks_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
+        std::fs::write(dir.path().join("pod.yaml"), POD).expect("write");
+        let mut src = source(dir.path(), 400);
+        assert_eq!(
+            src.poll().expect("reads").expect("state").workloads.len(),
+            1
+        );
+
+        // pod.yaml grows over the cap, and another file is not UTF-8.
+        let big = format!("{POD}# {}\n", "x".repeat(500));
+        std::fs::write(dir.path().join("pod.yaml"), big).expect("write");
+        std::fs::write(dir.path().join("junk.yaml"), b"kind: \xff\xfe\n").expect("write");
+        // Meanwhile ns.yaml changes: that update still goes through.
+        enroll_namespace(dir.path());
+        let s = src
+            .poll()
+            .expect("one bad file is no source error")
+            .expect("ns changed");
+        let w = s
+            .workloads
+            .values()
+            .next()
+            .expect("pod kept from its last good version");
+        assert!(w.enrolled, "the other file's update applied");
+        assert!(!src.complete(), "junk.yaml never read: incomplete");
+
+        let health = src.health().snapshot();
+        let failing = health["failing"]
+            .as_object()
+            .expect("failing parts")
+            .clone();
+        let pod_err = failing
+            .iter()
+            .find(|(k, _)| k.ends_with("pod.yaml"))
+            .map(|(_, v)| v["error"].as_str().unwrap_or_default().to_string())
+            .expect("pod.yaml failing");
+        assert!(
+            pod_err.contains("pod.yaml")
+                && pod_err.contains("400-byte limit")
+                && pod_err.contains("--state-max-file-size"),
+            "{pod_err}"
+        );
+        assert!(
+            failing.keys().any(|k| k.ends_with("junk.yaml")),
+            "{failing:?}"
+        );
+        assert!(
+            src.poll().expect("reads").is_none(),
+            "nothing new: no new state"
+        );
+
+        // Fixed: read again, the health parts clear.
+        std::fs::write(
+            dir.path().join("pod.yaml"),
+            POD.replace("10.0.0.1", "10.0.0.9"),
+        )
+        .expect("write");
+        std::fs::remove_file(dir.path().join("junk.yaml")).expect("rm");
+        let s = src.poll().expect("reads").expect("pod changed");
+        assert!(s.workload("10.0.0.9".parse().expect("ip")).is_some());
+        assert!(src.complete());
+        assert!(src.health().in_sync(), "{}", src.health().snapshot());
+    }
+
+    /// The daemon's runtimes are single-threaded: the poll goes to a blocking thread there.
+    #[tokio::test(flavor = "current_thread")]
+    async fn polls_run_on_a_blocking_thread_of_a_single_threaded_runtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ns.yaml"), NS).expect("write");
+        let src = source(dir.path(), 1 << 20);
+        let state = src.poll_off_thread().await.expect("reads").expect("state");
+        assert_eq!(state.generation, 1);
     }
 }

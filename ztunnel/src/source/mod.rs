@@ -37,6 +37,12 @@ pub enum SourceError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// A poll of the files did not finish (a bug: the poll panicked); the next one is tried.
+    #[error("state source poll failed: {error}")]
+    Poll {
+        /// What the runtime reported.
+        error: String,
+    },
     /// The API server's client settings are unusable.
     #[error("kube source: {error}")]
     Kube {
@@ -84,7 +90,13 @@ pub fn open(source: &SourceConfig, trust_domain: &str) -> Box<dyn StateSource> {
         SourceConfig::File {
             path,
             poll_interval,
-        } => Box::new(FileSource::new(path, trust_domain, *poll_interval)),
+            max_file_size,
+        } => Box::new(FileSource::new(
+            path,
+            trust_domain,
+            *poll_interval,
+            *max_file_size,
+        )),
         SourceConfig::Kube { kubeconfig } => {
             Box::new(KubeSource::new(kubeconfig.clone(), trust_domain))
         }
