@@ -52,6 +52,10 @@ pub struct Args {
     /// With `--source file`: how often the files are checked for changes.
     #[arg(long, env = "WAYPOINT_STATE_POLL_INTERVAL", default_value_t = Dur::millis(500))]
     pub state_poll_interval: Dur,
+    /// With `--source file`: the largest state file read; a bigger one keeps its last good
+    /// content and is reported, naming the file.
+    #[arg(long, env = "WAYPOINT_STATE_MAX_FILE_SIZE", default_value_t = Size::mib(16))]
+    pub state_max_file_size: Size,
     /// With `--source kube`: kubeconfig file to reach the API server. Unset: the in-cluster
     /// service account.
     #[arg(long, env = "WAYPOINT_KUBECONFIG")]
@@ -199,6 +203,7 @@ impl Args {
             self.source,
             self.state.clone(),
             self.state_poll_interval,
+            self.state_max_file_size,
             self.kubeconfig.clone(),
         )
         .map_err(waypoint_env)
