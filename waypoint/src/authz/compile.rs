@@ -61,79 +61,62 @@ pub fn policy(obj: &AuthorizationPolicyObject) -> (Option<Policy>, Vec<Problem>)
     if targets.is_empty() {
         return (None, problems);
     }
-    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" | "" => Ok(Action::Allow),
-        "DENY" => Ok(Action::Deny),
-        "AUDIT" => Ok(Action::Audit),
-        "CUSTOM" => Ok(Action::Custom),
-        other => Err((
-            "spec.action".to_string(),
-            format!(
-                "unknown action `{other}` (expected ALLOW, DENY, AUDIT or CUSTOM); treated as DENY"
-            ),
-        )),
-    };
+    // Action, dry run and the checks both enforcement points share (the spec typed, unknown
+    // keys included; a known action; no selector next to targetRefs) are the node daemon's.
+    let head = l4::head(obj);
     let mut policy = Policy {
         namespace: namespace.clone(),
         name: obj.metadata.name.clone(),
-        action: *action.as_ref().unwrap_or(&Action::Deny),
+        action: head.action,
         rules: Vec::new(),
-        dry_run: false,
+        dry_run: head.dry_run,
         targets,
         invalid: None,
     };
-    let compiled = (|| {
-        let action = action?;
-        if spec.selector.is_some() {
-            return Err((
-                "spec.selector".to_string(),
-                "cannot be combined with targetRef/targetRefs".to_string(),
-            ));
-        }
-        let dry_run = l4::dry_run(&obj.metadata)?;
+    let mut invalid = head.invalid.map(|e| (e.field, e.message));
+    if invalid.is_none() {
         let rules = spec
             .rules
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| rule(r, &format!("spec.rules[{i}]"), action))
-            .collect::<FieldResult<Vec<_>>>()?;
-        Ok((dry_run, rules))
-    })();
-    match compiled {
-        Ok((dry_run, rules)) => {
-            for (i, r) in rules.iter().enumerate() {
-                if r.unsupported.is_empty() {
-                    continue;
-                }
-                problems.push(Problem::Caveat(if r.never {
-                    format!(
-                        "spec.rules[{i}] uses {} which the waypoint cannot evaluate; this ALLOW \
-                         rule matches nothing (fail closed)",
-                        r.unsupported.join(", ")
-                    )
-                } else {
-                    format!(
-                        "spec.rules[{i}] uses {} which the waypoint cannot evaluate; they are \
-                         taken as matched, so this {} rule applies to every request matching \
-                         its other fields (fail closed)",
-                        r.unsupported.join(", "),
-                        policy.action.as_str()
-                    )
-                }));
-            }
-            policy.dry_run = dry_run;
-            policy.rules = rules;
+            .map(|(i, r)| rule(r, &format!("spec.rules[{i}]"), head.action))
+            .collect::<FieldResult<Vec<_>>>();
+        match rules {
+            Ok(rules) => policy.rules = rules,
+            Err(e) => invalid = Some(e),
         }
-        Err((field, message)) => {
-            if policy.action == Action::Audit {
-                // AUDIT decides nothing: an invalid one is only reported.
-                problems.push(Problem::Invalid { field, message });
-                return (None, problems);
-            }
-            policy.invalid = Some(format!("field `{field}`: {message}"));
+    }
+    if let Some((field, message)) = invalid {
+        if policy.action == Action::Audit {
+            // AUDIT decides nothing: an invalid one is only reported.
             problems.push(Problem::Invalid { field, message });
+            return (None, problems);
         }
+        policy.invalid = Some(format!("field `{field}`: {message}"));
+        policy.rules.clear();
+        problems.push(Problem::Invalid { field, message });
+        return (Some(policy), problems);
+    }
+    for (i, r) in policy.rules.iter().enumerate() {
+        if r.unsupported.is_empty() {
+            continue;
+        }
+        problems.push(Problem::Caveat(if r.never {
+            format!(
+                "spec.rules[{i}] uses {} which the waypoint cannot evaluate; this ALLOW rule \
+                 matches nothing (fail closed)",
+                r.unsupported.join(", ")
+            )
+        } else {
+            format!(
+                "spec.rules[{i}] uses {} which the waypoint cannot evaluate; they are taken as \
+                 matched, so this {} rule applies to every request matching its other fields \
+                 (fail closed)",
+                r.unsupported.join(", "),
+                policy.action.as_str()
+            )
+        }));
     }
     (Some(policy), problems)
 }

@@ -40,30 +40,9 @@ use ztunnel::identity::SpiffeId;
 /// tests that look for it keep working).
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
-/// What a policy does when one of its rules matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Action {
-    /// Delegates to an external authorizer; none is configured, so a match denies.
-    Custom,
-    /// Reject.
-    Deny,
-    /// Admit (at least one ALLOW must match when any ALLOW is attached).
-    Allow,
-    /// Report only.
-    Audit,
-}
-
-impl Action {
-    /// The Istio spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Custom => "CUSTOM",
-            Action::Deny => "DENY",
-            Action::Allow => "ALLOW",
-            Action::Audit => "AUDIT",
-        }
-    }
-}
+/// What a policy does when one of its rules matches: the node daemon's actions (CUSTOM
+/// included: no external authorizer is configured, so a match denies).
+pub use ztunnel::authz::Action;
 
 /// What a policy is attached to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -603,6 +603,12 @@ fn invalid_policies_fail_closed() {
         ("unknown when key", deny("{when: [{key: request.body, values: [x]}]}"), "spec.rules[0].when[0].key"),
         ("empty operation", deny("{to: [{operation: {}}]}"), "spec.rules[0].to[0].operation"),
         ("selector with targetRefs", gw("s", "action: DENY\n  selector: {matchLabels: {app: x}}\n  rules: [{to: [{operation: {paths: [/never]}}]}]"), "spec.selector"),
+        // Unknown keys are invalid, as at the node daemon: never a wider rule.
+        ("misspelled source key", allow("{from: [{source: {principal: [cluster.local/ns/mesh/sa/a]}}]}"), "spec.rules[0].from[0].source.principal"),
+        ("misspelled key next to a valid one", allow("{to: [{operation: {methods: [GET], path: [/public/*]}}]}"), "spec.rules[0].to[0].operation.path"),
+        ("misspelled DENY key", deny("{to: [{operation: {method: [POST]}}]}"), "spec.rules[0].to[0].operation.method"),
+        ("unknown spec key", gw("u", "action: DENY\n  rule: [{}]"), "spec.rule"),
+        ("wrong type", deny("{from: [{source: {principals: x}}]}"), "spec.rules[0].from[0].source.principals"),
     ];
     for (name, yaml, field) in cases {
         let (_, problems) = policies(&yaml);
@@ -620,6 +626,25 @@ fn invalid_policies_fail_closed() {
     }
     let d = decide(&deny("{to: [{operation: {ports: ['0']}}]}"), &get());
     assert!(matches!(d.reason, Reason::Invalid { ref policy, .. } if policy == "mesh/deny"));
+    let d = decide(
+        &allow("{from: [{source: {principal: [cluster.local/ns/mesh/sa/a]}}]}"),
+        &get(),
+    );
+    assert!(
+        matches!(d.reason, Reason::NoAllowMatched { ref checked } if checked == &["mesh/allow".to_string()]),
+        "{d:?}"
+    );
+    // A dry-run annotation is honoured on an invalid policy: logged as a denial, not enforced.
+    let dry = deny("{to: [{operation: {method: [POST]}}]}").replace(
+        "metadata: {name: deny, namespace: mesh}",
+        "metadata: {name: deny, namespace: mesh, annotations: {istio.io/dry-run: 'true'}}",
+    );
+    let d = decide(&dry, &get());
+    assert!(d.allowed(), "{d:?}");
+    assert!(
+        matches!(d.dry_run, Some((Verdict::Deny, Reason::Invalid { .. }))),
+        "{d:?}"
+    );
     // An invalid AUDIT decides nothing.
     let d = decide(
         &gw(
