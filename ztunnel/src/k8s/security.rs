@@ -62,10 +62,59 @@ fn strict<T: serde::de::DeserializeOwned + Default>(spec: Option<Value>) -> Resu
                 } else {
                     format!("spec.{path}")
                 },
-                message: e.into_inner().to_string(),
+                message: shorter(e.into_inner().to_string()),
             }
         }),
     }
+}
+
+/// serde's unknown-field message lists every known field; name the closest one instead
+/// (`unknown field `principal` (did you mean `principals`?)`), or keep the list when none is
+/// close.
+fn shorter(message: String) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((name, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let known: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| !k.is_empty())
+        .collect();
+    let close = known
+        .iter()
+        .map(|k| {
+            (
+                distance(&name.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .filter(|(d, _)| *d <= 2)
+        .min();
+    match close {
+        Some((_, k)) => format!("unknown field `{name}` (did you mean `{k}`?)"),
+        None if known.is_empty() => format!("unknown field `{name}`"),
+        None => format!("unknown field `{name}` (known: {})", known.join(", ")),
+    }
+}
+
+/// Levenshtein distance, for the field-name suggestion.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// The selector of a spec that did not type, if it can be read on its own; otherwise `None`,
@@ -344,4 +393,25 @@ pub struct MtlsSpec {
     /// `UNSET`, `DISABLE`, `PERMISSIVE` or `STRICT`.
     #[serde(default)]
     pub mode: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_messages_suggest_the_closest_name() {
+        let m = "unknown field `principal`, expected one of `principals`, `notPrincipals`";
+        assert_eq!(
+            shorter(m.into()),
+            "unknown field `principal` (did you mean `principals`?)"
+        );
+        let m = "unknown field `colour`, expected `key` or `values`";
+        assert_eq!(
+            shorter(m.into()),
+            "unknown field `colour` (known: key, values)"
+        );
+        assert_eq!(shorter("invalid type: map".into()), "invalid type: map");
+        assert_eq!(distance("ipBlock", "ipBlocks"), 1);
+    }
 }
