@@ -61,6 +61,20 @@ fn authz_check(
     )
 }
 
+/// Node `node` logs an `access` line with a `deny_reason` and the 401 after its first `skip`
+/// lines.
+fn expect_401_access_line(cluster: &Cluster, node: usize, skip: usize) {
+    let access = cluster
+        .daemon(node)
+        .wait_for_log_after(
+            skip,
+            |l| message(l) == "access" && !field(l, "deny_reason").is_empty(),
+            LOG_WAIT,
+        )
+        .expect("destination access line with deny_reason");
+    assert!(field(&access, "error").starts_with("401"), "{access}");
+}
+
 fn expect_check(cluster: &Cluster, node: usize, from: &str, to: &str, want: i32, contains: &str) {
     let (code, out) = authz_check(cluster, node, from, to, &[]);
     assert_eq!(code, want, "authz check {from} -> {to}: {out}");
@@ -125,15 +139,7 @@ fn allow_by_principal_admits_named_client_and_401s_another() {
         "spiffe://cluster.local/ns/mesh/sa/intruder",
         "{line}"
     );
-    let access = cluster
-        .daemon(2)
-        .wait_for_log_after(
-            skip2,
-            |l| message(l) == "access" && !field(l, "deny_reason").is_empty(),
-            LOG_WAIT,
-        )
-        .expect("destination access line with deny_reason");
-    assert!(field(&access, "error").starts_with("401"), "{access}");
+    expect_401_access_line(&cluster, 2, skip2);
     // Client side: its daemon saw the CONNECT answered with 401.
     let src_line = cluster
         .daemon(1)
@@ -470,15 +476,7 @@ fn principal_typo_allow_policy_fails_closed() {
         )),
         "{line}"
     );
-    let access = cluster
-        .daemon(2)
-        .wait_for_log_after(
-            skip2,
-            |l| message(l) == "access" && !field(l, "deny_reason").is_empty(),
-            LOG_WAIT,
-        )
-        .expect("destination access line with deny_reason");
-    assert!(field(&access, "error").starts_with("401"), "{access}");
+    expect_401_access_line(&cluster, 2, skip2);
 
     // `authz check` gives the same explanation, `analyze` lists the policy (exit 1).
     let (code, out) = authz_check(&cluster, 2, "mesh/a", "mesh/b:8080", &[]);

@@ -501,25 +501,14 @@ impl fmt::Display for Reason {
                 "denied: policy {policy} failed validation ({error}); it denies all traffic to \
                  the workloads it applies to"
             ),
-            Reason::NoAllowMatched {
-                checked,
-                invalid: Some((policy, error)),
-            } => {
-                write!(
-                    f,
-                    "denied: policy {policy} failed validation ({error}); it allows nothing \
-                     (no ALLOW policy matched; in scope: {}",
-                    checked.join(", ")
-                )?;
-                if checked.len() >= MAX_LISTED {
-                    f.write_str(", …")?;
+            Reason::NoAllowMatched { checked, invalid } => {
+                if let Some((policy, error)) = invalid {
+                    write!(
+                        f,
+                        "denied: policy {policy} failed validation ({error}); it allows nothing \
+                         ("
+                    )?;
                 }
-                f.write_str(")")
-            }
-            Reason::NoAllowMatched {
-                checked,
-                invalid: None,
-            } => {
                 write!(
                     f,
                     "no ALLOW policy matched (in scope: {}",
@@ -528,7 +517,7 @@ impl fmt::Display for Reason {
                 if checked.len() >= MAX_LISTED {
                     f.write_str(", …")?;
                 }
-                f.write_str(")")
+                f.write_str(if invalid.is_some() { "))" } else { ")" })
             }
             Reason::StrictMtls {
                 policy,

@@ -50,6 +50,26 @@ struct Raw {
     spec: Option<Value>,
 }
 
+/// Reads an object's metadata and types its spec strictly; when the spec does not type, the
+/// parts `lenient` can read on their own come back with the error.
+fn typed_spec<'de, D, T>(
+    d: D,
+    lenient: impl FnOnce(&Value) -> T,
+) -> Result<(ObjectMeta, T, Option<SpecError>), D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    let raw = Raw::deserialize(d)?;
+    Ok(match strict(raw.spec.clone()) {
+        Ok(spec) => (raw.metadata, spec, None),
+        Err(e) => {
+            let spec = lenient(raw.spec.as_ref().unwrap_or(&Value::Null));
+            (raw.metadata, spec, Some(e))
+        }
+    })
+}
+
 /// Types `spec` strictly; on failure returns the error with the path from the object root.
 fn strict<T: serde::de::DeserializeOwned + Default>(spec: Option<Value>) -> Result<T, SpecError> {
     match spec {
@@ -149,32 +169,24 @@ pub struct AuthorizationPolicyObject {
 
 impl<'de> Deserialize<'de> for AuthorizationPolicyObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = Raw::deserialize(d)?;
-        let (spec, spec_error) = match strict(raw.spec.clone()) {
-            Ok(spec) => (spec, None),
-            Err(e) => {
-                let v = raw.spec.unwrap_or(Value::Null);
-                let spec = AuthorizationPolicySpec {
-                    selector: lenient_selector(&v),
-                    target_ref: v.get("targetRef").filter(|t| !t.is_null()).cloned(),
-                    target_refs: match v.get("targetRefs") {
-                        None | Some(Value::Null) => Vec::new(),
-                        Some(Value::Sequence(s)) => s.clone(),
-                        Some(other) => vec![other.clone()],
-                    },
-                    // A spec that is not a mapping has no readable action: read as unknown.
-                    action: if v.is_mapping() {
-                        lenient_str(&v, "action")
-                    } else {
-                        Some("?".into())
-                    },
-                    ..Default::default()
-                };
-                (spec, Some(e))
-            }
-        };
+        let (metadata, spec, spec_error) = typed_spec(d, |v| AuthorizationPolicySpec {
+            selector: lenient_selector(v),
+            target_ref: v.get("targetRef").filter(|t| !t.is_null()).cloned(),
+            target_refs: match v.get("targetRefs") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Sequence(s)) => s.clone(),
+                Some(other) => vec![other.clone()],
+            },
+            // A spec that is not a mapping has no readable action: read as unknown.
+            action: if v.is_mapping() {
+                lenient_str(v, "action")
+            } else {
+                Some("?".into())
+            },
+            ..Default::default()
+        })?;
         Ok(AuthorizationPolicyObject {
-            metadata: raw.metadata,
+            metadata,
             spec,
             spec_error,
         })
@@ -351,20 +363,12 @@ pub struct PeerAuthenticationObject {
 
 impl<'de> Deserialize<'de> for PeerAuthenticationObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = Raw::deserialize(d)?;
-        let (spec, spec_error) = match strict(raw.spec.clone()) {
-            Ok(spec) => (spec, None),
-            Err(e) => {
-                let v = raw.spec.unwrap_or(Value::Null);
-                let spec = PeerAuthenticationSpec {
-                    selector: lenient_selector(&v),
-                    ..Default::default()
-                };
-                (spec, Some(e))
-            }
-        };
+        let (metadata, spec, spec_error) = typed_spec(d, |v| PeerAuthenticationSpec {
+            selector: lenient_selector(v),
+            ..Default::default()
+        })?;
         Ok(PeerAuthenticationObject {
-            metadata: raw.metadata,
+            metadata,
             spec,
             spec_error,
         })
