@@ -148,34 +148,16 @@ fn target(v: &Value, namespace: &str) -> Result<Target, String> {
 /// Compiles one rule. Unsupported fields are recorded; an ALLOW rule with any is `never`.
 fn rule(r: &ztunnel::k8s::security::RuleSpec, at: &str, action: Action) -> FieldResult<Rule> {
     let mut unsupported = Vec::new();
-    let mut from = Vec::new();
-    for (j, f) in r.from.iter().flatten().enumerate() {
-        let at = format!("{at}.from[{j}].source");
-        // The node's compiler reports requestPrincipals (JWT) as L7: unsupported here too.
-        let mut l7 = Vec::new();
-        let source = l4::source(&f.source, &at, &mut l7)?;
-        unsupported.extend(l7);
-        from.push(source.unwrap_or_default());
-    }
-    let to =
-        r.to.iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, t)| {
-                operation(
-                    &t.operation,
-                    &format!("{at}.to[{j}].operation"),
-                    &mut unsupported,
-                )
-            })
-            .collect::<FieldResult<Vec<_>>>()?;
-    let when = r
-        .when
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(j, c)| condition(c, &format!("{at}.when[{j}]"), &mut unsupported).transpose())
-        .collect::<FieldResult<Vec<_>>>()?;
+    // The node's compiler reports requestPrincipals (JWT) as L7: unsupported here too.
+    let (from, to, when) = l4::rule_parts(
+        r,
+        at,
+        &mut unsupported,
+        |f, at, u| Ok(l4::source(&f.source, at, u)?.unwrap_or_default()),
+        |t, at, u| operation(&t.operation, at, u),
+        condition,
+    )?;
+    let when = when.into_iter().flatten().collect();
     let never = action == Action::Allow && !unsupported.is_empty();
     Ok(Rule {
         from,

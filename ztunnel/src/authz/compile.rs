@@ -18,8 +18,8 @@ use super::{
     StrMatch, DRY_RUN_ANNOTATION,
 };
 use crate::k8s::security::{
-    AuthorizationPolicyObject, ConditionSpec, MtlsSpec, OperationSpec, PeerAuthenticationObject,
-    Scalar, SourceSpec, SpecError,
+    AuthorizationPolicyObject, ConditionSpec, FromSpec, MtlsSpec, OperationSpec,
+    PeerAuthenticationObject, RuleSpec, Scalar, SourceSpec, SpecError, ToSpec,
 };
 
 /// An invalid policy, naming the object and field; it is enforced failing closed.
@@ -186,26 +186,15 @@ fn compile_rules(
     for (i, r) in obj.spec.rules.iter().flatten().enumerate() {
         let at = format!("spec.rules[{i}]");
         let mut l7 = Vec::new();
-        let from = r
-            .from
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, f)| source(&f.source, &format!("{at}.from[{j}].source"), &mut l7))
-            .collect::<FieldResult<Vec<_>>>()?;
-        let to =
-            r.to.iter()
-                .flatten()
-                .enumerate()
-                .map(|(j, t)| operation(&t.operation, &format!("{at}.to[{j}].operation"), &mut l7))
-                .collect::<FieldResult<Vec<_>>>()?;
-        let when = r
-            .when
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(j, c)| condition(c, &format!("{at}.when[{j}]"), &mut l7).transpose())
-            .collect::<FieldResult<Vec<_>>>()?;
+        let (from, to, when) = rule_parts(
+            r,
+            &at,
+            &mut l7,
+            |f, at, l7| source(&f.source, at, l7),
+            |t, at, l7| operation(&t.operation, at, l7),
+            condition,
+        )?;
+        let when = when.into_iter().flatten().collect();
         let never = !l7.is_empty() && action == Action::Allow;
         if !l7.is_empty() {
             caveats.push((
@@ -239,6 +228,34 @@ fn compile_rules(
         });
     }
     Ok((rules, caveats))
+}
+
+/// Compiles the `from`, `to` and `when` entries of rule `r` (at `at`) with the given
+/// compilers, each called with the entry's path (`<at>.from[j].source`,
+/// `<at>.to[j].operation`, `<at>.when[j]`) and the list of L7 or unsupported fields to add
+/// to. The node daemon and the waypoint walk a rule the same way with their own compilers.
+#[allow(clippy::type_complexity)]
+pub fn rule_parts<S, O, C>(
+    r: &RuleSpec,
+    at: &str,
+    l7: &mut Vec<String>,
+    mut from: impl FnMut(&FromSpec, &str, &mut Vec<String>) -> FieldResult<S>,
+    mut to: impl FnMut(&ToSpec, &str, &mut Vec<String>) -> FieldResult<O>,
+    mut when: impl FnMut(&ConditionSpec, &str, &mut Vec<String>) -> FieldResult<C>,
+) -> FieldResult<(Vec<S>, Vec<O>, Vec<C>)> {
+    let mut sources = Vec::new();
+    for (j, f) in r.from.iter().flatten().enumerate() {
+        sources.push(from(f, &format!("{at}.from[{j}].source"), l7)?);
+    }
+    let mut operations = Vec::new();
+    for (j, t) in r.to.iter().flatten().enumerate() {
+        operations.push(to(t, &format!("{at}.to[{j}].operation"), l7)?);
+    }
+    let mut conditions = Vec::new();
+    for (j, c) in r.when.iter().flatten().enumerate() {
+        conditions.push(when(c, &format!("{at}.when[{j}]"), l7)?);
+    }
+    Ok((sources, operations, conditions))
 }
 
 /// The `istio.io/dry-run` annotation: `true`, `false` or absent (false).
