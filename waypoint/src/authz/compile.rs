@@ -52,9 +52,21 @@ pub fn policy(obj: &AuthorizationPolicyObject) -> (Option<Policy>, Vec<Problem>)
         return (None, problems);
     }
     let mut targets = Vec::new();
+    let mut unreadable = None;
     for (at, v) in refs {
         match target(v, &namespace) {
-            Ok(t) => targets.push(t),
+            Ok(Some(t)) => targets.push(t),
+            Ok(None) => {
+                // What it names cannot be read: the widest reading, every waypoint and
+                // Service of the policy's namespace, and the policy fails closed.
+                targets.push(Target::Namespace(namespace.clone()));
+                unreadable.get_or_insert((
+                    at,
+                    "cannot be read (needs a mapping with a non-empty `name`); the policy \
+                     applies to every waypoint and Service of its namespace"
+                        .to_string(),
+                ));
+            }
             Err(why) => problems.push(Problem::Caveat(format!("{at} ignored: {why}"))),
         }
     }
@@ -73,7 +85,7 @@ pub fn policy(obj: &AuthorizationPolicyObject) -> (Option<Policy>, Vec<Problem>)
         targets,
         invalid: None,
     };
-    let mut invalid = head.invalid.map(|e| (e.field, e.message));
+    let mut invalid = head.invalid.map(|e| (e.field, e.message)).or(unreadable);
     if invalid.is_none() {
         let rules = spec
             .rules
@@ -121,12 +133,14 @@ pub fn policy(obj: &AuthorizationPolicyObject) -> (Option<Policy>, Vec<Problem>)
     (Some(policy), problems)
 }
 
-/// A `targetRef`: a Gateway (the waypoint) or a Service, in the policy's own namespace.
-fn target(v: &Value, namespace: &str) -> Result<Target, String> {
+/// A `targetRef`: a Gateway (the waypoint) or a Service, in the policy's own namespace;
+/// `Ok(None)` when it cannot be read (not a mapping, no name); `Err` for a well-formed
+/// reference this waypoint does not serve (another kind, another namespace).
+fn target(v: &Value, namespace: &str) -> Result<Option<Target>, String> {
     let s = |k: &str| v.get(k).and_then(Value::as_str);
-    let name = s("name")
-        .filter(|n| !n.is_empty())
-        .ok_or("`name` is required")?;
+    let Some(name) = s("name").filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
     if let Some(ns) = s("namespace").filter(|n| *n != namespace) {
         return Err(format!(
             "namespace `{ns}` is not the policy's own ({namespace})"
@@ -134,8 +148,8 @@ fn target(v: &Value, namespace: &str) -> Result<Target, String> {
     }
     let key = format!("{namespace}/{name}");
     match (s("kind"), s("group")) {
-        (Some("Gateway"), None | Some(GATEWAY_GROUP)) => Ok(Target::Gateway(key)),
-        (Some("Service"), None | Some("") | Some("core")) => Ok(Target::Service(key)),
+        (Some("Gateway"), None | Some(GATEWAY_GROUP)) => Ok(Some(Target::Gateway(key))),
+        (Some("Service"), None | Some("") | Some("core")) => Ok(Some(Target::Service(key))),
         (kind, group) => Err(format!(
             "kind `{}` in group `{}` is not attached to waypoints (Gateway in {GATEWAY_GROUP}, \
              or Service in the core group)",

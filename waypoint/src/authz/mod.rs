@@ -51,6 +51,9 @@ pub enum Target {
     Gateway(String),
     /// A `Service`, `namespace/name`: requests whose original destination it is.
     Service(String),
+    /// Every waypoint and Service of a namespace: the reading of a policy whose target
+    /// cannot be read (it is then invalid and fails closed).
+    Namespace(String),
 }
 
 /// `to[].operation`, compiled. Empty fields constrain nothing.
@@ -243,6 +246,13 @@ impl PolicySet {
             .get(&Target::Gateway(gateway.to_string()))
             .into_iter()
             .chain(service.and_then(|s| self.by_target.get(&Target::Service(s.to_string()))))
+            .chain(
+                [Some(gateway), service]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.split_once('/'))
+                    .filter_map(|(ns, _)| self.by_target.get(&Target::Namespace(ns.to_string()))),
+            )
             .flatten()
             .copied()
             .collect();

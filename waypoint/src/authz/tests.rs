@@ -732,3 +732,27 @@ fn opaque_streams_are_decided_on_l4_attributes_and_fail_closed_on_http_ones() {
         ),
     ]);
 }
+
+#[test]
+fn unreadable_target_applies_to_the_namespace_and_fails_closed() {
+    let yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: mesh}\n\
+                spec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, nme: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n";
+    let (_, problems) = policies(yaml);
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, Problem::Invalid { field, .. } if field == "spec.targetRefs[0]")),
+        "{problems:?}"
+    );
+    let d = decide(yaml, &get());
+    assert!(
+        matches!(d.reason, Reason::Invalid { ref policy, .. } if policy == "mesh/d"),
+        "{d:?}"
+    );
+    // A well-formed reference to a kind the waypoint does not serve is still only ignored.
+    let other = yaml.replace(
+        "kind: Gateway, group: gateway.networking.k8s.io, nme: waypoint",
+        "kind: ServiceEntry, group: networking.istio.io, name: ext",
+    );
+    assert!(decide(&other, &get()).allowed());
+}
