@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec};
-use mesh_tests::testkit::{at, denied_line, ok, refused, start_with_daemons};
+use mesh_tests::testkit::{at, denied_line, node_http, ok, refused, start_with_daemons};
 use serde_json::Value;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -59,6 +59,20 @@ fn authz_check(
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// Node `node` logs an `access` line with a `deny_reason` and the 401 after its first `skip`
+/// lines.
+fn expect_401_access_line(cluster: &Cluster, node: usize, skip: usize) {
+    let access = cluster
+        .daemon(node)
+        .wait_for_log_after(
+            skip,
+            |l| message(l) == "access" && !field(l, "deny_reason").is_empty(),
+            LOG_WAIT,
+        )
+        .expect("destination access line with deny_reason");
+    assert!(field(&access, "error").starts_with("401"), "{access}");
 }
 
 fn expect_check(cluster: &Cluster, node: usize, from: &str, to: &str, want: i32, contains: &str) {
@@ -125,15 +139,7 @@ fn allow_by_principal_admits_named_client_and_401s_another() {
         "spiffe://cluster.local/ns/mesh/sa/intruder",
         "{line}"
     );
-    let access = cluster
-        .daemon(2)
-        .wait_for_log_after(
-            skip2,
-            |l| message(l) == "access" && !field(l, "deny_reason").is_empty(),
-            LOG_WAIT,
-        )
-        .expect("destination access line with deny_reason");
-    assert!(field(&access, "error").starts_with("401"), "{access}");
+    expect_401_access_line(&cluster, 2, skip2);
     // Client side: its daemon saw the CONNECT answered with 401.
     let src_line = cluster
         .daemon(1)
@@ -409,4 +415,126 @@ fn deny_applied_during_long_transfer_closes_it_within_1s() {
         1,
         "DENY: denied by mesh/deny-client rule 0",
     );
+}
+
+/// A policy the daemon cannot fully understand never widens access: an ALLOW whose only rule
+/// has `principal:` (a typo of `principals:`) allows nothing, so the client it was meant to
+/// admit is refused; the daemon logs the field, counts it, shows it in `ztunnel status`, and
+/// `ztunnel analyze` and `ztunnel authz check` explain it. Fixing the typo admits the client.
+#[test]
+fn principal_typo_allow_policy_fails_closed() {
+    const FIELD: &str = "spec.rules[0].from[0].source.principal";
+    let spec = ClusterSpec::new(2)
+        .namespace("mesh", true)
+        .pod(PodSpec::new("mesh/a", 1).sa("client"))
+        .pod(PodSpec::new("mesh/b", 2).sa("server").label("app", "b"));
+    let cluster = start_with_daemons(spec);
+    let (a, b) = (cluster.pod("mesh/a").clone(), cluster.pod("mesh/b").clone());
+    let _sb = b.serve(8080, "b").expect("serve b");
+    ok(
+        a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),
+        "before any policy",
+    );
+
+    let typo = |key: &str| {
+        policy(
+            "AuthorizationPolicy",
+            "mesh",
+            "allow-client",
+            &format!("{{selector: {{matchLabels: {{app: b}}}}, action: ALLOW, rules: [{{from: [{{source: {{{key}: [cluster.local/ns/mesh/sa/client]}}}}]}}]}}"),
+        )
+    };
+    let skip2 = cluster.daemon(2).log_lines().len();
+    apply(&cluster, &typo("principal"));
+    let invalid = cluster
+        .daemon(2)
+        .wait_for_log_after(
+            skip2,
+            |l| message(l) == "policy invalid; enforced failing closed",
+            LOG_WAIT,
+        )
+        .expect("the invalid policy is logged");
+    assert_eq!(field(&invalid, "kind"), "AuthorizationPolicy", "{invalid}");
+    assert_eq!(field(&invalid, "policy"), "mesh/allow-client", "{invalid}");
+    assert_eq!(field(&invalid, "action"), "ALLOW", "{invalid}");
+    assert_eq!(field(&invalid, "field"), FIELD, "{invalid}");
+
+    let skip2 = cluster.daemon(2).log_lines().len();
+    refused(
+        a.send(&SendOpts::to(&at(&b, 8080)).timeout(10.0))
+            .expect("runs"),
+        "the client the invalid policy meant to admit",
+    );
+    let line = denied_line(cluster.daemon(2), skip2, &a);
+    assert_eq!(field(&line, "response"), "401", "{line}");
+    assert_eq!(field(&line, "policy"), "mesh/allow-client", "{line}");
+    let reason = field(&line, "reason");
+    assert!(
+        reason.starts_with(&format!(
+            "denied: policy mesh/allow-client failed validation (field `{FIELD}`: unknown field \
+             `principal` (did you mean `principals`?)); it allows nothing"
+        )),
+        "{line}"
+    );
+    expect_401_access_line(&cluster, 2, skip2);
+
+    // `authz check` gives the same explanation, `analyze` lists the policy (exit 1).
+    let (code, out) = authz_check(&cluster, 2, "mesh/a", "mesh/b:8080", &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!(
+            "DENY: denied: policy mesh/allow-client failed validation (field `{FIELD}`"
+        )),
+        "{out}"
+    );
+    let (code, out) = analyze(&cluster, 2);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "INVALID   AuthorizationPolicy mesh/allow-client (ALLOW): field `{FIELD}`"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("means: it allows nothing"), "{out}");
+
+    // The metric and `ztunnel status` show it while it is in force.
+    let gauge = r#"ztunnel_policies_invalid{kind="AuthorizationPolicy",action="ALLOW"} 1"#;
+    let (_, metrics) = node_http(&cluster, 2, 15020, "GET", "/metrics").expect("scrape");
+    assert!(metrics.contains(gauge), "{metrics}");
+    let status = Command::new(mesh_tests::ztunnel_bin())
+        .args(["status", "--admin-socket"])
+        .arg(cluster.admin_socket(2))
+        .output()
+        .expect("ztunnel status runs");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("POLICY PROBLEMS (1 invalid, enforced failing closed; 0 with a caveat)"),
+        "{text}"
+    );
+    assert!(text.contains(FIELD), "{text}");
+
+    // Fixed: the client is admitted, the gauge is gone and the state analyzes clean.
+    apply(&cluster, &typo("principals"));
+    ok(
+        a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),
+        "after the typo is fixed",
+    );
+    let (_, metrics) = node_http(&cluster, 2, 15020, "GET", "/metrics").expect("scrape");
+    assert!(!metrics.contains("ztunnel_policies_invalid{"), "{metrics}");
+    let (code, out) = analyze(&cluster, 2);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// `ztunnel analyze` on node `n`'s state; returns (exit code, stdout).
+fn analyze(cluster: &Cluster, node: usize) -> (i32, String) {
+    let out = Command::new(mesh_tests::ztunnel_bin())
+        .args(["analyze", "--state"])
+        .arg(cluster.state_dir(node))
+        .output()
+        .expect("ztunnel analyze runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }

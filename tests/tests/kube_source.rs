@@ -163,6 +163,36 @@ fn kube_source_follows_labels_and_policies() {
         "re-allowed after delete",
     );
 
+    // The same policy with `principal:` (a typo) through the API: kept and failing closed, so
+    // the client it was meant to admit is refused too.
+    let skips = marks(&cluster);
+    apply(
+        &cluster,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-typo, namespace: mesh}\n\
+         spec: {selector: {matchLabels: {app: b}}, action: ALLOW, rules: [{from: [{source: {principal: [cluster.local/ns/mesh/sa/client]}}]}]}\n",
+    );
+    wait_applied(&cluster, &skips, |_| true);
+    let skip2 = cluster.daemon(2).log_lines().len();
+    refused(
+        a.send(&SendOpts::to(&at(&b, 8080)).timeout(10.0))
+            .expect("runs"),
+        "client of an ALLOW policy with a misspelled key",
+    );
+    let line = denied_line(cluster.daemon(2), skip2, &a);
+    assert!(
+        field(&line, "reason").starts_with(
+            "denied: policy mesh/allow-typo failed validation (field \
+             `spec.rules[0].from[0].source.principal`"
+        ),
+        "{line}"
+    );
+    let skips = marks(&cluster);
+    kubectl(
+        &cluster,
+        &["delete", "authorizationpolicy", "-n", "mesh", "allow-typo"],
+    );
+    wait_applied(&cluster, &skips, |_| true);
+
     // PeerAuthentication STRICT (v1beta1, to use both versions): plaintext is refused.
     ok(
         d.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),

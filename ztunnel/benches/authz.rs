@@ -48,8 +48,8 @@ fn registry(yaml: &str) -> Registry {
             _ => None,
         })
         .collect();
-    let (reg, report) = Registry::build(ap, std::iter::empty());
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let reg = Registry::build(ap, std::iter::empty());
+    assert!(reg.problems.is_empty(), "{:?}", reg.problems);
     reg
 }
 

@@ -427,6 +427,7 @@ fn serve_admin(
         pool: data_plane.pool.clone(),
         capture: shared.capture.clone(),
         workers: data_plane.workers.clone(),
+        state: shared.state.clone(),
     };
     let routes = AdminRoutes {
         cfg: shared.cfg.clone(),

@@ -219,6 +219,7 @@ fn summary(d: &Value) -> Value {
         "hbone_pool": d["hbone_pool"],
         "capture": d["capture"],
         "source": d["source"],
+        "policy_problems": d["policy_problems"],
     })
 }
 
@@ -330,7 +331,43 @@ fn render_status(d: &Value) -> String {
     out += &table(&["POD", "IP", "ENROLLED", "CAPTURED", "IDENTITY"], &rows);
     out += "\nCERTIFICATES\n";
     out += &render_certificates(d);
+    out += &render_policy_problems(d);
     out
+}
+
+/// Invalid policies (enforced failing closed) and caveats; nothing when there are none.
+fn render_policy_problems(d: &Value) -> String {
+    let problems = d["policy_problems"].as_array().cloned().unwrap_or_default();
+    if problems.is_empty() {
+        return "\nPOLICIES: no invalid policy, no caveat\n".into();
+    }
+    let invalid = problems.iter().filter(|p| p["invalid"] == true).count();
+    let rows: Vec<Vec<String>> = problems
+        .iter()
+        .map(|p| {
+            let state = if p["invalid"] == true {
+                "INVALID"
+            } else {
+                "CAVEAT"
+            };
+            vec![
+                state.to_string(),
+                s(&p["kind"]),
+                s(&p["policy"]),
+                s(&p["action"]),
+                s(&p["field"]),
+                format!("{} ({})", s(&p["effect"]), s(&p["message"])),
+            ]
+        })
+        .collect();
+    format!(
+        "\nPOLICY PROBLEMS ({invalid} invalid, enforced failing closed; {} with a caveat)\n{}",
+        problems.len() - invalid,
+        table(
+            &["STATE", "KIND", "POLICY", "ACTION", "FIELD", "MEANING"],
+            &rows
+        )
+    )
 }
 
 fn render_workloads(d: &Value) -> String {

@@ -52,98 +52,95 @@ pub fn policy(obj: &AuthorizationPolicyObject) -> (Option<Policy>, Vec<Problem>)
         return (None, problems);
     }
     let mut targets = Vec::new();
+    let mut unreadable = None;
     for (at, v) in refs {
         match target(v, &namespace) {
-            Ok(t) => targets.push(t),
+            Ok(Some(t)) => targets.push(t),
+            Ok(None) => {
+                // What it names cannot be read: the widest reading, every waypoint and
+                // Service of the policy's namespace, and the policy fails closed.
+                targets.push(Target::Namespace(namespace.clone()));
+                unreadable.get_or_insert((
+                    at,
+                    "cannot be read (needs a mapping with a non-empty `name`); the policy \
+                     applies to every waypoint and Service of its namespace"
+                        .to_string(),
+                ));
+            }
             Err(why) => problems.push(Problem::Caveat(format!("{at} ignored: {why}"))),
         }
     }
     if targets.is_empty() {
         return (None, problems);
     }
-    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" | "" => Ok(Action::Allow),
-        "DENY" => Ok(Action::Deny),
-        "AUDIT" => Ok(Action::Audit),
-        "CUSTOM" => Ok(Action::Custom),
-        other => Err((
-            "spec.action".to_string(),
-            format!(
-                "unknown action `{other}` (expected ALLOW, DENY, AUDIT or CUSTOM); treated as DENY"
-            ),
-        )),
-    };
+    // Action, dry run and the checks both enforcement points share (the spec typed, unknown
+    // keys included; a known action; no selector next to targetRefs) are the node daemon's.
+    let head = l4::head(obj);
     let mut policy = Policy {
         namespace: namespace.clone(),
         name: obj.metadata.name.clone(),
-        action: *action.as_ref().unwrap_or(&Action::Deny),
+        action: head.action,
         rules: Vec::new(),
-        dry_run: false,
+        dry_run: head.dry_run,
         targets,
         invalid: None,
     };
-    let compiled = (|| {
-        let action = action?;
-        if spec.selector.is_some() {
-            return Err((
-                "spec.selector".to_string(),
-                "cannot be combined with targetRef/targetRefs".to_string(),
-            ));
-        }
-        let dry_run = l4::dry_run(&obj.metadata)?;
+    let mut invalid = head.invalid.map(|e| (e.field, e.message)).or(unreadable);
+    if invalid.is_none() {
         let rules = spec
             .rules
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| rule(r, &format!("spec.rules[{i}]"), action))
-            .collect::<FieldResult<Vec<_>>>()?;
-        Ok((dry_run, rules))
-    })();
-    match compiled {
-        Ok((dry_run, rules)) => {
-            for (i, r) in rules.iter().enumerate() {
-                if r.unsupported.is_empty() {
-                    continue;
-                }
-                problems.push(Problem::Caveat(if r.never {
-                    format!(
-                        "spec.rules[{i}] uses {} which the waypoint cannot evaluate; this ALLOW \
-                         rule matches nothing (fail closed)",
-                        r.unsupported.join(", ")
-                    )
-                } else {
-                    format!(
-                        "spec.rules[{i}] uses {} which the waypoint cannot evaluate; they are \
-                         taken as matched, so this {} rule applies to every request matching \
-                         its other fields (fail closed)",
-                        r.unsupported.join(", "),
-                        policy.action.as_str()
-                    )
-                }));
-            }
-            policy.dry_run = dry_run;
-            policy.rules = rules;
+            .map(|(i, r)| rule(r, &format!("spec.rules[{i}]"), head.action))
+            .collect::<FieldResult<Vec<_>>>();
+        match rules {
+            Ok(rules) => policy.rules = rules,
+            Err(e) => invalid = Some(e),
         }
-        Err((field, message)) => {
-            if policy.action == Action::Audit {
-                // AUDIT decides nothing: an invalid one is only reported.
-                problems.push(Problem::Invalid { field, message });
-                return (None, problems);
-            }
-            policy.invalid = Some(format!("field `{field}`: {message}"));
+    }
+    if let Some((field, message)) = invalid {
+        if policy.action == Action::Audit {
+            // AUDIT decides nothing: an invalid one is only reported.
             problems.push(Problem::Invalid { field, message });
+            return (None, problems);
         }
+        policy.invalid = Some(format!("field `{field}`: {message}"));
+        policy.rules.clear();
+        problems.push(Problem::Invalid { field, message });
+        return (Some(policy), problems);
+    }
+    for (i, r) in policy.rules.iter().enumerate() {
+        if r.unsupported.is_empty() {
+            continue;
+        }
+        problems.push(Problem::Caveat(if r.never {
+            format!(
+                "spec.rules[{i}] uses {} which the waypoint cannot evaluate; this ALLOW rule \
+                 matches nothing (fail closed)",
+                r.unsupported.join(", ")
+            )
+        } else {
+            format!(
+                "spec.rules[{i}] uses {} which the waypoint cannot evaluate; they are taken as \
+                 matched, so this {} rule applies to every request matching its other fields \
+                 (fail closed)",
+                r.unsupported.join(", "),
+                policy.action.as_str()
+            )
+        }));
     }
     (Some(policy), problems)
 }
 
-/// A `targetRef`: a Gateway (the waypoint) or a Service, in the policy's own namespace.
-fn target(v: &Value, namespace: &str) -> Result<Target, String> {
+/// A `targetRef`: a Gateway (the waypoint) or a Service, in the policy's own namespace;
+/// `Ok(None)` when it cannot be read (not a mapping, no name); `Err` for a well-formed
+/// reference this waypoint does not serve (another kind, another namespace).
+fn target(v: &Value, namespace: &str) -> Result<Option<Target>, String> {
     let s = |k: &str| v.get(k).and_then(Value::as_str);
-    let name = s("name")
-        .filter(|n| !n.is_empty())
-        .ok_or("`name` is required")?;
+    let Some(name) = s("name").filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
     if let Some(ns) = s("namespace").filter(|n| *n != namespace) {
         return Err(format!(
             "namespace `{ns}` is not the policy's own ({namespace})"
@@ -151,8 +148,8 @@ fn target(v: &Value, namespace: &str) -> Result<Target, String> {
     }
     let key = format!("{namespace}/{name}");
     match (s("kind"), s("group")) {
-        (Some("Gateway"), None | Some(GATEWAY_GROUP)) => Ok(Target::Gateway(key)),
-        (Some("Service"), None | Some("") | Some("core")) => Ok(Target::Service(key)),
+        (Some("Gateway"), None | Some(GATEWAY_GROUP)) => Ok(Some(Target::Gateway(key))),
+        (Some("Service"), None | Some("") | Some("core")) => Ok(Some(Target::Service(key))),
         (kind, group) => Err(format!(
             "kind `{}` in group `{}` is not attached to waypoints (Gateway in {GATEWAY_GROUP}, \
              or Service in the core group)",
@@ -165,34 +162,16 @@ fn target(v: &Value, namespace: &str) -> Result<Target, String> {
 /// Compiles one rule. Unsupported fields are recorded; an ALLOW rule with any is `never`.
 fn rule(r: &ztunnel::k8s::security::RuleSpec, at: &str, action: Action) -> FieldResult<Rule> {
     let mut unsupported = Vec::new();
-    let mut from = Vec::new();
-    for (j, f) in r.from.iter().flatten().enumerate() {
-        let at = format!("{at}.from[{j}].source");
-        // The node's compiler reports requestPrincipals (JWT) as L7: unsupported here too.
-        let mut l7 = Vec::new();
-        let source = l4::source(&f.source, &at, &mut l7)?;
-        unsupported.extend(l7);
-        from.push(source.unwrap_or_default());
-    }
-    let to =
-        r.to.iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, t)| {
-                operation(
-                    &t.operation,
-                    &format!("{at}.to[{j}].operation"),
-                    &mut unsupported,
-                )
-            })
-            .collect::<FieldResult<Vec<_>>>()?;
-    let when = r
-        .when
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(j, c)| condition(c, &format!("{at}.when[{j}]"), &mut unsupported).transpose())
-        .collect::<FieldResult<Vec<_>>>()?;
+    // The node's compiler reports requestPrincipals (JWT) as L7: unsupported here too.
+    let (from, to, when) = l4::rule_parts(
+        r,
+        at,
+        &mut unsupported,
+        |f, at, u| Ok(l4::source(&f.source, at, u)?.unwrap_or_default()),
+        |t, at, u| operation(&t.operation, at, u),
+        condition,
+    )?;
+    let when = when.into_iter().flatten().collect();
     let never = action == Action::Allow && !unsupported.is_empty();
     Ok(Rule {
         from,

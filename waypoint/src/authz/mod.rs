@@ -40,30 +40,9 @@ use ztunnel::identity::SpiffeId;
 /// tests that look for it keep working).
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
-/// What a policy does when one of its rules matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Action {
-    /// Delegates to an external authorizer; none is configured, so a match denies.
-    Custom,
-    /// Reject.
-    Deny,
-    /// Admit (at least one ALLOW must match when any ALLOW is attached).
-    Allow,
-    /// Report only.
-    Audit,
-}
-
-impl Action {
-    /// The Istio spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Custom => "CUSTOM",
-            Action::Deny => "DENY",
-            Action::Allow => "ALLOW",
-            Action::Audit => "AUDIT",
-        }
-    }
-}
+/// What a policy does when one of its rules matches: the node daemon's actions (CUSTOM
+/// included: no external authorizer is configured, so a match denies).
+pub use ztunnel::authz::Action;
 
 /// What a policy is attached to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -72,6 +51,9 @@ pub enum Target {
     Gateway(String),
     /// A `Service`, `namespace/name`: requests whose original destination it is.
     Service(String),
+    /// Every waypoint and Service of a namespace: the reading of a policy whose target
+    /// cannot be read (it is then invalid and fails closed).
+    Namespace(String),
 }
 
 /// `to[].operation`, compiled. Empty fields constrain nothing.
@@ -264,6 +246,13 @@ impl PolicySet {
             .get(&Target::Gateway(gateway.to_string()))
             .into_iter()
             .chain(service.and_then(|s| self.by_target.get(&Target::Service(s.to_string()))))
+            .chain(
+                [Some(gateway), service]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.split_once('/'))
+                    .filter_map(|(ns, _)| self.by_target.get(&Target::Namespace(ns.to_string()))),
+            )
             .flatten()
             .copied()
             .collect();

@@ -603,6 +603,12 @@ fn invalid_policies_fail_closed() {
         ("unknown when key", deny("{when: [{key: request.body, values: [x]}]}"), "spec.rules[0].when[0].key"),
         ("empty operation", deny("{to: [{operation: {}}]}"), "spec.rules[0].to[0].operation"),
         ("selector with targetRefs", gw("s", "action: DENY\n  selector: {matchLabels: {app: x}}\n  rules: [{to: [{operation: {paths: [/never]}}]}]"), "spec.selector"),
+        // Unknown keys are invalid, as at the node daemon: never a wider rule.
+        ("misspelled source key", allow("{from: [{source: {principal: [cluster.local/ns/mesh/sa/a]}}]}"), "spec.rules[0].from[0].source.principal"),
+        ("misspelled key next to a valid one", allow("{to: [{operation: {methods: [GET], path: [/public/*]}}]}"), "spec.rules[0].to[0].operation.path"),
+        ("misspelled DENY key", deny("{to: [{operation: {method: [POST]}}]}"), "spec.rules[0].to[0].operation.method"),
+        ("unknown spec key", gw("u", "action: DENY\n  rule: [{}]"), "spec.rule"),
+        ("wrong type", deny("{from: [{source: {principals: x}}]}"), "spec.rules[0].from[0].source.principals"),
     ];
     for (name, yaml, field) in cases {
         let (_, problems) = policies(&yaml);
@@ -620,6 +626,25 @@ fn invalid_policies_fail_closed() {
     }
     let d = decide(&deny("{to: [{operation: {ports: ['0']}}]}"), &get());
     assert!(matches!(d.reason, Reason::Invalid { ref policy, .. } if policy == "mesh/deny"));
+    let d = decide(
+        &allow("{from: [{source: {principal: [cluster.local/ns/mesh/sa/a]}}]}"),
+        &get(),
+    );
+    assert!(
+        matches!(d.reason, Reason::NoAllowMatched { ref checked } if checked == &["mesh/allow".to_string()]),
+        "{d:?}"
+    );
+    // A dry-run annotation is honoured on an invalid policy: logged as a denial, not enforced.
+    let dry = deny("{to: [{operation: {method: [POST]}}]}").replace(
+        "metadata: {name: deny, namespace: mesh}",
+        "metadata: {name: deny, namespace: mesh, annotations: {istio.io/dry-run: 'true'}}",
+    );
+    let d = decide(&dry, &get());
+    assert!(d.allowed(), "{d:?}");
+    assert!(
+        matches!(d.dry_run, Some((Verdict::Deny, Reason::Invalid { .. }))),
+        "{d:?}"
+    );
     // An invalid AUDIT decides nothing.
     let d = decide(
         &gw(
@@ -706,4 +731,28 @@ fn opaque_streams_are_decided_on_l4_attributes_and_fail_closed_on_http_ones() {
             false,
         ),
     ]);
+}
+
+#[test]
+fn unreadable_target_applies_to_the_namespace_and_fails_closed() {
+    let yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: mesh}\n\
+                spec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, nme: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n";
+    let (_, problems) = policies(yaml);
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, Problem::Invalid { field, .. } if field == "spec.targetRefs[0]")),
+        "{problems:?}"
+    );
+    let d = decide(yaml, &get());
+    assert!(
+        matches!(d.reason, Reason::Invalid { ref policy, .. } if policy == "mesh/d"),
+        "{d:?}"
+    );
+    // A well-formed reference to a kind the waypoint does not serve is still only ignored.
+    let other = yaml.replace(
+        "kind: Gateway, group: gateway.networking.k8s.io, nme: waypoint",
+        "kind: ServiceEntry, group: networking.istio.io, name: ext",
+    );
+    assert!(decide(&other, &get()).allowed());
 }

@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use super::{read_only, CaptureView, Reply, Request};
 use crate::hbone::client::Pool;
 use crate::identity::CertManager;
+use crate::state::State;
 use crate::telemetry::metrics::{gauge, Metrics, CONTENT_TYPE};
 use crate::workers::Workers;
 
@@ -23,6 +26,8 @@ pub struct MetricsRoutes {
     pub capture: Arc<CaptureView>,
     /// Per-worker connection gauges.
     pub workers: Arc<Workers>,
+    /// The latest state: its invalid policies (`ztunnel_policies_invalid`).
+    pub state: watch::Receiver<Arc<State>>,
 }
 
 impl MetricsRoutes {
@@ -48,5 +53,6 @@ impl MetricsRoutes {
             .set(gauge(capture.interfaces.len()));
         m.set_certificates(&self.certs.snapshot());
         m.set_worker_loads(&self.workers.loads());
+        m.set_invalid_policies(&self.state.borrow().authz.invalid_counts());
     }
 }

@@ -146,6 +146,7 @@ impl AdminRoutes {
             "generation": state.generation,
             "workloads": workloads,
             "services": state.services,
+            "policy_problems": state.authz.problems,
             "enrolled_pods": enrolled_pods,
             "certificates": certificates,
             "ca": self.certs.health().snapshot(),

@@ -1,8 +1,14 @@
 //! Validation: from the YAML shape ([`crate::k8s::security`]) to the compiled policy the evaluator
-//! runs. Every semantic mistake (unknown action, malformed CIDR, bad port, unknown `when` key,
-//! contradictory fields) is reported with the object and the field, and only that policy is
-//! dropped. Rules that need L7 attributes are rewritten to fail safe here (see
-//! [`super::Policy`]) and a warning says so.
+//! runs. Every mistake (a spec that does not type, unknown action, malformed CIDR, bad port,
+//! unknown `when` key, contradictory fields) is reported with the object and the field, and the
+//! policy is kept **failing closed** ([`super::Policy::invalid`]): an invalid ALLOW allows
+//! nothing, an invalid DENY or CUSTOM denies everything it selects, an invalid
+//! PeerAuthentication is read as STRICT. Rules that need L7 attributes are rewritten to fail
+//! safe here (see [`super::Policy`]) and a caveat says so.
+//!
+//! [`head`] is the part the node daemon and the waypoint read the same way (action, dry run,
+//! the first reason a policy is invalid); both compile the L4 fields with [`source`],
+//! [`condition`] and [`port`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,11 +18,11 @@ use super::{
     StrMatch, DRY_RUN_ANNOTATION,
 };
 use crate::k8s::security::{
-    AuthorizationPolicyObject, ConditionSpec, MtlsSpec, OperationSpec, PeerAuthenticationObject,
-    Scalar, SourceSpec,
+    AuthorizationPolicyObject, ConditionSpec, FromSpec, MtlsSpec, OperationSpec,
+    PeerAuthenticationObject, RuleSpec, Scalar, SourceSpec, SpecError, ToSpec,
 };
 
-/// A policy that was dropped, naming the object and field.
+/// An invalid policy, naming the object and field; it is enforced failing closed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{kind} {namespace}/{name}: field `{field}`: {message}")]
 pub struct PolicyError {
@@ -32,105 +38,184 @@ pub struct PolicyError {
     pub message: String,
 }
 
+/// A caveat: the dotted path it is about and what it means for traffic.
+pub type Caveat = (String, String);
+
 /// What compiling one authorization policy produced.
 #[derive(Debug)]
 pub enum Compiled {
-    /// Enforced here; with warnings to log (L7 fail-safe rewrites, ignored fields).
-    Policy(Policy, Vec<String>),
+    /// Enforced here (valid, or invalid and failing closed), with caveats to log (L7
+    /// fail-safe rewrites, CUSTOM without an authorizer).
+    Policy(Policy, Vec<Caveat>),
     /// Attached with `targetRef(s)`: a waypoint's business, not enforced by the node daemon.
     Waypoint,
+    /// An invalid AUDIT policy: it decides nothing, so it is only reported.
+    Ignored(SpecError),
 }
 
 /// A compiled part, or the dotted path of the offending field and what is wrong with it.
 pub type FieldResult<T> = Result<T, (String, String)>;
 
-/// Compiles an `AuthorizationPolicy`.
-pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled, PolicyError> {
-    let namespace = obj.metadata.namespace.clone().unwrap_or_default();
-    let name = obj.metadata.name.clone();
-    let err = |(field, message): (String, String)| PolicyError {
-        kind: "AuthorizationPolicy",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        field,
-        message,
-    };
+/// What every enforcement point reads the same way before the rules.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// The action; an unknown or unreadable one is read as DENY (the stricter reading).
+    pub action: Action,
+    /// `istio.io/dry-run: "true"` (a malformed annotation makes the policy invalid and
+    /// enforced).
+    pub dry_run: bool,
+    /// The first reason the policy is invalid, if any.
+    pub invalid: Option<SpecError>,
+}
+
+/// Reads the action, the dry-run annotation and the checks that do not depend on where the
+/// policy is enforced: the spec typed ([`AuthorizationPolicyObject::spec_error`]), a known
+/// action, no `selector` next to `targetRef(s)`.
+pub fn head(obj: &AuthorizationPolicyObject) -> Head {
     let spec = &obj.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
-        if spec.selector.is_some() {
-            return Err(err((
-                "spec.selector".into(),
-                "cannot be combined with targetRef/targetRefs".into(),
-            )));
-        }
-        return Ok(Compiled::Waypoint);
-    }
+    let mut invalid = obj.spec_error.clone();
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" | "" => Action::Allow,
         "DENY" => Action::Deny,
         "AUDIT" => Action::Audit,
-        "CUSTOM" => {
-            return Err(err((
-                "spec.action".into(),
-                "CUSTOM needs an external authorization provider, which the node daemon does \
-                 not support; use ALLOW or DENY"
-                    .into(),
-            )))
-        }
+        "CUSTOM" => Action::Custom,
         other => {
-            return Err(err((
-                "spec.action".into(),
-                format!("unknown action `{other}` (expected ALLOW, DENY, AUDIT or CUSTOM)"),
-            )))
-        }
-    };
-    let dry_run = dry_run(&obj.metadata).map_err(err)?;
-    let mut warnings = Vec::new();
-    let mut rules = Vec::new();
-    for (i, r) in spec.rules.iter().flatten().enumerate() {
-        let at = format!("spec.rules[{i}]");
-        let mut l7 = Vec::new();
-        let from = r
-            .from
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, f)| source(&f.source, &format!("{at}.from[{j}].source"), &mut l7))
-            .collect::<FieldResult<Vec<_>>>()
-            .map_err(err)?;
-        let to =
-            r.to.iter()
-                .flatten()
-                .enumerate()
-                .map(|(j, t)| operation(&t.operation, &format!("{at}.to[{j}].operation"), &mut l7))
-                .collect::<FieldResult<Vec<_>>>()
-                .map_err(err)?;
-        let when = r
-            .when
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(j, c)| condition(c, &format!("{at}.when[{j}]"), &mut l7).transpose())
-            .collect::<FieldResult<Vec<_>>>()
-            .map_err(err)?;
-        let never = !l7.is_empty() && action == Action::Allow;
-        if !l7.is_empty() {
-            warnings.push(if never {
-                format!(
-                    "{at} uses L7 attributes ({}) that the node daemon cannot see; this ALLOW \
-                     rule matches nothing here (fail safe: traffic it was meant to allow is \
-                     denied unless another rule allows it; use a waypoint for L7 policy)",
-                    l7.join(", ")
-                )
-            } else {
-                format!(
-                    "{at} uses L7 attributes ({}) that the node daemon cannot see; they are \
-                     ignored, so this {} rule applies to all traffic matching its L4 parts \
-                     (fail safe; use a waypoint for L7 policy)",
-                    l7.join(", "),
-                    action.as_str()
+            invalid.get_or_insert_with(|| {
+                SpecError::new(
+                    "spec.action",
+                    format!(
+                        "unknown action `{other}` (expected ALLOW, DENY, AUDIT or CUSTOM); read \
+                         as DENY"
+                    ),
                 )
             });
+            Action::Deny
+        }
+    };
+    let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+    if targeted && spec.selector.is_some() {
+        invalid.get_or_insert_with(|| {
+            SpecError::new(
+                "spec.selector",
+                "cannot be combined with targetRef/targetRefs",
+            )
+        });
+    }
+    let dry_run = match dry_run(&obj.metadata) {
+        Ok(d) => d,
+        Err((field, message)) => {
+            invalid.get_or_insert(SpecError { field, message });
+            false
+        }
+    };
+    Head {
+        action,
+        dry_run,
+        invalid,
+    }
+}
+
+/// What an invalid policy with `action` does to traffic (the same wording for the log,
+/// `ztunnel analyze`, `ztunnel authz check` and the waypoint).
+pub fn fail_closed_effect(action: Action) -> &'static str {
+    match action {
+        Action::Allow => {
+            "it allows nothing: the workloads it applies to are denied unless another ALLOW \
+             policy admits the traffic"
+        }
+        Action::Deny | Action::Custom => "it denies all traffic to the workloads it applies to",
+        Action::Audit => "it is ignored (an AUDIT policy decides nothing)",
+    }
+}
+
+/// Compiles an `AuthorizationPolicy`. Never drops an enforced policy: an invalid one comes
+/// back with [`Policy::invalid`] set and no rules.
+pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Compiled {
+    let spec = &obj.spec;
+    let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+    if targeted && spec.selector.is_none() {
+        return Compiled::Waypoint;
+    }
+    let Head {
+        action,
+        dry_run,
+        mut invalid,
+    } = head(obj);
+    let mut caveats = Vec::new();
+    let mut rules = Vec::new();
+    if invalid.is_none() {
+        match compile_rules(obj, action) {
+            Ok((r, c)) => (rules, caveats) = (r, c),
+            Err((field, message)) => invalid = Some(SpecError { field, message }),
+        }
+    }
+    if let Some(e) = invalid.as_ref().filter(|_| action == Action::Audit) {
+        return Compiled::Ignored(e.clone());
+    }
+    if action == Action::Custom && invalid.is_none() {
+        caveats.push((
+            "spec.action".into(),
+            "CUSTOM needs an external authorizer, which the node daemon does not have: \
+             traffic its rules match is denied"
+                .into(),
+        ));
+    }
+    if invalid.is_some() {
+        rules.clear();
+    }
+    Compiled::Policy(
+        Policy {
+            namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+            name: obj.metadata.name.clone(),
+            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            action,
+            rules,
+            dry_run,
+            invalid,
+        },
+        caveats,
+    )
+}
+
+fn compile_rules(
+    obj: &AuthorizationPolicyObject,
+    action: Action,
+) -> FieldResult<(Vec<Rule>, Vec<Caveat>)> {
+    let mut caveats = Vec::new();
+    let mut rules = Vec::new();
+    for (i, r) in obj.spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let mut l7 = Vec::new();
+        let (from, to, when) = rule_parts(
+            r,
+            &at,
+            &mut l7,
+            |f, at, l7| source(&f.source, at, l7),
+            |t, at, l7| operation(&t.operation, at, l7),
+            condition,
+        )?;
+        let when = when.into_iter().flatten().collect();
+        let never = !l7.is_empty() && action == Action::Allow;
+        if !l7.is_empty() {
+            caveats.push((
+                at.clone(),
+                if never {
+                    format!(
+                        "uses L7 attributes ({}) that the node daemon cannot see; this ALLOW \
+                         rule matches nothing here (fail safe: traffic it was meant to allow is \
+                         denied unless another rule allows it; use a waypoint for L7 policy)",
+                        l7.join(", ")
+                    )
+                } else {
+                    format!(
+                        "uses L7 attributes ({}) that the node daemon cannot see; they are \
+                         ignored, so this {} rule applies to all traffic matching its L4 parts \
+                         (fail safe; use a waypoint for L7 policy)",
+                        l7.join(", "),
+                        action.as_str()
+                    )
+                },
+            ));
         }
         // An entry made only of L7 fields keeps no L4 constraint: it matches every flow (in a
         // DENY that is the fail-safe reading; an ALLOW rule with L7 fields is `never` anyway).
@@ -142,17 +227,35 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Compiled,
             never,
         });
     }
-    Ok(Compiled::Policy(
-        Policy {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
-            action,
-            rules,
-            dry_run,
-        },
-        warnings,
-    ))
+    Ok((rules, caveats))
+}
+
+/// Compiles the `from`, `to` and `when` entries of rule `r` (at `at`) with the given
+/// compilers, each called with the entry's path (`<at>.from[j].source`,
+/// `<at>.to[j].operation`, `<at>.when[j]`) and the list of L7 or unsupported fields to add
+/// to. The node daemon and the waypoint walk a rule the same way with their own compilers.
+#[allow(clippy::type_complexity)]
+pub fn rule_parts<S, O, C>(
+    r: &RuleSpec,
+    at: &str,
+    l7: &mut Vec<String>,
+    mut from: impl FnMut(&FromSpec, &str, &mut Vec<String>) -> FieldResult<S>,
+    mut to: impl FnMut(&ToSpec, &str, &mut Vec<String>) -> FieldResult<O>,
+    mut when: impl FnMut(&ConditionSpec, &str, &mut Vec<String>) -> FieldResult<C>,
+) -> FieldResult<(Vec<S>, Vec<O>, Vec<C>)> {
+    let mut sources = Vec::new();
+    for (j, f) in r.from.iter().flatten().enumerate() {
+        sources.push(from(f, &format!("{at}.from[{j}].source"), l7)?);
+    }
+    let mut operations = Vec::new();
+    for (j, t) in r.to.iter().flatten().enumerate() {
+        operations.push(to(t, &format!("{at}.to[{j}].operation"), l7)?);
+    }
+    let mut conditions = Vec::new();
+    for (j, c) in r.when.iter().flatten().enumerate() {
+        conditions.push(when(c, &format!("{at}.when[{j}]"), l7)?);
+    }
+    Ok((sources, operations, conditions))
 }
 
 /// The `istio.io/dry-run` annotation: `true`, `false` or absent (false).
@@ -373,25 +476,45 @@ fn mode(m: &MtlsSpec, field: &str) -> FieldResult<Option<MtlsMode>> {
     }
 }
 
-/// Compiles a `PeerAuthentication`; warnings to log come back with it.
-pub fn peer_authentication(
-    obj: &PeerAuthenticationObject,
-) -> Result<(PeerAuth, Vec<String>), PolicyError> {
-    let namespace = obj.metadata.namespace.clone().unwrap_or_default();
-    let name = obj.metadata.name.clone();
-    let err = |(field, message): (String, String)| PolicyError {
-        kind: "PeerAuthentication",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        field,
-        message,
+/// Compiles a `PeerAuthentication`; caveats to log come back with it. An invalid one is kept,
+/// read as STRICT on every port (the strict reading: an invalid STRICT never becomes
+/// PERMISSIVE), with [`PeerAuth::invalid`] set.
+pub fn peer_authentication(obj: &PeerAuthenticationObject) -> (PeerAuth, Vec<Caveat>) {
+    let mut caveats = Vec::new();
+    let compiled = match &obj.spec_error {
+        Some(e) => Err((e.field.clone(), e.message.clone())),
+        None => peer_modes(obj, &mut caveats),
     };
+    let (mode, ports, invalid) = match compiled {
+        Ok((mode, ports)) => (mode, ports, None),
+        Err((field, message)) => {
+            caveats.clear();
+            let e = SpecError { field, message };
+            (Some(MtlsMode::Strict), BTreeMap::new(), Some(e))
+        }
+    };
+    (
+        PeerAuth {
+            namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+            name: obj.metadata.name.clone(),
+            selector: obj.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            mode,
+            ports,
+            invalid,
+        },
+        caveats,
+    )
+}
+
+type Modes = (Option<MtlsMode>, BTreeMap<u16, MtlsMode>);
+
+fn peer_modes(obj: &PeerAuthenticationObject, caveats: &mut Vec<Caveat>) -> FieldResult<Modes> {
     let spec = &obj.spec;
-    let mut warnings = Vec::new();
     let mut disable = |f: &str, m: Option<MtlsMode>| -> Option<MtlsMode> {
         if m == Some(MtlsMode::Disable) {
-            warnings.push(format!(
-                "{f}: DISABLE is ignored (the tunnel always uses mTLS); treated as unset"
+            caveats.push((
+                f.to_string(),
+                "DISABLE is ignored (the tunnel always uses mTLS); treated as unset".into(),
             ));
             None
         } else {
@@ -399,17 +522,17 @@ pub fn peer_authentication(
         }
     };
     let whole = match &spec.mtls {
-        Some(m) => mode(m, "spec.mtls.mode").map_err(err)?,
+        Some(m) => mode(m, "spec.mtls.mode")?,
         None => None,
     };
     let whole = disable("spec.mtls.mode", whole);
     let mut ports = BTreeMap::new();
     if let Some(map) = &spec.port_level_mtls {
         if spec.selector.is_none() {
-            return Err(err((
+            return Err((
                 "spec.portLevelMtls".into(),
                 "needs a selector (ports are workload ports)".into(),
-            )));
+            ));
         }
         for (k, v) in map {
             let key = match k {
@@ -418,25 +541,23 @@ pub fn peer_authentication(
                 _ => String::from("?"),
             };
             let field = format!("spec.portLevelMtls.{key}");
-            let p = port(&Scalar::Str(key.clone())).map_err(|m| err((field.clone(), m)))?;
-            let m: MtlsSpec = serde_yaml_ng::from_value(v.clone())
-                .map_err(|e| err((field.clone(), e.to_string())))?;
-            let m = mode(&m, &format!("{field}.mode")).map_err(err)?;
+            let p = port(&Scalar::Str(key.clone())).map_err(|m| (field.clone(), m))?;
+            let m: MtlsSpec = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+                let at = e.path().to_string();
+                let at = if at == "." {
+                    field.clone()
+                } else {
+                    format!("{field}.{at}")
+                };
+                (at, e.into_inner().to_string())
+            })?;
+            let m = mode(&m, &format!("{field}.mode"))?;
             if let Some(m) = disable(&field, m) {
                 ports.insert(p, m);
             }
         }
     }
-    Ok((
-        PeerAuth {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
-            mode: whole,
-            ports,
-        },
-        warnings,
-    ))
+    Ok((whole, ports))
 }
 
 impl Cidr {

@@ -12,13 +12,20 @@
 //! `not*` values exclude. Identity attributes come from the peer certificate only.
 //! Rules using L7 attributes fail safe: an ALLOW rule with them matches nothing, a DENY or AUDIT
 //! rule ignores them and applies to all traffic matching its L4 parts. Neither can make the
-//! daemon allow more than the author meant.
+//! daemon allow more than the author meant. A policy that fails validation is not dropped (that
+//! would widen access): it fails closed ([`Policy::invalid`], [`PeerAuth::invalid`]) and is
+//! listed in [`Registry::problems`].
 
 pub mod compile;
+mod registry;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_invalid;
 
-use std::collections::{BTreeMap, HashMap};
+pub use registry::{Problem, Registry};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,8 +33,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
-use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
-use compile::{Compiled, PolicyError};
+use crate::k8s::security::SpecError;
 
 /// Annotation that makes a policy log its decision without enforcing it.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -39,6 +45,8 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// What a policy does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Action {
+    /// Delegates to an external authorizer; none is configured, so a match denies.
+    Custom,
     /// Admit (at least one ALLOW must match when any ALLOW is in scope).
     Allow,
     /// Reject.
@@ -51,6 +59,7 @@ impl Action {
     /// The Istio spelling.
     pub fn as_str(self) -> &'static str {
         match self {
+            Action::Custom => "CUSTOM",
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
             Action::Audit => "AUDIT",
@@ -277,6 +286,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
     pub dry_run: bool,
+    /// Why the policy failed validation. It is enforced failing closed: an ALLOW matches
+    /// nothing, a DENY or CUSTOM matches every flow to the workloads it selects.
+    pub invalid: Option<SpecError>,
 }
 
 impl Policy {
@@ -285,8 +297,11 @@ impl Policy {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Index of the first matching rule.
+    /// Index of the first matching rule; an invalid DENY or CUSTOM matches as rule 0.
     fn matching_rule(&self, r: &Ctx<'_>) -> Option<usize> {
+        if self.invalid.is_some() {
+            return (self.action != Action::Allow).then_some(0);
+        }
         self.rules.iter().position(|rule| rule.matches(r))
     }
 }
@@ -315,6 +330,8 @@ pub struct PeerAuth {
     pub mode: Option<MtlsMode>,
     /// `portLevelMtls`, by workload port.
     pub ports: BTreeMap<u16, MtlsMode>,
+    /// Why the policy failed validation; it is then read as STRICT on every port.
+    pub invalid: Option<SpecError>,
 }
 
 impl PeerAuth {
@@ -328,136 +345,6 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
     selector
         .as_ref()
         .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-}
-
-/// All valid policies, by namespace.
-#[derive(Debug, Default, Serialize)]
-pub struct Registry {
-    /// Authorization policies by namespace, in name order.
-    pub policies: HashMap<String, Vec<Arc<Policy>>>,
-    /// PeerAuthentications by namespace, in name order.
-    pub peer_authentications: HashMap<String, Vec<Arc<PeerAuth>>>,
-    /// Policies left to a waypoint (`targetRefs`), for the operator's information.
-    pub waypoint_policies: Vec<String>,
-}
-
-/// Result of [`Registry::build`]: problems to log, the registry itself.
-#[derive(Debug, Default)]
-pub struct BuildReport {
-    /// Dropped objects.
-    pub errors: Vec<PolicyError>,
-    /// Applied with a caveat: (`Kind namespace/name`, message).
-    pub warnings: Vec<(String, String)>,
-}
-
-impl Registry {
-    /// Compiles every policy; invalid ones are dropped and reported, the rest apply.
-    pub fn build<'a>(
-        authz: impl IntoIterator<Item = &'a AuthorizationPolicyObject>,
-        peer: impl IntoIterator<Item = &'a PeerAuthenticationObject>,
-    ) -> (Registry, BuildReport) {
-        let mut reg = Registry::default();
-        let mut report = BuildReport::default();
-        for obj in authz {
-            match compile::authorization_policy(obj) {
-                Ok(Compiled::Policy(p, warnings)) => {
-                    for w in warnings {
-                        report
-                            .warnings
-                            .push((format!("AuthorizationPolicy {}", p.key()), w));
-                    }
-                    reg.policies
-                        .entry(p.namespace.clone())
-                        .or_default()
-                        .push(Arc::new(p));
-                }
-                Ok(Compiled::Waypoint) => reg.waypoint_policies.push(format!(
-                    "{}/{}",
-                    obj.metadata.namespace.as_deref().unwrap_or_default(),
-                    obj.metadata.name
-                )),
-                Err(e) => report.errors.push(e),
-            }
-        }
-        for obj in peer {
-            match compile::peer_authentication(obj) {
-                Ok((p, warnings)) => {
-                    for w in warnings {
-                        report
-                            .warnings
-                            .push((format!("PeerAuthentication {}", p.key()), w));
-                    }
-                    reg.peer_authentications
-                        .entry(p.namespace.clone())
-                        .or_default()
-                        .push(Arc::new(p));
-                }
-                Err(e) => report.errors.push(e),
-            }
-        }
-        for v in reg.policies.values_mut() {
-            v.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        for v in reg.peer_authentications.values_mut() {
-            v.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        (reg, report)
-    }
-
-    /// Number of authorization policies enforced here.
-    pub fn len(&self) -> usize {
-        self.policies.values().map(Vec::len).sum()
-    }
-
-    /// No authorization policy at all.
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-
-    fn in_scope<'a>(
-        &'a self,
-        root_ns: &'a str,
-        dst_ns: &'a str,
-        labels: &'a BTreeMap<String, String>,
-    ) -> impl Iterator<Item = &'a Arc<Policy>> + Clone + 'a {
-        let root = self.policies.get(root_ns).into_iter().flatten();
-        let local = (dst_ns != root_ns)
-            .then(|| self.policies.get(dst_ns))
-            .flatten()
-            .into_iter()
-            .flatten();
-        root.chain(local)
-            .filter(move |p| selects(&p.selector, labels))
-    }
-
-    /// The effective mTLS mode for a workload port: workload policy (port level first), then
-    /// namespace, then mesh-wide; PERMISSIVE when nothing says otherwise.
-    pub fn mtls_mode(
-        &self,
-        root_ns: &str,
-        dst_ns: &str,
-        labels: &BTreeMap<String, String>,
-        port: u16,
-    ) -> (MtlsMode, Option<String>) {
-        let list = |ns: &str| self.peer_authentications.get(ns).into_iter().flatten();
-        let workload =
-            list(dst_ns).filter(|p| p.selector.is_some() && selects(&p.selector, labels));
-        for p in workload {
-            if let Some(m) = p.ports.get(&port) {
-                return (*m, Some(p.key()));
-            }
-            if let Some(m) = p.mode {
-                return (m, Some(p.key()));
-            }
-        }
-        let ns_wide = |ns: &str| list(ns).find(|p| p.selector.is_none()).cloned();
-        for p in [ns_wide(dst_ns), ns_wide(root_ns)].into_iter().flatten() {
-            if let Some(m) = p.mode {
-                return (m, Some(p.key()));
-            }
-        }
-        (MtlsMode::Permissive, None)
-    }
 }
 
 /// The attributes of one flow at the destination.
@@ -549,16 +436,35 @@ pub enum Reason {
         /// 0-based rule index.
         rule: usize,
     },
+    /// This CUSTOM policy's rule matched; without an external authorizer the flow is denied.
+    Custom {
+        /// `namespace/name`.
+        policy: String,
+        /// 0-based rule index.
+        rule: usize,
+    },
+    /// An invalid DENY or CUSTOM policy applies: it denies everything (fail closed).
+    Invalid {
+        /// `namespace/name`.
+        policy: String,
+        /// What is wrong with it.
+        error: SpecError,
+    },
     /// ALLOW policies apply and none matched.
     NoAllowMatched {
         /// The ALLOW policies in scope (`namespace/name`, at most [`MAX_LISTED`]), so the
         /// operator sees which ones were expected to admit the flow.
         checked: Vec<String>,
+        /// The first invalid ALLOW in scope (it allows nothing), named because it is the
+        /// likely reason the flow was expected to be admitted.
+        invalid: Option<(String, SpecError)>,
     },
     /// Plaintext refused by a STRICT PeerAuthentication.
     StrictMtls {
         /// `namespace/name`.
         policy: String,
+        /// Set when the PeerAuthentication failed validation and is read as STRICT.
+        invalid: Option<SpecError>,
     },
 }
 
@@ -568,7 +474,13 @@ impl Reason {
         match self {
             Reason::Allowed { policy, .. }
             | Reason::Denied { policy, .. }
-            | Reason::StrictMtls { policy } => Some(policy),
+            | Reason::Custom { policy, .. }
+            | Reason::Invalid { policy, .. }
+            | Reason::StrictMtls { policy, .. } => Some(policy),
+            Reason::NoAllowMatched {
+                invalid: Some((policy, _)),
+                ..
+            } => Some(policy),
             Reason::NoAllowPolicy | Reason::NoAllowMatched { .. } => None,
         }
     }
@@ -580,7 +492,23 @@ impl fmt::Display for Reason {
             Reason::NoAllowPolicy => f.write_str("no ALLOW policy applies (default allow)"),
             Reason::Allowed { policy, rule } => write!(f, "allowed by {policy} rule {rule}"),
             Reason::Denied { policy, rule } => write!(f, "denied by {policy} rule {rule}"),
-            Reason::NoAllowMatched { checked } => {
+            Reason::Custom { policy, rule } => write!(
+                f,
+                "denied by CUSTOM {policy} rule {rule} (no external authorizer is configured)"
+            ),
+            Reason::Invalid { policy, error } => write!(
+                f,
+                "denied: policy {policy} failed validation ({error}); it denies all traffic to \
+                 the workloads it applies to"
+            ),
+            Reason::NoAllowMatched { checked, invalid } => {
+                if let Some((policy, error)) = invalid {
+                    write!(
+                        f,
+                        "denied: policy {policy} failed validation ({error}); it allows nothing \
+                         ("
+                    )?;
+                }
                 write!(
                     f,
                     "no ALLOW policy matched (in scope: {}",
@@ -589,11 +517,22 @@ impl fmt::Display for Reason {
                 if checked.len() >= MAX_LISTED {
                     f.write_str(", …")?;
                 }
-                f.write_str(")")
+                f.write_str(if invalid.is_some() { "))" } else { ")" })
             }
-            Reason::StrictMtls { policy } => write!(
+            Reason::StrictMtls {
+                policy,
+                invalid: None,
+            } => write!(
                 f,
                 "plaintext refused: PeerAuthentication {policy} requires mTLS (STRICT)"
+            ),
+            Reason::StrictMtls {
+                policy,
+                invalid: Some(error),
+            } => write!(
+                f,
+                "plaintext refused: PeerAuthentication {policy} failed validation ({error}); \
+                 it is read as STRICT"
             ),
         }
     }
@@ -623,21 +562,31 @@ fn decide<'a>(
     policies: impl Iterator<Item = &'a Arc<Policy>> + Clone,
     r: &Ctx<'_>,
 ) -> (Verdict, Reason) {
-    for p in policies.clone().filter(|p| p.action == Action::Deny) {
-        if let Some(rule) = p.matching_rule(r) {
-            return (
-                Verdict::Deny,
-                Reason::Denied {
-                    policy: p.key(),
-                    rule,
+    for action in [Action::Custom, Action::Deny] {
+        for p in policies.clone().filter(|p| p.action == action) {
+            let Some(rule) = p.matching_rule(r) else {
+                continue;
+            };
+            let policy = p.key();
+            let reason = match (&p.invalid, action) {
+                (Some(error), _) => Reason::Invalid {
+                    policy,
+                    error: error.clone(),
                 },
-            );
+                (None, Action::Custom) => Reason::Custom { policy, rule },
+                (None, _) => Reason::Denied { policy, rule },
+            };
+            return (Verdict::Deny, reason);
         }
     }
     let mut checked = Vec::new();
+    let mut invalid = None;
     for p in policies.filter(|p| p.action == Action::Allow) {
         if checked.len() < MAX_LISTED {
             checked.push(p.key());
+        }
+        if let (None, Some(e)) = (&invalid, &p.invalid) {
+            invalid = Some((p.key(), e.clone()));
         }
         if let Some(rule) = p.matching_rule(r) {
             return (
@@ -649,8 +598,8 @@ fn decide<'a>(
             );
         }
     }
-    if !checked.is_empty() {
-        (Verdict::Deny, Reason::NoAllowMatched { checked })
+    if !checked.is_empty() || invalid.is_some() {
+        (Verdict::Deny, Reason::NoAllowMatched { checked, invalid })
     } else {
         (Verdict::Allow, Reason::NoAllowPolicy)
     }
@@ -668,13 +617,14 @@ pub fn evaluate(reg: &Registry, root_ns: &str, req: &Request<'_>, plaintext: boo
         .map(|p| p.key())
         .collect();
     if plaintext {
-        if let (MtlsMode::Strict, policy) =
+        if let (MtlsMode::Strict, pa) =
             reg.mtls_mode(root_ns, r.dst_namespace, r.dst_labels, r.dst_port)
         {
             return Decision {
                 verdict: Verdict::Deny,
                 reason: Reason::StrictMtls {
-                    policy: policy.unwrap_or_default(),
+                    policy: pa.as_ref().map(|p| p.key()).unwrap_or_default(),
+                    invalid: pa.and_then(|p| p.invalid.clone()),
                 },
                 dry_run: None,
                 audited,

@@ -190,6 +190,20 @@ pub fn check(args: &CheckArgs) -> Result<CheckOutcome, CheckError> {
     for a in &decision.audited {
         lines.push(format!("audited by {a}"));
     }
+    // Invalid policies of the destination's namespaces that did not decide, for the operator
+    // who expected them to.
+    let decided = decision.reason.policy();
+    for p in state.authz.problems.iter().filter(|p| {
+        let ns = p.policy.split('/').next().unwrap_or("");
+        p.invalid
+            && Some(p.policy.as_str()) != decided
+            && (ns == dst_w.namespace || ns == args.root_namespace)
+    }) {
+        lines.push(format!(
+            "note: {} {} failed validation (field `{}`: {}); {}",
+            p.kind, p.policy, p.field, p.message, p.effect
+        ));
+    }
     Ok(CheckOutcome { decision, lines })
 }
 
@@ -211,32 +225,40 @@ fn load(path: &Path, trust_domain: &str) -> Result<State, CheckError> {
 /// order), strictly: unlike the daemon, which keeps a bad file's last good content, an
 /// operator command reports the first bad document. Shared with `waypoint check`.
 pub fn read_objects(path: &Path) -> Result<Vec<k8s::Object>, CheckError> {
+    let mut objects = Vec::new();
+    for f in state_files(path)? {
+        objects.extend(k8s::parse_file(&f, &read_file(&f)?)?);
+    }
+    Ok(objects)
+}
+
+/// The state files a `--state` path names, as the daemon reads them: the path itself, or a
+/// directory's `.yaml`, `.yml` and `.json` files (not hidden ones) in name order.
+pub fn state_files(path: &Path) -> Result<Vec<PathBuf>, CheckError> {
     let read_err = |error| CheckError::Read {
         path: path.to_path_buf(),
         error,
     };
-    let files = if std::fs::metadata(path).map_err(read_err)?.is_dir() {
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(path).map_err(read_err)? {
-            let p = e.map_err(read_err)?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let yaml = name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json");
-            if yaml && !name.starts_with('.') && p.is_file() {
-                v.push(p);
-            }
-        }
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut objects = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|error| CheckError::Read {
-            path: f.clone(),
-            error,
-        })?;
-        objects.extend(k8s::parse_file(&f, &text)?);
+    if !std::fs::metadata(path).map_err(read_err)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
     }
-    Ok(objects)
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(path).map_err(read_err)? {
+        let p = e.map_err(read_err)?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json");
+        if yaml && !name.starts_with('.') && p.is_file() {
+            v.push(p);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// One state file's text.
+pub fn read_file(f: &Path) -> Result<String, CheckError> {
+    std::fs::read_to_string(f).map_err(|error| CheckError::Read {
+        path: f.to_path_buf(),
+        error,
+    })
 }

@@ -10,6 +10,7 @@ use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_D
 use crate::status::{AdminArgs, StatusArgs, View};
 use authz_check::AuthzCommand;
 
+pub mod analyze;
 pub mod authz_check;
 
 /// Command line of the `ztunnel` binary.
@@ -64,6 +65,10 @@ pub enum Command {
     /// Explain authorization decisions (AuthorizationPolicy, PeerAuthentication).
     #[command(subcommand)]
     Authz(AuthzCommand),
+    /// List every object of a state that would be rejected, or applied with a caveat (an
+    /// invalid policy enforced failing closed, an L7 rule the node cannot see), and what it
+    /// means for traffic. Exit status: 0 clean, 1 findings, 2 bad input.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// The certificate `ca issue` and `ca request` obtain, and where they write it.
@@ -153,6 +158,8 @@ impl Command {
                 // Exit codes are part of the command's contract: 0 ALLOW, 1 DENY, 2 bad input.
                 return ExitCode::from(authz_check::run(&args));
             }
+            // Exit codes are part of the command's contract: 0 clean, 1 findings, 2 bad input.
+            Command::Analyze(args) => return ExitCode::from(analyze::run(&args)),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

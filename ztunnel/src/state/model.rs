@@ -582,23 +582,33 @@ fn translate_gateway(g: &Gateway) -> Option<GatewayEntry> {
     })
 }
 
-/// Compiles the policies, logging each dropped one (with object and field) and each caveat.
+/// Compiles the policies, logging each invalid one (kept, failing closed) with object, field
+/// and what it means for traffic, and each caveat.
 fn compile_policies(
     authz: Vec<&AuthorizationPolicyObject>,
     peer: Vec<&PeerAuthenticationObject>,
 ) -> Registry {
-    let (reg, report) = Registry::build(authz, peer);
-    for e in &report.errors {
-        tracing::warn!(
-            kind = e.kind,
-            policy = %format!("{}/{}", e.namespace, e.name),
-            field = %e.field,
-            error = %e.message,
-            "policy rejected"
-        );
-    }
-    for (what, w) in &report.warnings {
-        tracing::warn!(policy = %what, warning = %w, "policy applied with a caveat");
+    let reg = Registry::build(authz, peer);
+    for p in &reg.problems {
+        if p.invalid {
+            tracing::warn!(
+                kind = p.kind,
+                policy = %p.policy,
+                action = p.action,
+                field = %p.field,
+                error = %p.message,
+                effect = %p.effect,
+                "policy invalid; enforced failing closed"
+            );
+        } else {
+            tracing::warn!(
+                kind = p.kind,
+                policy = %p.policy,
+                field = %p.field,
+                warning = %p.message,
+                "policy applied with a caveat"
+            );
+        }
     }
     reg
 }

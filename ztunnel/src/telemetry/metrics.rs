@@ -211,6 +211,12 @@ struct IdentityLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    kind: &'static str,
+    action: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
     worker: String,
 }
@@ -241,6 +247,7 @@ pub struct Metrics {
     pub capture_attached_programs: Gauge,
     cert_expiry: Family<IdentityLabels, Gauge>,
     worker_connections: Family<WorkerLabels, Gauge>,
+    policies_invalid: Family<PolicyLabels, Gauge>,
 }
 
 impl Metrics {
@@ -261,6 +268,7 @@ impl Metrics {
             capture_attached_programs: Gauge::default(),
             cert_expiry: Family::default(),
             worker_connections: Family::default(),
+            policies_invalid: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -312,6 +320,11 @@ impl Metrics {
             "ztunnel_worker_connections",
             "Accepted connections each data-plane worker thread is serving (captured flows, inbound HBONE connections)",
             m.worker_connections.clone(),
+        );
+        r.register(
+            "ztunnel_policies_invalid",
+            "Policies in the current state that failed validation and are enforced failing closed, by kind and action (PeerAuthentication: the mode they are read as, STRICT)",
+            m.policies_invalid.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -367,6 +380,19 @@ impl Metrics {
                 .get_or_create(&WorkerLabels {
                     worker: i.to_string(),
                 })
+                .set(gauge(*n));
+        }
+    }
+
+    /// Replaces the invalid-policy gauges with `counts` (by kind and action).
+    pub fn set_invalid_policies(
+        &self,
+        counts: &std::collections::BTreeMap<(&'static str, &'static str), usize>,
+    ) {
+        self.policies_invalid.clear();
+        for ((kind, action), n) in counts {
+            self.policies_invalid
+                .get_or_create(&PolicyLabels { kind, action })
                 .set(gauge(*n));
         }
     }

@@ -336,6 +336,7 @@ fn each_refusal_has_one_status_and_one_flag() {
     let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
     let denied = FlowError::Denied(crate::authz::Reason::NoAllowMatched {
         checked: vec!["mesh/allow".into()],
+        invalid: None,
     });
     let cases = [
         (denied, StatusCode::UNAUTHORIZED, ResponseFlag::Denied),
