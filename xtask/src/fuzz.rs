@@ -124,12 +124,19 @@ pub fn run(args: &[String]) -> Result<bool> {
     Ok(status.success())
 }
 
-/// `cargo +nightly` through rustup, without the variables of the stable cargo that runs us.
+/// `cargo +nightly` through rustup, without the variables of the stable cargo that runs us:
+/// build scripts declare some of them (`CARGO_PKG_*`, `CARGO_MANIFEST_DIR`) as inputs, so
+/// passing `cargo run`'s values on would rebuild the whole instrumented tree on every run.
 fn nightly_cargo() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.arg("+nightly");
-    for var in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN"] {
-        cmd.env_remove(var);
+    for (var, _) in std::env::vars_os() {
+        let Some(name) = var.to_str() else { continue };
+        let ours = (name.starts_with("CARGO_") && name != "CARGO_HOME")
+            || ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN"].contains(&name);
+        if ours {
+            cmd.env_remove(name);
+        }
     }
     cmd
 }
