@@ -368,6 +368,7 @@ fn open_file_limit_refuses_new_flows_and_recovers() {
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
     let ticks = cpu_ticks(pid) - before;
+    eprintln!("CPU idle at the limit: {ticks} ticks in 2 s");
     assert!(
         ticks <= 20,
         "the daemon used {ticks} ticks of CPU in 2 s idle at the limit"
