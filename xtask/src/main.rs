@@ -10,10 +10,13 @@
 //! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
 //!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
 //! - `image [--debug]`: the daemon's OCI image with umoci, under `<target>/image/`.
+//! - `fuzz TARGET [--secs N]`, `fuzz --list`: a libFuzzer target of `ztunnel/fuzz/` with
+//!   cargo-fuzz on the nightly toolchain (docs/RELIABILITY.md, "Fuzzing").
 
 mod bench;
 mod demo;
 mod demo_up;
+mod fuzz;
 mod image;
 mod interrupt;
 mod test;
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
             "overhead" => bench::overhead(rest),
             "scale" => bench::scale(rest),
             "image" => image::run(rest),
+            "fuzz" => fuzz::run(rest),
             "help" | "-h" | "--help" => {
                 usage();
                 Ok(true)
@@ -77,7 +81,8 @@ fn usage() {
          \n                                          direct vs ambient vs Envoy sidecars (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\
          \n                                          sidecar vs ambient cost at N pods/node (root)\
-         \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)"
+         \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)\
+         \n  fuzz TARGET [--secs N] | fuzz --list    run a fuzz target of ztunnel/fuzz/ (nightly, cargo-fuzz)"
     );
 }
 

@@ -374,6 +374,9 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
     let (sockets, drain) = (&shared.sockets, &shared.drain);
     let pool = Pool::new(cfg.hbone.clone(), shared.certs.clone(), sockets.clone());
     let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
+    shared
+        .metrics
+        .register(|r| workers.accept_errors().register(r));
     let proxy = Proxy::new(
         Node::from_config(cfg),
         &cfg.root_namespace,

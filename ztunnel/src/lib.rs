@@ -2,6 +2,7 @@
 //! command line ([`cli`]) and calls [`app::run`]; everything else lives in the modules below,
 //! each named after the one concern it handles. See ARCHITECTURE.md for how they fit together.
 
+pub mod accept;
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -23,11 +23,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 
+use crate::accept::AcceptErrors;
 use crate::drain::{Drain, FlowGuard};
 use crate::socket::reset_on_close;
 
@@ -45,6 +45,8 @@ pub fn current() -> Option<usize> {
 #[derive(Debug)]
 pub struct Workers {
     workers: Vec<Worker>,
+    /// Failed accepts of every accept loop: the reserve descriptor, counter and log limit.
+    accept_errors: Arc<AcceptErrors>,
 }
 
 #[derive(Debug)]
@@ -82,7 +84,15 @@ impl Workers {
                     rt.block_on(std::future::pending::<()>())
                 })?;
         }
-        Ok(Workers { workers })
+        Ok(Workers {
+            workers,
+            accept_errors: AcceptErrors::new(),
+        })
+    }
+
+    /// How the accept loops handle failed accepts (its counter goes on the metrics port).
+    pub fn accept_errors(&self) -> &Arc<AcceptErrors> {
+        &self.accept_errors
     }
 
     /// Number of workers.
@@ -117,7 +127,9 @@ impl Workers {
     /// can start between the accept and the guard; `serve` drops it when the connection stops
     /// counting as a flow in progress). While `drain` is on, new connections are reset
     /// instead: the listener stays bound so capture keeps steering here, and the client learns
-    /// at once rather than starting a flow the drain would cut. `name` labels the log lines.
+    /// at once rather than starting a flow the drain would cut. A failed accept goes to
+    /// [`AcceptErrors::handle`] (out of descriptors: the waiting client is reset, open flows go
+    /// on). `name` labels the log lines and metrics.
     pub async fn accept_loop<F, Fut>(
         &self,
         listener: TcpListener,
@@ -140,8 +152,7 @@ impl Workers {
                     self.serve(tcp, move |tcp| serve(tcp, peer, guard));
                 }
                 Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.accept_errors.handle(&listener, name, e).await;
                 }
             }
         }

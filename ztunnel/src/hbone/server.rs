@@ -120,14 +120,14 @@ impl<H: Handler> Server<H> {
 
     /// Accepts connections forever, each served on a task of its own.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let errors = crate::accept::AcceptErrors::new();
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
                     tokio::spawn(self.clone().serve(tcp, peer));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    errors.handle(&listener, "hbone", e).await;
                 }
             }
         }
