@@ -216,6 +216,11 @@ struct WorkerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     component: &'static str,
     tag: &'static str,
@@ -241,6 +246,7 @@ pub struct Metrics {
     pub capture_attached_programs: Gauge,
     cert_expiry: Family<IdentityLabels, Gauge>,
     worker_connections: Family<WorkerLabels, Gauge>,
+    capture_drops: Family<DropLabels, Counter>,
 }
 
 impl Metrics {
@@ -261,6 +267,7 @@ impl Metrics {
             capture_attached_programs: Gauge::default(),
             cert_expiry: Family::default(),
             worker_connections: Family::default(),
+            capture_drops: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -302,6 +309,13 @@ impl Metrics {
             "ztunnel_capture_attached_programs",
             "Interfaces the capture program is attached to (uplinks and pod veths)",
             m.capture_attached_programs.clone(),
+        );
+        r.register(
+            "ztunnel_capture_dropped_packets",
+            "Packets the capture programs dropped: `spoofed_source` (an enrolled pod's address \
+             entering the node elsewhere than through its interface), `no_daemon` (to be \
+             captured while no daemon listened); counted in pinned maps, so across restarts",
+            m.capture_drops.clone(),
         );
         r.register(
             "ztunnel_workload_certificate_expiry_timestamp_seconds",
@@ -368,6 +382,17 @@ impl Metrics {
                     worker: i.to_string(),
                 })
                 .set(gauge(*n));
+        }
+    }
+
+    /// Brings the capture drop counters up to the totals the eBPF maps hold (`reason` label).
+    pub fn set_capture_drops(&self, totals: &[(&'static str, u64)]) {
+        for (reason, total) in totals {
+            let c = self.capture_drops.get_or_create(&DropLabels { reason });
+            let now = c.get();
+            if *total > now {
+                c.inc_by(*total - now);
+            }
         }
     }
 
