@@ -35,10 +35,10 @@
  * value). Any other such packet is spoofed and dropped. Both kinds of drop are counted in
  * `zt_stats`, which the daemon exports as a metric.
  *
- * Return codes: TC_ACT_OK (= TCX_PASS) once a packet is assigned (it is ours: deliver it
- * locally); TC_ACT_UNSPEC (= TCX_NEXT) for everything untouched, so that programs attached
- * after ours on the same hook (a CNI's, say) still see that traffic. Alone on a hook both
- * mean "pass".
+ * Return codes: TC_ACT_UNSPEC (= TCX_NEXT) for assigned and untouched packets alike, so that
+ * programs attached after ours on the same hook (a CNI's network policy, say) still see all
+ * traffic, captured or not, and may drop it (alone on a hook it means "pass");
+ * TC_ACT_SHOT for the drops below.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -166,13 +166,15 @@ static __always_inline int zt_drop(__u32 stat)
 }
 
 /* Assigns the packet to `sk` and marks it for local delivery. Does not release `sk`. A packet
- * that cannot be assigned is one the daemon should have had: dropped. */
+ * that cannot be assigned is one the daemon should have had: dropped. An assigned packet goes
+ * on to the next program of the hook (TCX_NEXT; a CNI's network policy, say), which may still
+ * drop it; with none, it is delivered to `sk`. */
 static __always_inline int zt_assign(struct __sk_buff *skb, struct bpf_sock *sk)
 {
 	if (bpf_sk_assign(skb, sk, 0) != 0)
 		return zt_drop(ZT_STAT_NO_DAEMON);
 	skb->mark |= zt_capture_mark;
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 SEC("classifier")

@@ -298,3 +298,107 @@ fn spoofed_source_address_is_dropped_and_counted() {
         )
         .expect("node2 logs c's own flow with c's identity");
 }
+
+/// A program of the CNI's own (a classic tc filter behind ours, as a network-policy plugin
+/// would attach) still runs for an enrolled pod's captured traffic: capture hands captured
+/// packets on (TCX_NEXT) instead of ending the chain.
+#[test]
+fn another_tc_program_still_sees_captured_traffic() {
+    mesh_tests::require_tool("clang", "clang").expect("clang");
+    mesh_tests::require_tool("tc", "iproute2").expect("tc");
+    let cluster = start_with_daemons(spec());
+    let (a, b) = (cluster.pod("mesh/a").clone(), cluster.pod("mesh/b").clone());
+    let _s80 = b.serve(8080, "b").expect("serve b:8080");
+    let _s81 = b.serve(8081, "b").expect("serve b:8081");
+    ok(
+        a.send(&SendOpts::to(&at(&b, 8081))).expect("runs"),
+        "b:8081 before the filter",
+    );
+
+    // The "CNI" program: drop TCP to port 8081.
+    let src = cluster.workdir().join("drop8081.bpf.c");
+    std::fs::write(
+        &src,
+        "#include <linux/bpf.h>\n#include <linux/if_ether.h>\n#include <linux/ip.h>\n\
+         #include <linux/in.h>\n#include <linux/tcp.h>\n#include <linux/pkt_cls.h>\n\
+         #include <bpf/bpf_helpers.h>\n#include <bpf/bpf_endian.h>\n\
+         SEC(\"classifier\") int drop8081(struct __sk_buff *skb) {\n\
+         void *d = (void *)(long)skb->data, *e = (void *)(long)skb->data_end;\n\
+         struct ethhdr *eth = d; if ((void *)(eth + 1) > e) return TC_ACT_OK;\n\
+         if (eth->h_proto != bpf_htons(ETH_P_IP)) return TC_ACT_OK;\n\
+         struct iphdr *ip = (void *)(eth + 1); if ((void *)(ip + 1) > e) return TC_ACT_OK;\n\
+         if (ip->protocol != IPPROTO_TCP || ip->ihl != 5) return TC_ACT_OK;\n\
+         struct tcphdr *th = (void *)(ip + 1); if ((void *)(th + 1) > e) return TC_ACT_OK;\n\
+         return th->dest == bpf_htons(8081) ? TC_ACT_SHOT : TC_ACT_OK; }\n\
+         char LICENSE[] SEC(\"license\") = \"GPL\";\n",
+    )
+    .expect("write");
+    let obj = src.with_extension("o");
+    let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    let out = std::process::Command::new("clang")
+        .args(["-O2", "-g", "-target", "bpf", &multiarch, "-c"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .output()
+        .expect("clang");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // a's node-side veth, from node 1's route to it.
+    let route = cluster
+        .node_exec(1, "ip", &["-4", "route", "show", &format!("{}/32", a.ip)])
+        .expect("ip route");
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    let veth = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no dev in {route:?}"))
+        .to_string();
+    let obj = obj.to_string_lossy().into_owned();
+    for args in [
+        vec!["qdisc", "add", "dev", veth.as_str(), "clsact"],
+        vec![
+            "filter",
+            "add",
+            "dev",
+            veth.as_str(),
+            "ingress",
+            "bpf",
+            "da",
+            "obj",
+            obj.as_str(),
+            "sec",
+            "classifier",
+        ],
+    ] {
+        let o = cluster.node_exec(1, "tc", &args).expect("tc");
+        assert!(
+            o.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    let r = a
+        .send(&SendOpts::to(&at(&b, 8081)).timeout(3.0))
+        .expect("runs");
+    assert!(
+        !r.success && r.conns.iter().all(|c| !c.ok),
+        "the other program's drop of port 8081 must apply to captured traffic: {r}"
+    );
+    let r = ok(
+        a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"),
+        "b:8080 with the filter",
+    );
+    assert_eq!(r.peer_ips(), [IpAddr::from(a.ip)].into(), "{r}");
+    let programs = tcx_programs(&cluster, 1);
+    assert_eq!(
+        programs.get(&format!("tcx/ingress {veth}")),
+        Some(&1),
+        "ours is still the one TCX program there: {programs:?}"
+    );
+}

@@ -145,7 +145,8 @@ impl Capture {
         let prog = program(&mut self.ebpf)?;
         let link = if tcx {
             // First in the TCX chain, so another program returning "pass" cannot bypass
-            // capture; untouched packets continue to the next program (TCX_NEXT).
+            // capture; every packet it does not drop, captured or not, continues to the next
+            // program (TCX_NEXT), so a CNI's policy program still applies.
             let id = prog
                 .attach_with_options(
                     iface,
