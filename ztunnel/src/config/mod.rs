@@ -117,9 +117,9 @@ pub struct RunArgs {
     #[arg(long, env = "ZTUNNEL_ROUTE_TABLE", default_value_t = 1501)]
     pub route_table: u32,
     /// bpffs directory where capture pins its maps, program and links, so that capture
-    /// outlives the daemon and fails closed. Default `/sys/fs/bpf/ztunnel/<node-name>`; its
-    /// nearest existing ancestor must be on a bpf filesystem mounted where it outlives the
-    /// daemon (the host's `/sys/fs/bpf`).
+    /// outlives the daemon and fails closed; its nearest existing ancestor must be on a bpf
+    /// filesystem mounted where it outlives the daemon (the host's `/sys/fs/bpf`). Unset:
+    /// `/sys/fs/bpf/ztunnel/<node-name>`.
     #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR")]
     pub bpf_pin_dir: Option<PathBuf>,
     /// On SIGTERM, SIGINT or /quitquitquit, remove capture after draining (programs, pins, ip
