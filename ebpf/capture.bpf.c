@@ -20,15 +20,25 @@
  *   4. a SYN (no ACK): from an enrolled pod to port 53 (pod's DNS flag set, DNS capture on)
  *      -> DNS TCP listener; from an enrolled pod otherwise -> outbound listener; to an enrolled
  *      pod's HBONE port -> HBONE listener; to an enrolled pod otherwise -> inbound plaintext
- *      listener. No listener -> untouched (fail open; nothing is logged from the data path).
+ *      listener.
  *   UDP: only datagrams from an enrolled pod with the DNS flag to port 53 (any resolver
  *   address) are assigned, to the daemon's transparent UDP socket on 127.0.0.1:<dns port>;
  *   every other UDP datagram is untouched.
  *
- * Return codes: TC_ACT_OK (= TCX_PASS) once a packet is assigned (it is ours: deliver it
- * locally); TC_ACT_UNSPEC (= TCX_NEXT) for everything untouched, so that programs attached
- * after ours on the same hook (a CNI's, say) still see that traffic. Alone on a hook both
- * mean "pass".
+ * Fail closed: the programs and maps are pinned and stay attached while no daemon runs. A
+ * packet of an enrolled pod that would be captured but finds no daemon socket (no listener for
+ * a SYN, no socket owning a later segment: the daemon is gone or restarting) is dropped, never
+ * passed on in clear; a client's SYN retransmission then reaches the restarted daemon.
+ *
+ * Identity is bound to the interface: a packet whose source address is an enrolled pod's is
+ * that pod's only if it entered through the pod's own interface (its ifindex is in the map
+ * value). Any other such packet is spoofed and dropped. Both kinds of drop are counted in
+ * `zt_stats`, which the daemon exports as a metric.
+ *
+ * Return codes: TC_ACT_UNSPEC (= TCX_NEXT) for assigned and untouched packets alike, so that
+ * programs attached after ours on the same hook (a CNI's network policy, say) still see all
+ * traffic, captured or not, and may drop it (alone on a hook it means "pass");
+ * TC_ACT_SHOT for the drops below.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -60,14 +70,32 @@ volatile const __u16 zt_dns_port = 0;
 
 #define DNS_PORT 53
 
-/* Enrolled pods on this node: key IPv4 address (network byte order), value ZT_POD_* flags.
- * Written by the daemon on every sync; the programs never change it. */
+/* An enrolled pod: ZT_POD_* flags and the ifindex of its node-side interface (0 while the
+ * daemon has not found it: then no packet is attributed to the pod). */
+struct zt_pod {
+	__u32 flags;
+	__u32 ifindex;
+};
+
+/* Enrolled pods on this node: key IPv4 address (network byte order). Written by the daemon on
+ * every sync; the programs never change it. Pinned: outlives the daemon. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct zt_pod);
 } zt_enrolled SEC(".maps");
+
+/* Drop counters, per CPU (summed by the daemon). */
+#define ZT_STAT_SPOOFED 0
+#define ZT_STAT_NO_DAEMON 1
+#define ZT_STAT_COUNT 2
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ZT_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} zt_stats SEC(".maps");
 
 #define IP_FRAG_OFFSET_MASK 0x1fff
 #define TCP_FLAG_BYTE 13
@@ -128,13 +156,25 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 	return PARSE_OK;
 }
 
-/* Assigns the packet to `sk` and marks it for local delivery. Does not release `sk`. */
+/* Counts a drop and returns the verdict that drops. */
+static __always_inline int zt_drop(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&zt_stats, &stat);
+	if (n)
+		*n += 1;
+	return TC_ACT_SHOT;
+}
+
+/* Assigns the packet to `sk` and marks it for local delivery. Does not release `sk`. A packet
+ * that cannot be assigned is one the daemon should have had: dropped. An assigned packet goes
+ * on to the next program of the hook (TCX_NEXT; a CNI's network policy, say), which may still
+ * drop it; with none, it is delivered to `sk`. */
 static __always_inline int zt_assign(struct __sk_buff *skb, struct bpf_sock *sk)
 {
 	if (bpf_sk_assign(skb, sk, 0) != 0)
-		return TC_ACT_UNSPEC;
+		return zt_drop(ZT_STAT_NO_DAEMON);
 	skb->mark |= zt_capture_mark;
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 SEC("classifier")
@@ -162,8 +202,14 @@ int zt_capture(struct __sk_buff *skb)
 	 * pointers, which the verifier rejects). The destination only matters when the source
 	 * is not enrolled. */
 	__u32 key = f.saddr;
-	__u32 *v = bpf_map_lookup_elem(&zt_enrolled, &key);
-	__u32 src_flags = v ? *v : 0;
+	struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled, &key);
+	__u32 src_flags = 0;
+	if (v) {
+		/* An enrolled pod's address from anywhere but that pod's interface. */
+		if (v->ifindex != skb->ifindex)
+			return zt_drop(ZT_STAT_SPOOFED);
+		src_flags = v->flags;
+	}
 	__u32 src_enrolled = src_flags & ZT_POD_ENROLLED;
 	__u32 src_dns = zt_dns_port != 0 && src_enrolled && (src_flags & ZT_POD_DNS) &&
 			f.dport == bpf_htons(DNS_PORT);
@@ -184,7 +230,7 @@ int zt_capture(struct __sk_buff *skb)
 		t.ipv4.dport = zt_dns_port;
 		sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 		if (!sk)
-			return TC_ACT_UNSPEC;
+			return zt_drop(ZT_STAT_NO_DAEMON);
 		rc = zt_assign(skb, sk);
 		bpf_sk_release(sk);
 		return rc;
@@ -193,7 +239,7 @@ int zt_capture(struct __sk_buff *skb)
 	if (!src_enrolled) {
 		key = f.daddr;
 		v = bpf_map_lookup_elem(&zt_enrolled, &key);
-		if (!v || !(*v & ZT_POD_ENROLLED))
+		if (!v || !(v->flags & ZT_POD_ENROLLED))
 			return TC_ACT_UNSPEC;
 	}
 
@@ -210,8 +256,10 @@ int zt_capture(struct __sk_buff *skb)
 		bpf_sk_release(sk);
 	}
 
+	/* A later segment of a captured flow whose daemon socket is gone (the daemon died or
+	 * restarted): never let it bypass the daemon. */
 	if ((f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
-		return TC_ACT_UNSPEC;
+		return zt_drop(ZT_STAT_NO_DAEMON);
 
 	__u16 port;
 	if (src_dns)
@@ -229,10 +277,11 @@ int zt_capture(struct __sk_buff *skb)
 	t.ipv4.dport = port;
 	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
-		return TC_ACT_UNSPEC;
-	rc = TC_ACT_UNSPEC;
+		return zt_drop(ZT_STAT_NO_DAEMON);
 	if (sk->state == BPF_TCP_LISTEN)
 		rc = zt_assign(skb, sk);
+	else
+		rc = zt_drop(ZT_STAT_NO_DAEMON);
 	bpf_sk_release(sk);
 	return rc;
 }

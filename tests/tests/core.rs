@@ -566,16 +566,23 @@ fn sigkill_restart_and_sigterm_cleanup() {
         )
         .expect("restarted node2 terminates HBONE");
 
+    // SIGTERM leaves capture in place (it fails closed, tests/tests/capture.rs); `ztunnel
+    // uninstall` removes every program.
     for n in 1..=2 {
         let status = cluster
             .daemon(n)
             .terminate()
             .expect("SIGTERM stops the daemon");
         assert_eq!(status.code(), Some(0), "node{n} exit status after SIGTERM");
+        assert!(
+            !attached(n).is_empty(),
+            "node{n}: capture must stay attached after a plain SIGTERM"
+        );
+        cluster.daemon(n).uninstall().expect("ztunnel uninstall");
         let left = attached(n);
         assert!(
             left.is_empty(),
-            "node{n}: programs left attached after SIGTERM: {left:?}"
+            "node{n}: programs left attached after uninstall: {left:?}"
         );
     }
 }

@@ -725,6 +725,7 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     write(&sa, "namespace", NAMESPACE);
     std::fs::copy(api.ca_cert(), sa.join("ca.crt")).expect("copying the cluster CA");
 
+    let bpffs = Bpffs(dir.path().join("bpffs"));
     let sc = &container["securityContext"];
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     let caps: Vec<String> = sc["capabilities"]["add"]
@@ -757,6 +758,11 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
                 "type=bind,src={},dst={dst},options=rbind:ro",
                 ca.join(file).display()
             ),
+            // The host's bpffs: a bpffs of this test's own, where capture pins its state.
+            (Some("bpffs"), None) => {
+                let bpf = bpffs.mount();
+                format!("type=bind,src={},dst={dst},options=rbind:rw", bpf.display())
+            }
             other => panic!("a volume mount this test does not know: {other:?}"),
         };
         cmd.args(["--mount", &mount]);
@@ -880,11 +886,45 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     log.extend(rx.try_iter());
     let log = log.join("\n");
     assert!(exit.success(), "the daemon exits 0 after SIGTERM:\n{log}");
-    for line in [
-        "capture attached",
-        "capture detached",
-        "capture routing removed",
-    ] {
+    for line in ["capture attached", "capture left in place"] {
         assert!(log.contains(line), "{line:?} in the log:\n{log}");
+    }
+    // Capture outlived the container (fail closed); `ztunnel uninstall` in the node removes it.
+    let pins = bpffs.0.join("ztunnel/node1");
+    assert!(pins.join("zt_enrolled").exists(), "pinned map in {pins:?}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns.0])
+        .arg(mesh_tests::ztunnel_bin())
+        .args(["uninstall", "--bpf-pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("ztunnel uninstall");
+    assert!(
+        out.status.success(),
+        "ztunnel uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists(), "pins removed");
+}
+
+/// A bpffs mounted for one test (the host's /sys/fs/bpf of a real node), unmounted on drop.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn mount(&self) -> &std::path::Path {
+        std::fs::create_dir_all(&self.0).expect("bpffs dir");
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&self.0)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount -t bpf");
+        &self.0
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
     }
 }

@@ -13,13 +13,15 @@
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
 //! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
 //! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
-//! 10. `drain_and_detach`.
+//! 10. `drain_and_exit`.
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
 //! capture is attached, so no captured SYN ever finds its listener missing; readiness turns on
 //! only when the first complete state is loaded, certificates for all local workloads exist and
 //! capture is attached. On SIGTERM, SIGINT or admin `/quitquitquit` the daemon drains (see
-//! [`crate::drain`]), then detaches capture (traffic then flows directly again) and exits.
+//! [`crate::drain`]) and exits. Capture stays in place (pinned) by default, so enrolled pods'
+//! traffic is held, never sent in clear, until the next daemon adopts it; with
+//! `--detach-on-exit` the daemon removes it (traffic then flows directly again).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -130,7 +132,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     tokio::spawn(source.run(state_tx));
     steady_state(&shared, &data_plane, &mut capture, state_rx, &mut signals).await;
-    drain_and_detach(&shared, capture, &mut signals).await
+    drain_and_exit(&shared, capture, &mut signals).await
 }
 
 /// What the host must provide, checked before anything is read or bound: the configured TCP
@@ -523,6 +525,7 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
         daemon_mark: cfg.daemon_mark,
         route_table: c.route_table,
         uplinks: c.uplinks.clone(),
+        pin_dir: c.pin_dir.clone(),
     })?;
     sync_capture(cfg, Some(&mut capture), state, &shared.capture, true);
     Ok(Some(capture))
@@ -577,8 +580,9 @@ async fn steady_state(
 }
 
 /// Drains (new connections refused, open flows awaited up to `--drain-timeout` or until
-/// another signal), then detaches capture: traffic flows directly again.
-async fn drain_and_detach(
+/// another signal), then, with `--detach-on-exit`, removes capture (traffic flows directly
+/// again); otherwise leaves it pinned, failing closed until the next daemon.
+async fn drain_and_exit(
     shared: &Shared,
     capture: Option<Capture>,
     signals: &mut Signals,
@@ -596,10 +600,26 @@ async fn drain_and_detach(
         _ = signals.recv() => drain.active(),
     };
     tracing::info!(left, "drain finished");
-    if let Some(c) = capture {
-        c.shutdown()?;
+    let detach = cfg.capture.as_ref().is_some_and(|c| c.detach_on_exit);
+    match capture {
+        Some(c) if detach => {
+            c.uninstall()?;
+            tracing::info!("capture removed (--detach-on-exit); exiting");
+        }
+        Some(c) => {
+            let pin_dir = cfg
+                .capture
+                .as_ref()
+                .map(|c| c.pin_dir.display().to_string());
+            drop(c);
+            tracing::info!(
+                pin_dir,
+                "capture left in place: enrolled pods' traffic is held until a daemon adopts \
+                 it (`ztunnel uninstall` removes it); exiting"
+            );
+        }
+        None => tracing::info!("exiting"),
     }
-    tracing::info!("capture removed; exiting");
     Ok(())
 }
 
@@ -649,7 +669,7 @@ fn sync_capture(
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
     let interfaces = capture.attached();
     let attached = interfaces.len();
-    let interfaces_changed = view.update(interfaces, capture.enrolled());
+    let interfaces_changed = view.update(interfaces, capture.enrolled(), capture.drop_counts());
     if state_changed || interfaces_changed {
         tracing::info!(
             generation = state.generation,

@@ -46,6 +46,8 @@ pub(crate) struct DaemonCmd {
 struct Proc {
     child: Option<Child>,
     log: PathBuf,
+    /// A process was started since the last uninstall: capture may be pinned in the node.
+    installed: bool,
 }
 
 impl Daemon {
@@ -59,6 +61,7 @@ impl Daemon {
             proc: Mutex::new(Proc {
                 child: None,
                 log: PathBuf::new(),
+                installed: false,
             }),
         }
     }
@@ -129,6 +132,7 @@ impl Daemon {
                 .spawn()
                 .with_context(|| format!("spawning {}", self.cmd.program.display()))?;
             p.child = Some(child);
+            p.installed = true;
         }
         Ok(())
     }
@@ -308,9 +312,61 @@ impl Daemon {
         }
     }
 
-    /// Best-effort stop for teardown: SIGTERM (so the daemon can detach its programs), then
-    /// SIGKILL after a grace period. Never fails.
+    /// Runs `ztunnel uninstall` in the node (with the daemon's pin directory, capture mark and
+    /// route table): removes the capture a stopped daemon left in place. Fails while the
+    /// daemon runs (it would go on without capture) and when the command fails; returns its
+    /// output line.
+    pub fn uninstall(&self) -> Result<String> {
+        if self.is_running() {
+            bail!("node{} daemon is running; stop it first", self.node);
+        }
+        let mut args: Vec<OsString> = vec!["uninstall".into()];
+        let mut it = self.cmd.args.iter();
+        while let Some(a) = it.next() {
+            let s = a.to_string_lossy();
+            for flag in [
+                "--capture-mark",
+                "--route-table",
+                "--node-name",
+                "--bpf-pin-dir",
+            ] {
+                if s == flag {
+                    args.push(a.clone());
+                    args.extend(it.next().cloned());
+                } else if s.starts_with(&format!("{flag}=")) {
+                    args.push(a.clone());
+                }
+            }
+        }
+        let out = super::run(
+            super::in_netns(&self.netns, &self.cmd.program)
+                .args(&args)
+                .envs(self.cmd.env.iter().map(|(k, v)| (k, v))),
+        )
+        .with_context(|| format!("uninstalling node{}'s capture", self.node))?;
+        self.lock().installed = false;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Forgets the capture this (stopped) daemon left, so that dropping the handle does not
+    /// uninstall it: the next daemon of the node adopts it.
+    pub(crate) fn hand_over_capture(&self) {
+        self.lock().installed = false;
+    }
+
+    /// Best-effort stop for teardown: SIGTERM, then SIGKILL after a grace period, then
+    /// `ztunnel uninstall` (a stopped daemon leaves capture pinned, failing closed), so no
+    /// program, pin or route outlives the cluster. Never fails.
     pub(crate) fn shutdown(&self) {
+        self.stop();
+        if self.lock().installed {
+            if let Err(e) = self.uninstall() {
+                eprintln!("mesh-tests: teardown: node{}: {e:#}", self.node);
+            }
+        }
+    }
+
+    fn stop(&self) {
         if !self.is_running() {
             return;
         }

@@ -16,7 +16,7 @@ mod waypoint;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
@@ -49,6 +49,8 @@ pub struct Cluster {
     captures: AtomicUsize,
     /// With [`Cluster::start_kube`]: the API server the daemons follow.
     kube: Option<ControlPlane>,
+    /// The cluster's own bpffs mount (`<workdir>/bpf`), holding each node's pinned capture.
+    bpffs: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -98,7 +100,16 @@ impl Cluster {
             ca_initialised: false,
             captures: AtomicUsize::new(0),
             kube: None,
+            bpffs: None,
         };
+        // The daemons pin capture here (not under /sys/fs/bpf: `ip netns exec` gives each one
+        // a fresh /sys). Mounted before any daemon starts, so every daemon's mount namespace
+        // shares this one bpffs instance and a restarted daemon finds what the last one left.
+        let bpf = cluster.workdir.join("bpf");
+        std::fs::create_dir_all(&bpf).with_context(|| format!("creating {}", bpf.display()))?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpf))
+            .context("mounting a bpf filesystem for the daemons' pins")?;
+        cluster.bpffs = Some(bpf);
         for (p, j, ip) in placements {
             let logdir = cluster
                 .workdir
@@ -310,6 +321,11 @@ impl Cluster {
         if self.daemons[idx].as_ref().is_some_and(Daemon::is_running) {
             bail!("node{node} daemon is already running");
         }
+        // The new daemon adopts whatever capture the stopped one left; dropping the old handle
+        // must not uninstall it.
+        if let Some(old) = self.daemons[idx].take() {
+            old.hand_over_capture();
+        }
         // A daemon given a CA service (`--ca-address`) gets no file CA: the root key stays
         // with the service.
         let ca = if extra.contains(&"--ca-address") {
@@ -350,7 +366,10 @@ impl Cluster {
             args,
             // The nodes share this machine's file system: each daemon gets its own admin
             // socket (a flag in `extra` overrides it).
-            env: vec![("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into())],
+            env: vec![
+                ("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into()),
+                ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
+            ],
         };
         let netns = self.node_netns(node);
         let daemon = if wait {
@@ -359,6 +378,31 @@ impl Cluster {
             Daemon::spawn_unready(node, &netns, cmd, &logdir)?
         };
         Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// Node i's capture pin directory (`--bpf-pin-dir`), on the cluster's own bpffs.
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.workdir.join("bpf").join(format!("node{node}"))
+    }
+
+    /// Every pin left on the cluster's bpffs (empty once all captures are uninstalled). The
+    /// kernel's own `maps.debug` / `progs.debug` of a fresh bpffs are not pins.
+    pub fn pins(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                }
+                out.push(path);
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(dir) = &self.bpffs {
+            walk(dir, &mut out);
+            out.retain(|p| p.parent() != Some(dir) || p.extension().is_none_or(|e| e != "debug"));
+        }
+        out
     }
 
     /// Node i's admin socket (`--admin-socket`): every admin route, the changing ones included;
@@ -419,8 +463,17 @@ impl Drop for Cluster {
             }
             drop(cp);
         }
+        let left = self.pins();
+        if !left.is_empty() {
+            eprintln!("mesh-tests: teardown: pins left after uninstall: {left:?}");
+        }
         for ns in self.created.drain(..).rev() {
             net::delete_netns(&ns);
+        }
+        if let Some(bpf) = self.bpffs.take() {
+            if let Err(e) = run(Command::new("umount").arg(&bpf)) {
+                eprintln!("mesh-tests: teardown: {e:#}");
+            }
         }
         let keep = std::env::var("MESH_KEEP_WORKDIR").is_ok_and(|v| v == "1");
         if panicking || keep {

@@ -235,11 +235,14 @@ fn bring_up(
     }
 }
 
-/// Takes `mode`'s data plane down again (sidecars are dropped by the caller).
+/// Takes `mode`'s data plane down again (sidecars are dropped by the caller). A stopped daemon
+/// leaves capture in place (it fails closed), so the next mode's traffic would be held: each
+/// node's capture is uninstalled too.
 fn bring_down(cluster: &Cluster, mode: Mode) -> Result<()> {
     if mode == Mode::Ambient {
         for n in 1..=cluster.spec().nodes {
             cluster.daemon(n).terminate()?;
+            cluster.daemon(n).uninstall()?;
         }
     }
     Ok(())

@@ -51,6 +51,10 @@ impl MetricsRoutes {
         m.capture_enrolled_pods.set(gauge(capture.enrolled.len()));
         m.capture_attached_programs
             .set(gauge(capture.interfaces.len()));
+        m.set_capture_drops(&[
+            ("spoofed_source", capture.drops.spoofed_source),
+            ("no_daemon", capture.drops.no_daemon),
+        ]);
         m.set_certificates(&self.certs.snapshot());
         m.set_worker_loads(&self.workers.loads());
         m.set_invalid_policies(&self.state.borrow().authz.invalid_counts());

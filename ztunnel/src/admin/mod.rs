@@ -37,6 +37,8 @@ pub struct CaptureSnapshot {
     pub interfaces: Vec<String>,
     /// Pod IPs in the enrolled map.
     pub enrolled: Vec<Ipv4Addr>,
+    /// The programs' drop counters.
+    pub drops: crate::capture::DropCounts,
 }
 
 impl CaptureView {
@@ -46,12 +48,18 @@ impl CaptureView {
     }
 
     /// Records a sync; returns whether the attached interfaces differ from the last one.
-    pub fn update(&self, interfaces: Vec<String>, enrolled: Vec<Ipv4Addr>) -> bool {
+    pub fn update(
+        &self,
+        interfaces: Vec<String>,
+        enrolled: Vec<Ipv4Addr>,
+        drops: crate::capture::DropCounts,
+    ) -> bool {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let changed = last.interfaces != interfaces;
         *last = CaptureSnapshot {
             interfaces,
             enrolled,
+            drops,
         };
         changed
     }

@@ -12,25 +12,35 @@
 //! - assigned packets carry `capture_mark`; `ip rule fwmark` + `local default dev lo` makes the
 //!   kernel deliver them locally although their destination is a pod address.
 //!
-//! Nothing is pinned to bpffs: the programs, links and maps live as long as the [`Capture`]
-//! (the daemon process). A daemon that is killed leaves no program attached; only the ip rule
-//! and route remain, and [`Capture::start`] adopts them.
+//! Capture fails closed: the maps and the TCX links (hence the program) are pinned in bpffs
+//! ([`pins`]) and the ip rule and route stay, so they outlive the daemon process. While no
+//! daemon listens, the program drops what it would have captured (a client's SYN is retried and
+//! reaches the next daemon). [`Capture::start`] adopts what a previous daemon left, swapping
+//! the new program into the existing links; dropping a [`Capture`] leaves everything in place;
+//! only [`Capture::uninstall`] (or [`uninstall_pinned`] without a daemon) removes it.
+//!
+//! Identity is bound to the interface: each enrolled pod's map entry carries the ifindex of its
+//! node-side interface, and a packet with the pod's source address arriving anywhere else is
+//! dropped and counted ([`DropCounts`]).
 
+mod links;
+mod pins;
 mod routes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use aya::programs::links::LinkOrder;
-use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
-use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
-use aya::util::KernelVersion;
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, info, warn};
 
+use pins::PinDir;
 use routes::RouteTable;
 pub use routes::RULE_PRIORITY;
 
@@ -41,6 +51,13 @@ static CAPTURE_OBJECT: &[u8] =
 /// Name of the TC program (its C function name; `bpftool net show` lists it).
 pub const PROGRAM_NAME: &str = "zt_capture";
 const ENROLLED_MAP: &str = "zt_enrolled";
+/// Entries of the enrolled map (`max_entries` in the C code).
+const ENROLLED_MAX: u32 = 4096;
+const STATS_MAP: &str = "zt_stats";
+/// Slots of `zt_stats` (`ZT_STAT_*` in the C code).
+const STAT_SPOOFED: u32 = 0;
+const STAT_NO_DAEMON: u32 = 1;
+const STAT_COUNT: u32 = 2;
 /// Value flag in the enrolled map (`ZT_POD_ENROLLED` in the C code).
 const POD_ENROLLED: u32 = 1;
 /// Value flag: the pod's DNS (port 53) is steered to the DNS proxy (`ZT_POD_DNS`).
@@ -72,6 +89,19 @@ pub struct CaptureSettings {
     pub route_table: u32,
     /// Node interfaces facing other nodes (e.g. `eth0`): inbound traffic for local pods.
     pub uplinks: Vec<String>,
+    /// bpffs directory of this node's pinned maps, program and links (created if absent; its
+    /// nearest existing ancestor must be on bpffs).
+    pub pin_dir: PathBuf,
+}
+
+/// Packets the programs dropped since the maps were created (they survive daemon restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    /// Carrying an enrolled pod's source address but entering the node elsewhere than through
+    /// that pod's interface.
+    pub spoofed_source: u64,
+    /// Would have been captured, but no daemon socket was there (daemon stopped or restarting).
+    pub no_daemon: u64,
 }
 
 /// A pod on this node as capture sees it.
@@ -165,6 +195,32 @@ pub enum CaptureError {
         /// Read error.
         error: io::Error,
     },
+    /// The pin directory is not on a bpf filesystem, so pins could not outlive the daemon.
+    #[error(
+        "{path} is not on a bpf filesystem: mount one where it outlives the daemon (`mount -t \
+         bpf bpf /sys/fs/bpf` in the host's mount namespace; in a pod, a hostPath volume of \
+         /sys/fs/bpf), or point --bpf-pin-dir at one"
+    )]
+    NotBpffs {
+        /// The configured pin directory.
+        path: PathBuf,
+    },
+    /// Creating, reading or removing a pin failed.
+    #[error("bpffs pin {path}: {error}")]
+    Pin {
+        /// The pin or directory.
+        path: PathBuf,
+        /// What failed.
+        error: io::Error,
+    },
+    /// A pinned link could not be pinned, opened or given the new program.
+    #[error("capture link of interface {iface}: {error}")]
+    Link {
+        /// Interface name.
+        iface: String,
+        /// What aya reported.
+        error: LinkError,
+    },
     /// An `ip` command (rule/route set-up) failed.
     #[error("`{command}` failed: {detail}")]
     Command {
@@ -178,22 +234,33 @@ pub enum CaptureError {
 /// One program attachment.
 #[derive(Debug)]
 struct Attachment {
-    link: SchedClassifierLinkId,
+    link: Link,
     ifindex: u32,
 }
 
-/// Loaded capture programs, their attachments and the enrollment map. Dropping it detaches
-/// everything and removes the routing (best effort); prefer [`Capture::shutdown`] to see errors.
+#[derive(Debug)]
+enum Link {
+    /// A TCX link pinned at `pin`: stays attached after the daemon exits.
+    Pinned { link: FdLink, pin: PathBuf },
+    /// A clsact filter (kernels without TCX), owned by the loaded program.
+    Netlink(SchedClassifierLinkId),
+}
+
+/// The enrolled map's value (`struct zt_pod`): flags, ifindex of the pod's interface.
+type PodValue = [u32; 2];
+
+/// Loaded capture program, its attachments and maps. Dropping it leaves the pinned state in
+/// place (capture fails closed until a daemon adopts it); [`Capture::uninstall`] removes it.
 pub struct Capture {
     ebpf: Ebpf,
-    enrolled_map: BpfHashMap<MapData, u32, u32>,
+    enrolled_map: BpfHashMap<MapData, u32, PodValue>,
+    stats_map: PerCpuArray<MapData, u64>,
+    pins: PinDir,
     settings: CaptureSettings,
     uplinks: BTreeMap<String, Attachment>,
     pod_ifaces: BTreeMap<String, Attachment>,
-    /// What the enrolled map holds: pod IP -> flags written.
-    enrolled: BTreeMap<Ipv4Addr, u32>,
-    routing_installed: bool,
-    closed: bool,
+    /// What the enrolled map holds: pod IP -> value written.
+    enrolled: BTreeMap<Ipv4Addr, PodValue>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -267,15 +334,26 @@ fn ifindex(iface: &str) -> Result<u32, CaptureError> {
 }
 
 impl Capture {
-    /// Loads the program, creates its maps, installs the ip rule and local route (idempotently:
-    /// a crashed previous instance may have left them) and attaches to every uplink.
+    /// Loads the program into the pinned maps (created on first start), installs the ip rule
+    /// and local route (idempotently), adopts the links a previous daemon pinned (the new
+    /// program replaces the old one in each, atomically) and attaches to every uplink.
     ///
-    /// Must be called inside the node's network namespace (from the thread that is in it).
-    /// The daemon's listeners should exist before pods are enrolled with [`Capture::sync`]:
-    /// a SYN that finds no listener is let through uncaptured.
+    /// Must be called inside the node's network namespace (from the thread that is in it),
+    /// after the daemon's listeners are bound: from the moment a link carries this program,
+    /// a captured SYN that finds no listener is dropped.
     pub fn start(settings: &CaptureSettings) -> Result<Capture, CaptureError> {
         validate(settings)?;
+        let pins = PinDir::open(&settings.pin_dir)?;
+        // Key u32; values: struct zt_pod (8 bytes), a u64 per CPU.
+        if pins.drop_incompatible_map(ENROLLED_MAP, 4, 8, ENROLLED_MAX)? {
+            warn!(pin_dir = %pins.path().display(), "pinned enrolled-pod map had another shape \
+                  (older build); replaced, pods are enrolled again at the first sync");
+        }
+        pins.drop_incompatible_map(STATS_MAP, 4, 8, STAT_COUNT)?;
+        let (enrolled_pin, stats_pin) = (pins.object(ENROLLED_MAP), pins.object(STATS_MAP));
         let mut ebpf = EbpfLoader::new()
+            .map_pin_path(ENROLLED_MAP, enrolled_pin.as_path())
+            .map_pin_path(STATS_MAP, stats_pin.as_path())
             .override_global("zt_capture_mark", &settings.capture_mark, true)
             .override_global("zt_daemon_mark", &settings.daemon_mark, true)
             .override_global("zt_outbound_port", &settings.outbound_port.to_be(), true)
@@ -294,36 +372,47 @@ impl Capture {
             program: PROGRAM_NAME,
             error,
         })?;
+        let map_err = |error| CaptureError::Map {
+            ip: Ipv4Addr::UNSPECIFIED,
+            error,
+        };
         let map = ebpf
             .take_map(ENROLLED_MAP)
             .ok_or_else(|| CaptureError::ObjectMismatch(format!("map {ENROLLED_MAP}")))?;
-        let enrolled_map = BpfHashMap::try_from(map).map_err(|error| CaptureError::Map {
-            ip: Ipv4Addr::UNSPECIFIED,
-            error,
-        })?;
+        let enrolled_map: BpfHashMap<MapData, u32, PodValue> =
+            BpfHashMap::try_from(map).map_err(map_err)?;
+        let map = ebpf
+            .take_map(STATS_MAP)
+            .ok_or_else(|| CaptureError::ObjectMismatch(format!("map {STATS_MAP}")))?;
+        let stats_map = PerCpuArray::try_from(map).map_err(map_err)?;
+        // What a previous daemon enrolled stays in force until the first sync corrects it.
+        let enrolled = enrolled_map
+            .iter()
+            .flatten()
+            .map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), v))
+            .collect();
 
         let mut capture = Capture {
             ebpf,
             enrolled_map,
+            stats_map,
+            pins,
             settings: settings.clone(),
             uplinks: BTreeMap::new(),
             pod_ifaces: BTreeMap::new(),
-            enrolled: BTreeMap::new(),
-            routing_installed: false,
-            closed: false,
+            enrolled,
         };
-        // From here on, an error drops `capture`, which undoes what was done.
+        capture.pin_program();
         routes::install(settings.capture_mark, settings.route_table)?;
-        capture.routing_installed = true;
+        let adopted = capture.adopt_links()?;
         for uplink in &settings.uplinks {
-            if capture.uplinks.contains_key(uplink) {
-                continue;
-            }
-            let att = capture.attach(uplink)?;
-            capture.uplinks.insert(uplink.clone(), att);
+            capture.ensure_attached(uplink, true)?;
         }
         info!(
             uplinks = ?settings.uplinks,
+            adopted,
+            pin_dir = %settings.pin_dir.display(),
+            enrolled = capture.enrolled.len(),
             outbound_port = settings.outbound_port,
             inbound_plaintext_port = settings.inbound_plaintext_port,
             hbone_port = settings.hbone_port,
@@ -340,11 +429,12 @@ impl Capture {
     /// Attaches the program to the node-side veth of every pod, enrolled or not (its traffic
     /// to enrolled pods on this node, and the replies of enrolled pods, enter the node there),
     /// detaches from veths of pods that are gone, and sets the enrolled-pod map to exactly the
-    /// enrolled pods. Idempotent and cheap when nothing changed (one read of the routing table,
-    /// one interface-index lookup per pod). A pod whose veth is not there yet is reported, not
-    /// fatal: call again later. Returns `(pod name, problem)` pairs (the name is an interface
-    /// for a failed detach, `*` if the routing table could not be read). Like `start`, call it
-    /// from a thread in the node's network namespace.
+    /// enrolled pods, each with its interface. Idempotent and cheap when nothing changed (one
+    /// read of the routing table, one interface-index lookup per pod). A pod whose veth is not
+    /// there yet is reported, not fatal: call again later (meanwhile no packet is attributed to
+    /// it). Returns `(pod name, problem)` pairs (the name is an interface for a failed detach,
+    /// `*` if the routing table could not be read). Like `start`, call it from a thread in the
+    /// node's network namespace.
     pub fn sync(&mut self, pods: &[LocalPod]) -> Vec<(String, CaptureError)> {
         let mut problems = Vec::new();
         let table = match RouteTable::read() {
@@ -355,12 +445,14 @@ impl Capture {
             }
         };
 
-        // Desired interfaces (interface -> first pod using it, for reports).
+        // Desired interfaces (interface -> first pod using it, for reports), and each pod's.
         let mut wanted: BTreeMap<String, &LocalPod> = BTreeMap::new();
+        let mut pod_iface: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         if let Some(table) = &table {
             for pod in pods {
                 match table.pod_interface(pod.ip, &self.settings.uplinks) {
                     Ok(iface) => {
+                        pod_iface.insert(pod.ip, iface.clone());
                         wanted.entry(iface).or_insert(pod);
                     }
                     Err(reason) => problems.push((
@@ -388,12 +480,19 @@ impl Capture {
         }
 
         for (iface, pod) in &wanted {
-            if let Err(e) = self.ensure_attached(iface) {
+            if let Err(e) = self.ensure_attached(iface, false) {
                 problems.push((pod.name.clone(), e));
             }
         }
 
-        self.sync_enrolled(pods, &mut problems);
+        let ifindexes: BTreeMap<Ipv4Addr, u32> = pod_iface
+            .into_iter()
+            .filter_map(|(ip, iface)| {
+                let att = self.pod_ifaces.get(&iface)?;
+                Some((ip, att.ifindex))
+            })
+            .collect();
+        self.sync_enrolled(pods, &ifindexes, table.is_some(), &mut problems);
         for (pod, problem) in &problems {
             debug!(pod = %pod, error = %problem, "capture sync problem");
         }
@@ -412,17 +511,24 @@ impl Capture {
         self.enrolled.keys().copied().collect()
     }
 
-    /// Detaches every program and removes the ip rule and route. Also done (best effort, errors
-    /// only logged) when a `Capture` is dropped.
-    pub fn shutdown(mut self) -> Result<(), CaptureError> {
-        self.teardown()
+    /// What the programs dropped so far (summed over CPUs; counted since the pinned maps were
+    /// created, so across daemon restarts).
+    pub fn drop_counts(&self) -> DropCounts {
+        let sum = |slot: u32| {
+            self.stats_map
+                .get(&slot, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        DropCounts {
+            spoofed_source: sum(STAT_SPOOFED),
+            no_daemon: sum(STAT_NO_DAEMON),
+        }
     }
 
-    fn teardown(&mut self) -> Result<(), CaptureError> {
-        if self.closed {
-            return Ok(());
-        }
-        self.closed = true;
+    /// Removes capture for good: detaches every program, removes the pins (maps, program,
+    /// links) and their directory, and the ip rule and route. Traffic flows directly again.
+    pub fn uninstall(mut self) -> Result<(), CaptureError> {
         let mut first_err = None;
         let ifaces: Vec<String> = self.pod_ifaces.keys().cloned().collect();
         for iface in ifaces {
@@ -436,123 +542,41 @@ impl Capture {
                 first_err.get_or_insert(e);
             }
         }
-        if self.routing_installed {
-            match routes::remove(self.settings.capture_mark, self.settings.route_table) {
-                Ok(()) => self.routing_installed = false,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
+        let Capture {
+            ebpf,
+            pins,
+            settings,
+            ..
+        } = self;
+        drop(ebpf);
+        let result = uninstall_pinned(pins.path(), settings.capture_mark, settings.route_table);
+        if let Err(e) = result {
+            first_err.get_or_insert(e);
         }
-        info!("capture stopped");
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Attaches to `iface` unless already attached to the interface of that name and index
-    /// (a pod re-created with the same veth name gets a new index; its old link died with the
-    /// old device).
-    fn ensure_attached(&mut self, iface: &str) -> Result<(), CaptureError> {
-        if self.uplinks.contains_key(iface) {
-            return Ok(());
-        }
-        let idx = ifindex(iface)?;
-        if let Some(att) = self.pod_ifaces.get(iface) {
-            if att.ifindex == idx {
-                return Ok(());
-            }
-            debug!(
-                iface,
-                old = att.ifindex,
-                new = idx,
-                "pod interface was re-created"
-            );
-            // Best effort: the old link is already defunct.
-            let _ = self.detach_pod_iface(iface);
-        }
-        let att = self.attach(iface)?;
-        self.pod_ifaces.insert(iface.to_string(), att);
-        Ok(())
-    }
-
-    fn attach(&mut self, iface: &str) -> Result<Attachment, CaptureError> {
-        let idx = ifindex(iface)?;
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let attach_err = |error| CaptureError::Attach {
-            iface: iface.to_string(),
-            error,
-        };
-        if tcx {
-            // Another live instance (e.g. an overlapping restart) would capture too.
-            if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
-                if progs.iter().any(|p| p.name_as_str() == Some(PROGRAM_NAME)) {
-                    warn!(
-                        iface,
-                        "another {PROGRAM_NAME} program is already attached here (a second \
-                         daemon instance?)"
-                    );
-                }
-            }
-        }
-        let prog = program(&mut self.ebpf)?;
-        let link = if tcx {
-            // First in the TCX chain, so another program returning "pass" cannot bypass
-            // capture; untouched packets continue to the next program (TCX_NEXT).
-            prog.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-        } else {
-            // Legacy clsact filter: survives the process, unlike a TCX link.
-            if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
-                debug!(iface, error = %e, "clsact qdisc not added (probably exists)");
-            }
-            prog.attach(iface, TcAttachType::Ingress)
-        }
-        .map_err(attach_err)?;
-        info!(iface, ifindex = idx, tcx, "capture attached");
-        Ok(Attachment { link, ifindex: idx })
-    }
-
-    fn detach_pod_iface(&mut self, iface: &str) -> Result<(), CaptureError> {
-        match self.pod_ifaces.remove(iface) {
-            Some(att) => self.detach_link(iface, att),
-            None => Ok(()),
-        }
-    }
-
-    fn detach_link(&mut self, iface: &str, att: Attachment) -> Result<(), CaptureError> {
-        let prog = program(&mut self.ebpf)?;
-        match prog.detach(att.link) {
-            Ok(()) => {
-                info!(iface, ifindex = att.ifindex, "capture detached");
-                Ok(())
-            }
-            // The device is gone (pod deleted): nothing left to detach.
-            Err(_) if ifindex(iface).map_or(true, |i| i != att.ifindex) => {
-                info!(
-                    iface,
-                    ifindex = att.ifindex,
-                    "capture detached (interface gone)"
-                );
-                Ok(())
-            }
-            Err(error) => Err(CaptureError::Detach {
-                iface: iface.to_string(),
-                error,
-            }),
-        }
-    }
-
-    /// Sets the enrolled map to exactly the enrolled pods' IPs and flags (diff against what we
-    /// wrote).
-    fn sync_enrolled(&mut self, pods: &[LocalPod], problems: &mut Vec<(String, CaptureError)>) {
-        let want: BTreeMap<Ipv4Addr, (&str, u32)> = pods
+    /// Sets the enrolled map to exactly the enrolled pods' IPs, flags and interfaces (diff
+    /// against what we wrote). Without a routing table (`routes_known` false) a pod keeps the
+    /// interface it had.
+    fn sync_enrolled(
+        &mut self,
+        pods: &[LocalPod],
+        ifindexes: &BTreeMap<Ipv4Addr, u32>,
+        routes_known: bool,
+        problems: &mut Vec<(String, CaptureError)>,
+    ) {
+        let want: BTreeMap<Ipv4Addr, (&str, PodValue)> = pods
             .iter()
             .filter(|p| p.enrolled)
             .map(|p| {
                 let flags = POD_ENROLLED | if p.dns_capture { POD_DNS } else { 0 };
-                (p.ip, (p.name.as_str(), flags))
+                let idx = match ifindexes.get(&p.ip) {
+                    Some(i) => *i,
+                    None if !routes_known => self.enrolled.get(&p.ip).map_or(0, |v| v[1]),
+                    None => 0,
+                };
+                (p.ip, (p.name.as_str(), [flags, idx]))
             })
             .collect();
         let stale: Vec<Ipv4Addr> = self
@@ -570,17 +594,18 @@ impl Capture {
                 Err(error) => problems.push((ip.to_string(), CaptureError::Map { ip, error })),
             }
         }
-        for (ip, (name, flags)) in want {
-            if self.enrolled.get(&ip) == Some(&flags) {
+        for (ip, (name, value)) in want {
+            if self.enrolled.get(&ip) == Some(&value) {
                 continue;
             }
-            match self.enrolled_map.insert(map_key(ip), flags, 0) {
+            match self.enrolled_map.insert(map_key(ip), value, 0) {
                 Ok(()) => {
-                    self.enrolled.insert(ip, flags);
+                    self.enrolled.insert(ip, value);
                     info!(
                         pod = name,
                         pod_ip = %ip,
-                        dns_capture = flags & POD_DNS != 0,
+                        dns_capture = value[0] & POD_DNS != 0,
+                        ifindex = value[1],
                         "capture: pod enrolled"
                     );
                 }
@@ -590,12 +615,22 @@ impl Capture {
     }
 }
 
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Err(e) = self.teardown() {
-            warn!(error = %e, "capture teardown incomplete");
-        }
-    }
+/// Removes the capture a daemon left pinned in `pin_dir` (links first, so the programs stop
+/// before their maps go; then the directory) and the ip rule and route of `capture_mark` /
+/// `route_table`. For `ztunnel uninstall` and `--detach-on-exit`; call it in the node's network
+/// namespace. Idempotent: nothing there is fine. Returns how many pins were removed.
+pub fn uninstall_pinned(
+    pin_dir: &Path,
+    capture_mark: u32,
+    route_table: u32,
+) -> Result<usize, CaptureError> {
+    let removed = match PinDir::existing(pin_dir) {
+        Some(dir) => dir.remove_all()?,
+        None => 0,
+    };
+    routes::remove(capture_mark, route_table)?;
+    info!(pin_dir = %pin_dir.display(), removed, "capture uninstalled");
+    Ok(removed)
 }
 
 /// The map key: the address as it sits in the packet (network byte order).
@@ -634,6 +669,7 @@ mod tests {
             daemon_mark: 0x539,
             route_table: 100,
             uplinks: vec!["eth0".into()],
+            pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel/node1"),
         }
     }
 

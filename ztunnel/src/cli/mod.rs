@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, Dur, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
+use crate::config::{ConfigError, Dur, Mark, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
 use crate::status::{AdminArgs, StatusArgs, View};
 use authz_check::AuthzCommand;
 
@@ -69,6 +69,46 @@ pub enum Command {
     /// invalid policy enforced failing closed, an L7 rule the node cannot see), and what it
     /// means for traffic. Exit status: 0 clean, 1 findings, 2 bad input.
     Analyze(analyze::AnalyzeArgs),
+    /// Remove the capture a daemon left in place (it stopped without --detach-on-exit, or was
+    /// killed): detaches the eBPF programs, removes their pins and the ip rule and route.
+    /// Enrolled pods' traffic then flows directly, outside the mesh. Run it in the node's
+    /// network namespace with the daemon's --node-name / --bpf-pin-dir, --capture-mark and
+    /// --route-table, and no daemon running there.
+    Uninstall(UninstallArgs),
+}
+
+/// `ztunnel uninstall`: where the daemon's capture state is (the daemon's own settings).
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// The node's name; the pin directory defaults to `/sys/fs/bpf/ztunnel/<node-name>`.
+    #[arg(long, env = "ZTUNNEL_NODE_NAME")]
+    node_name: Option<String>,
+    /// The daemon's --bpf-pin-dir.
+    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
+    /// The daemon's --capture-mark (its ip rule is removed).
+    #[arg(long, env = "ZTUNNEL_CAPTURE_MARK", default_value_t = Mark(0x2000))]
+    capture_mark: Mark,
+    /// The daemon's --route-table (its local route is removed).
+    #[arg(long, env = "ZTUNNEL_ROUTE_TABLE", default_value_t = 1501)]
+    route_table: u32,
+}
+
+impl UninstallArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let dir = match (self.bpf_pin_dir, self.node_name) {
+            (Some(dir), _) => dir,
+            (None, Some(node)) => PathBuf::from(format!("/sys/fs/bpf/ztunnel/{node}")),
+            (None, None) => anyhow::bail!("give --bpf-pin-dir or --node-name"),
+        };
+        let removed =
+            crate::capture::uninstall_pinned(&dir, self.capture_mark.0, self.route_table)?;
+        println!(
+            "capture uninstalled: {removed} pins removed from {}, ip rule and route removed",
+            dir.display()
+        );
+        Ok(())
+    }
 }
 
 /// The certificate `ca issue` and `ca request` obtain, and where they write it.
@@ -147,6 +187,7 @@ impl Command {
                 crate::status::log_level(&admin, filter.as_deref()).map_err(Into::into)
             }
             Command::Quit(a) => crate::status::quit(&a).map_err(Into::into),
+            Command::Uninstall(a) => a.run(),
             Command::Authz(AuthzCommand::Check(args)) => {
                 // Policy rejections and caveats are logged while the state is built: show them.
                 let _ = tracing_subscriber::fmt()

@@ -124,6 +124,25 @@ pub struct RunArgs {
     /// Routing table used for the local route of captured packets.
     #[arg(long, env = "ZTUNNEL_ROUTE_TABLE", default_value_t = 1501)]
     pub route_table: u32,
+    /// bpffs directory where capture pins its maps, program and links, so that capture
+    /// outlives the daemon and fails closed; its nearest existing ancestor must be on a bpf
+    /// filesystem mounted where it outlives the daemon (the host's `/sys/fs/bpf`). Unset:
+    /// `/sys/fs/bpf/ztunnel/<node-name>`.
+    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// On SIGTERM, SIGINT or /quitquitquit, remove capture after draining (programs, pins, ip
+    /// rule and route): enrolled pods' traffic then flows directly, outside the mesh. Without
+    /// it capture stays attached and the pods' traffic is held until a daemon adopts it again
+    /// (fail closed); `ztunnel uninstall` removes it later.
+    #[arg(
+        long,
+        env = "ZTUNNEL_DETACH_ON_EXIT",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub detach_on_exit: bool,
     /// Outbound capture listener (traffic leaving enrolled pods).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
@@ -320,6 +339,10 @@ pub struct CaptureConfig {
     pub capture_mark: u32,
     /// Routing table of the local route for marked packets.
     pub route_table: u32,
+    /// bpffs directory of the pinned capture state.
+    pub pin_dir: PathBuf,
+    /// Remove capture when the daemon stops (else it stays, failing closed).
+    pub detach_on_exit: bool,
 }
 
 /// HBONE client pool and connection settings.
@@ -674,10 +697,18 @@ impl Config {
                     format!("{route_table} is a reserved routing table; pick another"),
                 ));
             }
+            let pin_dir = a
+                .bpf_pin_dir
+                .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/ztunnel/{node_name}")));
+            if !pin_dir.is_absolute() {
+                return Err(invalid("bpf-pin-dir", "must be an absolute path"));
+            }
             Some(CaptureConfig {
                 uplinks,
                 capture_mark,
                 route_table,
+                pin_dir,
+                detach_on_exit: a.detach_on_exit,
             })
         } else {
             None

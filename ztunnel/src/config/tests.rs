@@ -445,7 +445,12 @@ fn help_shows_each_default() {
         "ca-address",
         "ca-root-cert",
     ];
-    let unset_means = ["dns-upstream", "worker-threads", "kubeconfig"];
+    let unset_means = [
+        "dns-upstream",
+        "worker-threads",
+        "kubeconfig",
+        "bpf-pin-dir",
+    ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {
         let long = arg.get_long().expect("long flag");

@@ -222,6 +222,11 @@ struct WorkerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     component: &'static str,
     tag: &'static str,
@@ -248,6 +253,7 @@ pub struct Metrics {
     cert_expiry: Family<IdentityLabels, Gauge>,
     worker_connections: Family<WorkerLabels, Gauge>,
     policies_invalid: Family<PolicyLabels, Gauge>,
+    capture_drops: Family<DropLabels, Counter>,
 }
 
 impl Metrics {
@@ -269,6 +275,7 @@ impl Metrics {
             cert_expiry: Family::default(),
             worker_connections: Family::default(),
             policies_invalid: Family::default(),
+            capture_drops: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -310,6 +317,13 @@ impl Metrics {
             "ztunnel_capture_attached_programs",
             "Interfaces the capture program is attached to (uplinks and pod veths)",
             m.capture_attached_programs.clone(),
+        );
+        r.register(
+            "ztunnel_capture_dropped_packets",
+            "Packets the capture programs dropped: `spoofed_source` (an enrolled pod's address \
+             entering the node elsewhere than through its interface), `no_daemon` (to be \
+             captured while no daemon listened); counted in pinned maps, so across restarts",
+            m.capture_drops.clone(),
         );
         r.register(
             "ztunnel_workload_certificate_expiry_timestamp_seconds",
@@ -394,6 +408,17 @@ impl Metrics {
             self.policies_invalid
                 .get_or_create(&PolicyLabels { kind, action })
                 .set(gauge(*n));
+        }
+    }
+
+    /// Brings the capture drop counters up to the totals the eBPF maps hold (`reason` label).
+    pub fn set_capture_drops(&self, totals: &[(&'static str, u64)]) {
+        for (reason, total) in totals {
+            let c = self.capture_drops.get_or_create(&DropLabels { reason });
+            let now = c.get();
+            if *total > now {
+                c.inc_by(*total - now);
+            }
         }
     }
 
