@@ -92,6 +92,13 @@ pub fn remove_stale() {
         eprintln!("mesh-tests: removing stale namespace {name} (creator pid {pid} is gone)");
         delete_netns(&name);
     }
+    // The bpf filesystems of clusters whose process died (their work directories stay, for
+    // the logs).
+    unmount_bpffs(|workdir| {
+        creator_pid(&format!("{workdir}-")).is_some_and(|pid| {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+    });
 }
 
 /// Removes every cluster this process created: its namespaces (killing what runs in them:
@@ -109,6 +116,7 @@ pub fn remove_own() {
         Err(e) => eprintln!("mesh-tests: cannot list namespaces: {e:#}"),
     }
     let mine = format!("zt{own:x}x");
+    unmount_bpffs(|name| name.starts_with(&mine));
     let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -116,6 +124,31 @@ pub fn remove_own() {
         if entry.file_name().to_string_lossy().starts_with(&mine) {
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                 eprintln!("mesh-tests: removing {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
+
+/// Unmounts the clusters' own bpf filesystems (`<workdir>/bpf`, holding the daemons' pinned
+/// capture) whose work directory's name satisfies `pick`, so the directories can be removed
+/// and the pinned programs and maps are freed.
+fn unmount_bpffs(pick: impl Fn(&str) -> bool) {
+    let tmp = std::env::temp_dir();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(target), Some("bpf")) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let target = std::path::Path::new(target);
+        let Ok(rest) = target.strip_prefix(&tmp) else {
+            continue;
+        };
+        let workdir = rest.iter().next().and_then(|n| n.to_str()).unwrap_or_default();
+        if pick(workdir) && target.ends_with("bpf") {
+            if let Err(e) = run(Command::new("umount").arg("-l").arg(target)) {
+                eprintln!("mesh-tests: {e:#}");
             }
         }
     }
