@@ -30,6 +30,7 @@ use tokio::runtime::Handle;
 
 use crate::drain::{Drain, FlowGuard};
 use crate::socket::reset_on_close;
+use crate::telemetry::throttle::Throttle;
 
 thread_local! {
     /// Index of the worker this thread is, on worker threads.
@@ -128,6 +129,30 @@ impl Workers {
         F: Fn(TcpStream, SocketAddr, FlowGuard) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let admit = |_: SocketAddr| Some(());
+        let serve = move |tcp, peer, guard, ()| serve(tcp, peer, guard);
+        self.accept_loop_admitting(listener, name, drain, admit, serve)
+            .await
+    }
+
+    /// [`Workers::accept_loop`] with admission at accept: `admit` decides, on this thread and
+    /// before the socket is handed to a worker, whether the connection from `peer` is served
+    /// (`Some`, passed on to `serve`) or reset at once (`None`; `admit` counts and logs it).
+    pub async fn accept_loop_admitting<A, T, F, Fut>(
+        &self,
+        listener: TcpListener,
+        name: &'static str,
+        drain: &Drain,
+        admit: A,
+        serve: F,
+    ) where
+        A: Fn(SocketAddr) -> Option<T>,
+        T: Send + 'static,
+        F: Fn(TcpStream, SocketAddr, FlowGuard, T) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        // Out of descriptors, accept fails every 50 ms until some are closed: one line per 10 s.
+        let failures = Throttle::new(1, Duration::from_secs(10));
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -135,12 +160,18 @@ impl Workers {
                         reset_on_close(&tcp);
                         continue;
                     }
+                    let Some(admitted) = admit(peer) else {
+                        reset_on_close(&tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (guard, serve) = (drain.guard(), serve.clone());
-                    self.serve(tcp, move |tcp| serve(tcp, peer, guard));
+                    self.serve(tcp, move |tcp| serve(tcp, peer, guard, admitted));
                 }
                 Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    if let Some(count) = failures.hit(0) {
+                        tracing::warn!(listener = name, error = %e, count, "accept failed (one line per 10s)");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

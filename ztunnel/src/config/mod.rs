@@ -184,6 +184,56 @@ pub struct RunArgs {
     /// Timeout for TCP connect plus TLS handshake to a peer or a pod.
     #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT", default_value_t = Dur::secs(5))]
     pub connect_timeout: Dur,
+    /// Inbound HBONE connections (15008) in their TLS and HTTP/2 handshakes at once; further
+    /// connections are closed at accept until some finish. A handshake holds memory before
+    /// the peer has proven anything, so this bounds what peers that never finish can take.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_HANDSHAKES", default_value_t = 1024)]
+    pub hbone_inbound_max_handshakes: usize,
+    /// Inbound HBONE connections open at once, handshakes included; further connections are
+    /// closed at accept.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub hbone_inbound_max_connections: usize,
+    /// Concurrent streams (flows) on one inbound HBONE connection, advertised to the client
+    /// in HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_STREAMS", default_value_t = 100)]
+    pub hbone_inbound_max_streams: u32,
+    /// Inbound HBONE connections one client identity may hold, and, separately, one source
+    /// address; further ones are refused.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub hbone_inbound_peer_max_connections: usize,
+    /// Inbound HBONE streams one client identity may hold open, and, separately, one source
+    /// address; further ones are answered 429. Every stream holds a descriptor (its
+    /// connection to the pod).
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_STREAMS", default_value_t = 8192)]
+    pub hbone_inbound_peer_max_streams: usize,
+    /// Open-file descriptors kept free for everyone else: once fewer than this are left
+    /// below the process's limit, new inbound HBONE connections and streams are refused to
+    /// the client identities and source addresses holding at least their even share of the
+    /// inbound descriptors (the abuser first), while other peers and local pods' outbound
+    /// flows still get descriptors.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_FD_HEADROOM", default_value_t = 2048)]
+    pub hbone_inbound_fd_headroom: usize,
+    /// Largest HTTP/2 request header list an inbound HBONE stream may carry
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE); larger requests get 431. Bytes, or with KiB/MiB.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_HEADER_LIST_SIZE", default_value_t = Size::kib(64))]
+    pub hbone_inbound_max_header_list_size: Size,
+    /// Time an inbound HBONE client has from its TCP connection until its TLS handshake and
+    /// HTTP/2 preface are done; then the connection is closed.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_HANDSHAKE_TIMEOUT", default_value_t = Dur::secs(5))]
+    pub hbone_inbound_handshake_timeout: Dur,
+    /// An inbound HBONE connection is sent an HTTP/2 PING this often; one that does not answer
+    /// within --hbone-inbound-keepalive-timeout is closed with its streams.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_KEEPALIVE_INTERVAL", default_value_t = Dur::secs(30))]
+    pub hbone_inbound_keepalive_interval: Dur,
+    /// How long an inbound HBONE client has to answer a PING.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_KEEPALIVE_TIMEOUT", default_value_t = Dur::secs(10))]
+    pub hbone_inbound_keepalive_timeout: Dur,
+    /// TCP keepalive idle time of inbound HBONE sockets: after this long without traffic the
+    /// kernel probes the peer (three probes a third of it apart), so a peer that vanished
+    /// without a FIN (powered off, partitioned) is released even while HTTP/2 is stuck behind
+    /// unacknowledged data.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_TCP_KEEPALIVE", default_value_t = Dur::secs(60))]
+    pub hbone_inbound_tcp_keepalive: Dur,
     /// Log format: `text` or `json`.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -310,6 +360,56 @@ pub struct HboneConfig {
     pub tcp_congestion: Option<String>,
     /// `TCP_NOTSENT_LOWAT` of HBONE sockets (`--hbone-notsent-lowat`; `None`: not set).
     pub notsent_lowat: Option<u32>,
+}
+
+/// What the HBONE server (inbound 15008) lets one peer, and all peers together, hold; and how
+/// it finds dead peers. Defaults are those of the `--hbone-inbound-*` settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundLimits {
+    /// Connections in their TLS and HTTP/2 handshakes at once.
+    pub max_handshakes: usize,
+    /// Connections open at once, handshakes included.
+    pub max_connections: usize,
+    /// Streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams: u32,
+    /// Connections per client identity, and per source address.
+    pub peer_max_connections: usize,
+    /// Streams per client identity, and per source address.
+    pub peer_max_streams: usize,
+    /// Descriptors kept free below the open-file limit.
+    pub fd_headroom: usize,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE.
+    pub max_header_list_size: u32,
+    /// TCP accept to the end of the HTTP/2 preface.
+    #[serde(with = "duration_str")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING interval.
+    #[serde(with = "duration_str")]
+    pub keepalive_interval: Duration,
+    /// Time to answer a PING.
+    #[serde(with = "duration_str")]
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive idle time.
+    #[serde(with = "duration_str")]
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            max_handshakes: 1024,
+            max_connections: 16384,
+            max_streams: 100,
+            peer_max_connections: 1024,
+            peer_max_streams: 8192,
+            fd_headroom: 2048,
+            max_header_list_size: 64 * 1024,
+            handshake_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Where the daemon's cluster state comes from, validated.
@@ -480,6 +580,8 @@ pub struct Config {
     pub dns: Option<DnsConfig>,
     /// HBONE settings.
     pub hbone: HboneConfig,
+    /// Limits of the HBONE server.
+    pub hbone_inbound: InboundLimits,
     /// `text` or `json`.
     pub log_json: bool,
     /// tracing filter directive.
@@ -495,6 +597,7 @@ pub struct Config {
 impl Config {
     /// Validates settings read by [`parse`] (which has merged the `--config` file into them).
     pub fn resolve(a: RunArgs) -> Result<Config, ConfigError> {
+        let hbone_inbound = inbound_limits(&a)?;
         let node_name = a
             .node_name
             .ok_or_else(|| invalid("node-name", "is required"))?;
@@ -641,6 +744,7 @@ impl Config {
             daemon_mark,
             dns,
             hbone,
+            hbone_inbound,
             log_json: a.log_format == LogFormat::Json,
             log_level: a.log_level,
             worker_threads: match a.worker_threads {
@@ -652,6 +756,64 @@ impl Config {
             release_code_pages: a.release_code_pages,
         })
     }
+}
+
+/// The `--hbone-inbound-*` settings: every count at least 1, the header list at least 16 KiB
+/// (what HTTP/2 requires a peer to accept for a frame) and the keepalive answered within the
+/// interval.
+fn inbound_limits(a: &RunArgs) -> Result<InboundLimits, ConfigError> {
+    for (flag, n) in [
+        ("hbone-inbound-max-handshakes", a.hbone_inbound_max_handshakes),
+        ("hbone-inbound-max-connections", a.hbone_inbound_max_connections),
+        ("hbone-inbound-max-streams", a.hbone_inbound_max_streams as usize),
+        (
+            "hbone-inbound-peer-max-connections",
+            a.hbone_inbound_peer_max_connections,
+        ),
+        ("hbone-inbound-peer-max-streams", a.hbone_inbound_peer_max_streams),
+    ] {
+        if n == 0 {
+            return Err(invalid(flag, "must be at least 1"));
+        }
+    }
+    if a.hbone_inbound_max_handshakes > a.hbone_inbound_max_connections {
+        return Err(invalid(
+            "hbone-inbound-max-handshakes",
+            format!(
+                "{} is more than --hbone-inbound-max-connections ({}), which handshakes count in",
+                a.hbone_inbound_max_handshakes, a.hbone_inbound_max_connections
+            ),
+        ));
+    }
+    let header_list = a.hbone_inbound_max_header_list_size.0;
+    if header_list < 16 * 1024 {
+        return Err(invalid(
+            "hbone-inbound-max-header-list-size",
+            format!("`{}`: expected at least 16KiB", a.hbone_inbound_max_header_list_size),
+        ));
+    }
+    if a.hbone_inbound_keepalive_timeout > a.hbone_inbound_keepalive_interval {
+        return Err(invalid(
+            "hbone-inbound-keepalive-timeout",
+            format!(
+                "{} is longer than --hbone-inbound-keepalive-interval ({})",
+                a.hbone_inbound_keepalive_timeout, a.hbone_inbound_keepalive_interval
+            ),
+        ));
+    }
+    Ok(InboundLimits {
+        max_handshakes: a.hbone_inbound_max_handshakes,
+        max_connections: a.hbone_inbound_max_connections,
+        max_streams: a.hbone_inbound_max_streams,
+        peer_max_connections: a.hbone_inbound_peer_max_connections,
+        peer_max_streams: a.hbone_inbound_peer_max_streams,
+        fd_headroom: a.hbone_inbound_fd_headroom,
+        max_header_list_size: header_list,
+        handshake_timeout: a.hbone_inbound_handshake_timeout.0,
+        keepalive_interval: a.hbone_inbound_keepalive_interval.0,
+        keepalive_timeout: a.hbone_inbound_keepalive_timeout.0,
+        tcp_keepalive: a.hbone_inbound_tcp_keepalive.0,
+    })
 }
 
 fn check_ports(p: &Ports) -> Result<(), ConfigError> {
