@@ -2,8 +2,10 @@
 //! the memory or the descriptors every other pod of the node needs.
 //!
 //! - **Handshakes** and **connections** in total are capped at accept
-//!   (`--hbone-inbound-max-handshakes`, `--hbone-inbound-max-connections`): a connection past
-//!   the cap is closed before any TLS state exists for it.
+//!   (`--hbone-inbound-max-handshakes`, `--hbone-inbound-max-connections`). A connection past
+//!   the connection cap is closed before any TLS state exists for it. At the handshake cap the
+//!   *oldest* handshake is closed to make room instead of the new one: peers that hold
+//!   handshakes open cannot keep a real client (whose handshake takes milliseconds) out.
 //! - **Per peer**: connections and streams are counted per client identity (from the
 //!   certificate) and, separately, per source address (each pod dials from its own IP), each
 //!   capped (`--hbone-inbound-peer-max-connections`, `--hbone-inbound-peer-max-streams`).
@@ -20,7 +22,7 @@
 //! stream opens or closes; never per chunk. The tables of peers are locked only at connection
 //! open and close; a stream touches atomics only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -28,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
+use tokio::sync::Notify;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,7 +48,8 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// counters and of the (rate-limited) log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// `--hbone-inbound-max-handshakes` connections were already in their handshakes.
+    /// `--hbone-inbound-max-handshakes` connections were in their handshakes and this one was
+    /// the oldest: closed to make room for a newer one.
     Handshakes,
     /// `--hbone-inbound-max-connections` connections were already open.
     Connections,
@@ -220,10 +224,21 @@ struct LimitMetrics {
     max_fds: Gauge<i64, AtomicI64>,
 }
 
+/// A connection in its handshake, as the queue of handshakes sees it.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Closes the handshake (it was the oldest at the cap).
+    evict: Notify,
+    /// The handshake ended (finished, failed or evicted): nothing to evict.
+    done: std::sync::atomic::AtomicBool,
+}
+
 /// The HBONE server's limits and counts; shared by all its connections.
 #[derive(Debug)]
 pub struct Limits {
     cfg: InboundLimits,
+    /// Connections in their handshakes, oldest first (finished ones are dropped lazily).
+    pending: Mutex<VecDeque<Arc<Pending>>>,
     identities: Table<SpiffeId>,
     addresses: Table<IpAddr>,
     fds: Descriptors,
@@ -236,6 +251,7 @@ impl Limits {
     pub fn new(cfg: InboundLimits) -> Arc<Limits> {
         let limits = Arc::new(Limits {
             cfg,
+            pending: Mutex::new(VecDeque::new()),
             identities: Table::default(),
             addresses: Table::default(),
             fds: Descriptors::default(),
@@ -335,35 +351,51 @@ impl Limits {
     }
 
     /// Admits a new connection from `peer` (at accept, before any TLS state exists), or says
-    /// why not. The connection counts as in its handshake until [`Admitted::handshaken`].
+    /// why not. The connection counts as in its handshake until [`Admitted::handshaken`]; at
+    /// the handshake cap the oldest handshake is evicted to make room.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Reason> {
         let m = &self.metrics;
         if usize::try_from(m.connections.inc()).unwrap_or(0) >= self.cfg.max_connections {
             m.connections.dec();
             return Err(Reason::Connections);
         }
-        if usize::try_from(m.handshakes.inc()).unwrap_or(0) >= self.cfg.max_handshakes {
-            m.handshakes.dec();
-            m.connections.dec();
-            return Err(Reason::Handshakes);
-        }
         let total = self.inbound_descriptors();
         let address = self
             .addresses
             .enter(&peer, |u| self.check_connection(u, total, &self.addresses));
-        match address {
-            Ok(usage) => Ok(Admitted {
-                limits: self.clone(),
-                address: (peer, usage),
-                identity: None,
-                in_handshake: true,
-            }),
+        let usage = match address {
+            Ok(usage) => usage,
             Err(reason) => {
-                m.handshakes.dec();
                 m.connections.dec();
-                Err(reason)
+                return Err(reason);
             }
+        };
+        let in_handshake = usize::try_from(m.handshakes.inc()).unwrap_or(0);
+        let pending = Arc::new(Pending::default());
+        {
+            let mut queue = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if in_handshake >= self.cfg.max_handshakes {
+                while let Some(oldest) = queue.pop_front() {
+                    if !oldest.done.swap(true, Ordering::Relaxed) {
+                        oldest.evict.notify_one();
+                        break;
+                    }
+                }
+            }
+            while queue
+                .front()
+                .is_some_and(|p| p.done.load(Ordering::Relaxed))
+            {
+                queue.pop_front();
+            }
+            queue.push_back(pending.clone());
         }
+        Ok(Admitted {
+            limits: self.clone(),
+            address: (peer, usage),
+            identity: None,
+            pending: Some(pending),
+        })
     }
 
     fn check_connection<K: Hash + Eq + Clone>(
@@ -438,7 +470,8 @@ pub struct Admitted {
     limits: Arc<Limits>,
     address: (IpAddr, Arc<Usage>),
     identity: Option<(SpiffeId, Arc<Usage>)>,
-    in_handshake: bool,
+    /// While in the handshake: its place in the queue of handshakes.
+    pending: Option<Arc<Pending>>,
 }
 
 impl Admitted {
@@ -456,8 +489,18 @@ impl Admitted {
     }
 
     fn end_handshake(&mut self) {
-        if std::mem::take(&mut self.in_handshake) {
+        if let Some(p) = self.pending.take() {
+            p.done.store(true, Ordering::Relaxed);
             self.limits.metrics.handshakes.dec();
+        }
+    }
+
+    /// Resolves when this connection's handshake was evicted to make room for a newer one
+    /// (pending forever once the handshake is over).
+    pub async fn evicted(&self) {
+        match &self.pending {
+            Some(p) => p.evict.notified().await,
+            None => std::future::pending().await,
         }
     }
 

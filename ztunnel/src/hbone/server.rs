@@ -256,9 +256,12 @@ impl<H: Handler> Server<H> {
         let lim = self.limits.config();
         // Boxed: the handshakes' state (2 KiB) would otherwise size the connection's task for
         // its whole life. One deadline for TLS and the HTTP/2 preface together.
-        let handshake = Box::pin(self.handshake(tcp, peer));
-        let (mut conn, peer_identity, local) =
-            match tokio::time::timeout(lim.handshake_timeout, handshake).await {
+        let handshake = Box::pin(tokio::time::timeout(
+            lim.handshake_timeout,
+            self.handshake(tcp, peer),
+        ));
+        let (mut conn, peer_identity, local) = tokio::select! {
+            r = handshake => match r {
                 Ok(r) => r?,
                 Err(_) => {
                     return Err((
@@ -266,7 +269,14 @@ impl<H: Handler> Server<H> {
                         format!("no TLS and HTTP/2 handshake within {:?}", lim.handshake_timeout),
                     ))
                 }
-            };
+            },
+            _ = admitted.evicted() => {
+                return Err((
+                    Reason::Handshakes,
+                    "the oldest handshake, closed to make room for a newer one".to_string(),
+                ))
+            }
+        };
         admitted
             .handshaken(&peer_identity)
             .map_err(|r| (r, format!("client {peer_identity}")))?;
