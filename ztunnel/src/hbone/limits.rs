@@ -69,10 +69,13 @@ pub enum Reason {
     NoWorkload,
     /// The client stopped answering HTTP/2 PINGs.
     KeepaliveTimeout,
+    /// The client broke the HTTP/2 protocol and the connection was closed with GOAWAY (for
+    /// instance a header block far over the header list limit).
+    ProtocolError,
 }
 
 /// Every reason, in the order of the log throttle's slots.
-const REASONS: [Reason; 9] = [
+const REASONS: [Reason; 10] = [
     Reason::Handshakes,
     Reason::Connections,
     Reason::PeerConnections,
@@ -82,6 +85,7 @@ const REASONS: [Reason; 9] = [
     Reason::HandshakeFailed,
     Reason::NoWorkload,
     Reason::KeepaliveTimeout,
+    Reason::ProtocolError,
 ];
 
 impl Reason {
@@ -97,6 +101,7 @@ impl Reason {
             Reason::HandshakeFailed => "handshake_failed",
             Reason::NoWorkload => "no_workload",
             Reason::KeepaliveTimeout => "keepalive_timeout",
+            Reason::ProtocolError => "protocol_error",
         }
     }
 

@@ -305,6 +305,10 @@ impl<H: Handler> Server<H> {
             let Some(next) = next else { break };
             let (request, respond) = match next {
                 Ok(r) => r,
+                Err(e) if e.is_go_away() && e.is_library() => {
+                    // h2 closed the connection for a protocol violation of the client's.
+                    return Err((Reason::ProtocolError, e.to_string()));
+                }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "HBONE connection ended");
                     break;
