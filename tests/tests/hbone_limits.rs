@@ -145,11 +145,23 @@ fn add_addresses(c: &Cluster, x: &mesh_tests::cluster::Pod, addrs: &[String]) {
         let out = x
             .exec("ip", ["addr", "add", &host, "dev", "eth0"])
             .expect("ip addr");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out = c
-            .node_exec(1, "ip", &["route", "add", &host, "dev", &dev, "scope", "link"])
+            .node_exec(
+                1,
+                "ip",
+                &["route", "add", &host, "dev", &dev, "scope", "link"],
+            )
             .expect("ip route");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -168,7 +180,15 @@ fn hbone_server_stays_bounded_under_attack() {
     c.start_daemon(1, &["--hbone-idle-timeout", "1s"])
         .expect("node1 daemon");
     let pid = c
-        .start_daemon(2, &["--hbone-inbound-fd-headroom", HEADROOM])
+        .start_daemon(
+            2,
+            &[
+                "--hbone-inbound-fd-headroom",
+                HEADROOM,
+                "--log-level",
+                "info,ztunnel::app=debug",
+            ],
+        )
         .expect("node2 daemon")
         .pid()
         .expect("node2 pid");
@@ -184,9 +204,11 @@ fn hbone_server_stays_bounded_under_attack() {
         "prlimit: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eventually(Duration::from_secs(5), "the daemon sees its lower limit", || {
-        metric(&c, 2, "ztunnel_max_fds") == DAEMON_FDS as f64
-    });
+    eventually(
+        Duration::from_secs(5),
+        "the daemon sees its lower limit",
+        || metric(&c, 2, "ztunnel_max_fds") == DAEMON_FDS as f64,
+    );
     let b = c.pod("mesh/b").clone();
     let x = c.pod("plain/x").clone();
     let srv = b.serve(8080, "b").expect("serve");
@@ -215,9 +237,11 @@ fn hbone_server_stays_bounded_under_attack() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("hbonestress hold");
-    eventually(Duration::from_secs(20), "1,000 handshakes in flight", || {
-        metric(&c, 2, "ztunnel_hbone_inbound_handshakes") >= 1000.0
-    });
+    eventually(
+        Duration::from_secs(20),
+        "1,000 handshakes in flight",
+        || metric(&c, 2, "ztunnel_hbone_inbound_handshakes") >= 1000.0,
+    );
     let rss_during = rss_kib(pid);
     let fds_during = open_fds(pid);
     let mut took = Vec::new();
@@ -268,7 +292,14 @@ fn hbone_server_stays_bounded_under_attack() {
     let authority = at(&b, 8080);
     let streams = |conns: usize, per_conn: usize, secs: &str, header: usize| {
         x.command(&stress)
-            .args(["streams", "--to", &hbone, "--authority", &authority, "--cert"])
+            .args([
+                "streams",
+                "--to",
+                &hbone,
+                "--authority",
+                &authority,
+                "--cert",
+            ])
             .arg(&cert)
             .arg("--key")
             .arg(&key)
@@ -281,7 +312,11 @@ fn hbone_server_stays_bounded_under_attack() {
             .expect("hbonestress streams")
     };
     let small = json_of(streams(1, 1, "0", 1024), "a 1 KiB header");
-    assert_eq!(count(&small, "200"), 1, "a normal header list passes: {small}");
+    assert_eq!(
+        count(&small, "200"),
+        1,
+        "a normal header list passes: {small}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     let served = || std::fs::read_to_string(&srv.log).map_or(0, |t| t.lines().count());
     let served_before = served();
@@ -375,6 +410,11 @@ fn hbone_server_stays_bounded_under_attack() {
          stream flood {rss_flood}), {} descriptors",
         open_fds(pid)
     );
+    for l in c.daemon(2).log_lines() {
+        if message(&l).starts_with("heap trimmed") {
+            println!("trimmed: {l}");
+        }
+    }
     assert!(
         rss_after * 5 <= rss_before * 6,
         "RSS within 20% of its pre-attack level within 60 s: {rss_before} -> {rss_after} KiB"

@@ -456,7 +456,10 @@ async fn watch_resources(limits: Arc<Limits>) {
         let Ok(l) = counted else { continue };
         l.flush_logs();
         if let Some(released) = reclaim.after(l.in_use()) {
-            tracing::debug!(bytes = released, "heap trimmed after a burst of HBONE connections");
+            tracing::debug!(
+                bytes = released,
+                "heap trimmed after a burst of HBONE connections"
+            );
         }
     }
 }

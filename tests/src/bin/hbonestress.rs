@@ -176,7 +176,11 @@ struct StreamSpec {
 /// Outcome counts: `"200"`, `"429"`, ..., or `"reset:<reason>"`, `"error:<kind>"`.
 type Tally = BTreeMap<String, usize>;
 
-async fn streams_cmd(tls: Arc<rustls::ClientConfig>, spec: StreamSpec, conns: usize) -> Result<String> {
+async fn streams_cmd(
+    tls: Arc<rustls::ClientConfig>,
+    spec: StreamSpec,
+    conns: usize,
+) -> Result<String> {
     let spec = Arc::new(spec);
     let mut tasks = Vec::new();
     for _ in 0..conns {

@@ -62,14 +62,26 @@ impl Default for InboundLimits {
 /// interval.
 pub(super) fn inbound_limits(a: &RunArgs) -> Result<InboundLimits, ConfigError> {
     for (flag, n) in [
-        ("hbone-inbound-max-handshakes", a.hbone_inbound_max_handshakes),
-        ("hbone-inbound-max-connections", a.hbone_inbound_max_connections),
-        ("hbone-inbound-max-streams", a.hbone_inbound_max_streams as usize),
+        (
+            "hbone-inbound-max-handshakes",
+            a.hbone_inbound_max_handshakes,
+        ),
+        (
+            "hbone-inbound-max-connections",
+            a.hbone_inbound_max_connections,
+        ),
+        (
+            "hbone-inbound-max-streams",
+            a.hbone_inbound_max_streams as usize,
+        ),
         (
             "hbone-inbound-peer-max-connections",
             a.hbone_inbound_peer_max_connections,
         ),
-        ("hbone-inbound-peer-max-streams", a.hbone_inbound_peer_max_streams),
+        (
+            "hbone-inbound-peer-max-streams",
+            a.hbone_inbound_peer_max_streams,
+        ),
     ] {
         if n == 0 {
             return Err(invalid(flag, "must be at least 1"));
@@ -88,7 +100,10 @@ pub(super) fn inbound_limits(a: &RunArgs) -> Result<InboundLimits, ConfigError> 
     if header_list < 16 * 1024 {
         return Err(invalid(
             "hbone-inbound-max-header-list-size",
-            format!("`{}`: expected at least 16KiB", a.hbone_inbound_max_header_list_size),
+            format!(
+                "`{}`: expected at least 16KiB",
+                a.hbone_inbound_max_header_list_size
+            ),
         ));
     }
     if a.hbone_inbound_keepalive_timeout > a.hbone_inbound_keepalive_interval {

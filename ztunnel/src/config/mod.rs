@@ -19,8 +19,8 @@ use std::time::Duration;
 use clap::{ArgAction, Args};
 use serde::Serialize;
 
-pub use inbound::InboundLimits;
 use inbound::inbound_limits;
+pub use inbound::InboundLimits;
 pub use parse::parse;
 pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
 
@@ -190,11 +190,19 @@ pub struct RunArgs {
     /// Inbound HBONE connections (15008) in their TLS and HTTP/2 handshakes at once; further
     /// connections are closed at accept until some finish. A handshake holds memory before
     /// the peer has proven anything, so this bounds what peers that never finish can take.
-    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_HANDSHAKES", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_MAX_HANDSHAKES",
+        default_value_t = 1024
+    )]
     pub hbone_inbound_max_handshakes: usize,
     /// Inbound HBONE connections open at once, handshakes included; further connections are
     /// closed at accept.
-    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_CONNECTIONS", default_value_t = 16384)]
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_MAX_CONNECTIONS",
+        default_value_t = 16384
+    )]
     pub hbone_inbound_max_connections: usize,
     /// Concurrent streams (flows) on one inbound HBONE connection, advertised to the client
     /// in HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -202,19 +210,31 @@ pub struct RunArgs {
     pub hbone_inbound_max_streams: u32,
     /// Inbound HBONE connections one client identity may hold, and, separately, one source
     /// address; further ones are refused.
-    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
     pub hbone_inbound_peer_max_connections: usize,
     /// Inbound HBONE streams one client identity may hold open, and, separately, one source
     /// address; further ones are answered 429. Every stream holds a descriptor (its
     /// connection to the pod).
-    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_STREAMS", default_value_t = 8192)]
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_STREAMS",
+        default_value_t = 8192
+    )]
     pub hbone_inbound_peer_max_streams: usize,
     /// Open-file descriptors kept free for everyone else: once fewer than this are left
     /// below the process's limit, new inbound HBONE connections and streams are refused to
     /// the client identities and source addresses holding at least their even share of the
     /// inbound descriptors (the abuser first), while other peers and local pods' outbound
     /// flows still get descriptors.
-    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_FD_HEADROOM", default_value_t = 2048)]
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_FD_HEADROOM",
+        default_value_t = 2048
+    )]
     pub hbone_inbound_fd_headroom: usize,
     /// Largest HTTP/2 request header list an inbound HBONE stream may carry
     /// (SETTINGS_MAX_HEADER_LIST_SIZE); larger requests get 431. Bytes, or with KiB/MiB.

@@ -585,7 +585,10 @@ fn inbound_limits() {
     );
 
     for (extra, flag) in [
-        (&["--hbone-inbound-max-streams", "0"][..], "--hbone-inbound-max-streams"),
+        (
+            &["--hbone-inbound-max-streams", "0"][..],
+            "--hbone-inbound-max-streams",
+        ),
         (
             &["--hbone-inbound-peer-max-streams", "0"],
             "--hbone-inbound-peer-max-streams",

@@ -9,8 +9,9 @@
 //! - **Per peer**: connections and streams are counted per client identity (from the
 //!   certificate) and, separately, per source address (each pod dials from its own IP), each
 //!   capped (`--hbone-inbound-peer-max-connections`, `--hbone-inbound-peer-max-streams`).
-//! - **Descriptors**: every inbound connection holds one descriptor and every stream another
-//!   (its connection to the pod). When fewer than `--hbone-inbound-fd-headroom` remain below
+//! - **Descriptors**: every inbound connection holds one descriptor and every stream
+//!   [`FDS_PER_STREAM`] (its connection to the pod, and the duplicate kept to reset it when a
+//!   policy change revokes the flow). When fewer than `--hbone-inbound-fd-headroom` remain below
 //!   the open-file limit, new connections and streams are refused to the identities and
 //!   addresses holding at least an even share of the inbound descriptors: the abuser is
 //!   refused first, peers with a few flows and the node's own outbound flows still get theirs.
@@ -30,16 +31,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
-use tokio::sync::Notify;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
 
 use crate::config::InboundLimits;
 use crate::identity::SpiffeId;
 use crate::telemetry::throttle::Throttle;
+
+/// Descriptors an inbound stream holds: its connection to the pod and the duplicate of it that
+/// `proxy::connections` keeps to reset the flow on revocation.
+pub const FDS_PER_STREAM: usize = 2;
 
 /// How often each kind of refusal is logged at most (the rest are counted into the next line).
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -146,9 +151,10 @@ struct Usage {
 }
 
 impl Usage {
-    /// Descriptors the peer holds on this side: one per connection and one per stream.
+    /// Descriptors the peer holds on this side.
     fn descriptors(&self) -> usize {
-        self.connections.load(Ordering::Relaxed) + self.streams.load(Ordering::Relaxed)
+        self.connections.load(Ordering::Relaxed)
+            + FDS_PER_STREAM * self.streams.load(Ordering::Relaxed)
     }
 }
 
@@ -208,13 +214,18 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 }
 
-/// The process's descriptors: its limit, and the count last read from `/proc/self/fd`.
+/// The process's descriptors: its limit, and those not held by inbound connections and
+/// streams, as of the last count of `/proc/self/fd`.
 #[derive(Debug, Default)]
 struct Descriptors {
     limit: AtomicUsize,
-    sampled: AtomicUsize,
-    /// Inbound descriptors (connections + streams) when `sampled` was read.
-    inbound_at_sample: AtomicUsize,
+    /// The last count less the inbound connections and the streams whose pod connection was
+    /// open then ([`Responder`](super::server::Responder) marks a stream open when it answers
+    /// 200). Admitted streams still dialing are not subtracted: between counts a burst of
+    /// them would otherwise be missed by both terms.
+    others: AtomicUsize,
+    /// Streams whose descriptors are open (answered 200 and not yet closed).
+    open_streams: AtomicUsize,
 }
 
 /// The metric families of the limits (registered by [`Limits::register`]).
@@ -322,14 +333,15 @@ impl Limits {
             .map_or(usize::MAX, |(soft, _)| {
                 usize::try_from(soft).unwrap_or(usize::MAX)
             });
-        let inbound = self.inbound_descriptors();
         let Ok(open) = std::fs::read_dir("/proc/self/fd").map(Iterator::count) else {
             return;
         };
         let f = &self.fds;
+        let conns = usize::try_from(self.metrics.connections.get()).unwrap_or(0);
+        let inbound_open = conns + FDS_PER_STREAM * f.open_streams.load(Ordering::Relaxed);
         f.limit.store(limit, Ordering::Relaxed);
-        f.sampled.store(open, Ordering::Relaxed);
-        f.inbound_at_sample.store(inbound, Ordering::Relaxed);
+        f.others
+            .store(open.saturating_sub(inbound_open), Ordering::Relaxed);
         self.metrics
             .open_fds
             .set(i64::try_from(open).unwrap_or(i64::MAX));
@@ -341,17 +353,15 @@ impl Limits {
     /// Descriptors held by inbound connections and streams now.
     fn inbound_descriptors(&self) -> usize {
         let m = &self.metrics;
-        usize::try_from(m.connections.get() + m.streams.get()).unwrap_or(0)
+        let streams = usize::try_from(m.streams.get()).unwrap_or(0);
+        usize::try_from(m.connections.get()).unwrap_or(0) + FDS_PER_STREAM * streams
     }
 
-    /// Whether fewer than the headroom of descriptors are left: the last sample, moved by the
-    /// inbound opens since.
+    /// Whether fewer than the headroom of descriptors are left: the others as last counted,
+    /// plus what inbound connections and streams (admitted ones included) hold now.
     fn low_on_descriptors(&self) -> bool {
         let f = &self.fds;
-        let since = self
-            .inbound_descriptors()
-            .saturating_sub(f.inbound_at_sample.load(Ordering::Relaxed));
-        let in_use = f.sampled.load(Ordering::Relaxed) + since;
+        let in_use = f.others.load(Ordering::Relaxed) + self.inbound_descriptors();
         f.limit.load(Ordering::Relaxed).saturating_sub(in_use) < self.cfg.fd_headroom
     }
 
@@ -453,7 +463,7 @@ impl Limits {
         }
     }
 
-    /// Inbound connections and streams open now (the descriptors they hold).
+    /// Descriptors inbound connections and streams hold now.
     pub fn in_use(&self) -> usize {
         self.inbound_descriptors()
     }
@@ -523,7 +533,8 @@ impl Admitted {
         }
         if l.low_on_descriptors() {
             let total = l.inbound_descriptors();
-            if l.identities.at_or_above_share(id, total) || l.addresses.at_or_above_share(addr, total)
+            if l.identities.at_or_above_share(id, total)
+                || l.addresses.at_or_above_share(addr, total)
             {
                 return Err(Reason::Descriptors);
             }
@@ -535,6 +546,7 @@ impl Admitted {
             limits: l.clone(),
             identity: id.clone(),
             address: addr.clone(),
+            open: Arc::default(),
         })
     }
 }
@@ -557,10 +569,42 @@ pub struct StreamGuard {
     limits: Arc<Limits>,
     identity: Arc<Usage>,
     address: Arc<Usage>,
+    /// Set once the stream's pod connection is open ([`OpenMark`]).
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StreamGuard {
+    /// What the stream's responder marks open when it answers 200.
+    pub fn open_mark(&self) -> OpenMark {
+        OpenMark {
+            limits: self.limits.clone(),
+            open: self.open.clone(),
+        }
+    }
+}
+
+/// Marks a stream's descriptors open, so the descriptor count knows them apart from streams
+/// still dialing.
+#[derive(Debug)]
+pub struct OpenMark {
+    limits: Arc<Limits>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl OpenMark {
+    /// The stream's pod connection is open.
+    pub fn mark(self) {
+        if !self.open.swap(true, Ordering::Relaxed) {
+            self.limits.fds.open_streams.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        if self.open.load(Ordering::Relaxed) {
+            self.limits.fds.open_streams.fetch_sub(1, Ordering::Relaxed);
+        }
         self.identity.streams.fetch_sub(1, Ordering::Relaxed);
         self.address.streams.fetch_sub(1, Ordering::Relaxed);
         self.limits.metrics.streams.dec();

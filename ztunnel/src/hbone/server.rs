@@ -29,7 +29,7 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::limits::{Admitted, Limits, Reason};
+use super::limits::{Admitted, Limits, OpenMark, Reason};
 use crate::config::{HboneConfig, InboundLimits};
 use crate::drain::Drain;
 use crate::identity::{CertManager, SpiffeId};
@@ -59,6 +59,8 @@ pub struct Responder {
     respond: SendResponse<Bytes>,
     /// Data from the client.
     pub recv: RecvStream,
+    /// Tells the limits the stream's descriptors are open once it is accepted.
+    opened: Option<OpenMark>,
 }
 
 impl Responder {
@@ -72,6 +74,9 @@ impl Responder {
 
     /// Accepts the stream; returns the send half.
     pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        if let Some(mark) = self.opened.take() {
+            mark.mark();
+        }
         let resp = Response::builder()
             .status(StatusCode::OK)
             .body(())
@@ -172,13 +177,20 @@ impl<H: Handler> Server<H> {
     pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         match self.limits.admit(peer.ip()) {
             Ok(admitted) => self.serve_admitted(tcp, peer, admitted).await,
-            Err(reason) => self.limits.refused_connection(reason, peer, "closed at accept"),
+            Err(reason) => self
+                .limits
+                .refused_connection(reason, peer, "closed at accept"),
         }
     }
 
     /// Serves a connection the caller's accept loop has already admitted with
     /// [`Limits::admit`] (so that a refused one is closed before it is handed to a worker).
-    pub async fn serve_admitted(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, admitted: Admitted) {
+    pub async fn serve_admitted(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+    ) {
         if let Err((reason, detail)) = self.serve_connection(tcp, peer, admitted).await {
             self.limits.refused_connection(reason, peer, &detail);
         }
@@ -280,7 +292,11 @@ impl<H: Handler> Server<H> {
         admitted
             .handshaken(&peer_identity)
             .map_err(|r| (r, format!("client {peer_identity}")))?;
-        let keepalive = keepalive(conn.ping_pong(), lim.keepalive_interval, lim.keepalive_timeout);
+        let keepalive = keepalive(
+            conn.ping_pong(),
+            lim.keepalive_interval,
+            lim.keepalive_timeout,
+        );
         let mut keepalive = std::pin::pin!(keepalive);
         let drain = &self.drain;
         let mut goaway_sent = false;
@@ -315,7 +331,11 @@ impl<H: Handler> Server<H> {
                 }
             };
             let (parts, recv) = request.into_parts();
-            let responder = Responder { respond, recv };
+            let mut responder = Responder {
+                respond,
+                recv,
+                opened: None,
+            };
             let authority = match connect_authority(&parts.method, &parts.uri) {
                 Some(a) => a,
                 None => {
@@ -326,7 +346,10 @@ impl<H: Handler> Server<H> {
                 }
             };
             let counted = match admitted.open_stream() {
-                Ok(g) => g,
+                Ok(g) => {
+                    responder.opened = Some(g.open_mark());
+                    g
+                }
                 Err(reason) => {
                     self.limits.refused_stream(reason, peer, &peer_identity);
                     responder.refuse(reason.status());

@@ -29,9 +29,8 @@ fn handshaken(l: &Arc<Limits>, addr: u8, sa: &str) -> Admitted {
 fn set_free(l: &Limits, free: usize) {
     let f = &l.fds;
     f.limit.store(10_000, Ordering::Relaxed);
-    f.sampled.store(10_000 - free, Ordering::Relaxed);
-    f.inbound_at_sample
-        .store(l.inbound_descriptors(), Ordering::Relaxed);
+    f.others
+        .store(10_000 - free - l.inbound_descriptors(), Ordering::Relaxed);
 }
 
 #[test]
@@ -95,7 +94,11 @@ fn streams_per_identity_and_per_address_are_capped() {
     let a1 = handshaken(&l, 1, "a");
     let a2 = handshaken(&l, 2, "a");
     let s: Vec<_> = (0..3)
-        .map(|i| if i % 2 == 0 { &a1 } else { &a2 }.open_stream().expect("stream"))
+        .map(|i| {
+            if i % 2 == 0 { &a1 } else { &a2 }
+                .open_stream()
+                .expect("stream")
+        })
         .collect();
     assert_eq!(
         a2.open_stream().err(),
@@ -126,7 +129,10 @@ fn low_on_descriptors_the_heaviest_peer_is_refused_and_light_ones_are_not() {
         Some(Reason::Descriptors),
         "below the headroom the peer holding most is refused"
     );
-    assert!(light.open_stream().is_ok(), "a light peer still gets streams");
+    assert!(
+        light.open_stream().is_ok(),
+        "a light peer still gets streams"
+    );
     assert_eq!(
         l.admit(ip(1)).err(),
         Some(Reason::Descriptors),
@@ -143,11 +149,15 @@ fn every_count_returns_to_zero() {
         let a = handshaken(&l, 1, "a");
         let _s = a.open_stream().expect("stream");
         let _pending = l.admit(ip(2)).expect("in handshake");
-        assert_eq!(l.in_use(), 3);
+        assert_eq!(l.in_use(), 2 + FDS_PER_STREAM);
         assert_eq!(l.handshakes(), 1);
     }
     assert_eq!((l.in_use(), l.handshakes(), l.connections()), (0, 0, 0));
-    assert_eq!(l.addresses.len.load(Ordering::Relaxed), 0, "peers forgotten");
+    assert_eq!(
+        l.addresses.len.load(Ordering::Relaxed),
+        0,
+        "peers forgotten"
+    );
     assert_eq!(l.identities.len.load(Ordering::Relaxed), 0);
 }
 
@@ -169,5 +179,8 @@ fn refusals_are_counted_by_reason() {
         ),
         "{text}"
     );
-    assert!(text.contains("ztunnel_hbone_inbound_connections 1"), "{text}");
+    assert!(
+        text.contains("ztunnel_hbone_inbound_connections 1"),
+        "{text}"
+    );
 }
