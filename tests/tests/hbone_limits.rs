@@ -405,8 +405,13 @@ fn hbone_server_stays_bounded_under_attack() {
         std::thread::sleep(Duration::from_secs(1));
         rss_after = rss_kib(pid);
     }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let split: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("RssAnon") || l.starts_with("RssFile"))
+        .collect();
     println!(
-        "after: RSS {rss_after} KiB (before {rss_before}, holding handshakes {rss_during}, \
+        "after: {split:?}, RSS {rss_after} KiB (before {rss_before}, holding handshakes {rss_during}, \
          stream flood {rss_flood}), {} descriptors",
         open_fds(pid)
     );

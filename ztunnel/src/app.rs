@@ -391,7 +391,7 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
     );
     let limits = Limits::new(cfg.hbone_inbound.clone());
     shared.metrics.register(|r| limits.register(r));
-    tokio::spawn(watch_resources(limits.clone()));
+    tokio::spawn(watch_resources(limits.clone(), cfg.release_code_pages));
     let server = Server::with_limits(
         cfg.hbone.clone(),
         limits.clone(),
@@ -441,7 +441,7 @@ const RESOURCE_TICK: Duration = Duration::from_secs(1);
 /// Every [`RESOURCE_TICK`]: counts the process's descriptors for the HBONE limits, writes the
 /// refusal summaries held back, and gives freed heap back to the kernel after a burst of
 /// inbound connections ended ([`crate::memory::Reclaim`]).
-async fn watch_resources(limits: Arc<Limits>) {
+async fn watch_resources(limits: Arc<Limits>, code_pages: bool) {
     let mut reclaim = crate::memory::Reclaim::default();
     let mut tick = tokio::time::interval(RESOURCE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -455,7 +455,7 @@ async fn watch_resources(limits: Arc<Limits>) {
         .await;
         let Ok(l) = counted else { continue };
         l.flush_logs();
-        if let Some(released) = reclaim.after(l.in_use()) {
+        if let Some(released) = reclaim.after(l.in_use(), code_pages) {
             tracing::debug!(
                 bytes = released,
                 "heap trimmed after a burst of HBONE connections"

@@ -63,22 +63,29 @@ pub const TRIM_AFTER_DROP: usize = 256;
 #[derive(Debug, Default)]
 pub struct Reclaim {
     peak: usize,
+    /// Count at the previous call.
+    last: usize,
+    /// Trimmed during a burst that is still winding down: trim once more when it settles.
+    winding_down: bool,
 }
 
 impl Reclaim {
-    /// Given the connections open `now`: trims the heap if a burst has ended since the last
-    /// trim, returning the resident bytes given back.
-    pub fn after(&mut self, now: usize) -> Option<usize> {
+    /// Given the connections open `now`: gives memory back if a burst has ended since the last
+    /// time (a fall of [`TRIM_AFTER_DROP`] from the peak, or the count settling after such a
+    /// fall), returning the resident bytes given back. With `code_pages`, the code pages the
+    /// burst faulted in are dropped again too (as after start-up).
+    pub fn after(&mut self, now: usize, code_pages: bool) -> Option<usize> {
         self.peak = self.peak.max(now);
-        if self.peak - now < TRIM_AFTER_DROP {
+        let fell = self.peak - now;
+        let settled = self.winding_down && fell > 0 && now == self.last;
+        self.last = now;
+        if fell < TRIM_AFTER_DROP && !settled {
             return None;
         }
+        self.winding_down = !settled;
         self.peak = now;
         let before = resident_bytes();
-        // SAFETY: as in `release_startup_memory`.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        release_startup_memory(code_pages);
         Some(before.saturating_sub(resident_bytes()))
     }
 }
