@@ -128,6 +128,16 @@ pub fn meshhttp_bin() -> PathBuf {
     )
 }
 
+/// The misbehaving HBONE client of the limits tests: `HBONESTRESS_BIN`, else
+/// `<target>/debug/hbonestress`. Panics when missing.
+pub fn hbonestress_bin() -> PathBuf {
+    binary(
+        "HBONESTRESS_BIN",
+        "hbonestress",
+        "cargo build -p mesh-tests --bins",
+    )
+}
+
 fn binary(env: &str, name: &str, build: &str) -> PathBuf {
     let path = match std::env::var_os(env) {
         Some(p) => PathBuf::from(p),

@@ -41,6 +41,7 @@ use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
 use crate::hbone::client::Pool;
+use crate::hbone::limits::Limits;
 use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, SpiffeId};
 use crate::proxy::route::Node;
@@ -387,8 +388,12 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         sockets.clone(),
         shared.metrics.clone(),
     );
-    let server = Server::new(
+    let limits = Limits::new(cfg.hbone_inbound.clone());
+    shared.metrics.register(|r| limits.register(r));
+    tokio::spawn(watch_resources(limits.clone(), cfg.release_code_pages));
+    let server = Server::with_limits(
         cfg.hbone.clone(),
+        limits.clone(),
         &cfg.trust_domain,
         shared.certs.clone(),
         proxy.clone(),
@@ -403,18 +408,59 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
             .serve(listener, kind, workers.clone(), drain.clone());
         tokio::spawn(serve);
     }
-    // An HBONE connection does not count for the drain itself: its streams do.
-    let serve = move |tcp, peer, guard| {
+    // An HBONE connection does not count for the drain itself: its streams do. Connections
+    // are admitted at accept, so one over a limit is reset before a worker or TLS sees it.
+    let admit = move |peer: SocketAddr| match limits.admit(peer.ip()) {
+        Ok(admitted) => Some(admitted),
+        Err(reason) => {
+            limits.refused_connection(reason, peer, "reset at accept");
+            None
+        }
+    };
+    let serve = move |tcp, peer, guard, admitted| {
         drop(guard);
-        server.clone().serve(tcp, peer)
+        server.clone().serve_admitted(tcp, peer, admitted)
     };
     let (w, d) = (workers.clone(), drain.clone());
-    tokio::spawn(async move { w.accept_loop(listeners.hbone, "hbone", &d, serve).await });
+    tokio::spawn(async move {
+        w.accept_loop_admitting(listeners.hbone, "hbone", &d, admit, serve)
+            .await
+    });
     Ok(DataPlane {
         pool,
         workers,
         proxy,
     })
+}
+
+/// How often descriptors are counted, held-back refusal lines written, and a drop in
+/// connections checked for memory to give back.
+const RESOURCE_TICK: Duration = Duration::from_secs(1);
+
+/// Every [`RESOURCE_TICK`]: counts the process's descriptors for the HBONE limits, writes the
+/// refusal summaries held back, and gives freed heap back to the kernel after a burst of
+/// inbound connections ended ([`crate::memory::Reclaim`]).
+async fn watch_resources(limits: Arc<Limits>, code_pages: bool) {
+    let mut reclaim = crate::memory::Reclaim::default();
+    let mut tick = tokio::time::interval(RESOURCE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let l = limits.clone();
+        let counted = tokio::task::spawn_blocking(move || {
+            l.sample_descriptors();
+            l
+        })
+        .await;
+        let Ok(l) = counted else { continue };
+        l.flush_logs();
+        if let Some(released) = reclaim.after(l.in_use(), code_pages) {
+            tracing::debug!(
+                bytes = released,
+                "heap trimmed after a burst of HBONE connections"
+            );
+        }
+    }
 }
 
 /// Serves readiness, metrics, the admin API and the admin socket ([`crate::admin`]) on the

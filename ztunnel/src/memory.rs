@@ -46,6 +46,58 @@ pub fn release_startup_memory(code_pages: bool) -> usize {
     released
 }
 
+/// Connections (inbound HBONE connections and streams) that must have gone since the busiest
+/// moment before the heap is trimmed: a burst, not the ordinary coming and going of flows.
+pub const TRIM_AFTER_DROP: usize = 256;
+
+/// Gives the heap freed by a burst of connections back to the kernel.
+///
+/// glibc keeps freed memory in its arenas (one per thread that allocated, so each data-plane
+/// worker has its own) and returns only the top of the main heap by itself: after 2,000 peers
+/// held TLS handshakes open and were closed, the daemon's resident size stayed where the
+/// burst had taken it. `malloc_trim(0)` releases the free pages of every arena, also those in
+/// the middle of a heap. It walks the free lists (a few milliseconds for a heap of a few
+/// hundred MiB), so it runs only when the count of connections has fallen by
+/// [`TRIM_AFTER_DROP`] since its peak, at most once per call of [`Reclaim::after`] (every
+/// second in the daemon), never per connection.
+#[derive(Debug, Default)]
+pub struct Reclaim {
+    peak: usize,
+    /// Count at the previous call.
+    last: usize,
+    /// Trimmed during a burst that is still winding down: trim once more when it settles.
+    winding_down: bool,
+}
+
+impl Reclaim {
+    /// Given the connections open `now`: gives memory back if a burst has ended since the last
+    /// time (a fall of [`TRIM_AFTER_DROP`] from the peak, or the count settling after such a
+    /// fall), returning the resident bytes given back. With `code_pages`, the code pages the
+    /// burst faulted in are dropped again too (as after start-up).
+    pub fn after(&mut self, now: usize, code_pages: bool) -> Option<usize> {
+        self.peak = self.peak.max(now);
+        let fell = self.peak - now;
+        let settled = self.winding_down && fell > 0 && now == self.last;
+        self.last = now;
+        if fell < TRIM_AFTER_DROP && !settled {
+            return None;
+        }
+        self.winding_down = !settled;
+        self.peak = now;
+        let before = resident_bytes();
+        release_startup_memory(code_pages);
+        Some(before.saturating_sub(resident_bytes()))
+    }
+}
+
+/// Resident bytes of this process (`/proc/self/statm`); 0 when unreadable.
+pub fn resident_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(0, |pages| pages * page_size())
+}
+
 /// `dl_iterate_phdr` callback: appends the whole pages of each non-writable `PT_LOAD` segment
 /// to the `Vec<(start, len)>` behind `data`. Skips the vDSO, which is not a file mapping.
 unsafe extern "C" fn collect_readonly(

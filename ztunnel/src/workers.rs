@@ -140,6 +140,28 @@ impl Workers {
         F: Fn(TcpStream, SocketAddr, FlowGuard) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let admit = |_: SocketAddr| Some(());
+        let serve = move |tcp, peer, guard, ()| serve(tcp, peer, guard);
+        self.accept_loop_admitting(listener, name, drain, admit, serve)
+            .await
+    }
+
+    /// [`Workers::accept_loop`] with admission at accept: `admit` decides, on this thread and
+    /// before the socket is handed to a worker, whether the connection from `peer` is served
+    /// (`Some`, passed on to `serve`) or reset at once (`None`; `admit` counts and logs it).
+    pub async fn accept_loop_admitting<A, T, F, Fut>(
+        &self,
+        listener: TcpListener,
+        name: &'static str,
+        drain: &Drain,
+        admit: A,
+        serve: F,
+    ) where
+        A: Fn(SocketAddr) -> Option<T>,
+        T: Send + 'static,
+        F: Fn(TcpStream, SocketAddr, FlowGuard, T) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -147,9 +169,13 @@ impl Workers {
                         reset_on_close(&tcp);
                         continue;
                     }
+                    let Some(admitted) = admit(peer) else {
+                        reset_on_close(&tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (guard, serve) = (drain.guard(), serve.clone());
-                    self.serve(tcp, move |tcp| serve(tcp, peer, guard));
+                    self.serve(tcp, move |tcp| serve(tcp, peer, guard, admitted));
                 }
                 Err(e) => {
                     self.accept_errors.handle(&listener, name, e).await;

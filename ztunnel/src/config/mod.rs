@@ -8,6 +8,7 @@
 //! socket is bound or any program is loaded, so that a typo stops the daemon with a message
 //! naming the setting instead of half-starting it.
 
+mod inbound;
 mod parse;
 pub mod values;
 
@@ -21,6 +22,8 @@ use serde::Serialize;
 
 use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
+use inbound::inbound_limits;
+pub use inbound::InboundLimits;
 pub use parse::parse;
 pub use values::{Congestion, Dur, LogFormat, Mark, Size, SourceKind, Upstream};
 
@@ -237,6 +240,76 @@ pub struct RunArgs {
     /// Timeout for TCP connect plus TLS handshake to a peer or a pod.
     #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT", default_value_t = Dur::secs(5))]
     pub connect_timeout: Dur,
+    /// Inbound HBONE connections (15008) in their TLS and HTTP/2 handshakes at once; further
+    /// connections are closed at accept until some finish. A handshake holds memory before
+    /// the peer has proven anything, so this bounds what peers that never finish can take.
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_MAX_HANDSHAKES",
+        default_value_t = 1024
+    )]
+    pub hbone_inbound_max_handshakes: usize,
+    /// Inbound HBONE connections open at once, handshakes included; further connections are
+    /// closed at accept.
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_MAX_CONNECTIONS",
+        default_value_t = 16384
+    )]
+    pub hbone_inbound_max_connections: usize,
+    /// Concurrent streams (flows) on one inbound HBONE connection, advertised to the client
+    /// in HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_STREAMS", default_value_t = 100)]
+    pub hbone_inbound_max_streams: u32,
+    /// Inbound HBONE connections one client identity may hold, and, separately, one source
+    /// address; further ones are refused.
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub hbone_inbound_peer_max_connections: usize,
+    /// Inbound HBONE streams one client identity may hold open, and, separately, one source
+    /// address; further ones are answered 429. Every stream holds a descriptor (its
+    /// connection to the pod).
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_PEER_MAX_STREAMS",
+        default_value_t = 8192
+    )]
+    pub hbone_inbound_peer_max_streams: usize,
+    /// Open-file descriptors kept free for everyone else: once fewer than this are left
+    /// below the process's limit, new inbound HBONE connections and streams are refused to
+    /// the client identities and source addresses holding at least their even share of the
+    /// inbound descriptors (the abuser first), while other peers and local pods' outbound
+    /// flows still get descriptors.
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_INBOUND_FD_HEADROOM",
+        default_value_t = 2048
+    )]
+    pub hbone_inbound_fd_headroom: usize,
+    /// Largest HTTP/2 request header list an inbound HBONE stream may carry
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE); larger requests get 431. Bytes, or with KiB/MiB.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_MAX_HEADER_LIST_SIZE", default_value_t = Size::kib(64))]
+    pub hbone_inbound_max_header_list_size: Size,
+    /// Time an inbound HBONE client has from its TCP connection until its TLS handshake and
+    /// HTTP/2 preface are done; then the connection is closed.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_HANDSHAKE_TIMEOUT", default_value_t = Dur::secs(5))]
+    pub hbone_inbound_handshake_timeout: Dur,
+    /// An inbound HBONE connection is sent an HTTP/2 PING this often; one that does not answer
+    /// within --hbone-inbound-keepalive-timeout is closed with its streams.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_KEEPALIVE_INTERVAL", default_value_t = Dur::secs(30))]
+    pub hbone_inbound_keepalive_interval: Dur,
+    /// How long an inbound HBONE client has to answer a PING.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_KEEPALIVE_TIMEOUT", default_value_t = Dur::secs(10))]
+    pub hbone_inbound_keepalive_timeout: Dur,
+    /// TCP keepalive idle time of inbound HBONE sockets: after this long without traffic the
+    /// kernel probes the peer (three probes a third of it apart), so a peer that vanished
+    /// without a FIN (powered off, partitioned) is released even while HTTP/2 is stuck behind
+    /// unacknowledged data.
+    #[arg(long, env = "ZTUNNEL_HBONE_INBOUND_TCP_KEEPALIVE", default_value_t = Dur::secs(60))]
+    pub hbone_inbound_tcp_keepalive: Dur,
     /// Log format: `text` or `json`.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -594,6 +667,8 @@ pub struct Config {
     pub dns: Option<DnsConfig>,
     /// HBONE settings.
     pub hbone: HboneConfig,
+    /// Limits of the HBONE server.
+    pub hbone_inbound: InboundLimits,
     /// `text` or `json`.
     pub log_json: bool,
     /// tracing filter directive.
@@ -614,6 +689,7 @@ impl Config {
         } else {
             None
         };
+        let hbone_inbound = inbound_limits(&a)?;
         let node_name = a
             .node_name
             .ok_or_else(|| invalid("node-name", "is required"))?;
@@ -770,6 +846,7 @@ impl Config {
             daemon_mark,
             dns,
             hbone,
+            hbone_inbound,
             log_json: a.log_format == LogFormat::Json,
             log_level: a.log_level,
             worker_threads: match a.worker_threads {

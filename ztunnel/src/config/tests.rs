@@ -551,3 +551,72 @@ fn file_ca_and_ca_service_are_mutually_exclusive() {
     let e = Config::resolve(a).expect_err("no CA").to_string();
     assert!(e.contains("--ca-dir") && e.contains("--ca-address"), "{e}");
 }
+
+/// The HBONE server's limits: documented defaults, each settable from the file and by flag,
+/// and the values that cannot work refused with the setting named.
+#[test]
+fn inbound_limits() {
+    let c = Config::resolve(base()).expect("valid");
+    let l = &c.hbone_inbound;
+    assert_eq!(
+        (l.max_handshakes, l.max_connections, l.max_streams),
+        (1024, 16384, 100)
+    );
+    assert_eq!((l.peer_max_connections, l.peer_max_streams), (1024, 8192));
+    assert_eq!((l.fd_headroom, l.max_header_list_size), (2048, 64 * 1024));
+    assert_eq!(l.handshake_timeout, Duration::from_secs(5));
+    assert_eq!(
+        (l.keepalive_interval, l.keepalive_timeout, l.tcp_keepalive),
+        (
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+            Duration::from_secs(60)
+        )
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("z.yaml");
+    let file = path.to_str().expect("utf-8");
+    std::fs::write(
+        &path,
+        "hbone-inbound-max-streams: 50\nhbone-inbound-max-header-list-size: 32KiB\n",
+    )
+    .expect("write");
+    let c = resolve(&["--config", file, "--hbone-inbound-fd-headroom", "100"]).expect("valid");
+    let l = &c.hbone_inbound;
+    assert_eq!(
+        (l.max_streams, l.max_header_list_size, l.fd_headroom),
+        (50, 32 * 1024, 100)
+    );
+
+    for (extra, flag) in [
+        (
+            &["--hbone-inbound-max-streams", "0"][..],
+            "--hbone-inbound-max-streams",
+        ),
+        (
+            &["--hbone-inbound-peer-max-streams", "0"],
+            "--hbone-inbound-peer-max-streams",
+        ),
+        (
+            &[
+                "--hbone-inbound-max-handshakes",
+                "20",
+                "--hbone-inbound-max-connections",
+                "10",
+            ],
+            "--hbone-inbound-max-handshakes",
+        ),
+        (
+            &["--hbone-inbound-max-header-list-size", "1KiB"],
+            "--hbone-inbound-max-header-list-size",
+        ),
+        (
+            &["--hbone-inbound-keepalive-timeout", "1m"],
+            "--hbone-inbound-keepalive-timeout",
+        ),
+    ] {
+        let e = resolve(extra).expect_err(flag).to_string();
+        assert!(e.starts_with(&format!("invalid setting {flag} ")), "{e}");
+    }
+}

@@ -4,7 +4,9 @@
 //! errors. The bytes of a flow are copied by [`crate::splice::hbone`].
 
 pub mod client;
+pub mod limits;
 pub mod server;
+pub mod transport;
 
 use std::io;
 
@@ -19,15 +21,11 @@ pub const BAGGAGE: &str = "baggage";
 /// W3C trace context, so a trace can follow a flow through the tunnel.
 pub const TRACEPARENT: &str = "traceparent";
 
-/// Socket read buffer under TLS. rustls asks its transport for 4 KiB at a time, which unbuffered
-/// would cost a `read` syscall per 4 KiB of tunnel data; one large read feeds many records.
-const TLS_READ_BUF: usize = 64 * 1024;
 /// Encrypted bytes rustls may queue before it writes them out: one `writev` per this much
 /// plaintext (rustls' default of 64 KiB means four syscalls per 256 KiB chunk).
 const TLS_WRITE_BUF: usize = 256 * 1024;
 
-/// The transport under TLS on HBONE connections: TCP with buffered reads.
-pub type Transport = tokio::io::BufReader<TcpStream>;
+pub use transport::Transport;
 
 /// Wraps a connected socket for use under TLS, with the socket options HBONE wants: a bound on
 /// unsent data in the kernel (`--hbone-notsent-lowat`), so the flows of a connection are
@@ -38,7 +36,20 @@ pub fn transport(tcp: TcpStream, cfg: &HboneConfig) -> Transport {
             tracing::warn!(error = %e, bytes = n, "cannot set TCP_NOTSENT_LOWAT on an HBONE socket");
         }
     }
-    tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)
+    Transport::new(tcp)
+}
+
+/// Turns on TCP keepalive: after `idle` without traffic the kernel probes the peer three times
+/// a third of `idle` apart, so a peer that vanished without a FIN or RST (powered off,
+/// partitioned) is found out and its connection released.
+pub fn set_tcp_keepalive(tcp: &TcpStream, idle: std::time::Duration) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((idle / 3).max(std::time::Duration::from_secs(1)))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on an HBONE socket");
+    }
 }
 
 /// Sizes a handshaken TLS connection's write queue (see [`TLS_WRITE_BUF`]).

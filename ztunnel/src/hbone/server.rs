@@ -4,12 +4,22 @@
 //! The certificate is chosen by the connection's local address: capture delivers connections
 //! for `<pod ip>:15008` with that pod IP as the local address, so the server proves exactly the
 //! identity the client expects for that pod.
+//!
+//! What a peer may hold is bounded ([`super::limits`]): connections are admitted at accept
+//! (handshakes and connections in total, per source address), TLS and the HTTP/2 preface have
+//! one deadline together, the identity is counted once known, every stream is admitted before
+//! the handler sees it, and HTTP/2 itself caps streams per connection
+//! (SETTINGS_MAX_CONCURRENT_STREAMS) and the request header list
+//! (SETTINGS_MAX_HEADER_LIST_SIZE: h2 answers a larger request 431 and resets the stream,
+//! before any of it reaches this code). Idle peers are pinged (HTTP/2 PING) and probed (TCP
+//! keepalive), so dead ones are released.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -19,7 +29,8 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::HboneConfig;
+use super::limits::{Admitted, Limits, OpenMark, Reason};
+use crate::config::{HboneConfig, InboundLimits};
 use crate::drain::Drain;
 use crate::identity::{CertManager, SpiffeId};
 use crate::tls;
@@ -48,6 +59,8 @@ pub struct Responder {
     respond: SendResponse<Bytes>,
     /// Data from the client.
     pub recv: RecvStream,
+    /// Tells the limits the stream's descriptors are open once it is accepted.
+    opened: Option<OpenMark>,
 }
 
 impl Responder {
@@ -61,6 +74,9 @@ impl Responder {
 
     /// Accepts the stream; returns the send half.
     pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        if let Some(mark) = self.opened.take() {
+            mark.mark();
+        }
         let resp = Response::builder()
             .status(StatusCode::OK)
             .body(())
@@ -90,6 +106,7 @@ pub trait Handler: Send + Sync + 'static {
 /// loop for everyone else).
 pub struct Server<H> {
     cfg: HboneConfig,
+    limits: Arc<Limits>,
     trust_domain: String,
     certs: Arc<CertManager>,
     handler: Arc<H>,
@@ -100,7 +117,8 @@ pub struct Server<H> {
 
 impl<H: Handler> Server<H> {
     /// A server presenting certificates from `certs`, trusting clients of `trust_domain`,
-    /// and sending GOAWAY once `drain` starts. Every stream holds a drain guard while it runs.
+    /// and sending GOAWAY once `drain` starts, with the default [`InboundLimits`]. Every
+    /// stream holds a drain guard while it runs.
     pub fn new(
         cfg: HboneConfig,
         trust_domain: &str,
@@ -108,8 +126,23 @@ impl<H: Handler> Server<H> {
         handler: Arc<H>,
         drain: Drain,
     ) -> Arc<Self> {
+        let limits = Limits::new(InboundLimits::default());
+        Self::with_limits(cfg, limits, trust_domain, certs, handler, drain)
+    }
+
+    /// [`Server::new`] with the given limits (shared with whoever samples descriptors and
+    /// serves the metrics).
+    pub fn with_limits(
+        cfg: HboneConfig,
+        limits: Arc<Limits>,
+        trust_domain: &str,
+        certs: Arc<CertManager>,
+        handler: Arc<H>,
+        drain: Drain,
+    ) -> Arc<Self> {
         Arc::new(Server {
             cfg,
+            limits,
             trust_domain: trust_domain.to_string(),
             certs,
             handler,
@@ -133,12 +166,33 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    /// Serves one accepted connection to its end. A connection does not count for the drain
-    /// itself (its streams do, each from its start): draining sends it GOAWAY and waits for
-    /// the streams.
+    /// The server's limits and counts.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// Serves one accepted connection to its end, if the limits admit it (else it is closed
+    /// at once, counted and logged). A connection does not count for the drain itself (its
+    /// streams do, each from its start): draining sends it GOAWAY and waits for the streams.
     pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        if let Err(e) = self.serve_connection(tcp, peer).await {
-            tracing::warn!(%peer, error = %e, "HBONE connection refused");
+        match self.limits.admit(peer.ip()) {
+            Ok(admitted) => self.serve_admitted(tcp, peer, admitted).await,
+            Err(reason) => self
+                .limits
+                .refused_connection(reason, peer, "closed at accept"),
+        }
+    }
+
+    /// Serves a connection the caller's accept loop has already admitted with
+    /// [`Limits::admit`] (so that a refused one is closed before it is handed to a worker).
+    pub async fn serve_admitted(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+    ) {
+        if let Err((reason, detail)) = self.serve_connection(tcp, peer, admitted).await {
+            self.limits.refused_connection(reason, peer, &detail);
         }
     }
 
@@ -172,40 +226,78 @@ impl<H: Handler> Server<H> {
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-    ) -> Result<(ServerConn, SpiffeId, SocketAddr), String> {
-        let local = tcp.local_addr().map_err(|e| e.to_string())?;
-        let id = self
-            .handler
-            .identity_for(local)
-            .ok_or_else(|| format!("no local enrolled workload at {local}"))?;
-        let acceptor = TlsAcceptor::from(self.tls_config(&id).await?);
-        let mut tls_stream = tokio::time::timeout(
-            self.cfg.connect_timeout,
-            acceptor.accept(super::transport(tcp, &self.cfg)),
-        )
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    ) -> Result<(ServerConn, SpiffeId, SocketAddr), (Reason, String)> {
+        let failed = |e: String| (Reason::HandshakeFailed, e);
+        let local = tcp.local_addr().map_err(|e| failed(e.to_string()))?;
+        let id = self.handler.identity_for(local).ok_or_else(|| {
+            (
+                Reason::NoWorkload,
+                format!("no local enrolled workload at {local}"),
+            )
+        })?;
+        let acceptor = TlsAcceptor::from(self.tls_config(&id).await.map_err(failed)?);
+        super::set_tcp_keepalive(&tcp, self.limits.config().tcp_keepalive);
+        let lim = self.limits.config();
+        let mut tls_stream = acceptor
+            .accept(super::transport(tcp, &self.cfg))
+            .await
+            .map_err(|e| failed(format!("TLS handshake failed: {e}")))?;
         super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
-            .ok_or_else(|| "client certificate has no SPIFFE identity".to_string())?;
+            .ok_or_else(|| failed("client certificate has no SPIFFE identity".to_string()))?;
         let conn = h2::server::Builder::new()
             .initial_window_size(self.cfg.stream_window)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
             .max_send_buffer_size(self.cfg.stream_window as usize)
-            .max_concurrent_streams(1000)
+            .max_concurrent_streams(lim.max_streams)
+            .max_header_list_size(lim.max_header_list_size)
             .handshake::<_, Bytes>(tls_stream)
             .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            .map_err(|e| failed(format!("HTTP/2 handshake failed: {e}")))?;
         tracing::debug!(%peer, %local, client = %peer_identity, "HBONE connection accepted");
         Ok((conn, peer_identity, local))
     }
 
-    async fn serve_connection(&self, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        mut admitted: Admitted,
+    ) -> Result<(), (Reason, String)> {
+        let lim = self.limits.config();
         // Boxed: the handshakes' state (2 KiB) would otherwise size the connection's task for
-        // its whole life.
-        let (mut conn, peer_identity, local) = Box::pin(self.handshake(tcp, peer)).await?;
+        // its whole life. One deadline for TLS and the HTTP/2 preface together.
+        let handshake = Box::pin(tokio::time::timeout(
+            lim.handshake_timeout,
+            self.handshake(tcp, peer),
+        ));
+        let (mut conn, peer_identity, local) = tokio::select! {
+            r = handshake => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err((
+                        Reason::HandshakeTimeout,
+                        format!("no TLS and HTTP/2 handshake within {:?}", lim.handshake_timeout),
+                    ))
+                }
+            },
+            _ = admitted.evicted() => {
+                return Err((
+                    Reason::Handshakes,
+                    "the oldest handshake, closed to make room for a newer one".to_string(),
+                ))
+            }
+        };
+        admitted
+            .handshaken(&peer_identity)
+            .map_err(|r| (r, format!("client {peer_identity}")))?;
+        let keepalive = keepalive(
+            conn.ping_pong(),
+            lim.keepalive_interval,
+            lim.keepalive_timeout,
+        );
+        let mut keepalive = std::pin::pin!(keepalive);
         let drain = &self.drain;
         let mut goaway_sent = false;
         loop {
@@ -218,23 +310,49 @@ impl<H: Handler> Server<H> {
                     tracing::debug!(%peer, "HBONE connection draining: GOAWAY sent");
                     continue;
                 }
+                _ = &mut keepalive => {
+                    // Dropping the connection closes the socket and ends its streams.
+                    return Err((
+                        Reason::KeepaliveTimeout,
+                        format!("no PING answer within {:?}; closed", lim.keepalive_timeout),
+                    ));
+                }
             };
             let Some(next) = next else { break };
             let (request, respond) = match next {
                 Ok(r) => r,
+                Err(e) if e.is_go_away() && e.is_library() => {
+                    // h2 closed the connection for a protocol violation of the client's.
+                    return Err((Reason::ProtocolError, e.to_string()));
+                }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "HBONE connection ended");
                     break;
                 }
             };
             let (parts, recv) = request.into_parts();
-            let responder = Responder { respond, recv };
+            let mut responder = Responder {
+                respond,
+                recv,
+                opened: None,
+            };
             let authority = match connect_authority(&parts.method, &parts.uri) {
                 Some(a) => a,
                 None => {
                     tracing::info!(%peer, method = %parts.method, uri = %parts.uri,
                         "HBONE request refused: not CONNECT to ip:port");
                     responder.refuse(StatusCode::BAD_REQUEST);
+                    continue;
+                }
+            };
+            let counted = match admitted.open_stream() {
+                Ok(g) => {
+                    responder.opened = Some(g.open_mark());
+                    g
+                }
+                Err(reason) => {
+                    self.limits.refused_stream(reason, peer, &peer_identity);
+                    responder.refuse(reason.status());
                     continue;
                 }
             };
@@ -249,12 +367,31 @@ impl<H: Handler> Server<H> {
             let stream = self.handler.clone().serve(req, responder);
             tokio::spawn(async move {
                 stream.await;
-                drop(guard);
+                drop((guard, counted));
             });
         }
-        poll_fn(|cx| conn.poll_closed(cx))
-            .await
-            .map_err(|e| format!("HTTP/2 connection error: {e}"))
+        let closed = poll_fn(|cx| conn.poll_closed(cx)).await;
+        if let Err(e) = closed {
+            tracing::debug!(%peer, error = %e, "HBONE connection ended with an error");
+        }
+        Ok(())
+    }
+}
+
+/// Pings the client every `interval` (HTTP/2 PING) and resolves when one is not answered
+/// within `timeout`; pending forever if the connection offers no pinger (it always does once).
+async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection is gone (its own end is reported by `accept`), or silent.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 

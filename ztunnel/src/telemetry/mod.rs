@@ -5,6 +5,7 @@
 
 pub mod flow;
 pub mod metrics;
+pub mod throttle;
 
 use std::sync::{Mutex, OnceLock};
 
