@@ -32,6 +32,10 @@ use super::{probe, sidecar, waypoint_envoy};
 const VIP: &str = "10.96.0.30";
 const BACKEND_PORT: u16 = 8080;
 const WAYPOINT_POD: &str = "bench/waypoint";
+/// Envoy's count of HTTP requests completed by the waypoint's connection manager, and where
+/// its admin port (in the waypoint pod) shows it.
+const ENVOY_COMPLETED: &str = "http.waypoint.downstream_rq_completed";
+const ENVOY_COMPLETED_URL: &str = "http://127.0.0.1:15000/stats?filter=downstream_rq_completed";
 
 /// The waypoint's Gateway and the route the L7 hop applies (one backend: what is measured is
 /// the hop, not the split).
@@ -206,6 +210,7 @@ enum Hop {
     Envoy {
         _proc: sidecar::Sidecar,
         pid: u32,
+        pod: Pod,
         access_log: PathBuf,
     },
 }
@@ -218,12 +223,33 @@ impl Hop {
         }
     }
 
+    /// The end of the hop's access log, for messages.
+    fn log_tail(&self) -> String {
+        match self {
+            Hop::Waypoint(w) => w.log_tail(5),
+            Hop::Envoy { access_log, .. } => {
+                let t = std::fs::read_to_string(access_log).unwrap_or_default();
+                let lines: Vec<&str> = t.lines().collect();
+                lines[lines.len().saturating_sub(5)..].join("\n")
+            }
+        }
+    }
+
     /// Requests the hop has logged so far.
     fn logged(&self) -> usize {
         match self {
             Hop::Waypoint(w) => w.requests().len(),
-            Hop::Envoy { access_log, .. } => std::fs::read_to_string(access_log)
-                .map(|t| t.lines().count())
+            // Envoy writes its access log in batches (every 10 s by default), so its own
+            // counter of completed requests is read from the admin port instead.
+            Hop::Envoy { pod, .. } => pod
+                .exec("curl", ["-s", ENVOY_COMPLETED_URL])
+                .ok()
+                .and_then(|o| {
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(ENVOY_COMPLETED))
+                        .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+                })
                 .unwrap_or(0),
         }
     }
@@ -258,6 +284,7 @@ fn bring_up(cluster: &mut Cluster, envoy: &Path, arm: Arm) -> Result<Hop> {
             let proc = sidecar::run_envoy(envoy, &pod, &cfg_path, 2, base_id, &want)?;
             Ok(Hop::Envoy {
                 pid: proc.pid,
+                pod,
                 _proc: proc,
                 access_log,
             })
@@ -289,9 +316,10 @@ fn check_path(client: &Client, hop: &Hop, arm: Arm) -> Result<()> {
     while hop.logged() < before + 20 {
         if Instant::now() > deadline {
             bail!(
-                "{} check: the requests are not in the hop's access log ({} lines, {before} before)",
+                "{} check: the requests are not in the hop's access log ({} requests, {before} before):\n{}",
                 arm.name(),
-                hop.logged()
+                hop.logged(),
+                hop.log_tail()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
