@@ -1,5 +1,5 @@
-//! `cargo xtask bench waypoint [--rounds N] [--secs S] [--concurrency K] [--profile]`: the L7 hop,
-//! this project's waypoint against Envoy configured as the same waypoint
+//! `cargo xtask bench waypoint [--rounds N] [--secs S] [--concurrency K] [--profile] [--no-build]`:
+//! the L7 hop, this project's waypoint against Envoy configured as the same waypoint
 //! ([`super::waypoint_envoy`]), in the same cluster, with the same pods and the same node
 //! daemons (docs/BENCHMARKS.md, "Waypoint: this project's against Envoy").
 //!
@@ -80,6 +80,8 @@ struct Opts {
     secs: f64,
     concurrency: usize,
     profile: bool,
+    /// Measure the release binaries as they are, without `cargo build --release` first.
+    no_build: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -88,6 +90,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         secs: 5.0,
         concurrency: 16,
         profile: false,
+        no_build: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -100,8 +103,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--secs" => o.secs = val("--secs")?.max(1.0),
             "--concurrency" => o.concurrency = val("--concurrency")?.max(1.0) as usize,
             "--profile" => o.profile = true,
+            "--no-build" => o.no_build = true,
             other => bail!(
-                "unknown argument `{other}` (bench waypoint flags: --rounds N --secs S --concurrency K --profile)"
+                "unknown argument `{other}` (bench waypoint flags: --rounds N --secs S --concurrency K --profile --no-build)"
             ),
         }
     }
@@ -152,19 +156,21 @@ struct LoadResult {
     failed: f64,
 }
 
-/// Installs h2load (Debian's `nghttp2-client`) and the rest, builds the release binaries and
-/// points the harness at them. Returns the Envoy binary.
-fn prepare() -> Result<PathBuf> {
+/// Installs h2load (Debian's `nghttp2-client`) and the rest, builds the release binaries
+/// (unless `no_build`) and points the harness at them. Returns the Envoy binary.
+fn prepare(no_build: bool) -> Result<PathBuf> {
     mesh_tests::require_root()?;
     crate::test::install_packages(&["nghttp2-client", "iproute2", "linux-perf"])?;
     crate::test::install_missing_pip_packages()?;
     let envoy = sidecar::envoy_binary()?;
-    crate::run_status(
-        crate::cargo()
-            .args(["build", "--release", "-p", "ztunnel", "-p", "mesh-tests"])
-            .args(["-p", "waypoint", "--bins"])
-            .current_dir(mesh_tests::workspace_root()),
-    )?;
+    if !no_build {
+        crate::run_status(
+            crate::cargo()
+                .args(["build", "--release", "-p", "ztunnel", "-p", "mesh-tests"])
+                .args(["-p", "waypoint", "--bins"])
+                .current_dir(mesh_tests::workspace_root()),
+        )?;
+    }
     let rel = crate::target_dir()?.join("release");
     for (var, bin) in [
         ("ZTUNNEL_BIN", "ztunnel"),
@@ -532,7 +538,7 @@ fn profile(o: &Opts, arm: Arm, hop: &Hop, client: &Client) -> Result<String> {
 
 pub fn run(args: &[String]) -> Result<bool> {
     let o = parse(args)?;
-    let envoy = prepare()?;
+    let envoy = prepare(o.no_build)?;
     let load_before = super::uptime();
     let mut cluster = Cluster::start(spec())?;
     cluster.write_state_file("waypoint.yaml", STATE_YAML)?;
