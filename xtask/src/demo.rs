@@ -7,6 +7,10 @@
 //! verify: who answered, which source address the server saw, which identities the daemons
 //! authenticated, and that nothing between enrolled pods crossed the wire in clear.
 //!
+//! Then the waypoint part (`demo_waypoint`): Service `reviews` goes through a waypoint that
+//! splits it 90/10 between two versions and allows GET only; the report shows the split, an
+//! allowed GET, a denied POST and the waypoint's access lines.
+//!
 //! With `--kube` the cluster's objects live in a real kube-apiserver (in the fabric namespace)
 //! and the daemons follow it (`--source kube`); the demo then also enrolls namespace `legacy`
 //! with a label applied through the API, and prints the `kubectl` commands to go on with.
@@ -29,7 +33,7 @@ const LEGACY: &str = "DEMO-LEGACY-PAYLOAD";
 const HBONE: u16 = 15008;
 
 fn spec() -> ClusterSpec {
-    ClusterSpec::new(2)
+    let spec = ClusterSpec::new(2)
         .namespace("demo", true)
         .namespace("legacy", false)
         .pod(PodSpec::new("demo/client", 1).sa("client"))
@@ -48,7 +52,8 @@ fn spec() -> ClusterSpec {
             SvcSpec::new("demo/server", "10.96.0.10")
                 .select("app", "server")
                 .port(80, 8080),
-        )
+        );
+    super::demo_waypoint::add_to(spec)
 }
 
 /// One driven flow and what was observed about it.
@@ -80,7 +85,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         super::test::prepare_machine(kube)?;
         super::run_status(
             super::cargo()
-                .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "--bins"])
+                .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "-p", "waypoint", "--bins"])
                 .current_dir(mesh_tests::workspace_root()),
         )?;
     }
@@ -103,6 +108,7 @@ pub fn run(args: &[String]) -> Result<bool> {
             pod.serve(8080, &pod.name)
         })
         .collect::<Result<_>>()?;
+    let waypoint = super::demo_waypoint::start(&mut cluster)?;
 
     let capture = cluster.capture_fabric("")?;
     let ip = |key: &str| cluster.pod(key).ip;
@@ -159,6 +165,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         });
     }
     let pcap = capture.stop()?;
+    let l7 = super::demo_waypoint::drive(&cluster, &waypoint)?;
 
     for (i, f) in flows.iter().enumerate() {
         print_flow(i + 1, f);
@@ -168,7 +175,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         .map(|k| ip(k))
         .collect();
     let leaks = print_fabric(&pcap, &enrolled);
+    super::demo_waypoint::print(&l7);
     let mut checks = checks(&cluster, &flows, &pcap, &leaks);
+    checks.extend(super::demo_waypoint::checks(&l7));
     if kube {
         checks.extend(kube_checks(&mut cluster));
     }
@@ -422,6 +431,9 @@ fn poke(cluster: &Cluster) -> Vec<String> {
             meshapp.display(),
             cluster.pod("legacy/legacy").ip
         ),
+    ];
+    commands.extend(super::demo_waypoint::poke(cluster));
+    commands.extend([
         format!("ip netns exec {} tcpdump -ni br0", cluster.fabric_netns()),
         format!("ip netns exec {} ss -tnp", cluster.node_netns(1)),
         format!(
@@ -430,7 +442,7 @@ fn poke(cluster: &Cluster) -> Vec<String> {
             cluster.admin_socket(1).display()
         ),
         format!("tail -f {}/logs/node1.log", cluster.workdir().display()),
-    ];
+    ]);
     println!("\nTry:");
     for c in &commands {
         println!("  {c}");
@@ -485,7 +497,8 @@ fn kube_checks(cluster: &mut Cluster) -> Vec<(bool, String)> {
                 .daemon(n)
                 .wait_for_log_after(
                     before[n - 1],
-                    |l| message(l) == "state applied" && l["enrolled"].as_u64() == Some(4),
+                    // The five enrolled pods of `demo` (a waypoint's pod never is) and legacy.
+                    |l| message(l) == "state applied" && l["enrolled"].as_u64() == Some(6),
                     Duration::from_secs(5),
                 )
                 .is_ok()

@@ -7,6 +7,9 @@
 //!   `--once`, tear down and exit non-zero if a check failed).
 //! - `bench [scenario...] [--runs N] [--secs S] [--rate R] [--conns K]`: direct vs ambient vs Envoy
 //!   sidecars on the test cluster (docs/BENCHMARKS.md).
+//! - `bench waypoint [--rounds N] [--secs S] [--concurrency K] [--profile] [--no-build]`: the
+//!   L7 hop, this project's waypoint vs Envoy as the same waypoint: HTTP/1.1 and HTTP/2
+//!   requests/s, p50/p99, memory.
 //! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
 //!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
 //! - `image [--debug]`: the daemon's OCI image with umoci, under `<target>/image/`.
@@ -17,6 +20,7 @@ mod bench;
 mod demo;
 mod demo_up;
 mod fuzz;
+mod demo_waypoint;
 mod image;
 mod interrupt;
 mod test;
@@ -79,6 +83,8 @@ fn usage() {
          \n                                          running in the background, --down removes it\
          \n  bench [throughput|latency|connrate|conns|profile...] [--runs N] [--secs S] [--rate R] [--conns K]\
          \n                                          direct vs ambient vs Envoy sidecars (root)\
+         \n  bench waypoint [--rounds N] [--secs S] [--concurrency K] [--profile] [--no-build]\
+         \n                                          the waypoint vs Envoy as the L7 hop (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\
          \n                                          sidecar vs ambient cost at N pods/node (root)\
          \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)\

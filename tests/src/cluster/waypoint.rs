@@ -102,6 +102,11 @@ impl Cluster {
 }
 
 impl WaypointProc {
+    /// The waypoint's pid (`ip netns exec` execs it), whose CPU and memory a benchmark reads.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Every complete JSON line of its log, in order.
     pub fn log_lines(&self) -> Vec<Value> {
         std::fs::read(&self.log)

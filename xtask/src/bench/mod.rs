@@ -14,6 +14,8 @@ mod overhead;
 mod probe;
 mod scale;
 mod sidecar;
+mod waypoint;
+mod waypoint_envoy;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -108,7 +110,8 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--conns" => o.conns = val("--conns")?.max(1.0) as usize,
             s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
             other => bail!(
-                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R --conns K)",
+                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R --conns K; \
+                 or `bench waypoint` alone)",
                 SCENARIOS.join(" ")
             ),
         }
@@ -262,6 +265,9 @@ pub fn scale(args: &[String]) -> Result<bool> {
 }
 
 pub fn run(args: &[String]) -> Result<bool> {
+    if args.first().is_some_and(|a| a == "waypoint") {
+        return waypoint::run(&args[1..]);
+    }
     let o = parse(args)?;
     let profile = o.scenarios.iter().any(|s| s == "profile");
     let envoy = prepare(profile)?;
@@ -580,26 +586,38 @@ fn num(v: &Value, key: &str) -> Result<f64> {
 fn run_profile(o: &Opts, dp: &Dataplane, client: &Pod, server: &Pod) -> Result<String> {
     let data = crate::target_dir()?.join("bench").join("perf.data");
     std::fs::create_dir_all(data.parent().context("perf.data path")?)?;
-    let pids: Vec<String> = dp.pids.iter().map(u32::to_string).collect();
     let port = IPERF_PORT + Mode::Ambient.port_offset();
     let child = probe::iperf_spawn(client, &server.ip.to_string(), port, 1, o.secs)?;
     std::thread::sleep(Duration::from_millis(500));
+    let rec = perf_record(&dp.pids, &data, (o.secs - 1.0).max(1.0));
+    probe::iperf_result(child)?;
+    rec?;
+    perf_top(&data, 40)
+}
+
+/// `perf record -g` (cpu-clock, 999 Hz) of `pids` for `secs` into `data`.
+fn perf_record(pids: &[u32], data: &std::path::Path, secs: f64) -> Result<()> {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
     let rec = Command::new("perf")
         .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
         .arg(pids.join(","))
         .arg("-o")
-        .arg(&data)
-        .args(["--", "sleep", &format!("{}", (o.secs - 1.0).max(1.0))])
+        .arg(data)
+        .args(["--", "sleep", &format!("{secs}")])
         .output()
         .context("running perf record (apt linux-perf)")?;
-    probe::iperf_result(child)?;
     if !rec.status.success() {
         bail!("perf record: {}", String::from_utf8_lossy(&rec.stderr));
     }
+    Ok(())
+}
+
+/// The first `lines` of `perf report --sort dso,symbol` (no call graphs) of `data`.
+fn perf_top(data: &std::path::Path, lines: usize) -> Result<String> {
     let rep = Command::new("perf")
         .arg("report")
         .arg("-i")
-        .arg(&data)
+        .arg(data)
         .args(["--stdio", "--no-children", "--sort", "dso,symbol"])
         .args(["--percent-limit", "1", "-g", "none"])
         .output()
@@ -610,7 +628,7 @@ fn run_profile(o: &Opts, dp: &Dataplane, client: &Pod, server: &Pod) -> Result<S
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         // `-g none` leaves empty call-graph columns ("-  -") at the end of each line.
         .map(|l| l.trim_end().trim_end_matches(['-', ' ']))
-        .take(40)
+        .take(lines)
         .collect::<Vec<_>>()
         .join("\n"))
 }

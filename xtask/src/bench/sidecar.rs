@@ -89,20 +89,34 @@ pub fn issue_cert(pod: &Pod, ca_dir: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The TLS context of every HBONE socket Envoy opens or accepts here: TLS 1.3 only, ALPN h2,
+/// the pod's certificate from `dir` (`cert.pem`, `key.pem`, as [`issue_cert`] writes them),
+/// the cluster root, and the peer's URI SAN matched by `san_match`.
+pub fn tls_context(dir: &Path, san_match: Value) -> Value {
+    let file = |name: &str| json!({"filename": dir.join(name).display().to_string()});
+    json!({
+        "alpn_protocols": ["h2"],
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
+                       "tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [{"certificate_chain": file("cert.pem"),
+                              "private_key": file("key.pem")}],
+        "validation_context": {"trusted_ca": file("root.pem"),
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san_match}]},
+    })
+}
+
+/// Envoy's default circuit breakers cap a cluster at 1,024 connections and 1,024 requests
+/// (here: tunnelled connections); Istio configures its proxies without those caps.
+pub fn unlimited_circuit_breakers() -> Value {
+    json!({"thresholds": [{
+        "max_connections": u32::MAX, "max_pending_requests": u32::MAX,
+        "max_requests": u32::MAX, "max_retries": u32::MAX,
+    }]})
+}
+
 /// The Envoy configuration of one pod's sidecar (JSON, which Envoy reads as YAML).
 pub fn config(pod_ip: Ipv4Addr, dir: &Path, routes: &[Route]) -> Value {
-    let file = |name: &str| json!({"filename": dir.join(name).display().to_string()});
-    let tls_ctx = |san_match: Value| {
-        json!({
-            "alpn_protocols": ["h2"],
-            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
-                           "tls_maximum_protocol_version": "TLSv1_3"},
-            "tls_certificates": [{"certificate_chain": file("cert.pem"),
-                                  "private_key": file("key.pem")}],
-            "validation_context": {"trusted_ca": file("root.pem"),
-                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san_match}]},
-        })
-    };
+    let tls_ctx = |san_match: Value| tls_context(dir, san_match);
     let mut listeners = vec![json!({
         "name": "hbone_inbound",
         "address": {"socket_address": {"address": pod_ip.to_string(), "port_value": 15008}},
@@ -127,12 +141,7 @@ pub fn config(pod_ip: Ipv4Addr, dir: &Path, routes: &[Route]) -> Value {
             }}],
         }],
     })];
-    // Envoy's default circuit breakers cap a cluster at 1,024 connections and 1,024 requests
-    // (here: tunnelled connections); Istio configures sidecars without those caps.
-    let unlimited = json!({"thresholds": [{
-        "max_connections": u32::MAX, "max_pending_requests": u32::MAX,
-        "max_requests": u32::MAX, "max_retries": u32::MAX,
-    }]});
+    let unlimited = unlimited_circuit_breakers();
     let mut clusters = vec![json!({
         "name": "original_dst",
         "type": "ORIGINAL_DST",
@@ -195,13 +204,33 @@ pub fn start(
     let cfg = config(pod.ip, &dir, routes);
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
-    let log = dir.join("envoy.log");
+    let mut want: Vec<String> = vec![format!("{}:15008", pod.ip)];
+    want.extend(routes.iter().map(|r| format!("127.0.0.1:{}", r.local_port)));
+    // Istio's default sidecar concurrency.
+    run_envoy(envoy, pod, &cfg_path, 2, base_id, &want)
+}
+
+/// Runs Envoy with the configuration at `cfg_path` in `pod` (`concurrency` worker threads,
+/// its log next to the configuration) and waits until it listens on every address of `want`
+/// (`ip:port`). `base_id` must be unique among running Envoys.
+pub fn run_envoy(
+    envoy: &Path,
+    pod: &Pod,
+    cfg_path: &Path,
+    concurrency: u32,
+    base_id: u32,
+    want: &[String],
+) -> Result<Sidecar> {
+    let log = cfg_path.with_file_name("envoy.log");
     let child = pod
         .command(envoy)
         .arg("-c")
-        .arg(&cfg_path)
-        // Istio's default sidecar concurrency.
-        .args(["--concurrency", "2", "--disable-hot-restart"])
+        .arg(cfg_path)
+        .args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--disable-hot-restart",
+        ])
         .args(["--base-id", &base_id.to_string(), "--log-level", "warn"])
         .arg("--log-path")
         .arg(&log)
@@ -214,8 +243,6 @@ pub fn start(
         pid: child.id(),
         child,
     };
-    let mut want: Vec<String> = vec![format!("{}:15008", pod.ip)];
-    want.extend(routes.iter().map(|r| format!("127.0.0.1:{}", r.local_port)));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = pod.exec("ss", ["-Htln"])?;
