@@ -85,7 +85,16 @@ pub fn run(args: &[String]) -> Result<bool> {
         super::test::prepare_machine(kube)?;
         super::run_status(
             super::cargo()
-                .args(["build", "-p", "ztunnel", "-p", "mesh-tests", "-p", "waypoint", "--bins"])
+                .args([
+                    "build",
+                    "-p",
+                    "ztunnel",
+                    "-p",
+                    "mesh-tests",
+                    "-p",
+                    "waypoint",
+                    "--bins",
+                ])
                 .current_dir(mesh_tests::workspace_root()),
         )?;
     }

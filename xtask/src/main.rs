@@ -19,8 +19,8 @@
 mod bench;
 mod demo;
 mod demo_up;
-mod fuzz;
 mod demo_waypoint;
+mod fuzz;
 mod image;
 mod interrupt;
 mod test;

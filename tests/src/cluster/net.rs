@@ -95,9 +95,8 @@ pub fn remove_stale() {
     // The bpf filesystems of clusters whose process died (their work directories stay, for
     // the logs).
     unmount_bpffs(|workdir| {
-        creator_pid(&format!("{workdir}-")).is_some_and(|pid| {
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        })
+        creator_pid(&format!("{workdir}-"))
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
     });
 }
 
@@ -145,7 +144,11 @@ fn unmount_bpffs(pick: impl Fn(&str) -> bool) {
         let Ok(rest) = target.strip_prefix(&tmp) else {
             continue;
         };
-        let workdir = rest.iter().next().and_then(|n| n.to_str()).unwrap_or_default();
+        let workdir = rest
+            .iter()
+            .next()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if pick(workdir) && target.ends_with("bpf") {
             if let Err(e) = run(Command::new("umount").arg("-l").arg(target)) {
                 eprintln!("mesh-tests: {e:#}");
