@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::{SocketError, SocketFile};
@@ -292,6 +293,9 @@ struct Shared {
     capture: Arc<CaptureView>,
     /// How current the state source's view is; read by metrics and the admin API.
     source_health: Arc<SourceHealth>,
+    /// Failed accepts of every listener loop (data plane and DNS): one reserve descriptor,
+    /// one counter, one log rate limit.
+    accept_errors: Arc<AcceptErrors>,
 }
 
 impl Shared {
@@ -305,7 +309,10 @@ impl Shared {
         let metrics = Metrics::new(&cfg.cluster_domain);
         metrics.register(|r| source_health.register(r));
         metrics.register(|r| certs.health().register(r));
+        let accept_errors = AcceptErrors::new();
+        metrics.register(|r| accept_errors.register(r));
         Shared {
+            accept_errors,
             metrics,
             source_health,
             cfg,
@@ -354,7 +361,12 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
         cfg.daemon_mark,
         gate.clone(),
     ));
-    tokio::spawn(dns::server::run_tcp(tcp, handler, gate));
+    tokio::spawn(dns::server::run_tcp(
+        tcp,
+        handler,
+        gate,
+        shared.accept_errors.clone(),
+    ));
     stats
 }
 
@@ -376,10 +388,10 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
     let cfg = &shared.cfg;
     let (sockets, drain) = (&shared.sockets, &shared.drain);
     let pool = Pool::new(cfg.hbone.clone(), shared.certs.clone(), sockets.clone());
-    let workers = Arc::new(Workers::start(cfg.worker_threads).map_err(AppError::Workers)?);
-    shared
-        .metrics
-        .register(|r| workers.accept_errors().register(r));
+    let workers = Arc::new(
+        Workers::start(cfg.worker_threads, shared.accept_errors.clone())
+            .map_err(AppError::Workers)?,
+    );
     let proxy = Proxy::new(
         Node::from_config(cfg),
         &cfg.root_namespace,

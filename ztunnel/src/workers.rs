@@ -67,7 +67,7 @@ impl Drop for Live {
 
 impl Workers {
     /// Starts `n` worker threads (`n` at least 1).
-    pub fn start(n: usize) -> io::Result<Workers> {
+    pub fn start(n: usize, accept_errors: Arc<AcceptErrors>) -> io::Result<Workers> {
         let mut workers = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -86,13 +86,8 @@ impl Workers {
         }
         Ok(Workers {
             workers,
-            accept_errors: AcceptErrors::new(),
+            accept_errors,
         })
-    }
-
-    /// How the accept loops handle failed accepts (its counter goes on the metrics port).
-    pub fn accept_errors(&self) -> &Arc<AcceptErrors> {
-        &self.accept_errors
     }
 
     /// Number of workers.
@@ -246,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_is_served_on_a_worker_thread() {
-        let workers = Workers::start(2).expect("workers");
+        let workers = Workers::start(2, AcceptErrors::new()).expect("workers");
         let (_client, accepted) = pair().await;
         let (index, name) = serve_and_report(&workers, accepted).recv().expect("report");
         assert!(name.starts_with("ztunnel-dp-"), "served on {name:?}");
@@ -256,7 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_connection_goes_to_the_least_busy_worker() {
-        let workers = Workers::start(2).expect("workers");
+        let workers = Workers::start(2, AcceptErrors::new()).expect("workers");
         let (held, a) = pair().await;
         let first = serve_and_report(&workers, a).recv().expect("report").0;
         let (_held_too, b) = pair().await;

@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::limits::{ConnPermit, Gate};
 use super::{Handler, Transport};
+use crate::accept::AcceptErrors;
 
 /// Datagrams read per `recvmmsg`: a flood is drained in batches, one system call and one wake-up
 /// per batch rather than per datagram.
@@ -168,7 +169,12 @@ fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::R
 
 /// Serves TCP DNS connections forever; `gate` admits each connection (a refused one is
 /// closed at once) and each query on it.
-pub async fn run_tcp(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
+pub async fn run_tcp(
+    listener: TcpListener,
+    handler: Handler,
+    gate: Arc<Gate>,
+    accept_errors: Arc<AcceptErrors>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, src)) => {
@@ -185,8 +191,7 @@ pub async fn run_tcp(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "dns: tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                accept_errors.handle(&listener, "dns", e).await;
             }
         }
     }
