@@ -14,6 +14,7 @@ mod overhead;
 mod probe;
 mod scale;
 mod sidecar;
+mod soak;
 mod waypoint;
 mod waypoint_envoy;
 
@@ -28,6 +29,7 @@ use mesh_tests::cluster::{Cluster, ClusterSpec, Pod, PodSpec};
 use serde_json::{json, Value};
 
 pub use overhead::run as overhead;
+pub use soak::run as soak;
 
 /// Ports of the server pod's applications (`overhead` uses the echo port as is). `bench` adds
 /// [`Mode::port_offset`], so each path uses its own server ports: connections a stopped daemon
@@ -526,9 +528,10 @@ fn transfer(
 }
 
 /// `conns`: what an open, idle connection costs the data plane. `--conns` connections are
-/// opened (256 KiB echoed on each, so they have carried data) and held; memory of all
-/// data-plane processes is sampled while they are held and compared with just before, per
-/// connection.
+/// opened (256 KiB echoed on each, so they have carried data) and held; memory of the
+/// data-plane processes is sampled half-way through the hold and compared with just before,
+/// per connection. Connections that failed to open or stopped carrying data while held are
+/// counted (`conns_failed`, `conns_lost`); either fails the run.
 fn held_connections(
     o: &Opts,
     mode: Mode,
@@ -537,9 +540,13 @@ fn held_connections(
     echo: &str,
     s: &mut Samples,
 ) -> Result<()> {
+    use std::io::BufRead;
     let hold = o.secs.max(3.0);
-    let sample_at = hold * 0.8;
-    let before = probe::mem_total(&dp.pids)?;
+    let before: Vec<probe::Mem> = dp
+        .pids
+        .iter()
+        .map(|&p| probe::mem(p))
+        .collect::<Result<_>>()?;
     let args: Vec<String> = [
         "hold",
         "--to",
@@ -551,26 +558,65 @@ fn held_connections(
     ]
     .map(String::from)
     .into();
-    let child = probe::meshload_spawn(client, &args)?;
-    std::thread::sleep(Duration::from_secs_f64(sample_at));
-    let during = probe::mem_total(&dp.pids)?;
-    let v = probe::meshload_result(child)?;
-    let open = num(&v, "open_secs")?;
-    if open > sample_at {
-        bail!(
-            "opening {} connections took {open:.1} s, past the memory sample at {sample_at:.1} s; \
-             use fewer --conns or a longer --secs",
-            o.conns
-        );
+    let mut child = probe::meshload_spawn(client, &args)?;
+    let mut out = std::io::BufReader::new(child.stdout.take().context("meshload stdout")?);
+    let mut first = String::new();
+    out.read_line(&mut first).context("reading meshload")?;
+    if first.trim().is_empty() {
+        // It failed before all were open; its error is in the result.
+        child.stdout = None;
+        probe::meshload_result(child)?;
+        bail!("meshload hold ended before opening its connections");
     }
+    let opened: Value = serde_json::from_str(first.trim()).context("meshload opened line")?;
+    std::thread::sleep(Duration::from_secs_f64(hold / 2.0));
+    let during: Vec<probe::Mem> = dp
+        .pids
+        .iter()
+        .map(|&p| probe::mem(p))
+        .collect::<Result<_>>()?;
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).context("reading meshload")?;
+    let status = child.wait().context("waiting for meshload")?;
+    let v: Value = rest
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("meshload hold ({status}) printed no result: {rest}"))?;
+    let (failed, lost) = (num(&v, "failed")?, num(&v, "lost")?);
+    push(s, mode, "conns_open_s", num(&opened, "open_secs")?);
+    push(s, mode, "conns_failed", failed);
+    push(s, mode, "conns_lost", lost);
+    let sum = |m: &[probe::Mem]| m.iter().fold(probe::Mem::default(), |a, &b| a + b);
+    let (during_all, before_all) = (sum(&during), sum(&before));
     // MiB over all processes -> KiB per connection.
     for (kind, now, then) in [
-        ("rss", during.rss, before.rss),
-        ("anon", during.anon, before.anon),
-        ("pss", during.pss, before.pss),
+        ("rss", during_all.rss, before_all.rss),
+        ("anon", during_all.anon, before_all.anon),
+        ("pss", during_all.pss, before_all.pss),
     ] {
         let per_conn = (now - then) * 1024.0 / o.conns as f64;
         push(s, mode, &format!("mem_per_conn_{kind}_kb"), per_conn);
+    }
+    // Each process (node 1 = client side, node 2 = server side for the daemons) on its own.
+    for (i, (d, b)) in during.iter().zip(&before).enumerate() {
+        push(s, mode, &format!("mem_held_rss_mb_{}", i + 1), d.rss);
+        push(s, mode, &format!("mem_held_anon_mb_{}", i + 1), d.anon);
+        push(
+            s,
+            mode,
+            &format!("mem_before_hold_anon_mb_{}", i + 1),
+            b.anon,
+        );
+    }
+    if failed > 0.0 || lost > 0.0 {
+        eprintln!(
+            "bench: {} path: {failed} of {} connections failed to open and {lost} held ones were \
+             lost (last error: {})",
+            mode.name(),
+            o.conns,
+            v["last_error"]
+        );
     }
     Ok(())
 }
@@ -773,6 +819,20 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
             checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
         }
     };
+    for mode in [Mode::Ambient, Mode::Envoy] {
+        let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
+        if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
+            check(
+                &format!(
+                    "{} held connections failed or lost, all rounds",
+                    mode.name()
+                ),
+                Some(f + l),
+                &|v| v == 0.0,
+                "0",
+            );
+        }
+    }
     let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
     check(
         "ambient single-stream throughput / direct",
