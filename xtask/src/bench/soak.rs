@@ -69,6 +69,9 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(o)
 }
 
+/// Reads one series out of a sample.
+type Field = fn(&Sample) -> f64;
+
 /// One sample of one daemon.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -109,7 +112,7 @@ fn windows(total_secs: f64) -> ((f64, f64), (f64, f64), &'static str) {
     }
 }
 
-fn mean_in(s: &[Sample], (from, to): (f64, f64), f: fn(&Sample) -> f64) -> f64 {
+fn mean_in(s: &[Sample], (from, to): (f64, f64), f: Field) -> f64 {
     let v: Vec<f64> = s
         .iter()
         .filter(|x| x.secs >= from && x.secs <= to)
@@ -125,7 +128,7 @@ fn mean_in(s: &[Sample], (from, to): (f64, f64), f: fn(&Sample) -> f64) -> f64 {
 /// Flatness verdicts of one daemon's series: (series, baseline mean, last mean, change %, ok).
 fn flatness(s: &[Sample], total_secs: f64) -> Vec<(&'static str, f64, f64, f64, bool)> {
     let (base, last, _) = windows(total_secs);
-    let series: [(&str, fn(&Sample) -> f64, f64); 3] = [
+    let series: [(&str, Field, f64); 3] = [
         ("fds", |x| x.fds, FD_SLACK),
         ("rss_mib", |x| x.rss, 0.0),
         ("anon_mib", |x| x.anon, 0.0),
@@ -208,7 +211,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         for (i, pid) in pids.iter().enumerate() {
             series[i].push(sample(*pid, t)?);
         }
-        if tick % 6 == 0 {
+        if tick.is_multiple_of(6) {
             let (a, b) = (series[0].last(), series[1].last());
             if let (Some(a), Some(b)) = (a, b) {
                 eprintln!(
@@ -307,7 +310,7 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
 fn chart(path: &Path, series: &[Vec<Sample>; 2], total: f64) -> Result<()> {
     let colours = [RGBColor(50, 110, 200), RGBColor(214, 90, 60)];
     let (base, last, how) = windows(total);
-    let panels: [(&str, &str, fn(&Sample) -> f64); 3] = [
+    let panels: [(&str, &str, Field); 3] = [
         ("Open descriptors", "fds", |x| x.fds),
         ("RSS", "MiB", |x| x.rss),
         ("Anonymous resident memory", "MiB", |x| x.anon),
