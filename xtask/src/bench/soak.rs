@@ -173,6 +173,15 @@ pub fn run(args: &[String]) -> Result<bool> {
     let pids = [pid(1)?, pid(2)?];
     let secs = o.minutes * 60.0;
     let to = |p: &Pod| format!("{}:{PORT}", p.ip);
+    // The load must pass the daemons: a transfer shows up in the client node's access log.
+    let before = cluster.daemon(1).access_logs().len();
+    pods[0]
+        .send(&mesh_tests::app::SendOpts::to(&to(&pods[1])))?
+        .check()?;
+    std::thread::sleep(Duration::from_millis(300));
+    if cluster.daemon(1).access_logs().len() <= before {
+        bail!("the check transfer did not pass node 1's daemon: the pods are not meshed");
+    }
     eprintln!(
         "soak: {:.1} minutes, {} short connections/s, daemons {pids:?}",
         o.minutes, o.rate
