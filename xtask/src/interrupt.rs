@@ -1,5 +1,5 @@
 //! Ctrl-C and SIGTERM for the commands that build clusters (`demo`, `bench`, `overhead`,
-//! `scale`). A signal can arrive at any point: while namespaces are being created, while
+//! `scale`, `soak`). A signal can arrive at any point: while namespaces are being created, while
 //! traffic runs, while Envoy starts. Unwinding every one of those paths to run the clusters'
 //! `Drop` is not possible from a signal, so a watcher thread does the teardown itself: it kills
 //! what runs in this process's namespaces, deletes them and their work directories, and exits.

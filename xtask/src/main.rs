@@ -12,6 +12,9 @@
 //!   requests/s, p50/p99, memory.
 //! - `overhead [--pods N] [--secs S] [--rate R]`: N pods per node in sidecar and in ambient
 //!   mode under the same load: memory, CPU, added latency; table, JSON and SVG chart.
+//! - `soak [--minutes N] [--rate R]`: a two-node cluster under steady connection churn and long
+//!   transfers for N minutes; passes when no connection failed and both daemons' descriptors
+//!   and memory stay flat (docs/RELIABILITY.md, "Soak").
 //! - `image [--debug]`: the daemon's OCI image with umoci, under `<target>/image/`.
 //! - `fuzz TARGET [--secs N]`, `fuzz --list`: a libFuzzer target of `ztunnel/fuzz/` with
 //!   cargo-fuzz on the nightly toolchain (docs/RELIABILITY.md, "Fuzzing").
@@ -35,7 +38,7 @@ fn main() -> ExitCode {
     // The commands that build clusters clean up after Ctrl-C or SIGTERM at any point.
     if matches!(
         args.first().map(String::as_str),
-        Some("demo" | "bench" | "overhead" | "scale")
+        Some("demo" | "bench" | "overhead" | "scale" | "soak")
     ) {
         if let Err(e) = interrupt::install() {
             eprintln!("xtask: error: {e:#}");
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
             "bench" => bench::run(rest),
             "overhead" => bench::overhead(rest),
             "scale" => bench::scale(rest),
+            "soak" => bench::soak(rest),
             "image" => image::run(rest),
             "fuzz" => fuzz::run(rest),
             "help" | "-h" | "--help" => {
@@ -87,6 +91,8 @@ fn usage() {
          \n                                          the waypoint vs Envoy as the L7 hop (root)\
          \n  overhead [--pods N] [--secs S] [--rate R]\
          \n                                          sidecar vs ambient cost at N pods/node (root)\
+         \n  soak [--minutes N] [--rate R]           N minutes of churn + long transfers; descriptors and\
+         \n                                          memory of both daemons must stay flat (root)\
          \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)\
          \n  fuzz TARGET [--secs N] | fuzz --list    run a fuzz target of ztunnel/fuzz/ (nightly, cargo-fuzz)"
     );

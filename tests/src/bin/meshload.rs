@@ -5,6 +5,7 @@
 //! meshload rr  --to IP:PORT --size BYTES --secs S [--rate PER_SEC] [--warmup S]
 //! meshload crr --to IP:PORT --secs S [--conns K]
 //! meshload hold --to IP:PORT --conns K --secs S [--bytes N]
+//! meshload churn --to IP:PORT --rate PER_SEC --secs S [--bytes N] [--threads T]
 //! ```
 //!
 //! `rr`: one connection, a request of `size` bytes, wait for the whole echo, repeat. Without
@@ -17,9 +18,13 @@
 //! lower the rate). `rr` exits non-zero on any I/O error: a broken path must not report.
 //! `hold`: opens `conns` connections one after another, echoes `bytes` (default 256 KiB) on
 //! each, as a connection that did some work before going idle (every buffer on the path has
-//! been used), keeps them all open until `secs` after the start,
-//! then closes them; prints how long opening took. The benchmark samples data-plane memory
-//! while they are held: the cost of an open, idle connection.
+//! been used); prints a first JSON line once all are open (`opened`, `failed`, `open_secs`),
+//! holds them `secs` longer, then echoes 64 bytes on each (a connection that no longer
+//! carries data is `lost`) and closes them; the last JSON line has the counts. The benchmark
+//! samples data-plane memory while they are held: the cost of an open, idle connection.
+//! `churn`: new connections on a fixed schedule of `rate` per second for `secs`, each echoing
+//! `bytes` of a pattern of its own, compared, then closed normally: the steady load of a soak
+//! run; prints how many succeeded and failed (exit 0 either way: the caller judges).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,6 +35,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 type Res<T> = Result<T, String>;
+
+/// `hold` gives up after this many failed connections (each may have cost a timeout).
+const MAX_HOLD_FAILURES: usize = 100;
 
 /// The load generator of the benchmarks (flags through clap: `--help`, and a misspelt flag is
 /// an error, exit 2).
@@ -48,6 +56,27 @@ enum Cmd {
     Crr(CrrArgs),
     /// Open connections, echo on each, hold them all: the cost of idle connections.
     Hold(HoldArgs),
+    /// Short connections at a steady rate, each echoing and checking a few KiB.
+    Churn(ChurnArgs),
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+struct ChurnArgs {
+    /// Server address (`meshapp serve`).
+    #[arg(long)]
+    to: SocketAddr,
+    /// New connections per second, on a fixed schedule.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Bytes echoed and compared on each connection.
+    #[arg(long, default_value_t = 4096)]
+    bytes: usize,
+    /// Threads sharing the schedule (a slow connection delays only its own thread's next).
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -90,7 +119,7 @@ struct HoldArgs {
     /// Connections to open and hold.
     #[arg(long, default_value_t = 500)]
     conns: usize,
-    /// Seconds from the start until they are closed.
+    /// Seconds to hold them once all are open (then each echoes once more and is closed).
     #[arg(long, default_value_t = 5.0)]
     secs: f64,
     /// Bytes echoed on each before it idles (at most 1 MiB, so writing it all before reading
@@ -104,6 +133,7 @@ fn main() -> ExitCode {
         Cmd::Rr(a) => rr(&a),
         Cmd::Crr(a) => crr(&a),
         Cmd::Hold(a) => hold(&a),
+        Cmd::Churn(a) => churn(&a),
     };
     match result {
         Ok(report) => {
@@ -284,21 +314,138 @@ fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
     let mut open_conns = Vec::with_capacity(conns);
     let data = vec![0x5au8; bytes];
     let mut echo = vec![0u8; bytes];
+    let (mut failed, mut last_error) = (0usize, String::new());
     for i in 0..conns {
-        let mut s = open(to).map_err(|e| format!("connection {i}: {e}"))?;
-        s.write_all(&data)
-            .and_then(|()| s.read_exact(&mut echo))
-            .map_err(|e| format!("connection {i}: echo: {e}"))?;
-        if echo != data {
-            return Err(format!("connection {i}: echo differs"));
+        let one = open(to).and_then(|mut s| {
+            s.write_all(&data)
+                .and_then(|()| s.read_exact(&mut echo))
+                .map_err(|e| format!("echo: {e}"))?;
+            if echo != data {
+                return Err("echo differs".to_string());
+            }
+            Ok(s)
+        });
+        match one {
+            Ok(s) => open_conns.push(s),
+            Err(e) => {
+                failed += 1;
+                last_error = format!("connection {i}: {e}");
+                // Each failure may cost a timeout: a broken path is reported, not waited out.
+                if failed >= MAX_HOLD_FAILURES {
+                    return Err(format!("{failed} connections failed; last: {last_error}"));
+                }
+            }
         }
-        open_conns.push(s);
     }
     let open_secs = start.elapsed().as_secs_f64();
-    let end = start + Duration::from_secs_f64(secs);
-    if let Some(left) = end.checked_duration_since(Instant::now()) {
-        std::thread::sleep(left);
+    // The first line tells the caller that all are open (it samples memory meanwhile).
+    println!(
+        "{}",
+        json!({"opened": open_conns.len(), "failed": failed, "open_secs": open_secs})
+    );
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    // Every held connection must still carry data: one that a data plane dropped while idle
+    // is lost.
+    let probe = [0xa5u8; 64];
+    let mut back = [0u8; 64];
+    let mut lost = 0usize;
+    for (i, s) in open_conns.iter_mut().enumerate() {
+        let ok = s
+            .write_all(&probe)
+            .and_then(|()| s.read_exact(&mut back))
+            .map(|()| back == probe);
+        match ok {
+            Ok(true) => {}
+            Ok(false) => {
+                lost += 1;
+                last_error = format!("held connection {i}: echo differs");
+            }
+            Err(e) => {
+                lost += 1;
+                last_error = format!("held connection {i}: {e}");
+            }
+        }
     }
     drop(open_conns);
-    Ok(json!({ "conns": conns, "bytes": bytes, "open_secs": open_secs }))
+    Ok(json!({
+        "conns": conns, "bytes": bytes, "open_secs": open_secs, "opened": conns - failed,
+        "failed": failed, "lost": lost, "last_error": last_error,
+    }))
+}
+
+/// One churn connection: open, echo `bytes` of a pattern that depends on `seq`, compare.
+fn churn_one(to: SocketAddr, seq: u64, bytes: usize) -> Res<()> {
+    let mut s = open(to)?;
+    let data: Vec<u8> = (0..bytes)
+        .map(|i| (seq as usize).wrapping_add(i).wrapping_mul(31) as u8)
+        .collect();
+    let mut back = vec![0u8; bytes];
+    s.write_all(&data)
+        .and_then(|()| s.read_exact(&mut back))
+        .map_err(|e| format!("echo: {e}"))?;
+    if back != data {
+        return Err("echo differs".to_string());
+    }
+    Ok(())
+}
+
+fn churn(a: &ChurnArgs) -> Res<serde_json::Value> {
+    let ChurnArgs {
+        to,
+        rate,
+        secs,
+        bytes,
+        threads,
+    } = *a;
+    if bytes > 1024 * 1024 {
+        return Err(format!("--bytes {bytes}: at most 1 MiB"));
+    }
+    mesh_tests::raise_fd_limit();
+    let rate = rate.max(0.1);
+    let threads = threads.max(1) as u64;
+    let start = Instant::now();
+    let total = (rate * secs).floor() as u64;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut late, mut last_error) =
+                    (0u64, 0u64, 0u64, String::new());
+                for seq in (t..total).step_by(threads as usize) {
+                    let at = start + Duration::from_secs_f64(seq as f64 / rate);
+                    match at.checked_duration_since(Instant::now()) {
+                        Some(wait) => std::thread::sleep(wait),
+                        // More than a second behind: the host (or the path) cannot keep up.
+                        None if at.elapsed() > Duration::from_secs(1) => late += 1,
+                        None => {}
+                    }
+                    match churn_one(to, seq, bytes) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            last_error = format!("connection {seq}: {e}");
+                        }
+                    }
+                }
+                (ok, failed, late, last_error)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed, mut late, mut last_error) = (0u64, 0u64, 0u64, String::new());
+    for h in handles {
+        let (o, f, l, e) = h
+            .join()
+            .map_err(|_| "connection thread panicked".to_string())?;
+        ok += o;
+        failed += f;
+        late += l;
+        if !e.is_empty() {
+            last_error = e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "connections": ok, "failed": failed, "late": late, "last_error": last_error,
+        "secs": elapsed, "cps": ok as f64 / elapsed, "bytes": bytes,
+    }))
 }

@@ -14,6 +14,7 @@ mod overhead;
 mod probe;
 mod scale;
 mod sidecar;
+mod soak;
 mod waypoint;
 mod waypoint_envoy;
 
@@ -28,6 +29,7 @@ use mesh_tests::cluster::{Cluster, ClusterSpec, Pod, PodSpec};
 use serde_json::{json, Value};
 
 pub use overhead::run as overhead;
+pub use soak::run as soak;
 
 /// Ports of the server pod's applications (`overhead` uses the echo port as is). `bench` adds
 /// [`Mode::port_offset`], so each path uses its own server ports: connections a stopped daemon
@@ -35,6 +37,8 @@ pub use overhead::run as overhead;
 /// would otherwise swallow, for 60 s, the direct path's packets of the same 4-tuple.
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 8080;
+/// The daemon's default `--hbone-inbound-peer-max-streams`.
+const PEER_MAX_STREAMS_DEFAULT: usize = 8192;
 /// Sidecar loopback listeners in the client pod that lead to the two ports above.
 const SIDECAR_IPERF: u16 = 15101;
 const SIDECAR_ECHO: u16 = 15102;
@@ -179,12 +183,14 @@ struct Dataplane {
 }
 
 /// Brings up `mode`'s data plane for client/server pairs and checks it really carries traffic.
+/// `daemon_args` are extra flags for the daemons (ambient only).
 fn bring_up(
     cluster: &mut Cluster,
     envoy: &std::path::Path,
     mode: Mode,
     pairs: &[(Pod, Pod)],
     routes: &dyn Fn(&Pod) -> Vec<sidecar::Route>,
+    daemon_args: &[String],
 ) -> Result<Dataplane> {
     match mode {
         Mode::Direct => Ok(Dataplane {
@@ -192,8 +198,11 @@ fn bring_up(
             _sidecars: Vec::new(),
         }),
         Mode::Ambient => {
-            cluster.start_all_daemons()?;
             let nodes = cluster.spec().nodes;
+            let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+            for n in 1..=nodes {
+                cluster.start_daemon(n, &args)?;
+            }
             let pids = (1..=nodes)
                 .map(|n| cluster.daemon(n).pid().context("daemon has no pid"))
                 .collect::<Result<Vec<u32>>>()?;
@@ -283,6 +292,10 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut iperfs = Vec::new();
     for m in [Mode::Direct, Mode::Ambient, Mode::Envoy] {
         servers.push(server.serve(ECHO_PORT + m.port_offset(), "server")?);
+        if m == Mode::Ambient {
+            // `conns` holds half its connections the other way (see `held_connections`).
+            servers.push(client.serve(ECHO_PORT + m.port_offset(), "client")?);
+        }
         iperfs.push(KillOnDrop(probe::iperf_server(
             &server,
             IPERF_PORT + m.port_offset(),
@@ -309,6 +322,17 @@ pub fn run(args: &[String]) -> Result<bool> {
     let server = cluster.pod("bench/server").clone();
     let pairs = vec![(client.clone(), server.clone())];
 
+    // One client identity may hold 8,192 inbound streams on a node by default (a bound against
+    // one peer taking every descriptor); `conns` beyond that, from the one client pod, needs
+    // the bound raised or the excess is refused.
+    let daemon_args: Vec<String> = if o.conns + 1024 > PEER_MAX_STREAMS_DEFAULT {
+        vec![
+            "--hbone-inbound-peer-max-streams".into(),
+            (o.conns + 1024).to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
     let mut samples = Samples::new();
     let mut profile_report = None;
     let modes = [Mode::Direct, Mode::Ambient, Mode::Envoy];
@@ -318,7 +342,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 continue;
             }
             eprintln!("bench: round {round}/{}: {}", o.runs, mode.name());
-            let dp = bring_up(&mut cluster, &envoy, mode, &pairs, &routes)?;
+            let dp = bring_up(&mut cluster, &envoy, mode, &pairs, &routes, &daemon_args)?;
             let result = measure(&o, mode, &dp, &client, &server, &mut samples);
             let result = result.and_then(|()| {
                 if profile && mode == Mode::Ambient && round == 1 {
@@ -482,7 +506,12 @@ fn measure(
         push(s, mode, "loaded_tput_gbps", bps / 1e9);
     }
     if want("conns") && has_dp {
-        held_connections(o, mode, dp, client, &echo, s)?;
+        let mut holders = vec![(client, echo.clone())];
+        if mode == Mode::Ambient {
+            let back = format!("{}:{}", client.ip, ECHO_PORT + mode.port_offset());
+            holders.push((server, back));
+        }
+        held_connections(o, mode, dp, &holders, s)?;
     }
     Ok(())
 }
@@ -526,51 +555,118 @@ fn transfer(
 }
 
 /// `conns`: what an open, idle connection costs the data plane. `--conns` connections are
-/// opened (256 KiB echoed on each, so they have carried data) and held; memory of all
-/// data-plane processes is sampled while they are held and compared with just before, per
-/// connection.
+/// opened (256 KiB echoed on each, so they have carried data) and held; memory of the
+/// data-plane processes is sampled half-way through the hold and compared with just before,
+/// per connection. Connections that failed to open or stopped carrying data while held are
+/// counted (`conns_failed`, `conns_lost`); the report checks both are 0.
+///
+/// `holders` are (client pod, echo address) pairs sharing the connections. In ambient mode
+/// there are two, one each way between the nodes: a daemon holds two descriptors per inbound
+/// flow and keeps 2,048 free, so under the common limit of 20,000 open files one daemon can
+/// terminate about 8,900 flows, and 10,000 fit only when each node's daemon terminates half.
+/// The memory per connection (both nodes summed) is the same either way.
 fn held_connections(
     o: &Opts,
     mode: Mode,
     dp: &Dataplane,
-    client: &Pod,
-    echo: &str,
+    holders: &[(&Pod, String)],
     s: &mut Samples,
 ) -> Result<()> {
+    use std::io::BufRead;
     let hold = o.secs.max(3.0);
-    let sample_at = hold * 0.8;
-    let before = probe::mem_total(&dp.pids)?;
-    let args: Vec<String> = [
-        "hold",
-        "--to",
-        echo,
-        "--conns",
-        &o.conns.to_string(),
-        "--secs",
-        &hold.to_string(),
-    ]
-    .map(String::from)
-    .into();
-    let child = probe::meshload_spawn(client, &args)?;
-    std::thread::sleep(Duration::from_secs_f64(sample_at));
-    let during = probe::mem_total(&dp.pids)?;
-    let v = probe::meshload_result(child)?;
-    let open = num(&v, "open_secs")?;
-    if open > sample_at {
-        bail!(
-            "opening {} connections took {open:.1} s, past the memory sample at {sample_at:.1} s; \
-             use fewer --conns or a longer --secs",
-            o.conns
-        );
+    let mem_all =
+        || -> Result<Vec<probe::Mem>> { dp.pids.iter().map(|&p| probe::mem(p)).collect() };
+    let before = mem_all()?;
+    let n = holders.len().max(1);
+    let mut running = Vec::new();
+    for (i, (pod, echo)) in holders.iter().enumerate() {
+        let share = o.conns / n + usize::from(i < o.conns % n);
+        let args: Vec<String> = [
+            "hold",
+            "--to",
+            echo,
+            "--conns",
+            &share.to_string(),
+            "--secs",
+            &hold.to_string(),
+        ]
+        .map(String::from)
+        .into();
+        let mut child = probe::meshload_spawn(pod, &args)?;
+        let out = std::io::BufReader::new(child.stdout.take().context("meshload stdout")?);
+        running.push((child, out));
     }
+    let mut open_secs: f64 = 0.0;
+    for (child, out) in &mut running {
+        let mut first = String::new();
+        out.read_line(&mut first).context("reading meshload")?;
+        let opened: Value = match serde_json::from_str(first.trim()) {
+            Ok(v) => v,
+            Err(_) => {
+                // It failed before all were open: its error is on stderr.
+                let _ = child.wait();
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!(
+                    "meshload hold ended before opening its connections: {}",
+                    err.trim()
+                );
+            }
+        };
+        open_secs = open_secs.max(num(&opened, "open_secs")?);
+    }
+    std::thread::sleep(Duration::from_secs_f64(hold / 2.0));
+    let during = mem_all()?;
+    let (mut failed, mut lost, mut last_error) = (0.0, 0.0, Value::Null);
+    for (mut child, mut out) in running {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).context("reading meshload")?;
+        let status = child.wait().context("waiting for meshload")?;
+        let v: Value = rest
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .with_context(|| format!("meshload hold ({status}) printed no result: {rest}"))?;
+        failed += num(&v, "failed")?;
+        lost += num(&v, "lost")?;
+        if v["last_error"].as_str().is_some_and(|e| !e.is_empty()) {
+            last_error = v["last_error"].clone();
+        }
+    }
+    push(s, mode, "conns_open_s", open_secs);
+    push(s, mode, "conns_failed", failed);
+    push(s, mode, "conns_lost", lost);
+    let sum = |m: &[probe::Mem]| m.iter().fold(probe::Mem::default(), |a, &b| a + b);
+    let (during_all, before_all) = (sum(&during), sum(&before));
     // MiB over all processes -> KiB per connection.
     for (kind, now, then) in [
-        ("rss", during.rss, before.rss),
-        ("anon", during.anon, before.anon),
-        ("pss", during.pss, before.pss),
+        ("rss", during_all.rss, before_all.rss),
+        ("anon", during_all.anon, before_all.anon),
+        ("pss", during_all.pss, before_all.pss),
     ] {
         let per_conn = (now - then) * 1024.0 / o.conns as f64;
         push(s, mode, &format!("mem_per_conn_{kind}_kb"), per_conn);
+    }
+    // Each process on its own (for the daemons, N is the node).
+    for (i, (d, b)) in during.iter().zip(&before).enumerate() {
+        push(s, mode, &format!("mem_held_rss_mb_{}", i + 1), d.rss);
+        push(s, mode, &format!("mem_held_anon_mb_{}", i + 1), d.anon);
+        push(
+            s,
+            mode,
+            &format!("mem_before_hold_anon_mb_{}", i + 1),
+            b.anon,
+        );
+    }
+    if failed > 0.0 || lost > 0.0 {
+        eprintln!(
+            "bench: {} path: {failed} of {} connections failed to open and {lost} held ones were \
+             lost (last error: {last_error})",
+            mode.name(),
+            o.conns,
+        );
     }
     Ok(())
 }
@@ -773,6 +869,20 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
             checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
         }
     };
+    for mode in [Mode::Ambient, Mode::Envoy] {
+        let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
+        if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
+            check(
+                &format!(
+                    "{} held connections failed or lost, all rounds",
+                    mode.name()
+                ),
+                Some(f + l),
+                &|v| v == 0.0,
+                "0",
+            );
+        }
+    }
     let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
     check(
         "ambient single-stream throughput / direct",

@@ -111,7 +111,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut figs: Vec<(Mode, Figures)> = Vec::new();
     for mode in [Mode::Direct, Mode::Envoy, Mode::Ambient] {
         eprintln!("overhead: {} with {} pods per node", mode.name(), o.pods);
-        let dp = super::bring_up(&mut cluster, &envoy, mode, &pairs, &routes)?;
+        let dp = super::bring_up(&mut cluster, &envoy, mode, &pairs, &routes, &[])?;
         let f = measure(&o, mode, &dp.pids, &pairs);
         drop(dp);
         super::bring_down(&cluster, mode)?;
