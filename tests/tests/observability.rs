@@ -7,13 +7,12 @@
 //! `prometheus`); `cargo xtask test` provides all. Missing tools fail the test, never skip it.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{message, Cluster, ClusterSpec, PodSpec, SvcSpec, PODS_FILE};
-use mesh_tests::testkit::{admin_socket_http, node_http as http, ztunnel_cli};
+use mesh_tests::testkit::{admin_socket_http, node_http as http, promtool_check, ztunnel_cli};
 use serde_json::Value;
 
 const METRICS: u16 = 15020;
@@ -316,26 +315,7 @@ fn promtool_accepts_the_scrape_and_prometheus_scrapes_the_daemon() {
     });
 
     let text = scrape(&c, 1);
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write scrape");
-    let out = promtool.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&text, &[]);
 
     // A real Prometheus inside node1's namespace, scraping the daemon every second.
     let dir = c.workdir().join("prometheus");
