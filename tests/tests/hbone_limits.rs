@@ -14,7 +14,6 @@
 //! Node 2's daemon runs with a lowered open-file limit (`prlimit`), so that one identity's
 //! streams reach it in seconds. Needs root.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -82,31 +81,6 @@ fn real_flow(c: &Cluster, what: &str) -> Duration {
     let took = start.elapsed();
     ok(r, what);
     took
-}
-
-/// Issues `identity` from the cluster CA: (cert, key) paths.
-fn issue(c: &mut Cluster, name: &str, identity: &str) -> (PathBuf, PathBuf) {
-    let ca = c.ca_dir().expect("cluster CA");
-    let dir = c.workdir().to_path_buf();
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new(mesh_tests::ztunnel_bin())
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(&ca)
-        .args(["--identity", identity, "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("ztunnel ca issue runs");
-    assert!(
-        out.status.success(),
-        "ztunnel ca issue: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
 }
 
 fn json_of(child: Child, what: &str) -> Value {
@@ -288,7 +262,9 @@ fn hbone_server_stays_bounded_under_attack() {
 
     // 2. Oversized header lists.
     let identity = x.identity();
-    let (cert, key) = issue(&mut c, "attacker", &identity);
+    let (cert, key) = c
+        .issue_cert("attacker", &identity)
+        .expect("the attacker's certificate");
     let authority = at(&b, 8080);
     let streams = |conns: usize, per_conn: usize, secs: &str, header: usize| {
         x.command(&stress)

@@ -37,33 +37,6 @@ fn envoy_bin() -> PathBuf {
     path
 }
 
-/// Issues `identity` from the cluster CA into `<workdir>/<name>.{crt,key}`.
-fn issue(cluster: &mut Cluster, name: &str, identity: &str) -> (PathBuf, PathBuf) {
-    let ca = cluster.ca_dir().expect("cluster CA");
-    let dir = cluster.workdir().to_path_buf();
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &cluster.fabric_netns()])
-        .arg(mesh_tests::ztunnel_bin())
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(&ca)
-        .args(["--identity", identity, "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("ztunnel ca issue runs");
-    assert!(
-        out.status.success(),
-        "ztunnel ca issue: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// A running Envoy, killed on drop.
 struct Envoy(Child);
 
@@ -146,7 +119,9 @@ fn envoy_sidecar_client_reaches_enrolled_pod_through_ztunnel() {
         cluster.pod("mesh/b").clone(),
     );
     let _server = b.serve(8080, "b").expect("serve b");
-    let (cert, key) = issue(&mut cluster, "envoy-e", &e.identity());
+    let (cert, key) = cluster
+        .issue_cert("envoy-e", &e.identity())
+        .expect("Envoy's certificate");
     let ca = cluster.ca_dir().expect("ca").join("root-cert.pem");
     let _envoy = start_envoy(
         &cluster,
@@ -198,7 +173,9 @@ fn ztunnel_client_reaches_envoy_sidecar_server() {
     cluster.start_daemon(1, &[]).expect("node1 ready");
     let (a, s) = (cluster.pod("mesh/a").clone(), cluster.pod("mesh/s").clone());
     let _server = s.serve(8080, "s").expect("serve s");
-    let (cert, key) = issue(&mut cluster, "envoy-s", &s.identity());
+    let (cert, key) = cluster
+        .issue_cert("envoy-s", &s.identity())
+        .expect("Envoy's certificate");
     let ca = cluster.ca_dir().expect("ca").join("root-cert.pem");
     let _envoy = start_envoy(
         &cluster,

@@ -429,6 +429,25 @@ impl Cluster {
             .unwrap_or_else(|| panic!("node{node} has no daemon; call start_daemon first"))
     }
 
+    /// Issues `identity` from the cluster's file CA into `<workdir>/<name>.{crt,key}`, for a
+    /// test's own TLS peer (Envoy, an attacking client): (cert, key) paths.
+    pub fn issue_cert(&mut self, name: &str, identity: &str) -> Result<(PathBuf, PathBuf)> {
+        let ca = self.ca_dir()?;
+        let (cert, key) = (
+            self.workdir.join(format!("{name}.crt")),
+            self.workdir.join(format!("{name}.key")),
+        );
+        run(Command::new(crate::ztunnel_bin())
+            .args(["ca", "issue", "--ca-dir"])
+            .arg(&ca)
+            .args(["--identity", identity, "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key))
+        .context("ztunnel ca issue")?;
+        Ok((cert, key))
+    }
+
     /// Starts a capture on the fabric bridge (`filter`: pcap expression, "" for all).
     pub fn capture_fabric(&self, filter: &str) -> Result<Capture> {
         let n = self.captures.fetch_add(1, Ordering::Relaxed);
