@@ -138,7 +138,7 @@ pub fn check(args: &CheckArgs) -> Result<Outcome, CheckError> {
         dest: dest.clone(),
         authority,
         client: SocketAddr::new(client.ip, 0),
-        identity: client.identity.clone(),
+        identity: (*client.identity).clone(),
         proto: Proto::Http1,
     };
     if !crate::normalize::uri(&mut parts.uri) {

@@ -179,7 +179,7 @@ impl Upstreams {
             let key = PoolKey {
                 src_identity: self.identity.clone(),
                 src_ip: self.src,
-                dst_identities: vec![ep.workload.identity.clone()],
+                dst_identities: vec![(*ep.workload.identity).clone()],
                 dst: SocketAddr::new(ep.workload.ip, self.hbone_port),
             };
             let req = ConnectRequest {
@@ -211,7 +211,7 @@ impl Upstreams {
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
         let authority = ep.authority();
-        let key = (authority, ep.workload.identity.clone());
+        let key = (authority, (*ep.workload.identity).clone());
         let request_err = |error| UpstreamError::Request { authority, error };
         match proto {
             Proto::Http1 => {

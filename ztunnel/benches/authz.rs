@@ -60,7 +60,7 @@ fn measure(name: &str, reg: &Registry, iterations: usize, want_allow: bool) {
         src_ip: "10.250.1.1".parse().expect("ip"),
         src_identity: Some(&id),
         dst_namespace: "ns7",
-        dst_labels: &labels,
+        dst_labels: &ztunnel::k8s::Labels::from(&labels),
         dst_ip: "10.244.7.7".parse().expect("ip"),
         dst_port: 8080,
     };

@@ -14,6 +14,37 @@ use std::time::{Duration, Instant};
 use ztunnel::k8s;
 use ztunnel::state::Model;
 
+/// Counts the heap the process holds, as glibc would size it (chunks of at least 32 bytes,
+/// 16-byte aligned, 8 bytes of header): what the model and a snapshot cost in memory.
+struct Counting;
+
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn chunk(size: usize) -> usize {
+    ((size + 8 + 15) & !15).max(32)
+}
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        HELD.fetch_add(chunk(l.size()), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's layout, passed on.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        HELD.fetch_sub(chunk(l.size()), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `p` came from `alloc` with this layout.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn held_mib() -> f64 {
+    HELD.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
+
 const NAMESPACES: usize = 200;
 const PODS: usize = 10_000;
 const SERVICES: usize = 2_000;
@@ -85,11 +116,29 @@ fn main() {
     for i in 0..POLICIES {
         policy(&mut yaml, i, 8080);
     }
+    let before = held_mib();
     let all = objects(&yaml);
+    let parsed = held_mib() - before;
     let t = Instant::now();
     let mut model = Model::new("cluster.local");
+    let breakdown = std::env::var_os("STATE_BENCH_BREAKDOWN").is_some();
+    let mut kept: std::collections::BTreeMap<&str, f64> = Default::default();
     for o in all {
-        model.apply(o);
+        if breakdown {
+            let a = held_mib();
+            let c = o.clone();
+            let size = held_mib() - a;
+            drop(c);
+            let b = held_mib();
+            let kind = o.kind();
+            model.apply(o);
+            *kept.entry(kind).or_default() += held_mib() - b + size;
+        } else {
+            model.apply(o);
+        }
+    }
+    for (k, v) in &kept {
+        println!("  model keeps for {k}: {v:.2} MiB");
     }
     let first = model.snapshot(1);
     println!(
@@ -99,7 +148,12 @@ fn main() {
         first.workloads.len(),
         first.services.len()
     );
+    let with_snapshot = held_mib() - before;
     drop(first);
+    println!(
+        "heap: {parsed:.1} MiB of parsed objects; model {:.1} MiB, with a snapshot {with_snapshot:.1} MiB",
+        held_mib() - before
+    );
 
     let mut generation = 1;
     let mut run = |name: &str, change: &dyn Fn(usize) -> String| {
@@ -147,4 +201,8 @@ fn main() {
         );
         y
     });
+    println!(
+        "heap after the changes: model {:.1} MiB",
+        held_mib() - before
+    );
 }

@@ -685,7 +685,7 @@ fn local_identities(cfg: &Config, state: &State) -> BTreeSet<SpiffeId> {
     state
         .local_workloads(&cfg.node_name)
         .filter(|w| w.enrolled)
-        .map(|w| w.identity.clone())
+        .map(|w| (*w.identity).clone())
         .collect()
 }
 

@@ -438,7 +438,8 @@ fn decide(policies: &[&Policy], ctx: &Ctx<'_>, h: &Request<'_>) -> (Verdict, Rea
 }
 
 /// Labels of no workload: the waypoint's policies have no selector.
-static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+static NO_LABELS: std::sync::LazyLock<ztunnel::k8s::Labels> =
+    std::sync::LazyLock::new(ztunnel::k8s::Labels::default);
 
 /// Decides one request (or opaque stream) against the policies attached to `gateway`
 /// (`namespace/name`) and to its Service. The one function the data path and `waypoint

@@ -220,7 +220,7 @@ impl Forwarder {
             src_workload: src_workload.map(Arc::as_ref),
             dst_workload,
             src_identity: Some(&down.identity),
-            dst_identity: dst_workload.filter(|w| w.enrolled).map(|w| &w.identity),
+            dst_identity: dst_workload.filter(|w| w.enrolled).map(|w| &*w.identity),
             service: service.map(Arc::as_ref),
             waypoint: None,
             start,

@@ -23,7 +23,7 @@ mod tests;
 #[cfg(test)]
 mod tests_invalid;
 
-pub use registry::{Problem, Registry};
+pub use registry::{CompiledPolicy, Problem, Registry};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +34,7 @@ use serde::Serialize;
 
 use crate::identity::SpiffeId;
 use crate::k8s::security::SpecError;
+use crate::k8s::Labels;
 
 /// Annotation that makes a policy log its decision without enforcing it.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -341,10 +342,8 @@ impl PeerAuth {
     }
 }
 
-fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
-    selector
-        .as_ref()
-        .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+fn selects(selector: &Option<BTreeMap<String, String>>, labels: &Labels) -> bool {
+    selector.as_ref().is_none_or(|s| labels.matches(s))
 }
 
 /// The attributes of one flow at the destination.
@@ -357,7 +356,7 @@ pub struct Request<'a> {
     /// Destination workload's namespace.
     pub dst_namespace: &'a str,
     /// Destination workload's labels (for selectors).
-    pub dst_labels: &'a BTreeMap<String, String>,
+    pub dst_labels: &'a Labels,
     /// Destination pod IP.
     pub dst_ip: IpAddr,
     /// Destination pod port (the real target port).

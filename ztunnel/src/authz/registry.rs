@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::compile::{self, Compiled};
 use super::{selects, Action, MtlsMode, PeerAuth, Policy};
 use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject, SpecError};
+use crate::k8s::Labels;
 
 /// An object applied failing closed (`invalid`) or with a caveat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,6 +71,98 @@ pub struct Registry {
     pub problems: Vec<Problem>,
 }
 
+/// One policy object compiled: what it contributes to a [`Registry`]. Kept per object by the
+/// state model, so a change to one policy compiles that policy only and the registry is
+/// assembled again from the others' entries (pointer copies).
+#[derive(Debug, Default)]
+pub struct CompiledPolicy {
+    policy: Option<Arc<Policy>>,
+    peer: Option<Arc<PeerAuth>>,
+    /// `namespace/name` of a policy left to a waypoint.
+    waypoint: Option<String>,
+    /// Its problems (invalid, caveats), in the order found.
+    pub problems: Vec<Problem>,
+}
+
+impl CompiledPolicy {
+    /// Compiles one AuthorizationPolicy (an invalid one fails closed, with its problem).
+    pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> CompiledPolicy {
+        let key = format!(
+            "{}/{}",
+            obj.metadata.namespace.as_deref().unwrap_or_default(),
+            obj.metadata.name
+        );
+        const AP: &str = "AuthorizationPolicy";
+        let mut out = CompiledPolicy::default();
+        match compile::authorization_policy(obj) {
+            Compiled::Policy(p, caveats) => {
+                if let Some(e) = &p.invalid {
+                    let mut pr = Problem::invalid(AP, key.clone(), p.action.as_str(), e);
+                    pr.effect = format!(
+                        "{}{}{}",
+                        compile::fail_closed_effect(p.action),
+                        scope_note(e),
+                        if p.dry_run {
+                            " (dry run: logged, not enforced)"
+                        } else {
+                            ""
+                        }
+                    );
+                    out.problems.push(pr);
+                }
+                for (field, message) in caveats {
+                    out.problems.push(Problem {
+                        kind: AP,
+                        policy: key.clone(),
+                        action: p.action.as_str(),
+                        invalid: false,
+                        field,
+                        message,
+                        effect: "applied with this caveat (never allows more than written)".into(),
+                    });
+                }
+                out.policy = Some(Arc::new(p));
+            }
+            Compiled::Waypoint => out.waypoint = Some(key),
+            Compiled::Ignored(e) => {
+                let mut pr = Problem::invalid(AP, key, Action::Audit.as_str(), &e);
+                pr.effect = compile::fail_closed_effect(Action::Audit).into();
+                out.problems.push(pr);
+            }
+        }
+        out
+    }
+
+    /// Compiles one PeerAuthentication (an invalid one is read as STRICT, with its problem).
+    pub fn peer_authentication(obj: &PeerAuthenticationObject) -> CompiledPolicy {
+        let (p, caveats) = compile::peer_authentication(obj);
+        const PA: &str = "PeerAuthentication";
+        let mut out = CompiledPolicy::default();
+        if let Some(e) = &p.invalid {
+            let mut pr = Problem::invalid(PA, p.key(), "STRICT", e);
+            pr.effect = format!(
+                "it is read as STRICT on every port: plaintext to the workloads it applies \
+                 to is refused{}",
+                scope_note(e)
+            );
+            out.problems.push(pr);
+        }
+        for (field, message) in caveats {
+            out.problems.push(Problem {
+                kind: PA,
+                policy: p.key(),
+                action: "-",
+                invalid: false,
+                field,
+                message,
+                effect: "applied with this caveat".into(),
+            });
+        }
+        out.peer = Some(Arc::new(p));
+        out
+    }
+}
+
 impl Registry {
     /// Compiles every policy; invalid ones are kept failing closed and reported, with the
     /// caveats, in [`Registry::problems`].
@@ -77,82 +170,35 @@ impl Registry {
         authz: impl IntoIterator<Item = &'a AuthorizationPolicyObject>,
         peer: impl IntoIterator<Item = &'a PeerAuthenticationObject>,
     ) -> Registry {
+        let entries: Vec<CompiledPolicy> = authz
+            .into_iter()
+            .map(CompiledPolicy::authorization_policy)
+            .chain(peer.into_iter().map(CompiledPolicy::peer_authentication))
+            .collect();
+        Registry::assemble(entries.iter())
+    }
+
+    /// The registry of objects compiled one by one ([`CompiledPolicy`]), in the order given (the
+    /// order of [`Registry::problems`]); costs pointer copies, no compiling.
+    pub fn assemble<'a>(entries: impl IntoIterator<Item = &'a CompiledPolicy>) -> Registry {
         let mut reg = Registry::default();
-        for obj in authz {
-            let key = format!(
-                "{}/{}",
-                obj.metadata.namespace.as_deref().unwrap_or_default(),
-                obj.metadata.name
-            );
-            const AP: &str = "AuthorizationPolicy";
-            match compile::authorization_policy(obj) {
-                Compiled::Policy(p, caveats) => {
-                    if let Some(e) = &p.invalid {
-                        let mut pr = Problem::invalid(AP, key.clone(), p.action.as_str(), e);
-                        pr.effect = format!(
-                            "{}{}{}",
-                            compile::fail_closed_effect(p.action),
-                            scope_note(e),
-                            if p.dry_run {
-                                " (dry run: logged, not enforced)"
-                            } else {
-                                ""
-                            }
-                        );
-                        reg.problems.push(pr);
-                    }
-                    for (field, message) in caveats {
-                        reg.problems.push(Problem {
-                            kind: AP,
-                            policy: key.clone(),
-                            action: p.action.as_str(),
-                            invalid: false,
-                            field,
-                            message,
-                            effect: "applied with this caveat (never allows more than written)"
-                                .into(),
-                        });
-                    }
-                    reg.policies
-                        .entry(p.namespace.clone())
-                        .or_default()
-                        .push(Arc::new(p));
-                }
-                Compiled::Waypoint => reg.waypoint_policies.push(key),
-                Compiled::Ignored(e) => {
-                    let mut pr = Problem::invalid(AP, key, Action::Audit.as_str(), &e);
-                    pr.effect = compile::fail_closed_effect(Action::Audit).into();
-                    reg.problems.push(pr);
-                }
+        for e in entries {
+            reg.problems.extend(e.problems.iter().cloned());
+            if let Some(p) = &e.policy {
+                reg.policies
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone());
             }
-        }
-        for obj in peer {
-            let (p, caveats) = compile::peer_authentication(obj);
-            const PA: &str = "PeerAuthentication";
-            if let Some(e) = &p.invalid {
-                let mut pr = Problem::invalid(PA, p.key(), "STRICT", e);
-                pr.effect = format!(
-                    "it is read as STRICT on every port: plaintext to the workloads it applies \
-                     to is refused{}",
-                    scope_note(e)
-                );
-                reg.problems.push(pr);
+            if let Some(p) = &e.peer {
+                reg.peer_authentications
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone());
             }
-            for (field, message) in caveats {
-                reg.problems.push(Problem {
-                    kind: PA,
-                    policy: p.key(),
-                    action: "-",
-                    invalid: false,
-                    field,
-                    message,
-                    effect: "applied with this caveat".into(),
-                });
+            if let Some(k) = &e.waypoint {
+                reg.waypoint_policies.push(k.clone());
             }
-            reg.peer_authentications
-                .entry(p.namespace.clone())
-                .or_default()
-                .push(Arc::new(p));
         }
         for v in reg.policies.values_mut() {
             v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -187,7 +233,7 @@ impl Registry {
         &'a self,
         root_ns: &'a str,
         dst_ns: &'a str,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a Labels,
     ) -> impl Iterator<Item = &'a Arc<Policy>> + Clone + 'a {
         let root = self.policies.get(root_ns).into_iter().flatten();
         let local = (dst_ns != root_ns)
@@ -206,7 +252,7 @@ impl Registry {
         &self,
         root_ns: &str,
         dst_ns: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         port: u16,
     ) -> (MtlsMode, Option<Arc<PeerAuth>>) {
         let list = |ns: &str| self.peer_authentications.get(ns).into_iter().flatten();

@@ -63,7 +63,7 @@ pub(super) fn decide_in(reg: &Registry, from: Src, port: u16) -> Decision {
         src_ip: ip.parse::<IpAddr>().expect("ip"),
         src_identity: id,
         dst_namespace: "back",
-        dst_labels: &labels,
+        dst_labels: &crate::k8s::Labels::from(&labels),
         dst_ip: DST_IP.parse().expect("ip"),
         dst_port: port,
     };

@@ -176,7 +176,7 @@ pub fn check(args: &CheckArgs) -> Result<CheckOutcome, CheckError> {
     }
     let req = Request {
         src_ip,
-        src_identity,
+        src_identity: src_identity.map(|i| &**i),
         dst_namespace: &dst_w.namespace,
         dst_labels: &dst_w.labels,
         dst_ip: dst_w.ip,

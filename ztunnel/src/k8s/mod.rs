@@ -14,6 +14,7 @@
 
 pub mod core;
 pub mod gateway;
+mod labels;
 pub mod security;
 mod yaml;
 
@@ -21,6 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+pub use labels::{Interner, Labels, SharedStr};
 pub use yaml::{parse_file, ParseError};
 
 /// Why one object sent by an API server does not fit its kind.

@@ -36,7 +36,7 @@ impl Handler for Proxy {
         let state = self.snapshot();
         self.node
             .local_enrolled(&state, local.ip())
-            .map(|w| w.identity.clone())
+            .map(|w| (*w.identity).clone())
     }
 
     fn serve(
@@ -62,7 +62,7 @@ impl Proxy {
             src_workload: src_w.as_deref(),
             dst_workload: dst_w.as_deref(),
             src_identity: Some(&req.peer_identity),
-            dst_identity: dst_w.as_ref().map(|w| &w.identity),
+            dst_identity: dst_w.as_ref().map(|w| &*w.identity),
             service: reported_service(&state, None, dst_w.as_deref()),
             waypoint: None,
             start,
@@ -128,7 +128,7 @@ impl Proxy {
             src_workload: src_w.as_deref(),
             dst_workload: dst_w.as_deref(),
             src_identity: None,
-            dst_identity: dst_w.as_ref().map(|w| &w.identity),
+            dst_identity: dst_w.as_ref().map(|w| &*w.identity),
             service: reported_service(&state, None, dst_w.as_deref()),
             waypoint: None,
             start,

@@ -69,7 +69,7 @@ impl Proxy {
             // A mesh destination is known by its identity; a passthrough one is not.
             dst_identity: dst_w
                 .filter(|_| protocol == Protocol::Hbone)
-                .map(|w| &w.identity),
+                .map(|w| &*w.identity),
             service: reported_service(&state, out.service.as_deref(), service_of),
             waypoint,
             start,
@@ -111,7 +111,7 @@ impl Proxy {
         target: &HboneTarget,
     ) {
         let key = PoolKey {
-            src_identity: out.source.identity.clone(),
+            src_identity: (*out.source.identity).clone(),
             src_ip: out.source.ip,
             dst_identities: target.identities.clone(),
             dst: target.connect,

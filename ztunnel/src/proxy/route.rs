@@ -210,7 +210,7 @@ pub fn outbound(
                 Route::Hbone(HboneTarget {
                     authority: SocketAddr::new(w.ip, port),
                     connect: SocketAddr::new(w.ip, node.hbone_port),
-                    identities: vec![w.identity.clone()],
+                    identities: vec![(*w.identity).clone()],
                     workload: w,
                 })
             };
@@ -232,7 +232,7 @@ fn hand_off(wp: &Arc<Waypoint>, authority: SocketAddr, target: String) -> Route 
             target: HboneTarget {
                 authority,
                 connect: SocketAddr::new(pod.ip, wp.port),
-                identities: vec![pod.identity.clone()],
+                identities: vec![(*pod.identity).clone()],
                 workload: pod,
             },
             waypoint: wp.clone(),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::identity::SpiffeId;
 use crate::k8s::gateway::HttpRoute;
 use crate::k8s::security::AuthorizationPolicyObject;
-use crate::k8s::{Object, ObjectMeta};
+use crate::k8s::{Labels, Object, ObjectMeta, SharedStr};
 
 #[cfg(test)]
 mod attach_tests;
@@ -33,20 +33,24 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// A pod as the data plane sees it.
+///
+/// What many pods repeat (namespace, node, service account, identity, labels, workload name)
+/// is shared between them (interned by the [`Model`]): with 10,000 pods this struct and its
+/// allocations are most of the daemon's memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
     /// Pod name.
     pub name: String,
     /// Pod namespace.
-    pub namespace: String,
+    pub namespace: SharedStr,
     /// Service account (default `default`).
-    pub service_account: String,
+    pub service_account: SharedStr,
     /// Node the pod runs on.
-    pub node: String,
+    pub node: SharedStr,
     /// Pod IP.
     pub ip: IpAddr,
     /// Pod labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// In the mesh: namespace labelled ambient, pod not opted out, not host-network, not a
     /// waypoint's pod. Enrolled workloads are reached over HBONE and their outbound traffic is
     /// captured. A waypoint's pods speak HBONE themselves: capturing them would send their
@@ -60,12 +64,12 @@ pub struct Workload {
     /// identity, capture and open flows; only new Service flows skip it.
     pub ready: bool,
     /// Named container ports, for services' named `targetPort`.
-    pub named_ports: BTreeMap<String, u16>,
-    /// SPIFFE identity.
-    pub identity: SpiffeId,
+    pub named_ports: NamedPorts,
+    /// SPIFFE identity (one per namespace and service account, shared by their pods).
+    pub identity: Arc<SpiffeId>,
     /// Workload name as Istio's telemetry reports it (the Deployment of a ReplicaSet-owned
     /// pod, else the owner, else the `app.kubernetes.io/name`/`app` label, else the pod name).
-    pub workload_name: String,
+    pub workload_name: SharedStr,
     /// Whether the pod's DNS goes to the DNS proxy when enrolled (annotation
     /// [`DNS_CAPTURE_ANNOTATION`] not `"false"`).
     pub dns_capture: bool,
@@ -73,6 +77,24 @@ pub struct Workload {
     pub dns_policy: Option<String>,
     /// `spec.dnsConfig.searches`.
     pub dns_searches: Vec<String>,
+}
+
+/// A pod's named container ports, as a small slice (a map's smallest node is ~300 bytes).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(transparent)]
+pub struct NamedPorts(Box<[(SharedStr, u16)]>);
+
+impl NamedPorts {
+    /// The port named `name`.
+    pub fn get(&self, name: &str) -> Option<u16> {
+        self.0.iter().find(|(n, _)| &**n == name).map(|(_, p)| *p)
+    }
+}
+
+impl FromIterator<(SharedStr, u16)> for NamedPorts {
+    fn from_iter<I: IntoIterator<Item = (SharedStr, u16)>>(it: I) -> Self {
+        NamedPorts(it.into_iter().collect())
+    }
 }
 
 impl Workload {
@@ -105,9 +127,7 @@ impl Workload {
     }
 
     fn first_label(&self, keys: &[&str]) -> Option<&str> {
-        keys.iter()
-            .find_map(|k| self.labels.get(*k))
-            .map(String::as_str)
+        keys.iter().find_map(|k| self.labels.get(k))
     }
 }
 
@@ -165,7 +185,7 @@ impl Service {
             let w = &self.endpoints[(start + i) % n];
             let target = match &sp.target {
                 TargetPort::Number(p) => *p,
-                TargetPort::Named(name) => *w.named_ports.get(name)?,
+                TargetPort::Named(name) => w.named_ports.get(name)?,
             };
             Some((w.clone(), target))
         })

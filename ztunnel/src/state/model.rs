@@ -21,12 +21,12 @@ use super::{
     workload_name, Service, ServicePort, State, TargetPort, Workload, DATAPLANE_MODE_LABEL,
     DNS_CAPTURE_ANNOTATION, GATEWAY_MANAGED_LABEL, GATEWAY_NAME_LABEL, MESH_CONTROLLER,
 };
-use crate::authz::Registry;
+use crate::authz::{CompiledPolicy, Problem, Registry};
 use crate::identity::SpiffeId;
 use crate::k8s::core::{Pod, Service as ServiceObject};
 use crate::k8s::gateway::{Gateway, HttpRoute, WaypointFor};
-use crate::k8s::security::{AuthorizationPolicyObject, PeerAuthenticationObject};
-use crate::k8s::{IntOrString, Object, ObjectMeta};
+use crate::k8s::security::AuthorizationPolicyObject;
+use crate::k8s::{IntOrString, Interner, Labels, Object, ObjectMeta, SharedStr};
 
 /// `(namespace, name)` of a namespaced object.
 type Key = (String, String);
@@ -52,7 +52,7 @@ struct PodEntry {
 struct ServiceEntry {
     vips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
-    selector: Option<BTreeMap<String, String>>,
+    selector: Option<Labels>,
     /// Its own `istio.io/use-waypoint` labels.
     use_waypoint: UseWaypoint,
     /// A waypoint's own Service (labelled with a Gateway's name or as controller-managed):
@@ -90,13 +90,21 @@ pub struct Model {
     authz_policies: Arc<BTreeMap<Key, Arc<AuthorizationPolicyObject>>>,
     /// HTTPRoutes, for the waypoint; shared with snapshots like the policies.
     http_routes: Arc<BTreeMap<Key, Arc<HttpRoute>>>,
-    peer_authentications: BTreeMap<Key, PeerAuthenticationObject>,
+    /// Each AuthorizationPolicy and PeerAuthentication compiled on arrival: a policy change
+    /// compiles that policy only, and the next snapshot assembles the registry from these.
+    compiled_authz: BTreeMap<Key, CompiledPolicy>,
+    compiled_peer: BTreeMap<Key, CompiledPolicy>,
     /// Gateways of class `istio-waypoint` (others are not the daemon's business).
     gateways: BTreeMap<Key, GatewayEntry>,
 
-    /// Pod IP -> the pod holding it (the one applied last, when two claim it).
-    ip_owner: HashMap<IpAddr, Key>,
-    /// The snapshot's workloads by IP.
+    /// Shared texts of workloads and services (namespaces, nodes, labels...).
+    interner: Interner,
+    /// Identities by `(namespace, service account)`, shared by their pods.
+    identities: HashMap<(SharedStr, SharedStr), Arc<SpiffeId>>,
+    /// Identities held after the last sweep of unused ones.
+    identities_swept: usize,
+    /// The snapshot's workloads by IP: for each IP, the pod holding it (the one applied last,
+    /// when two claim it).
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The snapshot's services by `namespace/name`, and by VIP.
     resolved: BTreeMap<String, Arc<Service>>,
@@ -119,9 +127,12 @@ impl Model {
             services: BTreeMap::new(),
             authz_policies: Arc::default(),
             http_routes: Arc::default(),
-            peer_authentications: BTreeMap::new(),
+            compiled_authz: BTreeMap::new(),
+            compiled_peer: BTreeMap::new(),
             gateways: BTreeMap::new(),
-            ip_owner: HashMap::new(),
+            interner: Interner::default(),
+            identities: HashMap::new(),
+            identities_swept: 0,
             workloads: HashMap::new(),
             resolved: BTreeMap::new(),
             by_vip: HashMap::new(),
@@ -153,14 +164,21 @@ impl Model {
             Object::Service(s) => {
                 let k = key(&s.metadata);
                 self.dirty.insert(k.0.clone());
-                self.services.insert(k, translate_service(&s));
+                let entry = translate_service(&s, &mut self.interner);
+                self.services.insert(k, entry);
             }
             Object::AuthorizationPolicy(p) => {
-                Arc::make_mut(&mut self.authz_policies).insert(key(&p.metadata), Arc::new(p));
+                let k = key(&p.metadata);
+                let c = CompiledPolicy::authorization_policy(&p);
+                log_problems(&c.problems);
+                self.compiled_authz.insert(k.clone(), c);
+                Arc::make_mut(&mut self.authz_policies).insert(k, Arc::new(p));
                 self.authz = None;
             }
             Object::PeerAuthentication(p) => {
-                self.peer_authentications.insert(key(&p.metadata), p);
+                let c = CompiledPolicy::peer_authentication(&p);
+                log_problems(&c.problems);
+                self.compiled_peer.insert(key(&p.metadata), c);
                 self.authz = None;
             }
             Object::Gateway(g) => {
@@ -200,12 +218,13 @@ impl Model {
             }
             "AuthorizationPolicy" if self.authz_policies.contains_key(&k) => {
                 Arc::make_mut(&mut self.authz_policies).remove(&k);
+                self.compiled_authz.remove(&k);
                 self.authz = None;
             }
             "HTTPRoute" if self.http_routes.contains_key(&k) => {
                 Arc::make_mut(&mut self.http_routes).remove(&k);
             }
-            "PeerAuthentication" if self.peer_authentications.remove(&k).is_some() => {
+            "PeerAuthentication" if self.compiled_peer.remove(&k).is_some() => {
                 self.authz = None;
             }
             "Gateway" if self.gateways.remove(&k).is_some() => self.reenroll(namespace),
@@ -219,7 +238,7 @@ impl Model {
             + self.pods.len()
             + self.services.len()
             + self.authz_policies.len()
-            + self.peer_authentications.len()
+            + self.compiled_peer.len()
             + self.gateways.len()
             + self.http_routes.len()
     }
@@ -231,14 +250,15 @@ impl Model {
 
     /// An immutable snapshot of the current objects. Costs a copy of the indexes (pointers),
     /// plus endpoint selection in the namespaces that changed and, after a policy change,
-    /// compiling the policies.
+    /// assembling the registry from the policies compiled on arrival (pointers too).
     pub fn snapshot(&mut self, generation: u64) -> State {
         let authz = match &self.authz {
             Some(a) => a.clone(),
             None => {
-                let a = Arc::new(compile_policies(
-                    self.authz_policies.values().map(|p| &**p).collect(),
-                    self.peer_authentications.values().collect(),
+                let a = Arc::new(Registry::assemble(
+                    self.compiled_authz
+                        .values()
+                        .chain(self.compiled_peer.values()),
                 ));
                 self.authz = Some(a.clone());
                 a
@@ -269,12 +289,11 @@ impl Model {
                     let m = Arc::make_mut(w);
                     m.enrolled = enrolled;
                     m.waypoint = waypoint;
-                    if let Some(prev) = self.ip_owner.insert(w.ip, k.clone()) {
-                        if prev != k {
-                            tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %format!("{}/{}", prev.0, prev.1), "two running pods share an IP; the one applied last wins");
+                    if let Some(prev) = self.workloads.insert(w.ip, w.clone()) {
+                        if !is(&prev, &k) {
+                            tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %prev.key(), "two running pods share an IP; the one applied last wins");
                         }
                     }
-                    self.workloads.insert(w.ip, w.clone());
                 }
                 self.pods.insert(k.clone(), e)
             }
@@ -286,7 +305,7 @@ impl Model {
             .and_then(|e| e.workload.as_ref())
             .map(|w| w.ip);
         if let Some(old_ip) = old.and_then(|e| e.workload).map(|w| w.ip) {
-            if Some(old_ip) != new_ip && self.ip_owner.get(&old_ip) == Some(&k) {
+            if Some(old_ip) != new_ip && self.owns(old_ip, &k) {
                 self.release_ip(old_ip);
             }
         }
@@ -294,14 +313,12 @@ impl Model {
 
     /// The owner of `ip` is gone: another pod claiming it takes it over, else it is free.
     fn release_ip(&mut self, ip: IpAddr) {
-        self.ip_owner.remove(&ip);
         self.workloads.remove(&ip);
         let heir = self
             .pods
             .iter()
             .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.ip == ip).map(|w| (k, w)));
         if let Some((k, w)) = heir {
-            self.ip_owner.insert(ip, k.clone());
             self.workloads.insert(ip, w.clone());
             self.dirty.insert(k.0.clone());
         }
@@ -347,7 +364,7 @@ impl Model {
             };
             let m = Arc::make_mut(w);
             (m.enrolled, m.waypoint) = derived;
-            if self.ip_owner.get(&w.ip) == Some(&k) {
+            if self.workloads.get(&w.ip).is_some_and(|o| is(o, &k)) {
                 self.workloads.insert(w.ip, w.clone());
             }
         }
@@ -373,7 +390,7 @@ impl Model {
         }
         let ready: Vec<Arc<Workload>> = namespace_range(&self.pods, ns)
             .filter_map(|(k, e)| e.workload.as_ref().filter(|w| w.ready).map(|w| (k, w)))
-            .filter(|(k, w)| self.ip_owner.get(&w.ip) == Some(*k))
+            .filter(|(k, w)| self.owns(w.ip, k))
             .map(|(_, w)| w.clone())
             .collect();
         let ns_waypoint = self
@@ -428,7 +445,7 @@ impl Model {
         for ((_, name), g) in namespace_range(&self.gateways, ns) {
             let endpoints = ready
                 .iter()
-                .filter(|w| w.labels.get(GATEWAY_NAME_LABEL) == Some(name))
+                .filter(|w| w.labels.get(GATEWAY_NAME_LABEL) == Some(name.as_str()))
                 .cloned()
                 .collect();
             let wp = Waypoint {
@@ -443,13 +460,13 @@ impl Model {
         }
     }
 
-    fn translate_pod(&self, p: &Pod) -> PodEntry {
+    fn translate_pod(&mut self, p: &Pod) -> PodEntry {
         let meta = &p.metadata;
-        let ns = meta.namespace.clone().unwrap_or_default();
+        let ns = meta.namespace.as_deref().unwrap_or_default();
         let mut entry = PodEntry {
             workload: None,
             opted_out: meta.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none"),
-            use_waypoint: UseWaypoint::from_labels(&meta.labels, &ns),
+            use_waypoint: UseWaypoint::from_labels(&meta.labels, ns),
             gateway: meta.labels.get(GATEWAY_NAME_LABEL).cloned(),
             managed_waypoint: meta.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
                 == Some(MESH_CONTROLLER),
@@ -460,32 +477,31 @@ impl Model {
         if p.spec.host_network {
             return entry;
         }
-        let service_account = p
+        let sa = p
             .spec
             .service_account_name
-            .clone()
+            .as_deref()
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
+            .unwrap_or("default");
+        let i = &mut self.interner;
+        let (namespace, service_account) = (i.intern(ns), i.intern(sa));
         let named_ports = p
             .spec
             .containers
             .iter()
             .flat_map(|c| &c.ports)
-            .filter_map(|cp| Some((cp.name.clone()?, cp.container_port)))
+            .filter_map(|cp| Some((i.intern(cp.name.as_deref()?), cp.container_port)))
             .collect();
         let w = Workload {
             name: meta.name.clone(),
-            identity: SpiffeId::new(&self.trust_domain, &ns, &service_account),
-            namespace: ns,
-            service_account,
-            node: p.spec.node_name.clone().unwrap_or_default(),
+            node: i.intern(p.spec.node_name.as_deref().unwrap_or_default()),
             ip,
-            labels: meta.labels.clone(),
+            labels: i.labels(&meta.labels),
             enrolled: false,
             waypoint: None,
             ready: p.status.ready() && meta.deletion_timestamp.is_none(),
             named_ports,
-            workload_name: workload_name(meta),
+            workload_name: i.intern(&workload_name(meta)),
             dns_capture: meta
                 .annotations
                 .get(DNS_CAPTURE_ANNOTATION)
@@ -497,10 +513,37 @@ impl Model {
                 .as_ref()
                 .map(|c| c.searches.clone())
                 .unwrap_or_default(),
+            identity: self.identity(&namespace, &service_account),
+            namespace,
+            service_account,
         };
         entry.workload = Some(Arc::new(w));
         entry
     }
+
+    /// The shared identity of service account `sa` of namespace `ns` (interned texts).
+    fn identity(&mut self, ns: &SharedStr, sa: &SharedStr) -> Arc<SpiffeId> {
+        if let Some(id) = self.identities.get(&(ns.clone(), sa.clone())) {
+            return id.clone();
+        }
+        if self.identities.len() >= 2 * self.identities_swept.max(1024) {
+            self.identities.retain(|_, id| Arc::strong_count(id) > 1);
+            self.identities_swept = self.identities.len();
+        }
+        let id = Arc::new(SpiffeId::new(&self.trust_domain, ns, sa));
+        self.identities.insert((ns.clone(), sa.clone()), id.clone());
+        id
+    }
+
+    /// Whether the pod at `k` holds `ip` (is the workload the snapshot has for it).
+    fn owns(&self, ip: IpAddr, k: &Key) -> bool {
+        self.workloads.get(&ip).is_some_and(|w| is(w, k))
+    }
+}
+
+/// Whether workload `w` is the pod at `k`.
+fn is(w: &Workload, k: &Key) -> bool {
+    w.namespace == k.0 && w.name == k.1
 }
 
 /// The entries of namespace `ns` in a map keyed by `(namespace, name)`.
@@ -520,7 +563,7 @@ fn key(meta: &ObjectMeta) -> Key {
     )
 }
 
-fn translate_service(s: &ServiceObject) -> ServiceEntry {
+fn translate_service(s: &ServiceObject, interner: &mut Interner) -> ServiceEntry {
     let mut vips: Vec<IpAddr> = Vec::new();
     for ip in s
         .spec
@@ -554,7 +597,7 @@ fn translate_service(s: &ServiceObject) -> ServiceEntry {
     ServiceEntry {
         vips,
         ports,
-        selector: s.spec.selector.clone(),
+        selector: s.spec.selector.as_ref().map(|m| interner.labels(m)),
         use_waypoint: UseWaypoint::from_labels(
             labels,
             s.metadata.namespace.as_deref().unwrap_or(""),
@@ -582,14 +625,10 @@ fn translate_gateway(g: &Gateway) -> Option<GatewayEntry> {
     })
 }
 
-/// Compiles the policies, logging each invalid one (kept, failing closed) with object, field
-/// and what it means for traffic, and each caveat.
-fn compile_policies(
-    authz: Vec<&AuthorizationPolicyObject>,
-    peer: Vec<&PeerAuthenticationObject>,
-) -> Registry {
-    let reg = Registry::build(authz, peer);
-    for p in &reg.problems {
+/// Logs what compiling one policy found: an invalid policy (kept, failing closed) with object,
+/// field and what it means for traffic, or a caveat. Once per version of the object.
+fn log_problems(problems: &[Problem]) {
+    for p in problems {
         if p.invalid {
             tracing::warn!(
                 kind = p.kind,
@@ -610,5 +649,4 @@ fn compile_policies(
             );
         }
     }
-    reg
 }
