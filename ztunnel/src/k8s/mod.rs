@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 pub use labels::{Interner, Labels, SharedStr};
-pub use yaml::{parse_file, ParseError};
+pub use yaml::{parse_file, split_documents, ParseError};
 
 /// Why one object sent by an API server does not fit its kind.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -65,6 +65,35 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
+/// The YAML documents of a file, each as its own text (starting with its `---` marker), split
+/// where a line starts a document (`---` alone or followed by a space or tab: YAML forbids
+/// such a line inside a document). What lets the file source parse only the documents that
+/// changed; each parses with [`parse_file`] to what the whole file gives for it. Text before
+/// the first marker is a document only if it holds more than blank lines and comments.
+pub fn split_documents(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker && offset > 0 {
+            out.push(&text[start..offset]);
+            start = offset;
+        }
+        offset += line.len();
+    }
+    out.push(&text[start..]);
+    let blank = |t: &str| {
+        t.lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    };
+    if out.len() > 1 && blank(out[0]) {
+        out.remove(0);
+    }
+    out
+}
+
 type FieldError = (String, String);
 
 fn parse_object(value: serde_yaml_ng::Value) -> Result<Option<Object>, FieldError> {
@@ -348,5 +377,26 @@ spec:
                 Ok(_) => assert!(field.is_empty(), "{to} should be rejected"),
             }
         }
+    }
+
+    #[test]
+    fn split_documents_matches_the_documents_of_the_whole_file() {
+        let text =
+            "# header\n\n---\na: 1\n---   \n---\tb: 2\nc: |\n  --- not a marker\n--- {d: 3}\n";
+        let docs = super::split_documents(text);
+        assert_eq!(
+            docs,
+            [
+                "---\na: 1\n",
+                "---   \n",
+                "---\tb: 2\nc: |\n  --- not a marker\n",
+                "--- {d: 3}\n"
+            ]
+        );
+        assert_eq!(
+            super::split_documents("a: 1\n---\nb: 2"),
+            ["a: 1\n", "---\nb: 2"]
+        );
+        assert_eq!(super::split_documents("{\"a\": 1}"), ["{\"a\": 1}"]);
     }
 }
