@@ -384,7 +384,7 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
             return Ok(());
         }
     }
-    ztunnel::source::log_applied(&state_tx.borrow(), None);
+    ztunnel::source::log_applied(&state_tx.borrow(), None, None);
     ready.state_loaded();
     tokio::spawn(source.run(state_tx));
     certs

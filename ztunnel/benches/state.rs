@@ -121,6 +121,8 @@ fn main() {
     let parsed = held_mib() - before;
     let t = Instant::now();
     let mut model = Model::new("cluster.local");
+    // As in the node daemon: compiled policies only.
+    model.keep_policy_objects(false);
     let breakdown = std::env::var_os("STATE_BENCH_BREAKDOWN").is_some();
     let mut kept: std::collections::BTreeMap<&str, f64> = Default::default();
     for o in all {

@@ -552,7 +552,7 @@ async fn first_complete_state(
         _ = signals.recv() => return None,
     }
     let state = rx.borrow_and_update().clone();
-    source::log_applied(&state, None);
+    source::log_applied(&state, None, None);
     Some(state)
 }
 

@@ -268,7 +268,7 @@ fn push(s: &mut Samples, mode: Mode, metric: &str, v: f64) {
 }
 
 /// `cargo xtask bench [scenario...] [--runs N] [--secs S] [--rate R]`.
-/// `cargo xtask scale`: see [`scale`].
+/// `cargo xtask scale` (also `cargo xtask bench scale`): see [`scale`].
 pub fn scale(args: &[String]) -> Result<bool> {
     scale::run(args)
 }
@@ -276,6 +276,9 @@ pub fn scale(args: &[String]) -> Result<bool> {
 pub fn run(args: &[String]) -> Result<bool> {
     if args.first().is_some_and(|a| a == "waypoint") {
         return waypoint::run(&args[1..]);
+    }
+    if args.first().is_some_and(|a| a == "scale") {
+        return scale::run(&args[1..]);
     }
     let o = parse(args)?;
     let profile = o.scenarios.iter().any(|s| s == "profile");

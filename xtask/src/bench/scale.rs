@@ -1,9 +1,10 @@
-//! `cargo xtask scale [--source file|kube] [--changes N] [--churn-secs S]`: what a large
-//! cluster costs the daemon.
+//! `cargo xtask bench scale [--source file|kube] [--one-file] [--changes N] [--churn-secs S]`
+//! (also `cargo xtask scale`): what a large cluster costs the daemon.
 //!
 //! The state: 10,000 pods in 200 namespaces (100 of them on this node), 2,000 Services and
-//! 1,000 AuthorizationPolicies. For each source (state files: one file per namespace; or a
-//! real kube-apiserver holding the objects) a release daemon with capture off follows it on a
+//! 1,000 AuthorizationPolicies. For each source (state files: one file per namespace, or with
+//! `--one-file` all of it in one 3.6 MB file rewritten whole on every change; or a real
+//! kube-apiserver holding the objects) a release daemon with capture off follows it on a
 //! one-node namespace cluster, and the run reports: the time to ready, memory once ready
 //! (RSS and anonymous), the time from a change (a pod relabelled, a namespace label flipped,
 //! a policy edited) to the daemon logging it applied, split into the daemon's own work
@@ -14,7 +15,10 @@
 //! The end-to-end figure starts before the change is made: for files, before the file is
 //! written (the daemon polls every 500 ms, so half a poll interval on average is part of it);
 //! for the API server, before `curl` is started to server-side apply the one changed object
-//! (curl's start and TLS handshake are part of it). The daemon's part is `took_us`.
+//! (curl's start and TLS handshake are part of it). The daemon's part is `took_us`. For files
+//! the daemon also logs `since_write_us`, from the newest modification time of the files it
+//! read to the change in force: file written to in force, measured by the daemon's clock.
+//! The daemon binary is `ZTUNNEL_BIN` when set (an A/B against another build).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,6 +41,7 @@ struct Opts {
     sources: Vec<&'static str>,
     changes: usize,
     churn_secs: f64,
+    one_file: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -44,6 +49,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         sources: vec!["file", "kube"],
         changes: 10,
         churn_secs: 10.0,
+        one_file: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -60,10 +66,11 @@ fn parse(args: &[String]) -> Result<Opts> {
                     other => bail!("--source: `{other}` is not file or kube"),
                 }
             }
+            "--one-file" => o.one_file = true,
             "--changes" => o.changes = val("--changes")?.parse().context("--changes")?,
             "--churn-secs" => o.churn_secs = val("--churn-secs")?.parse().context("--churn-secs")?,
             other => bail!(
-                "unknown argument `{other}`; usage: cargo xtask scale [--source file|kube] [--changes N] [--churn-secs S]"
+                "unknown argument `{other}`; usage: cargo xtask bench scale [--source file|kube] [--one-file] [--changes N] [--churn-secs S]"
             ),
         }
     }
@@ -148,10 +155,12 @@ fn status_yaml(ns: usize) -> String {
     y
 }
 
-/// How a source is fed: state files, or the API server (statuses set once, at load).
+/// How a source is fed: state files (one per namespace, or all namespaces' texts in one
+/// file), or the API server (statuses set once, at load).
 #[derive(Clone, Copy)]
 enum Feed<'a> {
     Files(&'a Cluster),
+    OneFile(&'a Cluster, &'a std::sync::Mutex<Vec<String>>),
     Api(&'a Cluster),
 }
 
@@ -174,6 +183,11 @@ impl Feed<'_> {
                 &format!("scale-{ns}.yaml"),
                 &namespace_yaml(ns, ambient, pod_label, port, true),
             ),
+            Feed::OneFile(c, texts) => {
+                let mut texts = texts.lock().unwrap_or_else(|p| p.into_inner());
+                texts[ns] = namespace_yaml(ns, ambient, pod_label, port, true);
+                c.write_node_state_file(1, "scale.yaml", &texts.concat())
+            }
             Feed::Api(c) => {
                 let all = namespace_yaml(ns, ambient, pod_label, port, false);
                 let name = match (changed, pod_label) {
@@ -306,7 +320,16 @@ fn load_api(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// One change and what it took: (end to end ms, daemon's own ms).
+/// One change and what it took (ms).
+struct Took {
+    /// From before the change was made to the daemon's `state applied` line.
+    e2e: f64,
+    /// The daemon's own work (`took_us`).
+    own: f64,
+    /// File written to in force (`since_write_us`; NaN for the API server).
+    since_write: f64,
+}
+
 fn change(
     c: &Cluster,
     feed: Feed<'_>,
@@ -315,7 +338,7 @@ fn change(
     pod_label: Option<(usize, &str)>,
     port: u16,
     changed: &str,
-) -> Result<(f64, f64)> {
+) -> Result<Took> {
     let d = c.daemon(1);
     let skip = d.log_lines().len();
     let t0 = SystemTime::now();
@@ -334,7 +357,22 @@ fn change(
     let t0 = time::OffsetDateTime::from(t0);
     let e2e = (logged - t0).as_seconds_f64() * 1e3;
     let own = line["took_us"].as_f64().unwrap_or(f64::NAN) / 1e3;
-    Ok((e2e, own))
+    let since_write = line["since_write_us"].as_f64().unwrap_or(f64::NAN) / 1e3;
+    Ok(Took {
+        e2e,
+        own,
+        since_write,
+    })
+}
+
+fn took_json(t: &[Took]) -> Value {
+    let pick = |f: fn(&Took) -> f64| -> Vec<f64> { t.iter().map(f).collect() };
+    let mut v = json!({"end_to_end": stats(&pick(|t| t.e2e)), "daemon": stats(&pick(|t| t.own))});
+    let w = pick(|t| t.since_write);
+    if w.iter().all(|x| x.is_finite()) {
+        v["file_write_to_in_force"] = stats(&w);
+    }
+    v
 }
 
 fn stats(v: &[f64]) -> Value {
@@ -350,8 +388,19 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
         _ => Cluster::start(spec)?,
     };
     let kube = source == "kube";
+    let texts = std::sync::Mutex::new(vec![String::new(); NAMESPACES]);
     if kube {
         load_api(&cluster)?;
+    } else if o.one_file {
+        let mut all = texts.lock().unwrap_or_else(|p| p.into_inner());
+        for (ns, t) in all.iter_mut().enumerate() {
+            *t = namespace_yaml(ns, true, None, 8080, true);
+        }
+        cluster.write_node_state_file(1, "scale.yaml", &all.concat())?;
+        eprintln!(
+            "scale: one state file of {:.1} MB",
+            all.iter().map(String::len).sum::<usize>() as f64 / 1e6
+        );
     } else {
         for ns in 0..NAMESPACES {
             Feed::Files(&cluster).put(ns, true, None, 8080, "*")?;
@@ -365,26 +414,29 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     let mem_ready = probe::mem(pid)?;
     let feed = if kube {
         Feed::Api(&cluster)
+    } else if o.one_file {
+        Feed::OneFile(&cluster, &texts)
     } else {
         Feed::Files(&cluster)
     };
 
-    let (mut pod_e2e, mut pod_own, mut ns_e2e, mut ns_own, mut ap_e2e, mut ap_own) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut took: [Vec<Took>; 3] = Default::default();
     for r in 0..o.changes {
         let ns = (r * 7) % NAMESPACES;
         let label = if r % 2 == 0 { "moved-a" } else { "moved-b" };
         let pod = Some((ns, label));
-        let (e, w) = change(&cluster, feed, ns, true, pod, 8080, "Pod")?;
-        pod_e2e.push(e);
-        pod_own.push(w);
-        let (e, w) = change(&cluster, feed, ns, false, pod, 8080, "Namespace")?;
-        ns_e2e.push(e);
-        ns_own.push(w);
+        took[0].push(change(&cluster, feed, ns, true, pod, 8080, "Pod")?);
+        took[1].push(change(&cluster, feed, ns, false, pod, 8080, "Namespace")?);
         let port = 9000 + u16::try_from(r % 1000).unwrap_or(0);
-        let (e, w) = change(&cluster, feed, ns, true, pod, port, "AuthorizationPolicy")?;
-        ap_e2e.push(e);
-        ap_own.push(w);
+        took[2].push(change(
+            &cluster,
+            feed,
+            ns,
+            true,
+            pod,
+            port,
+            "AuthorizationPolicy",
+        )?);
     }
     std::thread::sleep(Duration::from_secs(2));
     let mem_after = probe::mem(pid)?;
@@ -423,14 +475,15 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     let mem_churn = probe::mem(pid)?;
     drop(cluster);
     Ok(json!({
-        "source": source,
+        "source": if o.one_file && !kube { "one-file" } else { source },
+        "daemon": std::env::var("ZTUNNEL_BIN").unwrap_or_default(),
         "ready_secs": ready,
         "mem_ready_mib": {"rss": mem_ready.rss, "anon": mem_ready.anon},
         "mem_after_changes_mib": {"rss": mem_after.rss, "anon": mem_after.anon},
         "mem_after_churn_mib": {"rss": mem_churn.rss, "anon": mem_churn.anon},
-        "pod_relabel_ms": {"end_to_end": stats(&pod_e2e), "daemon": stats(&pod_own)},
-        "namespace_label_ms": {"end_to_end": stats(&ns_e2e), "daemon": stats(&ns_own)},
-        "policy_edit_ms": {"end_to_end": stats(&ap_e2e), "daemon": stats(&ap_own)},
+        "pod_relabel_ms": took_json(&took[0]),
+        "namespace_label_ms": took_json(&took[1]),
+        "policy_edit_ms": took_json(&took[2]),
         "churn": {"updates_per_sec": updates as f64 / churn_secs, "daemon_cpu_pct": 100.0 * cpu / churn_secs},
     }))
 }
@@ -440,6 +493,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
     crate::test::prepare_machine(o.sources.contains(&"kube"))?;
     super::prepare(false)?;
+    let load_before = super::uptime();
     let mut results = Vec::new();
     for source in &o.sources {
         eprintln!("scale: measuring the {source} source");
@@ -458,11 +512,15 @@ pub fn run(args: &[String]) -> Result<bool> {
             )
         };
         let c = |k: &str| {
-            format!(
+            let mut t = format!(
                 "{:.1} / {:.2}",
                 r[k]["end_to_end"]["median"].as_f64().unwrap_or(0.0),
                 r[k]["daemon"]["median"].as_f64().unwrap_or(0.0)
-            )
+            );
+            if let Some(w) = r[k]["file_write_to_in_force"]["median"].as_f64() {
+                t += &format!(" (written to in force {w:.1})");
+            }
+            t
         };
         println!(
             "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0}, {:.1} |",
@@ -479,7 +537,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         );
     }
     let out = json!({
-        "command": format!("cargo xtask scale {}", args.join(" ")),
+        "command": format!("cargo xtask bench scale {}", args.join(" ")),
+        "uptime_before": load_before,
+        "uptime_after": super::uptime(),
         "state": {"namespaces": NAMESPACES, "pods": PODS, "local_pods": LOCAL_PODS, "services": SERVICES, "policies": POLICIES},
         "machine": super::machine(),
         "when": super::now_utc(),

@@ -122,6 +122,9 @@ struct Poller {
     model: Model,
     generation: u64,
     health: Arc<SourceHealth>,
+    /// The newest modification time of the files whose change is in the state not yet
+    /// logged as applied (for `since_write_us`).
+    written: Option<std::time::SystemTime>,
     /// A new state a poll produced that was not handed out yet: the caller of
     /// [`FileSource::poll_off_thread`] may be dropped while its poll runs on, and the change
     /// must not be lost with it.
@@ -142,10 +145,16 @@ impl FileSource {
                 model: Model::new(trust_domain),
                 generation: 0,
                 health: health.clone(),
+                written: None,
                 pending: None,
             })),
             health,
         }
+    }
+
+    /// See [`Model::keep_policy_objects`].
+    pub(super) fn keep_policy_objects(&self, keep: bool) {
+        self.poller().model.keep_policy_objects(keep);
     }
 
     fn poller(&self) -> std::sync::MutexGuard<'_, Poller> {
@@ -188,6 +197,7 @@ impl FileSource {
 
 impl Poller {
     fn poll(&mut self) -> Result<Option<State>, SourceError> {
+        self.written = None;
         let paths = self.list()?;
         let mut changed = false;
         let gone: Vec<PathBuf> = self
@@ -248,7 +258,11 @@ impl Poller {
                     unreadable: old.and_then(|f| f.unreadable),
                 },
             );
-            changed |= applied || !removed.is_empty();
+            if applied || !removed.is_empty() {
+                changed = true;
+                let mtime = stamp.map(|(m, _)| m);
+                self.written = self.written.max(mtime);
+            }
             self.retract(&p, removed);
         }
         if !changed && self.generation > 0 {
@@ -474,8 +488,11 @@ impl FileSource {
             match self.poll_off_thread().await {
                 Ok(Some(state)) => {
                     self.health.set_ok("files");
-                    log_applied(&state, Some(started.elapsed()));
+                    let written = self.poller().written.take();
+                    let since_write = written.and_then(|w| w.elapsed().ok());
+                    log_applied(&state, Some(started.elapsed()), since_write);
                     tx.send_replace(Arc::new(state));
+                    tokio::task::spawn_blocking(crate::memory::trim_after_state_change);
                 }
                 Ok(None) => self.health.set_ok("files"),
                 Err(e) => {

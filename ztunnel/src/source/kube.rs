@@ -149,6 +149,11 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
+    /// See [`Model::keep_policy_objects`].
+    pub(super) fn keep_policy_objects(&mut self, keep: bool) {
+        self.model.keep_policy_objects(keep);
+    }
+
     /// A source that reaches the API server through `kubeconfig`, or the in-cluster service
     /// account when `None`.
     pub fn new(kubeconfig: Option<PathBuf>, trust_domain: &str) -> Self {
@@ -295,8 +300,9 @@ impl KubeSource {
     fn publish(&mut self, tx: &watch::Sender<Arc<State>>, arrived: Option<Instant>) {
         self.generation += 1;
         let state = self.model.snapshot(self.generation);
-        log_applied(&state, arrived.map(|t| t.elapsed()));
+        log_applied(&state, arrived.map(|t| t.elapsed()), None);
         tx.send_replace(Arc::new(state));
+        tokio::task::spawn_blocking(crate::memory::trim_after_state_change);
     }
 }
 

@@ -79,26 +79,38 @@ pub trait StateSource: Send {
 }
 
 /// The state source `cfg` asks for.
+/// The node daemon compiles policies and needs no copy of them as received
+/// ([`crate::state::Model::keep_policy_objects`]).
 pub fn from_config(cfg: &Config) -> Box<dyn StateSource> {
-    open(&cfg.source, &cfg.trust_domain)
+    open_with(&cfg.source, &cfg.trust_domain, false)
 }
 
 /// The state source `source` describes, with identities in `trust_domain`. Shared by the
 /// daemon and the waypoint, so both follow the cluster the same way from the same flags.
+/// Snapshots carry the AuthorizationPolicy objects as received (the waypoint compiles them).
 pub fn open(source: &SourceConfig, trust_domain: &str) -> Box<dyn StateSource> {
+    open_with(source, trust_domain, true)
+}
+
+fn open_with(
+    source: &SourceConfig,
+    trust_domain: &str,
+    policy_objects: bool,
+) -> Box<dyn StateSource> {
     match source {
         SourceConfig::File {
             path,
             poll_interval,
             max_file_size,
-        } => Box::new(FileSource::new(
-            path,
-            trust_domain,
-            *poll_interval,
-            *max_file_size,
-        )),
+        } => {
+            let s = FileSource::new(path, trust_domain, *poll_interval, *max_file_size);
+            s.keep_policy_objects(policy_objects);
+            Box::new(s)
+        }
         SourceConfig::Kube { kubeconfig } => {
-            Box::new(KubeSource::new(kubeconfig.clone(), trust_domain))
+            let mut s = KubeSource::new(kubeconfig.clone(), trust_domain);
+            s.keep_policy_objects(policy_objects);
+            Box::new(s)
         }
     }
 }
@@ -233,25 +245,39 @@ impl SourceHealth {
     }
 }
 
-/// The log line tests and operators watch for after each accepted change.
+/// The log line tests and operators watch for after each accepted change: the state of
+/// `generation` is in force (published to the data path) from this line on.
 /// `took`: the daemon's own work for the change, from the source seeing it (a file read, the
 /// first watch event of a burst) to the new snapshot being published; `took_us` in the line.
-pub fn log_applied(state: &State, took: Option<Duration>) {
+/// `since_write`: for the file source, from the newest modification time of the files this
+/// change read to now (file written to change in force, the poll interval included);
+/// `since_write_us` in the line.
+pub fn log_applied(state: &State, took: Option<Duration>, since_write: Option<Duration>) {
     let enrolled = state.workloads.values().filter(|w| w.enrolled).count();
     let (generation, pods, services) = (
         state.generation,
         state.workloads.len(),
         state.services.len(),
     );
-    match took {
-        Some(t) => tracing::info!(
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    match (took, since_write) {
+        (Some(t), Some(w)) => tracing::info!(
             generation,
             pods,
             services,
             enrolled,
-            took_us = u64::try_from(t.as_micros()).unwrap_or(u64::MAX),
+            took_us = us(t),
+            since_write_us = us(w),
             "state applied"
         ),
-        None => tracing::info!(generation, pods, services, enrolled, "state applied"),
+        (Some(t), None) => tracing::info!(
+            generation,
+            pods,
+            services,
+            enrolled,
+            took_us = us(t),
+            "state applied"
+        ),
+        _ => tracing::info!(generation, pods, services, enrolled, "state applied"),
     }
 }

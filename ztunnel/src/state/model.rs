@@ -86,8 +86,13 @@ pub struct Model {
     /// Ordered, so a namespace's pods and services are a range.
     pods: BTreeMap<Key, PodEntry>,
     services: BTreeMap<Key, ServiceEntry>,
-    /// Shared with every snapshot until a policy changes (then copied once: pointers).
+    /// Shared with every snapshot until a policy changes (then copied once: pointers). Empty
+    /// unless `keep_policy_objects`.
     authz_policies: Arc<BTreeMap<Key, Arc<AuthorizationPolicyObject>>>,
+    /// Keep each AuthorizationPolicy as received, for the waypoint (which compiles the L7
+    /// ones itself); the node daemon needs only the compiled policies (about 2 KB less per
+    /// policy).
+    keep_policy_objects: bool,
     /// HTTPRoutes, for the waypoint; shared with snapshots like the policies.
     http_routes: Arc<BTreeMap<Key, Arc<HttpRoute>>>,
     /// Each AuthorizationPolicy and PeerAuthentication compiled on arrival: a policy change
@@ -126,6 +131,7 @@ impl Model {
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
             authz_policies: Arc::default(),
+            keep_policy_objects: true,
             http_routes: Arc::default(),
             compiled_authz: BTreeMap::new(),
             compiled_peer: BTreeMap::new(),
@@ -139,6 +145,15 @@ impl Model {
             waypoints: BTreeMap::new(),
             dirty: HashSet::new(),
             authz: None,
+        }
+    }
+
+    /// Whether snapshots carry the AuthorizationPolicy objects as received
+    /// ([`State::authz_policies`]); on by default, off in the node daemon (see the field).
+    pub fn keep_policy_objects(&mut self, keep: bool) {
+        self.keep_policy_objects = keep;
+        if !keep {
+            self.authz_policies = Arc::default();
         }
     }
 
@@ -172,7 +187,9 @@ impl Model {
                 let c = CompiledPolicy::authorization_policy(&p);
                 log_problems(&c.problems);
                 self.compiled_authz.insert(k.clone(), c);
-                Arc::make_mut(&mut self.authz_policies).insert(k, Arc::new(p));
+                if self.keep_policy_objects {
+                    Arc::make_mut(&mut self.authz_policies).insert(k, Arc::new(p));
+                }
                 self.authz = None;
             }
             Object::PeerAuthentication(p) => {
@@ -216,9 +233,10 @@ impl Model {
             "Service" if self.services.remove(&k).is_some() => {
                 self.dirty.insert(k.0);
             }
-            "AuthorizationPolicy" if self.authz_policies.contains_key(&k) => {
-                Arc::make_mut(&mut self.authz_policies).remove(&k);
-                self.compiled_authz.remove(&k);
+            "AuthorizationPolicy" if self.compiled_authz.remove(&k).is_some() => {
+                if self.authz_policies.contains_key(&k) {
+                    Arc::make_mut(&mut self.authz_policies).remove(&k);
+                }
                 self.authz = None;
             }
             "HTTPRoute" if self.http_routes.contains_key(&k) => {
@@ -237,7 +255,7 @@ impl Model {
         self.namespaces.len()
             + self.pods.len()
             + self.services.len()
-            + self.authz_policies.len()
+            + self.compiled_authz.len()
             + self.compiled_peer.len()
             + self.gateways.len()
             + self.http_routes.len()
