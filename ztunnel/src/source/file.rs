@@ -240,13 +240,23 @@ impl Poller {
                 }
             };
             self.readable(&p);
-            let hash = text_hash(&text);
+            // The text is hashed once, document by document; the file's hash is theirs.
+            let pieces: Vec<(&str, u64)> = k8s::split_documents(&text)
+                .into_iter()
+                .map(|d| (d, text_hash(d)))
+                .collect();
+            let hash = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                pieces.iter().for_each(|(_, d)| d.hash(&mut h));
+                h.finish()
+            };
             if let Some(f) = self.files.get_mut(&p).filter(|f| f.hash == hash) {
                 f.stamp = stamp;
                 continue;
             }
             let old = self.files.remove(&p);
-            let (docs, applied, removed) = self.read_documents(&p, &text, old.as_ref());
+            let (docs, applied, removed) = self.read_documents(&p, &pieces, old.as_ref());
             let good = docs.iter().all(|d| d.ever_parsed);
             self.files.insert(
                 p.clone(),
@@ -272,15 +282,16 @@ impl Poller {
         Ok(Some(self.model.snapshot(self.generation)))
     }
 
-    /// Applies what changed in file `p` (now `text`) since `old`: only documents whose text
-    /// is new are parsed and their objects applied, in document order. A document that does
-    /// not parse is logged and keeps in force the objects of the document at the same position
-    /// in `old`. Returns the new documents, whether anything was applied, and the keys `old`
+    /// Applies what changed in file `p` (now the documents `pieces`, with their hashes) since
+    /// `old`: only documents whose text is new are parsed and their objects applied, in
+    /// document order. A document that does not parse is logged and keeps in force the objects
+    /// of `old` that no other document has (its last good version, and the deletions the file
+    /// makes until it parses again). Returns the new documents, whether anything was applied, and the keys `old`
     /// had that the file no longer has (for [`Poller::retract`]).
     fn read_documents(
         &mut self,
         p: &Path,
-        text: &str,
+        pieces: &[(&str, u64)],
         old: Option<&FileEntry>,
     ) -> (Vec<Document>, bool, Vec<ObjectKey>) {
         let old_docs = old.map(|f| f.docs.as_slice()).unwrap_or_default();
@@ -289,11 +300,9 @@ impl Poller {
         for (i, d) in old_docs.iter().enumerate().rev() {
             by_hash.entry(d.hash).or_default().push(i);
         }
-        let pieces = k8s::split_documents(text);
         let mut docs = Vec::new();
         let mut applied = false;
-        for (index, piece) in pieces.iter().copied().enumerate() {
-            let hash = text_hash(piece);
+        for (index, &(piece, hash)) in pieces.iter().enumerate() {
             if let Some(i) = by_hash.get_mut(&hash).and_then(Vec::pop) {
                 docs.push(old_docs[i].clone());
                 continue;
@@ -320,22 +329,37 @@ impl Poller {
                         error = %e.message,
                         "state rejected"
                     );
-                    // The last good version of this document (by position) stays in force.
+                    // Its last good version stays in force: below, it keeps the objects of the
+                    // previous version that no other document accounts for.
                     let last = old_docs.get(index);
                     docs.push(Document {
                         hash,
-                        keys: last.map(|d| d.keys.clone()).unwrap_or_default(),
+                        keys: Box::default(),
                         parsed: false,
                         ever_parsed: last.is_some_and(|d| d.ever_parsed),
                     });
                 }
             }
         }
+        if let Some(bad) = docs.iter().position(|d| !d.parsed && d.keys.is_empty()) {
+            // Which object a malformed document stood for cannot be known: the objects of the
+            // last good version that no document accounts for now stay in force with it (a
+            // deletion elsewhere in the file waits until the file parses again).
+            let now: HashSet<&ObjectKey> = docs.iter().flat_map(|d| d.keys.iter()).collect();
+            let kept: Box<[ObjectKey]> = old_docs
+                .iter()
+                .flat_map(|d| d.keys.iter())
+                .filter(|k| !now.contains(k))
+                .cloned()
+                .collect();
+            docs[bad].ever_parsed |= !kept.is_empty();
+            docs[bad].keys = kept;
+        }
         let now: HashSet<&ObjectKey> = docs.iter().flat_map(|d| d.keys.iter()).collect();
         if applied && now.len() < docs.iter().map(|d| d.keys.len()).sum::<usize>() {
             // An object defined twice in the file: the later definition wins, as when the
             // file is read whole, so its documents are applied again in order (rare).
-            for (piece, _) in pieces.iter().zip(&docs).filter(|(_, d)| d.parsed) {
+            for ((piece, _), _) in pieces.iter().zip(&docs).filter(|(_, d)| d.parsed) {
                 for o in k8s::parse_file(p, piece).unwrap_or_default() {
                     self.model.apply(o);
                 }
