@@ -42,7 +42,7 @@ impl Proxy {
             Route::Passthrough { workload, .. } => (Protocol::Tcp, orig_dst, workload.as_deref()),
             Route::SameNode { workload, port } => (
                 Protocol::Hbone,
-                SocketAddr::new(workload.ip, *port),
+                SocketAddr::new(workload.dial_ip(orig_dst.ip()), *port),
                 Some(&**workload),
             ),
             Route::Hbone(t) | Route::Waypoint { target: t, .. } => {
