@@ -766,7 +766,7 @@ fn sync_capture(
     let Some(capture) = capture else { return };
     let pods: Vec<LocalPod> = state
         .local_workloads(&cfg.node_name)
-        .filter_map(|w| local_pod(w))
+        .filter_map(|w| LocalPod::new(w.key(), &w.ips, w.enrolled, w.dns_capture))
         .collect();
     let problems = capture.sync(&pods);
     for (pod, error) in &problems {
@@ -789,23 +789,4 @@ fn sync_capture(
             "capture updated"
         );
     }
-}
-
-/// A pod as capture sees it: its IPv4 address and, dual stack, its IPv6 one. Capture finds
-/// the pod's interface from its IPv4 route, so a pod without an IPv4 address is not captured.
-fn local_pod(w: &crate::state::Workload) -> Option<LocalPod> {
-    let (mut v4, mut v6) = (None, None);
-    for ip in &w.ips {
-        match ip {
-            IpAddr::V4(a) => v4 = v4.or(Some(*a)),
-            IpAddr::V6(a) => v6 = v6.or(Some(*a)),
-        }
-    }
-    Some(LocalPod {
-        name: w.key(),
-        ip: v4?,
-        ipv6: v6,
-        enrolled: w.enrolled,
-        dns_capture: w.dns_capture,
-    })
 }

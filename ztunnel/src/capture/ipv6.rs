@@ -6,7 +6,7 @@
 //! listeners, and the `ip -6` rule and local route (`routes`) deliver what it assigns.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use aya::Ebpf;
@@ -100,6 +100,33 @@ impl Enrolled6 {
     }
 }
 
+impl LocalPod {
+    /// A pod as capture sees it, from all its addresses: the first IPv4 one and, dual stack,
+    /// the first IPv6 one. Capture finds the pod's interface from its IPv4 route, so a pod
+    /// without an IPv4 address is not captured (`None`).
+    pub fn new(
+        name: String,
+        ips: &[IpAddr],
+        enrolled: bool,
+        dns_capture: bool,
+    ) -> Option<LocalPod> {
+        let (mut v4, mut v6) = (None, None);
+        for ip in ips {
+            match ip {
+                IpAddr::V4(a) => v4 = v4.or(Some(*a)),
+                IpAddr::V6(a) => v6 = v6.or(Some(*a)),
+            }
+        }
+        Some(LocalPod {
+            name,
+            ip: v4?,
+            ipv6: v6,
+            enrolled,
+            dns_capture,
+        })
+    }
+}
+
 /// The IPv6 entries wanted: every enrolled pod's IPv6 address, with the value of its IPv4
 /// entry in `v4` (the same flags and interface).
 pub(super) fn wanted<'a>(
@@ -139,5 +166,19 @@ mod tests {
         assert_eq!(want.len(), 1, "{want:?}");
         assert_eq!(want.get(&a), Some(&("mesh/a", [3, 7])));
         assert_eq!(a.octets()[15], 1, "key: the address bytes as in the packet");
+    }
+
+    #[test]
+    fn a_local_pod_takes_one_address_of_each_family() {
+        let ips: Vec<IpAddr> = ["fd00::1", "10.0.0.1"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        let p = LocalPod::new("mesh/a".into(), &ips, true, false).expect("has IPv4");
+        assert_eq!(
+            (p.ip, p.ipv6),
+            (Ipv4Addr::new(10, 0, 0, 1), "fd00::1".parse().ok())
+        );
+        assert!(LocalPod::new("mesh/v6".into(), &ips[..1], true, false).is_none());
     }
 }
