@@ -92,7 +92,8 @@ struct {
 /* Drop counters, per CPU (summed by the daemon). */
 #define ZT_STAT_SPOOFED 0
 #define ZT_STAT_NO_DAEMON 1
-#define ZT_STAT_COUNT 2
+#define ZT_STAT_IPV6_EXT 2
+#define ZT_STAT_COUNT 3
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ZT_STAT_COUNT);
@@ -116,7 +117,7 @@ struct zt_flow {
 	__u8 proto;
 };
 
-enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2 };
+enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2, PARSE_EXT = 3 };
 
 /* Reads the IPv4 TCP or UDP tuple. PARSE_SHORT: headers not (all) in the linear area. */
 static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)

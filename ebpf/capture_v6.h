@@ -2,9 +2,13 @@
 /*
  * IPv6 capture, included by capture.bpf.c (it uses that file's settings, zt_pod, zt_stats,
  * zt_drop and zt_assign). The same decisions as the IPv4 path, on:
- *   - the fixed IPv6 header followed directly by TCP or UDP. Any extension header (hop-by-hop,
- *     routing, fragment, ...) in between leaves the packet untouched: pods' TCP and DNS do not
- *     use them, and walking a chain of unknown length is not worth its verifier cost;
+ *   - the fixed IPv6 header followed directly by TCP or UDP. Pods' TCP and DNS do not use
+ *     extension headers (hop-by-hop, routing, fragment, ...), and walking a chain of unknown
+ *     length is not worth its verifier cost; but leaving such packets untouched would let a
+ *     pod that writes raw packets put one in front of its TCP and bypass the mesh. So a
+ *     unicast packet with an extension header from or to an enrolled pod is dropped (and
+ *     counted, ZT_STAT_IPV6_EXT); multicast (MLD reports carry a hop-by-hop header) and
+ *     packets of other pods are untouched;
  *   - `zt_enrolled6`, keyed by the 16-byte address as it sits in the packet, with the same
  *     value as `zt_enrolled` (flags, ifindex of the pod's node-side interface);
  *   - socket lookups with the IPv6 tuple; the daemon's IPv6 listeners are [::1]:<port> (and
@@ -36,8 +40,30 @@ struct zt_flow6 {
 /* Ethernet + fixed IPv6 header + TCP: all a packet we handle needs in the linear area. */
 #define MAX_HDR_LEN6 (ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct tcphdr))
 
-/* Reads the IPv6 TCP or UDP tuple. PARSE_SKIP: another next header (extension headers
- * included). PARSE_SHORT: headers not (all) in the linear area. */
+/* Whether an IPv6 next-header value is an extension header (RFC 8200 section 4, and the
+ * ones registered since: mobility, HIP, shim6, experimental). */
+static __always_inline int zt_ipv6_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case 0:   /* hop-by-hop options */
+	case 43:  /* routing */
+	case 44:  /* fragment */
+	case 50:  /* ESP */
+	case 51:  /* AH */
+	case 60:  /* destination options */
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+	case 253: /* experimental */
+	case 254: /* experimental */
+		return 1;
+	}
+	return 0;
+}
+
+/* Reads the IPv6 TCP or UDP tuple. PARSE_EXT: an extension header follows the fixed header
+ * (only the addresses are filled in). PARSE_SKIP: another next header. PARSE_SHORT: headers
+ * not (all) in the linear area. */
 static __always_inline int zt_parse6(struct __sk_buff *skb, struct zt_flow6 *f)
 {
 	void *data = (void *)(long)skb->data;
@@ -46,10 +72,12 @@ static __always_inline int zt_parse6(struct __sk_buff *skb, struct zt_flow6 *f)
 
 	if ((void *)(ip6 + 1) > data_end)
 		return PARSE_SHORT;
-	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-		return PARSE_SKIP;
 	__builtin_memcpy(&f->saddr, &ip6->saddr, sizeof(f->saddr));
 	__builtin_memcpy(&f->daddr, &ip6->daddr, sizeof(f->daddr));
+	if (zt_ipv6_ext(ip6->nexthdr))
+		return PARSE_EXT;
+	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+		return PARSE_SKIP;
 	if (ip6->nexthdr == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip6 + 1);
 		if ((void *)(uh + 1) > data_end)
@@ -80,6 +108,24 @@ static __always_inline void zt_to_daemon6(struct bpf_sock_tuple *t, __u16 port)
 	t->ipv6.dport = port;
 }
 
+/* A unicast packet with an extension header: dropped if it comes from or goes to an
+ * enrolled pod (it could carry TCP past the daemon), untouched otherwise. */
+static __always_inline int zt_ext6(struct zt_flow6 *f)
+{
+	/* ff00::/8: multicast (the first byte of the address). */
+	if ((f->daddr.a[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000))
+		return TC_ACT_UNSPEC;
+	struct zt_ip6 key = f->saddr;
+	struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled6, &key);
+	if (v && (v->flags & ZT_POD_ENROLLED))
+		return zt_drop(ZT_STAT_IPV6_EXT);
+	key = f->daddr;
+	v = bpf_map_lookup_elem(&zt_enrolled6, &key);
+	if (v && (v->flags & ZT_POD_ENROLLED))
+		return zt_drop(ZT_STAT_IPV6_EXT);
+	return TC_ACT_UNSPEC;
+}
+
 /* The IPv6 counterpart of zt_capture's body: same steps, same verdicts. */
 static __always_inline int zt_capture6(struct __sk_buff *skb)
 {
@@ -95,6 +141,8 @@ static __always_inline int zt_capture6(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		rc = zt_parse6(skb, &f);
 	}
+	if (rc == PARSE_EXT)
+		return zt_ext6(&f);
 	if (rc != PARSE_OK)
 		return TC_ACT_UNSPEC;
 

@@ -53,6 +53,17 @@ pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// `ztunnel_capture_dropped_packets_total{reason}` of node `node`'s daemon (0 when absent).
+pub fn capture_drops(cluster: &Cluster, node: usize, reason: &str) -> u64 {
+    let (status, body) = node_http(cluster, node, 15020, "GET", "/metrics").expect("scrape");
+    assert_eq!(status, 200, "metrics of node {node}");
+    let prefix = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// One HTTP/1.1 request to `127.0.0.1:<port>` inside node `node`'s network namespace (the
 /// daemon's admin, metrics and readiness ports): (status, body).
 pub fn node_http(

@@ -19,10 +19,9 @@ use mesh_tests::app::SendOpts;
 use mesh_tests::bpf::netns_programs;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Pod, PodSpec};
 use mesh_tests::pcap::TCP;
-use mesh_tests::testkit::{at, eventually, node_http, ok, start_with_daemons};
+use mesh_tests::testkit::{at, capture_drops, eventually, ok, start_with_daemons};
 
 const HBONE: u16 = 15008;
-const METRICS: u16 = 15020;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn spec() -> ClusterSpec {
@@ -106,17 +105,6 @@ fn assert_held(cluster: &Cluster, a: &Pod, b: &Pod, marker: &str, when: &str) {
     );
 }
 
-/// The `ztunnel_capture_dropped_packets_total{reason=…}` of node `node`.
-fn dropped(cluster: &Cluster, node: usize, reason: &str) -> u64 {
-    let (status, body) = node_http(cluster, node, METRICS, "GET", "/metrics").expect("scrape");
-    assert_eq!(status, 200);
-    let prefix = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn no_daemon_holds_traffic_and_a_restart_adopts_capture() {
     let cluster = start_with_daemons(spec());
@@ -166,7 +154,7 @@ fn no_daemon_holds_traffic_and_a_restart_adopts_capture() {
     );
     assert_eq!(r.peer_ips(), [IpAddr::from(a.ip)].into(), "{r}");
     assert!(
-        dropped(&cluster, 1, "no_daemon") > 0,
+        capture_drops(&cluster, 1, "no_daemon") > 0,
         "the drops while no daemon ran are counted"
     );
 
@@ -239,7 +227,7 @@ fn spoofed_source_address_is_dropped_and_counted() {
         "a as itself",
     );
     let skip = cluster.daemon(2).log_lines().len();
-    let spoofed_before = dropped(&cluster, 1, "spoofed_source");
+    let spoofed_before = capture_drops(&cluster, 1, "spoofed_source");
 
     // From a's network namespace: c's address on a's eth0, a connection bound to it.
     let c_addr = format!("{}/32", c.ip);
@@ -266,7 +254,7 @@ fn spoofed_source_address_is_dropped_and_counted() {
         "a connection spoofing c's address got through: {said}"
     );
     eventually(WAIT, "the spoofed SYNs counted", || {
-        dropped(&cluster, 1, "spoofed_source") > spoofed_before
+        capture_drops(&cluster, 1, "spoofed_source") > spoofed_before
     });
     let as_neighbour: Vec<_> = cluster
         .daemon(2)

@@ -2,7 +2,8 @@
 //! IPv4 and IPv6 addresses (ULA prefixes, static routes, no default route): bytes intact
 //! across nodes to a pod's and a Service's IPv6 address, only TLS on port 15008 on the
 //! fabric, the client's identity and IPv6 address at the destination, an AuthorizationPolicy
-//! with an IPv6 `ipBlocks`, and DNS AAAA answers (over IPv4 and over IPv6).
+//! with an IPv6 `ipBlocks`, and DNS AAAA answers (over IPv4 and over IPv6). TCP behind an
+//! IPv6 extension header is dropped and counted, never passed around the daemon.
 //!
 //! Needs root, `tcpdump` and `dig`; `cargo xtask test -p mesh-tests --test dual_stack`.
 //! Without them the tests fail, they never skip.
@@ -13,7 +14,7 @@ use std::time::Duration;
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, vip6, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec};
 use mesh_tests::pcap::TCP;
-use mesh_tests::testkit::{ok, refused, start_with_daemons};
+use mesh_tests::testkit::{capture_drops, eventually, ok, refused, start_with_daemons};
 use serde_json::Value;
 
 const HBONE: u16 = 15008;
@@ -55,6 +56,28 @@ fn addr_ip(l: &Value, key: &str) -> Option<IpAddr> {
     field(l, key).parse::<SocketAddr>().ok().map(|a| a.ip())
 }
 
+/// From `pod`, a TCP connection to `[dst]:port` whose packets all carry a destination-options
+/// extension header (`IPV6_DSTOPTS`, one PadN option); sends `marker` if it connects. Returns
+/// what the script printed: `connected` or `failed <error>`.
+fn dstopts_connect(pod: &Pod, dst: Ipv6Addr, port: u16, marker: &str) -> String {
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0,0,1,4,0,0,0,0]))\n\
+         s.settimeout(3)\n\
+         try:\n s.connect(('{dst}',{port})); s.sendall(b'{marker}'); print('connected'); sys.exit(0)\n\
+         except Exception as e:\n print('failed', e); sys.exit(1)\n"
+    );
+    let o = pod
+        .exec("python3", ["-c", script.as_str()])
+        .expect("python3 runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim()
+    )
+}
+
 #[test]
 fn ipv6_flows_cross_nodes_in_tls_with_identity_and_source_kept() {
     let cluster = start_with_daemons(spec());
@@ -85,6 +108,19 @@ fn ipv6_flows_cross_nodes_in_tls_with_identity_and_source_kept() {
             .expect("runs"),
         "a -> the Service's IPv4 VIP",
     );
+    // TCP behind an IPv6 extension header (a destination-options header the kernel adds to
+    // every packet of this socket) would pass by the capture program, which reads only TCP
+    // right after the fixed header: it is dropped and counted instead, and nothing of it
+    // reaches the fabric (checked with the rest of the capture below).
+    let ext_before = capture_drops(&cluster, 1, "ipv6_extension_header");
+    let said = dstopts_connect(&a, ip6(&b), 8080, &marker);
+    assert!(
+        said.starts_with("failed"),
+        "TCP behind a destination-options header got through: {said}"
+    );
+    eventually(LOG_WAIT, "the extension-header SYNs counted", || {
+        capture_drops(&cluster, 1, "ipv6_extension_header") > ext_before
+    });
 
     let pcap = capture.stop().expect("capture stops");
     let stray: Vec<String> = pcap

@@ -54,6 +54,7 @@ impl MetricsRoutes {
         m.set_capture_drops(&[
             ("spoofed_source", capture.drops.spoofed_source),
             ("no_daemon", capture.drops.no_daemon),
+            ("ipv6_extension_header", capture.drops.ipv6_extension_header),
         ]);
         m.set_certificates(&self.certs.snapshot());
         m.set_worker_loads(&self.workers.loads());

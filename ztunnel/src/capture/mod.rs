@@ -58,7 +58,8 @@ const STATS_MAP: &str = "zt_stats";
 /// Slots of `zt_stats` (`ZT_STAT_*` in the C code).
 const STAT_SPOOFED: u32 = 0;
 const STAT_NO_DAEMON: u32 = 1;
-const STAT_COUNT: u32 = 2;
+const STAT_IPV6_EXT: u32 = 2;
+const STAT_COUNT: u32 = 3;
 /// Value flag in the enrolled map (`ZT_POD_ENROLLED` in the C code).
 const POD_ENROLLED: u32 = 1;
 /// Value flag: the pod's DNS (port 53) is steered to the DNS proxy (`ZT_POD_DNS`).
@@ -103,6 +104,9 @@ pub struct DropCounts {
     pub spoofed_source: u64,
     /// Would have been captured, but no daemon socket was there (daemon stopped or restarting).
     pub no_daemon: u64,
+    /// IPv6 with an extension header from or to an enrolled pod: it could hide TCP from the
+    /// capture program, so it is dropped rather than passed around the daemon.
+    pub ipv6_extension_header: u64,
 }
 
 /// A pod on this node as capture sees it.
@@ -548,6 +552,7 @@ impl Capture {
         DropCounts {
             spoofed_source: sum(STAT_SPOOFED),
             no_daemon: sum(STAT_NO_DAEMON),
+            ipv6_extension_header: sum(STAT_IPV6_EXT),
         }
     }
 

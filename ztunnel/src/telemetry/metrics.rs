@@ -322,7 +322,9 @@ impl Metrics {
             "ztunnel_capture_dropped_packets",
             "Packets the capture programs dropped: `spoofed_source` (an enrolled pod's address \
              entering the node elsewhere than through its interface), `no_daemon` (to be \
-             captured while no daemon listened); counted in pinned maps, so across restarts",
+             captured while no daemon listened), `ipv6_extension_header` (IPv6 from or to an \
+             enrolled pod with an extension header, which could hide TCP from capture); \
+             counted in pinned maps, so across restarts",
             m.capture_drops.clone(),
         );
         r.register(
