@@ -5,14 +5,17 @@
 //! 1. `check_host`: the configured TCP congestion controls exist; the open-file limit is raised.
 //! 2. The state source ([`crate::source`]): its first read, published on a `watch` channel.
 //! 3. `start_identity`: the CA and the certificate manager.
-//! 4. `Listeners::bind`: every socket the daemon serves.
+//! 4. `take_over`, `Listeners::bind`: every socket the daemon serves, received from the
+//!    daemon running on this node when there is one ([`crate::handover`]), else bound.
 //! 5. `start_dns`, `start_data_plane`: the DNS proxy; the workers, HBONE pool, proxy, HBONE
 //!    server and the accept loops of 15001, 15006 and 15008.
 //! 6. `serve_admin`: admin, metrics and readiness (answering 503 until ready), and the admin
 //!    socket, on a thread of their own.
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
-//! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
-//! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
+//! 8. `attach_capture`, then `become_ready` (a daemon that took over starts accepting only
+//!    now, and tells its predecessor); the source then polls on its own.
+//! 9. `steady_state`: state changes and capture resyncs, until a signal, `/quitquitquit` or a
+//!    hand-over to a new daemon of the node.
 //! 10. `drain_and_exit`.
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
@@ -30,7 +33,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
@@ -41,6 +44,7 @@ use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
+use crate::handover::{self, names, HandoverError, Inherited, Offer, Serving};
 use crate::hbone::client::Pool;
 use crate::hbone::limits::Limits;
 use crate::hbone::server::Server;
@@ -97,6 +101,12 @@ pub enum AppError {
     /// The admin socket could not be bound.
     #[error("admin socket {0}")]
     AdminSocket(#[from] SocketError),
+    /// The hand-over socket could not be bound.
+    #[error("hand-over socket {0}")]
+    HandoverSocket(SocketError),
+    /// The running daemon's sockets could not be taken over.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
     /// The thread of the admin, metrics and readiness ports could not be started.
     #[error("cannot start the admin thread: {0}")]
     Admin(std::io::Error),
@@ -113,15 +123,29 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (state_tx, mut state_rx) = watch::channel(Arc::new(source.initial()?));
     let certs = start_identity(&cfg)?;
     let sockets = daemon_sockets(&cfg);
-    let listeners = Listeners::bind(&cfg, &*sockets)?;
+    let mut inherited = match &cfg.handover_socket {
+        Some(path) => handover::take_over(path, &cfg.node_name).await?,
+        None => None,
+    };
+    let listeners = Listeners::bind(&cfg, &*sockets, inherited.as_mut())?;
 
-    // Removes the socket file when the daemon stops, however it stops.
-    let _admin_socket = listeners.admin_socket_file;
+    // Removes the socket files when the daemon stops, however it stops (unless handed over).
+    let files = listeners.files;
 
-    let shared = Shared::new(cfg, state_rx.clone(), certs, sockets, source.health());
+    // A daemon that took over accepts only once ready; its predecessor serves until then.
+    let serving = Serving::new(inherited.is_none());
+    let shared = Shared::new(
+        cfg,
+        state_rx.clone(),
+        certs,
+        sockets,
+        source.health(),
+        serving,
+    );
     let dns = start_dns(&shared, listeners.dns);
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
     serve_admin(&shared, listeners.admin, &data_plane, dns)?;
+    let mut handover = serve_handover(&shared, listeners.handover);
 
     let mut signals = Signals::install()?;
     let first = first_complete_state(&mut *source, &state_tx, &mut state_rx, &mut signals);
@@ -130,11 +154,28 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
     issue_first_certificates(&shared, &state).await?;
     let mut capture = attach_capture(&shared, &state)?;
+    shared.serving.open();
     become_ready(&shared, &state);
+    if let Some(inherited) = inherited.take() {
+        inherited.complete(shared.handover_stats.clone());
+    }
 
     tokio::spawn(source.run(state_tx));
-    steady_state(&shared, &data_plane, &mut capture, state_rx, &mut signals).await;
-    drain_and_exit(&shared, capture, &mut signals).await
+    let stop = steady_state(
+        &shared,
+        &data_plane,
+        &mut capture,
+        state_rx,
+        &mut signals,
+        &mut handover,
+    )
+    .await;
+    drain_and_exit(&shared, capture, &mut signals, stop).await?;
+    if stop == Stop::HandedOver {
+        // The successor serves on them now.
+        files.keep();
+    }
+    Ok(())
 }
 
 /// What the host must provide, checked before anything is read or bound: the configured TCP
@@ -188,10 +229,28 @@ fn daemon_sockets(cfg: &Config) -> Arc<dyn SocketFactory> {
 struct Listeners {
     data_plane: DataPlaneListeners,
     admin: admin::Listeners,
-    /// The admin socket's file, removed when dropped.
-    admin_socket_file: SocketFile,
+    /// The socket files, removed when dropped.
+    files: SocketFiles,
     /// Only when the DNS proxy is on.
     dns: Option<DnsSockets>,
+    /// The hand-over socket (when on) and what it can give a successor.
+    handover: Option<(std::os::unix::net::UnixListener, Offer)>,
+}
+
+/// The unix sockets' files: removed when the daemon stops, unless a successor took them.
+struct SocketFiles {
+    _admin: SocketFile,
+    handover: Option<SocketFile>,
+}
+
+impl SocketFiles {
+    /// Leaves the files in place for the successor that serves on them.
+    fn keep(self) {
+        self._admin.keep();
+        if let Some(h) = self.handover {
+            h.keep();
+        }
+    }
 }
 
 /// The captured ports, served by the data plane.
@@ -211,29 +270,50 @@ struct DnsSockets {
 }
 
 impl Listeners {
-    /// Binds everything, in a fixed order (the first that fails names its port).
-    fn bind(cfg: &Config, sockets: &dyn SocketFactory) -> Result<Listeners, AppError> {
+    /// Binds everything, in a fixed order (the first that fails names its port), or takes
+    /// each from `inherited` (the sockets of the daemon this one takes over from) when it is
+    /// there at the same address. Keeps a duplicate of each in the hand-over offer.
+    fn bind(
+        cfg: &Config,
+        sockets: &dyn SocketFactory,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Listeners, AppError> {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let p = cfg.ports;
-        let bind = |what, ip, port, leg, capture| {
+        let mut offer = Offer::default();
+        let mut bind = |what, ip, port, leg, capture| {
             let addr = SocketAddr::new(ip, port);
-            sockets
-                .listen(leg, addr, capture)
-                .map_err(|error| AppError::Bind { what, addr, error })
+            // Named after its --<what>-port setting.
+            let flag = if what == names::DNS_TCP { "dns" } else { what };
+            let err = |error| AppError::Bind {
+                what: flag,
+                addr,
+                error,
+            };
+            let got = inherited.as_deref_mut().and_then(|i| i.tcp(what, addr));
+            let l = match got {
+                Some(l) => {
+                    l.set_nonblocking(true).map_err(err)?;
+                    TcpListener::from_std(l).map_err(err)?
+                }
+                None => sockets.listen(leg, addr, capture).map_err(err)?,
+            };
+            offer.add(what, None, &l);
+            Ok::<_, AppError>(l)
         };
         // Captured outbound connections come from pods of this node; plaintext inbound ones may
         // come from anywhere, so they keep the node's congestion control.
         let data_plane = DataPlaneListeners {
-            outbound: bind("outbound", local, p.outbound, Leg::Pod, true)?,
+            outbound: bind(names::OUTBOUND, local, p.outbound, Leg::Pod, true)?,
             inbound_plaintext: bind(
-                "inbound-plaintext",
+                names::INBOUND_PLAINTEXT,
                 local,
                 p.inbound_plaintext,
                 Leg::Node,
                 true,
             )?,
-            hbone: bind("hbone", any, p.hbone, Leg::Hbone, true)?,
+            hbone: bind(names::HBONE, any, p.hbone, Leg::Hbone, true)?,
         };
         // Served by the admin thread's runtime: taken off this one's reactor.
         let to_std = |l: TcpListener, what, port| {
@@ -243,38 +323,101 @@ impl Listeners {
                 error,
             })
         };
-        let admin_port = bind("admin", cfg.admin_addr, p.admin, Leg::Node, false)?;
-        let metrics = bind("metrics", any, p.metrics, Leg::Node, false)?;
-        let readiness = bind("readiness", any, p.readiness, Leg::Node, false)?;
-        let (socket, admin_socket_file) = admin::socket::bind(&cfg.admin_socket)?;
+        let admin_port = bind(names::ADMIN, cfg.admin_addr, p.admin, Leg::Node, false)?;
+        let metrics = bind(names::METRICS, any, p.metrics, Leg::Node, false)?;
+        let readiness = bind(names::READINESS, any, p.readiness, Leg::Node, false)?;
+        let dns_tcp = match cfg.dns {
+            Some(_) => {
+                let addr = dns::server::listen_addr(p.dns);
+                Some(bind(
+                    names::DNS_TCP,
+                    addr.ip(),
+                    addr.port(),
+                    Leg::Node,
+                    true,
+                )?)
+            }
+            None => None,
+        };
+        let (socket, admin_file) = inherited_unix(
+            inherited.as_deref_mut(),
+            names::ADMIN_SOCKET,
+            &cfg.admin_socket,
+        )
+        .unwrap_or_else(|| admin::socket::bind(&cfg.admin_socket))?;
+        offer.add(names::ADMIN_SOCKET, Some(&cfg.admin_socket), &socket);
         let admin = admin::Listeners {
             admin: to_std(admin_port, "admin", p.admin)?,
             socket,
             metrics: to_std(metrics, "metrics", p.metrics)?,
             readiness: to_std(readiness, "readiness", p.readiness)?,
         };
-        let dns = match cfg.dns {
-            Some(_) => {
+        let dns = match dns_tcp {
+            Some(tcp) => {
                 let addr = dns::server::listen_addr(p.dns);
-                let udp = dns::server::bind_udp(addr, cfg.daemon_mark).map_err(|error| {
-                    AppError::Bind {
-                        what: "dns",
-                        addr,
-                        error,
+                let err = |error| AppError::Bind {
+                    what: "dns",
+                    addr,
+                    error,
+                };
+                let got = inherited
+                    .as_deref_mut()
+                    .and_then(|i| i.udp(names::DNS_UDP, addr));
+                let udp = match got {
+                    Some(u) => {
+                        u.set_nonblocking(true).map_err(err)?;
+                        UdpSocket::from_std(u).map_err(err)?
                     }
-                })?;
-                let tcp = bind("dns", addr.ip(), addr.port(), Leg::Node, true)?;
+                    None => dns::server::bind_udp(addr, cfg.daemon_mark).map_err(err)?,
+                };
+                offer.add(names::DNS_UDP, None, &udp);
                 Some(DnsSockets { udp, tcp })
             }
             None => None,
         };
+        let (handover, handover_file) = match &cfg.handover_socket {
+            Some(path) => {
+                let (l, file) = inherited_unix(inherited, names::HANDOVER, path)
+                    .unwrap_or_else(|| admin::socket::bind_for(path, "handover-socket"))
+                    .map_err(AppError::HandoverSocket)?;
+                offer.add(names::HANDOVER, Some(path), &l);
+                (Some((l, offer)), Some(file))
+            }
+            None => (None, None),
+        };
         Ok(Listeners {
             data_plane,
             admin,
-            admin_socket_file,
+            files: SocketFiles {
+                _admin: admin_file,
+                handover: handover_file,
+            },
             dns,
+            handover,
         })
     }
+}
+
+/// The unix listener `name` at `path` from the daemon this one takes over from, with its file
+/// now in this daemon's charge; `None` when there is none to take.
+fn inherited_unix(
+    inherited: Option<&mut Inherited>,
+    name: &str,
+    path: &std::path::Path,
+) -> Option<Result<(std::os::unix::net::UnixListener, SocketFile), SocketError>> {
+    let l = inherited?.unix(name, path)?;
+    let adopted = l
+        .set_nonblocking(true)
+        .and_then(|()| SocketFile::adopt(path));
+    Some(
+        adopted
+            .map(|file| (l, file))
+            .map_err(|error| SocketError::Io {
+                path: path.to_path_buf(),
+                what: "taking over",
+                error,
+            }),
+    )
 }
 
 /// The handles the phases after start-up's checks share; each is cheap to clone.
@@ -296,6 +439,10 @@ struct Shared {
     /// Failed accepts of every listener loop (data plane and DNS): one reserve descriptor,
     /// one counter, one log rate limit.
     accept_errors: Arc<AcceptErrors>,
+    /// Whether this process accepts: every accept loop runs inside it ([`crate::handover`]).
+    serving: Serving,
+    /// Hand-overs this process took part in.
+    handover_stats: Arc<handover::Stats>,
 }
 
 impl Shared {
@@ -305,8 +452,11 @@ impl Shared {
         certs: Arc<CertManager>,
         sockets: Arc<dyn SocketFactory>,
         source_health: Arc<SourceHealth>,
+        serving: Serving,
     ) -> Shared {
         let metrics = Metrics::new(&cfg.cluster_domain);
+        let handover_stats = Arc::new(handover::Stats::default());
+        metrics.register(|r| handover_stats.register(r));
         metrics.register(|r| source_health.register(r));
         metrics.register(|r| certs.health().register(r));
         let accept_errors = AcceptErrors::new();
@@ -322,6 +472,8 @@ impl Shared {
             drain: Drain::default(),
             readiness: Arc::default(),
             capture: Arc::default(),
+            serving,
+            handover_stats,
         }
     }
 }
@@ -355,18 +507,19 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
         stats.clone(),
     );
     let gate = dns::limits::Gate::new(d.limits, stats.refused.clone());
-    tokio::spawn(dns::server::run_udp(
+    let serving = &shared.serving;
+    tokio::spawn(serving.clone().run(dns::server::run_udp(
         udp,
         handler.clone(),
         cfg.daemon_mark,
         gate.clone(),
-    ));
-    tokio::spawn(dns::server::run_tcp(
+    )));
+    tokio::spawn(serving.clone().run(dns::server::run_tcp(
         tcp,
         handler,
         gate,
         shared.accept_errors.clone(),
-    ));
+    )));
     stats
 }
 
@@ -418,7 +571,7 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         let serve = proxy
             .clone()
             .serve(listener, kind, workers.clone(), drain.clone());
-        tokio::spawn(serve);
+        tokio::spawn(shared.serving.clone().run(serve));
     }
     // An HBONE connection does not count for the drain itself: its streams do. Connections
     // are admitted at accept, so one over a limit is reset before a worker or TLS sees it.
@@ -434,10 +587,10 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         server.clone().serve_admitted(tcp, peer, admitted)
     };
     let (w, d) = (workers.clone(), drain.clone());
-    tokio::spawn(async move {
+    tokio::spawn(shared.serving.clone().run(async move {
         w.accept_loop_admitting(listeners.hbone, "hbone", &d, admit, serve)
             .await
-    });
+    }));
     Ok(DataPlane {
         pool,
         workers,
@@ -508,9 +661,51 @@ fn serve_admin(
         metrics,
         readiness: shared.readiness.clone(),
     };
-    admin::spawn(listeners, routes, admin::Limits::DEFAULT).map_err(AppError::Admin)?;
+    admin::spawn(
+        listeners,
+        routes,
+        admin::Limits::DEFAULT,
+        shared.serving.clone(),
+    )
+    .map_err(AppError::Admin)?;
     tracing::info!(socket = %shared.cfg.admin_socket.display(), "admin socket listening");
     Ok(())
+}
+
+/// Answers on the hand-over socket (while this daemon accepts): a new daemon of this node
+/// gets the sockets, and this one stops accepting once it is ready. Returns what the main task
+/// hears of it; `None` when hand-over is off.
+fn serve_handover(
+    shared: &Shared,
+    socket: Option<(std::os::unix::net::UnixListener, Offer)>,
+) -> Option<mpsc::UnboundedReceiver<handover::Event>> {
+    let (listener, offer) = socket?;
+    let netns = match handover::netns_id() {
+        Ok(n) => n,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read this daemon's network namespace; hand-over to a new daemon is off");
+            return None;
+        }
+    };
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::warn!(%error, "cannot serve the hand-over socket; hand-over to a new daemon is off");
+            return None;
+        }
+    };
+    let (events, rx) = mpsc::unbounded_channel();
+    let server = handover::predecessor::Predecessor {
+        node: shared.cfg.node_name.clone(),
+        netns,
+        offer,
+        serving: shared.serving.clone(),
+        drain: shared.drain.clone(),
+        stats: shared.handover_stats.clone(),
+        events,
+    };
+    tokio::spawn(server.serve(listener));
+    Some(rx)
 }
 
 /// SIGTERM and SIGINT. Installed once the daemon serves its ports; before, either ends the
@@ -597,53 +792,107 @@ fn become_ready(shared: &Shared, state: &State) {
     tracing::debug!(bytes = released, "start-up memory released");
 }
 
+/// Why the daemon left its steady state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A signal or `/quitquitquit`: drain and exit.
+    Requested,
+    /// A new daemon of this node accepts on the sockets now: drain and exit, leaving capture
+    /// and the socket files to it.
+    HandedOver,
+}
+
 /// Follows state changes (open flows re-checked, certificates, capture) and re-syncs capture
-/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT or
-/// `/quitquitquit`.
+/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT,
+/// `/quitquitquit` or a completed hand-over. While a hand-over is in progress capture is the
+/// new daemon's to change, readiness answers 503, and a signal waits for its outcome (a second
+/// one stops accepting at once, leaving the shared queues to the new daemon).
 async fn steady_state(
     shared: &Shared,
     data_plane: &DataPlane,
     capture: &mut Option<Capture>,
     mut state_rx: watch::Receiver<Arc<State>>,
     signals: &mut Signals,
-) {
+    handover: &mut Option<mpsc::UnboundedReceiver<handover::Event>>,
+) -> Stop {
     let cfg = &shared.cfg;
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut handing_over, mut stop_asked) = (false, false);
     loop {
+        let event = async {
+            match handover.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = resync.tick() => {
+            _ = resync.tick(), if !handing_over => {
                 let state = state_rx.borrow().clone();
                 sync_capture(cfg, capture.as_mut(), &state, &shared.capture, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
-                    return;
+                    return Stop::Requested;
                 }
                 let state = state_rx.borrow_and_update().clone();
                 data_plane.proxy.recheck_connections(&state);
                 update_certificates(cfg, &shared.certs, &state);
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                if !handing_over {
+                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                }
             }
             signal = signals.recv() => {
-                tracing::info!("{signal} received; draining");
-                return;
+                if !handing_over {
+                    tracing::info!("{signal} received; draining");
+                    return Stop::Requested;
+                }
+                if stop_asked {
+                    tracing::info!("{signal} received again during the hand-over; no longer \
+                        accepting (the new daemon takes what waits), draining");
+                    shared.serving.close();
+                    return Stop::HandedOver;
+                }
+                tracing::info!("{signal} received during a hand-over; serving until the new \
+                    daemon is ready (another signal stops accepting now)");
+                stop_asked = true;
             }
             _ = shared.drain.started() => {
                 tracing::info!("drain requested through the admin socket");
-                return;
+                return Stop::Requested;
             }
+            Some(event) = event => match event {
+                handover::Event::Started { .. } => {
+                    handing_over = true;
+                    shared.readiness.set_handing_over(true);
+                }
+                handover::Event::Aborted => {
+                    handing_over = false;
+                    shared.readiness.set_handing_over(false);
+                    if stop_asked {
+                        tracing::info!("draining, as signalled during the hand-over");
+                        return Stop::Requested;
+                    }
+                    let state = state_rx.borrow().clone();
+                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                }
+                handover::Event::Completed { .. } => return Stop::HandedOver,
+            },
         }
     }
 }
 
 /// Drains (new connections refused, open flows awaited up to `--drain-timeout` or until
 /// another signal), then, with `--detach-on-exit`, removes capture (traffic flows directly
-/// again); otherwise leaves it pinned, failing closed until the next daemon.
+/// again); otherwise leaves it pinned, failing closed until the next daemon. After a
+/// hand-over no longer accepting is what stopped new flows, capture is the new daemon's
+/// whatever `--detach-on-exit` says, and one signal (the orchestrator stopping this process)
+/// does not cut the drain short: a second one does.
 async fn drain_and_exit(
     shared: &Shared,
     capture: Option<Capture>,
     signals: &mut Signals,
+    stop: Stop,
 ) -> Result<(), AppError> {
     let (cfg, drain) = (&shared.cfg, &shared.drain);
     drain.start();
@@ -651,15 +900,32 @@ async fn drain_and_exit(
     tracing::info!(
         active,
         timeout = ?cfg.drain_timeout,
+        handed_over = stop == Stop::HandedOver,
         "draining: new connections refused, waiting for open ones"
     );
-    let left = tokio::select! {
-        n = drain.wait_idle(cfg.drain_timeout) => n,
-        _ = signals.recv() => drain.active(),
+    let mut signals_to_end = if stop == Stop::HandedOver { 2 } else { 1 };
+    let idle = drain.wait_idle(cfg.drain_timeout);
+    tokio::pin!(idle);
+    let left = loop {
+        tokio::select! {
+            n = &mut idle => break n,
+            signal = signals.recv() => {
+                signals_to_end -= 1;
+                if signals_to_end == 0 {
+                    break drain.active();
+                }
+                tracing::info!("{signal} received while draining after a hand-over; open \
+                    flows go on (another signal ends the drain)");
+            }
+        }
     };
     tracing::info!(left, "drain finished");
     let detach = cfg.capture.as_ref().is_some_and(|c| c.detach_on_exit);
     match capture {
+        Some(c) if stop == Stop::HandedOver => {
+            drop(c);
+            tracing::info!("capture left to the new daemon; exiting");
+        }
         Some(c) if detach => {
             c.uninstall()?;
             tracing::info!("capture removed (--detach-on-exit); exiting");
