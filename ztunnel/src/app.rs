@@ -27,35 +27,38 @@
 //! `--detach-on-exit` the daemon removes it (traffic then flows directly again).
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
-use crate::admin::socket::{SocketError, SocketFile};
+use crate::admin::socket::SocketError;
 use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
-use crate::handover::{self, names, HandoverError, Inherited, Offer, Serving};
+use crate::handover::{self, HandoverError, Offer, Serving};
 use crate::hbone::client::Pool;
 use crate::hbone::limits::Limits;
 use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, SpiffeId};
 use crate::proxy::route::Node;
 use crate::proxy::{Captured, Proxy};
-use crate::socket::{self, Leg, SocketFactory, TransparentSockets};
+use crate::socket::{self, SocketFactory, TransparentSockets};
 use crate::source::{self, SourceError, SourceHealth, StateSource};
 use crate::state::State;
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
+
+mod listeners;
+
+use listeners::{DataPlaneListeners, DnsSockets, Listeners};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -222,202 +225,6 @@ fn daemon_sockets(cfg: &Config) -> Arc<dyn SocketFactory> {
         hbone_congestion: cfg.hbone.tcp_congestion.clone(),
         connect_timeout: cfg.hbone.connect_timeout,
     })
-}
-
-/// Every socket the daemon serves, all bound before capture attaches, so that no captured SYN
-/// or DNS datagram finds its listener missing.
-struct Listeners {
-    data_plane: DataPlaneListeners,
-    admin: admin::Listeners,
-    /// The socket files, removed when dropped.
-    files: SocketFiles,
-    /// Only when the DNS proxy is on.
-    dns: Option<DnsSockets>,
-    /// The hand-over socket (when on) and what it can give a successor.
-    handover: Option<(std::os::unix::net::UnixListener, Offer)>,
-}
-
-/// The unix sockets' files: removed when the daemon stops, unless a successor took them.
-struct SocketFiles {
-    _admin: SocketFile,
-    handover: Option<SocketFile>,
-}
-
-impl SocketFiles {
-    /// Leaves the files in place for the successor that serves on them.
-    fn keep(self) {
-        self._admin.keep();
-        if let Some(h) = self.handover {
-            h.keep();
-        }
-    }
-}
-
-/// The captured ports, served by the data plane.
-struct DataPlaneListeners {
-    /// Outbound capture (15001).
-    outbound: TcpListener,
-    /// Inbound plaintext capture (15006).
-    inbound_plaintext: TcpListener,
-    /// HBONE (15008).
-    hbone: TcpListener,
-}
-
-/// The DNS proxy's sockets (15053).
-struct DnsSockets {
-    udp: UdpSocket,
-    tcp: TcpListener,
-}
-
-impl Listeners {
-    /// Binds everything, in a fixed order (the first that fails names its port), or takes
-    /// each from `inherited` (the sockets of the daemon this one takes over from) when it is
-    /// there at the same address. Keeps a duplicate of each in the hand-over offer.
-    fn bind(
-        cfg: &Config,
-        sockets: &dyn SocketFactory,
-        mut inherited: Option<&mut Inherited>,
-    ) -> Result<Listeners, AppError> {
-        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let p = cfg.ports;
-        let mut offer = Offer::default();
-        let mut bind = |what, ip, port, leg, capture| {
-            let addr = SocketAddr::new(ip, port);
-            // Named after its --<what>-port setting.
-            let flag = if what == names::DNS_TCP { "dns" } else { what };
-            let err = |error| AppError::Bind {
-                what: flag,
-                addr,
-                error,
-            };
-            let got = inherited.as_deref_mut().and_then(|i| i.tcp(what, addr));
-            let l = match got {
-                Some(l) => {
-                    l.set_nonblocking(true).map_err(err)?;
-                    TcpListener::from_std(l).map_err(err)?
-                }
-                None => sockets.listen(leg, addr, capture).map_err(err)?,
-            };
-            offer.add(what, None, &l);
-            Ok::<_, AppError>(l)
-        };
-        // Captured outbound connections come from pods of this node; plaintext inbound ones may
-        // come from anywhere, so they keep the node's congestion control.
-        let data_plane = DataPlaneListeners {
-            outbound: bind(names::OUTBOUND, local, p.outbound, Leg::Pod, true)?,
-            inbound_plaintext: bind(
-                names::INBOUND_PLAINTEXT,
-                local,
-                p.inbound_plaintext,
-                Leg::Node,
-                true,
-            )?,
-            hbone: bind(names::HBONE, any, p.hbone, Leg::Hbone, true)?,
-        };
-        // Served by the admin thread's runtime: taken off this one's reactor.
-        let to_std = |l: TcpListener, what, port| {
-            l.into_std().map_err(|error| AppError::Bind {
-                what,
-                addr: SocketAddr::new(any, port),
-                error,
-            })
-        };
-        let admin_port = bind(names::ADMIN, cfg.admin_addr, p.admin, Leg::Node, false)?;
-        let metrics = bind(names::METRICS, any, p.metrics, Leg::Node, false)?;
-        let readiness = bind(names::READINESS, any, p.readiness, Leg::Node, false)?;
-        let dns_tcp = match cfg.dns {
-            Some(_) => {
-                let addr = dns::server::listen_addr(p.dns);
-                Some(bind(
-                    names::DNS_TCP,
-                    addr.ip(),
-                    addr.port(),
-                    Leg::Node,
-                    true,
-                )?)
-            }
-            None => None,
-        };
-        let (socket, admin_file) = inherited_unix(
-            inherited.as_deref_mut(),
-            names::ADMIN_SOCKET,
-            &cfg.admin_socket,
-        )
-        .unwrap_or_else(|| admin::socket::bind(&cfg.admin_socket))?;
-        offer.add(names::ADMIN_SOCKET, Some(&cfg.admin_socket), &socket);
-        let admin = admin::Listeners {
-            admin: to_std(admin_port, "admin", p.admin)?,
-            socket,
-            metrics: to_std(metrics, "metrics", p.metrics)?,
-            readiness: to_std(readiness, "readiness", p.readiness)?,
-        };
-        let dns = match dns_tcp {
-            Some(tcp) => {
-                let addr = dns::server::listen_addr(p.dns);
-                let err = |error| AppError::Bind {
-                    what: "dns",
-                    addr,
-                    error,
-                };
-                let got = inherited
-                    .as_deref_mut()
-                    .and_then(|i| i.udp(names::DNS_UDP, addr));
-                let udp = match got {
-                    Some(u) => {
-                        u.set_nonblocking(true).map_err(err)?;
-                        UdpSocket::from_std(u).map_err(err)?
-                    }
-                    None => dns::server::bind_udp(addr, cfg.daemon_mark).map_err(err)?,
-                };
-                offer.add(names::DNS_UDP, None, &udp);
-                Some(DnsSockets { udp, tcp })
-            }
-            None => None,
-        };
-        let (handover, handover_file) = match &cfg.handover_socket {
-            Some(path) => {
-                let (l, file) = inherited_unix(inherited, names::HANDOVER, path)
-                    .unwrap_or_else(|| admin::socket::bind_for(path, "handover-socket"))
-                    .map_err(AppError::HandoverSocket)?;
-                offer.add(names::HANDOVER, Some(path), &l);
-                (Some((l, offer)), Some(file))
-            }
-            None => (None, None),
-        };
-        Ok(Listeners {
-            data_plane,
-            admin,
-            files: SocketFiles {
-                _admin: admin_file,
-                handover: handover_file,
-            },
-            dns,
-            handover,
-        })
-    }
-}
-
-/// The unix listener `name` at `path` from the daemon this one takes over from, with its file
-/// now in this daemon's charge; `None` when there is none to take.
-fn inherited_unix(
-    inherited: Option<&mut Inherited>,
-    name: &str,
-    path: &std::path::Path,
-) -> Option<Result<(std::os::unix::net::UnixListener, SocketFile), SocketError>> {
-    let l = inherited?.unix(name, path)?;
-    let adopted = l
-        .set_nonblocking(true)
-        .and_then(|()| SocketFile::adopt(path));
-    Some(
-        adopted
-            .map(|file| (l, file))
-            .map_err(|error| SocketError::Io {
-                path: path.to_path_buf(),
-                what: "taking over",
-                error,
-            }),
-    )
 }
 
 /// The handles the phases after start-up's checks share; each is cheap to clone.
