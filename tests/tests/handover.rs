@@ -179,9 +179,11 @@ fn rolling_restart_loses_no_connection_and_old_flows_finish_on_the_old_daemon() 
     let churn_ba = churn(&b, &a);
     std::thread::sleep(Duration::from_secs(3));
 
+    let started = Instant::now();
     let old = cluster
         .start_successor(1, &["--drain-timeout", &drain])
         .expect("the new daemon takes over and becomes ready");
+    eprintln!("new daemon ready {:?} after it started", started.elapsed());
     let handed_over = seen(
         &old,
         |l| message(l).starts_with("handed over to the new daemon"),
@@ -197,6 +199,7 @@ fn rolling_restart_loses_no_connection_and_old_flows_finish_on_the_old_daemon() 
         .wait_exit(DRAIN + Duration::from_secs(10))
         .expect("the old daemon exits");
     let drained_in = handed_over.elapsed();
+    eprintln!("old daemon exited {drained_in:?} after the hand-over");
     assert_eq!(status.code(), Some(0), "{}", old.log_tail(20));
     assert!(
         drained_in < DRAIN,
@@ -272,4 +275,71 @@ fn rolling_restart_loses_no_connection_and_old_flows_finish_on_the_old_daemon() 
         Some(1)
     );
     assert_hbone_only(&cluster, &a, &b, "after the old daemon exited");
+}
+
+/// A new daemon that fails before it is ready (here: capture cannot attach to an uplink that
+/// does not exist) aborts the hand-over: the running daemon never stopped holding its sockets
+/// and serves on, ready again, and not one connection fails meanwhile.
+#[test]
+fn a_successor_that_fails_to_start_leaves_the_running_daemon_serving() {
+    let mut cluster = Cluster::start(spec()).expect("cluster starts");
+    cluster.start_all_daemons().expect("daemons ready");
+    let (a, b) = (cluster.pod("mesh/a").clone(), cluster.pod("mesh/b").clone());
+    let _sa = a.serve(8080, "a").expect("serve a");
+    let _sb = b.serve(8080, "b").expect("serve b");
+    ok(a.send(&SendOpts::to(&at(&b, 8080))).expect("runs"), "a->b");
+    let mut long = long_transfer(&a, &b);
+    let churn_ab = churn(&a, &b);
+    let churn_ba = churn(&b, &a);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let failed = cluster
+        .spawn_successor_unready(1, &["--uplink", "nope0"])
+        .expect("the second daemon starts");
+    let status = failed
+        .wait_exit(Duration::from_secs(60))
+        .expect("the second daemon gives up");
+    assert!(!status.success(), "{}", failed.log_tail(10));
+    assert!(
+        failed
+            .log_lines()
+            .iter()
+            .any(|l| message(l).starts_with("taking over the running daemon")),
+        "it had taken the sockets: {}",
+        failed.log_tail(10)
+    );
+    let old = cluster.daemon(1);
+    old.wait_for_log(
+        |l| message(l).starts_with("hand-over aborted"),
+        Duration::from_secs(15),
+    )
+    .expect("the running daemon notices");
+    assert!(old.is_running(), "the running daemon serves on");
+    assert!(
+        long.is_running().expect("check"),
+        "the long transfer goes on"
+    );
+
+    for (c, what) in [(churn_ab, "a->b"), (churn_ba, "b->a")] {
+        let r = churn_result(c, what);
+        eprintln!("churn {what}: {r}");
+        assert_eq!(
+            (r["connections"].as_u64(), r["failed"].as_u64()),
+            (Some(u64::from(CHURN_RATE * CHURN_SECS)), Some(0)),
+            "{what}: {r}"
+        );
+    }
+    ok(long.wait().expect("runs"), "the long transfer");
+    let (status, _) =
+        node_http(&cluster, 1, READINESS, "GET", "/healthz/ready").expect("readiness");
+    assert_eq!(status, 200, "ready again");
+    assert_eq!(
+        metric(
+            &cluster,
+            1,
+            "ztunnel_handovers_total{role=\"predecessor\",result=\"aborted\"} "
+        ),
+        Some(1)
+    );
+    assert_hbone_only(&cluster, &a, &b, "after the aborted hand-over");
 }

@@ -361,6 +361,21 @@ impl Cluster {
         Ok(old)
     }
 
+    /// Starts a second daemon for node i next to the running one like
+    /// [`Cluster::start_successor`], without waiting for `ready`, and returns its handle; the
+    /// running daemon stays node i's (for hand-overs that do not complete). Dropping the
+    /// handle stops the process and never uninstalls capture, which stays the running one's.
+    pub fn spawn_successor_unready(&mut self, node: usize, extra: &[&str]) -> Result<Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let new = Daemon::spawn_unready(node, &self.node_netns(node), cmd, &logdir)?;
+        new.hand_over_capture();
+        Ok(new)
+    }
+
     /// The command of node i's daemon: the standard flags plus `extra`.
     fn daemon_cmd(&mut self, node: usize, extra: &[&str]) -> Result<DaemonCmd> {
         // A daemon given a CA service (`--ca-address`) gets no file CA: the root key stays
