@@ -16,9 +16,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::{PendingSend, SendOpts};
-use mesh_tests::bpf::netns_programs;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Daemon, Pod, PodSpec};
-use mesh_tests::pcap::TCP;
 use mesh_tests::testkit::{at, node_http, ok};
 use serde_json::Value;
 
@@ -117,13 +115,7 @@ fn assert_hbone_only(cluster: &Cluster, a: &Pod, b: &Pod, when: &str) {
     );
     assert_eq!(ba.peer_ips(), [IpAddr::from(b.ip)].into(), "{when}: {ba}");
     let pcap = capture.stop().expect("capture stops");
-    let stray: Vec<String> = pcap
-        .packets
-        .iter()
-        .filter(|p| p.between(a.ip, b.ip))
-        .filter(|p| p.proto != TCP || !p.has_port(HBONE))
-        .map(|p| format!("{}:{} -> {}:{}", p.src, p.sport, p.dst, p.dport))
-        .collect();
+    let stray = pcap.between_outside_tcp_port(a.ip, b.ip, HBONE);
     assert!(
         stray.is_empty(),
         "{when}: packets between a and b outside HBONE: {stray:?}"
@@ -143,12 +135,7 @@ fn assert_hbone_only(cluster: &Cluster, a: &Pod, b: &Pod, when: &str) {
 
 /// Programs per TCX hook in node `node`'s namespace (`tcx/ingress veth0` -> 1).
 fn tcx_programs(cluster: &Cluster, node: usize) -> BTreeMap<String, usize> {
-    netns_programs(&cluster.node_netns(node))
-        .expect("query attached programs")
-        .into_iter()
-        .filter(|a| a.hook.starts_with("tcx/"))
-        .map(|a| (a.hook, a.prog_ids.len()))
-        .collect()
+    mesh_tests::bpf::tcx_programs(&cluster.node_netns(node)).expect("query attached programs")
 }
 
 /// Waits until `d` logs a line satisfying `pred`; returns when the test saw it.
