@@ -128,6 +128,16 @@ pub fn meshhttp_bin() -> PathBuf {
     )
 }
 
+/// The load generator, for tests that need many short connections on a schedule (`meshload
+/// churn`): `MESHLOAD_BIN`, else `<target>/debug/meshload`. Panics when missing.
+pub fn meshload_bin() -> PathBuf {
+    binary(
+        "MESHLOAD_BIN",
+        "meshload",
+        "cargo build -p mesh-tests --bins",
+    )
+}
+
 /// The misbehaving HBONE client of the limits tests: `HBONESTRESS_BIN`, else
 /// `<target>/debug/hbonestress`. Panics when missing.
 pub fn hbonestress_bin() -> PathBuf {

@@ -215,6 +215,17 @@ impl Pcap {
             .sum()
     }
 
+    /// Packets between `a` and `b` (either direction) that are not TCP to or from `port`, as
+    /// `src:port -> dst:port` lines: what crossed outside the tunnel.
+    pub fn between_outside_tcp_port(&self, a: Ipv4Addr, b: Ipv4Addr, port: u16) -> Vec<String> {
+        self.packets
+            .iter()
+            .filter(|p| p.between(a, b))
+            .filter(|p| p.proto != TCP || !p.has_port(port))
+            .map(|p| format!("{}:{} -> {}:{}", p.src, p.sport, p.dst, p.dport))
+            .collect()
+    }
+
     /// A human-readable list of flows, for reports and assertion messages.
     pub fn summary(&self) -> String {
         let mut out = String::new();

@@ -16,9 +16,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
-use mesh_tests::bpf::netns_programs;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Pod, PodSpec};
-use mesh_tests::pcap::TCP;
 use mesh_tests::testkit::{at, capture_drops, eventually, ok, start_with_daemons};
 
 const HBONE: u16 = 15008;
@@ -34,12 +32,7 @@ fn spec() -> ClusterSpec {
 
 /// Programs per TCX hook in node `node`'s namespace (`tcx/ingress veth0` -> 1).
 fn tcx_programs(cluster: &Cluster, node: usize) -> BTreeMap<String, usize> {
-    netns_programs(&cluster.node_netns(node))
-        .expect("query attached programs")
-        .into_iter()
-        .filter(|a| a.hook.starts_with("tcx/"))
-        .map(|a| (a.hook, a.prog_ids.len()))
-        .collect()
+    mesh_tests::bpf::tcx_programs(&cluster.node_netns(node)).expect("query attached programs")
 }
 
 /// `ip rule` / `ip route show table all` lines of node 1 that belong to capture.
@@ -87,13 +80,7 @@ fn assert_held(cluster: &Cluster, a: &Pod, b: &Pod, marker: &str, when: &str) {
         attempts += 1;
     }
     let pcap = capture.stop().expect("capture stops");
-    let stray: Vec<String> = pcap
-        .packets
-        .iter()
-        .filter(|p| p.between(a.ip, b.ip))
-        .filter(|p| p.proto != TCP || !p.has_port(HBONE))
-        .map(|p| format!("{}:{} -> {}:{}", p.src, p.sport, p.dst, p.dport))
-        .collect();
+    let stray = pcap.between_outside_tcp_port(a.ip, b.ip, HBONE);
     assert!(
         stray.is_empty(),
         "{when}: {attempts} attempts; packets between a and b outside HBONE: {stray:?}\n{}",

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod drain;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod k8s;

@@ -3,6 +3,7 @@
 //! ```text
 //! meshapp serve   --port P --name N
 //! meshapp send    --to IP:PORT --bytes N [--marker STR] [--conns K] [--hold SECS] [--timeout SECS]
+//!                 [--rate BYTES_PER_SEC]
 //! meshapp connect --to IP:PORT [--timeout SECS]
 //! ```
 //!
@@ -75,6 +76,10 @@ struct SendArgs {
     /// Seconds any connect, read or write may take.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
+    /// Bytes per second each connection sends at most (0: as fast as it can), so that a
+    /// transfer lasts `bytes / rate` seconds, e.g. across a daemon restart.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 #[derive(Debug, Args)]
@@ -193,12 +198,12 @@ impl Pattern {
 
 fn send(args: &SendArgs) -> Res<bool> {
     let (to, bytes, conns) = (args.to, args.bytes, args.conns);
-    let (hold, timeout) = (secs(args.hold), secs(args.timeout));
+    let (hold, timeout, rate) = (secs(args.hold), secs(args.timeout), args.rate);
     let pattern = std::sync::Arc::new(Pattern::new(&args.marker));
     let handles: Vec<_> = (0..conns)
         .map(|i| {
             let pattern = pattern.clone();
-            std::thread::spawn(move || one_conn(i, to, bytes, &pattern, hold, timeout))
+            std::thread::spawn(move || one_conn(i, to, bytes, &pattern, hold, timeout, rate))
         })
         .collect();
     let mut all_ok = true;
@@ -219,6 +224,7 @@ fn one_conn(
     pattern: &Pattern,
     hold: Duration,
     timeout: Duration,
+    rate: f64,
 ) -> serde_json::Value {
     let mut report = json!({"conn": conn, "to": to.to_string(), "bytes": bytes, "ok": false});
     let mut fill = |key: &str, v: String| report[key] = json!(v);
@@ -239,7 +245,7 @@ fn one_conn(
         }
         fill("server", parts.next().unwrap_or_default().to_string());
         fill("peer_seen", parts.next().unwrap_or_default().to_string());
-        exchange(&s, bytes, pattern)?;
+        exchange(&s, bytes, pattern, rate)?;
         std::thread::sleep(hold);
         s.shutdown(Shutdown::Write)
             .map_err(|e| format!("shutdown: {e}"))?;
@@ -258,15 +264,21 @@ fn one_conn(
     report
 }
 
-/// Writes `bytes` of the pattern from a second thread while reading the echo here, so neither
-/// side's buffers can fill up and deadlock; compares every byte read.
-fn exchange(s: &TcpStream, bytes: u64, pattern: &Pattern) -> Res<()> {
+/// Writes `bytes` of the pattern from a second thread (at most `rate` bytes a second when
+/// above 0) while reading the echo here, so neither side's buffers can fill up and deadlock;
+/// compares every byte read.
+fn exchange(s: &TcpStream, bytes: u64, pattern: &Pattern, rate: f64) -> Res<()> {
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| -> Res<()> {
             let mut w = s;
             let mut buf = vec![0u8; 64 * 1024];
             let mut off = 0u64;
+            let start = std::time::Instant::now();
             while off < bytes {
+                if rate > 0.0 {
+                    let due = start + Duration::from_secs_f64(off as f64 / rate);
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                }
                 let n = (bytes - off).min(buf.len() as u64) as usize;
                 pattern.fill(off, &mut buf[..n]);
                 w.write_all(&buf[..n])

@@ -328,6 +328,58 @@ impl Cluster {
         if let Some(old) = self.daemons[idx].take() {
             old.hand_over_capture();
         }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let netns = self.node_netns(node);
+        let daemon = if wait {
+            Daemon::start(node, &netns, cmd, &logdir)?
+        } else {
+            Daemon::spawn_unready(node, &netns, cmd, &logdir)?
+        };
+        Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// A rolling restart of node i's daemon: starts a second daemon (the standard flags plus
+    /// `extra`) next to the running one, which hands it its listening sockets over the
+    /// node's hand-over socket, and waits for the new one's `ready`. The new daemon is node
+    /// i's daemon from then on; the old one, returned, drains and exits on its own (SIGTERM
+    /// it as the orchestrator would; its handle no longer uninstalls capture, which the new
+    /// daemon adopted).
+    pub fn start_successor(&mut self, node: usize, extra: &[&str]) -> Result<Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let idx = node - 1;
+        if !self.daemons[idx].as_ref().is_some_and(Daemon::is_running) {
+            bail!("node{node} has no running daemon to take over from");
+        }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let new = Daemon::start(node, &self.node_netns(node), cmd, &logdir)?;
+        let old = self.daemons[idx]
+            .replace(new)
+            .context("the running daemon's handle")?;
+        old.hand_over_capture();
+        Ok(old)
+    }
+
+    /// Starts a second daemon for node i next to the running one like
+    /// [`Cluster::start_successor`], without waiting for `ready`, and returns its handle; the
+    /// running daemon stays node i's (for hand-overs that do not complete). Dropping the
+    /// handle stops the process and never uninstalls capture, which stays the running one's.
+    pub fn spawn_successor_unready(&mut self, node: usize, extra: &[&str]) -> Result<Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let new = Daemon::spawn_unready(node, &self.node_netns(node), cmd, &logdir)?;
+        new.hand_over_capture();
+        Ok(new)
+    }
+
+    /// The command of node i's daemon: the standard flags plus `extra`.
+    fn daemon_cmd(&mut self, node: usize, extra: &[&str]) -> Result<DaemonCmd> {
         // A daemon given a CA service (`--ca-address`) gets no file CA: the root key stays
         // with the service.
         let ca = if extra.contains(&"--ca-address") {
@@ -363,23 +415,17 @@ impl Cluster {
         let logdir = self.workdir.join("logs");
         std::fs::create_dir_all(&logdir)
             .with_context(|| format!("creating {}", logdir.display()))?;
-        let cmd = DaemonCmd {
+        Ok(DaemonCmd {
             program: crate::ztunnel_bin(),
             args,
-            // The nodes share this machine's file system: each daemon gets its own admin
-            // socket (a flag in `extra` overrides it).
+            // The nodes share this machine's file system: each daemon gets its own admin and
+            // hand-over sockets (a flag in `extra` overrides them).
             env: vec![
                 ("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into()),
+                ("ZTUNNEL_HANDOVER_SOCKET", self.handover_socket(node).into()),
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
             ],
-        };
-        let netns = self.node_netns(node);
-        let daemon = if wait {
-            Daemon::start(node, &netns, cmd, &logdir)?
-        } else {
-            Daemon::spawn_unready(node, &netns, cmd, &logdir)?
-        };
-        Ok(self.daemons[idx].insert(daemon))
+        })
     }
 
     /// Node i's capture pin directory (`--bpf-pin-dir`), on the cluster's own bpffs.
@@ -413,6 +459,14 @@ impl Cluster {
         self.workdir
             .join("run")
             .join(format!("node{node}-admin.sock"))
+    }
+
+    /// Node i's hand-over socket (`--handover-socket`): where a new daemon of the node asks
+    /// the running one for its listening sockets.
+    pub fn handover_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-handover.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.

@@ -37,6 +37,9 @@ pub const DEFAULT_CA_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/servicea
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Default admin socket (every admin route; also where `ztunnel status` looks).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ztunnel/admin.sock";
+/// Default hand-over socket (where a new daemon of the node asks the running one for its
+/// sockets).
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/ztunnel/handover.sock";
 
 /// Every daemon setting, as flag (`--name`), environment variable (`ZTUNNEL_NAME`) and config
 /// file key (`name`), with its default. Settings without a default are optional or checked by
@@ -203,6 +206,15 @@ pub struct RunArgs {
     /// is created (mode 0700) when missing.
     #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+    /// Hand over the listening sockets between daemons of this node (a rolling restart or
+    /// upgrade without refused connections): at start, take them from the daemon answering on
+    /// --handover-socket, if one does; while running, give them to the next daemon that asks.
+    #[arg(long, env = "ZTUNNEL_HANDOVER", action = ArgAction::Set, default_value_t = true)]
+    pub handover: bool,
+    /// Unix socket (mode 0600, directory created 0700) of the hand-over. Both daemons must see
+    /// the same file (a shared hostPath); each node's daemon needs its own.
+    #[arg(long, env = "ZTUNNEL_HANDOVER_SOCKET", default_value = DEFAULT_HANDOVER_SOCKET)]
+    pub handover_socket: PathBuf,
     /// Prometheus metrics.
     #[arg(long, env = "ZTUNNEL_METRICS_PORT", default_value_t = 15020)]
     pub metrics_port: u16,
@@ -659,6 +671,8 @@ pub struct Config {
     pub admin_addr: IpAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// The hand-over socket, or `None` when hand-over is off (`--handover=false`).
+    pub handover_socket: Option<PathBuf>,
     /// eBPF capture, or `None` when disabled.
     pub capture: Option<CaptureConfig>,
     /// SO_MARK of every daemon socket.
@@ -738,14 +752,22 @@ impl Config {
             dns: a.dns_port,
         };
         check_ports(&ports)?;
-        let admin_socket = a.admin_socket;
-        // sun_path holds 108 bytes with the terminating NUL.
-        if admin_socket.as_os_str().is_empty() || admin_socket.as_os_str().len() > 107 {
-            return Err(invalid(
-                "admin-socket",
-                "must be a path of 1 to 107 bytes (the limit of a unix socket address)",
-            ));
-        }
+        let admin_socket = unix_socket_path("admin-socket", a.admin_socket)?;
+        let handover_socket = if a.handover {
+            let path = unix_socket_path("handover-socket", a.handover_socket)?;
+            if path == admin_socket {
+                return Err(invalid(
+                    "handover-socket",
+                    format!(
+                        "{} is also --admin-socket; pick another path",
+                        path.display()
+                    ),
+                ));
+            }
+            Some(path)
+        } else {
+            None
+        };
 
         let daemon_mark = a.daemon_mark.0;
         let capture = if a.capture {
@@ -842,6 +864,7 @@ impl Config {
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             admin_socket,
+            handover_socket,
             capture,
             daemon_mark,
             dns,
@@ -858,6 +881,17 @@ impl Config {
             release_code_pages: a.release_code_pages,
         })
     }
+}
+
+/// A unix socket path: 1 to 107 bytes (`sun_path` holds 108 with the terminating NUL).
+fn unix_socket_path(flag: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    if path.as_os_str().is_empty() || path.as_os_str().len() > 107 {
+        return Err(invalid(
+            flag,
+            "must be a path of 1 to 107 bytes (the limit of a unix socket address)",
+        ));
+    }
+    Ok(path)
 }
 
 fn check_ports(p: &Ports) -> Result<(), ConfigError> {

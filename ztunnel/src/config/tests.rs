@@ -56,6 +56,31 @@ fn admin_socket_fits_a_unix_address() {
 }
 
 #[test]
+fn handover_socket_is_on_by_default_checked_and_can_be_turned_off() {
+    let c = Config::resolve(base()).expect("valid");
+    assert_eq!(
+        c.handover_socket,
+        Some(PathBuf::from(DEFAULT_HANDOVER_SOCKET))
+    );
+    let c = resolve(&["--handover-socket", "/tmp/x/h.sock"]).expect("valid");
+    assert_eq!(c.handover_socket, Some(PathBuf::from("/tmp/x/h.sock")));
+    let e = resolve(&["--handover-socket", DEFAULT_ADMIN_SOCKET])
+        .expect_err("same as the admin socket")
+        .to_string();
+    assert!(
+        e.contains("--handover-socket") && e.contains("--admin-socket"),
+        "{e}"
+    );
+    let long = format!("/{}", "a".repeat(107));
+    let e = resolve(&["--handover-socket", &long])
+        .expect_err("too long")
+        .to_string();
+    assert!(e.contains("107 bytes"), "{e}");
+    let c = resolve(&["--handover=false"]).expect("valid");
+    assert_eq!(c.handover_socket, None);
+}
+
+#[test]
 fn errors_name_the_setting() {
     let mut a = base();
     a.hbone_port = 15001;
