@@ -329,3 +329,70 @@ fn a_pod_without_capture_keeps_the_daemon_not_ready() {
         "b -> a once recaptured",
     );
 }
+
+/// `--exempt-node-traffic` is an opt-in: by default the node's connection to a STRICT pod is
+/// refused; a daemon started with it removes the node-local path (also the links a previous
+/// daemon pinned) and the node reaches the pod directly, past the daemon.
+#[test]
+fn exempt_node_traffic_is_opt_in() {
+    let spec = ClusterSpec::new(1)
+        .namespace("strict", true)
+        .pod(PodSpec::new("strict/s", 1));
+    let mut cluster = Cluster::start(spec).expect("cluster");
+    cluster
+        .write_state_file(
+            POLICY_FILE,
+            &policy(
+                "PeerAuthentication",
+                "strict",
+                "mtls",
+                "{mtls: {mode: STRICT}}",
+            ),
+        )
+        .expect("policy file");
+    let s = cluster.pod("strict/s").clone();
+    let host = cluster.host_network(1);
+    let _ss = s.serve(8080, "s").expect("serve s");
+    let node_local_hooks = |c: &Cluster| -> Vec<String> {
+        netns_programs(&c.node_netns(1))
+            .expect("programs")
+            .into_iter()
+            .map(|a| a.hook)
+            .filter(|h| h.starts_with("tcx/egress") || h == "tcx/ingress lo")
+            .collect()
+    };
+
+    cluster.start_daemon(1, &[]).expect("daemon ready");
+    assert_eq!(node_local_hooks(&cluster).len(), 2, "lo and s's veth");
+    refused(
+        host.send(&SendOpts::to(&at(&s, 8080)).timeout(10.0))
+            .expect("runs"),
+        "by default",
+    );
+    let status = cluster.daemon(1).terminate().expect("SIGTERM");
+    assert_eq!(status.code(), Some(0));
+
+    cluster
+        .start_daemon(1, &["--exempt-node-traffic"])
+        .expect("daemon ready");
+    let left = node_local_hooks(&cluster);
+    assert!(left.is_empty(), "node-local path removed: {left:?}");
+    let skip = cluster.daemon(1).log_lines().len();
+    let r = ok(
+        host.send(&SendOpts::to(&at(&s, 8080))).expect("runs"),
+        "exempt",
+    );
+    assert_eq!(r.peer_ips(), [host.ip.into()].into(), "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    let through_daemon: Vec<Value> = cluster
+        .daemon(1)
+        .log_lines()
+        .into_iter()
+        .skip(skip)
+        .filter(|l| field(l, "src_addr").starts_with("169.254.1.1:"))
+        .collect();
+    assert!(
+        through_daemon.is_empty(),
+        "exempt node traffic bypasses the daemon: {through_daemon:?}"
+    );
+}

@@ -32,6 +32,7 @@
 //! ([`routes::RouteTable::uplinks`]). [`Capture::pods`] tells, per enrolled pod, whether its
 //! capture is complete; the daemon is not ready while one is not.
 
+mod devconf;
 mod links;
 mod pins;
 mod routes;
@@ -242,13 +243,13 @@ pub enum CaptureError {
         /// What aya reported.
         error: LinkError,
     },
-    /// A sysctl the node-local path needs could not be set.
+    /// A setting of the node's interfaces the node-local path needs could not be made.
     #[error(
-        "cannot write {path}: {error} (the node's own traffic to enrolled pods needs it; or \
-         set --exempt-node-traffic)"
+        "cannot set {path} = 1 (rtnetlink): {error}; the node's own traffic to enrolled pods \
+         needs it (CAP_NET_ADMIN in the node's network namespace), or set --exempt-node-traffic"
     )]
     Sysctl {
-        /// The /proc/sys file.
+        /// The setting, in sysctl notation.
         path: String,
         /// Write error.
         error: io::Error,
@@ -453,7 +454,10 @@ impl Capture {
         capture.pin_program();
         routes::install(settings.capture_mark, settings.route_table)?;
         if !settings.exempt_node_traffic {
-            routes::accept_local_on_loopback()?;
+            devconf::accept_local_on_loopback().map_err(|error| CaptureError::Sysctl {
+                path: "net.ipv4.conf.lo.accept_local".to_string(),
+                error,
+            })?;
         }
         if settings.uplinks.is_empty() {
             capture.uplink_names = RouteTable::read()?.uplinks(&[]);
@@ -525,9 +529,10 @@ impl Capture {
                 }
             }
             // Without a routing table we cannot tell which veths are still in use: keep them.
-            let gone: Vec<String> = self
+            let gone: BTreeSet<String> = self
                 .pod_ifaces
                 .keys()
+                .chain(self.pod_egress.keys())
                 .filter(|i| !wanted.contains_key(*i))
                 .cloned()
                 .collect();

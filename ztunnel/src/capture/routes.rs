@@ -146,19 +146,6 @@ impl RouteTable {
     }
 }
 
-/// Lets `lo` accept packets whose source is one of the node's addresses without a route
-/// already attached: what `zt_host_redirect` hands to `lo` comes from the node itself, and the
-/// input route check rejects a local source on a device without `accept_local` (the packet's
-/// route was dropped by the redirect). Packets the kernel loops through `lo` itself keep their
-/// route and are not affected. Written in the calling thread's network namespace.
-pub(crate) fn accept_local_on_loopback() -> Result<(), CaptureError> {
-    const PATH: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
-    std::fs::write(PATH, "1").map_err(|error| CaptureError::Sysctl {
-        path: PATH.to_string(),
-        error,
-    })
-}
-
 /// Runs `ip <args>`. `Ok(false)` when it failed with a message containing one of `benign`.
 fn ip(args: &[String], benign: &[&str]) -> Result<bool, CaptureError> {
     let command = format!("ip {}", args.join(" "));
