@@ -17,7 +17,8 @@ use mesh_tests::app::SendOpts;
 use mesh_tests::bpf::netns_programs;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Daemon, Pod, PodSpec};
 use mesh_tests::testkit::{
-    at, eventually, node_http, ok, refused, start_with_daemons, ztunnel_cli,
+    apply_policies as apply, at, eventually, istio_policy as policy, node_http, ok, pod_veth,
+    refused, start_with_daemons, ztunnel_cli,
 };
 use serde_json::Value;
 
@@ -25,29 +26,6 @@ const ADMIN: u16 = 15000;
 const METRICS: u16 = 15020;
 const READINESS: u16 = 15021;
 const WAIT: Duration = Duration::from_secs(15);
-const POLICY_FILE: &str = "policies.yaml";
-
-fn policy(kind: &str, ns: &str, name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
-    )
-}
-
-/// Writes the policy file and waits until every daemon applied it.
-fn apply(cluster: &Cluster, yaml: &str) {
-    let skips: Vec<usize> = (1..=cluster.spec().nodes)
-        .map(|n| cluster.daemon(n).log_lines().len())
-        .collect();
-    cluster
-        .write_state_file(POLICY_FILE, yaml)
-        .expect("policy file written");
-    for n in 1..=cluster.spec().nodes {
-        cluster
-            .daemon(n)
-            .wait_for_log_after(skips[n - 1], |l| message(l) == "state applied", WAIT)
-            .unwrap_or_else(|e| panic!("waiting for `state applied` on node{n}: {e:#}"));
-    }
-}
 
 /// The first log line after `skip` with `msg` whose `src_addr` is `src`'s address and whose
 /// `dst_addr` is `dst`'s.
@@ -259,17 +237,8 @@ fn a_pod_without_capture_keeps_the_daemon_not_ready() {
     assert_eq!(capture_pods(&cluster, 1, "captured"), Some(2));
     assert_eq!(capture_pods(&cluster, 1, "not_captured"), Some(0));
 
-    // a's veth, from the route to it; removing the route hides it from the daemon.
-    let route = cluster
-        .node_exec(1, "ip", &["-4", "route", "show", &format!("{}/32", a.ip)])
-        .expect("ip route");
-    let route = String::from_utf8_lossy(&route.stdout).trim().to_string();
-    let veth = route
-        .split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no dev in {route:?}"))
-        .to_string();
+    // Removing the route to a's veth hides the veth from the daemon.
+    let veth = pod_veth(&cluster, &a);
     let ip_route = |verb: &str| {
         let host = format!("{}/32", a.ip);
         let o = cluster
@@ -341,7 +310,7 @@ fn exempt_node_traffic_is_opt_in() {
     let mut cluster = Cluster::start(spec).expect("cluster");
     cluster
         .write_state_file(
-            POLICY_FILE,
+            "policies.yaml",
             &policy(
                 "PeerAuthentication",
                 "strict",
