@@ -187,3 +187,48 @@ pub fn promtool_check(text: &str, tolerated: &[&str]) {
         out.status
     );
 }
+
+/// An Istio security object (`AuthorizationPolicy`, `PeerAuthentication`) as one YAML document.
+pub fn istio_policy(kind: &str, ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+/// Writes `yaml` as every node's `policies.yaml` state file and waits until each daemon applied
+/// it; returns each node's `state applied` line.
+pub fn apply_policies(cluster: &Cluster, yaml: &str) -> Vec<serde_json::Value> {
+    let wait = Duration::from_secs(10);
+    let skips: Vec<usize> = (1..=cluster.spec().nodes)
+        .map(|n| cluster.daemon(n).log_lines().len())
+        .collect();
+    cluster
+        .write_state_file("policies.yaml", yaml)
+        .expect("policy file written");
+    (1..=cluster.spec().nodes)
+        .map(|n| {
+            cluster
+                .daemon(n)
+                .wait_for_log_after(skips[n - 1], |l| message(l) == "state applied", wait)
+                .unwrap_or_else(|e| panic!("waiting for `state applied` on node{n}: {e:#}"))
+        })
+        .collect()
+}
+
+/// The node-side veth of `pod`, from its node's route to it.
+pub fn pod_veth(cluster: &Cluster, pod: &Pod) -> String {
+    let route = cluster
+        .node_exec(
+            pod.node,
+            "ip",
+            &["-4", "route", "show", &format!("{}/32", pod.ip)],
+        )
+        .expect("ip route");
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no dev in {route:?}"))
+        .to_string()
+}

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Pod, PodSpec};
-use mesh_tests::testkit::{at, capture_drops, eventually, ok, start_with_daemons};
+use mesh_tests::pcap::TCP;
+use mesh_tests::testkit::{at, capture_drops, eventually, ok, pod_veth, start_with_daemons};
 
 const HBONE: u16 = 15008;
 const WAIT: Duration = Duration::from_secs(15);
@@ -322,17 +323,7 @@ fn another_tc_program_still_sees_captured_traffic() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // a's node-side veth, from node 1's route to it.
-    let route = cluster
-        .node_exec(1, "ip", &["-4", "route", "show", &format!("{}/32", a.ip)])
-        .expect("ip route");
-    let route = String::from_utf8_lossy(&route.stdout).into_owned();
-    let veth = route
-        .split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no dev in {route:?}"))
-        .to_string();
+    let veth = pod_veth(&cluster, &a);
     let obj = obj.to_string_lossy().into_owned();
     for args in [
         vec!["qdisc", "add", "dev", veth.as_str(), "clsact"],

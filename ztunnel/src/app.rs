@@ -38,7 +38,7 @@ use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::SocketError;
-use crate::admin::{self, CaptureView, Readiness};
+use crate::admin::{self, CaptureSnapshot, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
@@ -597,9 +597,17 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
         daemon_mark: cfg.daemon_mark,
         route_table: c.route_table,
         uplinks: c.uplinks.clone(),
+        exempt_node_traffic: c.exempt_node_traffic,
         pin_dir: c.pin_dir.clone(),
     })?;
-    sync_capture(cfg, Some(&mut capture), state, &shared.capture, true);
+    sync_capture(
+        cfg,
+        Some(&mut capture),
+        state,
+        &shared.capture,
+        &shared.readiness,
+        true,
+    );
     Ok(Some(capture))
 }
 
@@ -648,7 +656,7 @@ async fn steady_state(
         tokio::select! {
             _ = resync.tick(), if !handing_over => {
                 let state = state_rx.borrow().clone();
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, false);
+                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -658,7 +666,7 @@ async fn steady_state(
                 data_plane.proxy.recheck_connections(&state);
                 update_certificates(cfg, &shared.certs, &state);
                 if !handing_over {
-                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, true);
                 }
             }
             signal = signals.recv() => {
@@ -693,7 +701,7 @@ async fn steady_state(
                         return Stop::Requested;
                     }
                     let state = state_rx.borrow().clone();
-                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, true);
                 }
                 handover::Event::Completed { .. } => return Stop::HandedOver,
             },
@@ -785,6 +793,7 @@ fn sync_capture(
     capture: Option<&mut Capture>,
     state: &State,
     view: &CaptureView,
+    readiness: &Readiness,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
@@ -804,11 +813,31 @@ fn sync_capture(
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
     let interfaces = capture.attached();
     let attached = interfaces.len();
-    let interfaces_changed = view.update(interfaces, capture.enrolled(), capture.drop_counts());
+    let blockers: Vec<String> = capture
+        .pods()
+        .iter()
+        .filter_map(|p| {
+            let problem = p.problem.as_deref().filter(|_| !p.captured)?;
+            Some(format!(
+                "capture of pod {} ({}) not in place: {problem}",
+                p.name, p.ip
+            ))
+        })
+        .collect();
+    let blocked = blockers.len();
+    readiness.set_blockers(blockers);
+    let interfaces_changed = view.update(CaptureSnapshot {
+        interfaces,
+        enrolled: capture.enrolled(),
+        drops: capture.drop_counts(),
+        uplinks: capture.uplinks().to_vec(),
+        pods: capture.pods().to_vec(),
+    });
     if state_changed || interfaces_changed {
         tracing::info!(
             generation = state.generation,
             enrolled,
+            not_captured = blocked,
             interfaces = attached,
             "capture updated"
         );

@@ -401,12 +401,8 @@ impl Cluster {
         if let Some(ca) = ca {
             args.extend(["--ca-dir".into(), ca.into()]);
         }
-        args.extend([
-            "--uplink".into(),
-            "eth0".into(),
-            "--log-format".into(),
-            "json".into(),
-        ]);
+        // No `--uplink`: the daemon finds eth0 from the routes (a test may name one).
+        args.extend(["--log-format".into(), "json".into()]);
         // Short drain by default so teardown's SIGTERM is quick; a test may set its own.
         if !extra.iter().any(|a| a.starts_with("--drain-timeout")) {
             args.extend(["--drain-timeout".into(), "3s".into()]);
@@ -426,6 +422,21 @@ impl Cluster {
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
             ],
         })
+    }
+
+    /// A host-network process of node i, as a [`Pod`]: programs run in the node's namespace,
+    /// and `ip` is the source its connections to the node's pods carry (`169.254.1.1`, the
+    /// node-side address pods route through). Its key is `host/node<i>`.
+    pub fn host_network(&self, node: usize) -> Pod {
+        Pod {
+            name: format!("node{node}"),
+            namespace: "host".into(),
+            service_account: String::new(),
+            ip: std::net::Ipv4Addr::new(169, 254, 1, 1),
+            netns: self.node_netns(node),
+            node,
+            logdir: self.workdir.join("logs"),
+        }
     }
 
     /// Node i's capture pin directory (`--bpf-pin-dir`), on the cluster's own bpffs.

@@ -39,6 +39,17 @@ pub struct CaptureSnapshot {
     pub enrolled: Vec<Ipv4Addr>,
     /// The programs' drop counters.
     pub drops: crate::capture::DropCounts,
+    /// The uplinks in force (configured or discovered).
+    pub uplinks: Vec<String>,
+    /// Every enrolled pod's capture state.
+    pub pods: Vec<crate::capture::PodCapture>,
+}
+
+impl CaptureSnapshot {
+    /// The state of the enrolled pod with address `ip`, if capture knows it.
+    pub fn pod(&self, ip: Ipv4Addr) -> Option<&crate::capture::PodCapture> {
+        self.pods.iter().find(|p| p.ip == ip)
+    }
 }
 
 impl CaptureView {
@@ -48,19 +59,10 @@ impl CaptureView {
     }
 
     /// Records a sync; returns whether the attached interfaces differ from the last one.
-    pub fn update(
-        &self,
-        interfaces: Vec<String>,
-        enrolled: Vec<Ipv4Addr>,
-        drops: crate::capture::DropCounts,
-    ) -> bool {
+    pub fn update(&self, snapshot: CaptureSnapshot) -> bool {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = last.interfaces != interfaces;
-        *last = CaptureSnapshot {
-            interfaces,
-            enrolled,
-            drops,
-        };
+        let changed = last.interfaces != snapshot.interfaces;
+        *last = snapshot;
         changed
     }
 }

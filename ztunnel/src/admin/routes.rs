@@ -124,7 +124,10 @@ impl AdminRoutes {
         let enrolled_pods: Vec<_> = local
             .iter()
             .map(|w| {
-                let captured = matches!(w.ip, IpAddr::V4(ip) if view.enrolled.contains(&ip));
+                let state = match w.ip {
+                    IpAddr::V4(ip) => view.pod(ip),
+                    IpAddr::V6(_) => None,
+                };
                 json!({
                     "pod": w.key(),
                     "ip": w.ip,
@@ -132,7 +135,8 @@ impl AdminRoutes {
                     "workload": w.workload_name,
                     "identity": w.identity,
                     "enrolled": w.enrolled,
-                    "captured": captured,
+                    "captured": state.is_some_and(|p| p.captured),
+                    "capture_problem": state.and_then(|p| p.problem.clone()),
                 })
             })
             .collect();
@@ -141,6 +145,7 @@ impl AdminRoutes {
         json!({
             "node": self.cfg.node_name,
             "ready": self.readiness.is_ready(),
+            "not_ready_reason": self.readiness.not_ready_reason(),
             "draining": self.drain.is_draining(),
             "active_flows": self.drain.active(),
             "config": &*self.cfg,
@@ -152,7 +157,12 @@ impl AdminRoutes {
             "certificates": certificates,
             "ca": self.certs.health().snapshot(),
             "hbone_pool": self.pool.stats(),
-            "capture": {"attached_interfaces": view.interfaces},
+            "capture": {
+                "attached_interfaces": view.interfaces,
+                "uplinks": view.uplinks,
+                "pods_captured": view.pods.iter().filter(|p| p.captured).count(),
+                "pods_not_captured": view.pods.iter().filter(|p| !p.captured).count(),
+            },
             "dns": self.dns.snapshot(),
             "source": self.source.snapshot(),
         })

@@ -11,6 +11,7 @@
 //!   deliver them locally (to the assigned socket) instead of forwarding them.
 //!   Done by running `ip` (iproute2): a few commands at start and stop, not worth a netlink stack.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
@@ -113,6 +114,35 @@ impl RouteTable {
             ));
         }
         Ok(r.iface.clone())
+    }
+}
+
+impl RouteTable {
+    /// The node's uplinks as the routes tell: the interfaces of the default route and of
+    /// routes via a gateway (other nodes' pod CIDRs, the rest of the world), and of connected
+    /// subnets (other nodes on the same link) unless a local pod (`local_pods`) is reached
+    /// through that subnet (a bridge-style CNI's bridge is a pod interface, not an uplink).
+    /// Never `lo`; sorted.
+    pub fn uplinks(&self, local_pods: &[Ipv4Addr]) -> Vec<String> {
+        let pod_ifaces: BTreeSet<&str> = local_pods
+            .iter()
+            .filter_map(|ip| self.lookup(*ip))
+            .filter(|r| !r.gateway)
+            .map(|r| r.iface.as_str())
+            .collect();
+        let mut out = BTreeSet::new();
+        for r in &self.routes {
+            if r.iface == "lo" {
+                continue;
+            }
+            let prefix = u32::from(r.mask).count_ones();
+            let towards_others = r.gateway || prefix == 0;
+            let subnet = prefix < 32 && !pod_ifaces.contains(r.iface.as_str());
+            if towards_others || subnet {
+                out.insert(r.iface.clone());
+            }
+        }
+        out.into_iter().collect()
     }
 }
 
@@ -261,5 +291,22 @@ veth2\t0C01F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             .is_err());
         // Nothing.
         assert!(t.pod_interface(Ipv4Addr::new(10, 244, 1, 13), &up).is_err());
+    }
+
+    #[test]
+    fn discovers_uplinks_from_routes() {
+        let t = RouteTable::parse(SAMPLE);
+        assert_eq!(t.uplinks(&[Ipv4Addr::new(10, 244, 1, 11)]), ["eth0"]);
+        // A bridge-style CNI: pods on a connected /24 of cni0, default route on eth0.
+        let bridge = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask
+eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000
+eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF
+cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF
+lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF
+";
+        let t = RouteTable::parse(bridge);
+        assert_eq!(t.uplinks(&[Ipv4Addr::new(10, 244, 1, 5)]), ["eth0"]);
+        // No pod yet: the bridge's subnet looks like a link to other hosts.
+        assert_eq!(t.uplinks(&[]), ["cni0", "eth0"]);
     }
 }

@@ -110,14 +110,23 @@ pub struct RunArgs {
     #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value_t = Dur::secs(30))]
     pub drain_timeout: Dur,
     /// Node interfaces that face other nodes; inbound traffic is captured there
-    /// (repeat or comma-separate).
+    /// (repeat or comma-separate). Unset: found from the routing table, and kept in step on
+    /// every capture sync (the interfaces of the default route, of routes via a gateway, and
+    /// of connected subnets no local pod is on).
+    #[arg(long, env = "ZTUNNEL_UPLINK", value_delimiter = ',')]
+    pub uplink: Vec<String>,
+    /// Let the node's own traffic (host-network processes, kubelet probes) reach enrolled pods
+    /// directly, in plaintext, without policy or access log. Off: it goes through the inbound
+    /// plaintext path like any non-mesh source, so STRICT mTLS refuses it.
     #[arg(
         long,
-        env = "ZTUNNEL_UPLINK",
-        value_delimiter = ',',
-        default_value = "eth0"
+        env = "ZTUNNEL_EXEMPT_NODE_TRAFFIC",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
     )]
-    pub uplink: Vec<String>,
+    pub exempt_node_traffic: bool,
     /// Load and attach the eBPF capture. `false` runs only the proxies (for debugging).
     #[arg(long, env = "ZTUNNEL_CAPTURE", action = ArgAction::Set, default_value_t = true)]
     pub capture: bool,
@@ -418,8 +427,10 @@ pub struct DnsConfig {
 /// Capture settings; `None` in [`Config::capture`] when capture is off.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptureConfig {
-    /// Interfaces facing other nodes.
+    /// Interfaces facing other nodes; empty: discovered from the routing table.
     pub uplinks: Vec<String>,
+    /// The node's own traffic to enrolled pods is left alone (`--exempt-node-traffic`).
+    pub exempt_node_traffic: bool,
     /// Mark set on steered packets.
     pub capture_mark: u32,
     /// Routing table of the local route for marked packets.
@@ -803,6 +814,7 @@ impl Config {
             }
             Some(CaptureConfig {
                 uplinks,
+                exempt_node_traffic: a.exempt_node_traffic,
                 capture_mark,
                 route_table,
                 pin_dir,

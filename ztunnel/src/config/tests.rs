@@ -448,7 +448,6 @@ fn help_shows_each_default() {
         "[default: 24h]",
         "[default: 30s]",
         "[default: 1m]",
-        "[default: eth0]",
         "[default: 0x2000]",
         "[default: 0x539]",
         "[default: 15008]",
@@ -475,6 +474,7 @@ fn help_shows_each_default() {
         "worker-threads",
         "kubeconfig",
         "bpf-pin-dir",
+        "uplink",
     ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {

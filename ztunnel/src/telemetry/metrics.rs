@@ -222,6 +222,11 @@ struct WorkerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaptureStateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: &'static str,
 }
@@ -254,6 +259,7 @@ pub struct Metrics {
     worker_connections: Family<WorkerLabels, Gauge>,
     policies_invalid: Family<PolicyLabels, Gauge>,
     capture_drops: Family<DropLabels, Counter>,
+    capture_pods: Family<CaptureStateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -276,6 +282,7 @@ impl Metrics {
             worker_connections: Family::default(),
             policies_invalid: Family::default(),
             capture_drops: Family::default(),
+            capture_pods: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -317,6 +324,12 @@ impl Metrics {
             "ztunnel_capture_attached_programs",
             "Interfaces the capture program is attached to (uplinks and pod veths)",
             m.capture_attached_programs.clone(),
+        );
+        r.register(
+            "ztunnel_capture_pods",
+            "Enrolled local pods by capture state: `captured`, or `not_captured` (its \
+             interface or programs are not in place; the daemon is not ready meanwhile)",
+            m.capture_pods.clone(),
         );
         r.register(
             "ztunnel_capture_dropped_packets",
@@ -410,6 +423,15 @@ impl Metrics {
             self.policies_invalid
                 .get_or_create(&PolicyLabels { kind, action })
                 .set(gauge(*n));
+        }
+    }
+
+    /// Sets the enrolled pods per capture state (both states always present).
+    pub fn set_capture_pods(&self, captured: usize, not_captured: usize) {
+        for (state, n) in [("captured", captured), ("not_captured", not_captured)] {
+            self.capture_pods
+                .get_or_create(&CaptureStateLabels { state })
+                .set(gauge(n));
         }
     }
 
