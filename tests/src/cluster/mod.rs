@@ -433,6 +433,7 @@ impl Cluster {
             namespace: "host".into(),
             service_account: String::new(),
             ip: std::net::Ipv4Addr::new(169, 254, 1, 1),
+            ip6: None,
             netns: self.node_netns(node),
             node,
             logdir: self.workdir.join("logs"),
