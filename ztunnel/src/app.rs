@@ -12,7 +12,8 @@
 //!    socket, on a thread of their own.
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
 //! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
-//! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
+//! 9. `steady_state`: state changes, capture resyncs and the CNI plugin's announcements
+//!    ([`crate::cni`]), until a signal or `/quitquitquit`.
 //! 10. `drain_and_exit`.
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
@@ -38,6 +39,7 @@ use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::{SocketError, SocketFile};
 use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
+use crate::cni::{Announcement, Pending};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
@@ -97,6 +99,9 @@ pub enum AppError {
     /// The admin socket could not be bound.
     #[error("admin socket {0}")]
     AdminSocket(#[from] SocketError),
+    /// The CNI endpoint's socket could not be bound or served.
+    #[error("CNI socket (--cni-socket) {0}")]
+    CniSocket(SocketError),
     /// The thread of the admin, metrics and readiness ports could not be started.
     #[error("cannot start the admin thread: {0}")]
     Admin(std::io::Error),
@@ -115,8 +120,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let sockets = daemon_sockets(&cfg);
     let listeners = Listeners::bind(&cfg, &*sockets)?;
 
-    // Removes the socket file when the daemon stops, however it stops.
+    // Removes the socket files when the daemon stops, however it stops.
     let _admin_socket = listeners.admin_socket_file;
+    let (cni_rx, _cni_socket) = match listeners.cni {
+        Some((l, file)) => (Some(serve_cni(&cfg, l)?), Some(file)),
+        None => (None, None),
+    };
 
     let shared = Shared::new(cfg, state_rx.clone(), certs, sockets, source.health());
     let dns = start_dns(&shared, listeners.dns);
@@ -129,11 +138,23 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         return Ok(());
     };
     issue_first_certificates(&shared, &state).await?;
-    let mut capture = attach_capture(&shared, &state)?;
+    let mut pending = Pending::new(
+        shared
+            .cfg
+            .cni
+            .as_ref()
+            .map_or(Duration::from_secs(120), |c| c.pending_timeout),
+    );
+    let mut capture = attach_capture(&shared, &state, &mut pending)?;
     become_ready(&shared, &state);
 
     tokio::spawn(source.run(state_tx));
-    steady_state(&shared, &data_plane, &mut capture, state_rx, &mut signals).await;
+    let main = MainLoop {
+        capture: &mut capture,
+        pending,
+        cni: cni_rx,
+    };
+    steady_state(&shared, &data_plane, main, state_rx, &mut signals).await;
     drain_and_exit(&shared, capture, &mut signals).await
 }
 
@@ -192,6 +213,8 @@ struct Listeners {
     admin_socket_file: SocketFile,
     /// Only when the DNS proxy is on.
     dns: Option<DnsSockets>,
+    /// The CNI endpoint's socket and its file, unless `--cni-socket` is empty.
+    cni: Option<(std::os::unix::net::UnixListener, SocketFile)>,
 }
 
 /// The captured ports, served by the data plane.
@@ -268,11 +291,16 @@ impl Listeners {
             }
             None => None,
         };
+        let cni = match &cfg.cni {
+            Some(c) => Some(admin::socket::bind(&c.socket).map_err(AppError::CniSocket)?),
+            None => None,
+        };
         Ok(Listeners {
             data_plane,
             admin,
             admin_socket_file,
             dns,
+            cni,
         })
     }
 }
@@ -566,9 +594,35 @@ async fn issue_first_certificates(shared: &Shared, state: &State) -> Result<(), 
     Ok(())
 }
 
+/// Serves the CNI plugin's requests (answered by the main task in `steady_state`).
+fn serve_cni(
+    cfg: &Config,
+    listener: std::os::unix::net::UnixListener,
+) -> Result<tokio::sync::mpsc::Receiver<Announcement>, AppError> {
+    let rx = crate::cni::server::spawn(listener).map_err(|error| {
+        AppError::CniSocket(SocketError::Io {
+            path: cfg
+                .cni
+                .as_ref()
+                .map(|c| c.socket.clone())
+                .unwrap_or_default(),
+            what: "serving",
+            error,
+        })
+    })?;
+    if let Some(c) = &cfg.cni {
+        tracing::info!(socket = %c.socket.display(), "cni endpoint listening");
+    }
+    Ok(rx)
+}
+
 /// Loads and attaches the capture programs (when capture is on) and brings them in line with
 /// `state`. Every listener is bound by now.
-fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, AppError> {
+fn attach_capture(
+    shared: &Shared,
+    state: &State,
+    pending: &mut Pending,
+) -> Result<Option<Capture>, AppError> {
     let cfg = &shared.cfg;
     let Some(c) = &cfg.capture else {
         return Ok(None);
@@ -585,7 +639,14 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
         uplinks: c.uplinks.clone(),
         pin_dir: c.pin_dir.clone(),
     })?;
-    sync_capture(cfg, Some(&mut capture), state, &shared.capture, true);
+    sync_capture(
+        cfg,
+        Some(&mut capture),
+        state,
+        pending,
+        &shared.capture,
+        true,
+    );
     Ok(Some(capture))
 }
 
@@ -597,24 +658,48 @@ fn become_ready(shared: &Shared, state: &State) {
     tracing::debug!(bytes = released, "start-up memory released");
 }
 
-/// Follows state changes (open flows re-checked, certificates, capture) and re-syncs capture
-/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT or
-/// `/quitquitquit`.
+/// What the main task owns in `steady_state`: capture, the pods the CNI plugin announced,
+/// and the plugin's requests.
+struct MainLoop<'a> {
+    capture: &'a mut Option<Capture>,
+    pending: Pending,
+    cni: Option<tokio::sync::mpsc::Receiver<Announcement>>,
+}
+
+/// The next CNI request, or never without a CNI endpoint.
+async fn next_announcement(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<Announcement>>,
+) -> Option<Announcement> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows state changes (open flows re-checked, certificates, capture), answers the CNI
+/// plugin ([`crate::cni::answer`]: capture in place before the answer) and re-syncs capture
+/// now and then (a pod's veth may appear after its object does; announcements expire), until
+/// SIGTERM, SIGINT or `/quitquitquit`.
 async fn steady_state(
     shared: &Shared,
     data_plane: &DataPlane,
-    capture: &mut Option<Capture>,
+    main: MainLoop<'_>,
     mut state_rx: watch::Receiver<Arc<State>>,
     signals: &mut Signals,
 ) {
     let cfg = &shared.cfg;
+    let MainLoop {
+        capture,
+        mut pending,
+        cni: mut cni_rx,
+    } = main;
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = resync.tick() => {
                 let state = state_rx.borrow().clone();
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, false);
+                sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -623,7 +708,23 @@ async fn steady_state(
                 let state = state_rx.borrow_and_update().clone();
                 data_plane.proxy.recheck_connections(&state);
                 update_certificates(cfg, &shared.certs, &state);
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, true);
+            }
+            Some(a) = next_announcement(&mut cni_rx) => {
+                let state = state_rx.borrow().clone();
+                let sync = |c: &mut Capture, p: &mut Pending| {
+                    sync_capture(cfg, Some(c), &state, p, &shared.capture, true);
+                };
+                let reply = crate::cni::answer(
+                    &a.request,
+                    &state,
+                    &cfg.node_name,
+                    &mut pending,
+                    capture.as_mut(),
+                    sync,
+                );
+                // The plugin may have given up meanwhile; nothing to do then.
+                let _ = a.reply.send(reply);
             }
             signal = signals.recv() => {
                 tracing::info!("{signal} received; draining");
@@ -699,11 +800,12 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
+    pending: &mut Pending,
     view: &CaptureView,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
-    let pods: Vec<LocalPod> = state
+    let mut pods: Vec<LocalPod> = state
         .local_workloads(&cfg.node_name)
         .filter_map(|w| match w.ip {
             IpAddr::V4(ip) => Some(LocalPod {
@@ -715,6 +817,8 @@ fn sync_capture(
             IpAddr::V6(_) => None,
         })
         .collect();
+    // Pods the CNI plugin announced that the state does not show yet.
+    pending.merge(&mut pods, std::time::Instant::now());
     let problems = capture.sync(&pods);
     for (pod, error) in &problems {
         // Warn once per state change; the periodic retries stay quiet.

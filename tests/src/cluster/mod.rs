@@ -7,6 +7,7 @@
 
 mod ca_service;
 mod capture;
+mod cni;
 mod daemon;
 mod kube;
 mod net;
@@ -23,6 +24,7 @@ use anyhow::{bail, Context, Result};
 
 pub use ca_service::{CaService, CA_PORT};
 pub use capture::Capture;
+pub use cni::{CniOutput, CniSandbox, CNI_BIN_DIR};
 use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
 pub use kube::{ControlPlane, API_ADDRESS};
@@ -369,6 +371,7 @@ impl Cluster {
             env: vec![
                 ("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into()),
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
+                ("ZTUNNEL_CNI_SOCKET", self.cni_socket(node).into()),
             ],
         };
         let netns = self.node_netns(node);
@@ -411,6 +414,14 @@ impl Cluster {
         self.workdir
             .join("run")
             .join(format!("node{node}-admin.sock"))
+    }
+
+    /// Node i's CNI endpoint (`--cni-socket`), where its conflist's `ztunnel-cni` announces
+    /// pods ([`Cluster::cni_add`]).
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-cni.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.

@@ -31,6 +31,9 @@ pub struct ClusterSpec {
     pub pods: Vec<PodSpec>,
     /// Services.
     pub services: Vec<SvcSpec>,
+    /// Pods whose network the CNI chain set up ([`super::Cluster::cni_add`]), with the
+    /// address its IPAM gave, once published to the state.
+    pub cni_pods: Vec<(PodSpec, Ipv4Addr)>,
 }
 
 /// A namespace and its labels.
@@ -203,7 +206,9 @@ impl ClusterSpec {
 
     /// The Pod documents, with `status.podIP` and `spec.nodeName` filled in as a kubelet would.
     pub fn render_pods(&self) -> Result<String> {
-        let docs = self.placements().into_iter().map(|(p, _, ip)| {
+        let placed = self.placements().into_iter().map(|(p, _, ip)| (p, ip));
+        let cni = self.cni_pods.iter().map(|(p, ip)| (p, *ip));
+        let docs = placed.chain(cni).map(|(p, ip)| {
             json!({
                 "apiVersion": "v1",
                 "kind": "Pod",

@@ -151,7 +151,9 @@ impl AdminRoutes {
             "certificates": certificates,
             "ca": self.certs.health().snapshot(),
             "hbone_pool": self.pool.stats(),
-            "capture": {"attached_interfaces": view.interfaces},
+            // `enrolled`: every address in the enrolled map, pods the CNI plugin announced
+            // before the state shows them included.
+            "capture": {"attached_interfaces": view.interfaces, "enrolled": view.enrolled},
             "dns": self.dns.snapshot(),
             "source": self.source.snapshot(),
         })

@@ -23,6 +23,7 @@
 //! node-side interface, and a packet with the pod's source address arriving anywhere else is
 //! dropped and counted ([`DropCounts`]).
 
+mod announced;
 mod links;
 mod pins;
 mod routes;
@@ -40,6 +41,7 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, info, warn};
 
+pub use announced::interface_index;
 use pins::PinDir;
 use routes::RouteTable;
 pub use routes::RULE_PRIORITY;
