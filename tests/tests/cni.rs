@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, CniSandbox, PodSpec};
-use mesh_tests::testkit::{eventually, node_http, ok, start_with_daemons};
+use mesh_tests::testkit::{node_http, ok, start_with_daemons};
 use nix::sched::CloneFlags;
 use serde_json::Value;
 
@@ -65,10 +65,13 @@ fn enrolled(c: &Cluster, node: usize) -> Vec<String> {
         .collect()
 }
 
+/// Runs the chain's ADD, asserting both plugins succeeded.
 fn add_ok(c: &Cluster, sandbox: &mut CniSandbox) {
     let outs = c.cni_add(sandbox).expect("CNI chain runs");
-    let last = outs.last().expect("plugins ran");
-    assert!(outs.len() == 2 && last.success, "ADD failed: {:?}", outs);
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.success),
+        "ADD failed: {outs:?}"
+    );
 }
 
 #[test]
@@ -174,6 +177,76 @@ fn pod_is_captured_before_the_state_knows_it() {
     );
 
     // DEL: the CNI chain tears the pod down; its announcement is gone.
+    let outs = c.cni_del(&sandbox).expect("DEL runs");
+    assert!(outs.iter().all(|o| o.success), "{outs:?}");
+    c.daemon(1)
+        .wait_for_log(
+            |l| message(l) == "cni: DEL" && field(l, "pod") == "mesh/newcomer",
+            WAIT,
+        )
+        .expect("node1 got the DEL");
+}
+
+#[test]
+fn add_fails_closed_without_the_daemon_and_del_succeeds() {
+    let mut c = start_with_daemons(spec());
+    c.daemon(1).terminate().expect("node1 daemon stops");
+    let mut sandbox = c
+        .cni_sandbox(PodSpec::new("mesh/orphan", 1))
+        .expect("sandbox");
+    let outs = c.cni_add(&mut sandbox).expect("CNI chain runs");
+    let last = outs.last().expect("plugins ran");
+    assert_eq!(last.plugin, "ztunnel-cni", "{outs:?}");
+    assert!(!last.success, "ADD must fail without the daemon: {outs:?}");
+    let (code, msg) = last
+        .error()
+        .unwrap_or_else(|| panic!("no CNI error: {last:?}"));
+    assert_eq!(code, 11, "try again later: {msg}");
+    let socket = c.cni_socket(1).display().to_string();
+    assert!(
+        msg.contains("unreachable") && msg.contains(&socket),
+        "the error names the cause: {msg}"
+    );
+    // The runtime runs DEL after a failed ADD; it must succeed with the daemon still away.
+    let outs = c.cni_del(&sandbox).expect("DEL runs");
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.success && o.stdout.is_empty()),
+        "DEL must always succeed: {outs:?}"
+    );
+}
+
+#[test]
+fn pod_of_a_namespace_not_enrolled_starts_uncaptured() {
+    let mut c = start_with_daemons(spec());
+    let b = c.pod("mesh/b").clone();
+    let _server = b.serve(PORT, "b").expect("server");
+    let mut sandbox = c
+        .cni_sandbox(PodSpec::new("plain/outsider", 1))
+        .expect("sandbox");
+    add_ok(&c, &mut sandbox);
+    let pod = c.publish_cni_pod(&sandbox).expect("published");
+    assert!(
+        !enrolled(&c, 1).contains(&pod.ip.to_string()),
+        "{} must not be captured",
+        pod.ip
+    );
+    let marker = "NOT-ENROLLED-PLAINTEXT";
+    let capture = c.capture_fabric("").expect("fabric capture");
+    ok(
+        pod.send(&SendOpts::to(&format!("{}:{PORT}", b.ip)).marker(marker))
+            .expect("send"),
+        "plaintext connection",
+    );
+    let pcap = capture.stop().expect("capture");
+    // Not captured on node1: it leaves in clear, to b's own port (node2 takes it in as
+    // plaintext to an enrolled pod, as for any non-mesh client).
+    assert!(pcap.contains(marker.as_bytes()), "{}", pcap.summary());
+    assert_eq!(
+        pcap.payload_ports_between(pod.ip, b.ip),
+        [PORT].into(),
+        "{}",
+        pcap.summary()
+    );
     let outs = c.cni_del(&sandbox).expect("DEL runs");
     assert!(outs.iter().all(|o| o.success), "{outs:?}");
 }
