@@ -101,6 +101,7 @@ fn pod_is_captured_before_the_state_knows_it() {
         Ok((connecting - returned, stream))
     })
     .expect("ADD and connect");
+    eprintln!("connect started {gap:?} after ADD returned");
     assert!(
         gap < Duration::from_millis(1),
         "connect started {gap:?} after ADD"
@@ -126,6 +127,18 @@ fn pod_is_captured_before_the_state_knows_it() {
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     // Held: nothing of the flow crosses the fabric while the state does not know the pod.
     std::thread::sleep(Duration::from_millis(1000));
+    let before = capture.stop().expect("capture");
+    assert!(
+        !before
+            .tuples()
+            .iter()
+            .any(|(s, d, _)| *s == pod.ip || *d == pod.ip),
+        "nothing of the new pod on the fabric before the state knows it:\n{}",
+        before.summary()
+    );
+    assert!(!before.contains(marker.as_bytes()), "{}", before.summary());
+    let capture = c.capture_fabric("").expect("fabric capture");
+    let published = Instant::now();
     c.publish_cni_pod(&sandbox)
         .expect("pod published to the state");
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
@@ -133,6 +146,10 @@ fn pod_is_captured_before_the_state_knows_it() {
     reader
         .read_line(&mut hello)
         .expect("greeting arrives once the pod is known");
+    eprintln!(
+        "held connection went through {:?} after the pod was published",
+        published.elapsed()
+    );
     assert!(
         hello.starts_with("HELLO b ") && hello.contains(&format!("{}:", pod.ip)),
         "the server sees the new pod's own address: {hello:?}"
@@ -143,19 +160,25 @@ fn pod_is_captured_before_the_state_knows_it() {
     drop(reader);
     drop(stream);
 
+    // The held connection carried the pod's identity: the certificate node2 verified, and
+    // node1's own report of it.
+    let from_pod = |l: &Value, reporter: &str| {
+        message(l) == "access"
+            && field(l, "reporter") == reporter
+            && field(l, "src_addr").starts_with(&format!("{}:", pod.ip))
+    };
     let line = c
         .daemon(2)
-        .wait_for_log(
-            |l| {
-                message(l) == "access"
-                    && field(l, "reporter") == "destination"
-                    && field(l, "src_workload") == "mesh/newcomer"
-            },
-            WAIT,
-        )
+        .wait_for_log(|l| from_pod(l, "destination"), WAIT)
         .expect("node2 logs the flow");
     assert_eq!(field(&line, "src_identity"), pod.identity(), "{line}");
     assert_eq!(field(&line, "protocol"), "HBONE", "{line}");
+    let line = c
+        .daemon(1)
+        .wait_for_log(|l| from_pod(l, "source"), WAIT)
+        .expect("node1 logs the flow");
+    assert_eq!(field(&line, "src_identity"), pod.identity(), "{line}");
+    assert_eq!(field(&line, "src_workload"), "mesh/newcomer", "{line}");
     // A second connection, now that the state has the pod, carries its identity too.
     ok(
         pod.send(&SendOpts::to(&format!("{}:{PORT}", b.ip)).marker(marker))
@@ -174,6 +197,17 @@ fn pod_is_captured_before_the_state_knows_it() {
         [HBONE].into(),
         "between the new pod and b only HBONE:\n{}",
         pcap.summary()
+    );
+
+    let (_, metrics) = node_http(&c, 1, 15020, "GET", "/metrics").expect("metrics");
+    assert!(
+        metrics.contains(r#"ztunnel_cni_requests_total{action="add",result="captured"} 1"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("cni"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // DEL: the CNI chain tears the pod down; its announcement is gone.

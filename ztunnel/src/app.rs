@@ -39,7 +39,7 @@ use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::{SocketError, SocketFile};
 use crate::admin::{self, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
-use crate::cni::{Announcement, Pending};
+use crate::cni::{Announcement, CniStats, Pending};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
@@ -149,10 +149,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     become_ready(&shared, &state);
 
     tokio::spawn(source.run(state_tx));
+    let cni_stats = CniStats::default();
+    shared.metrics.register(|r| cni_stats.register(r));
     let main = MainLoop {
         capture: &mut capture,
         pending,
         cni: cni_rx,
+        cni_stats,
     };
     steady_state(&shared, &data_plane, main, state_rx, &mut signals).await;
     drain_and_exit(&shared, capture, &mut signals).await
@@ -664,6 +667,7 @@ struct MainLoop<'a> {
     capture: &'a mut Option<Capture>,
     pending: Pending,
     cni: Option<tokio::sync::mpsc::Receiver<Announcement>>,
+    cni_stats: CniStats,
 }
 
 /// The next CNI request, or never without a CNI endpoint.
@@ -692,6 +696,7 @@ async fn steady_state(
         capture,
         mut pending,
         cni: mut cni_rx,
+        cni_stats,
     } = main;
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -722,6 +727,7 @@ async fn steady_state(
                     &mut pending,
                     capture.as_mut(),
                     sync,
+                    &cni_stats,
                 );
                 // The plugin may have given up meanwhile; nothing to do then.
                 let _ = a.reply.send(reply);

@@ -33,6 +33,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 use ztunnel_cni::{Action, Reply, Request};
 
@@ -46,6 +50,66 @@ pub struct Announcement {
     pub request: Request,
     /// Where the answer goes (the connection's task writes it to the plugin).
     pub reply: oneshot::Sender<Reply>,
+}
+
+/// Plugin requests answered: `ztunnel_cni_requests_total{action, result}` (`result`:
+/// `captured`, `not_captured`, `removed`, `failed`), so an operator sees ADDs failing (and
+/// pods not starting) on a node.
+#[derive(Debug, Clone, Default)]
+pub struct CniStats {
+    requests: Family<CniLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    action: &'static str,
+    result: &'static str,
+}
+
+impl CniStats {
+    /// Adds the counter to the daemon's registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ztunnel_cni_requests",
+            "Requests of the chained CNI plugin answered, by action (add, del, check) and result \
+             (captured, not_captured, removed, failed: the pod's ADD fails)",
+            self.requests.clone(),
+        );
+    }
+
+    /// Requests of `action` answered with `result` so far.
+    pub fn count(&self, action: Action, result: &'static str) -> u64 {
+        self.requests
+            .get_or_create(&CniLabels {
+                action: action_name(action),
+                result,
+            })
+            .get()
+    }
+
+    fn counted(&self, action: Action, reply: Reply) -> Reply {
+        let result = match &reply {
+            Reply::Captured { .. } => "captured",
+            Reply::NotCaptured { .. } => "not_captured",
+            Reply::Removed => "removed",
+            Reply::Failed { .. } => "failed",
+        };
+        self.requests
+            .get_or_create(&CniLabels {
+                action: action_name(action),
+                result,
+            })
+            .inc();
+        reply
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Add => "add",
+        Action::Del => "del",
+        Action::Check => "check",
+    }
 }
 
 /// A pod announced at ADD and not yet confirmed by the state.
@@ -112,11 +176,19 @@ impl Pending {
         }
     }
 
+    /// Forgets what the ADD of the same sandbox announced. By sandbox only: when a pod's
+    /// sandbox is replaced, the runtime may DEL the old one after the new one's ADD, and the
+    /// pod's name is the same in both. (A DEL without a sandbox id goes by the pod's name.)
     fn remove(&mut self, req: &Request) -> usize {
         let key = pod_key(req);
         let before = self.pods.len();
-        self.pods
-            .retain(|_, a| a.container_id != req.container_id && a.key != key);
+        self.pods.retain(|_, a| {
+            if req.container_id.is_empty() {
+                a.key != key
+            } else {
+                a.container_id != req.container_id
+            }
+        });
         before - self.pods.len()
     }
 }
@@ -125,10 +197,25 @@ fn pod_key(req: &Request) -> String {
     format!("{}/{}", req.namespace, req.name)
 }
 
-/// Answers one plugin request on the main task. `sync` brings capture in line with the state
-/// and `pending` (the daemon's capture sync); it runs before an ADD or DEL is answered, so an
-/// ADD answered `Captured` has its capture in place.
+/// Answers one plugin request on the main task (and counts it in `stats`). `sync` brings
+/// capture in line with the state and `pending` (the daemon's capture sync); it runs before an
+/// ADD or DEL is answered, so an ADD answered `Captured` has its capture in place.
 pub fn answer(
+    req: &Request,
+    state: &State,
+    node: &str,
+    pending: &mut Pending,
+    capture: Option<&mut Capture>,
+    sync: impl Fn(&mut Capture, &mut Pending),
+    stats: &CniStats,
+) -> Reply {
+    stats.counted(
+        req.action,
+        decide_and_act(req, state, node, pending, capture, sync),
+    )
+}
+
+fn decide_and_act(
     req: &Request,
     state: &State,
     node: &str,
@@ -321,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn del_forgets_by_container_or_pod() {
+    fn del_forgets_by_sandbox() {
         let mut p = Pending::new(Duration::from_secs(60));
         announce(&mut p, "mesh/a", [10, 244, 1, 224], Instant::now());
         let req = |c: &str, name: &str| Request {
@@ -333,8 +420,11 @@ mod tests {
             host_interface: None,
             netns: None,
         };
-        assert_eq!(p.remove(&req("other", "b")), 0);
-        assert_eq!(p.remove(&req("c-mesh/a", "x")), 1);
+        // An old sandbox of the same pod does not take the new one's announcement.
+        assert_eq!(p.remove(&req("old-sandbox", "a")), 0);
+        assert_eq!(p.remove(&req("c-mesh/a", "a")), 1);
+        announce(&mut p, "mesh/a", [10, 244, 1, 224], Instant::now());
+        assert_eq!(p.remove(&req("", "a")), 1);
         assert_eq!(p.len(), 0);
     }
 
