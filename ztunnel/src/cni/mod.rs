@@ -79,12 +79,16 @@ impl CniStats {
 
     /// Requests of `action` answered with `result` so far.
     pub fn count(&self, action: Action, result: &'static str) -> u64 {
+        self.counter(action, result).get()
+    }
+
+    fn counter(&self, action: Action, result: &'static str) -> Counter {
         self.requests
             .get_or_create(&CniLabels {
                 action: action_name(action),
                 result,
             })
-            .get()
+            .clone()
     }
 
     fn counted(&self, action: Action, reply: Reply) -> Reply {
@@ -94,12 +98,7 @@ impl CniStats {
             Reply::Removed => "removed",
             Reply::Failed { .. } => "failed",
         };
-        self.requests
-            .get_or_create(&CniLabels {
-                action: action_name(action),
-                result,
-            })
-            .inc();
+        self.counter(action, result).inc();
         reply
     }
 }
@@ -426,6 +425,35 @@ mod tests {
         announce(&mut p, "mesh/a", [10, 244, 1, 224], Instant::now());
         assert_eq!(p.remove(&req("", "a")), 1);
         assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn answers_are_counted() {
+        let stats = CniStats::default();
+        let mut p = Pending::new(Duration::from_secs(60));
+        let state = State::default();
+        let mut req = Request {
+            action: Action::Del,
+            container_id: "c".into(),
+            namespace: "mesh".into(),
+            name: "p".into(),
+            ips: vec![],
+            host_interface: None,
+            netns: None,
+        };
+        let no_sync = |_: &mut Capture, _: &mut Pending| {};
+        assert_eq!(
+            answer(&req, &state, "node1", &mut p, None, no_sync, &stats),
+            Reply::Removed
+        );
+        req.action = Action::Add;
+        let reply = answer(&req, &state, "node1", &mut p, None, no_sync, &stats);
+        assert!(
+            matches!(reply, Reply::Failed { retry: true, .. }),
+            "{reply:?}"
+        );
+        assert_eq!(stats.count(Action::Del, "removed"), 1);
+        assert_eq!(stats.count(Action::Add, "failed"), 1);
     }
 
     #[test]
