@@ -10,6 +10,8 @@
  * `ip rule fwmark` routes to a `local default dev lo` table: without that the kernel would
  * forward the packet (its destination is not a local address) instead of delivering it.
  *
+ * IPv6 takes the same steps in its own functions (capture_v6.h), with its own enrolled map.
+ *
  * Per packet, cheapest test first:
  *   1. not IPv4 TCP/UDP, or a non-first fragment, or carrying the daemon's socket mark -> untouched;
  *   2. neither source nor destination IP is an enrolled local pod -> untouched
@@ -44,6 +46,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -177,12 +180,16 @@ static __always_inline int zt_assign(struct __sk_buff *skb, struct bpf_sock *sk)
 	return TC_ACT_UNSPEC;
 }
 
+#include "capture_v6.h"
+
 SEC("classifier")
 int zt_capture(struct __sk_buff *skb)
 {
 	struct zt_flow f;
 	int rc;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return zt_capture6(skb);
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
 	if (skb->mark & zt_daemon_mark)

@@ -25,7 +25,7 @@
 //! `--detach-on-exit` the daemon removes it (traffic then flows directly again).
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,12 +228,23 @@ struct DataPlaneListeners {
     inbound_plaintext: TcpListener,
     /// HBONE (15008).
     hbone: TcpListener,
+    /// The same three on IPv6 (`[::1]`, `[::1]`, `[::]`), when the node has IPv6.
+    ipv6: Option<Ipv6Listeners>,
+}
+
+/// The IPv6 twins of the captured ports: capture steers IPv6 packets to IPv6 sockets.
+struct Ipv6Listeners {
+    outbound: TcpListener,
+    inbound_plaintext: TcpListener,
+    hbone: TcpListener,
 }
 
 /// The DNS proxy's sockets (15053).
 struct DnsSockets {
     udp: UdpSocket,
     tcp: TcpListener,
+    /// `[::1]:15053`, UDP and TCP, when the node has IPv6.
+    ipv6: Option<(UdpSocket, TcpListener)>,
 }
 
 impl Listeners {
@@ -250,7 +261,7 @@ impl Listeners {
         };
         // Captured outbound connections come from pods of this node; plaintext inbound ones may
         // come from anywhere, so they keep the node's congestion control.
-        let data_plane = DataPlaneListeners {
+        let mut data_plane = DataPlaneListeners {
             outbound: bind("outbound", local, p.outbound, Leg::Pod, true)?,
             inbound_plaintext: bind(
                 "inbound-plaintext",
@@ -260,7 +271,26 @@ impl Listeners {
                 true,
             )?,
             hbone: bind("hbone", any, p.hbone, Leg::Hbone, true)?,
+            ipv6: None,
         };
+        let ipv6 = crate::socket::host_has_ipv6();
+        if ipv6 {
+            let (any6, local6) = (
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            );
+            data_plane.ipv6 = Some(Ipv6Listeners {
+                outbound: bind("outbound", local6, p.outbound, Leg::Pod, true)?,
+                inbound_plaintext: bind(
+                    "inbound-plaintext",
+                    local6,
+                    p.inbound_plaintext,
+                    Leg::Node,
+                    true,
+                )?,
+                hbone: bind("hbone", any6, p.hbone, Leg::Hbone, true)?,
+            });
+        }
         // Served by the admin thread's runtime: taken off this one's reactor.
         let to_std = |l: TcpListener, what, port| {
             l.into_std().map_err(|error| AppError::Bind {
@@ -290,7 +320,11 @@ impl Listeners {
                     }
                 })?;
                 let tcp = bind("dns", addr.ip(), addr.port(), Leg::Node, true)?;
-                Some(DnsSockets { udp, tcp })
+                let ipv6 = match ipv6 {
+                    true => Some(bind_dns_v6(p.dns, cfg.daemon_mark, &bind)?),
+                    false => None,
+                };
+                Some(DnsSockets { udp, tcp, ipv6 })
             }
             None => None,
         };
@@ -306,6 +340,21 @@ impl Listeners {
             cni,
         })
     }
+}
+
+/// The DNS proxy's sockets on `[::1]`.
+fn bind_dns_v6(
+    port: u16,
+    mark: u32,
+    bind: &dyn Fn(&'static str, IpAddr, u16, Leg, bool) -> Result<TcpListener, AppError>,
+) -> Result<(UdpSocket, TcpListener), AppError> {
+    let addr = dns::server::listen_addr_v6(port);
+    let udp = dns::server::bind_udp(addr, mark).map_err(|error| AppError::Bind {
+        what: "dns",
+        addr,
+        error,
+    })?;
+    Ok((udp, bind("dns", addr.ip(), port, Leg::Node, true)?))
 }
 
 /// The handles the phases after start-up's checks share; each is cheap to clone.
@@ -364,7 +413,7 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
     let stats = Arc::new(DnsStats::default());
     shared.metrics.register(|r| stats.register(r));
     let cfg = &shared.cfg;
-    let (Some(d), Some(DnsSockets { udp, tcp })) = (&cfg.dns, sockets) else {
+    let (Some(d), Some(DnsSockets { udp, tcp, ipv6 })) = (&cfg.dns, sockets) else {
         return stats;
     };
     let upstreams = if d.upstreams.is_empty() {
@@ -386,18 +435,20 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
         stats.clone(),
     );
     let gate = dns::limits::Gate::new(d.limits, stats.refused.clone());
-    tokio::spawn(dns::server::run_udp(
-        udp,
-        handler.clone(),
-        cfg.daemon_mark,
-        gate.clone(),
-    ));
-    tokio::spawn(dns::server::run_tcp(
-        tcp,
-        handler,
-        gate,
-        shared.accept_errors.clone(),
-    ));
+    for (udp, tcp) in std::iter::once((udp, tcp)).chain(ipv6) {
+        tokio::spawn(dns::server::run_udp(
+            udp,
+            handler.clone(),
+            cfg.daemon_mark,
+            gate.clone(),
+        ));
+        tokio::spawn(dns::server::run_tcp(
+            tcp,
+            handler.clone(),
+            gate.clone(),
+            shared.accept_errors.clone(),
+        ));
+    }
     stats
 }
 
@@ -442,10 +493,17 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         proxy.clone(),
         drain.clone(),
     );
-    for (listener, kind) in [
+    let mut captured = vec![
         (listeners.outbound, Captured::Outbound),
         (listeners.inbound_plaintext, Captured::InboundPlaintext),
-    ] {
+    ];
+    let mut hbone = vec![listeners.hbone];
+    if let Some(v6) = listeners.ipv6 {
+        captured.push((v6.outbound, Captured::Outbound));
+        captured.push((v6.inbound_plaintext, Captured::InboundPlaintext));
+        hbone.push(v6.hbone);
+    }
+    for (listener, kind) in captured {
         let serve = proxy
             .clone()
             .serve(listener, kind, workers.clone(), drain.clone());
@@ -464,11 +522,14 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         drop(guard);
         server.clone().serve_admitted(tcp, peer, admitted)
     };
-    let (w, d) = (workers.clone(), drain.clone());
-    tokio::spawn(async move {
-        w.accept_loop_admitting(listeners.hbone, "hbone", &d, admit, serve)
-            .await
-    });
+    for listener in hbone {
+        let (w, d) = (workers.clone(), drain.clone());
+        let (admit, serve) = (admit.clone(), serve.clone());
+        tokio::spawn(async move {
+            w.accept_loop_admitting(listener, "hbone", &d, admit, serve)
+                .await
+        });
+    }
     Ok(DataPlane {
         pool,
         workers,
@@ -813,15 +874,7 @@ fn sync_capture(
     let Some(capture) = capture else { return };
     let mut pods: Vec<LocalPod> = state
         .local_workloads(&cfg.node_name)
-        .filter_map(|w| match w.ip {
-            IpAddr::V4(ip) => Some(LocalPod {
-                name: w.key(),
-                ip,
-                enrolled: w.enrolled,
-                dns_capture: w.dns_capture,
-            }),
-            IpAddr::V6(_) => None,
-        })
+        .filter_map(|w| LocalPod::new(w.key(), &w.ips, w.enrolled, w.dns_capture))
         .collect();
     // Pods the CNI plugin announced that the state does not show yet.
     pending.merge(&mut pods, std::time::Instant::now());

@@ -113,8 +113,11 @@ fn serve(args: &ServeArgs) -> Res<bool> {
     let (port, name) = (args.port, args.name.clone());
     // One descriptor per client connection; benchmarks hold thousands.
     mesh_tests::raise_fd_limit();
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    // `[::]` takes IPv4 too (as IPv4-mapped addresses, printed back as IPv4 below); a host
+    // without IPv6 gets `0.0.0.0`.
+    let listener = TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .map_err(|e| format!("bind :{port}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening {local}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -123,7 +126,8 @@ fn serve(args: &ServeArgs) -> Res<bool> {
             Ok(s) => {
                 let name = name.clone();
                 std::thread::spawn(move || {
-                    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    let peer = s.peer_addr().map(|p| canonical(p).to_string());
+                    let peer = peer.unwrap_or_default();
                     match echo(s, &name) {
                         Ok(n) => eprintln!("conn from {peer}: echoed {n} bytes"),
                         Err(e) => eprintln!("conn from {peer}: {e}"),
@@ -136,8 +140,13 @@ fn serve(args: &ServeArgs) -> Res<bool> {
     Ok(true)
 }
 
+/// An IPv4 client of the `[::]` listener as the IPv4 address it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 fn echo(mut s: TcpStream, name: &str) -> std::io::Result<u64> {
-    let peer = s.peer_addr()?;
+    let peer = canonical(s.peer_addr()?);
     s.write_all(format!("HELLO {name} {peer}\n").as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;

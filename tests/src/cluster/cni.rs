@@ -180,6 +180,8 @@ impl Cluster {
             namespace: spec.namespace.clone(),
             service_account: spec.service_account.clone(),
             ip,
+            // The chain's IPAM here gives IPv4 only.
+            ip6: None,
             netns: sandbox.netns.clone(),
             node: spec.node,
             logdir,

@@ -31,8 +31,8 @@ pub use kube::{ControlPlane, API_ADDRESS};
 pub use net::{in_netns, remove_own, remove_stale, run};
 pub use pod::Pod;
 pub use spec::{
-    node_ip, pod_ip, render_docs, split_key, ClusterSpec, NsSpec, PodSpec, SvcSpec, DATAPLANE_MODE,
-    NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
+    node_ip, node_ip6, pod_ip, pod_ip6, render_docs, split_key, vip6, ClusterSpec, NsSpec, PodSpec,
+    SvcSpec, DATAPLANE_MODE, NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
 };
 pub use waypoint::WaypointProc;
 
@@ -112,6 +112,7 @@ impl Cluster {
         run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpf))
             .context("mounting a bpf filesystem for the daemons' pins")?;
         cluster.bpffs = Some(bpf);
+        let dual = cluster.spec.dual_stack;
         for (p, j, ip) in placements {
             let logdir = cluster
                 .workdir
@@ -125,6 +126,7 @@ impl Cluster {
                 namespace: p.namespace,
                 service_account: p.service_account,
                 ip,
+                ip6: dual.then(|| spec::pod_ip6(p.node, j)),
                 node: p.node,
                 logdir,
             });

@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
-    let (reg, _report) = Registry::build(ap.iter().copied(), pa.iter().copied());
+    let reg = Registry::build(ap.iter().copied(), pa.iter().copied());
 
     // Destinations: each policy's namespace with the labels its selector asks for.
     let mut targets: Vec<(String, BTreeMap<String, String>)> =

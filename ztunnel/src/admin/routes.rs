@@ -128,6 +128,7 @@ impl AdminRoutes {
                 json!({
                     "pod": w.key(),
                     "ip": w.ip,
+                    "ips": w.ips,
                     "workload": w.workload_name,
                     "identity": w.identity,
                     "enrolled": w.enrolled,
@@ -135,7 +136,7 @@ impl AdminRoutes {
                 })
             })
             .collect();
-        let mut workloads: Vec<_> = state.workloads.values().collect();
+        let mut workloads: Vec<_> = state.pods().collect();
         workloads.sort_by_key(|w| w.key());
         json!({
             "node": self.cfg.node_name,

@@ -24,6 +24,7 @@
 //! dropped and counted ([`DropCounts`]).
 
 mod announced;
+mod ipv6;
 mod links;
 mod pins;
 mod routes;
@@ -31,7 +32,7 @@ mod routes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
@@ -113,6 +114,8 @@ pub struct LocalPod {
     pub name: String,
     /// The pod's IPv4 address; its node-side veth is found from the route to it.
     pub ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address, captured like the IPv4 one on the same interface.
+    pub ipv6: Option<Ipv6Addr>,
     /// Whether the pod's traffic is captured into the mesh.
     pub enrolled: bool,
     /// Whether the pod's DNS is captured too (only when enrolled; pod annotation opt-out).
@@ -186,6 +189,16 @@ pub enum CaptureError {
     Map {
         /// Pod IP.
         ip: Ipv4Addr,
+        /// What aya reported.
+        error: MapError,
+    },
+    /// Updating the IPv6 enrolled-pod map failed.
+    #[error(
+        "cannot update the IPv6 enrolled-pod eBPF map for {ip}: {error} (map holds at most 4096 pods)"
+    )]
+    MapV6 {
+        /// Pod IPv6 address.
+        ip: Ipv6Addr,
         /// What aya reported.
         error: MapError,
     },
@@ -263,6 +276,8 @@ pub struct Capture {
     pod_ifaces: BTreeMap<String, Attachment>,
     /// What the enrolled map holds: pod IP -> value written.
     enrolled: BTreeMap<Ipv4Addr, PodValue>,
+    /// The IPv6 enrolled map.
+    enrolled6: ipv6::Enrolled6,
 }
 
 impl std::fmt::Debug for Capture {
@@ -352,9 +367,12 @@ impl Capture {
                   (older build); replaced, pods are enrolled again at the first sync");
         }
         pins.drop_incompatible_map(STATS_MAP, 4, 8, STAT_COUNT)?;
+        ipv6::drop_incompatible(&pins)?;
         let (enrolled_pin, stats_pin) = (pins.object(ENROLLED_MAP), pins.object(STATS_MAP));
+        let enrolled6_pin = pins.object(ipv6::ENROLLED6_MAP);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENROLLED_MAP, enrolled_pin.as_path())
+            .map_pin_path(ipv6::ENROLLED6_MAP, enrolled6_pin.as_path())
             .map_pin_path(STATS_MAP, stats_pin.as_path())
             .override_global("zt_capture_mark", &settings.capture_mark, true)
             .override_global("zt_daemon_mark", &settings.daemon_mark, true)
@@ -387,6 +405,7 @@ impl Capture {
             .take_map(STATS_MAP)
             .ok_or_else(|| CaptureError::ObjectMismatch(format!("map {STATS_MAP}")))?;
         let stats_map = PerCpuArray::try_from(map).map_err(map_err)?;
+        let enrolled6 = ipv6::Enrolled6::take(&mut ebpf)?;
         // What a previous daemon enrolled stays in force until the first sync corrects it.
         let enrolled = enrolled_map
             .iter()
@@ -403,6 +422,7 @@ impl Capture {
             uplinks: BTreeMap::new(),
             pod_ifaces: BTreeMap::new(),
             enrolled,
+            enrolled6,
         };
         capture.pin_program();
         routes::install(settings.capture_mark, settings.route_table)?;
@@ -513,6 +533,11 @@ impl Capture {
         self.enrolled.keys().copied().collect()
     }
 
+    /// Pod IPv6 addresses in the IPv6 enrolled map.
+    pub fn enrolled_v6(&self) -> Vec<Ipv6Addr> {
+        self.enrolled6.addresses()
+    }
+
     /// What the programs dropped so far (summed over CPUs; counted since the pinned maps were
     /// created, so across daemon restarts).
     pub fn drop_counts(&self) -> DropCounts {
@@ -581,6 +606,8 @@ impl Capture {
                 (p.ip, (p.name.as_str(), [flags, idx]))
             })
             .collect();
+        let want6 = ipv6::wanted(pods, &want);
+        self.enrolled6.sync(want6, problems);
         let stale: Vec<Ipv4Addr> = self
             .enrolled
             .keys()

@@ -139,9 +139,9 @@ fn ip(args: &[String], benign: &[&str]) -> Result<bool, CaptureError> {
     })
 }
 
-fn rule_args(verb: &str, mark: u32, table: u32) -> Vec<String> {
+fn rule_args(family: &str, verb: &str, mark: u32, table: u32) -> Vec<String> {
     vec![
-        "-4".into(),
+        family.into(),
         "rule".into(),
         verb.into(),
         "pref".into(),
@@ -153,9 +153,9 @@ fn rule_args(verb: &str, mark: u32, table: u32) -> Vec<String> {
     ]
 }
 
-fn route_args(verb: &str, table: u32) -> Vec<String> {
+fn route_args(family: &str, verb: &str, table: u32) -> Vec<String> {
     [
-        "-4", "route", verb, "local", "default", "dev", "lo", "table",
+        family, "route", verb, "local", "default", "dev", "lo", "table",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -163,23 +163,44 @@ fn route_args(verb: &str, table: u32) -> Vec<String> {
     .collect()
 }
 
-/// Installs the capture rule and local route; both may already exist (a previous instance
-/// that crashed), which is fine.
+/// The address families to route captured packets of: IPv4, and IPv6 when the node has it
+/// (`ip -6` rule and `local default dev lo` route in the same table).
+fn families() -> Vec<&'static str> {
+    let mut f = vec!["-4"];
+    if crate::socket::host_has_ipv6() {
+        f.push("-6");
+    }
+    f
+}
+
+/// Installs the capture rule and local route of every family; both may already exist (a
+/// previous instance that crashed), which is fine.
 pub(crate) fn install(mark: u32, table: u32) -> Result<(), CaptureError> {
-    ip(&route_args("replace", table), &[])?;
-    let added = ip(&rule_args("add", mark, table), &["File exists"])?;
-    tracing::info!(
-        mark = format!("{mark:#x}"),
-        table,
-        priority = RULE_PRIORITY,
-        already_present = !added,
-        "capture routing installed"
-    );
+    for family in families() {
+        ip(&route_args(family, "replace", table), &[])?;
+        let added = ip(&rule_args(family, "add", mark, table), &["File exists"])?;
+        tracing::info!(
+            family,
+            mark = format!("{mark:#x}"),
+            table,
+            priority = RULE_PRIORITY,
+            already_present = !added,
+            "capture routing installed"
+        );
+    }
     Ok(())
 }
 
-/// Removes the capture rule (every copy of it) and the local route; absent ones are fine.
+/// Removes the capture rules (every copy) and local routes of every family; absent ones are
+/// fine.
 pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
+    for family in families() {
+        remove_family(family, mark, table)?;
+    }
+    Ok(())
+}
+
+fn remove_family(family: &str, mark: u32, table: u32) -> Result<(), CaptureError> {
     let gone = [
         "No such file or directory",
         "No such process",
@@ -187,7 +208,7 @@ pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
     ];
     let mut result = Ok(());
     for _ in 0..16 {
-        match ip(&rule_args("del", mark, table), &gone) {
+        match ip(&rule_args(family, "del", mark, table), &gone) {
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
@@ -196,10 +217,11 @@ pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
             }
         }
     }
-    let route = ip(&route_args("del", table), &gone);
+    let route = ip(&route_args(family, "del", table), &gone);
     result?;
     route?;
     tracing::info!(
+        family,
         mark = format!("{mark:#x}"),
         table,
         "capture routing removed"

@@ -30,7 +30,7 @@
 pub mod server;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -117,6 +117,8 @@ struct Announced {
     /// `namespace/name`.
     key: String,
     container_id: String,
+    /// A dual-stack pod's IPv6 address from `prevResult`, captured with the IPv4 one.
+    ipv6: Option<Ipv6Addr>,
     since: Instant,
 }
 
@@ -169,6 +171,7 @@ impl Pending {
             pods.push(LocalPod {
                 name: a.key.clone(),
                 ip: *ip,
+                ipv6: a.ipv6,
                 enrolled: true,
                 dns_capture: true,
             });
@@ -250,6 +253,10 @@ fn decide_and_act(
             Announced {
                 key: key.clone(),
                 container_id: req.container_id.clone(),
+                ipv6: req.ips.iter().find_map(|ip| match ip {
+                    IpAddr::V6(v6) => Some(*v6),
+                    IpAddr::V4(_) => None,
+                }),
                 since: Instant::now(),
             },
         );
@@ -366,6 +373,7 @@ mod tests {
         LocalPod {
             name: name.into(),
             ip: Ipv4Addr::from(ip),
+            ipv6: None,
             enrolled,
             dns_capture: true,
         }
@@ -377,6 +385,7 @@ mod tests {
             Announced {
                 key: key.into(),
                 container_id: format!("c-{key}"),
+                ipv6: None,
                 since,
             },
         );

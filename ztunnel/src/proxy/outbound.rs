@@ -47,7 +47,7 @@ impl Proxy {
             Route::Passthrough { workload, .. } => (Protocol::Tcp, orig_dst, workload.as_deref()),
             Route::SameNode { workload, port } => (
                 Protocol::Hbone,
-                SocketAddr::new(workload.ip, *port),
+                SocketAddr::new(workload.dial_ip(orig_dst.ip()), *port),
                 Some(&**workload),
             ),
             Route::Hbone(t) | Route::Waypoint { target: t, .. } => {
@@ -144,7 +144,8 @@ impl Proxy {
     ) {
         let key = PoolKey {
             src_identity: out.source.identity.clone(),
-            src_ip: out.source.ip,
+            // The flow's own source: a dual-stack pod's IPv6 flow leaves from its IPv6 address.
+            src_ip: report.src.ip(),
             dst_identities: target.identities.clone(),
             dst: target.connect,
         };

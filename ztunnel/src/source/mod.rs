@@ -237,12 +237,10 @@ impl SourceHealth {
 /// `took`: the daemon's own work for the change, from the source seeing it (a file read, the
 /// first watch event of a burst) to the new snapshot being published; `took_us` in the line.
 pub fn log_applied(state: &State, took: Option<Duration>) {
-    let enrolled = state.workloads.values().filter(|w| w.enrolled).count();
-    let (generation, pods, services) = (
-        state.generation,
-        state.workloads.len(),
-        state.services.len(),
-    );
+    let (pods, enrolled) = state
+        .pods()
+        .fold((0, 0), |(n, e), w| (n + 1, e + usize::from(w.enrolled)));
+    let (generation, services) = (state.generation, state.services.len());
     match took {
         Some(t) => tracing::info!(
             generation,

@@ -280,24 +280,31 @@ impl Model {
                     let m = Arc::make_mut(w);
                     m.enrolled = enrolled;
                     m.waypoint = waypoint;
-                    if let Some(prev) = self.ip_owner.insert(w.ip, k.clone()) {
-                        if prev != k {
-                            tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %format!("{}/{}", prev.0, prev.1), "two running pods share an IP; the one applied last wins");
+                    for ip in &w.ips {
+                        if let Some(prev) = self.ip_owner.insert(*ip, k.clone()) {
+                            if prev != k {
+                                tracing::warn!(ip = %ip, pod = %format!("{}/{}", k.0, k.1), previous = %format!("{}/{}", prev.0, prev.1), "two running pods share an IP; the one applied last wins");
+                            }
                         }
+                        self.workloads.insert(*ip, w.clone());
                     }
-                    self.workloads.insert(w.ip, w.clone());
                 }
                 self.pods.insert(k.clone(), e)
             }
             None => self.pods.remove(&k),
         };
-        let new_ip = self
+        let new_ips: Vec<IpAddr> = self
             .pods
             .get(&k)
             .and_then(|e| e.workload.as_ref())
-            .map(|w| w.ip);
-        if let Some(old_ip) = old.and_then(|e| e.workload).map(|w| w.ip) {
-            if Some(old_ip) != new_ip && self.ip_owner.get(&old_ip) == Some(&k) {
+            .map(|w| w.ips.clone())
+            .unwrap_or_default();
+        for old_ip in old
+            .and_then(|e| e.workload)
+            .map(|w| w.ips.clone())
+            .unwrap_or_default()
+        {
+            if !new_ips.contains(&old_ip) && self.ip_owner.get(&old_ip) == Some(&k) {
                 self.release_ip(old_ip);
             }
         }
@@ -310,7 +317,7 @@ impl Model {
         let heir = self
             .pods
             .iter()
-            .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.ip == ip).map(|w| (k, w)));
+            .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.has_ip(ip)).map(|w| (k, w)));
         if let Some((k, w)) = heir {
             self.ip_owner.insert(ip, k.clone());
             self.workloads.insert(ip, w.clone());
@@ -358,8 +365,10 @@ impl Model {
             };
             let m = Arc::make_mut(w);
             (m.enrolled, m.waypoint) = derived;
-            if self.ip_owner.get(&w.ip) == Some(&k) {
-                self.workloads.insert(w.ip, w.clone());
+            for ip in &w.ips {
+                if self.ip_owner.get(ip) == Some(&k) {
+                    self.workloads.insert(*ip, w.clone());
+                }
             }
         }
         self.dirty.insert(ns.to_string());
@@ -465,7 +474,8 @@ impl Model {
             managed_waypoint: meta.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
                 == Some(MESH_CONTROLLER),
         };
-        let (Some(ip), Some("Running")) = (p.status.pod_ip, p.status.phase.as_deref()) else {
+        let ips = p.status.ips();
+        let (Some(&ip), Some("Running")) = (ips.first(), p.status.phase.as_deref()) else {
             return entry;
         };
         if p.spec.host_network {
@@ -491,6 +501,7 @@ impl Model {
             service_account,
             node: p.spec.node_name.clone().unwrap_or_default(),
             ip,
+            ips,
             labels: meta.labels.clone(),
             enrolled: false,
             waypoint: None,
