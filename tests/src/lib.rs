@@ -138,6 +138,16 @@ pub fn meshload_bin() -> PathBuf {
     )
 }
 
+/// The chained CNI plugin: `ZTUNNEL_CNI_BIN`, else `<target>/debug/ztunnel-cni`. Panics when
+/// missing.
+pub fn cni_plugin_bin() -> PathBuf {
+    binary(
+        "ZTUNNEL_CNI_BIN",
+        "ztunnel-cni",
+        "cargo build -p ztunnel-cni",
+    )
+}
+
 /// The misbehaving HBONE client of the limits tests: `HBONESTRESS_BIN`, else
 /// `<target>/debug/hbonestress`. Panics when missing.
 pub fn hbonestress_bin() -> PathBuf {

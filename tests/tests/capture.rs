@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Pod, PodSpec};
-use mesh_tests::pcap::TCP;
 use mesh_tests::testkit::{at, capture_drops, eventually, ok, pod_veth, start_with_daemons};
 
 const HBONE: u16 = 15008;

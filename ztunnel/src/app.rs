@@ -14,8 +14,9 @@
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
 //! 8. `attach_capture`, then `become_ready` (a daemon that took over starts accepting only
 //!    now, and tells its predecessor); the source then polls on its own.
-//! 9. `steady_state`: state changes and capture resyncs, until a signal, `/quitquitquit` or a
-//!    hand-over to a new daemon of the node.
+//! 9. `steady_state`: state changes, capture resyncs and the CNI plugin's announcements
+//!    ([`crate::cni`]), until a signal, `/quitquitquit` or a hand-over to a new daemon of
+//!    the node.
 //! 10. `drain_and_exit`.
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
@@ -40,6 +41,7 @@ use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::SocketError;
 use crate::admin::{self, CaptureSnapshot, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
+use crate::cni::{Announcement, CniStats, Pending};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
@@ -110,6 +112,9 @@ pub enum AppError {
     /// The running daemon's sockets could not be taken over.
     #[error(transparent)]
     Handover(#[from] HandoverError),
+    /// The CNI endpoint's socket could not be bound or served.
+    #[error("CNI socket (--cni-socket) {0}")]
+    CniSocket(SocketError),
     /// The thread of the admin, metrics and readiness ports could not be started.
     #[error("cannot start the admin thread: {0}")]
     Admin(std::io::Error),
@@ -149,6 +154,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
     serve_admin(&shared, listeners.admin, &data_plane, dns)?;
     let mut handover = serve_handover(&shared, listeners.handover);
+    let cni_rx = match listeners.cni {
+        Some(l) => Some(serve_cni(&shared, l)?),
+        None => None,
+    };
 
     let mut signals = Signals::install()?;
     let first = first_complete_state(&mut *source, &state_tx, &mut state_rx, &mut signals);
@@ -156,7 +165,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         return Ok(());
     };
     issue_first_certificates(&shared, &state).await?;
-    let mut capture = attach_capture(&shared, &state)?;
+    let mut pending = Pending::new(
+        shared
+            .cfg
+            .cni
+            .as_ref()
+            .map_or(Duration::from_secs(120), |c| c.pending_timeout),
+    );
+    let mut capture = attach_capture(&shared, &state, &mut pending)?;
     shared.serving.open();
     become_ready(&shared, &state);
     if let Some(inherited) = inherited.take() {
@@ -164,10 +180,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
 
     tokio::spawn(source.run(state_tx));
+    let cni_stats = CniStats::default();
+    shared.metrics.register(|r| cni_stats.register(r));
+    let main = MainLoop {
+        capture: &mut capture,
+        pending,
+        cni: cni_rx,
+        cni_stats,
+    };
     let stop = steady_state(
         &shared,
         &data_plane,
-        &mut capture,
+        main,
         state_rx,
         &mut signals,
         &mut handover,
@@ -580,9 +604,36 @@ async fn issue_first_certificates(shared: &Shared, state: &State) -> Result<(), 
     Ok(())
 }
 
+/// Serves the CNI plugin's requests (answered by the main task in `steady_state`).
+fn serve_cni(
+    shared: &Shared,
+    listener: std::os::unix::net::UnixListener,
+) -> Result<tokio::sync::mpsc::Receiver<Announcement>, AppError> {
+    let cfg = &shared.cfg;
+    let rx = crate::cni::server::spawn(listener, shared.serving.clone()).map_err(|error| {
+        AppError::CniSocket(SocketError::Io {
+            path: cfg
+                .cni
+                .as_ref()
+                .map(|c| c.socket.clone())
+                .unwrap_or_default(),
+            what: "serving",
+            error,
+        })
+    })?;
+    if let Some(c) = &cfg.cni {
+        tracing::info!(socket = %c.socket.display(), "cni endpoint listening");
+    }
+    Ok(rx)
+}
+
 /// Loads and attaches the capture programs (when capture is on) and brings them in line with
 /// `state`. Every listener is bound by now.
-fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, AppError> {
+fn attach_capture(
+    shared: &Shared,
+    state: &State,
+    pending: &mut Pending,
+) -> Result<Option<Capture>, AppError> {
     let cfg = &shared.cfg;
     let Some(c) = &cfg.capture else {
         return Ok(None);
@@ -604,6 +655,7 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
         cfg,
         Some(&mut capture),
         state,
+        pending,
         &shared.capture,
         &shared.readiness,
         true,
@@ -629,20 +681,48 @@ enum Stop {
     HandedOver,
 }
 
-/// Follows state changes (open flows re-checked, certificates, capture) and re-syncs capture
-/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT,
-/// `/quitquitquit` or a completed hand-over. While a hand-over is in progress capture is the
-/// new daemon's to change, readiness answers 503, and a signal waits for its outcome (a second
-/// one stops accepting at once, leaving the shared queues to the new daemon).
+/// What the main task owns in `steady_state`: capture, the pods the CNI plugin announced,
+/// and the plugin's requests.
+struct MainLoop<'a> {
+    capture: &'a mut Option<Capture>,
+    pending: Pending,
+    cni: Option<tokio::sync::mpsc::Receiver<Announcement>>,
+    cni_stats: CniStats,
+}
+
+/// The next CNI request, or never without a CNI endpoint.
+async fn next_announcement(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<Announcement>>,
+) -> Option<Announcement> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows state changes (open flows re-checked, certificates, capture), answers the CNI
+/// plugin ([`crate::cni::answer`]: capture in place before the answer) and re-syncs capture
+/// now and then (a pod's veth may appear after its object does; announcements expire), until
+/// SIGTERM, SIGINT, `/quitquitquit` or a completed hand-over. While a hand-over is in progress
+/// capture is the new daemon's to change (CNI requests wait; those still waiting when the
+/// hand-over completes fail, and the runtime retries them with the new daemon), readiness
+/// answers 503, and a signal waits for its outcome (a second one stops accepting at once,
+/// leaving the shared queues to the new daemon).
 async fn steady_state(
     shared: &Shared,
     data_plane: &DataPlane,
-    capture: &mut Option<Capture>,
+    main: MainLoop<'_>,
     mut state_rx: watch::Receiver<Arc<State>>,
     signals: &mut Signals,
     handover: &mut Option<mpsc::UnboundedReceiver<handover::Event>>,
 ) -> Stop {
     let cfg = &shared.cfg;
+    let MainLoop {
+        capture,
+        mut pending,
+        cni: mut cni_rx,
+        cni_stats,
+    } = main;
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut handing_over, mut stop_asked) = (false, false);
@@ -656,7 +736,7 @@ async fn steady_state(
         tokio::select! {
             _ = resync.tick(), if !handing_over => {
                 let state = state_rx.borrow().clone();
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, false);
+                sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -666,8 +746,25 @@ async fn steady_state(
                 data_plane.proxy.recheck_connections(&state);
                 update_certificates(cfg, &shared.certs, &state);
                 if !handing_over {
-                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, true);
+                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
                 }
+            }
+            Some(a) = next_announcement(&mut cni_rx), if !handing_over => {
+                let state = state_rx.borrow().clone();
+                let sync = |c: &mut Capture, p: &mut Pending| {
+                    sync_capture(cfg, Some(c), &state, p, &shared.capture, &shared.readiness, true);
+                };
+                let reply = crate::cni::answer(
+                    &a.request,
+                    &state,
+                    &cfg.node_name,
+                    &mut pending,
+                    capture.as_mut(),
+                    sync,
+                    &cni_stats,
+                );
+                // The plugin may have given up meanwhile; nothing to do then.
+                let _ = a.reply.send(reply);
             }
             signal = signals.recv() => {
                 if !handing_over {
@@ -701,7 +798,7 @@ async fn steady_state(
                         return Stop::Requested;
                     }
                     let state = state_rx.borrow().clone();
-                    sync_capture(cfg, capture.as_mut(), &state, &shared.capture, &shared.readiness, true);
+                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
                 }
                 handover::Event::Completed { .. } => return Stop::HandedOver,
             },
@@ -792,15 +889,18 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
+    pending: &mut Pending,
     view: &CaptureView,
     readiness: &Readiness,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
-    let pods: Vec<LocalPod> = state
+    let mut pods: Vec<LocalPod> = state
         .local_workloads(&cfg.node_name)
         .filter_map(|w| LocalPod::new(w.key(), &w.ips, w.enrolled, w.dns_capture))
         .collect();
+    // Pods the CNI plugin announced that the state does not show yet.
+    pending.merge(&mut pods, std::time::Instant::now());
     let problems = capture.sync(&pods);
     for (pod, error) in &problems {
         // Warn once per state change; the periodic retries stay quiet.

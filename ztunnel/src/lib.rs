@@ -10,6 +10,7 @@ pub mod burst;
 pub mod ca_service;
 pub mod capture;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod dns;
 pub mod drain;

@@ -7,6 +7,7 @@
 
 mod ca_service;
 mod capture;
+mod cni;
 mod daemon;
 mod kube;
 mod net;
@@ -23,6 +24,7 @@ use anyhow::{bail, Context, Result};
 
 pub use ca_service::{CaService, CA_PORT};
 pub use capture::Capture;
+pub use cni::{CniOutput, CniSandbox, CNI_BIN_DIR};
 use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
 pub use kube::{ControlPlane, API_ADDRESS};
@@ -420,6 +422,7 @@ impl Cluster {
                 ("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into()),
                 ("ZTUNNEL_HANDOVER_SOCKET", self.handover_socket(node).into()),
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
+                ("ZTUNNEL_CNI_SOCKET", self.cni_socket(node).into()),
             ],
         })
     }
@@ -479,6 +482,14 @@ impl Cluster {
         self.workdir
             .join("run")
             .join(format!("node{node}-handover.sock"))
+    }
+
+    /// Node i's CNI endpoint (`--cni-socket`), where its conflist's `ztunnel-cni` announces
+    /// pods ([`Cluster::cni_add`]).
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-cni.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.

@@ -31,6 +31,9 @@ pub struct ClusterSpec {
     pub pods: Vec<PodSpec>,
     /// Services.
     pub services: Vec<SvcSpec>,
+    /// Pods whose network the CNI chain set up ([`super::Cluster::cni_add`]), with the
+    /// address its IPAM gave, once published to the state.
+    pub cni_pods: Vec<(PodSpec, Ipv4Addr)>,
     /// Dual stack: every pod, node and Service also has an IPv6 address (ULA prefixes,
     /// [`pod_ip6`], [`node_ip6`], [`vip6`]), routed like the IPv4 ones.
     pub dual_stack: bool,
@@ -228,10 +231,16 @@ impl ClusterSpec {
 
     /// The Pod documents, with `status.podIP` and `spec.nodeName` filled in as a kubelet would.
     pub fn render_pods(&self) -> Result<String> {
-        let docs = self.placements().into_iter().map(|(p, j, ip)| {
+        let placed = self.placements().into_iter().map(|(p, j, ip)| {
+            let v6 = self.dual_stack.then(|| pod_ip6(p.node, j));
+            (p, ip, v6)
+        });
+        // CNI pods: the address their IPAM gave (IPv4 only).
+        let cni = self.cni_pods.iter().map(|(p, ip)| (p, *ip, None));
+        let docs = placed.chain(cni).map(|(p, ip, v6)| {
             let mut pod_ips = vec![json!({"ip": ip.to_string()})];
-            if self.dual_stack {
-                pod_ips.push(json!({"ip": pod_ip6(p.node, j).to_string()}));
+            if let Some(v6) = v6 {
+                pod_ips.push(json!({"ip": v6.to_string()}));
             }
             json!({
                 "apiVersion": "v1",

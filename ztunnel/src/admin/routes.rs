@@ -157,9 +157,12 @@ impl AdminRoutes {
             "certificates": certificates,
             "ca": self.certs.health().snapshot(),
             "hbone_pool": self.pool.stats(),
+            // `enrolled`: every address in the enrolled map, pods the CNI plugin announced
+            // before the state shows them included.
             "capture": {
                 "attached_interfaces": view.interfaces,
                 "uplinks": view.uplinks,
+                "enrolled": view.enrolled,
                 "pods_captured": view.pods.iter().filter(|p| p.captured).count(),
                 "pods_not_captured": view.pods.iter().filter(|p| !p.captured).count(),
             },

@@ -23,6 +23,8 @@ pub(super) struct Listeners {
     pub(super) files: SocketFiles,
     /// Only when the DNS proxy is on.
     pub(super) dns: Option<DnsSockets>,
+    /// The CNI endpoint's socket, unless `--cni-socket` is empty.
+    pub(super) cni: Option<std::os::unix::net::UnixListener>,
     /// The hand-over socket (when on) and what it can give a successor.
     pub(super) handover: Option<(std::os::unix::net::UnixListener, Offer)>,
 }
@@ -30,6 +32,7 @@ pub(super) struct Listeners {
 /// The unix sockets' files: removed when the daemon stops, unless a successor took them.
 pub(super) struct SocketFiles {
     _admin: SocketFile,
+    cni: Option<SocketFile>,
     handover: Option<SocketFile>,
 }
 
@@ -37,8 +40,8 @@ impl SocketFiles {
     /// Leaves the files in place for the successor that serves on them.
     pub(super) fn keep(self) {
         self._admin.keep();
-        if let Some(h) = self.handover {
-            h.keep();
+        for f in [self.cni, self.handover].into_iter().flatten() {
+            f.keep();
         }
     }
 }
@@ -214,6 +217,16 @@ impl Listeners {
             }
             None => None,
         };
+        let (cni, cni_file) = match &cfg.cni {
+            Some(c) => {
+                let (l, file) = inherited_unix(inherited.as_deref_mut(), names::CNI, &c.socket)
+                    .unwrap_or_else(|| admin::socket::bind_for(&c.socket, "cni-socket"))
+                    .map_err(AppError::CniSocket)?;
+                offer.add(names::CNI, Some(&c.socket), &l);
+                (Some(l), Some(file))
+            }
+            None => (None, None),
+        };
         let (handover, handover_file) = match &cfg.handover_socket {
             Some(path) => {
                 let (l, file) = inherited_unix(inherited, names::HANDOVER, path)
@@ -229,9 +242,11 @@ impl Listeners {
             admin,
             files: SocketFiles {
                 _admin: admin_file,
+                cni: cni_file,
                 handover: handover_file,
             },
             dns,
+            cni,
             handover,
         })
     }

@@ -32,6 +32,7 @@
 //! ([`routes::RouteTable::uplinks`]). [`Capture::pods`] tells, per enrolled pod, whether its
 //! capture is complete; the daemon is not ready while one is not.
 
+mod announced;
 mod devconf;
 mod ipv6;
 mod links;
@@ -52,6 +53,7 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, info, warn};
 
+pub use announced::interface_index;
 use pins::{Hook, PinDir};
 use routes::RouteTable;
 pub use routes::RULE_PRIORITY;

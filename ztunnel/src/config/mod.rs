@@ -8,12 +8,13 @@
 //! socket is bound or any program is loaded, so that a typo stops the daemon with a message
 //! naming the setting instead of half-starting it.
 
+mod cni;
 mod inbound;
 mod parse;
 pub mod values;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use serde::Serialize;
 
 use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
+use cni::cni_config;
+pub use cni::CniConfig;
 use inbound::inbound_limits;
 pub use inbound::InboundLimits;
 pub use parse::parse;
@@ -40,6 +43,8 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ztunnel/admin.sock";
 /// Default hand-over socket (where a new daemon of the node asks the running one for its
 /// sockets).
 pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/ztunnel/handover.sock";
+/// Default socket of the CNI endpoint (the plugin's default too).
+pub const DEFAULT_CNI_SOCKET: &str = ztunnel_cni::DEFAULT_SOCKET;
 
 /// Every daemon setting, as flag (`--name`), environment variable (`ZTUNNEL_NAME`) and config
 /// file key (`name`), with its default. Settings without a default are optional or checked by
@@ -158,6 +163,16 @@ pub struct RunArgs {
         default_value_t = false
     )]
     pub detach_on_exit: bool,
+    /// Unix socket (mode 0600, directory 0700) where the chained CNI plugin `ztunnel-cni`
+    /// announces each new pod, so it is captured before its first packet; the plugin's
+    /// `socket` must name the same path. Empty: no CNI endpoint (pods are captured once the
+    /// state shows them).
+    #[arg(long, env = "ZTUNNEL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: String,
+    /// How long a pod announced by the CNI plugin stays captured without appearing in the
+    /// state (as a pod of this node with that address); then its capture is removed.
+    #[arg(long, env = "ZTUNNEL_CNI_PENDING_TIMEOUT", default_value_t = Dur::secs(120))]
+    pub cni_pending_timeout: Dur,
     /// Outbound capture listener (traffic leaving enrolled pods).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
@@ -686,6 +701,8 @@ pub struct Config {
     pub handover_socket: Option<PathBuf>,
     /// eBPF capture, or `None` when disabled.
     pub capture: Option<CaptureConfig>,
+    /// The CNI endpoint, or `None` when `--cni-socket` is empty.
+    pub cni: Option<CniConfig>,
     /// SO_MARK of every daemon socket.
     pub daemon_mark: u32,
     /// DNS proxy, or `None` when DNS capture is off.
@@ -875,6 +892,11 @@ impl Config {
             drain_timeout: a.drain_timeout.0,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            cni: cni_config(
+                Path::new(&a.cni_socket),
+                a.cni_pending_timeout.0,
+                &admin_socket,
+            )?,
             admin_socket,
             handover_socket,
             capture,

@@ -81,6 +81,23 @@ fn handover_socket_is_on_by_default_checked_and_can_be_turned_off() {
 }
 
 #[test]
+fn cni_socket_is_checked() {
+    let c = Config::resolve(base()).expect("valid");
+    let cni = c.cni.expect("on by default");
+    assert_eq!(cni.socket, PathBuf::from(DEFAULT_CNI_SOCKET));
+    assert_eq!(cni.pending_timeout, Duration::from_secs(120));
+    assert!(resolve(&["--cni-socket", ""]).expect("valid").cni.is_none());
+    for bad in [
+        &["--cni-socket", "relative.sock"][..],
+        &["--cni-socket", DEFAULT_ADMIN_SOCKET],
+        &["--cni-pending-timeout", "100ms"],
+    ] {
+        let e = resolve(bad).expect_err("invalid").to_string();
+        assert!(e.contains("--cni-"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
 fn errors_name_the_setting() {
     let mut a = base();
     a.hbone_port = 15001;

@@ -61,6 +61,8 @@ pub mod names {
     pub const ADMIN_SOCKET: &str = "admin-socket";
     /// The hand-over socket itself, for the next hand-over.
     pub const HANDOVER: &str = "handover";
+    /// The CNI endpoint.
+    pub const CNI: &str = "cni";
     /// The IPv6 twins of the captured ports and the DNS proxy (`[::1]`, HBONE `[::]`), when
     /// the node has IPv6.
     pub const OUTBOUND6: &str = "outbound6";

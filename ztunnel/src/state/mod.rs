@@ -271,6 +271,10 @@ pub struct State {
     /// routing; the same `Arc` as the previous snapshot's while no route changed.
     #[serde(skip)]
     pub http_routes: Arc<BTreeMap<(String, String), Arc<HttpRoute>>>,
+    /// Every Namespace received, by name -> labelled `istio.io/dataplane-mode=ambient`: what
+    /// the CNI endpoint decides a pod's enrollment by before the pod itself is in the state.
+    #[serde(skip)]
+    pub namespace_ambient: Arc<BTreeMap<String, bool>>,
 }
 
 impl State {
@@ -311,6 +315,12 @@ impl State {
 
     fn waypoint(&self, r: &WaypointRef, kind: TrafficKind) -> Option<&Arc<Waypoint>> {
         self.waypoints.get(&r.key()).filter(|w| w.takes(kind))
+    }
+
+    /// Whether pods of namespace `ns` are enrolled by their namespace's label; `None` while the
+    /// Namespace object is not in the state.
+    pub fn namespace_enrolled(&self, ns: &str) -> Option<bool> {
+        self.namespace_ambient.get(ns).copied()
     }
 
     /// The workload with pod IP `ip` (any of its addresses).

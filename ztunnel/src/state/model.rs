@@ -90,6 +90,9 @@ pub struct Model {
     authz_policies: Arc<BTreeMap<Key, Arc<AuthorizationPolicyObject>>>,
     /// HTTPRoutes, for the waypoint; shared with snapshots like the policies.
     http_routes: Arc<BTreeMap<Key, Arc<HttpRoute>>>,
+    /// Namespace name -> labelled ambient, for the snapshot; copied only when a namespace's
+    /// enrollment changes.
+    namespace_ambient: Arc<BTreeMap<String, bool>>,
     peer_authentications: BTreeMap<Key, PeerAuthenticationObject>,
     /// Gateways of class `istio-waypoint` (others are not the daemon's business).
     gateways: BTreeMap<Key, GatewayEntry>,
@@ -119,6 +122,7 @@ impl Model {
             services: BTreeMap::new(),
             authz_policies: Arc::default(),
             http_routes: Arc::default(),
+            namespace_ambient: Arc::default(),
             peer_authentications: BTreeMap::new(),
             gateways: BTreeMap::new(),
             ip_owner: HashMap::new(),
@@ -142,6 +146,9 @@ impl Model {
                         == Some("ambient"),
                     use_waypoint: UseWaypoint::from_labels(labels, &name),
                 };
+                if self.namespace_ambient.get(&name) != Some(&entry.ambient) {
+                    Arc::make_mut(&mut self.namespace_ambient).insert(name.clone(), entry.ambient);
+                }
                 if self.namespaces.insert(name.clone(), entry.clone()) != Some(entry) {
                     self.reenroll(&name);
                 }
@@ -185,6 +192,9 @@ impl Model {
     /// (`namespace` empty for namespaces). Unknown objects are ignored.
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) {
         let k = (namespace.to_string(), name.to_string());
+        if kind == "Namespace" && self.namespace_ambient.contains_key(name) {
+            Arc::make_mut(&mut self.namespace_ambient).remove(name);
+        }
         match kind {
             "Namespace"
                 if self
@@ -256,6 +266,7 @@ impl Model {
             authz,
             authz_policies: self.authz_policies.clone(),
             http_routes: self.http_routes.clone(),
+            namespace_ambient: self.namespace_ambient.clone(),
         }
     }
 
