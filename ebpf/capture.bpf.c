@@ -10,6 +10,8 @@
  * `ip rule fwmark` routes to a `local default dev lo` table: without that the kernel would
  * forward the packet (its destination is not a local address) instead of delivering it.
  *
+ * IPv6 takes the same steps in its own functions (capture_v6.h), with its own enrolled map.
+ *
  * Per packet, cheapest test first:
  *   1. not IPv4 TCP/UDP, or a non-first fragment, or carrying the daemon's socket mark -> untouched;
  *   2. neither source nor destination IP is an enrolled local pod -> untouched
@@ -44,6 +46,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -89,7 +92,8 @@ struct {
 /* Drop counters, per CPU (summed by the daemon). */
 #define ZT_STAT_SPOOFED 0
 #define ZT_STAT_NO_DAEMON 1
-#define ZT_STAT_COUNT 2
+#define ZT_STAT_IPV6_EXT 2
+#define ZT_STAT_COUNT 3
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ZT_STAT_COUNT);
@@ -113,7 +117,7 @@ struct zt_flow {
 	__u8 proto;
 };
 
-enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2 };
+enum { PARSE_OK = 0, PARSE_SKIP = 1, PARSE_SHORT = 2, PARSE_EXT = 3 };
 
 /* Reads the IPv4 TCP or UDP tuple. PARSE_SHORT: headers not (all) in the linear area. */
 static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
@@ -156,6 +160,19 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 	return PARSE_OK;
 }
 
+/* zt_parse, after pulling the headers into the linear area when they are not all there. */
+static __always_inline int zt_parse_pulled(struct __sk_buff *skb, struct zt_flow *f)
+{
+	int rc = zt_parse(skb, f);
+	if (rc == PARSE_SHORT) {
+		__u32 len = skb->len < MAX_HDR_LEN ? skb->len : MAX_HDR_LEN;
+		if (bpf_skb_pull_data(skb, len) != 0)
+			return PARSE_SKIP;
+		rc = zt_parse(skb, f);
+	}
+	return rc;
+}
+
 /* Counts a drop and returns the verdict that drops. */
 static __always_inline int zt_drop(__u32 stat)
 {
@@ -177,24 +194,22 @@ static __always_inline int zt_assign(struct __sk_buff *skb, struct bpf_sock *sk)
 	return TC_ACT_UNSPEC;
 }
 
+#include "capture_v6.h"
+
 SEC("classifier")
 int zt_capture(struct __sk_buff *skb)
 {
 	struct zt_flow f;
 	int rc;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return zt_capture6(skb);
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
 	if (skb->mark & zt_daemon_mark)
 		return TC_ACT_UNSPEC;
 
-	rc = zt_parse(skb, &f);
-	if (rc == PARSE_SHORT) {
-		__u32 len = skb->len < MAX_HDR_LEN ? skb->len : MAX_HDR_LEN;
-		if (bpf_skb_pull_data(skb, len) != 0)
-			return TC_ACT_UNSPEC;
-		rc = zt_parse(skb, &f);
-	}
+	rc = zt_parse_pulled(skb, &f);
 	if (rc != PARSE_OK)
 		return TC_ACT_UNSPEC;
 
@@ -284,6 +299,53 @@ int zt_capture(struct __sk_buff *skb)
 		rc = zt_drop(ZT_STAT_NO_DAEMON);
 	bpf_sk_release(sk);
 	return rc;
+}
+
+/*
+ * Node-local path (`zt_host_redirect`, TC egress of every local pod's node-side veth).
+ *
+ * A packet the node itself sends to a pod (any host-network process: kubelet probes, a shell
+ * on the node) never enters the node's namespace, so `zt_capture` at ingress never sees it;
+ * it leaves through the pod veth's egress. There, TCP to an enrolled pod that does not carry
+ * the daemon's mark is handed to `lo`'s ingress, where `zt_capture` is attached too and treats
+ * it like any other packet arriving for the pod: a SYN goes to the inbound plaintext listener,
+ * later segments to the socket owning their tuple, the rest is dropped (fail closed).
+ * bpf_sk_assign only works at ingress, hence the detour through lo.
+ *
+ * The destination MAC becomes lo's (all zeros): eth_type_trans on the redirect would otherwise
+ * classify the packet PACKET_OTHERHOST and IP would drop it. The node needs
+ * `net.ipv4.conf.lo.accept_local=1` (set by the daemon): the packet's source is one of the
+ * node's own addresses, which the input route check rejects on a device without it.
+ * Everything else (the daemon's own connections, UDP, ICMP, traffic to pods not enrolled)
+ * leaves untouched. Packets forwarded to the pod that no ingress program captured (an
+ * interface capture is not attached to) take the same detour.
+ */
+#define ZT_LOOPBACK_IFINDEX 1
+
+SEC("classifier")
+int zt_host_redirect(struct __sk_buff *skb)
+{
+	struct zt_flow f;
+	int rc;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	if (skb->mark & zt_daemon_mark)
+		return TC_ACT_UNSPEC;
+
+	rc = zt_parse_pulled(skb, &f);
+	if (rc != PARSE_OK || f.proto != IPPROTO_TCP)
+		return TC_ACT_UNSPEC;
+
+	__u32 key = f.daddr;
+	struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled, &key);
+	if (!v || !(v->flags & ZT_POD_ENROLLED))
+		return TC_ACT_UNSPEC;
+
+	__u8 lo_mac[ETH_ALEN] = {};
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) != 0)
+		return zt_drop(ZT_STAT_NO_DAEMON);
+	return bpf_redirect(ZT_LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

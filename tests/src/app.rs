@@ -48,6 +48,8 @@ pub struct SendOpts {
     pub hold: f64,
     /// Per-operation timeout in seconds.
     pub timeout: f64,
+    /// Bytes per second each connection sends at most (`None`: unpaced).
+    pub rate: Option<u64>,
 }
 
 impl SendOpts {
@@ -63,6 +65,7 @@ impl SendOpts {
             conns: 1,
             hold: 0.0,
             timeout: 20.0,
+            rate: None,
         }
     }
     /// Sets the byte count.
@@ -90,6 +93,11 @@ impl SendOpts {
         self.timeout = secs;
         self
     }
+    /// Paces each connection to `bytes_per_sec`, so a transfer lasts `bytes / rate` seconds.
+    pub fn rate(mut self, bytes_per_sec: u64) -> Self {
+        self.rate = Some(bytes_per_sec);
+        self
+    }
 
     fn args(&self) -> Vec<String> {
         let mut a = vec![
@@ -107,6 +115,9 @@ impl SendOpts {
         ];
         if !self.marker.is_empty() {
             a.extend(["--marker".to_string(), self.marker.clone()]);
+        }
+        if let Some(r) = self.rate {
+            a.extend(["--rate".to_string(), r.to_string()]);
         }
         a
     }
@@ -206,6 +217,15 @@ pub struct PendingSend {
 }
 
 impl PendingSend {
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> Result<bool> {
+        Ok(self
+            .child
+            .try_wait()
+            .context("checking on meshapp send")?
+            .is_none())
+    }
+
     /// Waits for it to finish and parses its report.
     pub fn wait(self) -> Result<SendReport> {
         let out = self

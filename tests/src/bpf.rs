@@ -43,6 +43,16 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow!("thread inside {netns} panicked"))?
 }
 
+/// Programs per TCX hook inside `netns` (`tcx/ingress veth0` -> 1): how many programs capture
+/// has on each interface.
+pub fn tcx_programs(netns: &str) -> Result<std::collections::BTreeMap<String, usize>> {
+    Ok(netns_programs(netns)?
+        .into_iter()
+        .filter(|a| a.hook.starts_with("tcx/"))
+        .map(|a| (a.hook, a.prog_ids.len()))
+        .collect())
+}
+
 /// Every eBPF attachment inside `netns`: TCX on each interface, sk_lookup on the namespace,
 /// and (if bpftool is installed) classic tc and XDP.
 pub fn netns_programs(netns: &str) -> Result<Vec<Attachment>> {

@@ -128,6 +128,26 @@ pub fn meshhttp_bin() -> PathBuf {
     )
 }
 
+/// The load generator, for tests that need many short connections on a schedule (`meshload
+/// churn`): `MESHLOAD_BIN`, else `<target>/debug/meshload`. Panics when missing.
+pub fn meshload_bin() -> PathBuf {
+    binary(
+        "MESHLOAD_BIN",
+        "meshload",
+        "cargo build -p mesh-tests --bins",
+    )
+}
+
+/// The chained CNI plugin: `ZTUNNEL_CNI_BIN`, else `<target>/debug/ztunnel-cni`. Panics when
+/// missing.
+pub fn cni_plugin_bin() -> PathBuf {
+    binary(
+        "ZTUNNEL_CNI_BIN",
+        "ztunnel-cni",
+        "cargo build -p ztunnel-cni",
+    )
+}
+
 /// The misbehaving HBONE client of the limits tests: `HBONESTRESS_BIN`, else
 /// `<target>/debug/hbonestress`. Panics when missing.
 pub fn hbonestress_bin() -> PathBuf {

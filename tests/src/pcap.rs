@@ -1,11 +1,11 @@
 //! A minimal reader for the classic pcap files tcpdump writes, and the questions tests ask of
 //! them: which TCP connections and ports carried data, and whether a marker crossed in clear.
 //!
-//! Parsing it ourselves (Ethernet / IPv4 / TCP+UDP only) keeps assertions independent of
+//! Parsing it ourselves (Ethernet / IPv4 or IPv6 / TCP+UDP only) keeps assertions independent of
 //! tshark's field names and versions; tshark stays available for humans reading the files.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +14,31 @@ use anyhow::{bail, Context, Result};
 pub const TCP: u8 = 6;
 /// See [`TCP`].
 pub const UDP: u8 = 17;
+
+/// One IPv6 packet of a capture. `proto` is the fixed header's next header: extension headers
+/// are not walked (the cluster's traffic has none), so a packet with one shows its number.
+#[derive(Debug, Clone)]
+pub struct Packet6 {
+    /// Source address.
+    pub src: Ipv6Addr,
+    /// Destination address.
+    pub dst: Ipv6Addr,
+    /// Next header ([`TCP`], [`UDP`], 58 for ICMPv6, ...).
+    pub proto: u8,
+    /// Source port (TCP/UDP), else 0.
+    pub sport: u16,
+    /// Destination port (TCP/UDP), else 0.
+    pub dport: u16,
+    /// TCP payload (UDP: datagram payload).
+    pub payload: Vec<u8>,
+}
+
+impl Packet6 {
+    /// Whether either port is `port`.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.sport == port || self.dport == port
+    }
+}
 
 /// One IPv4 packet of a capture (other frames are skipped).
 #[derive(Debug, Clone)]
@@ -71,6 +96,8 @@ pub struct Pcap {
     pub path: PathBuf,
     /// IPv4 packets in capture order.
     pub packets: Vec<Packet>,
+    /// IPv6 packets in capture order.
+    pub packets6: Vec<Packet6>,
     raw: Vec<u8>,
 }
 
@@ -78,10 +105,12 @@ impl Pcap {
     /// Reads and parses a capture file.
     pub fn open(path: &Path) -> Result<Pcap> {
         let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let packets = parse(&raw).with_context(|| format!("parsing {}", path.display()))?;
+        let (packets, packets6) =
+            parse(&raw).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Pcap {
             path: path.to_path_buf(),
             packets,
+            packets6,
             raw,
         })
     }
@@ -164,7 +193,37 @@ impl Pcap {
                 .or_default()
                 .extend_from_slice(&p.payload);
         }
-        streams.values().any(|s| find(s, marker))
+        let mut streams6: BTreeMap<(Ipv6Addr, u16, Ipv6Addr, u16), Vec<u8>> = BTreeMap::new();
+        for p in self.packets6.iter().filter(|p| p.proto == TCP) {
+            streams6
+                .entry((p.src, p.sport, p.dst, p.dport))
+                .or_default()
+                .extend_from_slice(&p.payload);
+        }
+        streams
+            .values()
+            .chain(streams6.values())
+            .any(|s| find(s, marker))
+    }
+
+    /// Payload bytes of IPv6 TCP packets with `port` on either side.
+    pub fn payload_bytes6_on_port(&self, port: u16) -> usize {
+        self.packets6
+            .iter()
+            .filter(|p| p.proto == TCP && p.has_port(port))
+            .map(|p| p.payload.len())
+            .sum()
+    }
+
+    /// Packets between `a` and `b` (either direction) that are not TCP to or from `port`, as
+    /// `src:port -> dst:port` lines: what crossed outside the tunnel.
+    pub fn between_outside_tcp_port(&self, a: Ipv4Addr, b: Ipv4Addr, port: u16) -> Vec<String> {
+        self.packets
+            .iter()
+            .filter(|p| p.between(a, b))
+            .filter(|p| p.proto != TCP || !p.has_port(port))
+            .map(|p| format!("{}:{} -> {}:{}", p.src, p.sport, p.dst, p.dport))
+            .collect()
     }
 
     /// A human-readable list of flows, for reports and assertion messages.
@@ -188,7 +247,7 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-fn parse(raw: &[u8]) -> Result<Vec<Packet>> {
+fn parse(raw: &[u8]) -> Result<(Vec<Packet>, Vec<Packet6>)> {
     if raw.len() < 24 {
         bail!("shorter than a pcap header ({} bytes)", raw.len());
     }
@@ -208,6 +267,7 @@ fn parse(raw: &[u8]) -> Result<Vec<Packet>> {
     };
     let linktype = u32_at(raw, 20).context("header")?;
     let mut out = Vec::new();
+    let mut out6 = Vec::new();
     let mut off = 24;
     while off + 16 <= raw.len() {
         let caplen = u32_at(raw, off + 8).context("record header")? as usize;
@@ -220,15 +280,17 @@ fn parse(raw: &[u8]) -> Result<Vec<Packet>> {
             1 => ethernet_payload(frame),
             113 => frame
                 .get(16..)
-                .filter(|_| frame.get(14..16) == Some(&[0x08, 0x00])),
+                .filter(|_| matches!(frame.get(14..16), Some(&[0x08, 0x00]) | Some(&[0x86, 0xdd]))),
             101 => Some(frame),
             _ => bail!("unsupported link type {linktype}"),
         };
         if let Some(p) = ip.and_then(ipv4) {
             out.push(p);
+        } else if let Some(p) = ip.and_then(ipv6) {
+            out6.push(p);
         }
     }
-    Ok(out)
+    Ok((out, out6))
 }
 
 fn ethernet_payload(frame: &[u8]) -> Option<&[u8]> {
@@ -238,7 +300,48 @@ fn ethernet_payload(frame: &[u8]) -> Option<&[u8]> {
         ethertype = u16::from_be_bytes(frame.get(16..18)?.try_into().ok()?);
         off = 18;
     }
-    (ethertype == 0x0800).then(|| frame.get(off..)).flatten()
+    matches!(ethertype, 0x0800 | 0x86dd)
+        .then(|| frame.get(off..))
+        .flatten()
+}
+
+fn ipv6(b: &[u8]) -> Option<Packet6> {
+    if b.first()? >> 4 != 6 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes(b.get(4..6)?.try_into().ok()?));
+    let proto = *b.get(6)?;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(b.get(8..24)?).ok()?);
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(b.get(24..40)?).ok()?);
+    // Offloaded super-packets may carry payload length 0; then trust the captured length.
+    let end = if len > 0 {
+        (40 + len).min(b.len())
+    } else {
+        b.len()
+    };
+    let l4 = b.get(40..end)?;
+    let port = |o: usize| -> u16 {
+        l4.get(o..o + 2)
+            .and_then(|s| s.try_into().ok())
+            .map(u16::from_be_bytes)
+            .unwrap_or(0)
+    };
+    let (sport, dport, payload) = match proto {
+        TCP => {
+            let doff = usize::from(*l4.get(12)? >> 4) * 4;
+            (port(0), port(2), l4.get(doff..).unwrap_or(&[]))
+        }
+        UDP => (port(0), port(2), l4.get(8..).unwrap_or(&[])),
+        _ => (0, 0, l4),
+    };
+    Some(Packet6 {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        payload: payload.to_vec(),
+    })
 }
 
 fn ipv4(b: &[u8]) -> Option<Packet> {
@@ -334,11 +437,13 @@ mod tests {
             raw.extend_from_slice(&len.to_le_bytes());
             raw.extend_from_slice(&f);
         }
-        let pkts = parse(&raw).expect("parses");
+        let (pkts, pkts6) = parse(&raw).expect("parses");
         assert_eq!(pkts.len(), 4);
+        assert!(pkts6.is_empty());
         let pcap = Pcap {
             path: PathBuf::new(),
             packets: pkts,
+            packets6: pkts6,
             raw,
         };
         let flows = pcap.flows();
@@ -349,5 +454,55 @@ mod tests {
         assert!(!pcap.contains(b"NOPE"));
         let ports = pcap.payload_ports_between(a.into(), b.into());
         assert_eq!(ports, BTreeSet::from([15008]));
+    }
+
+    /// An Ethernet + IPv6 + TCP frame.
+    fn frame6(src: &str, dst: &str, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let ip = |a: &str| a.parse::<Ipv6Addr>().expect("v6").octets();
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        let len = u16::try_from(20 + data.len()).expect("small");
+        f.extend_from_slice(&len.to_be_bytes());
+        f.extend_from_slice(&[TCP, 64]);
+        f.extend_from_slice(&ip(src));
+        f.extend_from_slice(&ip(dst));
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(&[0x50, 0x18, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn parses_ipv6_tcp_and_finds_split_markers() {
+        let mut raw = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+        raw.extend_from_slice(&[0; 8]);
+        raw.extend_from_slice(&65535u32.to_le_bytes());
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        let (a, b) = ("fd00:10:244:1::11", "fd00:10:244:2::11");
+        for f in [
+            frame6(a, b, 40000, 15008, b"xxSEC"),
+            frame6(a, b, 40000, 15008, b"RETyy"),
+        ] {
+            let len = u32::try_from(f.len()).expect("small");
+            raw.extend_from_slice(&[0; 8]);
+            raw.extend_from_slice(&len.to_le_bytes());
+            raw.extend_from_slice(&len.to_le_bytes());
+            raw.extend_from_slice(&f);
+        }
+        let (pkts, pkts6) = parse(&raw).expect("parses");
+        assert!(pkts.is_empty());
+        assert_eq!(pkts6.len(), 2);
+        assert_eq!(pkts6[0].src, a.parse::<Ipv6Addr>().expect("v6"));
+        assert_eq!((pkts6[0].proto, pkts6[0].dport), (TCP, 15008));
+        let pcap = Pcap {
+            path: PathBuf::new(),
+            packets: pkts,
+            packets6: pkts6,
+            raw: Vec::new(),
+        };
+        assert!(pcap.contains(b"SECRET"), "split across IPv6 segments");
+        assert_eq!(pcap.payload_bytes6_on_port(15008), 10);
     }
 }

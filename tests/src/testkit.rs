@@ -53,6 +53,17 @@ pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// `ztunnel_capture_dropped_packets_total{reason}` of node `node`'s daemon (0 when absent).
+pub fn capture_drops(cluster: &Cluster, node: usize, reason: &str) -> u64 {
+    let (status, body) = node_http(cluster, node, 15020, "GET", "/metrics").expect("scrape");
+    assert_eq!(status, 200, "metrics of node {node}");
+    let prefix = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// One HTTP/1.1 request to `127.0.0.1:<port>` inside node `node`'s network namespace (the
 /// daemon's admin, metrics and readiness ports): (status, body).
 pub fn node_http(
@@ -175,4 +186,49 @@ pub fn promtool_check(text: &str, tolerated: &[&str]) {
         "promtool check metrics: {:?}\n{report}\n--- metrics ---\n{text}",
         out.status
     );
+}
+
+/// An Istio security object (`AuthorizationPolicy`, `PeerAuthentication`) as one YAML document.
+pub fn istio_policy(kind: &str, ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+/// Writes `yaml` as every node's `policies.yaml` state file and waits until each daemon applied
+/// it; returns each node's `state applied` line.
+pub fn apply_policies(cluster: &Cluster, yaml: &str) -> Vec<serde_json::Value> {
+    let wait = Duration::from_secs(10);
+    let skips: Vec<usize> = (1..=cluster.spec().nodes)
+        .map(|n| cluster.daemon(n).log_lines().len())
+        .collect();
+    cluster
+        .write_state_file("policies.yaml", yaml)
+        .expect("policy file written");
+    (1..=cluster.spec().nodes)
+        .map(|n| {
+            cluster
+                .daemon(n)
+                .wait_for_log_after(skips[n - 1], |l| message(l) == "state applied", wait)
+                .unwrap_or_else(|e| panic!("waiting for `state applied` on node{n}: {e:#}"))
+        })
+        .collect()
+}
+
+/// The node-side veth of `pod`, from its node's route to it.
+pub fn pod_veth(cluster: &Cluster, pod: &Pod) -> String {
+    let route = cluster
+        .node_exec(
+            pod.node,
+            "ip",
+            &["-4", "route", "show", &format!("{}/32", pod.ip)],
+        )
+        .expect("ip route");
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no dev in {route:?}"))
+        .to_string()
 }

@@ -10,35 +10,13 @@ use std::time::Duration;
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, PodSpec};
-use mesh_tests::testkit::{at, denied_line, node_http, ok, refused, start_with_daemons};
+use mesh_tests::testkit::{
+    apply_policies as apply, at, denied_line, istio_policy as policy, node_http, ok, refused,
+    start_with_daemons,
+};
 use serde_json::Value;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
-const POLICY_FILE: &str = "policies.yaml";
-
-fn policy(kind: &str, ns: &str, name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
-    )
-}
-
-/// Writes the policy file on every node and waits until each daemon applied it.
-fn apply(cluster: &Cluster, yaml: &str) -> Vec<Value> {
-    let skips: Vec<usize> = (1..=cluster.spec().nodes)
-        .map(|n| cluster.daemon(n).log_lines().len())
-        .collect();
-    cluster
-        .write_state_file(POLICY_FILE, yaml)
-        .expect("policy file written");
-    (1..=cluster.spec().nodes)
-        .map(|n| {
-            cluster
-                .daemon(n)
-                .wait_for_log_after(skips[n - 1], |l| message(l) == "state applied", LOG_WAIT)
-                .unwrap_or_else(|e| panic!("waiting for `state applied` on node{n}: {e:#}"))
-        })
-        .collect()
-}
 
 /// `ztunnel authz check` on node `n`'s state; returns (exit code, stdout).
 fn authz_check(

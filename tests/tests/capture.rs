@@ -16,13 +16,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::SendOpts;
-use mesh_tests::bpf::netns_programs;
 use mesh_tests::cluster::{field, message, Cluster, ClusterSpec, Pod, PodSpec};
-use mesh_tests::pcap::TCP;
-use mesh_tests::testkit::{at, eventually, node_http, ok, start_with_daemons};
+use mesh_tests::testkit::{at, capture_drops, eventually, ok, pod_veth, start_with_daemons};
 
 const HBONE: u16 = 15008;
-const METRICS: u16 = 15020;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn spec() -> ClusterSpec {
@@ -35,12 +32,7 @@ fn spec() -> ClusterSpec {
 
 /// Programs per TCX hook in node `node`'s namespace (`tcx/ingress veth0` -> 1).
 fn tcx_programs(cluster: &Cluster, node: usize) -> BTreeMap<String, usize> {
-    netns_programs(&cluster.node_netns(node))
-        .expect("query attached programs")
-        .into_iter()
-        .filter(|a| a.hook.starts_with("tcx/"))
-        .map(|a| (a.hook, a.prog_ids.len()))
-        .collect()
+    mesh_tests::bpf::tcx_programs(&cluster.node_netns(node)).expect("query attached programs")
 }
 
 /// `ip rule` / `ip route show table all` lines of node 1 that belong to capture.
@@ -88,13 +80,7 @@ fn assert_held(cluster: &Cluster, a: &Pod, b: &Pod, marker: &str, when: &str) {
         attempts += 1;
     }
     let pcap = capture.stop().expect("capture stops");
-    let stray: Vec<String> = pcap
-        .packets
-        .iter()
-        .filter(|p| p.between(a.ip, b.ip))
-        .filter(|p| p.proto != TCP || !p.has_port(HBONE))
-        .map(|p| format!("{}:{} -> {}:{}", p.src, p.sport, p.dst, p.dport))
-        .collect();
+    let stray = pcap.between_outside_tcp_port(a.ip, b.ip, HBONE);
     assert!(
         stray.is_empty(),
         "{when}: {attempts} attempts; packets between a and b outside HBONE: {stray:?}\n{}",
@@ -104,17 +90,6 @@ fn assert_held(cluster: &Cluster, a: &Pod, b: &Pod, marker: &str, when: &str) {
         !pcap.contains(marker.as_bytes()),
         "{when}: the payload crossed the fabric in clear"
     );
-}
-
-/// The `ztunnel_capture_dropped_packets_total{reason=…}` of node `node`.
-fn dropped(cluster: &Cluster, node: usize, reason: &str) -> u64 {
-    let (status, body) = node_http(cluster, node, METRICS, "GET", "/metrics").expect("scrape");
-    assert_eq!(status, 200);
-    let prefix = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -166,7 +141,7 @@ fn no_daemon_holds_traffic_and_a_restart_adopts_capture() {
     );
     assert_eq!(r.peer_ips(), [IpAddr::from(a.ip)].into(), "{r}");
     assert!(
-        dropped(&cluster, 1, "no_daemon") > 0,
+        capture_drops(&cluster, 1, "no_daemon") > 0,
         "the drops while no daemon ran are counted"
     );
 
@@ -239,7 +214,7 @@ fn spoofed_source_address_is_dropped_and_counted() {
         "a as itself",
     );
     let skip = cluster.daemon(2).log_lines().len();
-    let spoofed_before = dropped(&cluster, 1, "spoofed_source");
+    let spoofed_before = capture_drops(&cluster, 1, "spoofed_source");
 
     // From a's network namespace: c's address on a's eth0, a connection bound to it.
     let c_addr = format!("{}/32", c.ip);
@@ -266,7 +241,7 @@ fn spoofed_source_address_is_dropped_and_counted() {
         "a connection spoofing c's address got through: {said}"
     );
     eventually(WAIT, "the spoofed SYNs counted", || {
-        dropped(&cluster, 1, "spoofed_source") > spoofed_before
+        capture_drops(&cluster, 1, "spoofed_source") > spoofed_before
     });
     let as_neighbour: Vec<_> = cluster
         .daemon(2)
@@ -347,17 +322,7 @@ fn another_tc_program_still_sees_captured_traffic() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // a's node-side veth, from node 1's route to it.
-    let route = cluster
-        .node_exec(1, "ip", &["-4", "route", "show", &format!("{}/32", a.ip)])
-        .expect("ip route");
-    let route = String::from_utf8_lossy(&route.stdout).into_owned();
-    let veth = route
-        .split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no dev in {route:?}"))
-        .to_string();
+    let veth = pod_veth(&cluster, &a);
     let obj = obj.to_string_lossy().into_owned();
     for args in [
         vec!["qdisc", "add", "dev", veth.as_str(), "clsact"],

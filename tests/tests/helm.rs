@@ -200,10 +200,25 @@ fn helm_chart_installs_into_the_api_server_kube() {
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["serviceAccountName"], "ztunnel");
     assert_eq!(pod["terminationGracePeriodSeconds"], 25, "drain 20 s + 5 s");
+    // The hand-over socket on a hostPath the old and the new pod of a node both see. This API
+    // server (1.20) cannot surge a DaemonSet (1.22 can), so the chart keeps one node at a
+    // time there, and declares its ports; from 1.22 it renders maxSurge 1, maxUnavailable 0
+    // and no (host) ports, which would keep the second pod off the node.
     assert_eq!(
         ds["spec"]["updateStrategy"],
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})
     );
+    let run = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "run")
+        .expect("the run volume");
+    assert_eq!(
+        run["hostPath"],
+        json!({"path": "/run/ztunnel", "type": "DirectoryOrCreate"})
+    );
+    assert_eq!(pod["containers"][0]["ports"][0]["containerPort"], 15008);
     let c = &pod["containers"][0];
     let args: Vec<&str> = c["args"]
         .as_array()
@@ -211,7 +226,11 @@ fn helm_chart_installs_into_the_api_server_kube() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for pair in [["--source", "kube"], ["--drain-timeout", "20s"]] {
+    for pair in [
+        ["--source", "kube"],
+        ["--drain-timeout", "20s"],
+        ["--handover-socket", "/run/ztunnel/handover.sock"],
+    ] {
         assert!(
             args.windows(2).any(|w| w == pair),
             "{pair:?} in the args: {args:?}"
@@ -332,7 +351,7 @@ fn helm_chart_installs_into_the_api_server_kube() {
 }
 
 /// Values other than the defaults render objects the server accepts too: the CA service mode
-/// (its Deployment, Service and RBAC; the daemons on `--ca-address`), SYS_ADMIN added for an old kernel, bpffs, extra flags and environment.
+/// (its Deployment, Service and RBAC; the daemons on `--ca-address`), SYS_ADMIN added for an old kernel, bpffs, extra flags and environment, hand-over off.
 #[test]
 fn helm_ca_service_mode_and_other_values_install_kube() {
     let api = start_api(true);
@@ -348,6 +367,7 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
             "extraEnv": [{"name": "ZTUNNEL_LOG_LEVEL", "value": "debug"}],
             "podAnnotations": {"example.com/note": "x"},
             "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "256Mi"}},
+            "handover": {"enabled": false},
         }),
     );
     let docs = documents(&text);
@@ -409,6 +429,21 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
     assert_eq!(
         volume["secret"]["items"],
         json!([{"key": "root-cert.pem", "path": "root-cert.pem"}])
+    );
+    // Without hand-over: the old pod goes first, the ports are declared, no shared /run.
+    assert!(args.iter().any(|a| a == "--handover=false"), "{args:?}");
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        json!({"maxUnavailable": 1})
+    );
+    assert_eq!(c["ports"][0]["containerPort"], 15008);
+    assert!(
+        !pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["name"] == "run"),
+        "no shared /run/ztunnel"
     );
     api.stop().expect("stopping the API server");
 }
@@ -753,7 +788,9 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     for m in container["volumeMounts"].as_array().expect("volumeMounts") {
         let dst = m["mountPath"].as_str().expect("mountPath");
         let mount = match (m["name"].as_str(), m["subPath"].as_str()) {
-            (Some("ca-dir" | "tmp"), None) => format!("type=tmpfs,src=tmpfs,dst={dst}"),
+            // `run` is the node's /run/ztunnel, shared with the next pod (hand-over): one
+            // container here, so a tmpfs of its own.
+            (Some("ca-dir" | "tmp" | "run"), None) => format!("type=tmpfs,src=tmpfs,dst={dst}"),
             (Some("ca"), Some(file)) => format!(
                 "type=bind,src={},dst={dst},options=rbind:ro",
                 ca.join(file).display()

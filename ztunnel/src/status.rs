@@ -208,6 +208,7 @@ fn summary(d: &Value) -> Value {
     serde_json::json!({
         "node": d["node"],
         "ready": d["ready"],
+        "not_ready_reason": d["not_ready_reason"],
         "draining": d["draining"],
         "active_flows": d["active_flows"],
         "generation": d["generation"],
@@ -297,9 +298,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 fn render_status(d: &Value) -> String {
     let mut out = format!(
-        "node: {}\nready: {}\ndraining: {}\nactive flows: {}\nstate source: {}\ncertificate authority: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\n\nENROLLED PODS\n",
+        "node: {}\nready: {}{}\ndraining: {}\nactive flows: {}\nstate source: {}\ncertificate authority: {}\nstate generation: {}\nworkloads: {}  services: {}\nhbone pool: {} connections, {} streams\ncapture attached to: {}\ncapture uplinks: {}\n\nENROLLED PODS\n",
         s(&d["node"]),
         s(&d["ready"]),
+        d["not_ready_reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
         s(&d["draining"]),
         s(&d["active_flows"]),
         render_source(&d["source"]),
@@ -310,6 +315,10 @@ fn render_status(d: &Value) -> String {
         s(&d["hbone_pool"]["connections"]),
         s(&d["hbone_pool"]["streams"]),
         d["capture"]["attached_interfaces"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        d["capture"]["uplinks"]
             .as_array()
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default(),
@@ -325,10 +334,21 @@ fn render_status(d: &Value) -> String {
                 s(&p["enrolled"]),
                 s(&p["captured"]),
                 s(&p["identity"]),
+                s(&p["capture_problem"]),
             ]
         })
         .collect();
-    out += &table(&["POD", "IP", "ENROLLED", "CAPTURED", "IDENTITY"], &rows);
+    out += &table(
+        &[
+            "POD",
+            "IP",
+            "ENROLLED",
+            "CAPTURED",
+            "IDENTITY",
+            "CAPTURE PROBLEM",
+        ],
+        &rows,
+    );
     out += "\nCERTIFICATES\n";
     out += &render_certificates(d);
     out += &render_policy_problems(d);

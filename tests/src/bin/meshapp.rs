@@ -3,6 +3,7 @@
 //! ```text
 //! meshapp serve   --port P --name N
 //! meshapp send    --to IP:PORT --bytes N [--marker STR] [--conns K] [--hold SECS] [--timeout SECS]
+//!                 [--rate BYTES_PER_SEC]
 //! meshapp connect --to IP:PORT [--timeout SECS]
 //! ```
 //!
@@ -75,6 +76,10 @@ struct SendArgs {
     /// Seconds any connect, read or write may take.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
+    /// Bytes per second each connection sends at most (0: as fast as it can), so that a
+    /// transfer lasts `bytes / rate` seconds, e.g. across a daemon restart.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 #[derive(Debug, Args)]
@@ -113,8 +118,11 @@ fn serve(args: &ServeArgs) -> Res<bool> {
     let (port, name) = (args.port, args.name.clone());
     // One descriptor per client connection; benchmarks hold thousands.
     mesh_tests::raise_fd_limit();
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    // `[::]` takes IPv4 too (as IPv4-mapped addresses, printed back as IPv4 below); a host
+    // without IPv6 gets `0.0.0.0`.
+    let listener = TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .map_err(|e| format!("bind :{port}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening {local}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -123,7 +131,8 @@ fn serve(args: &ServeArgs) -> Res<bool> {
             Ok(s) => {
                 let name = name.clone();
                 std::thread::spawn(move || {
-                    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    let peer = s.peer_addr().map(|p| canonical(p).to_string());
+                    let peer = peer.unwrap_or_default();
                     match echo(s, &name) {
                         Ok(n) => eprintln!("conn from {peer}: echoed {n} bytes"),
                         Err(e) => eprintln!("conn from {peer}: {e}"),
@@ -136,8 +145,13 @@ fn serve(args: &ServeArgs) -> Res<bool> {
     Ok(true)
 }
 
+/// An IPv4 client of the `[::]` listener as the IPv4 address it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 fn echo(mut s: TcpStream, name: &str) -> std::io::Result<u64> {
-    let peer = s.peer_addr()?;
+    let peer = canonical(s.peer_addr()?);
     s.write_all(format!("HELLO {name} {peer}\n").as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
@@ -184,12 +198,12 @@ impl Pattern {
 
 fn send(args: &SendArgs) -> Res<bool> {
     let (to, bytes, conns) = (args.to, args.bytes, args.conns);
-    let (hold, timeout) = (secs(args.hold), secs(args.timeout));
+    let (hold, timeout, rate) = (secs(args.hold), secs(args.timeout), args.rate);
     let pattern = std::sync::Arc::new(Pattern::new(&args.marker));
     let handles: Vec<_> = (0..conns)
         .map(|i| {
             let pattern = pattern.clone();
-            std::thread::spawn(move || one_conn(i, to, bytes, &pattern, hold, timeout))
+            std::thread::spawn(move || one_conn(i, to, bytes, &pattern, hold, timeout, rate))
         })
         .collect();
     let mut all_ok = true;
@@ -210,6 +224,7 @@ fn one_conn(
     pattern: &Pattern,
     hold: Duration,
     timeout: Duration,
+    rate: f64,
 ) -> serde_json::Value {
     let mut report = json!({"conn": conn, "to": to.to_string(), "bytes": bytes, "ok": false});
     let mut fill = |key: &str, v: String| report[key] = json!(v);
@@ -230,7 +245,7 @@ fn one_conn(
         }
         fill("server", parts.next().unwrap_or_default().to_string());
         fill("peer_seen", parts.next().unwrap_or_default().to_string());
-        exchange(&s, bytes, pattern)?;
+        exchange(&s, bytes, pattern, rate)?;
         std::thread::sleep(hold);
         s.shutdown(Shutdown::Write)
             .map_err(|e| format!("shutdown: {e}"))?;
@@ -249,15 +264,21 @@ fn one_conn(
     report
 }
 
-/// Writes `bytes` of the pattern from a second thread while reading the echo here, so neither
-/// side's buffers can fill up and deadlock; compares every byte read.
-fn exchange(s: &TcpStream, bytes: u64, pattern: &Pattern) -> Res<()> {
+/// Writes `bytes` of the pattern from a second thread (at most `rate` bytes a second when
+/// above 0) while reading the echo here, so neither side's buffers can fill up and deadlock;
+/// compares every byte read.
+fn exchange(s: &TcpStream, bytes: u64, pattern: &Pattern, rate: f64) -> Res<()> {
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| -> Res<()> {
             let mut w = s;
             let mut buf = vec![0u8; 64 * 1024];
             let mut off = 0u64;
+            let start = std::time::Instant::now();
             while off < bytes {
+                if rate > 0.0 {
+                    let due = start + Duration::from_secs_f64(off as f64 / rate);
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                }
                 let n = (bytes - off).min(buf.len() as u64) as usize;
                 pattern.fill(off, &mut buf[..n]);
                 w.write_all(&buf[..n])

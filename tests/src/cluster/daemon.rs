@@ -264,15 +264,25 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (up to 10 s) for the exit status.
     pub fn terminate(&self) -> Result<ExitStatus> {
-        self.signal(Signal::SIGTERM)?;
-        let deadline = Instant::now() + TERM_GRACE;
+        self.sigterm()?;
+        self.wait_exit(TERM_GRACE)
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn sigterm(&self) -> Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Waits up to `timeout` for the process to exit, and returns its status.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "node{} daemon still running {TERM_GRACE:?} after SIGTERM; log tail:\n{}",
+                    "node{} daemon still running after {timeout:?}; log tail:\n{}",
                     self.node,
                     self.log_tail(30)
                 );

@@ -7,6 +7,7 @@
 
 mod ca_service;
 mod capture;
+mod cni;
 mod daemon;
 mod kube;
 mod net;
@@ -23,14 +24,15 @@ use anyhow::{bail, Context, Result};
 
 pub use ca_service::{CaService, CA_PORT};
 pub use capture::Capture;
+pub use cni::{CniOutput, CniSandbox, CNI_BIN_DIR};
 use daemon::DaemonCmd;
 pub use daemon::{field, message, Daemon, READY_TIMEOUT};
 pub use kube::{ControlPlane, API_ADDRESS};
 pub use net::{in_netns, remove_own, remove_stale, run};
 pub use pod::Pod;
 pub use spec::{
-    node_ip, pod_ip, render_docs, split_key, ClusterSpec, NsSpec, PodSpec, SvcSpec, DATAPLANE_MODE,
-    NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
+    node_ip, node_ip6, pod_ip, pod_ip6, render_docs, split_key, vip6, ClusterSpec, NsSpec, PodSpec,
+    SvcSpec, DATAPLANE_MODE, NAMESPACES_FILE, PODS_FILE, SERVICES_FILE,
 };
 pub use waypoint::WaypointProc;
 
@@ -110,6 +112,7 @@ impl Cluster {
         run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpf))
             .context("mounting a bpf filesystem for the daemons' pins")?;
         cluster.bpffs = Some(bpf);
+        let dual = cluster.spec.dual_stack;
         for (p, j, ip) in placements {
             let logdir = cluster
                 .workdir
@@ -123,6 +126,7 @@ impl Cluster {
                 namespace: p.namespace,
                 service_account: p.service_account,
                 ip,
+                ip6: dual.then(|| spec::pod_ip6(p.node, j)),
                 node: p.node,
                 logdir,
             });
@@ -326,6 +330,58 @@ impl Cluster {
         if let Some(old) = self.daemons[idx].take() {
             old.hand_over_capture();
         }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let netns = self.node_netns(node);
+        let daemon = if wait {
+            Daemon::start(node, &netns, cmd, &logdir)?
+        } else {
+            Daemon::spawn_unready(node, &netns, cmd, &logdir)?
+        };
+        Ok(self.daemons[idx].insert(daemon))
+    }
+
+    /// A rolling restart of node i's daemon: starts a second daemon (the standard flags plus
+    /// `extra`) next to the running one, which hands it its listening sockets over the
+    /// node's hand-over socket, and waits for the new one's `ready`. The new daemon is node
+    /// i's daemon from then on; the old one, returned, drains and exits on its own (SIGTERM
+    /// it as the orchestrator would; its handle no longer uninstalls capture, which the new
+    /// daemon adopted).
+    pub fn start_successor(&mut self, node: usize, extra: &[&str]) -> Result<Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let idx = node - 1;
+        if !self.daemons[idx].as_ref().is_some_and(Daemon::is_running) {
+            bail!("node{node} has no running daemon to take over from");
+        }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let new = Daemon::start(node, &self.node_netns(node), cmd, &logdir)?;
+        let old = self.daemons[idx]
+            .replace(new)
+            .context("the running daemon's handle")?;
+        old.hand_over_capture();
+        Ok(old)
+    }
+
+    /// Starts a second daemon for node i next to the running one like
+    /// [`Cluster::start_successor`], without waiting for `ready`, and returns its handle; the
+    /// running daemon stays node i's (for hand-overs that do not complete). Dropping the
+    /// handle stops the process and never uninstalls capture, which stays the running one's.
+    pub fn spawn_successor_unready(&mut self, node: usize, extra: &[&str]) -> Result<Daemon> {
+        if !(1..=self.spec.nodes).contains(&node) {
+            bail!("node {node} does not exist");
+        }
+        let cmd = self.daemon_cmd(node, extra)?;
+        let logdir = self.workdir.join("logs");
+        let new = Daemon::spawn_unready(node, &self.node_netns(node), cmd, &logdir)?;
+        new.hand_over_capture();
+        Ok(new)
+    }
+
+    /// The command of node i's daemon: the standard flags plus `extra`.
+    fn daemon_cmd(&mut self, node: usize, extra: &[&str]) -> Result<DaemonCmd> {
         // A daemon given a CA service (`--ca-address`) gets no file CA: the root key stays
         // with the service.
         let ca = if extra.contains(&"--ca-address") {
@@ -347,12 +403,8 @@ impl Cluster {
         if let Some(ca) = ca {
             args.extend(["--ca-dir".into(), ca.into()]);
         }
-        args.extend([
-            "--uplink".into(),
-            "eth0".into(),
-            "--log-format".into(),
-            "json".into(),
-        ]);
+        // No `--uplink`: the daemon finds eth0 from the routes (a test may name one).
+        args.extend(["--log-format".into(), "json".into()]);
         // Short drain by default so teardown's SIGTERM is quick; a test may set its own.
         if !extra.iter().any(|a| a.starts_with("--drain-timeout")) {
             args.extend(["--drain-timeout".into(), "3s".into()]);
@@ -361,23 +413,34 @@ impl Cluster {
         let logdir = self.workdir.join("logs");
         std::fs::create_dir_all(&logdir)
             .with_context(|| format!("creating {}", logdir.display()))?;
-        let cmd = DaemonCmd {
+        Ok(DaemonCmd {
             program: crate::ztunnel_bin(),
             args,
-            // The nodes share this machine's file system: each daemon gets its own admin
-            // socket (a flag in `extra` overrides it).
+            // The nodes share this machine's file system: each daemon gets its own admin and
+            // hand-over sockets (a flag in `extra` overrides them).
             env: vec![
                 ("ZTUNNEL_ADMIN_SOCKET", self.admin_socket(node).into()),
+                ("ZTUNNEL_HANDOVER_SOCKET", self.handover_socket(node).into()),
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
+                ("ZTUNNEL_CNI_SOCKET", self.cni_socket(node).into()),
             ],
-        };
-        let netns = self.node_netns(node);
-        let daemon = if wait {
-            Daemon::start(node, &netns, cmd, &logdir)?
-        } else {
-            Daemon::spawn_unready(node, &netns, cmd, &logdir)?
-        };
-        Ok(self.daemons[idx].insert(daemon))
+        })
+    }
+
+    /// A host-network process of node i, as a [`Pod`]: programs run in the node's namespace,
+    /// and `ip` is the source its connections to the node's pods carry (`169.254.1.1`, the
+    /// node-side address pods route through). Its key is `host/node<i>`.
+    pub fn host_network(&self, node: usize) -> Pod {
+        Pod {
+            name: format!("node{node}"),
+            namespace: "host".into(),
+            service_account: String::new(),
+            ip: std::net::Ipv4Addr::new(169, 254, 1, 1),
+            ip6: None,
+            netns: self.node_netns(node),
+            node,
+            logdir: self.workdir.join("logs"),
+        }
     }
 
     /// Node i's capture pin directory (`--bpf-pin-dir`), on the cluster's own bpffs.
@@ -411,6 +474,22 @@ impl Cluster {
         self.workdir
             .join("run")
             .join(format!("node{node}-admin.sock"))
+    }
+
+    /// Node i's hand-over socket (`--handover-socket`): where a new daemon of the node asks
+    /// the running one for its listening sockets.
+    pub fn handover_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-handover.sock"))
+    }
+
+    /// Node i's CNI endpoint (`--cni-socket`), where its conflist's `ztunnel-cni` announces
+    /// pods ([`Cluster::cni_add`]).
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("run")
+            .join(format!("node{node}-cni.sock"))
     }
 
     /// Starts every node's daemon with the standard flags.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
 
-use super::spec::{node_ip, ClusterSpec};
+use super::spec::{node_ip, node_ip6, pod_ip6, pod_net6, ClusterSpec};
 
 /// Prefix of every namespace the harness creates: `zt<pid hex>x<sequence hex>`. The pid lets a
 /// later run recognise namespaces whose creator died without cleaning up.
@@ -184,13 +184,65 @@ pub fn kill_all_in(netns: &str) {
 
 /// Creates a namespace with `lo` up, and records it in `created` before touching it so that
 /// teardown removes it even when a later step fails.
-fn add_netns(name: &str, created: &mut Vec<String>) -> Result<()> {
+fn add_netns(name: &str, dual_stack: bool, created: &mut Vec<String>) -> Result<()> {
     ip(&["netns", "add", name])?;
     created.push(name.to_string());
     ip(&["-n", name, "link", "set", "lo", "up"])?;
+    if dual_stack {
+        return ipv6_sysctls(name);
+    }
     // Interfaces created later get no IPv6: nothing here uses it, and link-local chatter
     // (router solicitations, MLD) would only clutter captures. `lo` keeps ::1.
     sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+}
+
+/// Dual stack: interfaces created later get IPv6 at once (no duplicate address detection,
+/// which would hold every address tentative for a second or more) and never ask for or take
+/// router advertisements: all routes are static, none default.
+fn ipv6_sysctls(netns: &str) -> Result<()> {
+    for conf in ["all", "default"] {
+        sysctl(netns, &format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+        sysctl(netns, &format!("net.ipv6.conf.{conf}.accept_ra"), "0")?;
+    }
+    sysctl(netns, "net.ipv6.conf.default.router_solicitations", "0")
+}
+
+/// Dual stack, node `i`: its fabric address, forwarding, and a route to every other node's
+/// pod prefix via that node.
+fn add_node_ipv6(node: &str, i: usize, nodes: usize) -> Result<()> {
+    sysctl(node, "net.ipv6.conf.all.forwarding", "1")?;
+    let addr = format!("{}/64", node_ip6(i));
+    ip(&["-n", node, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+    for k in (1..=nodes).filter(|&k| k != i) {
+        let (net, via) = (pod_net6(k), node_ip6(k).to_string());
+        ip(&[
+            "-n", node, "-6", "route", "add", &net, "via", &via, "dev", "eth0",
+        ])?;
+    }
+    Ok(())
+}
+
+/// Dual stack, pod j of node i: its `/128` on `eth0`, routes to pods and Service VIPs via the
+/// node's `fe80::1` on the veth, and the node's route to the pod.
+fn add_pod_ipv6(node: &str, pod: &str, veth: &str, ip6: std::net::Ipv6Addr) -> Result<()> {
+    ip(&[
+        "-n",
+        node,
+        "addr",
+        "add",
+        "fe80::1/64",
+        "dev",
+        veth,
+        "nodad",
+    ])?;
+    let addr = format!("{ip6}/128");
+    ip(&["-n", pod, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+    for net in ["fd00:10:244::/48", "fd00:10:96::/64"] {
+        ip(&[
+            "-n", pod, "-6", "route", "add", net, "via", "fe80::1", "dev", "eth0",
+        ])?;
+    }
+    ip(&["-n", node, "-6", "route", "add", &addr, "dev", veth])
 }
 
 /// Names of a cluster's namespaces.
@@ -219,7 +271,8 @@ impl Names {
 /// `created` as soon as it exists.
 pub fn build(names: &Names, spec: &ClusterSpec, created: &mut Vec<String>) -> Result<()> {
     let fab = names.fabric();
-    add_netns(&fab, created)?;
+    let dual = spec.dual_stack;
+    add_netns(&fab, false, created)?;
     // No multicast snooping: a snooping bridge joins the all-snoopers group and announces it
     // (IGMP from 0.0.0.0), noise in captures that are meant to show only the cluster's traffic.
     ip(&[
@@ -237,7 +290,7 @@ pub fn build(names: &Names, spec: &ClusterSpec, created: &mut Vec<String>) -> Re
 
     for i in 1..=spec.nodes {
         let node = names.node(i);
-        add_netns(&node, created)?;
+        add_netns(&node, dual, created)?;
         ip(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
         sysctl(&node, "net.ipv4.ip_forward", "1")?;
         sysctl(&node, "net.ipv4.conf.all.rp_filter", "0")?;
@@ -258,10 +311,14 @@ pub fn build(names: &Names, spec: &ClusterSpec, created: &mut Vec<String>) -> Re
                 "-n", &node, "route", "add", &cidr, "via", &via, "dev", "eth0",
             ])?;
         }
+        if dual {
+            add_node_ipv6(&node, i, spec.nodes)?;
+        }
     }
 
     for (pod, j, pod_ip) in spec.placements() {
-        add_pod(names, pod.node, j, pod_ip, created)
+        let ip6 = dual.then(|| pod_ip6(pod.node, j));
+        add_pod(names, pod.node, j, pod_ip, ip6, created)
             .with_context(|| format!("creating pod {}/{}", pod.namespace, pod.name))?;
     }
     Ok(())
@@ -272,11 +329,12 @@ fn add_pod(
     i: usize,
     j: usize,
     pod_ip: Ipv4Addr,
+    ip6: Option<std::net::Ipv6Addr>,
     created: &mut Vec<String>,
 ) -> Result<()> {
     let node = names.node(i);
     let pod = names.pod(i, j);
-    add_netns(&pod, created)?;
+    add_netns(&pod, ip6.is_some(), created)?;
     let veth = format!("veth{j}");
     ip(&[
         "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod,
@@ -320,6 +378,9 @@ fn add_pod(
     ip(&[
         "-n", &node, "route", "add", &host, "dev", &veth, "scope", "link",
     ])?;
+    if let Some(ip6) = ip6 {
+        add_pod_ipv6(&node, &pod, &veth, ip6)?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! A pod of the test cluster: its address and network namespace, and running programs in it.
 
 use std::ffi::OsStr;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
@@ -20,6 +20,8 @@ pub struct Pod {
     pub service_account: String,
     /// Pod IP (`/32` on its `eth0`).
     pub ip: Ipv4Addr,
+    /// Dual-stack clusters: the pod's IPv6 address (`/128` on its `eth0`).
+    pub ip6: Option<Ipv6Addr>,
     /// Network namespace name.
     pub netns: String,
     /// Node, 1-based.

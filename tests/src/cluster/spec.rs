@@ -5,7 +5,7 @@
 //! account for one pod) for a single node without touching the running cluster.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -31,6 +31,12 @@ pub struct ClusterSpec {
     pub pods: Vec<PodSpec>,
     /// Services.
     pub services: Vec<SvcSpec>,
+    /// Pods whose network the CNI chain set up ([`super::Cluster::cni_add`]), with the
+    /// address its IPAM gave, once published to the state.
+    pub cni_pods: Vec<(PodSpec, Ipv4Addr)>,
+    /// Dual stack: every pod, node and Service also has an IPv6 address (ULA prefixes,
+    /// [`pod_ip6`], [`node_ip6`], [`vip6`]), routed like the IPv4 ones.
+    pub dual_stack: bool,
 }
 
 /// A namespace and its labels.
@@ -88,6 +94,28 @@ impl ClusterSpec {
             nodes,
             ..Default::default()
         }
+    }
+
+    /// Gives pods, nodes and Services IPv6 addresses too.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
+    /// A pod's IPv6 address in a dual-stack cluster, by `"ns/name"`.
+    pub fn pod_ip6(&self, key: &str) -> Option<Ipv6Addr> {
+        let (ns, name) = split_key(key).ok()?;
+        let mut per_node = vec![0usize; self.nodes + 1];
+        for p in &self.pods {
+            let j = per_node.get_mut(p.node).map(|n| {
+                *n += 1;
+                *n
+            })?;
+            if p.namespace == ns && p.name == name {
+                return self.dual_stack.then(|| pod_ip6(p.node, j));
+            }
+        }
+        None
     }
 
     /// Adds a namespace, enrolled when `ambient`.
@@ -203,7 +231,17 @@ impl ClusterSpec {
 
     /// The Pod documents, with `status.podIP` and `spec.nodeName` filled in as a kubelet would.
     pub fn render_pods(&self) -> Result<String> {
-        let docs = self.placements().into_iter().map(|(p, _, ip)| {
+        let placed = self.placements().into_iter().map(|(p, j, ip)| {
+            let v6 = self.dual_stack.then(|| pod_ip6(p.node, j));
+            (p, ip, v6)
+        });
+        // CNI pods: the address their IPAM gave (IPv4 only).
+        let cni = self.cni_pods.iter().map(|(p, ip)| (p, *ip, None));
+        let docs = placed.chain(cni).map(|(p, ip, v6)| {
+            let mut pod_ips = vec![json!({"ip": ip.to_string()})];
+            if let Some(v6) = v6 {
+                pod_ips.push(json!({"ip": v6.to_string()}));
+            }
             json!({
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -222,7 +260,7 @@ impl ClusterSpec {
                     "phase": "Running",
                     "hostIP": node_ip(p.node).to_string(),
                     "podIP": ip.to_string(),
-                    "podIPs": [{"ip": ip.to_string()}],
+                    "podIPs": pod_ips,
                 },
             })
         });
@@ -239,6 +277,12 @@ impl ClusterSpec {
                     json!({"name": format!("tcp-{port}"), "port": port, "targetPort": target, "protocol": "TCP"})
                 })
                 .collect();
+            let mut vips = vec![s.cluster_ip.to_string()];
+            let mut families = vec!["IPv4"];
+            if self.dual_stack {
+                vips.push(vip6(s.cluster_ip).to_string());
+                families.push("IPv6");
+            }
             json!({
                 "apiVersion": "v1",
                 "kind": "Service",
@@ -246,7 +290,8 @@ impl ClusterSpec {
                 "spec": {
                     "type": "ClusterIP",
                     "clusterIP": s.cluster_ip.to_string(),
-                    "clusterIPs": [s.cluster_ip.to_string()],
+                    "clusterIPs": vips,
+                    "ipFamilies": families,
                     "selector": s.selector,
                     "ports": ports,
                 },
@@ -283,6 +328,46 @@ pub fn node_ip(node: usize) -> Ipv4Addr {
 /// Pod j of node i.
 pub fn pod_ip(node: usize, j: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, octet(node), octet(10 + j))
+}
+
+/// Node i's IPv6 address on the fabric (dual stack): `fd00:192:168:200::<i>`.
+pub fn node_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x200, 0, 0, 0, u16::from(octet(node)))
+}
+
+/// Pod j of node i, IPv6 (dual stack): `fd00:10:244:<i>::<10+j>` (hex digits written as the
+/// IPv4 address's decimal ones), in node i's `fd00:10:244:<i>::/64`.
+pub fn pod_ip6(node: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, hexlike(node), 0, 0, 0, hexlike(10 + j))
+}
+
+/// Node i's pod prefix, IPv6 (dual stack): `fd00:10:244:<i>::/64`.
+pub fn pod_net6(node: usize) -> String {
+    format!(
+        "{}/64",
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, hexlike(node), 0, 0, 0, 0)
+    )
+}
+
+/// The IPv6 VIP of a Service whose IPv4 VIP is `10.96.x.y` (dual stack): `fd00:10:96::x:y`.
+pub fn vip6(v4: Ipv4Addr) -> Ipv6Addr {
+    let o = v4.octets();
+    Ipv6Addr::new(
+        0xfd00,
+        0x10,
+        0x96,
+        0,
+        0,
+        0,
+        hexlike(o[2].into()),
+        hexlike(o[3].into()),
+    )
+}
+
+/// `n` written in decimal, read as hexadecimal (12 -> 0x12), so IPv6 addresses echo the IPv4
+/// ones.
+fn hexlike(n: usize) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).unwrap_or(u16::MAX)
 }
 
 fn octet(n: usize) -> u8 {
@@ -413,5 +498,18 @@ mod tests {
             .pod(PodSpec::new("x/a", 1))
             .validate()
             .is_err());
+        assert_eq!(spec.pod_ip6("demo/c"), None, "single stack");
+        let dual = spec.dual_stack();
+        assert_eq!(
+            dual.pod_ip6("demo/c").map(|a| a.to_string()).as_deref(),
+            Some("fd00:10:244:1::12")
+        );
+        let pods = dual.render_pods().expect("renders");
+        assert!(pods.contains("ip: fd00:10:244:2::11"), "{pods}");
+        let svc = dual.render_services().expect("renders");
+        assert!(
+            svc.contains("fd00:10:96::0:10") || svc.contains("fd00:10:96::10"),
+            "{svc}"
+        );
     }
 }

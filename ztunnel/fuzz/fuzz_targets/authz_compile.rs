@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
-    let (reg, _report) = Registry::build(ap.iter().copied(), pa.iter().copied());
+    let reg = Registry::build(ap.iter().copied(), pa.iter().copied());
 
     // Destinations: each policy's namespace with the labels its selector asks for.
     let mut targets: Vec<(String, BTreeMap<String, String>)> =
@@ -55,13 +55,14 @@ fuzz_target!(|data: &[u8]| {
         ("192.168.1.7".parse().expect("ip"), None),
     ];
     for (ns, labels) in targets.iter().take(16) {
+        let labels = k8s::Labels::from(labels);
         for (src_ip, src_identity) in sources {
             for dst_port in [80, 8080] {
                 let req = Request {
                     src_ip,
                     src_identity,
                     dst_namespace: ns,
-                    dst_labels: labels,
+                    dst_labels: &labels,
                     dst_ip: "10.0.0.2".parse().expect("ip"),
                     dst_port,
                 };

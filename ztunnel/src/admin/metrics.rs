@@ -51,9 +51,12 @@ impl MetricsRoutes {
         m.capture_enrolled_pods.set(gauge(capture.enrolled.len()));
         m.capture_attached_programs
             .set(gauge(capture.interfaces.len()));
+        let captured = capture.pods.iter().filter(|p| p.captured).count();
+        m.set_capture_pods(captured, capture.pods.len() - captured);
         m.set_capture_drops(&[
             ("spoofed_source", capture.drops.spoofed_source),
             ("no_daemon", capture.drops.no_daemon),
+            ("ipv6_extension_header", capture.drops.ipv6_extension_header),
         ]);
         m.set_certificates(&self.certs.snapshot());
         m.set_worker_loads(&self.workers.loads());

@@ -39,6 +39,17 @@ pub struct CaptureSnapshot {
     pub enrolled: Vec<Ipv4Addr>,
     /// The programs' drop counters.
     pub drops: crate::capture::DropCounts,
+    /// The uplinks in force (configured or discovered).
+    pub uplinks: Vec<String>,
+    /// Every enrolled pod's capture state.
+    pub pods: Vec<crate::capture::PodCapture>,
+}
+
+impl CaptureSnapshot {
+    /// The state of the enrolled pod with address `ip`, if capture knows it.
+    pub fn pod(&self, ip: Ipv4Addr) -> Option<&crate::capture::PodCapture> {
+        self.pods.iter().find(|p| p.ip == ip)
+    }
 }
 
 impl CaptureView {
@@ -48,19 +59,10 @@ impl CaptureView {
     }
 
     /// Records a sync; returns whether the attached interfaces differ from the last one.
-    pub fn update(
-        &self,
-        interfaces: Vec<String>,
-        enrolled: Vec<Ipv4Addr>,
-        drops: crate::capture::DropCounts,
-    ) -> bool {
+    pub fn update(&self, snapshot: CaptureSnapshot) -> bool {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = last.interfaces != interfaces;
-        *last = CaptureSnapshot {
-            interfaces,
-            enrolled,
-            drops,
-        };
+        let changed = last.interfaces != snapshot.interfaces;
+        *last = snapshot;
         changed
     }
 }
@@ -160,10 +162,16 @@ pub struct Routes {
 }
 
 /// Starts the thread `ztunnel-admin`, a single-threaded runtime of its own, serving `routes` on
-/// `listeners` within `limits` until the process exits. Its own thread, so that nothing the
-/// ports' clients do (many connections, slow reads, a large scrape) takes time from the
-/// control runtime, where the accept loops of the captured ports run.
-pub fn spawn(listeners: Listeners, routes: Routes, limits: Limits) -> std::io::Result<()> {
+/// `listeners` within `limits` while `serving` is open (a daemon taking over from another
+/// accepts once ready, one handing over stops; [`crate::handover`]). Its own thread, so that
+/// nothing the ports' clients do (many connections, slow reads, a large scrape) takes time
+/// from the control runtime, where the accept loops of the captured ports run.
+pub fn spawn(
+    listeners: Listeners,
+    routes: Routes,
+    limits: Limits,
+    serving: crate::handover::Serving,
+) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -180,20 +188,24 @@ pub fn spawn(listeners: Listeners, routes: Routes, limits: Limits) -> std::io::R
     let admin_routes = Arc::new(routes.admin);
     let on_socket = admin_routes.clone();
     let (metrics_routes, ready) = (routes.metrics, routes.readiness);
+    let s = serving;
     let serve = async move {
         tokio::join!(
-            http::serve(readiness, "readiness", limits, move |req| {
-                readiness::route(&ready, req)
-            }),
-            http::serve(metrics, "metrics", limits, move |req| {
-                metrics_routes.route(req)
-            }),
-            http::serve(admin, "admin", limits, move |req| {
-                admin_routes.route(req, routes::Via::Port)
-            }),
-            http::serve(socket, "admin-socket", limits, move |req| {
+            s.clone()
+                .run(http::serve(readiness, "readiness", limits, move |req| {
+                    readiness::route(&ready, req)
+                })),
+            s.clone()
+                .run(http::serve(metrics, "metrics", limits, move |req| {
+                    metrics_routes.route(req)
+                })),
+            s.clone()
+                .run(http::serve(admin, "admin", limits, move |req| {
+                    admin_routes.route(req, routes::Via::Port)
+                })),
+            s.run(http::serve(socket, "admin-socket", limits, move |req| {
                 on_socket.route(req, routes::Via::Socket)
-            }),
+            })),
         );
     };
     std::thread::Builder::new()

@@ -124,22 +124,28 @@ impl AdminRoutes {
         let enrolled_pods: Vec<_> = local
             .iter()
             .map(|w| {
-                let captured = matches!(w.ip, IpAddr::V4(ip) if view.enrolled.contains(&ip));
+                let state = match w.ip {
+                    IpAddr::V4(ip) => view.pod(ip),
+                    IpAddr::V6(_) => None,
+                };
                 json!({
                     "pod": w.key(),
                     "ip": w.ip,
+                    "ips": w.ips,
                     "workload": w.workload_name,
                     "identity": w.identity,
                     "enrolled": w.enrolled,
-                    "captured": captured,
+                    "captured": state.is_some_and(|p| p.captured),
+                    "capture_problem": state.and_then(|p| p.problem.clone()),
                 })
             })
             .collect();
-        let mut workloads: Vec<_> = state.workloads.values().collect();
+        let mut workloads: Vec<_> = state.pods().collect();
         workloads.sort_by_key(|w| w.key());
         json!({
             "node": self.cfg.node_name,
             "ready": self.readiness.is_ready(),
+            "not_ready_reason": self.readiness.not_ready_reason(),
             "draining": self.drain.is_draining(),
             "active_flows": self.drain.active(),
             "config": &*self.cfg,
@@ -151,7 +157,15 @@ impl AdminRoutes {
             "certificates": certificates,
             "ca": self.certs.health().snapshot(),
             "hbone_pool": self.pool.stats(),
-            "capture": {"attached_interfaces": view.interfaces},
+            // `enrolled`: every address in the enrolled map, pods the CNI plugin announced
+            // before the state shows them included.
+            "capture": {
+                "attached_interfaces": view.interfaces,
+                "uplinks": view.uplinks,
+                "enrolled": view.enrolled,
+                "pods_captured": view.pods.iter().filter(|p| p.captured).count(),
+                "pods_not_captured": view.pods.iter().filter(|p| !p.captured).count(),
+            },
             "dns": self.dns.snapshot(),
             "source": self.source.snapshot(),
         })

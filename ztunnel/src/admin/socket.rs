@@ -12,16 +12,22 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// Another process answers on the path: most likely another daemon.
-    #[error("{path}: another process is serving this admin socket (is another daemon running? set --admin-socket)")]
+    #[error(
+        "{path}: another process is serving this socket (is another daemon running? set --{flag})"
+    )]
     InUse {
         /// The socket path.
         path: PathBuf,
+        /// The setting that names it.
+        flag: &'static str,
     },
     /// Something that is not a socket is in the way; it is never removed.
-    #[error("{path}: exists and is not a socket; remove it or set --admin-socket")]
+    #[error("{path}: exists and is not a socket; remove it or set --{flag}")]
     NotASocket {
         /// The path.
         path: PathBuf,
+        /// The setting that names it.
+        flag: &'static str,
     },
     /// Creating, binding or securing the socket failed.
     #[error("{path}: {what}: {error}")]
@@ -43,6 +49,23 @@ pub struct SocketFile {
     id: (u64, u64),
 }
 
+impl SocketFile {
+    /// Takes charge of the socket file at `path` as it is now (a socket handed over by the
+    /// daemon that bound it): removed when this is dropped.
+    pub fn adopt(path: &Path) -> io::Result<SocketFile> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// Leaves the file in place (a successor serves on it now).
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
@@ -58,6 +81,14 @@ impl Drop for SocketFile {
 /// another process still answers on is not. The socket is bound under a private temporary name
 /// and renamed into place, so it is never reachable with looser permissions.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+    bind_for(path, "admin-socket")
+}
+
+/// [`bind`] for the socket that the setting `--<flag>` names.
+pub fn bind_for(
+    path: &Path,
+    flag: &'static str,
+) -> Result<(UnixListener, SocketFile), SocketError> {
     let err = |what, error| SocketError::Io {
         path: path.to_path_buf(),
         what,
@@ -72,8 +103,8 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| err("creating its directory", e))?;
-    remove_stale(path)?;
-    let private = dir.join(format!(".admin-socket.{}", std::process::id()));
+    remove_stale(path, flag)?;
+    let private = dir.join(format!(".{flag}.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&private);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -100,7 +131,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
 }
 
 /// Removes a socket at `path` that nobody answers on; refuses anything else.
-fn remove_stale(path: &Path) -> Result<(), SocketError> {
+fn remove_stale(path: &Path, flag: &'static str) -> Result<(), SocketError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -115,11 +146,13 @@ fn remove_stale(path: &Path) -> Result<(), SocketError> {
     if !meta.file_type().is_socket() {
         return Err(SocketError::NotASocket {
             path: path.to_path_buf(),
+            flag,
         });
     }
     if UnixStream::connect(path).is_ok() {
         return Err(SocketError::InUse {
             path: path.to_path_buf(),
+            flag,
         });
     }
     std::fs::remove_file(path).map_err(|error| SocketError::Io {

@@ -316,3 +316,47 @@ fn decision_details() {
         "no ALLOW policy matched (in scope: back/none)"
     );
 }
+
+/// IPv6 blocks match IPv6 sources (and destinations) and never IPv4 ones; a block of the
+/// other family is simply not matched, so a dual-stack policy lists both.
+#[test]
+fn ipv6_blocks_match_ipv6_sources() {
+    let labels: BTreeMap<String, String> = [("app".to_string(), "db".to_string())].into();
+    let id = SpiffeId::new("cluster.local", "front", "client");
+    let decide6 = |spec: &str, src: &str, dst: &str| {
+        let reg = registry(&ap("back", "p", spec));
+        assert!(reg.problems.iter().all(|p| !p.invalid), "{spec}");
+        let req = Request {
+            src_ip: src.parse().expect("ip"),
+            src_identity: Some(&id),
+            dst_namespace: "back",
+            dst_labels: &crate::k8s::Labels::from(&labels),
+            dst_ip: dst.parse().expect("ip"),
+            dst_port: 5432,
+        };
+        evaluate(&reg, DEFAULT_ROOT_NAMESPACE, &req, false).allowed()
+    };
+    let allow = |blocks: &str| format!("{{rules: [{{from: [{{source: {{{blocks}}}}}]}}]}}");
+    let v6 = allow("ipBlocks: [\"fd00:10:244::/48\"]");
+    assert!(decide6(&v6, "fd00:10:244:1::11", "fd00:10:244:3::3"));
+    assert!(!decide6(&v6, "fd00:10:245::1", "fd00:10:244:3::3"));
+    assert!(!decide6(&v6, "10.0.1.1", DST_IP), "never across families");
+    let both = allow("ipBlocks: [\"10.0.1.0/24\", \"fd00:10:244::/48\"]");
+    assert!(decide6(&both, "10.0.1.1", DST_IP));
+    assert!(decide6(&both, "fd00:10:244:1::11", "fd00:10:244:3::3"));
+    let not = allow("notIpBlocks: [\"fd00:10:244:1::/64\"]");
+    assert!(!decide6(&not, "fd00:10:244:1::11", "fd00:10:244:3::3"));
+    assert!(decide6(&not, "fd00:10:244:2::11", "fd00:10:244:3::3"));
+    let remote = allow("remoteIpBlocks: [\"fd00:10:244:1::11/128\"]");
+    assert!(decide6(&remote, "fd00:10:244:1::11", "fd00:10:244:3::3"));
+    assert!(!decide6(&remote, "fd00:10:244:1::12", "fd00:10:244:3::3"));
+    let dst = "{rules: [{when: [{key: destination.ip, values: [\"fd00:10:244:3::/64\"]}]}]}";
+    assert!(decide6(dst, "fd00:10:244:1::11", "fd00:10:244:3::3"));
+    assert!(!decide6(dst, "10.0.1.1", DST_IP));
+    assert!(Cidr::parse("fd00::/129").is_err(), "prefix over 128");
+    assert_eq!(
+        Cidr::parse("fd00::1").map(|c| c.prefix),
+        Ok(128),
+        "a bare address is a /128"
+    );
+}

@@ -1,5 +1,9 @@
-//! Attaching the capture program to interfaces: new TCX links (pinned, first in the chain),
+//! Attaching the capture programs to interfaces: new TCX links (pinned, first in the chain),
 //! links a previous daemon pinned (adopted with an atomic program swap), and detaching.
+//!
+//! Three kinds of attachment: `zt_capture` at the ingress of uplinks and `lo` (node
+//! interfaces), `zt_capture` at the ingress of pod veths, `zt_host_redirect` at the egress of
+//! pod veths (the node-local path; none with `exempt_node_traffic`).
 
 use std::io;
 
@@ -9,22 +13,74 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use tracing::{debug, info, warn};
 
-use super::{ifindex, program, Attachment, Capture, CaptureError, Link, PROGRAM_NAME};
+use super::pins::Hook;
+use super::{
+    ifindex, program, Attachment, Capture, CaptureError, Link, HOST_PROGRAM_NAME, PROGRAM_NAME,
+};
+
+/// Which set of attachments an interface belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Table {
+    /// Uplinks and `lo`: `zt_capture` at ingress.
+    Node,
+    /// Pod veths: `zt_capture` at ingress.
+    Pod,
+    /// Pod veths: `zt_host_redirect` at egress.
+    PodEgress,
+}
+
+impl Table {
+    fn hook(self) -> Hook {
+        match self {
+            Table::Node | Table::Pod => Hook::Ingress,
+            Table::PodEgress => Hook::Egress,
+        }
+    }
+}
+
+/// The program that runs on `hook`.
+pub(super) fn program_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Ingress => PROGRAM_NAME,
+        Hook::Egress => HOST_PROGRAM_NAME,
+    }
+}
+
+fn attach_type(hook: Hook) -> TcAttachType {
+    match hook {
+        Hook::Ingress => TcAttachType::Ingress,
+        Hook::Egress => TcAttachType::Egress,
+    }
+}
 
 impl Capture {
     /// Pins the loaded program as `zt_capture` (replacing the previous daemon's), so that
     /// `bpftool prog show pinned <dir>/zt_capture` finds it. Best effort: the links hold it.
     pub(super) fn pin_program(&mut self) {
-        let path = self.pins.object(PROGRAM_NAME);
-        let _ = std::fs::remove_file(&path);
-        let pinned = program(&mut self.ebpf).and_then(|p| {
-            p.pin(&path).map_err(|e| CaptureError::Pin {
-                path: path.clone(),
-                error: io::Error::other(e.to_string()),
-            })
-        });
-        if let Err(e) = pinned {
-            warn!(error = %e, "capture program not pinned (links keep it attached)");
+        for name in [PROGRAM_NAME, HOST_PROGRAM_NAME] {
+            let path = self.pins.object(name);
+            let _ = std::fs::remove_file(&path);
+            let pinned = program(&mut self.ebpf, name).and_then(|p| {
+                p.pin(&path).map_err(|e| CaptureError::Pin {
+                    path: path.clone(),
+                    error: io::Error::other(e.to_string()),
+                })
+            });
+            if let Err(e) = pinned {
+                warn!(program = name, error = %e, "capture program not pinned (links keep it attached)");
+            }
+        }
+    }
+
+    /// The attachments of `table`.
+    pub(super) fn table(
+        &mut self,
+        table: Table,
+    ) -> &mut std::collections::BTreeMap<String, Attachment> {
+        match table {
+            Table::Node => &mut self.uplinks,
+            Table::Pod => &mut self.pod_ifaces,
+            Table::PodEgress => &mut self.pod_egress,
         }
     }
 
@@ -34,7 +90,8 @@ impl Capture {
     pub(super) fn adopt_links(&mut self) -> Result<usize, CaptureError> {
         let mut adopted = 0;
         for pin in self.pins.links()? {
-            if ifindex(&pin.iface).ok() != Some(pin.ifindex) {
+            let unwanted = pin.hook == Hook::Egress && self.settings.exempt_node_traffic;
+            if unwanted || ifindex(&pin.iface).ok() != Some(pin.ifindex) {
                 debug!(iface = %pin.iface, ifindex = pin.ifindex, "stale capture link unpinned");
                 std::fs::remove_file(&pin.path).map_err(|error| CaptureError::Pin {
                     path: pin.path.clone(),
@@ -48,7 +105,7 @@ impl Capture {
             };
             let fd: FdLink = PinnedLink::from_pin(&pin.path).map_err(link_err)?.into();
             let link = SchedClassifierLink::try_from(fd).map_err(link_err)?;
-            let prog = program(&mut self.ebpf)?;
+            let prog = program(&mut self.ebpf, program_name(pin.hook))?;
             let id = prog
                 .attach_to_link(link)
                 .map_err(|error| CaptureError::Attach {
@@ -66,13 +123,15 @@ impl Capture {
                     pin: pin.path,
                 },
                 ifindex: pin.ifindex,
+                hook: pin.hook,
             };
-            info!(iface = %pin.iface, ifindex = pin.ifindex, "capture link adopted");
-            if self.settings.uplinks.contains(&pin.iface) {
-                self.uplinks.insert(pin.iface, att);
-            } else {
-                self.pod_ifaces.insert(pin.iface, att);
-            }
+            info!(iface = %pin.iface, ifindex = pin.ifindex, hook = ?pin.hook, "capture link adopted");
+            let table = match pin.hook {
+                Hook::Egress => Table::PodEgress,
+                Hook::Ingress if self.is_node_iface(&pin.iface) => Table::Node,
+                Hook::Ingress => Table::Pod,
+            };
+            self.table(table).insert(pin.iface, att);
             adopted += 1;
         }
         Ok(adopted)
@@ -80,22 +139,35 @@ impl Capture {
 
     /// Attaches to `iface` unless already attached to the interface of that name and index
     /// (a pod re-created with the same veth name gets a new index; its old link died with the
-    /// old device).
+    /// old device). A node interface (`uplink`) that was attached as a pod veth is moved over
+    /// (and loses its egress program); a pod veth that is a node interface is left to that.
     pub(super) fn ensure_attached(
         &mut self,
         iface: &str,
         uplink: bool,
     ) -> Result<(), CaptureError> {
         let idx = ifindex(iface)?;
-        let table = if uplink {
-            &self.uplinks
-        } else {
-            if self.uplinks.contains_key(iface) {
-                return Ok(());
+        if uplink {
+            if let Some(att) = self.pod_ifaces.remove(iface) {
+                self.uplinks.insert(iface.to_string(), att);
             }
-            &self.pod_ifaces
-        };
-        if let Some(att) = table.get(iface) {
+            if let Some(att) = self.pod_egress.remove(iface) {
+                let _ = self.detach_link(iface, att);
+            }
+            return self.ensure_in(Table::Node, iface, idx);
+        }
+        if self.uplinks.contains_key(iface) {
+            return Ok(());
+        }
+        self.ensure_in(Table::Pod, iface, idx)?;
+        if !self.settings.exempt_node_traffic {
+            self.ensure_in(Table::PodEgress, iface, idx)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_in(&mut self, table: Table, iface: &str, idx: u32) -> Result<(), CaptureError> {
+        if let Some(att) = self.table(table).get(iface) {
             if att.ifindex == idx {
                 return Ok(());
             }
@@ -106,25 +178,22 @@ impl Capture {
                 "interface was re-created"
             );
             // Best effort: the old link is already defunct.
-            let old = if uplink {
-                self.uplinks.remove(iface)
-            } else {
-                self.pod_ifaces.remove(iface)
-            };
-            if let Some(old) = old {
+            if let Some(old) = self.table(table).remove(iface) {
                 let _ = self.detach_link(iface, old);
             }
         }
-        let att = self.attach(iface, idx)?;
-        if uplink {
-            self.uplinks.insert(iface.to_string(), att);
-        } else {
-            self.pod_ifaces.insert(iface.to_string(), att);
-        }
+        let att = self.attach(iface, idx, table.hook())?;
+        self.table(table).insert(iface.to_string(), att);
         Ok(())
     }
 
-    pub(super) fn attach(&mut self, iface: &str, idx: u32) -> Result<Attachment, CaptureError> {
+    pub(super) fn attach(
+        &mut self,
+        iface: &str,
+        idx: u32,
+        hook: Hook,
+    ) -> Result<Attachment, CaptureError> {
+        let name = program_name(hook);
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let attach_err = |error| CaptureError::Attach {
             iface: iface.to_string(),
@@ -132,17 +201,18 @@ impl Capture {
         };
         if tcx {
             // Another live instance (e.g. an overlapping restart) would capture too.
-            if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
-                if progs.iter().any(|p| p.name_as_str() == Some(PROGRAM_NAME)) {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, attach_type(hook)) {
+                if progs.iter().any(|p| p.name_as_str() == Some(name)) {
                     warn!(
                         iface,
-                        "another {PROGRAM_NAME} program is already attached here (a second \
-                         daemon instance, or one with another --bpf-pin-dir?)"
+                        program = name,
+                        "another capture program is already attached here (a second daemon \
+                         instance, or one with another --bpf-pin-dir?)"
                     );
                 }
             }
         }
-        let prog = program(&mut self.ebpf)?;
+        let prog = program(&mut self.ebpf, name)?;
         let link = if tcx {
             // First in the TCX chain, so another program returning "pass" cannot bypass
             // capture; every packet it does not drop, captured or not, continues to the next
@@ -150,7 +220,7 @@ impl Capture {
             let id = prog
                 .attach_with_options(
                     iface,
-                    TcAttachType::Ingress,
+                    attach_type(hook),
                     TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .map_err(attach_err)?;
@@ -160,7 +230,7 @@ impl Capture {
                 error,
             };
             let fd = FdLink::try_from(link).map_err(link_err)?;
-            let pin = self.pins.link(idx, iface);
+            let pin = self.pins.link(idx, iface, hook);
             // A pin left for this very interface by a daemon that crashed mid-attach.
             let _ = std::fs::remove_file(&pin);
             let pinned = fd.pin(&pin).map_err(|e| CaptureError::Pin {
@@ -177,20 +247,27 @@ impl Capture {
             if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
                 debug!(iface, error = %e, "clsact qdisc not added (probably exists)");
             }
-            Link::Netlink(
-                prog.attach(iface, TcAttachType::Ingress)
-                    .map_err(attach_err)?,
-            )
+            Link::Netlink(prog.attach(iface, attach_type(hook)).map_err(attach_err)?)
         };
-        info!(iface, ifindex = idx, tcx, "capture attached");
-        Ok(Attachment { link, ifindex: idx })
+        info!(iface, ifindex = idx, tcx, ?hook, "capture attached");
+        Ok(Attachment {
+            link,
+            ifindex: idx,
+            hook,
+        })
     }
 
+    /// Detaches both programs of a pod veth (the first error wins; both are tried).
     pub(super) fn detach_pod_iface(&mut self, iface: &str) -> Result<(), CaptureError> {
-        match self.pod_ifaces.remove(iface) {
+        let egress = match self.pod_egress.remove(iface) {
             Some(att) => self.detach_link(iface, att),
             None => Ok(()),
-        }
+        };
+        let ingress = match self.pod_ifaces.remove(iface) {
+            Some(att) => self.detach_link(iface, att),
+            None => Ok(()),
+        };
+        egress.and(ingress)
     }
 
     pub(super) fn detach_link(&mut self, iface: &str, att: Attachment) -> Result<(), CaptureError> {
@@ -205,7 +282,7 @@ impl Capture {
                 drop(link);
             }
             Link::Netlink(id) => {
-                let prog = program(&mut self.ebpf)?;
+                let prog = program(&mut self.ebpf, program_name(att.hook))?;
                 match prog.detach(id) {
                     Ok(()) => {}
                     // The device is gone (pod deleted): nothing left to detach.
@@ -219,7 +296,7 @@ impl Capture {
                 }
             }
         }
-        info!(iface, ifindex = att.ifindex, "capture detached");
+        info!(iface, ifindex = att.ifindex, hook = ?att.hook, "capture detached");
         Ok(())
     }
 }

@@ -22,15 +22,28 @@
 //! Identity is bound to the interface: each enrolled pod's map entry carries the ifindex of its
 //! node-side interface, and a packet with the pod's source address arriving anywhere else is
 //! dropped and counted ([`DropCounts`]).
+//!
+//! The node's own traffic to a local pod (any host-network process) leaves through the pod
+//! veth's egress without entering the node: a second program there (`zt_host_redirect`) hands
+//! TCP to enrolled pods to `lo`'s ingress, where `zt_capture` runs too, so it reaches the
+//! inbound plaintext listener like traffic from any other non-mesh source.
+//!
+//! Uplinks are the configured ones, or else discovered from the routing table on every sync
+//! ([`routes::RouteTable::uplinks`]). [`Capture::pods`] tells, per enrolled pod, whether its
+//! capture is complete; the daemon is not ready while one is not.
 
+mod announced;
+mod devconf;
+mod ipv6;
 mod links;
 mod pins;
 mod routes;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
@@ -40,9 +53,11 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, info, warn};
 
-use pins::PinDir;
+pub use announced::interface_index;
+use pins::{Hook, PinDir};
 use routes::RouteTable;
 pub use routes::RULE_PRIORITY;
+pub use status::PodCapture;
 
 /// The compiled `ebpf/capture.bpf.c` (built by `build.rs`).
 static CAPTURE_OBJECT: &[u8] =
@@ -50,6 +65,11 @@ static CAPTURE_OBJECT: &[u8] =
 
 /// Name of the TC program (its C function name; `bpftool net show` lists it).
 pub const PROGRAM_NAME: &str = "zt_capture";
+/// The program on pod veths' egress that sends the node's own traffic to enrolled pods
+/// through `lo` (and so through `zt_capture`).
+pub const HOST_PROGRAM_NAME: &str = "zt_host_redirect";
+/// The loopback interface: `zt_capture` at its ingress sees what `zt_host_redirect` sends.
+const LOOPBACK: &str = "lo";
 const ENROLLED_MAP: &str = "zt_enrolled";
 /// Entries of the enrolled map (`max_entries` in the C code).
 const ENROLLED_MAX: u32 = 4096;
@@ -57,7 +77,8 @@ const STATS_MAP: &str = "zt_stats";
 /// Slots of `zt_stats` (`ZT_STAT_*` in the C code).
 const STAT_SPOOFED: u32 = 0;
 const STAT_NO_DAEMON: u32 = 1;
-const STAT_COUNT: u32 = 2;
+const STAT_IPV6_EXT: u32 = 2;
+const STAT_COUNT: u32 = 3;
 /// Value flag in the enrolled map (`ZT_POD_ENROLLED` in the C code).
 const POD_ENROLLED: u32 = 1;
 /// Value flag: the pod's DNS (port 53) is steered to the DNS proxy (`ZT_POD_DNS`).
@@ -88,7 +109,12 @@ pub struct CaptureSettings {
     /// `local default dev lo`. Must be owned by us (not 253-255, the kernel's).
     pub route_table: u32,
     /// Node interfaces facing other nodes (e.g. `eth0`): inbound traffic for local pods.
+    /// Empty: discovered from the routing table on every sync (the interfaces of the default
+    /// route, of routes via a gateway, and of connected subnets no local pod is on).
     pub uplinks: Vec<String>,
+    /// Leave the node's own traffic to enrolled pods alone (no `zt_host_redirect`): it reaches
+    /// the pods in plaintext without policy or logs, as before capture. Off by default.
+    pub exempt_node_traffic: bool,
     /// bpffs directory of this node's pinned maps, program and links (created if absent; its
     /// nearest existing ancestor must be on bpffs).
     pub pin_dir: PathBuf,
@@ -102,6 +128,9 @@ pub struct DropCounts {
     pub spoofed_source: u64,
     /// Would have been captured, but no daemon socket was there (daemon stopped or restarting).
     pub no_daemon: u64,
+    /// IPv6 with an extension header from or to an enrolled pod: it could hide TCP from the
+    /// capture program, so it is dropped rather than passed around the daemon.
+    pub ipv6_extension_header: u64,
 }
 
 /// A pod on this node as capture sees it.
@@ -111,6 +140,8 @@ pub struct LocalPod {
     pub name: String,
     /// The pod's IPv4 address; its node-side veth is found from the route to it.
     pub ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address, captured like the IPv4 one on the same interface.
+    pub ipv6: Option<Ipv6Addr>,
     /// Whether the pod's traffic is captured into the mesh.
     pub enrolled: bool,
     /// Whether the pod's DNS is captured too (only when enrolled; pod annotation opt-out).
@@ -187,6 +218,16 @@ pub enum CaptureError {
         /// What aya reported.
         error: MapError,
     },
+    /// Updating the IPv6 enrolled-pod map failed.
+    #[error(
+        "cannot update the IPv6 enrolled-pod eBPF map for {ip}: {error} (map holds at most 4096 pods)"
+    )]
+    MapV6 {
+        /// Pod IPv6 address.
+        ip: Ipv6Addr,
+        /// What aya reported.
+        error: MapError,
+    },
     /// Reading the routing table failed.
     #[error("cannot read routing table {path}: {error}")]
     Routes {
@@ -221,6 +262,17 @@ pub enum CaptureError {
         /// What aya reported.
         error: LinkError,
     },
+    /// A setting of the node's interfaces the node-local path needs could not be made.
+    #[error(
+        "cannot set {path} = 1 (rtnetlink): {error}; the node's own traffic to enrolled pods \
+         needs it (CAP_NET_ADMIN in the node's network namespace), or set --exempt-node-traffic"
+    )]
+    Sysctl {
+        /// The setting, in sysctl notation.
+        path: String,
+        /// Write error.
+        error: io::Error,
+    },
     /// An `ip` command (rule/route set-up) failed.
     #[error("`{command}` failed: {detail}")]
     Command {
@@ -236,6 +288,7 @@ pub enum CaptureError {
 struct Attachment {
     link: Link,
     ifindex: u32,
+    hook: Hook,
 }
 
 #[derive(Debug)]
@@ -257,10 +310,20 @@ pub struct Capture {
     stats_map: PerCpuArray<MapData, u64>,
     pins: PinDir,
     settings: CaptureSettings,
+    /// Uplinks and `lo` (`zt_capture` at ingress).
     uplinks: BTreeMap<String, Attachment>,
+    /// Pod veths, `zt_capture` at ingress.
     pod_ifaces: BTreeMap<String, Attachment>,
+    /// Pod veths, `zt_host_redirect` at egress.
+    pod_egress: BTreeMap<String, Attachment>,
+    /// The uplinks in force: the configured ones, or the last discovered.
+    uplink_names: Vec<String>,
     /// What the enrolled map holds: pod IP -> value written.
     enrolled: BTreeMap<Ipv4Addr, PodValue>,
+    /// The IPv6 enrolled map.
+    enrolled6: ipv6::Enrolled6,
+    /// Each enrolled pod's capture as of the last sync.
+    pods: Vec<PodCapture>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -268,6 +331,7 @@ impl std::fmt::Debug for Capture {
         f.debug_struct("Capture")
             .field("uplinks", &self.uplinks.keys().collect::<Vec<_>>())
             .field("pod_ifaces", &self.pod_ifaces.keys().collect::<Vec<_>>())
+            .field("pod_egress", &self.pod_egress.keys().collect::<Vec<_>>())
             .field("enrolled", &self.enrolled)
             .finish_non_exhaustive()
     }
@@ -350,9 +414,12 @@ impl Capture {
                   (older build); replaced, pods are enrolled again at the first sync");
         }
         pins.drop_incompatible_map(STATS_MAP, 4, 8, STAT_COUNT)?;
+        ipv6::drop_incompatible(&pins)?;
         let (enrolled_pin, stats_pin) = (pins.object(ENROLLED_MAP), pins.object(STATS_MAP));
+        let enrolled6_pin = pins.object(ipv6::ENROLLED6_MAP);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENROLLED_MAP, enrolled_pin.as_path())
+            .map_pin_path(ipv6::ENROLLED6_MAP, enrolled6_pin.as_path())
             .map_pin_path(STATS_MAP, stats_pin.as_path())
             .override_global("zt_capture_mark", &settings.capture_mark, true)
             .override_global("zt_daemon_mark", &settings.daemon_mark, true)
@@ -367,11 +434,14 @@ impl Capture {
             .load(CAPTURE_OBJECT)
             .map_err(|error| CaptureError::Object { error })?;
 
-        let prog = program(&mut ebpf)?;
-        prog.load().map_err(|error| CaptureError::Program {
-            program: PROGRAM_NAME,
-            error,
-        })?;
+        for name in [PROGRAM_NAME, HOST_PROGRAM_NAME] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|error| CaptureError::Program {
+                    program: name,
+                    error,
+                })?;
+        }
         let map_err = |error| CaptureError::Map {
             ip: Ipv4Addr::UNSPECIFIED,
             error,
@@ -385,6 +455,7 @@ impl Capture {
             .take_map(STATS_MAP)
             .ok_or_else(|| CaptureError::ObjectMismatch(format!("map {STATS_MAP}")))?;
         let stats_map = PerCpuArray::try_from(map).map_err(map_err)?;
+        let enrolled6 = ipv6::Enrolled6::take(&mut ebpf)?;
         // What a previous daemon enrolled stays in force until the first sync corrects it.
         let enrolled = enrolled_map
             .iter()
@@ -400,16 +471,31 @@ impl Capture {
             settings: settings.clone(),
             uplinks: BTreeMap::new(),
             pod_ifaces: BTreeMap::new(),
+            pod_egress: BTreeMap::new(),
+            uplink_names: settings.uplinks.clone(),
             enrolled,
+            enrolled6,
+            pods: Vec::new(),
         };
         capture.pin_program();
         routes::install(settings.capture_mark, settings.route_table)?;
+        if !settings.exempt_node_traffic {
+            devconf::accept_local_on_loopback().map_err(|error| CaptureError::Sysctl {
+                path: "net.ipv4.conf.lo.accept_local".to_string(),
+                error,
+            })?;
+        }
+        if settings.uplinks.is_empty() {
+            capture.uplink_names = RouteTable::read()?.uplinks(&[]);
+        }
         let adopted = capture.adopt_links()?;
-        for uplink in &settings.uplinks {
-            capture.ensure_attached(uplink, true)?;
+        for uplink in capture.node_ifaces() {
+            capture.ensure_attached(&uplink, true)?;
         }
         info!(
-            uplinks = ?settings.uplinks,
+            uplinks = ?capture.uplink_names,
+            discovered = settings.uplinks.is_empty(),
+            exempt_node_traffic = settings.exempt_node_traffic,
             adopted,
             pin_dir = %settings.pin_dir.display(),
             enrolled = capture.enrolled.len(),
@@ -449,8 +535,11 @@ impl Capture {
         let mut wanted: BTreeMap<String, &LocalPod> = BTreeMap::new();
         let mut pod_iface: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         if let Some(table) = &table {
+            if self.settings.uplinks.is_empty() {
+                self.rediscover_uplinks(table, pods, &mut problems);
+            }
             for pod in pods {
-                match table.pod_interface(pod.ip, &self.settings.uplinks) {
+                match table.pod_interface(pod.ip, &self.uplink_names) {
                     Ok(iface) => {
                         pod_iface.insert(pod.ip, iface.clone());
                         wanted.entry(iface).or_insert(pod);
@@ -466,9 +555,10 @@ impl Capture {
                 }
             }
             // Without a routing table we cannot tell which veths are still in use: keep them.
-            let gone: Vec<String> = self
+            let gone: BTreeSet<String> = self
                 .pod_ifaces
                 .keys()
+                .chain(self.pod_egress.keys())
                 .filter(|i| !wanted.contains_key(*i))
                 .cloned()
                 .collect();
@@ -496,19 +586,41 @@ impl Capture {
         for (pod, problem) in &problems {
             debug!(pod = %pod, error = %problem, "capture sync problem");
         }
+        self.pods = self.pod_states(pods, &problems);
         problems
     }
 
-    /// Interfaces the program is attached to now (uplinks and pod veths), for status and
+    /// Interfaces a program is attached to now (uplinks, `lo` and pod veths), for status and
     /// readiness.
     pub fn attached(&self) -> Vec<String> {
-        let set: BTreeSet<&String> = self.uplinks.keys().chain(self.pod_ifaces.keys()).collect();
+        let set: BTreeSet<&String> = self
+            .uplinks
+            .keys()
+            .chain(self.pod_ifaces.keys())
+            .chain(self.pod_egress.keys())
+            .collect();
         set.into_iter().cloned().collect()
+    }
+
+    /// The uplinks in force (configured, or discovered at the last sync).
+    pub fn uplinks(&self) -> &[String] {
+        &self.uplink_names
+    }
+
+    /// Every enrolled pod's capture as of the last sync (sorted by IP): whether it is
+    /// complete, and if not why. The daemon is not ready while one is not captured.
+    pub fn pods(&self) -> &[PodCapture] {
+        &self.pods
     }
 
     /// Pod IPs in the enrolled map (their traffic is captured), for status and metrics.
     pub fn enrolled(&self) -> Vec<Ipv4Addr> {
         self.enrolled.keys().copied().collect()
+    }
+
+    /// Pod IPv6 addresses in the IPv6 enrolled map.
+    pub fn enrolled_v6(&self) -> Vec<Ipv6Addr> {
+        self.enrolled6.addresses()
     }
 
     /// What the programs dropped so far (summed over CPUs; counted since the pinned maps were
@@ -523,6 +635,7 @@ impl Capture {
         DropCounts {
             spoofed_source: sum(STAT_SPOOFED),
             no_daemon: sum(STAT_NO_DAEMON),
+            ipv6_extension_header: sum(STAT_IPV6_EXT),
         }
     }
 
@@ -530,7 +643,12 @@ impl Capture {
     /// links) and their directory, and the ip rule and route. Traffic flows directly again.
     pub fn uninstall(mut self) -> Result<(), CaptureError> {
         let mut first_err = None;
-        let ifaces: Vec<String> = self.pod_ifaces.keys().cloned().collect();
+        let ifaces: BTreeSet<String> = self
+            .pod_ifaces
+            .keys()
+            .chain(self.pod_egress.keys())
+            .cloned()
+            .collect();
         for iface in ifaces {
             if let Err(e) = self.detach_pod_iface(&iface) {
                 first_err.get_or_insert(e);
@@ -579,6 +697,8 @@ impl Capture {
                 (p.ip, (p.name.as_str(), [flags, idx]))
             })
             .collect();
+        let want6 = ipv6::wanted(pods, &want);
+        self.enrolled6.sync(want6, problems);
         let stale: Vec<Ipv4Addr> = self
             .enrolled
             .keys()
@@ -638,12 +758,15 @@ fn map_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
     let prog = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| CaptureError::ObjectMismatch(format!("program {PROGRAM_NAME}")))?;
+        .program_mut(name)
+        .ok_or_else(|| CaptureError::ObjectMismatch(format!("program {name}")))?;
     prog.try_into().map_err(|error| CaptureError::Program {
-        program: PROGRAM_NAME,
+        program: name,
         error,
     })
 }
@@ -669,6 +792,7 @@ mod tests {
             daemon_mark: 0x539,
             route_table: 100,
             uplinks: vec!["eth0".into()],
+            exempt_node_traffic: false,
             pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel/node1"),
         }
     }

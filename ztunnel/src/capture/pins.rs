@@ -7,6 +7,7 @@
 //! | `zt_enrolled`, `zt_stats` | the maps (enrolled pods, drop counters); a restarted daemon reuses them, so enrollment has no gap |
 //! | `zt_capture` | the program last loaded (for `bpftool prog show pinned …`) |
 //! | `link_<ifindex>_<ifname>` | one TCX link per interface (ingress); keeps the program attached while no daemon runs |
+//! | `link_out_<ifindex>_<ifname>` | one TCX egress link per pod veth (`zt_host_redirect`, the node-local path) |
 //!
 //! A restarted daemon finds the links of interfaces that still exist (same name and index) and
 //! swaps its freshly loaded program into them (`BPF_LINK_UPDATE`, atomic: no packet sees no
@@ -25,6 +26,17 @@ use super::CaptureError;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Prefix of link pins.
 const LINK_PREFIX: &str = "link_";
+/// After [`LINK_PREFIX`]: an egress link.
+const EGRESS_PREFIX: &str = "out_";
+
+/// Which TC hook a link is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Hook {
+    /// `zt_capture`: where traffic enters the node's namespace (pod veths, uplinks, lo).
+    Ingress,
+    /// `zt_host_redirect`: pod veths, for what the node itself sends to a pod.
+    Egress,
+}
 
 /// Where the pins of one node live. Only the calling thread's network namespace matters for
 /// interfaces; the directory is shared by every process of the machine's mount namespace.
@@ -39,6 +51,7 @@ pub(crate) struct LinkPin {
     pub path: PathBuf,
     pub ifindex: u32,
     pub iface: String,
+    pub hook: Hook,
 }
 
 fn pin_err(path: &Path, error: io::Error) -> CaptureError {
@@ -97,9 +110,14 @@ impl PinDir {
         self.dir.join(name)
     }
 
-    /// Path of the link pin for interface `iface` with index `ifindex`.
-    pub fn link(&self, ifindex: u32, iface: &str) -> PathBuf {
-        self.dir.join(format!("{LINK_PREFIX}{ifindex}_{iface}"))
+    /// Path of the link pin for interface `iface` with index `ifindex` on `hook`.
+    pub fn link(&self, ifindex: u32, iface: &str, hook: Hook) -> PathBuf {
+        let dir = match hook {
+            Hook::Ingress => "",
+            Hook::Egress => EGRESS_PREFIX,
+        };
+        self.dir
+            .join(format!("{LINK_PREFIX}{dir}{ifindex}_{iface}"))
     }
 
     /// Every link pin in the directory.
@@ -108,11 +126,12 @@ impl PinDir {
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some((ifindex, iface)) = parse_link_name(&name) {
+            if let Some((ifindex, iface, hook)) = parse_link_name(&name) {
                 out.push(LinkPin {
                     path: entry.path(),
                     ifindex,
                     iface,
+                    hook,
                 });
             }
         }
@@ -169,12 +188,16 @@ impl PinDir {
     }
 }
 
-/// `link_<ifindex>_<ifname>` -> (ifindex, ifname).
-fn parse_link_name(name: &str) -> Option<(u32, String)> {
+/// `link_<ifindex>_<ifname>` -> (ifindex, ifname, ingress); `link_out_…` -> egress.
+fn parse_link_name(name: &str) -> Option<(u32, String, Hook)> {
     let rest = name.strip_prefix(LINK_PREFIX)?;
+    let (rest, hook) = match rest.strip_prefix(EGRESS_PREFIX) {
+        Some(r) => (r, Hook::Egress),
+        None => (rest, Hook::Ingress),
+    };
     let (idx, iface) = rest.split_once('_')?;
     let idx: u32 = idx.parse().ok()?;
-    (!iface.is_empty()).then(|| (idx, iface.to_string()))
+    (!iface.is_empty()).then(|| (idx, iface.to_string(), hook))
 }
 
 #[cfg(test)]
@@ -186,9 +209,14 @@ mod tests {
         let d = PinDir {
             dir: PathBuf::from("/x"),
         };
-        let p = d.link(42, "veth_a1");
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        assert_eq!(parse_link_name(name), Some((42, "veth_a1".to_string())));
+        for hook in [Hook::Ingress, Hook::Egress] {
+            let p = d.link(42, "veth_a1", hook);
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            assert_eq!(
+                parse_link_name(name),
+                Some((42, "veth_a1".to_string(), hook))
+            );
+        }
         assert_eq!(parse_link_name("zt_enrolled"), None);
         assert_eq!(parse_link_name("link_x_eth0"), None);
         assert_eq!(parse_link_name("link_3_"), None);

@@ -11,6 +11,7 @@
 //!   deliver them locally (to the assigned socket) instead of forwarding them.
 //!   Done by running `ip` (iproute2): a few commands at start and stop, not worth a netlink stack.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
@@ -116,6 +117,35 @@ impl RouteTable {
     }
 }
 
+impl RouteTable {
+    /// The node's uplinks as the routes tell: the interfaces of the default route and of
+    /// routes via a gateway (other nodes' pod CIDRs, the rest of the world), and of connected
+    /// subnets (other nodes on the same link) unless a local pod (`local_pods`) is reached
+    /// through that subnet (a bridge-style CNI's bridge is a pod interface, not an uplink).
+    /// Never `lo`; sorted.
+    pub fn uplinks(&self, local_pods: &[Ipv4Addr]) -> Vec<String> {
+        let pod_ifaces: BTreeSet<&str> = local_pods
+            .iter()
+            .filter_map(|ip| self.lookup(*ip))
+            .filter(|r| !r.gateway)
+            .map(|r| r.iface.as_str())
+            .collect();
+        let mut out = BTreeSet::new();
+        for r in &self.routes {
+            if r.iface == "lo" {
+                continue;
+            }
+            let prefix = u32::from(r.mask).count_ones();
+            let towards_others = r.gateway || prefix == 0;
+            let subnet = prefix < 32 && !pod_ifaces.contains(r.iface.as_str());
+            if towards_others || subnet {
+                out.insert(r.iface.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
 /// Runs `ip <args>`. `Ok(false)` when it failed with a message containing one of `benign`.
 fn ip(args: &[String], benign: &[&str]) -> Result<bool, CaptureError> {
     let command = format!("ip {}", args.join(" "));
@@ -139,9 +169,9 @@ fn ip(args: &[String], benign: &[&str]) -> Result<bool, CaptureError> {
     })
 }
 
-fn rule_args(verb: &str, mark: u32, table: u32) -> Vec<String> {
+fn rule_args(family: &str, verb: &str, mark: u32, table: u32) -> Vec<String> {
     vec![
-        "-4".into(),
+        family.into(),
         "rule".into(),
         verb.into(),
         "pref".into(),
@@ -153,9 +183,9 @@ fn rule_args(verb: &str, mark: u32, table: u32) -> Vec<String> {
     ]
 }
 
-fn route_args(verb: &str, table: u32) -> Vec<String> {
+fn route_args(family: &str, verb: &str, table: u32) -> Vec<String> {
     [
-        "-4", "route", verb, "local", "default", "dev", "lo", "table",
+        family, "route", verb, "local", "default", "dev", "lo", "table",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -163,23 +193,44 @@ fn route_args(verb: &str, table: u32) -> Vec<String> {
     .collect()
 }
 
-/// Installs the capture rule and local route; both may already exist (a previous instance
-/// that crashed), which is fine.
+/// The address families to route captured packets of: IPv4, and IPv6 when the node has it
+/// (`ip -6` rule and `local default dev lo` route in the same table).
+fn families() -> Vec<&'static str> {
+    let mut f = vec!["-4"];
+    if crate::socket::host_has_ipv6() {
+        f.push("-6");
+    }
+    f
+}
+
+/// Installs the capture rule and local route of every family; both may already exist (a
+/// previous instance that crashed), which is fine.
 pub(crate) fn install(mark: u32, table: u32) -> Result<(), CaptureError> {
-    ip(&route_args("replace", table), &[])?;
-    let added = ip(&rule_args("add", mark, table), &["File exists"])?;
-    tracing::info!(
-        mark = format!("{mark:#x}"),
-        table,
-        priority = RULE_PRIORITY,
-        already_present = !added,
-        "capture routing installed"
-    );
+    for family in families() {
+        ip(&route_args(family, "replace", table), &[])?;
+        let added = ip(&rule_args(family, "add", mark, table), &["File exists"])?;
+        tracing::info!(
+            family,
+            mark = format!("{mark:#x}"),
+            table,
+            priority = RULE_PRIORITY,
+            already_present = !added,
+            "capture routing installed"
+        );
+    }
     Ok(())
 }
 
-/// Removes the capture rule (every copy of it) and the local route; absent ones are fine.
+/// Removes the capture rules (every copy) and local routes of every family; absent ones are
+/// fine.
 pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
+    for family in families() {
+        remove_family(family, mark, table)?;
+    }
+    Ok(())
+}
+
+fn remove_family(family: &str, mark: u32, table: u32) -> Result<(), CaptureError> {
     let gone = [
         "No such file or directory",
         "No such process",
@@ -187,7 +238,7 @@ pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
     ];
     let mut result = Ok(());
     for _ in 0..16 {
-        match ip(&rule_args("del", mark, table), &gone) {
+        match ip(&rule_args(family, "del", mark, table), &gone) {
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
@@ -196,10 +247,11 @@ pub(crate) fn remove(mark: u32, table: u32) -> Result<(), CaptureError> {
             }
         }
     }
-    let route = ip(&route_args("del", table), &gone);
+    let route = ip(&route_args(family, "del", table), &gone);
     result?;
     route?;
     tracing::info!(
+        family,
         mark = format!("{mark:#x}"),
         table,
         "capture routing removed"
@@ -239,5 +291,22 @@ veth2\t0C01F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             .is_err());
         // Nothing.
         assert!(t.pod_interface(Ipv4Addr::new(10, 244, 1, 13), &up).is_err());
+    }
+
+    #[test]
+    fn discovers_uplinks_from_routes() {
+        let t = RouteTable::parse(SAMPLE);
+        assert_eq!(t.uplinks(&[Ipv4Addr::new(10, 244, 1, 11)]), ["eth0"]);
+        // A bridge-style CNI: pods on a connected /24 of cni0, default route on eth0.
+        let bridge = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask
+eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000
+eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF
+cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF
+lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF
+";
+        let t = RouteTable::parse(bridge);
+        assert_eq!(t.uplinks(&[Ipv4Addr::new(10, 244, 1, 5)]), ["eth0"]);
+        // No pod yet: the bridge's subnet looks like a link to other hosts.
+        assert_eq!(t.uplinks(&[]), ["cni0", "eth0"]);
     }
 }

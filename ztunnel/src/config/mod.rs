@@ -8,12 +8,13 @@
 //! socket is bound or any program is loaded, so that a typo stops the daemon with a message
 //! naming the setting instead of half-starting it.
 
+mod cni;
 mod inbound;
 mod parse;
 pub mod values;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use serde::Serialize;
 
 use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
+use cni::cni_config;
+pub use cni::CniConfig;
 use inbound::inbound_limits;
 pub use inbound::InboundLimits;
 pub use parse::parse;
@@ -37,6 +40,11 @@ pub const DEFAULT_CA_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/servicea
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Default admin socket (every admin route; also where `ztunnel status` looks).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ztunnel/admin.sock";
+/// Default hand-over socket (where a new daemon of the node asks the running one for its
+/// sockets).
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/ztunnel/handover.sock";
+/// Default socket of the CNI endpoint (the plugin's default too).
+pub const DEFAULT_CNI_SOCKET: &str = ztunnel_cni::DEFAULT_SOCKET;
 
 /// Every daemon setting, as flag (`--name`), environment variable (`ZTUNNEL_NAME`) and config
 /// file key (`name`), with its default. Settings without a default are optional or checked by
@@ -107,14 +115,23 @@ pub struct RunArgs {
     #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value_t = Dur::secs(30))]
     pub drain_timeout: Dur,
     /// Node interfaces that face other nodes; inbound traffic is captured there
-    /// (repeat or comma-separate).
+    /// (repeat or comma-separate). Unset: found from the routing table, and kept in step on
+    /// every capture sync (the interfaces of the default route, of routes via a gateway, and
+    /// of connected subnets no local pod is on).
+    #[arg(long, env = "ZTUNNEL_UPLINK", value_delimiter = ',')]
+    pub uplink: Vec<String>,
+    /// Let the node's own traffic (host-network processes, kubelet probes) reach enrolled pods
+    /// directly, in plaintext, without policy or access log. Off: it goes through the inbound
+    /// plaintext path like any non-mesh source, so STRICT mTLS refuses it.
     #[arg(
         long,
-        env = "ZTUNNEL_UPLINK",
-        value_delimiter = ',',
-        default_value = "eth0"
+        env = "ZTUNNEL_EXEMPT_NODE_TRAFFIC",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
     )]
-    pub uplink: Vec<String>,
+    pub exempt_node_traffic: bool,
     /// Load and attach the eBPF capture. `false` runs only the proxies (for debugging).
     #[arg(long, env = "ZTUNNEL_CAPTURE", action = ArgAction::Set, default_value_t = true)]
     pub capture: bool,
@@ -146,6 +163,16 @@ pub struct RunArgs {
         default_value_t = false
     )]
     pub detach_on_exit: bool,
+    /// Unix socket (mode 0600, directory 0700) where the chained CNI plugin `ztunnel-cni`
+    /// announces each new pod, so it is captured before its first packet; the plugin's
+    /// `socket` must name the same path. Empty: no CNI endpoint (pods are captured once the
+    /// state shows them).
+    #[arg(long, env = "ZTUNNEL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: String,
+    /// How long a pod announced by the CNI plugin stays captured without appearing in the
+    /// state (as a pod of this node with that address); then its capture is removed.
+    #[arg(long, env = "ZTUNNEL_CNI_PENDING_TIMEOUT", default_value_t = Dur::secs(120))]
+    pub cni_pending_timeout: Dur,
     /// Outbound capture listener (traffic leaving enrolled pods).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
@@ -203,6 +230,15 @@ pub struct RunArgs {
     /// is created (mode 0700) when missing.
     #[arg(long, env = "ZTUNNEL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+    /// Hand over the listening sockets between daemons of this node (a rolling restart or
+    /// upgrade without refused connections): at start, take them from the daemon answering on
+    /// --handover-socket, if one does; while running, give them to the next daemon that asks.
+    #[arg(long, env = "ZTUNNEL_HANDOVER", action = ArgAction::Set, default_value_t = true)]
+    pub handover: bool,
+    /// Unix socket (mode 0600, directory created 0700) of the hand-over. Both daemons must see
+    /// the same file (a shared hostPath); each node's daemon needs its own.
+    #[arg(long, env = "ZTUNNEL_HANDOVER_SOCKET", default_value = DEFAULT_HANDOVER_SOCKET)]
+    pub handover_socket: PathBuf,
     /// Prometheus metrics.
     #[arg(long, env = "ZTUNNEL_METRICS_PORT", default_value_t = 15020)]
     pub metrics_port: u16,
@@ -406,8 +442,10 @@ pub struct DnsConfig {
 /// Capture settings; `None` in [`Config::capture`] when capture is off.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptureConfig {
-    /// Interfaces facing other nodes.
+    /// Interfaces facing other nodes; empty: discovered from the routing table.
     pub uplinks: Vec<String>,
+    /// The node's own traffic to enrolled pods is left alone (`--exempt-node-traffic`).
+    pub exempt_node_traffic: bool,
     /// Mark set on steered packets.
     pub capture_mark: u32,
     /// Routing table of the local route for marked packets.
@@ -659,8 +697,12 @@ pub struct Config {
     pub admin_addr: IpAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// The hand-over socket, or `None` when hand-over is off (`--handover=false`).
+    pub handover_socket: Option<PathBuf>,
     /// eBPF capture, or `None` when disabled.
     pub capture: Option<CaptureConfig>,
+    /// The CNI endpoint, or `None` when `--cni-socket` is empty.
+    pub cni: Option<CniConfig>,
     /// SO_MARK of every daemon socket.
     pub daemon_mark: u32,
     /// DNS proxy, or `None` when DNS capture is off.
@@ -738,14 +780,22 @@ impl Config {
             dns: a.dns_port,
         };
         check_ports(&ports)?;
-        let admin_socket = a.admin_socket;
-        // sun_path holds 108 bytes with the terminating NUL.
-        if admin_socket.as_os_str().is_empty() || admin_socket.as_os_str().len() > 107 {
-            return Err(invalid(
-                "admin-socket",
-                "must be a path of 1 to 107 bytes (the limit of a unix socket address)",
-            ));
-        }
+        let admin_socket = unix_socket_path("admin-socket", a.admin_socket)?;
+        let handover_socket = if a.handover {
+            let path = unix_socket_path("handover-socket", a.handover_socket)?;
+            if path == admin_socket {
+                return Err(invalid(
+                    "handover-socket",
+                    format!(
+                        "{} is also --admin-socket; pick another path",
+                        path.display()
+                    ),
+                ));
+            }
+            Some(path)
+        } else {
+            None
+        };
 
         let daemon_mark = a.daemon_mark.0;
         let capture = if a.capture {
@@ -781,6 +831,7 @@ impl Config {
             }
             Some(CaptureConfig {
                 uplinks,
+                exempt_node_traffic: a.exempt_node_traffic,
                 capture_mark,
                 route_table,
                 pin_dir,
@@ -841,7 +892,13 @@ impl Config {
             drain_timeout: a.drain_timeout.0,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            cni: cni_config(
+                Path::new(&a.cni_socket),
+                a.cni_pending_timeout.0,
+                &admin_socket,
+            )?,
             admin_socket,
+            handover_socket,
             capture,
             daemon_mark,
             dns,
@@ -858,6 +915,17 @@ impl Config {
             release_code_pages: a.release_code_pages,
         })
     }
+}
+
+/// A unix socket path: 1 to 107 bytes (`sun_path` holds 108 with the terminating NUL).
+fn unix_socket_path(flag: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    if path.as_os_str().is_empty() || path.as_os_str().len() > 107 {
+        return Err(invalid(
+            flag,
+            "must be a path of 1 to 107 bytes (the limit of a unix socket address)",
+        ));
+    }
+    Ok(path)
 }
 
 fn check_ports(p: &Ports) -> Result<(), ConfigError> {

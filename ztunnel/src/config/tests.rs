@@ -56,6 +56,48 @@ fn admin_socket_fits_a_unix_address() {
 }
 
 #[test]
+fn handover_socket_is_on_by_default_checked_and_can_be_turned_off() {
+    let c = Config::resolve(base()).expect("valid");
+    assert_eq!(
+        c.handover_socket,
+        Some(PathBuf::from(DEFAULT_HANDOVER_SOCKET))
+    );
+    let c = resolve(&["--handover-socket", "/tmp/x/h.sock"]).expect("valid");
+    assert_eq!(c.handover_socket, Some(PathBuf::from("/tmp/x/h.sock")));
+    let e = resolve(&["--handover-socket", DEFAULT_ADMIN_SOCKET])
+        .expect_err("same as the admin socket")
+        .to_string();
+    assert!(
+        e.contains("--handover-socket") && e.contains("--admin-socket"),
+        "{e}"
+    );
+    let long = format!("/{}", "a".repeat(107));
+    let e = resolve(&["--handover-socket", &long])
+        .expect_err("too long")
+        .to_string();
+    assert!(e.contains("107 bytes"), "{e}");
+    let c = resolve(&["--handover=false"]).expect("valid");
+    assert_eq!(c.handover_socket, None);
+}
+
+#[test]
+fn cni_socket_is_checked() {
+    let c = Config::resolve(base()).expect("valid");
+    let cni = c.cni.expect("on by default");
+    assert_eq!(cni.socket, PathBuf::from(DEFAULT_CNI_SOCKET));
+    assert_eq!(cni.pending_timeout, Duration::from_secs(120));
+    assert!(resolve(&["--cni-socket", ""]).expect("valid").cni.is_none());
+    for bad in [
+        &["--cni-socket", "relative.sock"][..],
+        &["--cni-socket", DEFAULT_ADMIN_SOCKET],
+        &["--cni-pending-timeout", "100ms"],
+    ] {
+        let e = resolve(bad).expect_err("invalid").to_string();
+        assert!(e.contains("--cni-"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
 fn errors_name_the_setting() {
     let mut a = base();
     a.hbone_port = 15001;
@@ -423,7 +465,6 @@ fn help_shows_each_default() {
         "[default: 24h]",
         "[default: 30s]",
         "[default: 1m]",
-        "[default: eth0]",
         "[default: 0x2000]",
         "[default: 0x539]",
         "[default: 15008]",
@@ -450,6 +491,7 @@ fn help_shows_each_default() {
         "worker-threads",
         "kubeconfig",
         "bpf-pin-dir",
+        "uplink",
     ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {

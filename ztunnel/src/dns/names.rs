@@ -107,7 +107,10 @@ pub fn search_list(pod: &Workload, cd: &str) -> Vec<String> {
 
 fn addresses(svc: &Service) -> Vec<IpAddr> {
     if svc.vips.is_empty() {
-        svc.endpoints.iter().map(|w| w.ip).collect()
+        svc.endpoints
+            .iter()
+            .flat_map(|w| w.ips.iter().copied())
+            .collect()
     } else {
         svc.vips.clone()
     }

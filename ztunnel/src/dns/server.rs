@@ -1,6 +1,7 @@
 //! The DNS proxy's sockets.
 //!
-//! - UDP: one `IP_TRANSPARENT` socket on `127.0.0.1:<dns port>` receives the datagrams capture
+//! - UDP: one `IP_TRANSPARENT` socket on `127.0.0.1:<dns port>` (and, on a node with IPv6,
+//!   an `IPV6_TRANSPARENT` one on `[::1]:<dns port>` for queries sent over IPV6) receives the datagrams capture
 //!   assigns to it, read in batches (`recvmmsg`); `IP_RECVORIGDSTADDR` tells which resolver
 //!   address the pod asked. The answer
 //!   must come from exactly that address and port (resolvers drop anything else), so it is sent
@@ -13,13 +14,14 @@
 //! others nothing but the receive calls (see [`super::limits`]).
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{
     recvmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn,
+    SockaddrIn6, SockaddrStorage,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -40,16 +42,19 @@ const MAX_QUERY: usize = 4096;
 /// loop is busy elsewhere on its thread.
 const RCVBUF: usize = 1 << 20;
 
-/// Binds the UDP socket: transparent, daemon mark, original destination reported.
+/// Binds the UDP socket (of `addr`'s family): transparent, daemon mark, original
+/// destination reported.
 pub fn bind_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
+    let s = udp_socket(addr)?;
     s.set_nonblocking(true)?;
     s.set_mark(mark)?;
-    s.set_ip_transparent_v4(true)?;
     // Best effort: the default is kept when the kernel refuses.
     let _ = s.set_recv_buffer_size(RCVBUF);
-    setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
+    match addr {
+        SocketAddr::V4(_) => setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true),
+        SocketAddr::V6(_) => setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true),
+    }
+    .map_err(io::Error::from)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
@@ -120,9 +125,9 @@ async fn recv_batch(
             bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
         // Built per batch: the headers hold raw pointers, so they cannot live across an await
         // of this (sendable) task.
-        let mut headers = MultiHeaders::<SockaddrIn>::preallocate(
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
             slices.len(),
-            Some(nix::cmsg_space!(libc::sockaddr_in)),
+            Some(nix::cmsg_space!(libc::sockaddr_in6)),
         );
         let msgs = recvmmsg(
             sock.as_raw_fd(),
@@ -133,20 +138,27 @@ async fn recv_batch(
         )
         .map_err(io::Error::from)?;
         for (at, msg) in msgs.enumerate() {
-            let Some(a) = msg.address else {
+            let Some(src) = msg.address.as_ref().and_then(socket_addr) else {
                 continue;
             };
             let mut orig_dst = None;
             for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
-                    let o = SockaddrIn::from(sin);
-                    orig_dst = Some(SocketAddr::V4(SocketAddrV4::new(o.ip(), o.port())));
+                match c {
+                    ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                        let o = SockaddrIn::from(sin);
+                        orig_dst = Some(SocketAddr::V4(SocketAddrV4::new(o.ip(), o.port())));
+                    }
+                    ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                        let o = SockaddrIn6::from(sin6);
+                        orig_dst = Some(SocketAddr::V6(SocketAddrV6::new(o.ip(), o.port(), 0, 0)));
+                    }
+                    _ => {}
                 }
             }
             got.push(Received {
                 at,
                 len: msg.bytes.min(MAX_QUERY),
-                src: SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())),
+                src,
                 orig_dst,
             });
         }
@@ -155,13 +167,34 @@ async fn recv_batch(
     .await
 }
 
+/// A datagram's source, IPv4 or IPv6.
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
+    }
+    let v6 = a.as_sockaddr_in6()?;
+    Some(SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), 0, 0)))
+}
+
+/// A transparent UDP socket of `addr`'s family, address reuse on.
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => {
+            s.set_only_v6(true)?;
+            s.set_ip_transparent_v6(true)?;
+        }
+    }
+    Ok(s)
+}
+
 /// Sends `reply` to `to` from `from` (a non-local address: the resolver the pod asked).
 fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::Result<()> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
+    let s = udp_socket(from)?;
     s.set_reuse_port(true)?;
     s.set_mark(mark)?;
-    s.set_ip_transparent_v4(true)?;
     s.bind(&from.into())?;
     s.send_to(reply, &to.into())?;
     Ok(())
@@ -253,4 +286,9 @@ where
 /// `127.0.0.1:<port>`, where capture looks the DNS sockets up.
 pub fn listen_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+/// `[::1]:<port>`, where capture looks the DNS sockets up for queries sent over IPv6.
+pub fn listen_addr_v6(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)
 }

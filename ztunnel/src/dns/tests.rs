@@ -218,3 +218,56 @@ fn fuzz_query_path_bounded() {
     assert_eq!(s.requests, ITERATIONS as u64);
     assert!(s.malformed > 0 && s.local_answers > 0 && s.upstream_requests > 0);
 }
+
+const DUAL_YAML: &str = r#"
+{apiVersion: v1, kind: Namespace, metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: mesh, labels: {app: a}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}], phase: Running}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: web, namespace: mesh}, spec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, "fd00:96::1"], ipFamilies: [IPv4, IPv6], selector: {app: a}, ports: [{port: 80}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: db, namespace: mesh}, spec: {clusterIP: None, selector: {app: a}, ports: [{port: 5432}]}}
+"#;
+
+/// A dual-stack Service answers A with its IPv4 VIP and AAAA with its IPv6 one, a headless
+/// one with its pods' addresses of the asked family; a pod asking from its IPv6 address gets
+/// its own namespace's search list like from its IPv4 one.
+#[test]
+fn dual_stack_names_answer_a_and_aaaa() {
+    let objs = k8s::parse_file(Path::new("t.yaml"), DUAL_YAML).expect("parses");
+    let state = State::build(1, "cluster.local", &objs);
+    let (_tx, rx) = watch::channel(Arc::new(state));
+    let h = Handler::new(rx, "cluster.local", Arc::new(FakeUpstream), Arc::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ask = |from: &str, name: &str, t: RecordType| {
+        let from: IpAddr = from.parse().expect("ip");
+        let r = rt
+            .block_on(h.handle(from, &query(name, t), Transport::Udp))
+            .map(|b| Message::from_vec(&b).expect("parses"))
+            .expect("answer");
+        assert!(r.authoritative(), "{name} {t}");
+        r.answers()
+            .iter()
+            .map(|a| a.data().clone())
+            .collect::<Vec<_>>()
+    };
+    let v6 = |s: &str| RData::AAAA(AAAA(s.parse().expect("v6")));
+    for from in ["10.0.0.1", "fd00::1"] {
+        assert_eq!(
+            ask(from, "web.", RecordType::A),
+            [RData::A(A::new(10, 96, 0, 1))]
+        );
+        assert_eq!(ask(from, "web.", RecordType::AAAA), [v6("fd00:96::1")]);
+    }
+    assert_eq!(
+        ask("fd00::1", "db.mesh.svc.cluster.local.", RecordType::AAAA),
+        [v6("fd00::1")]
+    );
+    assert_eq!(
+        ask("fd00::1", "db.mesh.svc.cluster.local.", RecordType::A),
+        [RData::A(A::new(10, 0, 0, 1))]
+    );
+}

@@ -202,6 +202,12 @@ impl Pool {
         Ok(conn)
     }
 
+    /// Whether the pool can present a certificate for `id` (issued, or being issued): the
+    /// main task registers a new local pod's identity shortly after the state shows it.
+    pub fn manages_identity(&self, id: &SpiffeId) -> bool {
+        self.inner.certs.manages(id)
+    }
+
     /// Current pool size.
     pub fn stats(&self) -> PoolStats {
         let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());

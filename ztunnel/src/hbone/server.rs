@@ -430,4 +430,20 @@ mod tests {
         assert_eq!(authority(Method::CONNECT, "10.0.0.2"), None);
         assert_eq!(authority(Method::CONNECT, "/path"), None);
     }
+
+    /// The client writes the authority with `SocketAddr`'s `Display` (`[v6]:port`): the
+    /// server reads back the same address for both families, and a bare or zoned IPv6 address
+    /// is no stream.
+    #[test]
+    fn the_clients_authority_round_trips_for_both_families() {
+        for a in ["10.0.0.2:8080", "[fd00:10:244:1::11]:8080", "[::1]:1"] {
+            let addr: SocketAddr = a.parse().expect("addr");
+            assert_eq!(authority(Method::CONNECT, &addr.to_string()), Some(addr));
+        }
+        for bad in ["fd00::2:80", "[fd00::2]", "[fd00::2%eth0]:80"] {
+            let parsed = bad.parse::<Uri>().ok();
+            let got = parsed.and_then(|u| connect_authority(&Method::CONNECT, &u));
+            assert_eq!(got, None, "{bad}");
+        }
+    }
 }

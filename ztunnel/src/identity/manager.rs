@@ -138,6 +138,13 @@ impl CertManager {
         }
     }
 
+    /// Whether `id` is one of the identities managed now (its certificate issued or being
+    /// issued), i.e. [`CertManager::fetch`] will not answer `NotLocal`.
+    pub fn manages(&self, id: &SpiffeId) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.contains_key(id)
+    }
+
     /// The current certificate, if issued.
     pub fn get(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());

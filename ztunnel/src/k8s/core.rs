@@ -86,6 +86,9 @@ pub struct PodStatus {
     /// Primary pod IP; a pod without one is not routable yet.
     #[serde(default, rename = "podIP", deserialize_with = "empty_as_none")]
     pub pod_ip: Option<IpAddr>,
+    /// Every pod IP, at most one per family (dual stack); the first is `podIP`.
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
     /// Phase; only `Running` pods receive traffic.
     #[serde(default)]
     pub phase: Option<String>,
@@ -94,7 +97,26 @@ pub struct PodStatus {
     pub conditions: Vec<PodCondition>,
 }
 
+/// One entry of `status.podIPs`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodIp {
+    /// The address.
+    pub ip: IpAddr,
+}
+
 impl PodStatus {
+    /// The pod's addresses: `podIP` first, then the other `podIPs` (a dual-stack pod has one
+    /// of each family). Empty while the pod has none.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.pod_ip.into_iter().collect();
+        for p in &self.pod_ips {
+            if !ips.contains(&p.ip) {
+                ips.push(p.ip);
+            }
+        }
+        ips
+    }
+
     /// Whether the pod's `Ready` condition allows Service traffic. A pod with no conditions
     /// at all (hand-written state files) counts as ready; a kubelet always writes them.
     pub fn ready(&self) -> bool {

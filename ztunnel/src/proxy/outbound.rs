@@ -3,8 +3,9 @@
 //! [`route::outbound`] decides where it goes; this file does the I/O. Every connection the
 //! daemon makes for the flow keeps the source pod's IP.
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
@@ -13,8 +14,12 @@ use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::client::{ConnectRequest, PoolKey};
 use crate::socket::{reset_on_close, Leg};
 use crate::splice;
-use crate::state::Workload;
+use crate::state::{State, Workload};
 use crate::telemetry::{FlowReport, Protocol, Reporter};
+
+/// How long an outbound connection from a pod the state does not know yet (announced by the
+/// CNI plugin, its object still on the way) is held before it is refused.
+pub const SOURCE_WAIT: Duration = Duration::from_secs(10);
 
 impl Proxy {
     /// Serves one captured outbound connection from `src` to its end.
@@ -27,7 +32,7 @@ impl Proxy {
     /// Serves an outbound connection from `src` that was addressed to `orig_dst`.
     pub(super) async fn outbound_to(&self, tcp: TcpStream, src: SocketAddr, orig_dst: SocketAddr) {
         let start = Instant::now();
-        let state = self.snapshot();
+        let state = self.snapshot_knowing(src.ip()).await;
         let out = match route::outbound(&state, &self.node, src.ip(), orig_dst) {
             Ok(out) => out,
             Err(e) => {
@@ -42,7 +47,7 @@ impl Proxy {
             Route::Passthrough { workload, .. } => (Protocol::Tcp, orig_dst, workload.as_deref()),
             Route::SameNode { workload, port } => (
                 Protocol::Hbone,
-                SocketAddr::new(workload.ip, *port),
+                SocketAddr::new(workload.dial_ip(orig_dst.ip()), *port),
                 Some(&**workload),
             ),
             Route::Hbone(t) | Route::Waypoint { target: t, .. } => {
@@ -87,6 +92,33 @@ impl Proxy {
         }
     }
 
+    /// The current state, once it knows the pod at `src`. A pod the CNI plugin announced is
+    /// captured before its object reaches the state, and without it the daemon knows neither
+    /// the pod's identity nor whether it is enrolled: its connection is held (the pod sees it
+    /// established, nothing leaves the node) for up to [`SOURCE_WAIT`] until the state names
+    /// it, then routed as usual; after that it is refused. Never sent in clear meanwhile.
+    async fn snapshot_knowing(&self, src: IpAddr) -> Arc<State> {
+        let state = self.snapshot();
+        if state.workload(src).is_some() {
+            return state;
+        }
+        tracing::debug!(%src, "outbound flow held until the state knows its source pod");
+        let mut rx = self.state.clone();
+        let known = rx.wait_for(|s| s.workload(src).is_some());
+        let deadline = tokio::time::Instant::now() + SOURCE_WAIT;
+        let _ = tokio::time::timeout_at(deadline, known).await;
+        let state = self.snapshot();
+        // The main task registers the pod's identity for certificates right after the state
+        // change that named it; the flow may have woken first.
+        if let Some(w) = state.workload(src).filter(|w| w.enrolled) {
+            while !self.pool.manages_identity(&w.identity) && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        state
+    }
+
     /// Plain TCP to a destination outside the mesh, from the pod's own IP.
     async fn passthrough(&self, tcp: TcpStream, report: &FlowReport<'_>, dst: SocketAddr) {
         // May leave the node: the node's congestion control.
@@ -112,7 +144,8 @@ impl Proxy {
     ) {
         let key = PoolKey {
             src_identity: (*out.source.identity).clone(),
-            src_ip: out.source.ip,
+            // The flow's own source: a dual-stack pod's IPv6 flow leaves from its IPv6 address.
+            src_ip: report.src.ip(),
             dst_identities: target.identities.clone(),
             dst: target.connect,
         };

@@ -177,7 +177,7 @@ pub fn outbound(
     let resolved = state.resolve(orig_dst);
     if let Ok(Destination::Workload(w, port)) = &resolved {
         if let Some(wp) = state.workload_waypoint(w).filter(|wp| !wp.has_pod(src)) {
-            let dst = SocketAddr::new(w.ip, *port);
+            let dst = SocketAddr::new(w.dial_ip(orig_dst.ip()), *port);
             return Ok(Outbound {
                 source,
                 service,
@@ -197,7 +197,7 @@ pub fn outbound(
         ),
         Ok(Destination::Workload(w, port)) if !w.enrolled => (
             Route::Passthrough {
-                dst: SocketAddr::new(w.ip, port),
+                dst: SocketAddr::new(w.dial_ip(orig_dst.ip()), port),
                 workload: Some(w),
             },
             Reason::NotEnrolled,
@@ -207,9 +207,10 @@ pub fn outbound(
             let route = if w.node == node.name {
                 Route::SameNode { workload: w, port }
             } else {
+                let ip = w.dial_ip(orig_dst.ip());
                 Route::Hbone(HboneTarget {
-                    authority: SocketAddr::new(w.ip, port),
-                    connect: SocketAddr::new(w.ip, node.hbone_port),
+                    authority: SocketAddr::new(ip, port),
+                    connect: SocketAddr::new(ip, node.hbone_port),
                     identities: vec![(*w.identity).clone()],
                     workload: w,
                 })
@@ -231,7 +232,7 @@ fn hand_off(wp: &Arc<Waypoint>, authority: SocketAddr, target: String) -> Route 
         Some(pod) => Route::Waypoint {
             target: HboneTarget {
                 authority,
-                connect: SocketAddr::new(pod.ip, wp.port),
+                connect: SocketAddr::new(pod.dial_ip(authority.ip()), wp.port),
                 identities: vec![(*pod.identity).clone()],
                 workload: pod,
             },

@@ -41,6 +41,11 @@ pub fn listener(
     if transparent {
         set_transparent(&s, addr.ip())?;
     }
+    if addr.is_ipv6() {
+        // `[::]:15008` beside `0.0.0.0:15008`: each family has its own socket, and an IPv4
+        // connection never shows up as an IPv4-mapped IPv6 address.
+        s.set_only_v6(true)?;
+    }
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
@@ -130,6 +135,20 @@ pub fn check_congestion(name: &str) -> io::Result<()> {
         .set_tcp_congestion(name.as_bytes())
 }
 
+/// Whether this network namespace has IPv6: the loopback address `::1` is configured (it is
+/// whenever IPv6 is enabled and `lo` is up). The daemon then binds its captured ports on
+/// IPv6 too, with no setting: a node without IPv6 simply has no IPv6 pods to capture.
+pub fn host_has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| has_ipv6_loopback(&t))
+}
+
+/// `/proc/net/if_inet6` lists `::1` (32 hex digits, then index, prefix, scope, flags, name).
+fn has_ipv6_loopback(if_inet6: &str) -> bool {
+    if_inet6
+        .lines()
+        .any(|l| l.starts_with("00000000000000000000000000000001 "))
+}
+
 /// Raises the soft limit on open files to the hard limit and returns it. Every proxied flow
 /// holds two or three descriptors, and container runtimes commonly start processes with a soft
 /// limit of 1024 (and a much higher hard one), which would cap a node at a few hundred flows.
@@ -175,6 +194,37 @@ fn set_int(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_is_there_when_loopback_has_it() {
+        let with = "00000000000000000000000000000001 01 80 10 80       lo\nfd000000000000000000000000000001 02 40 00 80 eth0\n";
+        assert!(has_ipv6_loopback(with));
+        assert!(!has_ipv6_loopback(
+            "fd000000000000000000000000000001 02 40 00 80 eth0\n"
+        ));
+        assert!(!has_ipv6_loopback(""));
+    }
+
+    /// A transparent connect from an IPv6 source keeps it (`IP_BIND_ADDRESS_NO_PORT` applies
+    /// to IPv6 sockets too); here the source is `::1`, the one IPv6 address a test has.
+    #[tokio::test]
+    async fn ipv6_listener_and_connect_from_a_chosen_source() {
+        if !host_has_ipv6() {
+            panic!("this test needs IPv6 on loopback (::1)");
+        }
+        let l = listener("[::1]:0".parse().expect("addr"), false, 0, None).expect("listen");
+        let dst = l.local_addr().expect("addr");
+        let src: IpAddr = "::1".parse().expect("ip");
+        let sock = tcp_socket(dst).expect("socket");
+        bind_address_no_port(&sock).expect("IP_BIND_ADDRESS_NO_PORT on IPv6");
+        sock.bind(SocketAddr::new(src, 0)).expect("bind");
+        let _c = sock.connect(dst).await.expect("connect");
+        let (t, peer) = l.accept().await.expect("accept");
+        assert_eq!(peer.ip(), src);
+        assert_eq!(t.local_addr().expect("local"), dst, "original destination");
+        let v6only = SockRef::from(&l).only_v6().expect("IPV6_V6ONLY");
+        assert!(v6only, "IPv6 listeners leave IPv4 to their twin");
+    }
 
     fn congestion_of(s: &impl std::os::fd::AsFd) -> String {
         let name = SockRef::from(s).tcp_congestion().expect("TCP_CONGESTION");

@@ -253,12 +253,10 @@ impl SourceHealth {
 /// change read to now (file written to change in force, the poll interval included);
 /// `since_write_us` in the line.
 pub fn log_applied(state: &State, took: Option<Duration>, since_write: Option<Duration>) {
-    let enrolled = state.workloads.values().filter(|w| w.enrolled).count();
-    let (generation, pods, services) = (
-        state.generation,
-        state.workloads.len(),
-        state.services.len(),
-    );
+    let (pods, enrolled) = state
+        .pods()
+        .fold((0, 0), |(n, e), w| (n + 1, e + usize::from(w.enrolled)));
+    let (generation, services) = (state.generation, state.services.len());
     let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     match (took, since_write) {
         (Some(t), Some(w)) => tracing::info!(

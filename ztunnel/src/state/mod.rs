@@ -47,8 +47,11 @@ pub struct Workload {
     pub service_account: SharedStr,
     /// Node the pod runs on.
     pub node: SharedStr,
-    /// Pod IP.
+    /// Primary pod IP (`status.podIP`).
     pub ip: IpAddr,
+    /// Every pod IP, the primary first: a dual-stack pod has one IPv4 and one IPv6 address,
+    /// and a flow to or from either is the pod's.
+    pub ips: Vec<IpAddr>,
     /// Pod labels.
     pub labels: Labels,
     /// In the mesh: namespace labelled ambient, pod not opted out, not host-network, not a
@@ -126,6 +129,29 @@ impl Workload {
         .unwrap_or("latest")
     }
 
+    /// The pod's address in the family of `like` (IPv4 or IPv6), `None` when it has none: a
+    /// flow keeps one family end to end, so a pod reached from an IPv6 address is dialled on
+    /// its IPv6 address.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv6() == like.is_ipv6())
+    }
+
+    /// The address to dial the pod at for a flow to `like` (the original destination, whose
+    /// family is the source pod's: the flow is dialled from the pod's address of that
+    /// family). `State::resolve` picks only endpoints that have one; a pod without gets its
+    /// primary address.
+    pub fn dial_ip(&self, like: IpAddr) -> IpAddr {
+        self.ip_like(like).unwrap_or(self.ip)
+    }
+
+    /// Whether `ip` is one of the pod's addresses.
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
+    }
+
     fn first_label(&self, keys: &[&str]) -> Option<&str> {
         keys.iter().find_map(|k| self.labels.get(k))
     }
@@ -178,11 +204,28 @@ impl Service {
 
     /// Picks the next endpoint (round robin) that serves `port`, and the pod port to dial.
     pub fn pick(&self, port: u16) -> Option<(Arc<Workload>, u16)> {
+        self.pick_where(port, |_| true)
+    }
+
+    /// Like [`Service::pick`], among the endpoints with an address in the family of `vip` (the
+    /// VIP dialled): a flow to an IPv6 VIP goes to a pod's IPv6 address.
+    pub fn pick_like(&self, port: u16, vip: IpAddr) -> Option<(Arc<Workload>, u16)> {
+        self.pick_where(port, |w| w.ip_like(vip).is_some())
+    }
+
+    fn pick_where(
+        &self,
+        port: u16,
+        eligible: impl Fn(&Workload) -> bool,
+    ) -> Option<(Arc<Workload>, u16)> {
         let sp = self.ports.iter().find(|p| p.port == port)?;
         let n = self.endpoints.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| {
             let w = &self.endpoints[(start + i) % n];
+            if !eligible(w) {
+                return None;
+            }
             let target = match &sp.target {
                 TargetPort::Number(p) => *p,
                 TargetPort::Named(name) => w.named_ports.get(name)?,
@@ -248,6 +291,10 @@ pub struct State {
     /// routing; the same `Arc` as the previous snapshot's while no route changed.
     #[serde(skip)]
     pub http_routes: Arc<BTreeMap<(String, String), Arc<HttpRoute>>>,
+    /// Every Namespace received, by name -> labelled `istio.io/dataplane-mode=ambient`: what
+    /// the CNI endpoint decides a pod's enrollment by before the pod itself is in the state.
+    #[serde(skip)]
+    pub namespace_ambient: Arc<BTreeMap<String, bool>>,
 }
 
 impl State {
@@ -270,7 +317,7 @@ impl State {
     pub fn service_of(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services
             .values()
-            .find(|s| s.endpoints.iter().any(|w| w.ip == ip))
+            .find(|s| s.endpoints.iter().any(|w| w.has_ip(ip)))
     }
 
     /// The waypoint that takes traffic to `svc`'s VIP: the one its labels attach, when that
@@ -290,17 +337,24 @@ impl State {
         self.waypoints.get(&r.key()).filter(|w| w.takes(kind))
     }
 
-    /// The workload with pod IP `ip`.
+    /// Whether pods of namespace `ns` are enrolled by their namespace's label; `None` while the
+    /// Namespace object is not in the state.
+    pub fn namespace_enrolled(&self, ns: &str) -> Option<bool> {
+        self.namespace_ambient.get(ns).copied()
+    }
+
+    /// The workload with pod IP `ip` (any of its addresses).
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
 
-    /// Resolves an original destination: a service VIP picks an endpoint and maps the port to
-    /// the target port; a pod IP is that pod; anything else is outside the mesh.
+    /// Resolves an original destination: a service VIP picks an endpoint (one with an address
+    /// of the VIP's family) and maps the port to the target port; a pod IP is that pod;
+    /// anything else is outside the mesh. Dial the pod at `w.ip_like(dst.ip())`.
     pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
         if let Some(svc) = self.by_vip.get(&dst.ip()) {
             return svc
-                .pick(dst.port())
+                .pick_like(dst.port(), dst.ip())
                 .map(|(w, port)| Destination::Workload(w, port))
                 .ok_or_else(|| ResolveError::NoEndpoint {
                     service: svc.key(),
@@ -313,9 +367,21 @@ impl State {
         })
     }
 
+    /// Every workload once (the IP index holds a dual-stack pod under each of its addresses):
+    /// each under the first of its addresses that leads to it.
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.iter().filter_map(|(ip, w)| {
+            let first = w
+                .ips
+                .iter()
+                .find(|i| self.workloads.get(i).is_some_and(|o| Arc::ptr_eq(o, w)));
+            (first == Some(ip)).then_some(w)
+        })
+    }
+
     /// Pods scheduled on `node`, sorted by IP: what capture and certificates are about.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        let mut v: Vec<_> = self.workloads.values().filter(|w| w.node == node).collect();
+        let mut v: Vec<_> = self.pods().filter(|w| w.node == node).collect();
         v.sort_by_key(|w| w.ip);
         v.into_iter()
     }
@@ -534,5 +600,90 @@ metadata: {name: plain}
         let s = m.snapshot(2);
         assert_eq!(s.workload(ip).expect("heir").name, "old");
         assert_eq!(s.services["mesh/s"].endpoints.len(), 2);
+    }
+
+    const DUAL: &str = r#"
+{apiVersion: v1, kind: Namespace, metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}], phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: b, namespace: mesh, labels: {app: s}}, spec: {nodeName: n2}, status: {podIP: 10.0.0.2, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: c, namespace: mesh, labels: {app: t}}, spec: {nodeName: n1}, status: {podIP: "fd00::3", podIPs: [{ip: "fd00::3"}], phase: Running}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: s, namespace: mesh}, spec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, "fd00:96::1"], ipFamilies: [IPv4, IPv6], selector: {app: s}, ports: [{port: 80, targetPort: 8080}]}}
+"#;
+
+    #[test]
+    fn dual_stack_pods_are_found_by_either_address() {
+        let s = state(DUAL);
+        let ip = |x: &str| x.parse::<IpAddr>().expect("ip");
+        let a = s.workload(ip("fd00::1")).expect("a by its IPv6 address");
+        assert_eq!(a.name, "a");
+        assert_eq!(a.ip, ip("10.0.0.1"), "podIP stays the primary address");
+        assert_eq!(a.ips, [ip("10.0.0.1"), ip("fd00::1")]);
+        assert!(Arc::ptr_eq(a, s.workload(ip("10.0.0.1")).expect("a")));
+        assert_eq!(a.ip_like(ip("fd00::9")), Some(ip("fd00::1")));
+        assert_eq!(
+            s.workload(ip("fd00::3")).expect("c, IPv6 only").ip,
+            ip("fd00::3")
+        );
+        assert_eq!(s.pods().count(), 3, "each pod once, however many addresses");
+        assert_eq!(s.local_workloads("n1").count(), 2);
+        assert_eq!(s.service_of(ip("fd00::1")).expect("s").name, "s");
+    }
+
+    #[test]
+    fn an_ipv6_vip_goes_to_an_endpoint_with_an_ipv6_address() {
+        let s = state(DUAL);
+        for _ in 0..4 {
+            match s.resolve("[fd00:96::1]:80".parse().expect("addr")) {
+                Ok(Destination::Workload(w, port)) => {
+                    assert_eq!(
+                        (w.name.as_str(), port),
+                        ("a", 8080),
+                        "b has no IPv6 address"
+                    );
+                    assert_eq!(
+                        w.dial_ip("fd00:96::1".parse().expect("ip")),
+                        "fd00::1".parse::<IpAddr>().expect("ip")
+                    );
+                }
+                other => panic!("IPv6 VIP: {other:?}"),
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            if let Ok(Destination::Workload(w, _)) =
+                s.resolve("10.96.0.1:80".parse().expect("addr"))
+            {
+                seen.insert(w.name.clone());
+            }
+        }
+        assert_eq!(seen.len(), 2, "the IPv4 VIP keeps both endpoints: {seen:?}");
+    }
+
+    #[test]
+    fn a_dual_stack_pod_changing_addresses_releases_the_old_ones() {
+        let mut m = Model::new("cluster.local");
+        for o in crate::k8s::parse_file(Path::new("t.yaml"), DUAL).expect("parses") {
+            m.apply(o);
+        }
+        let moved = r#"{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: mesh, labels: {app: s}}, spec: {nodeName: n1}, status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::11"}], phase: Running}}"#;
+        for o in crate::k8s::parse_file(Path::new("a.yaml"), moved).expect("parses") {
+            m.apply(o);
+        }
+        let ip = |x: &str| x.parse::<IpAddr>().expect("ip");
+        let s = m.snapshot(2);
+        assert!(
+            s.workload(ip("fd00::1")).is_none(),
+            "old IPv6 address released"
+        );
+        assert_eq!(s.workload(ip("fd00::11")).expect("new").name, "a");
+        m.delete("Pod", "mesh", "a");
+        let s = m.snapshot(3);
+        assert!(s.workload(ip("fd00::11")).is_none());
+        assert!(s.workload(ip("10.0.0.1")).is_none());
+        assert_eq!(s.pods().count(), 2);
     }
 }

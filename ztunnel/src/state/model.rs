@@ -99,6 +99,9 @@ pub struct Model {
     /// compiles that policy only, and the next snapshot assembles the registry from these.
     compiled_authz: BTreeMap<Key, CompiledPolicy>,
     compiled_peer: BTreeMap<Key, CompiledPolicy>,
+    /// Namespace name -> labelled ambient, for the snapshot; copied only when a namespace's
+    /// enrollment changes.
+    namespace_ambient: Arc<BTreeMap<String, bool>>,
     /// Gateways of class `istio-waypoint` (others are not the daemon's business).
     gateways: BTreeMap<Key, GatewayEntry>,
 
@@ -135,6 +138,7 @@ impl Model {
             http_routes: Arc::default(),
             compiled_authz: BTreeMap::new(),
             compiled_peer: BTreeMap::new(),
+            namespace_ambient: Arc::default(),
             gateways: BTreeMap::new(),
             interner: Interner::default(),
             identities: HashMap::new(),
@@ -168,6 +172,9 @@ impl Model {
                         == Some("ambient"),
                     use_waypoint: UseWaypoint::from_labels(labels, &name),
                 };
+                if self.namespace_ambient.get(&name) != Some(&entry.ambient) {
+                    Arc::make_mut(&mut self.namespace_ambient).insert(name.clone(), entry.ambient);
+                }
                 if self.namespaces.insert(name.clone(), entry.clone()) != Some(entry) {
                     self.reenroll(&name);
                 }
@@ -220,6 +227,9 @@ impl Model {
     /// (`namespace` empty for namespaces). Unknown objects are ignored.
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) {
         let k = (namespace.to_string(), name.to_string());
+        if kind == "Namespace" && self.namespace_ambient.contains_key(name) {
+            Arc::make_mut(&mut self.namespace_ambient).remove(name);
+        }
         match kind {
             "Namespace"
                 if self
@@ -294,6 +304,7 @@ impl Model {
             authz,
             authz_policies: self.authz_policies.clone(),
             http_routes: self.http_routes.clone(),
+            namespace_ambient: self.namespace_ambient.clone(),
         }
     }
 
@@ -307,23 +318,31 @@ impl Model {
                     let m = Arc::make_mut(w);
                     m.enrolled = enrolled;
                     m.waypoint = waypoint;
-                    if let Some(prev) = self.workloads.insert(w.ip, w.clone()) {
-                        if !is(&prev, &k) {
-                            tracing::warn!(ip = %w.ip, pod = %format!("{}/{}", k.0, k.1), previous = %prev.key(), "two running pods share an IP; the one applied last wins");
+                    for ip in &w.ips {
+                        if let Some(prev) = self.workloads.get(ip) {
+                            if !is(prev, &k) {
+                                tracing::warn!(ip = %ip, pod = %format!("{}/{}", k.0, k.1), previous = %prev.key(), "two running pods share an IP; the one applied last wins");
+                            }
                         }
+                        self.workloads.insert(*ip, w.clone());
                     }
                 }
                 self.pods.insert(k.clone(), e)
             }
             None => self.pods.remove(&k),
         };
-        let new_ip = self
+        let new_ips: Vec<IpAddr> = self
             .pods
             .get(&k)
             .and_then(|e| e.workload.as_ref())
-            .map(|w| w.ip);
-        if let Some(old_ip) = old.and_then(|e| e.workload).map(|w| w.ip) {
-            if Some(old_ip) != new_ip && self.owns(old_ip, &k) {
+            .map(|w| w.ips.clone())
+            .unwrap_or_default();
+        for old_ip in old
+            .and_then(|e| e.workload)
+            .map(|w| w.ips.clone())
+            .unwrap_or_default()
+        {
+            if !new_ips.contains(&old_ip) && self.owns(old_ip, &k) {
                 self.release_ip(old_ip);
             }
         }
@@ -335,7 +354,7 @@ impl Model {
         let heir = self
             .pods
             .iter()
-            .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.ip == ip).map(|w| (k, w)));
+            .find_map(|(k, e)| e.workload.as_ref().filter(|w| w.has_ip(ip)).map(|w| (k, w)));
         if let Some((k, w)) = heir {
             self.workloads.insert(ip, w.clone());
             self.dirty.insert(k.0.clone());
@@ -382,8 +401,10 @@ impl Model {
             };
             let m = Arc::make_mut(w);
             (m.enrolled, m.waypoint) = derived;
-            if self.workloads.get(&w.ip).is_some_and(|o| is(o, &k)) {
-                self.workloads.insert(w.ip, w.clone());
+            for ip in &w.ips {
+                if self.workloads.get(ip).is_some_and(|o| is(o, &k)) {
+                    self.workloads.insert(*ip, w.clone());
+                }
             }
         }
         self.dirty.insert(ns.to_string());
@@ -489,7 +510,8 @@ impl Model {
             managed_waypoint: meta.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
                 == Some(MESH_CONTROLLER),
         };
-        let (Some(ip), Some("Running")) = (p.status.pod_ip, p.status.phase.as_deref()) else {
+        let ips = p.status.ips();
+        let (Some(&ip), Some("Running")) = (ips.first(), p.status.phase.as_deref()) else {
             return entry;
         };
         if p.spec.host_network {
@@ -514,6 +536,7 @@ impl Model {
             name: meta.name.clone(),
             node: i.intern(p.spec.node_name.as_deref().unwrap_or_default()),
             ip,
+            ips,
             labels: i.labels(&meta.labels),
             enrolled: false,
             waypoint: None,

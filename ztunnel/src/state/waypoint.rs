@@ -160,7 +160,7 @@ impl Waypoint {
 
     /// Whether the pod at `ip` is one of this waypoint's: its own flows never come back to it.
     pub fn has_pod(&self, ip: std::net::IpAddr) -> bool {
-        self.endpoints.iter().any(|w| w.ip == ip)
+        self.endpoints.iter().any(|w| w.has_ip(ip))
     }
 
     /// The next pod to hand a flow to (round robin), `None` when it has no ready pod.

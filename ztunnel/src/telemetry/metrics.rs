@@ -222,6 +222,11 @@ struct WorkerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaptureStateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: &'static str,
 }
@@ -254,6 +259,7 @@ pub struct Metrics {
     worker_connections: Family<WorkerLabels, Gauge>,
     policies_invalid: Family<PolicyLabels, Gauge>,
     capture_drops: Family<DropLabels, Counter>,
+    capture_pods: Family<CaptureStateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -276,6 +282,7 @@ impl Metrics {
             worker_connections: Family::default(),
             policies_invalid: Family::default(),
             capture_drops: Family::default(),
+            capture_pods: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -319,10 +326,18 @@ impl Metrics {
             m.capture_attached_programs.clone(),
         );
         r.register(
+            "ztunnel_capture_pods",
+            "Enrolled local pods by capture state: `captured`, or `not_captured` (its \
+             interface or programs are not in place; the daemon is not ready meanwhile)",
+            m.capture_pods.clone(),
+        );
+        r.register(
             "ztunnel_capture_dropped_packets",
             "Packets the capture programs dropped: `spoofed_source` (an enrolled pod's address \
              entering the node elsewhere than through its interface), `no_daemon` (to be \
-             captured while no daemon listened); counted in pinned maps, so across restarts",
+             captured while no daemon listened), `ipv6_extension_header` (IPv6 from or to an \
+             enrolled pod with an extension header, which could hide TCP from capture); \
+             counted in pinned maps, so across restarts",
             m.capture_drops.clone(),
         );
         r.register(
@@ -408,6 +423,15 @@ impl Metrics {
             self.policies_invalid
                 .get_or_create(&PolicyLabels { kind, action })
                 .set(gauge(*n));
+        }
+    }
+
+    /// Sets the enrolled pods per capture state (both states always present).
+    pub fn set_capture_pods(&self, captured: usize, not_captured: usize) {
+        for (state, n) in [("captured", captured), ("not_captured", not_captured)] {
+            self.capture_pods
+                .get_or_create(&CaptureStateLabels { state })
+                .set(gauge(n));
         }
     }
 

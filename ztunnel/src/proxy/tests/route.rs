@@ -374,3 +374,43 @@ fn a_refused_client_is_told_by_status_or_reset() {
     assert_eq!(ResponseFlag::Denied.to_string(), "DENY");
     assert_eq!(ResponseFlag::None.to_string(), "-");
 }
+
+/// A dual-stack client reaching a dual-stack Service over IPv6 is tunnelled to the endpoint's
+/// IPv6 address (authority `[v6]:port`, HBONE to `[v6]:15008`); over IPv4 it stays IPv4.
+/// An IPv4-only endpoint is never picked for the IPv6 VIP.
+#[test]
+fn a_dual_stack_flow_keeps_its_family() {
+    let mut y = NAMESPACES.to_string();
+    let dual = |name: &str, node: &str, v4: &str, v6: &str, app: &str| {
+        format!(
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: mesh, labels: {{app: {app}}}}}, \
+             spec: {{nodeName: {node}}}, status: {{podIP: \"{v4}\", podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v6}\"}}], phase: Running}}}}\n"
+        )
+    };
+    y += &dual("x", "n1", "10.0.1.1", "fd00:1::1", "x");
+    y += &dual("y", "n2", "10.0.2.1", "fd00:2::1", "y");
+    y += &pod("y4", "mesh", "n2", "10.0.2.2", "app: y", &[]);
+    y += "---\n{apiVersion: v1, kind: Service, metadata: {name: svc-y, namespace: mesh}, spec: {clusterIP: 10.96.0.7, clusterIPs: [10.96.0.7, \"fd00:96::7\"], selector: {app: y}, ports: [{port: 80, targetPort: 8080}]}}\n";
+    let s = state(&y);
+    for _ in 0..3 {
+        let out =
+            route::outbound(&s, &node(), ip("fd00:1::1"), addr("fd00:96::7", 80)).expect("ok");
+        assert_eq!(out.source.name, "x", "the source pod by its IPv6 address");
+        let t = hbone(&out);
+        assert_eq!(t.authority.to_string(), "[fd00:2::1]:8080");
+        assert_eq!(t.connect.to_string(), "[fd00:2::1]:15008");
+        assert_eq!(out.reason, Reason::ServiceVip);
+    }
+    let out = route::outbound(&s, &node(), ip("fd00:1::1"), addr("fd00:2::1", 9000)).expect("ok");
+    assert_eq!(hbone(&out).connect.to_string(), "[fd00:2::1]:15008");
+    let out = route::outbound(&s, &node(), ip("10.0.1.1"), addr("10.0.2.1", 9000)).expect("ok");
+    assert_eq!(hbone(&out).connect, addr("10.0.2.1", 15008));
+    // Inbound at n2: the authority may be the pod's IPv6 address.
+    let n2 = Node {
+        name: "n2".into(),
+        ..node()
+    };
+    let pod = route::inbound_hbone(&s, &n2, addr("fd00:2::1", 15008), addr("fd00:2::1", 8080))
+        .expect("local pod by its IPv6 address");
+    assert_eq!(pod.name, "y");
+}
