@@ -316,6 +316,9 @@ int zt_capture(struct __sk_buff *skb)
  * classify the packet PACKET_OTHERHOST and IP would drop it. The node needs
  * `net.ipv4.conf.lo.accept_local=1` (set by the daemon): the packet's source is one of the
  * node's own addresses, which the input route check rejects on a device without it.
+ * IPv6 takes the same detour (zt_host_redirect6: TCP, or anything behind an extension header,
+ * to an enrolled pod's IPv6 address; zt_capture6 on lo then captures or drops it); IPv6 has
+ * no equivalent of accept_local to set.
  * Everything else (the daemon's own connections, UDP, ICMP, traffic to pods not enrolled)
  * leaves untouched. Packets forwarded to the pod that no ingress program captured (an
  * interface capture is not attached to) take the same detour.
@@ -328,19 +331,22 @@ int zt_host_redirect(struct __sk_buff *skb)
 	struct zt_flow f;
 	int rc;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_UNSPEC;
 	if (skb->mark & zt_daemon_mark)
 		return TC_ACT_UNSPEC;
-
-	rc = zt_parse_pulled(skb, &f);
-	if (rc != PARSE_OK || f.proto != IPPROTO_TCP)
-		return TC_ACT_UNSPEC;
-
-	__u32 key = f.daddr;
-	struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled, &key);
-	if (!v || !(v->flags & ZT_POD_ENROLLED))
-		return TC_ACT_UNSPEC;
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (!zt_host_redirect6(skb))
+			return TC_ACT_UNSPEC;
+	} else {
+		if (skb->protocol != bpf_htons(ETH_P_IP))
+			return TC_ACT_UNSPEC;
+		rc = zt_parse_pulled(skb, &f);
+		if (rc != PARSE_OK || f.proto != IPPROTO_TCP)
+			return TC_ACT_UNSPEC;
+		__u32 key = f.daddr;
+		struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled, &key);
+		if (!v || !(v->flags & ZT_POD_ENROLLED))
+			return TC_ACT_UNSPEC;
+	}
 
 	__u8 lo_mac[ETH_ALEN] = {};
 	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) != 0)

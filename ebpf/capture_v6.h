@@ -126,6 +126,26 @@ static __always_inline int zt_ext6(struct zt_flow6 *f)
 	return TC_ACT_UNSPEC;
 }
 
+/* zt_host_redirect's IPv6 test: whether a packet leaving a pod veth towards its pod is TCP
+ * (or hides what it carries behind an extension header) to an enrolled pod's IPv6 address,
+ * so it must take the detour through lo's ingress to be captured. */
+static __always_inline int zt_host_redirect6(struct __sk_buff *skb)
+{
+	struct zt_flow6 f;
+	int rc = zt_parse6(skb, &f);
+	if (rc == PARSE_SHORT) {
+		__u32 len = skb->len < MAX_HDR_LEN6 ? skb->len : MAX_HDR_LEN6;
+		if (bpf_skb_pull_data(skb, len) != 0)
+			return 0;
+		rc = zt_parse6(skb, &f);
+	}
+	if (!(rc == PARSE_EXT || (rc == PARSE_OK && f.proto == IPPROTO_TCP)))
+		return 0;
+	struct zt_ip6 key = f.daddr;
+	struct zt_pod *v = bpf_map_lookup_elem(&zt_enrolled6, &key);
+	return v && (v->flags & ZT_POD_ENROLLED);
+}
+
 /* The IPv6 counterpart of zt_capture's body: same steps, same verdicts. */
 static __always_inline int zt_capture6(struct __sk_buff *skb)
 {

@@ -3,7 +3,8 @@
 //! across nodes to a pod's and a Service's IPv6 address, only TLS on port 15008 on the
 //! fabric, the client's identity and IPv6 address at the destination, an AuthorizationPolicy
 //! with an IPv6 `ipBlocks`, and DNS AAAA answers (over IPv4 and over IPv6). TCP behind an
-//! IPv6 extension header is dropped and counted, never passed around the daemon.
+//! IPv6 extension header is dropped and counted, never passed around the daemon. The node's
+//! own IPv6 connections to a local pod go through the daemon's inbound path.
 //!
 //! Needs root, `tcpdump` and `dig`; `cargo xtask test -p mesh-tests --test dual_stack`.
 //! Without them the tests fail, they never skip.
@@ -169,6 +170,30 @@ fn ipv6_flows_cross_nodes_in_tls_with_identity_and_source_kept() {
     assert_eq!(field(&dst, "protocol"), "HBONE", "{dst}");
     assert_eq!(field(&dst, "src_workload"), "mesh/a", "{dst}");
     assert_eq!(addr_ip(&dst, "dst_addr"), Some(ip6(&b).into()), "{dst}");
+
+    // The node's own IPv6 connection to a local enrolled pod takes the inbound plaintext path
+    // like its IPv4 one: served, and access-logged without an identity.
+    let _sa = a.serve(8080, "a").expect("serve a");
+    let host = cluster.host_network(1);
+    let skip = cluster.daemon(1).log_lines().len();
+    let sent = ok(
+        host.send(&SendOpts::to(&at6(ip6(&a), 8080))).expect("runs"),
+        "node -> a over IPv6",
+    );
+    assert_eq!(sent.servers(), ["a".to_string()].into(), "{sent}");
+    let line = cluster
+        .daemon(1)
+        .wait_for_log_after(
+            skip,
+            |l| {
+                message(l) == "access"
+                    && field(l, "dst_workload") == "mesh/a"
+                    && addr_ip(l, "src_addr").is_some_and(|ip| ip.is_ipv6())
+            },
+            LOG_WAIT,
+        )
+        .expect("node1 logs the node's IPv6 connection to a");
+    assert_eq!(field(&line, "src_identity"), "", "{line}");
 }
 
 #[test]

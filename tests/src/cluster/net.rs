@@ -222,8 +222,9 @@ fn add_node_ipv6(node: &str, i: usize, nodes: usize) -> Result<()> {
     Ok(())
 }
 
-/// Dual stack, pod j of node i: its `/128` on `eth0`, routes to pods and Service VIPs via the
-/// node's `fe80::1` on the veth, and the node's route to the pod.
+/// Dual stack, pod j of node i: its `/128` on `eth0`, routes to pods, Service VIPs and the
+/// nodes' addresses (a node's own connections to its pods leave from its fabric address) via
+/// the node's `fe80::1` on the veth, and the node's route to the pod.
 fn add_pod_ipv6(node: &str, pod: &str, veth: &str, ip6: std::net::Ipv6Addr) -> Result<()> {
     ip(&[
         "-n",
@@ -237,7 +238,11 @@ fn add_pod_ipv6(node: &str, pod: &str, veth: &str, ip6: std::net::Ipv6Addr) -> R
     ])?;
     let addr = format!("{ip6}/128");
     ip(&["-n", pod, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
-    for net in ["fd00:10:244::/48", "fd00:10:96::/64"] {
+    for net in [
+        "fd00:10:244::/48",
+        "fd00:10:96::/64",
+        "fd00:192:168:200::/64",
+    ] {
         ip(&[
             "-n", pod, "-6", "route", "add", net, "via", "fe80::1", "dev", "eth0",
         ])?;
