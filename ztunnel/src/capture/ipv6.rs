@@ -8,12 +8,12 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::Ebpf;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::pins::PinDir;
-use super::{CaptureError, LocalPod, PodValue, ENROLLED_MAX, POD_DNS};
+use super::{CaptureError, LocalPod, PodValue, ENROLLED_MAX};
 
 /// The IPv6 enrolled map (`zt_enrolled6` in `ebpf/capture_v6.h`).
 pub(super) const ENROLLED6_MAP: &str = "zt_enrolled6";
@@ -64,39 +64,14 @@ impl Enrolled6 {
         want: BTreeMap<Ipv6Addr, (&str, PodValue)>,
         problems: &mut Vec<(String, CaptureError)>,
     ) {
-        let stale: Vec<Ipv6Addr> = self
-            .written
-            .keys()
-            .filter(|ip| !want.contains_key(*ip))
-            .copied()
-            .collect();
-        for ip in stale {
-            match self.map.remove(&ip.octets()) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.written.remove(&ip);
-                    info!(pod_ip = %ip, "capture: pod no longer enrolled");
-                }
-                Err(error) => problems.push((ip.to_string(), CaptureError::MapV6 { ip, error })),
-            }
-        }
-        for (ip, (name, value)) in want {
-            if self.written.get(&ip) == Some(&value) {
-                continue;
-            }
-            match self.map.insert(ip.octets(), value, 0) {
-                Ok(()) => {
-                    self.written.insert(ip, value);
-                    info!(
-                        pod = name,
-                        pod_ip = %ip,
-                        dns_capture = value[0] & POD_DNS != 0,
-                        ifindex = value[1],
-                        "capture: pod enrolled"
-                    );
-                }
-                Err(error) => problems.push((name.to_string(), CaptureError::MapV6 { ip, error })),
-            }
-        }
+        super::sync_pod_map(
+            &mut self.map,
+            &mut self.written,
+            want,
+            |ip| ip.octets(),
+            |ip, error| CaptureError::MapV6 { ip, error },
+            problems,
+        );
     }
 }
 

@@ -699,39 +699,14 @@ impl Capture {
             .collect();
         let want6 = ipv6::wanted(pods, &want);
         self.enrolled6.sync(want6, problems);
-        let stale: Vec<Ipv4Addr> = self
-            .enrolled
-            .keys()
-            .filter(|ip| !want.contains_key(*ip))
-            .copied()
-            .collect();
-        for ip in stale {
-            match self.enrolled_map.remove(&map_key(ip)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.enrolled.remove(&ip);
-                    info!(pod_ip = %ip, "capture: pod no longer enrolled");
-                }
-                Err(error) => problems.push((ip.to_string(), CaptureError::Map { ip, error })),
-            }
-        }
-        for (ip, (name, value)) in want {
-            if self.enrolled.get(&ip) == Some(&value) {
-                continue;
-            }
-            match self.enrolled_map.insert(map_key(ip), value, 0) {
-                Ok(()) => {
-                    self.enrolled.insert(ip, value);
-                    info!(
-                        pod = name,
-                        pod_ip = %ip,
-                        dns_capture = value[0] & POD_DNS != 0,
-                        ifindex = value[1],
-                        "capture: pod enrolled"
-                    );
-                }
-                Err(error) => problems.push((name.to_string(), CaptureError::Map { ip, error })),
-            }
-        }
+        sync_pod_map(
+            &mut self.enrolled_map,
+            &mut self.enrolled,
+            want,
+            map_key,
+            |ip, error| CaptureError::Map { ip, error },
+            problems,
+        );
     }
 }
 
@@ -754,6 +729,54 @@ pub fn uninstall_pinned(
 }
 
 /// The map key: the address as it sits in the packet (network byte order).
+/// Sets an enrolled-pod map (IPv4 or IPv6) to exactly `want`, diffing against `written`
+/// (what this daemon wrote, or found in the pinned map): stale addresses are removed, new or
+/// changed ones written, and each failure is added to `problems` with its pod.
+fn sync_pod_map<A, K>(
+    map: &mut BpfHashMap<MapData, K, PodValue>,
+    written: &mut BTreeMap<A, PodValue>,
+    want: BTreeMap<A, (&str, PodValue)>,
+    key: impl Fn(A) -> K,
+    map_error: impl Fn(A, MapError) -> CaptureError,
+    problems: &mut Vec<(String, CaptureError)>,
+) where
+    A: Copy + Ord + std::fmt::Display,
+    K: aya::Pod,
+{
+    let stale: Vec<A> = written
+        .keys()
+        .filter(|ip| !want.contains_key(*ip))
+        .copied()
+        .collect();
+    for ip in stale {
+        match map.remove(&key(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {
+                written.remove(&ip);
+                info!(pod_ip = %ip, "capture: pod no longer enrolled");
+            }
+            Err(error) => problems.push((ip.to_string(), map_error(ip, error))),
+        }
+    }
+    for (ip, (name, value)) in want {
+        if written.get(&ip) == Some(&value) {
+            continue;
+        }
+        match map.insert(key(ip), value, 0) {
+            Ok(()) => {
+                written.insert(ip, value);
+                info!(
+                    pod = name,
+                    pod_ip = %ip,
+                    dns_capture = value[0] & POD_DNS != 0,
+                    ifindex = value[1],
+                    "capture: pod enrolled"
+                );
+            }
+            Err(error) => problems.push((name.to_string(), map_error(ip, error))),
+        }
+    }
+}
+
 fn map_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
