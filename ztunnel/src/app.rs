@@ -918,9 +918,11 @@ fn sync_capture(
         .iter()
         .filter_map(|p| {
             let problem = p.problem.as_deref().filter(|_| !p.captured)?;
+            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
             Some(format!(
                 "capture of pod {} ({}) not in place: {problem}",
-                p.name, p.ip
+                p.name,
+                ips.join(", ")
             ))
         })
         .collect();
@@ -929,6 +931,7 @@ fn sync_capture(
     let interfaces_changed = view.update(CaptureSnapshot {
         interfaces,
         enrolled: capture.enrolled(),
+        enrolled_pods: capture.enrolled_pods(),
         drops: capture.drop_counts(),
         uplinks: capture.uplinks().to_vec(),
         pods: capture.pods().to_vec(),

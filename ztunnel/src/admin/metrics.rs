@@ -48,7 +48,7 @@ impl MetricsRoutes {
         m.pool_connections.set(gauge(stats.connections));
         m.pool_streams.set(gauge(stats.streams));
         let capture = self.capture.snapshot();
-        m.capture_enrolled_pods.set(gauge(capture.enrolled.len()));
+        m.capture_enrolled_pods.set(gauge(capture.enrolled_pods));
         m.capture_attached_programs
             .set(gauge(capture.interfaces.len()));
         let captured = capture.pods.iter().filter(|p| p.captured).count();

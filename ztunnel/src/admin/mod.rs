@@ -13,7 +13,7 @@
 //! 0600): any process in the node's network namespace reaches the port, only the daemon's user
 //! the socket.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 pub mod http;
@@ -35,8 +35,10 @@ pub struct CaptureView(Mutex<CaptureSnapshot>);
 pub struct CaptureSnapshot {
     /// Interfaces with programs attached.
     pub interfaces: Vec<String>,
-    /// Pod IPs in the enrolled map.
-    pub enrolled: Vec<Ipv4Addr>,
+    /// Pod addresses in the enrolled maps (IPv4, then IPv6).
+    pub enrolled: Vec<IpAddr>,
+    /// Pods with an address in the enrolled maps (a dual-stack pod counts once).
+    pub enrolled_pods: usize,
     /// The programs' drop counters.
     pub drops: crate::capture::DropCounts,
     /// The uplinks in force (configured or discovered).
@@ -46,9 +48,9 @@ pub struct CaptureSnapshot {
 }
 
 impl CaptureSnapshot {
-    /// The state of the enrolled pod with address `ip`, if capture knows it.
-    pub fn pod(&self, ip: Ipv4Addr) -> Option<&crate::capture::PodCapture> {
-        self.pods.iter().find(|p| p.ip == ip)
+    /// The state of the enrolled pod with address `ip` (either family), if capture knows it.
+    pub fn pod(&self, ip: IpAddr) -> Option<&crate::capture::PodCapture> {
+        self.pods.iter().find(|p| p.ips.contains(&ip))
     }
 }
 

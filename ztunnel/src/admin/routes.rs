@@ -8,7 +8,6 @@
 //! Nothing here shows a secret: certificates appear as identity, serial and validity, never a
 //! key, and the configuration holds paths, not contents.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -124,10 +123,7 @@ impl AdminRoutes {
         let enrolled_pods: Vec<_> = local
             .iter()
             .map(|w| {
-                let state = match w.ip {
-                    IpAddr::V4(ip) => view.pod(ip),
-                    IpAddr::V6(_) => None,
-                };
+                let state = view.pod(w.ip);
                 json!({
                     "pod": w.key(),
                     "ip": w.ip,

@@ -1,17 +1,16 @@
 //! What the CNI endpoint ([`crate::cni`]) asks of capture before it answers the plugin: is a
-//! pod's address in the enrolled map with the index of the interface the plugin named, and is
+//! pod's address (either family) in the enrolled map with the index of the interface the plugin named, and is
 //! the program attached there.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::{ifindex, Capture, CaptureError, POD_ENROLLED};
 
 impl Capture {
-    /// The interface index the enrolled map holds for `ip`, when the pod is enrolled (0 while
-    /// its interface is not known).
-    pub fn enrolled_ifindex(&self, ip: Ipv4Addr) -> Option<u32> {
-        self.enrolled
-            .get(&ip)
+    /// The interface index the enrolled map of `ip`'s family holds for it, when the pod is
+    /// enrolled (0 while its interface is not known).
+    pub fn enrolled_ifindex(&self, ip: IpAddr) -> Option<u32> {
+        self.written(ip)
             .filter(|v| v[0] & POD_ENROLLED != 0)
             .map(|v| v[1])
     }

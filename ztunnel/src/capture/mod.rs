@@ -43,7 +43,7 @@ mod status;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
@@ -133,14 +133,17 @@ pub struct DropCounts {
     pub ipv6_extension_header: u64,
 }
 
-/// A pod on this node as capture sees it.
+/// A pod on this node as capture sees it: one address of each family it has (IPv4 only,
+/// IPv6 only, or dual stack), both captured on the same node-side interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     /// `ns/name`, for logs and problem reports.
     pub name: String,
-    /// The pod's IPv4 address; its node-side veth is found from the route to it.
-    pub ip: Ipv4Addr,
-    /// A dual-stack pod's IPv6 address, captured like the IPv4 one on the same interface.
+    /// The pod's IPv4 address; when it has one, its node-side veth is found from the route
+    /// to it.
+    pub ipv4: Option<Ipv4Addr>,
+    /// The pod's IPv6 address; an IPv6-only pod's veth is found from the route to it, a
+    /// dual-stack pod's route must lead to the same veth as its IPv4 one.
     pub ipv6: Option<Ipv6Addr>,
     /// Whether the pod's traffic is captured into the mesh.
     pub enrolled: bool,
@@ -203,10 +206,30 @@ pub enum CaptureError {
     NoPodInterface {
         /// `ns/name`.
         pod: String,
-        /// Pod IP.
-        ip: Ipv4Addr,
+        /// The pod address whose route was looked up.
+        ip: IpAddr,
         /// Why the route did not identify a veth.
         reason: String,
+    },
+    /// A dual-stack pod's IPv4 and IPv6 routes lead to different node interfaces. Both
+    /// addresses are bound to the IPv4 route's interface, so the pod's IPv6 packets, which
+    /// enter through the other one, are dropped as spoofed until the routes agree.
+    #[error(
+        "pod {pod}: the route to {ipv4} leads to {iface4} but the route to {ipv6} to \
+         {iface6}; capture binds both to {iface4}, so its IPv6 traffic is dropped until the \
+         CNI routes both addresses to one interface"
+    )]
+    InterfaceMismatch {
+        /// `ns/name`.
+        pod: String,
+        /// The pod's IPv4 address.
+        ipv4: Ipv4Addr,
+        /// Where its route leads.
+        iface4: String,
+        /// The pod's IPv6 address.
+        ipv6: Ipv6Addr,
+        /// Where its route leads.
+        iface6: String,
     },
     /// Updating the enrolled-pod map failed.
     #[error(
@@ -499,6 +522,7 @@ impl Capture {
             adopted,
             pin_dir = %settings.pin_dir.display(),
             enrolled = capture.enrolled.len(),
+            enrolled6 = capture.enrolled6.addresses().len(),
             outbound_port = settings.outbound_port,
             inbound_plaintext_port = settings.inbound_plaintext_port,
             hbone_port = settings.hbone_port,
@@ -531,27 +555,27 @@ impl Capture {
             }
         };
 
-        // Desired interfaces (interface -> first pod using it, for reports), and each pod's.
+        // Desired interfaces (interface -> first pod using it, for reports), and each pod's
+        // (by the address it is found from).
         let mut wanted: BTreeMap<String, &LocalPod> = BTreeMap::new();
-        let mut pod_iface: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut pod_iface: BTreeMap<IpAddr, String> = BTreeMap::new();
         if let Some(table) = &table {
             if self.settings.uplinks.is_empty() {
                 self.rediscover_uplinks(table, pods, &mut problems);
             }
             for pod in pods {
-                match table.pod_interface(pod.ip, &self.uplink_names) {
-                    Ok(iface) => {
-                        pod_iface.insert(pod.ip, iface.clone());
+                let Some(primary) = pod.primary() else {
+                    continue;
+                };
+                match pod.interface(table, &self.uplink_names) {
+                    Ok((iface, mismatch)) => {
+                        pod_iface.insert(primary, iface.clone());
                         wanted.entry(iface).or_insert(pod);
+                        if let Some(e) = mismatch {
+                            problems.push((pod.name.clone(), e));
+                        }
                     }
-                    Err(reason) => problems.push((
-                        pod.name.clone(),
-                        CaptureError::NoPodInterface {
-                            pod: pod.name.clone(),
-                            ip: pod.ip,
-                            reason,
-                        },
-                    )),
+                    Err(e) => problems.push((pod.name.clone(), e)),
                 }
             }
             // Without a routing table we cannot tell which veths are still in use: keep them.
@@ -575,7 +599,7 @@ impl Capture {
             }
         }
 
-        let ifindexes: BTreeMap<Ipv4Addr, u32> = pod_iface
+        let ifindexes: BTreeMap<IpAddr, u32> = pod_iface
             .into_iter()
             .filter_map(|(ip, iface)| {
                 let att = self.pod_ifaces.get(&iface)?;
@@ -613,14 +637,29 @@ impl Capture {
         &self.pods
     }
 
-    /// Pod IPs in the enrolled map (their traffic is captured), for status and metrics.
-    pub fn enrolled(&self) -> Vec<Ipv4Addr> {
-        self.enrolled.keys().copied().collect()
+    /// Pod addresses in the enrolled maps (their traffic is captured), IPv4 then IPv6, for
+    /// status.
+    pub fn enrolled(&self) -> Vec<IpAddr> {
+        let v4 = self.enrolled.keys().map(|ip| IpAddr::V4(*ip));
+        v4.chain(self.enrolled6.addresses().into_iter().map(IpAddr::V6))
+            .collect()
     }
 
-    /// Pod IPv6 addresses in the IPv6 enrolled map.
-    pub fn enrolled_v6(&self) -> Vec<Ipv6Addr> {
-        self.enrolled6.addresses()
+    /// Enrolled pods (as of the last sync) with an address in the enrolled maps, counted once
+    /// whatever their number of addresses, for metrics.
+    pub fn enrolled_pods(&self) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| p.ips.iter().any(|ip| self.written(*ip).is_some()))
+            .count()
+    }
+
+    /// What the enrolled map of `ip`'s family holds for it.
+    fn written(&self, ip: IpAddr) -> Option<PodValue> {
+        match ip {
+            IpAddr::V4(a) => self.enrolled.get(&a).copied(),
+            IpAddr::V6(a) => self.enrolled6.get(a),
+        }
     }
 
     /// What the programs dropped so far (summed over CPUs; counted since the pinned maps were
@@ -674,30 +713,22 @@ impl Capture {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Sets the enrolled map to exactly the enrolled pods' IPs, flags and interfaces (diff
-    /// against what we wrote). Without a routing table (`routes_known` false) a pod keeps the
+    /// Sets the enrolled maps to exactly the enrolled pods' addresses (each in its family's
+    /// map, both with the same value), flags and interfaces (diff against what we wrote).
+    /// `ifindexes` is by the address a pod's interface was found from
+    /// ([`LocalPod::primary`]). Without a routing table (`routes_known` false) a pod keeps the
     /// interface it had.
     fn sync_enrolled(
         &mut self,
         pods: &[LocalPod],
-        ifindexes: &BTreeMap<Ipv4Addr, u32>,
+        ifindexes: &BTreeMap<IpAddr, u32>,
         routes_known: bool,
         problems: &mut Vec<(String, CaptureError)>,
     ) {
-        let want: BTreeMap<Ipv4Addr, (&str, PodValue)> = pods
-            .iter()
-            .filter(|p| p.enrolled)
-            .map(|p| {
-                let flags = POD_ENROLLED | if p.dns_capture { POD_DNS } else { 0 };
-                let idx = match ifindexes.get(&p.ip) {
-                    Some(i) => *i,
-                    None if !routes_known => self.enrolled.get(&p.ip).map_or(0, |v| v[1]),
-                    None => 0,
-                };
-                (p.ip, (p.name.as_str(), [flags, idx]))
-            })
-            .collect();
-        let want6 = ipv6::wanted(pods, &want);
+        let (want, want6) = ipv6::wanted(pods, ifindexes, |ip| {
+            // Without a routing table, a pod keeps the interface it had.
+            (!routes_known).then(|| self.written(ip)).flatten()
+        });
         self.enrolled6.sync(want6, problems);
         sync_pod_map(
             &mut self.enrolled_map,

@@ -2,7 +2,7 @@
 //! capture attaches to: uplinks (configured, or discovered from the routing table on every
 //! sync) and `lo`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use tracing::info;
 
@@ -14,8 +14,8 @@ use super::{Capture, CaptureError, LocalPod, LOOPBACK};
 pub struct PodCapture {
     /// `ns/name`.
     pub name: String,
-    /// The pod's address.
-    pub ip: Ipv4Addr,
+    /// The pod's addresses, IPv4 first (one per family it has).
+    pub ips: Vec<IpAddr>,
     /// Whether its traffic is captured: in the enrolled map with its interface, and the
     /// programs attached to that interface. A pod that is not is fail-closed (its packets are
     /// dropped as spoofed) but not served; the daemon is not ready meanwhile.
@@ -49,7 +49,7 @@ impl Capture {
         pods: &[LocalPod],
         problems: &mut Vec<(String, CaptureError)>,
     ) {
-        let local: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+        let local: Vec<IpAddr> = pods.iter().flat_map(LocalPod::addresses).collect();
         let found = table.uplinks(&local);
         if found != self.uplink_names {
             info!(uplinks = ?found, previous = ?self.uplink_names, "uplinks discovered from the routing table");
@@ -89,27 +89,40 @@ impl Capture {
                     .iter()
                     .find(|(name, _)| *name == pod.name || name == "*")
                     .map(|(_, e)| e.to_string());
-                let problem = reported.or_else(|| self.incomplete(pod.ip));
+                let problem = reported.or_else(|| self.incomplete(pod));
                 PodCapture {
                     name: pod.name.clone(),
-                    ip: pod.ip,
+                    ips: pod.addresses(),
                     captured: problem.is_none(),
                     problem,
                 }
             })
             .collect();
-        out.sort_by_key(|p| p.ip);
+        out.sort_by(|a, b| a.ips.cmp(&b.ips));
         out
     }
 
-    /// What is missing of an enrolled pod's capture, if anything.
-    fn incomplete(&self, ip: Ipv4Addr) -> Option<String> {
-        let Some(&[_, idx]) = self.enrolled.get(&ip) else {
-            return Some("not in the enrolled-pod map".to_string());
-        };
-        if idx == 0 {
-            return Some("its node-side interface is not known".to_string());
+    /// What is missing of an enrolled pod's capture, if anything: each of its addresses must
+    /// be in its family's enrolled map with the same known interface, and the programs on it.
+    fn incomplete(&self, pod: &LocalPod) -> Option<String> {
+        let mut index = None;
+        for ip in pod.addresses() {
+            let Some([_, idx]) = self.written(ip) else {
+                return Some(format!("{ip} is not in the enrolled-pod map"));
+            };
+            if idx == 0 {
+                return Some("its node-side interface is not known".to_string());
+            }
+            match index {
+                Some(i) if i != idx => {
+                    return Some(format!(
+                        "its addresses are bound to different interfaces (indexes {i} and {idx})"
+                    ))
+                }
+                _ => index = Some(idx),
+            }
         }
+        let idx = index?;
         let on = |t: &std::collections::BTreeMap<String, super::Attachment>| {
             t.values().any(|a| a.ifindex == idx)
         };

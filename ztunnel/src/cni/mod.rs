@@ -30,7 +30,7 @@
 pub mod server;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -114,18 +114,18 @@ fn action_name(a: Action) -> &'static str {
 /// A pod announced at ADD and not yet confirmed by the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Announced {
-    /// `namespace/name`.
-    key: String,
+    /// The pod as capture takes it (`name` is `namespace/name`): its addresses from
+    /// `prevResult`, one per family, enrolled.
+    pod: LocalPod,
     container_id: String,
-    /// A dual-stack pod's IPv6 address from `prevResult`, captured with the IPv4 one.
-    ipv6: Option<Ipv6Addr>,
     since: Instant,
 }
 
-/// Pods announced by the plugin that the state does not show yet, by address.
+/// Pods announced by the plugin that the state does not show yet, by address (the one their
+/// interface is found from: IPv4 if they have one, else IPv6).
 #[derive(Debug)]
 pub struct Pending {
-    pods: BTreeMap<Ipv4Addr, Announced>,
+    pods: BTreeMap<IpAddr, Announced>,
     timeout: Duration,
 }
 
@@ -156,25 +156,20 @@ impl Pending {
     pub fn merge(&mut self, pods: &mut Vec<LocalPod>, now: Instant) {
         let timeout = self.timeout;
         self.pods.retain(|ip, a| {
-            if pods.iter().any(|p| p.ip == *ip && p.name == a.key) {
-                tracing::info!(pod = %a.key, pod_ip = %ip, waited = ?now.saturating_duration_since(a.since), "cni: announced pod is in the state; capture carries on from it");
+            let key = &a.pod.name;
+            if pods.iter().any(|p| p.primary() == Some(*ip) && p.name == *key) {
+                tracing::info!(pod = %key, pod_ip = %ip, waited = ?now.saturating_duration_since(a.since), "cni: announced pod is in the state; capture carries on from it");
                 return false;
             }
             if now.saturating_duration_since(a.since) > timeout {
-                tracing::warn!(pod = %a.key, pod_ip = %ip, container = %a.container_id, ?timeout, "cni: announced pod never appeared in the state; its capture is removed (--cni-pending-timeout)");
+                tracing::warn!(pod = %key, pod_ip = %ip, container = %a.container_id, ?timeout, "cni: announced pod never appeared in the state; its capture is removed (--cni-pending-timeout)");
                 return false;
             }
             true
         });
         for (ip, a) in &self.pods {
-            pods.retain(|p| p.ip != *ip);
-            pods.push(LocalPod {
-                name: a.key.clone(),
-                ip: *ip,
-                ipv6: a.ipv6,
-                enrolled: true,
-                dns_capture: true,
-            });
+            pods.retain(|p| p.primary() != Some(*ip));
+            pods.push(a.pod.clone());
         }
     }
 
@@ -186,7 +181,7 @@ impl Pending {
         let before = self.pods.len();
         self.pods.retain(|_, a| {
             if req.container_id.is_empty() {
-                a.key != key
+                a.pod.name != key
             } else {
                 a.container_id != req.container_id
             }
@@ -235,8 +230,8 @@ fn decide_and_act(
         return Reply::Removed;
     }
     let decided = decide(req, state, node);
-    let ip = match decided {
-        Ok(ip) => ip,
+    let pod = match decided {
+        Ok(pod) => pod,
         Err(reply) => {
             tracing::info!(pod = %key, action = ?req.action, reply = ?reply, "cni: pod not captured");
             return reply;
@@ -247,16 +242,18 @@ fn decide_and_act(
             reason: "capture is off on this node (--capture=false)".into(),
         };
     };
+    let Some(ip) = pod.primary() else {
+        return Reply::Failed {
+            message: format!("prevResult gives pod {key} no address"),
+            retry: false,
+        };
+    };
     if req.action == Action::Add {
         pending.pods.insert(
             ip,
             Announced {
-                key: key.clone(),
+                pod,
                 container_id: req.container_id.clone(),
-                ipv6: req.ips.iter().find_map(|ip| match ip {
-                    IpAddr::V6(v6) => Some(*v6),
-                    IpAddr::V4(_) => None,
-                }),
                 since: Instant::now(),
             },
         );
@@ -277,8 +274,9 @@ fn decide_and_act(
     reply
 }
 
-/// Whether the pod must be captured: its address, or the answer to give at once.
-fn decide(req: &Request, state: &State, node: &str) -> Result<Ipv4Addr, Reply> {
+/// Whether the pod must be captured: the pod as capture takes it (its addresses from
+/// `prevResult`, IPv4, IPv6 or both), or the answer to give at once.
+fn decide(req: &Request, state: &State, node: &str) -> Result<LocalPod, Reply> {
     let key = pod_key(req);
     match state.namespace_enrolled(&req.namespace) {
         None => {
@@ -310,24 +308,18 @@ fn decide(req: &Request, state: &State, node: &str) -> Result<Ipv4Addr, Reply> {
             reason: format!("pod {} is not enrolled in the state (opted out)", w.key()),
         });
     }
-    req.ips
-        .iter()
-        .find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .ok_or_else(|| Reply::Failed {
-            message: format!(
-                "prevResult gives pod {key} no IPv4 address ({:?}); capture needs one",
-                req.ips
-            ),
-            retry: false,
-        })
+    LocalPod::new(key.clone(), &req.ips, true, true).ok_or_else(|| Reply::Failed {
+        message: format!(
+            "prevResult gives pod {key} no address (no `ips`); capture needs one to find the \
+             pod's interface"
+        ),
+        retry: false,
+    })
 }
 
-/// `Captured` when `ip` is in the enrolled map with its interface's index and the program is
-/// attached to that interface (the one the plugin named, when it named one).
-fn verify(capture: &Capture, ip: Ipv4Addr, named: Option<&str>) -> Reply {
+/// `Captured` when `ip` (either family) is in the enrolled map with its interface's index and
+/// the program is attached to that interface (the one the plugin named, when it named one).
+fn verify(capture: &Capture, ip: IpAddr, named: Option<&str>) -> Reply {
     let failed = |message: String| Reply::Failed {
         message,
         retry: false,
@@ -372,7 +364,7 @@ mod tests {
     fn pod(name: &str, ip: [u8; 4], enrolled: bool) -> LocalPod {
         LocalPod {
             name: name.into(),
-            ip: Ipv4Addr::from(ip),
+            ipv4: Some(ip.into()),
             ipv6: None,
             enrolled,
             dns_capture: true,
@@ -381,11 +373,10 @@ mod tests {
 
     fn announce(p: &mut Pending, key: &str, ip: [u8; 4], since: Instant) {
         p.pods.insert(
-            Ipv4Addr::from(ip),
+            IpAddr::from(ip),
             Announced {
-                key: key.into(),
+                pod: pod(key, ip, true),
                 container_id: format!("c-{key}"),
-                ipv6: None,
                 since,
             },
         );
@@ -479,9 +470,18 @@ mod tests {
             host_interface: None,
             netns: None,
         };
+        let decided = |ns, ips| decide(&req(ns, ips), &state, "node1").map(|p| p.addresses());
         assert_eq!(
-            decide(&req("mesh", &["fd00::1", "10.244.1.224"]), &state, "node1"),
-            Ok(Ipv4Addr::new(10, 244, 1, 224))
+            decided("mesh", &["fd00::1", "10.244.1.224"]),
+            Ok(vec![
+                "10.244.1.224".parse().expect("ip"),
+                "fd00::1".parse().expect("ip")
+            ])
+        );
+        assert_eq!(
+            decided("mesh", &["fd00::1"]),
+            Ok(vec!["fd00::1".parse().expect("ip")]),
+            "an IPv6-only pod is captured too"
         );
         assert!(matches!(
             decide(&req("plain", &["10.244.1.224"]), &state, "node1"),
@@ -492,7 +492,7 @@ mod tests {
             Err(Reply::Failed { retry: true, .. })
         ));
         assert!(matches!(
-            decide(&req("mesh", &["fd00::1"]), &state, "node1"),
+            decide(&req("mesh", &[]), &state, "node1"),
             Err(Reply::Failed { retry: false, .. })
         ));
     }
