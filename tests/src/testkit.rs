@@ -19,9 +19,10 @@ pub fn start_with_daemons(spec: ClusterSpec) -> Cluster {
     c
 }
 
-/// `<pod ip>:<port>`, the form `SendOpts::to` takes.
+/// `<pod ip>:<port>` (`[<ipv6>]:<port>` for an IPv6-only pod), the form `SendOpts::to`
+/// takes.
 pub fn at(pod: &Pod, port: u16) -> String {
-    format!("{}:{port}", pod.ip)
+    SocketAddr::new(pod.addr(), port).to_string()
 }
 
 /// The report, after asserting every connection in it carried its bytes intact.
@@ -55,13 +56,19 @@ pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 
 /// `ztunnel_capture_dropped_packets_total{reason}` of node `node`'s daemon (0 when absent).
 pub fn capture_drops(cluster: &Cluster, node: usize, reason: &str) -> u64 {
+    let series = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}}");
+    node_metric(cluster, node, &series).unwrap_or(0)
+}
+
+/// The value of `series` (a metric name with its labels, exactly as exposed) on node `node`'s
+/// metrics port; `None` when the daemon does not expose it.
+pub fn node_metric(cluster: &Cluster, node: usize, series: &str) -> Option<u64> {
     let (status, body) = node_http(cluster, node, 15020, "GET", "/metrics").expect("scrape");
     assert_eq!(status, 200, "metrics of node {node}");
-    let prefix = format!("ztunnel_capture_dropped_packets_total{{reason=\"{reason}\"}} ");
+    let prefix = format!("{series} ");
     body.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// One HTTP/1.1 request to `127.0.0.1:<port>` inside node `node`'s network namespace (the
@@ -144,7 +151,7 @@ pub fn denied_line(d: &Daemon, skip: usize, src: &Pod) -> serde_json::Value {
                     .parse::<SocketAddr>()
                     .map(|a| a.ip())
                     .ok()
-                    == Some(src.ip.into())
+                    == Some(src.addr())
         },
         Duration::from_secs(10),
     )
@@ -217,12 +224,12 @@ pub fn apply_policies(cluster: &Cluster, yaml: &str) -> Vec<serde_json::Value> {
 
 /// The node-side veth of `pod`, from its node's route to it.
 pub fn pod_veth(cluster: &Cluster, pod: &Pod) -> String {
+    let (family, host) = match pod.addr() {
+        std::net::IpAddr::V4(a) => ("-4", format!("{a}/32")),
+        std::net::IpAddr::V6(a) => ("-6", format!("{a}/128")),
+    };
     let route = cluster
-        .node_exec(
-            pod.node,
-            "ip",
-            &["-4", "route", "show", &format!("{}/32", pod.ip)],
-        )
+        .node_exec(pod.node, "ip", &[family, "route", "show", &host])
         .expect("ip route");
     let route = String::from_utf8_lossy(&route.stdout).into_owned();
     route

@@ -4,7 +4,9 @@
 //! fabric, the client's identity and IPv6 address at the destination, an AuthorizationPolicy
 //! with an IPv6 `ipBlocks`, and DNS AAAA answers (over IPv4 and over IPv6). TCP behind an
 //! IPv6 extension header is dropped and counted, never passed around the daemon. The node's
-//! own IPv6 connections to a local pod go through the daemon's inbound path.
+//! own IPv6 connections to a local pod go through the daemon's inbound path. Pods with an
+//! IPv6 address alone (no IPv4 one) are captured like the others: their node-side interface
+//! comes from the node's IPv6 route to them.
 //!
 //! Needs root, `tcpdump` and `dig`; `cargo xtask test -p mesh-tests --test dual_stack`.
 //! Without them the tests fail, they never skip.
@@ -15,7 +17,10 @@ use std::time::Duration;
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, vip6, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec};
 use mesh_tests::pcap::TCP;
-use mesh_tests::testkit::{capture_drops, eventually, ok, refused, start_with_daemons};
+use mesh_tests::testkit::{
+    apply_policies, at, capture_drops, denied_line, eventually, istio_policy, node_http,
+    node_metric, ok, refused, start_with_daemons,
+};
 use serde_json::Value;
 
 const HBONE: u16 = 15008;
@@ -281,4 +286,167 @@ fn dns_answers_aaaa_for_a_dual_stack_service_over_both_families() {
             "{server}"
         );
     }
+}
+
+const VIP_V6ONLY: &str = "10.96.0.20";
+
+/// IPv6-only client `a6` on node 1; on node 2 IPv6-only server `b6` behind Service `srv6`
+/// (its IPv6 VIP serves it) and dual-stack server `d`.
+fn ipv6_only_spec() -> ClusterSpec {
+    ClusterSpec::new(2)
+        .dual_stack()
+        .namespace("mesh", true)
+        .pod(PodSpec::new("mesh/a6", 1).sa("client").ipv6_only())
+        .pod(PodSpec::new("mesh/b6", 2).sa("server").ipv6_only())
+        .pod(PodSpec::new("mesh/d", 2).sa("server"))
+        .service(
+            SvcSpec::new("mesh/srv6", VIP_V6ONLY)
+                .select("app", "b6")
+                .port(80, 8080),
+        )
+}
+
+/// Node `node`'s `/config_dump`.
+fn config_dump(cluster: &Cluster, node: usize) -> Value {
+    let (status, body) = node_http(cluster, node, 15000, "GET", "/config_dump").expect("admin");
+    assert_eq!(status, 200, "config_dump of node {node}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("config_dump: {e}: {body}"))
+}
+
+#[test]
+fn ipv6_only_pods_are_captured_and_meshed_across_nodes() {
+    mesh_tests::require_tool("dig", "dnsutils").expect("dig");
+    let cluster = start_with_daemons(ipv6_only_spec());
+    let (a6, b6, d) = (
+        cluster.pod("mesh/a6").clone(),
+        cluster.pod("mesh/b6").clone(),
+        cluster.pod("mesh/d").clone(),
+    );
+    let _sb = b6.serve(8080, "b6").expect("serve b6");
+    let _sd = d.serve(8080, "d").expect("serve d");
+    let marker = format!("ZT6ONLY-{}", cluster.prefix());
+    let vip6 = vip6(VIP_V6ONLY.parse().expect("vip"));
+    let capture = cluster.capture_fabric("ip6").expect("capture");
+
+    for (to, server, what) in [
+        (at(&b6, 8080), "b6", "a6 -> b6, both IPv6-only"),
+        (at6(ip6(&d), 8080), "d", "a6 -> d, dual stack"),
+        (at6(vip6, 80), "b6", "a6 -> the Service's IPv6 VIP"),
+    ] {
+        let r = ok(
+            a6.send(&SendOpts::to(&to).bytes(MIB).marker(&marker))
+                .expect("runs"),
+            what,
+        );
+        assert_eq!(r.servers(), [server.to_string()].into(), "{what}: {r}");
+        assert_eq!(
+            r.peer_ips(),
+            [a6.addr()].into(),
+            "{what}: the server sees the client's IPv6 address: {r}"
+        );
+    }
+
+    let pcap = capture.stop().expect("capture stops");
+    let stray: Vec<String> = pcap
+        .packets6
+        .iter()
+        .filter(|p| p.proto == TCP && !p.has_port(HBONE))
+        .map(|p| format!("[{}]:{} -> [{}]:{}", p.src, p.sport, p.dst, p.dport))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "IPv6 TCP on the fabric outside port 15008 (the IPv6-only pod bypassed the mesh): {:?}",
+        &stray[..stray.len().min(10)]
+    );
+    let hbone = pcap.payload_bytes6_on_port(HBONE) as u64;
+    assert!(
+        hbone >= 3 * MIB,
+        "expected 3 x 1 MiB echoed inside IPv6 port 15008, saw {hbone} B"
+    );
+    assert!(
+        !pcap.contains(marker.as_bytes()),
+        "marker crossed the fabric in clear"
+    );
+
+    // The server's daemon names the client by its SPIFFE identity.
+    let line = cluster
+        .daemon(2)
+        .wait_for_log(
+            |l| {
+                message(l) == "access"
+                    && field(l, "reporter") == "destination"
+                    && field(l, "dst_workload") == "mesh/b6"
+                    && addr_ip(l, "src_addr") == Some(a6.addr())
+            },
+            LOG_WAIT,
+        )
+        .expect("node2 logs the inbound connection from the IPv6-only pod");
+    assert_eq!(field(&line, "src_identity"), a6.identity(), "{line}");
+    assert_eq!(field(&line, "protocol"), "HBONE", "{line}");
+
+    // Capture status: the IPv6-only pods are in the IPv6 enrolled map and counted as captured
+    // (a dual-stack pod counts once).
+    for (node, pod, pods) in [(1, &a6, 1), (2, &b6, 2)] {
+        let dump = config_dump(&cluster, node);
+        let enrolled: Vec<&str> = dump["capture"]["enrolled"]
+            .as_array()
+            .expect("capture.enrolled")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            enrolled.contains(&pod.addr().to_string().as_str()),
+            "node{node} enrolls {}: {enrolled:?}",
+            pod.key()
+        );
+        let entry = dump["enrolled_pods"]
+            .as_array()
+            .expect("enrolled_pods")
+            .iter()
+            .find(|p| p["pod"] == pod.key().as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{} in node{node}'s enrolled_pods", pod.key()));
+        assert_eq!(entry["captured"], true, "{entry}");
+        let captured = node_metric(&cluster, node, r#"ztunnel_capture_pods{state="captured"}"#);
+        assert_eq!(captured, Some(pods), "node{node}: ztunnel_capture_pods");
+        let counted = node_metric(&cluster, node, "ztunnel_capture_enrolled_pods");
+        assert_eq!(
+            counted,
+            Some(pods),
+            "node{node}: ztunnel_capture_enrolled_pods"
+        );
+    }
+
+    // DNS: the IPv6-only pod's query, sent to the Service's IPv6 VIP (nothing serves DNS
+    // there), is captured and answered by the node's DNS proxy.
+    let name = "srv6.mesh.svc.cluster.local";
+    let resolver = format!("@{vip6}");
+    assert_eq!(
+        dig(&a6, &[&resolver, "AAAA", name]),
+        [vip6.to_string()],
+        "AAAA of {name}"
+    );
+
+    // A DENY policy naming the client's identity refuses it at the server's node.
+    let deny = istio_policy(
+        "AuthorizationPolicy",
+        "mesh",
+        "deny-client",
+        "{selector: {matchLabels: {app: b6}}, action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]}",
+    );
+    apply_policies(&cluster, &deny);
+    let skip = cluster.daemon(2).log_lines().len();
+    refused(
+        a6.send(&SendOpts::to(&at(&b6, 8080)).timeout(10.0))
+            .expect("runs"),
+        "a6 -> b6 under the DENY policy",
+    );
+    let line = denied_line(cluster.daemon(2), skip, &a6);
+    assert_eq!(field(&line, "policy"), "mesh/deny-client", "{line}");
+    assert_eq!(field(&line, "response"), "401", "{line}");
+    // The policy selects b6 only: d still serves the IPv6-only client.
+    ok(
+        a6.send(&SendOpts::to(&at6(ip6(&d), 8080))).expect("runs"),
+        "a6 -> d, not selected by the policy",
+    );
 }

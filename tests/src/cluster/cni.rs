@@ -182,6 +182,7 @@ impl Cluster {
             ip,
             // The chain's IPAM here gives IPv4 only.
             ip6: None,
+            ipv6_only: false,
             netns: sandbox.netns.clone(),
             node: spec.node,
             logdir,

@@ -127,6 +127,7 @@ impl Cluster {
                 service_account: p.service_account,
                 ip,
                 ip6: dual.then(|| spec::pod_ip6(p.node, j)),
+                ipv6_only: p.ipv6_only,
                 node: p.node,
                 logdir,
             });
@@ -437,6 +438,7 @@ impl Cluster {
             service_account: String::new(),
             ip: std::net::Ipv4Addr::new(169, 254, 1, 1),
             ip6: None,
+            ipv6_only: false,
             netns: self.node_netns(node),
             node,
             logdir: self.workdir.join("logs"),

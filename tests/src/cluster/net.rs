@@ -323,17 +323,20 @@ pub fn build(names: &Names, spec: &ClusterSpec, created: &mut Vec<String>) -> Re
 
     for (pod, j, pod_ip) in spec.placements() {
         let ip6 = dual.then(|| pod_ip6(pod.node, j));
+        let pod_ip = (!pod.ipv6_only).then_some(pod_ip);
         add_pod(names, pod.node, j, pod_ip, ip6, created)
             .with_context(|| format!("creating pod {}/{}", pod.namespace, pod.name))?;
     }
     Ok(())
 }
 
+/// Pod j of node i: its namespace and veth pair, and each address it has (an IPv6-only pod
+/// has no IPv4 address or route).
 fn add_pod(
     names: &Names,
     i: usize,
     j: usize,
-    pod_ip: Ipv4Addr,
+    pod_ip: Option<Ipv4Addr>,
     ip6: Option<std::net::Ipv6Addr>,
     created: &mut Vec<String>,
 ) -> Result<()> {
@@ -345,19 +348,31 @@ fn add_pod(
         "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod,
     ])?;
     ip(&["-n", &node, "link", "set", &veth, "up"])?;
+    ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
+    if let Some(pod_ip) = pod_ip {
+        add_pod_ipv4(&node, &pod, &veth, pod_ip)?;
+    }
+    if let Some(ip6) = ip6 {
+        add_pod_ipv6(&node, &pod, &veth, ip6)?;
+    }
+    Ok(())
+}
+
+/// Pod j of node i, IPv4: its `/32` on `eth0`, routes to pods and Service VIPs via the node's
+/// `169.254.1.1`, and the node's route to the pod.
+fn add_pod_ipv4(node: &str, pod: &str, veth: &str, pod_ip: Ipv4Addr) -> Result<()> {
     ip(&[
         "-n",
-        &pod,
+        pod,
         "addr",
         "add",
         &format!("{pod_ip}/32"),
         "dev",
         "eth0",
     ])?;
-    ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
     ip(&[
         "-n",
-        &pod,
+        pod,
         "route",
         "add",
         "169.254.1.1",
@@ -369,7 +384,7 @@ fn add_pod(
     for cidr in ["10.244.0.0/16", "10.96.0.0/16"] {
         ip(&[
             "-n",
-            &pod,
+            pod,
             "route",
             "add",
             cidr,
@@ -381,12 +396,8 @@ fn add_pod(
     }
     let host = format!("{pod_ip}/32");
     ip(&[
-        "-n", &node, "route", "add", &host, "dev", &veth, "scope", "link",
-    ])?;
-    if let Some(ip6) = ip6 {
-        add_pod_ipv6(&node, &pod, &veth, ip6)?;
-    }
-    Ok(())
+        "-n", node, "route", "add", &host, "dev", veth, "scope", "link",
+    ])
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A pod of the test cluster: its address and network namespace, and running programs in it.
 
 use std::ffi::OsStr;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
@@ -18,10 +18,13 @@ pub struct Pod {
     pub namespace: String,
     /// Service account.
     pub service_account: String,
-    /// Pod IP (`/32` on its `eth0`).
+    /// Pod IP (`/32` on its `eth0`). An IPv6-only pod's is reserved for it but assigned
+    /// nowhere (see [`Pod::addr`]).
     pub ip: Ipv4Addr,
     /// Dual-stack clusters: the pod's IPv6 address (`/128` on its `eth0`).
     pub ip6: Option<Ipv6Addr>,
+    /// The pod has its IPv6 address alone ([`super::PodSpec::ipv6_only`]).
+    pub ipv6_only: bool,
     /// Network namespace name.
     pub netns: String,
     /// Node, 1-based.
@@ -34,6 +37,15 @@ impl Pod {
     /// `"ns/name"`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The address other pods reach this one at: its IPv4 address, or an IPv6-only pod's
+    /// IPv6 one.
+    pub fn addr(&self) -> IpAddr {
+        match self.ip6 {
+            Some(v6) if self.ipv6_only => v6.into(),
+            _ => self.ip.into(),
+        }
     }
 
     /// A command that runs `program` inside the pod's network namespace. Put in its own process

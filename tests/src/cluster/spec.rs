@@ -61,6 +61,9 @@ pub struct PodSpec {
     pub service_account: String,
     /// Labels (service selectors match these).
     pub labels: BTreeMap<String, String>,
+    /// IPv6 only ([`PodSpec::ipv6_only`]; dual-stack clusters): the pod has its IPv6 address
+    /// alone, and its IPv4 one ([`ClusterSpec::placements`]) is reserved but assigned nowhere.
+    pub ipv6_only: bool,
 }
 
 /// A ClusterIP service.
@@ -96,7 +99,8 @@ impl ClusterSpec {
         }
     }
 
-    /// Gives pods, nodes and Services IPv6 addresses too.
+    /// Gives pods, nodes and Services IPv6 addresses too (pods made [`PodSpec::ipv6_only`]
+    /// have only theirs).
     pub fn dual_stack(mut self) -> Self {
         self.dual_stack = true;
         self
@@ -158,6 +162,13 @@ impl ClusterSpec {
                     pod.name
                 );
             }
+            if pod.ipv6_only && !self.dual_stack {
+                bail!(
+                    "pod {}/{} is IPv6-only in a cluster without IPv6: add .dual_stack()",
+                    pod.namespace,
+                    pod.name
+                );
+            }
             let dup = self.pods[..i]
                 .iter()
                 .any(|p| p.name == pod.name && p.namespace == pod.namespace);
@@ -182,7 +193,8 @@ impl ClusterSpec {
         Ok(())
     }
 
-    /// `(pod spec, 1-based index on its node, pod IP)` for every pod, in spec order.
+    /// `(pod spec, 1-based index on its node, pod IP)` for every pod, in spec order. An
+    /// IPv6-only pod's IPv4 address is reserved for it but assigned nowhere.
     pub fn placements(&self) -> Vec<(&PodSpec, usize, Ipv4Addr)> {
         let mut per_node = vec![0usize; self.nodes + 1];
         self.pods
@@ -200,12 +212,13 @@ impl ClusterSpec {
             .collect()
     }
 
-    /// The IP a pod gets, by `"ns/name"`.
+    /// The IPv4 address a pod gets, by `"ns/name"` (`None` for an IPv6-only pod).
     pub fn pod_ip(&self, key: &str) -> Option<Ipv4Addr> {
         let (ns, name) = split_key(key).ok()?;
         self.placements()
             .into_iter()
             .find(|(p, _, _)| p.namespace == ns && p.name == name)
+            .filter(|(p, _, _)| !p.ipv6_only)
             .map(|(_, _, ip)| ip)
     }
 
@@ -232,16 +245,20 @@ impl ClusterSpec {
     /// The Pod documents, with `status.podIP` and `spec.nodeName` filled in as a kubelet would.
     pub fn render_pods(&self) -> Result<String> {
         let placed = self.placements().into_iter().map(|(p, j, ip)| {
+            let v4 = (!p.ipv6_only).then_some(ip);
             let v6 = self.dual_stack.then(|| pod_ip6(p.node, j));
-            (p, ip, v6)
+            (p, v4, v6)
         });
         // CNI pods: the address their IPAM gave (IPv4 only).
-        let cni = self.cni_pods.iter().map(|(p, ip)| (p, *ip, None));
-        let docs = placed.chain(cni).map(|(p, ip, v6)| {
-            let mut pod_ips = vec![json!({"ip": ip.to_string()})];
-            if let Some(v6) = v6 {
-                pod_ips.push(json!({"ip": v6.to_string()}));
-            }
+        let cni = self.cni_pods.iter().map(|(p, ip)| (p, Some(*ip), None));
+        let docs = placed.chain(cni).map(|(p, v4, v6)| {
+            let pod_ips: Vec<String> = v4
+                .map(|a| a.to_string())
+                .into_iter()
+                .chain(v6.map(|a| a.to_string()))
+                .collect();
+            let primary = pod_ips.first().cloned().unwrap_or_default();
+            let pod_ips: Vec<Value> = pod_ips.iter().map(|ip| json!({"ip": ip})).collect();
             json!({
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -259,7 +276,7 @@ impl ClusterSpec {
                 "status": {
                     "phase": "Running",
                     "hostIP": node_ip(p.node).to_string(),
-                    "podIP": ip.to_string(),
+                    "podIP": primary,
                     "podIPs": pod_ips,
                 },
             })
@@ -405,7 +422,15 @@ impl PodSpec {
             node,
             service_account: "default".to_string(),
             labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+            ipv6_only: false,
         }
+    }
+
+    /// Gives the pod its IPv6 address alone (a dual-stack cluster's nodes route it): no IPv4
+    /// address, route or `podIPs` entry.
+    pub fn ipv6_only(mut self) -> Self {
+        self.ipv6_only = true;
+        self
     }
 
     /// Sets the service account.
@@ -511,5 +536,34 @@ mod tests {
             svc.contains("fd00:10:96::0:10") || svc.contains("fd00:10:96::10"),
             "{svc}"
         );
+    }
+
+    #[test]
+    fn an_ipv6_only_pod_has_its_ipv6_address_alone() {
+        let pod = || PodSpec::new("demo/v6", 1).ipv6_only();
+        let single = ClusterSpec::new(1).namespace("demo", true).pod(pod());
+        assert!(single.validate().is_err(), "needs a dual-stack cluster");
+        let spec = single.dual_stack().pod(PodSpec::new("demo/both", 1));
+        spec.validate().expect("valid");
+        assert_eq!(spec.pod_ip("demo/v6"), None);
+        assert_eq!(
+            spec.pod_ip("demo/both"),
+            Some(Ipv4Addr::new(10, 244, 1, 12)),
+            "addresses of the pods after it do not move"
+        );
+        let pods = spec.render_pods().expect("renders");
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::Deserializer::from_str(&pods)
+            .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+            .next()
+            .expect("one pod");
+        let status = &doc["status"];
+        assert_eq!(status["podIP"].as_str(), Some("fd00:10:244:1::11"));
+        let ips: Vec<&str> = status["podIPs"]
+            .as_sequence()
+            .expect("podIPs")
+            .iter()
+            .filter_map(|v| v["ip"].as_str())
+            .collect();
+        assert_eq!(ips, ["fd00:10:244:1::11"]);
     }
 }
