@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use mesh_tests::app::SendOpts;
 use mesh_tests::cluster::{field, message, vip6, Cluster, ClusterSpec, Pod, PodSpec, SvcSpec};
-use mesh_tests::pcap::TCP;
+use mesh_tests::pcap::{Pcap, TCP};
 use mesh_tests::testkit::{
     apply_policies, at, capture_drops, denied_line, eventually, istio_policy, node_http,
     node_metric, ok, refused, start_with_daemons,
@@ -60,6 +60,31 @@ fn vip6_of() -> Ipv6Addr {
 
 fn addr_ip(l: &Value, key: &str) -> Option<IpAddr> {
     field(l, key).parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
+/// The fabric carried IPv6 TCP on port 15008 only (a captured flow is tunnelled), at least
+/// `flows` x 1 MiB of payload in it, and never `marker` in clear.
+fn assert_ipv6_hbone_only(pcap: &Pcap, flows: u64, marker: &str) {
+    let stray: Vec<String> = pcap
+        .packets6
+        .iter()
+        .filter(|p| p.proto == TCP && !p.has_port(HBONE))
+        .map(|p| format!("[{}]:{} -> [{}]:{}", p.src, p.sport, p.dst, p.dport))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "IPv6 TCP on the fabric outside port 15008 (a flow bypassed the mesh): {:?}",
+        &stray[..stray.len().min(10)]
+    );
+    let hbone = pcap.payload_bytes6_on_port(HBONE) as u64;
+    assert!(
+        hbone >= flows * MIB,
+        "expected {flows} x 1 MiB echoed inside IPv6 port 15008, saw {hbone} B"
+    );
+    assert!(
+        !pcap.contains(marker.as_bytes()),
+        "marker crossed the fabric in clear"
+    );
 }
 
 /// From `pod`, a TCP connection to `[dst]:port` whose packets all carry a destination-options
@@ -129,22 +154,7 @@ fn ipv6_flows_cross_nodes_in_tls_with_identity_and_source_kept() {
     });
 
     let pcap = capture.stop().expect("capture stops");
-    let stray: Vec<String> = pcap
-        .packets6
-        .iter()
-        .filter(|p| p.proto == TCP && !p.has_port(HBONE))
-        .map(|p| format!("[{}]:{} -> [{}]:{}", p.src, p.sport, p.dst, p.dport))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "IPv6 TCP on the fabric outside port 15008: {:?}",
-        &stray[..stray.len().min(10)]
-    );
-    let hbone = pcap.payload_bytes6_on_port(HBONE) as u64;
-    assert!(
-        hbone >= 2 * MIB,
-        "expected 2 x 1 MiB echoed inside IPv6 port 15008, saw {hbone} B"
-    );
+    assert_ipv6_hbone_only(&pcap, 2, &marker);
     let between = pcap
         .packets6
         .iter()
@@ -153,10 +163,6 @@ fn ipv6_flows_cross_nodes_in_tls_with_identity_and_source_kept() {
     assert!(
         between,
         "the tunnel runs between the pods' own IPv6 addresses"
-    );
-    assert!(
-        !pcap.contains(marker.as_bytes()),
-        "marker crossed the fabric in clear"
     );
 
     let dst = cluster
@@ -347,26 +353,7 @@ fn ipv6_only_pods_are_captured_and_meshed_across_nodes() {
     }
 
     let pcap = capture.stop().expect("capture stops");
-    let stray: Vec<String> = pcap
-        .packets6
-        .iter()
-        .filter(|p| p.proto == TCP && !p.has_port(HBONE))
-        .map(|p| format!("[{}]:{} -> [{}]:{}", p.src, p.sport, p.dst, p.dport))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "IPv6 TCP on the fabric outside port 15008 (the IPv6-only pod bypassed the mesh): {:?}",
-        &stray[..stray.len().min(10)]
-    );
-    let hbone = pcap.payload_bytes6_on_port(HBONE) as u64;
-    assert!(
-        hbone >= 3 * MIB,
-        "expected 3 x 1 MiB echoed inside IPv6 port 15008, saw {hbone} B"
-    );
-    assert!(
-        !pcap.contains(marker.as_bytes()),
-        "marker crossed the fabric in clear"
-    );
+    assert_ipv6_hbone_only(&pcap, 3, &marker);
 
     // The server's daemon names the client by its SPIFFE identity.
     let line = cluster

@@ -127,7 +127,7 @@ impl LocalPod {
     /// The pod's node-side interface, from the route to its [`LocalPod::primary`] address.
     /// For a dual-stack pod whose IPv6 route leads directly to another interface, the IPv4
     /// one is kept and the disagreement is returned beside it, to be reported (the pod's IPv6
-    /// packets would be dropped as spoofed). An IPv6 route that leads to no pod interface at
+    /// packets are dropped as spoofed, and the pod is shown not captured, until they agree). An IPv6 route that leads to no pod interface at
     /// all (not installed yet) is no disagreement: no IPv6 packet reaches the pod meanwhile.
     pub(super) fn interface(
         &self,
@@ -157,17 +157,15 @@ impl LocalPod {
         };
         let iface4 = lookup(ipv4.into())?;
         let mismatch = match table.pod_interface(ipv6.into(), uplinks) {
-            Ok(iface6) if iface6 != iface4 => {
-                warn!(pod = %self.name, %ipv4, %iface4, %ipv6, %iface6,
-                      "capture: the pod's IPv4 and IPv6 routes lead to different interfaces");
-                Some(CaptureError::InterfaceMismatch {
-                    pod: self.name.clone(),
-                    ipv4,
-                    iface4: iface4.clone(),
-                    ipv6,
-                    iface6,
-                })
-            }
+            // Reported like any capture problem (logged by the sync's caller, the pod shown
+            // not captured), not logged here on every sync.
+            Ok(iface6) if iface6 != iface4 => Some(CaptureError::InterfaceMismatch {
+                pod: self.name.clone(),
+                ipv4,
+                iface4: iface4.clone(),
+                ipv6,
+                iface6,
+            }),
             _ => None,
         };
         Ok((iface4, mismatch))
