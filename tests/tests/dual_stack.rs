@@ -19,7 +19,7 @@ use mesh_tests::cluster::{field, message, vip6, Cluster, ClusterSpec, Pod, PodSp
 use mesh_tests::pcap::{Pcap, TCP};
 use mesh_tests::testkit::{
     apply_policies, at, capture_drops, denied_line, eventually, istio_policy, node_http,
-    node_metric, ok, refused, start_with_daemons,
+    node_metric, ok, pod_veth, refused, start_with_daemons,
 };
 use serde_json::Value;
 
@@ -436,4 +436,63 @@ fn ipv6_only_pods_are_captured_and_meshed_across_nodes() {
         a6.send(&SendOpts::to(&at6(ip6(&d), 8080))).expect("runs"),
         "a6 -> d, not selected by the policy",
     );
+}
+
+/// A dual-stack pod whose IPv6 route leads to another pod's veth is shown not captured, with
+/// both interfaces named, and holds the daemon not ready until its routes agree again.
+#[test]
+fn a_dual_stack_pod_whose_routes_disagree_is_reported_until_they_agree() {
+    let spec = ClusterSpec::new(1)
+        .dual_stack()
+        .namespace("mesh", true)
+        .pod(PodSpec::new("mesh/a", 1))
+        .pod(PodSpec::new("mesh/b6", 1).ipv6_only());
+    let cluster = start_with_daemons(spec);
+    let (a, b6) = (
+        cluster.pod("mesh/a").clone(),
+        cluster.pod("mesh/b6").clone(),
+    );
+    let ready = || node_http(&cluster, 1, 15021, "GET", "/healthz/ready").expect("probe");
+    assert_eq!(
+        ready().0,
+        200,
+        "both pods captured, the IPv6-only one included"
+    );
+    let (veth_a, veth_b) = (pod_veth(&cluster, &a), pod_veth(&cluster, &b6));
+    let route_a6 = |dev: &str| {
+        let host = format!("{}/128", ip6(&a));
+        let o = cluster
+            .node_exec(1, "ip", &["-6", "route", "replace", &host, "dev", dev])
+            .expect("ip runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+
+    route_a6(&veth_b);
+    let wait = Duration::from_secs(15);
+    eventually(wait, "readiness 503 naming mesh/a", || {
+        let (status, body) = ready();
+        status == 503 && body.contains("mesh/a")
+    });
+    let (_, body) = ready();
+    assert!(
+        body.contains(&veth_a) && body.contains(&veth_b),
+        "the reason names both interfaces: {body}"
+    );
+    let not_captured = r#"ztunnel_capture_pods{state="not_captured"}"#;
+    assert_eq!(node_metric(&cluster, 1, not_captured), Some(1));
+    let dump = config_dump(&cluster, 1);
+    let pods = dump["enrolled_pods"].as_array().expect("enrolled_pods");
+    let pod = |key: &str| {
+        pods.iter()
+            .find(|p| p["pod"] == key)
+            .unwrap_or_else(|| panic!("{key} in {pods:?}"))
+    };
+    assert_eq!(pod("mesh/a")["captured"], false, "{pods:?}");
+    assert_eq!(pod("mesh/b6")["captured"], true, "{pods:?}");
+
+    route_a6(&veth_a);
+    eventually(wait, "ready again once the routes agree", || {
+        ready().0 == 200
+    });
+    assert_eq!(node_metric(&cluster, 1, not_captured), Some(0));
 }
