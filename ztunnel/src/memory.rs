@@ -122,9 +122,28 @@ impl Reclaim {
 
 /// Bytes free in all of glibc's arenas (including chunks too small to give back).
 fn free_heap_bytes() -> usize {
+    heap().free
+}
+
+/// The allocator's heap, summed over its arenas.
+#[derive(Debug, Clone, Copy)]
+pub struct Heap {
+    /// Allocated and not yet freed (including blocks mapped on their own).
+    pub in_use: usize,
+    /// Free but kept by the allocator (resident or not).
+    pub free: usize,
+}
+
+/// Reads the allocator's statistics: what resident memory is made of, for operators and the
+/// soak run (a leak grows `in_use`; fragmentation grows `free`).
+pub fn heap() -> Heap {
     // SAFETY: mallinfo2 only reads the allocator's own statistics (under each arena's lock)
     // and returns them by value.
-    unsafe { libc::mallinfo2() }.fordblks
+    let info = unsafe { libc::mallinfo2() };
+    Heap {
+        in_use: info.uordblks + info.hblkhd,
+        free: info.fordblks,
+    }
 }
 
 /// Gives the heap a state change left free back to the kernel, at most once per
