@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::cluster::{Cluster, ClusterSpec, Pod, PodSpec};
-use mesh_tests::testkit::node_http;
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
@@ -32,8 +31,6 @@ use super::probe;
 const PORT: u16 = 8080;
 /// Seconds between samples.
 const SAMPLE_SECS: u64 = 10;
-/// The daemons' metrics port.
-const METRICS_PORT: u16 = 15020;
 /// Allowed change of a series' mean between the two windows.
 const FLAT_PCT: f64 = 5.0;
 /// Descriptors a series may differ by whatever the percentage (connections in flight).
@@ -93,26 +90,15 @@ fn sample(cluster: &Cluster, node: usize, pid: u32, secs: f64) -> Result<Sample>
         .with_context(|| format!("listing /proc/{pid}/fd (did the daemon exit?)"))?
         .count() as f64;
     let m = probe::mem(pid)?;
-    let metrics = node_http(cluster, node, METRICS_PORT, "GET", "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    let heap = |state: &str| heap_mib(&metrics, state).unwrap_or(f64::NAN);
+    let (heap_in_use, heap_free) = probe::heap(cluster, node);
     Ok(Sample {
         secs,
         fds,
         rss: m.rss,
         anon: m.anon,
-        heap_in_use: heap("in_use"),
-        heap_free: heap("free"),
+        heap_in_use,
+        heap_free,
     })
-}
-
-/// `ztunnel_heap_bytes{state="<state>"}` of a Prometheus text, in MiB.
-fn heap_mib(metrics: &str, state: &str) -> Option<f64> {
-    let prefix = format!("ztunnel_heap_bytes{{state=\"{state}\"}} ");
-    let line = metrics.lines().find(|l| l.starts_with(&prefix))?;
-    let bytes: f64 = line[prefix.len()..].trim().parse().ok()?;
-    Some(bytes / (1024.0 * 1024.0))
 }
 
 /// The windows compared: (baseline, last) in seconds from the start, and how they were chosen.
@@ -478,13 +464,5 @@ mod tests {
         let svg = std::fs::read_to_string(&path).expect("read svg");
         assert!(svg.contains("Open descriptors") && svg.contains("node2 daemon"));
         assert!(svg.contains("Heap in use"));
-    }
-
-    #[test]
-    fn heap_gauges_are_read_from_the_metrics_text() {
-        let text = "# TYPE ztunnel_heap_bytes gauge\nztunnel_heap_bytes{state=\"in_use\"} 2097152\nztunnel_heap_bytes{state=\"free\"} 524288\n";
-        assert_eq!(heap_mib(text, "in_use"), Some(2.0));
-        assert_eq!(heap_mib(text, "free"), Some(0.5));
-        assert_eq!(heap_mib("", "free"), None);
     }
 }
