@@ -63,7 +63,10 @@ fn post_file(pod: &Pod, proto: &str, url: &str, body: &Path) -> (u16, Vec<u8>) {
         .stdin(Stdio::null())
         .output()
         .expect("curl runs");
-    let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
     assert_ne!(
         code,
         0,
@@ -144,7 +147,9 @@ fn http_over_ipv6_goes_through_the_waypoint_in_ipv6_with_policy_and_identity() {
         .collect();
     assert_eq!(at_backends.len(), 2, "{at_backends:?}");
     for r in &at_backends {
-        let peer = r["peer"].as_str().and_then(|p| p.parse::<SocketAddr>().ok());
+        let peer = r["peer"]
+            .as_str()
+            .and_then(|p| p.parse::<SocketAddr>().ok());
         assert_eq!(
             peer.map(|p| p.ip()),
             Some(waypoint6.into()),
@@ -263,5 +268,8 @@ fn http_over_ipv6_goes_through_the_waypoint_in_ipv6_with_policy_and_identity() {
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum::<f64>();
-    assert!(denied_count >= 2.0, "403s counted: {denied_count}\n{metrics}");
+    assert!(
+        denied_count >= 2.0,
+        "403s counted: {denied_count}\n{metrics}"
+    );
 }
