@@ -165,12 +165,23 @@ impl Waypoint {
 
     /// The next pod to hand a flow to (round robin), `None` when it has no ready pod.
     pub fn pick(&self) -> Option<Arc<Workload>> {
+        self.pick_where(|_| true)
+    }
+
+    /// Like [`Waypoint::pick`], among the pods with an address in the family of `like` (the
+    /// flow's original destination): the source pod dials from its address of that family,
+    /// so an IPv6 flow reaches the waypoint at an IPv6 address, as it would reach a pod.
+    pub fn pick_like(&self, like: std::net::IpAddr) -> Option<Arc<Workload>> {
+        self.pick_where(|w| w.ip_like(like).is_some())
+    }
+
+    fn pick_where(&self, eligible: impl Fn(&Workload) -> bool) -> Option<Arc<Workload>> {
         let n = self.endpoints.len();
-        if n == 0 {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        self.endpoints.get(i).cloned()
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.endpoints[(start + i) % n])
+            .find(|w| eligible(w))
+            .cloned()
     }
 }
 
