@@ -118,7 +118,12 @@ impl WaypointMesh {
     /// The mesh on state files: the Gateway, the route and `extra` YAML (policies) written as
     /// `waypoint.yaml`, daemons ready, the waypoint ready, backends serving.
     pub fn start(extra: &str) -> WaypointMesh {
-        let mut cluster = Cluster::start(spec()).expect("cluster starts");
+        WaypointMesh::start_spec(spec(), extra)
+    }
+
+    /// Like [`WaypointMesh::start`] on another layout: [`spec`] made dual stack, for one.
+    pub fn start_spec(spec: ClusterSpec, extra: &str) -> WaypointMesh {
+        let mut cluster = Cluster::start(spec).expect("cluster starts");
         cluster
             .write_state_file(
                 "waypoint.yaml",

@@ -82,20 +82,21 @@ impl CurlRun {
 }
 
 impl Pod {
-    /// Starts `meshhttp serve` on `0.0.0.0:<port>` answering as `name`; waits until it listens.
+    /// Starts `meshhttp serve` on `0.0.0.0:<port>` (and, in a dual-stack cluster, on the pod's
+    /// IPv6 address too) answering as `name`; waits until it listens.
     pub fn serve_http(&self, port: u16, name: &str) -> Result<HttpServer> {
         let log = self.logdir.join(format!("http-{name}-{port}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating log handle")?;
+        let mut listen = vec![format!("0.0.0.0:{port}")];
+        if let Some(ip6) = self.ip6 {
+            listen.push(format!("[{ip6}]:{port}"));
+        }
         let mut child = self
             .command(crate::meshhttp_bin())
-            .args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port}"),
-                "--name",
-                name,
-            ])
+            .arg("serve")
+            .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
+            .args(["--name", name])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -4,7 +4,7 @@
 //! drain on SIGTERM.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,9 +89,17 @@ pub struct Args {
     /// The waypoint pod's name, sent in `baggage` to endpoints.
     #[arg(long, env = "POD_NAME", default_value = "waypoint")]
     pub pod_name: String,
-    /// The waypoint pod's IP: the source of its connections to endpoints.
-    #[arg(long, env = "POD_IP")]
-    pub pod_ip: IpAddr,
+    /// The waypoint pod's IPs, at most one per family: the sources of its connections to
+    /// endpoints (a flow goes on in the family it came in), and the families it listens in by
+    /// default. Repeat the flag, or give them comma-separated as the downward API's
+    /// `status.podIPs` has them (`POD_IP=10.244.2.11,fd00:10:244:2::11`).
+    #[arg(
+        long = "pod-ip",
+        env = "POD_IP",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub pod_ip: Vec<IpAddr>,
     /// Cluster DNS domain, for the destination Service names in metrics.
     #[arg(long, env = "WAYPOINT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
@@ -113,9 +121,11 @@ pub struct Args {
     /// Where Prometheus scrapes `/metrics` (and `/stats/prometheus`).
     #[arg(long, env = "WAYPOINT_METRICS_LISTEN", default_value = "0.0.0.0:15020")]
     pub metrics_listen: SocketAddr,
-    /// Where HBONE is accepted.
-    #[arg(long, env = "WAYPOINT_LISTEN", default_value = "0.0.0.0:15008")]
-    pub listen: SocketAddr,
+    /// Where HBONE is accepted; repeatable (or comma-separated). Unset: port 15008 on the
+    /// wildcard address of each family of --pod-ip (`0.0.0.0:15008`, and `[::]:15008` when the
+    /// pod has an IPv6 address), so a dual-stack pod is reached in either family.
+    #[arg(long, env = "WAYPOINT_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<SocketAddr>,
     /// The HBONE port dialled on endpoint pods.
     #[arg(long, env = "WAYPOINT_HBONE_PORT", default_value_t = 15008)]
     pub hbone_port: u16,
@@ -158,7 +168,7 @@ pub enum WaypointError {
     /// The state source cannot be read at all.
     #[error(transparent)]
     State(#[from] SourceError),
-    /// The HBONE listener cannot be bound.
+    /// An HBONE listener cannot be bound.
     #[error("listen on {addr}: {error}")]
     Listen {
         /// Address.
@@ -173,8 +183,9 @@ pub enum WaypointError {
 pub struct Settings {
     /// The waypoint's identity.
     pub identity: SpiffeId,
-    /// Source IP of connections to endpoints.
-    pub pod_ip: IpAddr,
+    /// The pod's addresses, at most one per family, never empty: the source IPs of
+    /// connections to endpoints, one family per flow.
+    pub pod_ips: Vec<IpAddr>,
     /// `baggage` of the CONNECTs to endpoints.
     pub baggage: String,
     /// HBONE port of endpoint pods.
@@ -220,12 +231,57 @@ impl Args {
         .map_err(waypoint_env)
     }
 
+    /// The pod's addresses: at least one, at most one per family.
+    pub fn pod_ips(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            flag: "pod-ip".into(),
+            env: "POD_IP".into(),
+            message,
+        };
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in &self.pod_ip {
+            if ip.is_unspecified() {
+                return Err(invalid(format!("{ip} is not a pod address")));
+            }
+            if let Some(other) = ips.iter().find(|o| o.is_ipv6() == ip.is_ipv6()) {
+                return Err(invalid(format!(
+                    "{other} and {ip} are of the same family; give one address per family \
+                     (a dual-stack pod's IPv4 and IPv6 addresses)"
+                )));
+            }
+            ips.push(*ip);
+        }
+        if ips.is_empty() {
+            return Err(invalid("at least one address is required".into()));
+        }
+        Ok(ips)
+    }
+
+    /// Where HBONE is accepted: `--listen`, else port 15008 on the wildcard address of each
+    /// family of `pod_ips`.
+    pub fn listen_addrs(&self, pod_ips: &[IpAddr]) -> Vec<SocketAddr> {
+        if !self.listen.is_empty() {
+            return self.listen.clone();
+        }
+        pod_ips
+            .iter()
+            .map(|ip| {
+                let any = if ip.is_ipv6() {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                };
+                SocketAddr::new(any, DEFAULT_HBONE_PORT)
+            })
+            .collect()
+    }
+
     /// The settings these flags describe.
-    pub fn settings(&self) -> Settings {
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
         let window = self.hbone_stream_window.0.max(65_535);
-        Settings {
+        Ok(Settings {
             identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
-            pod_ip: self.pod_ip,
+            pod_ips: self.pod_ips()?,
             baggage: format!(
                 "k8s.cluster.name={CLUSTER},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
                 self.namespace, self.pod_name, self.service_account
@@ -238,9 +294,12 @@ impl Args {
                 .gateway_name
                 .clone()
                 .unwrap_or_else(|| self.service_account.clone()),
-        }
+        })
     }
 }
+
+/// The port HBONE is accepted on when `--listen` is not given.
+const DEFAULT_HBONE_PORT: u16 = 15008;
 
 /// The daemon's checks name its `ZTUNNEL_*` variables; the waypoint's are `WAYPOINT_*`.
 fn waypoint_env(e: ConfigError) -> ConfigError {
@@ -290,7 +349,7 @@ pub fn build(
         pool,
         sockets,
         settings.identity.clone(),
-        settings.pod_ip,
+        settings.pod_ips.clone(),
         settings.hbone_port,
         settings.baggage.clone(),
     );
@@ -320,7 +379,7 @@ pub fn build(
 
 /// Runs the waypoint until SIGTERM or Ctrl-C, then drains.
 pub async fn run(args: Args) -> Result<(), WaypointError> {
-    let settings = args.settings();
+    let settings = args.settings()?;
     let source_config = args.source_config()?;
     let ca = args.ca_config()?.authority(&args.trust_domain)?;
     let certs = CertManager::new(ca, args.cert_ttl.0)?;
@@ -357,7 +416,10 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
             .listen(leg, addr, false)
             .map_err(|error| WaypointError::Listen { addr, error })
     };
-    let listener = listen(args.listen, Leg::Hbone)?;
+    let mut listeners = Vec::new();
+    for addr in args.listen_addrs(&settings.pod_ips) {
+        listeners.push(listen(addr, Leg::Hbone)?);
+    }
     let side_ports = [
         (
             args.metrics_listen,
@@ -391,14 +453,25 @@ pub async fn run(args: Args) -> Result<(), WaypointError> {
         .fetch(&settings.identity, args.connect_timeout.0.max(CERT_WAIT))
         .await?;
     ready.certificate_issued();
-    let bound = listener.local_addr().unwrap_or(args.listen);
-    tracing::info!(listen = %bound, identity = %settings.identity, "waypoint ready");
-    let serving = tokio::spawn(server.run(listener));
+    let bound: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let pod_ips: Vec<String> = settings.pod_ips.iter().map(ToString::to_string).collect();
+    tracing::info!(listen = %bound.join(","), pod_ips = %pod_ips.join(","),
+        identity = %settings.identity, "waypoint ready");
+    let serving: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(server.clone().run(l)))
+        .collect();
     shutdown_signal().await;
     tracing::info!("draining");
     drain.start();
     // No new connections; those open finish their streams (each holds a drain guard).
-    serving.abort();
+    for s in &serving {
+        s.abort();
+    }
     let left = drain.wait_idle(args.drain_timeout.0).await;
     tracing::info!(streams_cut = left, "waypoint stopped");
     Ok(())
@@ -465,5 +538,60 @@ mod tests {
         assert!(e.contains("--state") && e.contains("WAYPOINT_STATE"), "{e}");
         let e = err(args(&["--ca-dir", d]).source_config().map(drop));
         assert!(e.contains("--state"), "{e}");
+    }
+
+    #[test]
+    fn a_dual_stack_pod_gets_both_addresses_and_listens_in_both_families() {
+        let ips = |a: &Args| a.pod_ips().map_err(|e| e.to_string());
+        let one = args(&[]);
+        assert_eq!(ips(&one), Ok(vec!["10.0.0.1".parse().expect("ip")]));
+        assert_eq!(
+            one.listen_addrs(&one.pod_ips().expect("ips")),
+            ["0.0.0.0:15008".parse::<SocketAddr>().expect("addr")]
+        );
+        for dual in [
+            args(&["--pod-ip", "fd00::1"]),
+            Args::parse_from([
+                "waypoint",
+                "--namespace",
+                "ns",
+                "--pod-ip",
+                "10.0.0.1,fd00::1",
+            ]),
+        ] {
+            let got = dual.pod_ips().expect("two families");
+            assert_eq!(
+                got,
+                [
+                    "10.0.0.1".parse::<IpAddr>().expect("ip"),
+                    "fd00::1".parse().expect("ip")
+                ]
+            );
+            let listen: Vec<String> = dual
+                .listen_addrs(&got)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(listen, ["0.0.0.0:15008", "[::]:15008"]);
+            assert_eq!(dual.settings().expect("settings").pod_ips, got);
+        }
+        let explicit = args(&["--pod-ip", "fd00::1", "--listen", "[fd00::1]:15008"]);
+        assert_eq!(
+            explicit.listen_addrs(&explicit.pod_ips().expect("ips")),
+            ["[fd00::1]:15008".parse::<SocketAddr>().expect("addr")]
+        );
+        let twice = ips(&args(&["--pod-ip", "10.0.0.2"])).expect_err("two IPv4");
+        assert!(
+            twice.contains("--pod-ip") && twice.contains("POD_IP") && twice.contains("same family"),
+            "{twice}"
+        );
+        let any = ips(&Args::parse_from([
+            "waypoint",
+            "--namespace",
+            "ns",
+            "--pod-ip",
+            "::",
+        ]));
+        assert!(any.is_err_and(|e| e.contains("not a pod address")));
     }
 }

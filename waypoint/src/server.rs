@@ -118,7 +118,7 @@ impl Waypoint {
                     return;
                 }
                 return self
-                    .forward_opaque(&snap, dest, client, io.into_inner())
+                    .forward_opaque(&snap, dest, req.authority, client, io.into_inner())
                     .await;
             }
         };
@@ -150,8 +150,18 @@ impl Waypoint {
         }
     }
 
-    async fn forward_opaque(&self, snap: &Snapshot, dest: Dest, client: SocketAddr, mut io: H2Io) {
-        let ep = match Forwarder::endpoint(snap, &dest) {
+    /// Copies an opaque stream to an endpoint of `dest`, reached in the family of
+    /// `authority` (the address the client dialled).
+    async fn forward_opaque(
+        &self,
+        snap: &Snapshot,
+        dest: Dest,
+        authority: SocketAddr,
+        client: SocketAddr,
+        mut io: H2Io,
+    ) {
+        let like = self.upstreams.source_for(authority.ip());
+        let ep = match Forwarder::endpoint(snap, &dest, like) {
             Ok(ep) => ep,
             Err((_, why)) => {
                 tracing::info!(?dest, %client, error = %why, "opaque stream dropped");

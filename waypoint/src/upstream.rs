@@ -48,19 +48,22 @@ pub enum Proto {
     Http2,
 }
 
-/// An endpoint pod and the port to reach on it.
+/// An endpoint pod, the address it is reached at and the port to reach on it.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// The pod.
     pub workload: Arc<Workload>,
+    /// The pod's address in the flow's family (a dual-stack pod has one of each): an IPv6
+    /// flow goes on to the pod's IPv6 address.
+    pub ip: IpAddr,
     /// Target port on the pod.
     pub port: u16,
 }
 
 impl Endpoint {
-    /// `pod ip:port`, the CONNECT authority.
+    /// `pod ip:port` (`[ip]:port` for IPv6), the CONNECT authority.
     pub fn authority(&self) -> SocketAddr {
-        SocketAddr::new(self.workload.ip, self.port)
+        SocketAddr::new(self.ip, self.port)
     }
 }
 
@@ -113,7 +116,8 @@ pub struct Upstreams {
     pool: Pool,
     sockets: Arc<dyn SocketFactory>,
     identity: SpiffeId,
-    src: IpAddr,
+    /// The waypoint pod's addresses, at most one per family, never empty.
+    srcs: Vec<IpAddr>,
     hbone_port: u16,
     baggage: String,
     http1: Mutex<Idle1>,
@@ -121,21 +125,26 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Upstreams presenting `identity` from source IP `src`, dialling endpoints' HBONE on
+    /// Upstreams presenting `identity` from the pod addresses `srcs` (one per family the pod
+    /// has; the first is used when a flow's family has none), dialling endpoints' HBONE on
     /// `hbone_port`, with `baggage` naming the waypoint in each CONNECT.
+    ///
+    /// # Panics
+    /// When `srcs` is empty: the waypoint's flags require at least one address.
     pub fn new(
         pool: Pool,
         sockets: Arc<dyn SocketFactory>,
         identity: SpiffeId,
-        src: IpAddr,
+        srcs: Vec<IpAddr>,
         hbone_port: u16,
         baggage: String,
     ) -> Arc<Upstreams> {
+        assert!(!srcs.is_empty(), "a waypoint has at least one pod address");
         let upstreams = Arc::new(Upstreams {
             pool,
             sockets,
             identity,
-            src,
+            srcs,
             hbone_port,
             baggage,
             http1: Mutex::new(HashMap::new()),
@@ -152,6 +161,17 @@ impl Upstreams {
             }
         });
         upstreams
+    }
+
+    /// The waypoint's own address for a flow to `like`: its pod address of the same family, so
+    /// a flow stays in one family from the client to the endpoint; a waypoint given addresses
+    /// of one family only forwards every flow in that family.
+    pub fn source_for(&self, like: IpAddr) -> IpAddr {
+        self.srcs
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv6() == like.is_ipv6())
+            .unwrap_or(self.srcs[0])
     }
 
     /// Drops kept connections that are closed or have been unused for [`IDLE_TIMEOUT`] at
@@ -175,12 +195,13 @@ impl Upstreams {
     ) -> Result<Box<dyn Io>, UpstreamError> {
         let authority = ep.authority();
         let err = |error: String| UpstreamError::Connect { authority, error };
+        let src = self.source_for(ep.ip);
         if ep.workload.enrolled {
             let key = PoolKey {
                 src_identity: self.identity.clone(),
-                src_ip: self.src,
+                src_ip: src,
                 dst_identities: vec![(*ep.workload.identity).clone()],
-                dst: SocketAddr::new(ep.workload.ip, self.hbone_port),
+                dst: SocketAddr::new(ep.ip, self.hbone_port),
             };
             let req = ConnectRequest {
                 authority,
@@ -196,7 +217,7 @@ impl Upstreams {
         } else {
             let tcp = self
                 .sockets
-                .connect(Leg::Node, Some(self.src), authority)
+                .connect(Leg::Node, Some(src), authority)
                 .await
                 .map_err(|e| err(e.to_string()))?;
             Ok(Box::new(tcp))
@@ -218,7 +239,7 @@ impl Upstreams {
                 let mut sender = match self.idle_http1(&key).await {
                     Some(s) => s,
                     None => {
-                        let io = self.connect(ep, SocketAddr::new(self.src, 0)).await?;
+                        let io = self.connect(ep, self.own_addr(ep)).await?;
                         let (sender, conn) = http1::handshake(TokioIo::new(io))
                             .await
                             .map_err(|error| UpstreamError::Handshake { authority, error })?;
@@ -238,7 +259,7 @@ impl Upstreams {
                 let mut sender = match self.shared_http2(&key) {
                     Some(s) => s,
                     None => {
-                        let io = self.connect(ep, SocketAddr::new(self.src, 0)).await?;
+                        let io = self.connect(ep, self.own_addr(ep)).await?;
                         let (sender, conn) =
                             http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                                 .await
@@ -258,6 +279,13 @@ impl Upstreams {
                 Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
             }
         }
+    }
+
+    /// The waypoint's address towards `ep`: the client the endpoint's daemon is told of for a
+    /// request the waypoint makes (HTTP is terminated here; the original client travels in
+    /// `x-forwarded-for`).
+    fn own_addr(&self, ep: &Endpoint) -> SocketAddr {
+        SocketAddr::new(self.source_for(ep.ip), 0)
     }
 
     /// A kept HTTP/1.1 connection to `key` that is ready for a request.

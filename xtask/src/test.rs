@@ -81,11 +81,14 @@ pub fn run(args: &[String]) -> Result<bool> {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
-    let mut cmd = super::cargo();
-    cmd.arg("test").current_dir(&root);
     let picks_packages = cargo_args
         .iter()
         .any(|a| a == "-p" || a.starts_with("--package"));
+    if !picks_packages {
+        check_fuzz_targets(&root)?;
+    }
+    let mut cmd = super::cargo();
+    cmd.arg("test").current_dir(&root);
     if !picks_packages {
         cmd.arg("--workspace");
     }
@@ -104,6 +107,21 @@ pub fn run(args: &[String]) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// Type-checks the fuzz targets (`ztunnel/fuzz`, a crate outside the workspace that only
+/// `cargo xtask fuzz` builds, with nightly) on the stable toolchain, with its lock file as
+/// committed: a change to the daemon's API or dependencies that breaks them shows here, not
+/// at the next fuzzing run.
+fn check_fuzz_targets(root: &Path) -> Result<()> {
+    super::run_status(
+        super::cargo()
+            .args(["check", "--locked", "--bins", "--manifest-path"])
+            .arg(root.join("ztunnel/fuzz/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(super::target_dir()?.join("fuzz-check"))
+            .current_dir(root),
+    )
 }
 
 /// The user the in-process tests run as a second time: `nobody`, no capabilities.

@@ -447,7 +447,8 @@ const RESOURCE_TICK: Duration = Duration::from_secs(1);
 
 /// Every [`RESOURCE_TICK`]: counts the process's descriptors for the HBONE limits, writes the
 /// refusal summaries held back, and gives freed heap back to the kernel after a burst of
-/// inbound connections ended ([`crate::memory::Reclaim`]).
+/// inbound connections ended or when steady traffic left it growing
+/// ([`crate::memory::Reclaim`]).
 async fn watch_resources(limits: Arc<Limits>, code_pages: bool) {
     let mut reclaim = crate::memory::Reclaim::default();
     let mut tick = tokio::time::interval(RESOURCE_TICK);
@@ -463,10 +464,7 @@ async fn watch_resources(limits: Arc<Limits>, code_pages: bool) {
         let Ok(l) = counted else { continue };
         l.flush_logs();
         if let Some(released) = reclaim.after(l.in_use(), code_pages) {
-            tracing::debug!(
-                bytes = released,
-                "heap trimmed after a burst of HBONE connections"
-            );
+            tracing::debug!(bytes = released, "free heap given back to the kernel");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `meshhttp`: the HTTP backend the waypoint tests run in pods, and an HTTP/2 client.
 //!
 //! ```text
-//! meshhttp serve --listen IP:PORT --name N
+//! meshhttp serve --listen IP:PORT [--listen IP:PORT]... --name N
 //! meshhttp get   --url http://IP:PORT/PATH --count N [--http2 true] [--timeout SECS]
 //! ```
 //!
@@ -11,10 +11,12 @@
 //! behave differently, for the retry and timeout tests:
 //!
 //! - `/flaky/<key>`: the first request for a key is answered 503, later ones 200;
-//! - `/slow/<ms>`: answered 200 after `<ms>` milliseconds.
+//! - `/slow/<ms>`: answered 200 after `<ms>` milliseconds;
+//! - `/echo`: the request body is the answer's body, so a client can check its bytes came
+//!   through intact.
 //!
 //! Prints `listening` once bound and one JSON line per request (`path`, `version`, `status`,
-//! `peer`), which the tests read to see what reached the backend.
+//! `peer`, `body_bytes`), which the tests read to see what reached the backend.
 //!
 //! `get` sends `count` requests one after the other on one connection (paths `PATH1` ..
 //! `PATHN`) and prints `<status> <x-backend>` per request (status 0 when none came). The tests
@@ -30,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -45,9 +47,9 @@ use serde_json::json;
 enum Cmd {
     /// Serve HTTP/1.1 and h2c on one port.
     Serve {
-        /// Address to listen on.
-        #[arg(long)]
-        listen: SocketAddr,
+        /// Address to listen on; repeated for a dual-stack pod (its IPv4 and IPv6 addresses).
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
         /// Name answered in `x-backend` and the body.
         #[arg(long, default_value = "meshhttp")]
         name: String,
@@ -103,11 +105,31 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("listening on {listen}");
+async fn serve(listen: Vec<SocketAddr>, name: String) -> std::io::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        listeners.push(tokio::net::TcpListener::bind(addr).await?);
+    }
+    let list: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    println!("listening on {}", list.join(" "));
     let name: Arc<str> = name.into();
     let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept_loop(listener, name.clone(), seen.clone()));
+    }
+    match loops.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(std::io::Error::other(e)),
+        None => Ok(()),
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    name: Arc<str>,
+    seen: Arc<Mutex<HashSet<String>>>,
+) -> std::io::Result<()> {
     loop {
         let (tcp, peer) = listener.accept().await?;
         let (name, seen) = (name.clone(), seen.clone());
@@ -145,16 +167,23 @@ async fn answer(
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         let ms = ms.parse().unwrap_or(0u64);
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    } else if path == "/echo" {
+        let version = req.version();
+        return match req.into_body().collect().await {
+            Ok(body) => {
+                let body = body.to_bytes();
+                log_request(&path, version, status, peer, body.len());
+                Response::new(Full::new(body))
+            }
+            Err(e) => {
+                eprintln!("meshhttp: reading the body from {peer}: {e}");
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                resp
+            }
+        };
     }
-    println!(
-        "{}",
-        json!({
-            "path": path,
-            "version": format!("{:?}", req.version()),
-            "status": status.as_u16(),
-            "peer": peer.to_string(),
-        })
-    );
+    log_request(&path, req.version(), status, peer, 0);
     let mut resp = Response::new(Full::new(Bytes::from(format!("{name}\n"))));
     *resp.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(name) {
@@ -163,9 +192,29 @@ async fn answer(
     resp
 }
 
+/// The request's JSON line on stdout (`body_bytes`: the body's length, read only by `/echo`).
+fn log_request(
+    path: &str,
+    version: http::Version,
+    status: StatusCode,
+    peer: SocketAddr,
+    body_bytes: usize,
+) {
+    println!(
+        "{}",
+        json!({
+            "path": path,
+            "version": format!("{version:?}"),
+            "status": status.as_u16(),
+            "peer": peer.to_string(),
+            "body_bytes": body_bytes,
+        })
+    );
+}
+
 /// `count` GETs on one connection; one `<status> <x-backend>` line each.
 async fn get(url: http::Uri, count: usize, http2: bool) -> std::io::Result<()> {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::Empty;
     let err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
     let authority = url
         .authority()

@@ -7,7 +7,8 @@
 //! cluster, watches the API server as the pod's service account bound to the
 //! `ztunnel-waypoint` ClusterRole of deploy/rbac/waypoint.yaml; it gets its certificate from
 //! the cluster's file CA (unless `extra` names `--ca-address`), and listens for HBONE on the
-//! pod's 15008.
+//! pod's 15008: in a dual-stack cluster it is given both pod addresses and listens in both
+//! families (the waypoint's default `--listen`).
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -71,7 +72,11 @@ impl Cluster {
             .args(["--service-account", &pod.service_account])
             .args(["--pod-name", &pod.name])
             .args(["--pod-ip", &pod.ip.to_string()])
-            .args(["--listen", "0.0.0.0:15008"])
+            .args(
+                pod.ip6
+                    .iter()
+                    .flat_map(|ip6| ["--pod-ip".into(), ip6.to_string()]),
+            )
             .args(["--metrics-listen", &format!("{}:15020", pod.ip)])
             .args(["--log-format", "json"])
             .args(extra)

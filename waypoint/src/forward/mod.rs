@@ -101,13 +101,18 @@ impl Forwarder {
         })
     }
 
-    /// The endpoint `target` leads to now (a Service picks the next ready endpoint).
-    pub(crate) fn endpoint(snap: &Snapshot, dest: &Dest) -> Result<Endpoint, (StatusCode, String)> {
+    /// The endpoint `dest` leads to now (a Service picks the next ready endpoint), reached
+    /// in the family of `like` (see [`Upstreams::source_for`]).
+    pub(crate) fn endpoint(
+        snap: &Snapshot,
+        dest: &Dest,
+        like: IpAddr,
+    ) -> Result<Endpoint, (StatusCode, String)> {
         let target = match dest {
             Dest::Service { key, port } => Target::Service(key.clone(), *port),
             Dest::Pod(addr) => Target::Pod(*addr),
         };
-        resolve(snap, &target).map_err(|Local(s, m)| (s, m))
+        resolve(snap, &target, like).map_err(|Local(s, m)| (s, m))
     }
 
     /// The decision for a stream that is not HTTP: the policies attached to the waypoint and
@@ -246,6 +251,8 @@ impl Forwarder {
     ) -> Result<(Response<Body>, Endpoint), Local> {
         let (uri, headers) =
             upstream_head(parts.headers, down, &fwd.host, &fwd.path, parts.uri.query())?;
+        // The flow goes on in the family it came in (the client dialled the authority).
+        let like = self.upstreams.source_for(down.authority.ip());
         let version = match down.proto {
             Proto::Http1 => Version::HTTP_11,
             Proto::Http2 => Version::HTTP_2,
@@ -277,7 +284,7 @@ impl Forwarder {
         let attempts = async {
             let mut attempt = 0;
             loop {
-                let ep = resolve(snap, &fwd.target)?;
+                let ep = resolve(snap, &fwd.target, like)?;
                 let body = match (&replay, streamed.take()) {
                     (Some(bytes), _) => full(bytes.clone()),
                     (None, Some(body)) => body,
@@ -572,8 +579,10 @@ fn upstream_head(
     Ok((uri, headers))
 }
 
-/// The endpoint a target leads to now.
-fn resolve(snap: &Snapshot, target: &Target) -> Result<Endpoint, Local> {
+/// The endpoint a target leads to now, at its address in the family of `like` (the
+/// waypoint's own address for the flow): a Service's endpoints without one are skipped.
+fn resolve(snap: &Snapshot, target: &Target, like: IpAddr) -> Result<Endpoint, Local> {
+    let family = if like.is_ipv6() { "IPv6" } else { "IPv4" };
     match target {
         Target::Service(key, port) => {
             let svc = snap.state.services.get(key).ok_or_else(|| {
@@ -582,27 +591,34 @@ fn resolve(snap: &Snapshot, target: &Target) -> Result<Endpoint, Local> {
                     format!("backend Service {key} not found"),
                 )
             })?;
-            let (workload, port) = svc.pick(*port).ok_or_else(|| {
+            let (workload, port) = svc.pick_like(*port, like).ok_or_else(|| {
                 Local(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no ready endpoint of {key} for port {port}"),
+                    format!("no ready endpoint of {key} for port {port} with an {family} address"),
                 )
             })?;
-            Ok(Endpoint { workload, port })
+            let ip = workload.dial_ip(like);
+            Ok(Endpoint { workload, ip, port })
         }
-        Target::Pod(addr) => snap
-            .state
-            .workload(addr.ip())
-            .map(|w| Endpoint {
-                workload: w.clone(),
-                port: addr.port(),
-            })
-            .ok_or_else(|| {
+        Target::Pod(addr) => {
+            let w = snap.state.workload(addr.ip()).ok_or_else(|| {
                 Local(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("pod {addr} is gone"),
                 )
-            }),
+            })?;
+            let ip = w.ip_like(like).ok_or_else(|| {
+                Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("pod {addr} has no {family} address, the only family the waypoint has (--pod-ip)"),
+                )
+            })?;
+            Ok(Endpoint {
+                workload: w.clone(),
+                ip,
+                port: addr.port(),
+            })
+        }
     }
 }
 

@@ -225,7 +225,7 @@ impl Mesh {
         // The waypoint.
         let settings = Settings {
             identity: id("waypoint"),
-            pod_ip: ip(net, WAYPOINT),
+            pod_ips: vec![ip(net, WAYPOINT)],
             baggage: "k8s.namespace.name=mesh,k8s.pod.name=waypoint".into(),
             hbone_port,
             hbone: hbone_config(1 << 20, Duration::from_secs(5)),

@@ -141,6 +141,23 @@ pub fn mem(pid: u32) -> Result<Mem> {
     })
 }
 
+/// The allocator's heap of the daemon on `node` (MiB): `(in use, free)` from its
+/// `ztunnel_heap_bytes` gauges on the metrics port; NaN where the scrape or the gauge failed.
+pub fn heap(cluster: &mesh_tests::cluster::Cluster, node: usize) -> (f64, f64) {
+    let text = mesh_tests::testkit::node_http(cluster, node, 15020, "GET", "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let mib = |state: &str| heap_gauge(&text, state).map_or(f64::NAN, |b| b / 1048576.0);
+    (mib("in_use"), mib("free"))
+}
+
+/// `ztunnel_heap_bytes{state="<state>"}` of a Prometheus text, in bytes.
+fn heap_gauge(metrics: &str, state: &str) -> Option<f64> {
+    let prefix = format!("ztunnel_heap_bytes{{state=\"{state}\"}} ");
+    let line = metrics.lines().find(|l| l.starts_with(&prefix))?;
+    line[prefix.len()..].trim().parse().ok()
+}
+
 /// Sum of [`mem`] over processes.
 pub fn mem_total(pids: &[u32]) -> Result<Mem> {
     pids.iter()
@@ -274,6 +291,14 @@ pub fn median(v: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_gauges_are_read_from_the_metrics_text() {
+        let text = "# TYPE ztunnel_heap_bytes gauge\nztunnel_heap_bytes{state=\"in_use\"} 2097152\nztunnel_heap_bytes{state=\"free\"} 524288\n";
+        assert_eq!(heap_gauge(text, "in_use"), Some(2097152.0));
+        assert_eq!(heap_gauge(text, "free"), Some(524288.0));
+        assert_eq!(heap_gauge("", "free"), None);
+    }
 
     #[test]
     fn busy_iperf_server_is_retried_and_other_errors_are_not() {

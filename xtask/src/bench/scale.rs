@@ -6,10 +6,11 @@
 //! `--one-file` all of it in one 3.6 MB file rewritten whole on every change; or a real
 //! kube-apiserver holding the objects) a release daemon with capture off follows it on a
 //! one-node namespace cluster, and the run reports: the time to ready, memory once ready
-//! (RSS and anonymous), the time from a change (a pod relabelled, a namespace label flipped,
-//! a policy edited) to the daemon logging it applied, split into the daemon's own work
-//! (`took_us` of its `state applied` line) and the whole path, memory after the changes, and
-//! the daemon's CPU while pods are updated at 50 per second. Results: a table on stdout and
+//! (RSS and anonymous, and the allocator's heap in use and free), the time from a change (a
+//! pod relabelled, a namespace label flipped, a policy edited) to the daemon logging it
+//! applied, split into the daemon's own work (`took_us` of its `state applied` line) and the
+//! whole path, memory after the changes, and the daemon's CPU while pods are updated at 50 per
+//! second. Results: a table on stdout and
 //! JSON in target/bench/.
 //!
 //! The end-to-end figure starts before the change is made: for files, before the file is
@@ -412,6 +413,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     let pid = cluster.daemon(1).pid().context("daemon pid")?;
     std::thread::sleep(Duration::from_secs(2));
     let mem_ready = probe::mem(pid)?;
+    let mem_ready_heap = probe::heap(&cluster, 1);
     let feed = if kube {
         Feed::Api(&cluster)
     } else if o.one_file {
@@ -440,6 +442,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let mem_after = probe::mem(pid)?;
+    let mem_after_heap = probe::heap(&cluster, 1);
 
     // Churn: 50 pod updates per second (five per 100 ms tick), the daemon's CPU meanwhile.
     let cpu0 = probe::cpu_secs(pid)?;
@@ -473,14 +476,15 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     let churn_secs = start.elapsed().as_secs_f64();
     let cpu = probe::cpu_secs(pid)? - cpu0;
     let mem_churn = probe::mem(pid)?;
+    let mem_churn_heap = probe::heap(&cluster, 1);
     drop(cluster);
     Ok(json!({
         "source": if o.one_file && !kube { "one-file" } else { source },
         "daemon": std::env::var("ZTUNNEL_BIN").unwrap_or_default(),
         "ready_secs": ready,
-        "mem_ready_mib": {"rss": mem_ready.rss, "anon": mem_ready.anon},
-        "mem_after_changes_mib": {"rss": mem_after.rss, "anon": mem_after.anon},
-        "mem_after_churn_mib": {"rss": mem_churn.rss, "anon": mem_churn.anon},
+        "mem_ready_mib": {"rss": mem_ready.rss, "anon": mem_ready.anon, "heap_in_use": mem_ready_heap.0, "heap_free": mem_ready_heap.1},
+        "mem_after_changes_mib": {"rss": mem_after.rss, "anon": mem_after.anon, "heap_in_use": mem_after_heap.0, "heap_free": mem_after_heap.1},
+        "mem_after_churn_mib": {"rss": mem_churn.rss, "anon": mem_churn.anon, "heap_in_use": mem_churn_heap.0, "heap_free": mem_churn_heap.1},
         "pod_relabel_ms": took_json(&took[0]),
         "namespace_label_ms": took_json(&took[1]),
         "policy_edit_ms": took_json(&took[2]),
@@ -506,9 +510,11 @@ pub fn run(args: &[String]) -> Result<bool> {
     for r in &results {
         let m = |k: &str| {
             format!(
-                "{:.1} / {:.1}",
+                "{:.1} / {:.1} (heap {:.1} + {:.1} free)",
                 r[k]["rss"].as_f64().unwrap_or(0.0),
-                r[k]["anon"].as_f64().unwrap_or(0.0)
+                r[k]["anon"].as_f64().unwrap_or(0.0),
+                r[k]["heap_in_use"].as_f64().unwrap_or(f64::NAN),
+                r[k]["heap_free"].as_f64().unwrap_or(f64::NAN)
             )
         };
         let c = |k: &str| {

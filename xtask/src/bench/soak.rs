@@ -9,7 +9,8 @@
 //!   second throughout (`meshload rr`, which fails on any I/O error);
 //!
 //! and samples, every 10 s, both daemons' open descriptors (`/proc/PID/fd`), RSS and
-//! anonymous resident memory. It passes when no connection failed and each series is flat:
+//! anonymous resident memory, and the allocator's heap in use and free
+//! (`ztunnel_heap_bytes` on the metrics port; what the anonymous memory is made of). It passes when no connection failed and each series is flat:
 //! the mean of the last 10 minutes within ±5% of the mean of minutes 5 to 10 (runs of 20
 //! minutes or more); shorter runs compare the last third with the middle third instead.
 //! Descriptors count the connections in flight as well, so they may also differ by up to
@@ -79,18 +80,24 @@ struct Sample {
     fds: f64,
     rss: f64,
     anon: f64,
+    /// The allocator's heap in use and free (MiB); NaN when the scrape failed.
+    heap_in_use: f64,
+    heap_free: f64,
 }
 
-fn sample(pid: u32, secs: f64) -> Result<Sample> {
+fn sample(cluster: &Cluster, node: usize, pid: u32, secs: f64) -> Result<Sample> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd (did the daemon exit?)"))?
         .count() as f64;
     let m = probe::mem(pid)?;
+    let (heap_in_use, heap_free) = probe::heap(cluster, node);
     Ok(Sample {
         secs,
         fds,
         rss: m.rss,
         anon: m.anon,
+        heap_in_use,
+        heap_free,
     })
 }
 
@@ -218,14 +225,15 @@ pub fn run(args: &[String]) -> Result<bool> {
     while start.elapsed().as_secs_f64() < secs {
         let t = start.elapsed().as_secs_f64();
         for (i, pid) in pids.iter().enumerate() {
-            series[i].push(sample(*pid, t)?);
+            series[i].push(sample(&cluster, i + 1, *pid, t)?);
         }
         if tick.is_multiple_of(6) {
             let (a, b) = (series[0].last(), series[1].last());
             if let (Some(a), Some(b)) = (a, b) {
                 eprintln!(
-                    "soak: {:>5.1} min  node1 fds {} rss {:.1} anon {:.1} MiB | node2 fds {} rss {:.1} anon {:.1} MiB",
-                    t / 60.0, a.fds, a.rss, a.anon, b.fds, b.rss, b.anon
+                    "soak: {:>5.1} min  node1 fds {} rss {:.1} anon {:.1} heap {:.2}+{:.2} MiB | node2 fds {} rss {:.1} anon {:.1} heap {:.2}+{:.2} MiB",
+                    t / 60.0, a.fds, a.rss, a.anon, a.heap_in_use, a.heap_free,
+                    b.fds, b.rss, b.anon, b.heap_in_use, b.heap_free
                 );
             }
         }
@@ -284,7 +292,10 @@ pub fn run(args: &[String]) -> Result<bool> {
     std::fs::create_dir_all(&dir)?;
     let samples = |s: &[Sample]| -> Vec<Value> {
         s.iter()
-            .map(|x| json!({"secs": x.secs, "fds": x.fds, "rss_mib": x.rss, "anon_mib": x.anon}))
+            .map(|x| {
+                json!({"secs": x.secs, "fds": x.fds, "rss_mib": x.rss, "anon_mib": x.anon,
+                    "heap_in_use_mib": x.heap_in_use, "heap_free_mib": x.heap_free})
+            })
             .collect()
     };
     let doc = json!({
@@ -314,17 +325,23 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
 }
 
-/// Three panels over time (descriptors, RSS, anonymous memory), one line per daemon, with the
-/// two compared windows shaded.
+/// Four panels over time (descriptors, RSS, anonymous memory, the allocator's heap in use and
+/// free), one line per daemon (dashed: heap free), with the two compared windows shaded.
 fn chart(path: &Path, series: &[Vec<Sample>; 2], total: f64) -> Result<()> {
     let colours = [RGBColor(50, 110, 200), RGBColor(214, 90, 60)];
     let (base, last, how) = windows(total);
-    let panels: [(&str, &str, Field); 3] = [
-        ("Open descriptors", "fds", |x| x.fds),
-        ("RSS", "MiB", |x| x.rss),
-        ("Anonymous resident memory", "MiB", |x| x.anon),
+    type Lines = &'static [(Field, &'static str)];
+    let panels: [(&str, &str, Lines); 4] = [
+        ("Open descriptors", "fds", &[(|x| x.fds, "")]),
+        ("RSS", "MiB", &[(|x| x.rss, "")]),
+        ("Anonymous resident memory", "MiB", &[(|x| x.anon, "")]),
+        (
+            "Heap in use (solid) and free (dashed)",
+            "MiB",
+            &[(|x| x.heap_in_use, ""), (|x| x.heap_free, " free")],
+        ),
     ];
-    let root = SVGBackend::new(path, (1260, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (1680, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let root = root
         .titled(
@@ -336,8 +353,12 @@ fn chart(path: &Path, series: &[Vec<Sample>; 2], total: f64) -> Result<()> {
         )
         .map_err(plot_err)?;
     let minutes = total / 60.0;
-    for (area, (title, unit, f)) in root.split_evenly((1, 3)).iter().zip(panels) {
-        let max = series.iter().flatten().map(f).fold(0.0, f64::max);
+    for (area, (title, unit, lines)) in root.split_evenly((1, 4)).iter().zip(panels) {
+        let max = lines
+            .iter()
+            .flat_map(|(f, _)| series.iter().flatten().map(f))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max);
         let top = if max > 0.0 { max * 1.25 } else { 1.0 };
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 15))
@@ -360,18 +381,32 @@ fn chart(path: &Path, series: &[Vec<Sample>; 2], total: f64) -> Result<()> {
                 )))
                 .map_err(plot_err)?;
         }
-        for (i, s) in series.iter().enumerate() {
-            let c = colours[i];
-            chart
-                .draw_series(LineSeries::new(
-                    s.iter().map(|x| (x.secs / 60.0, f(x))),
-                    c.stroke_width(2),
-                ))
-                .map_err(plot_err)?
-                .label(format!("node{} daemon", i + 1))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
-                });
+        for (f, suffix) in lines {
+            for (i, s) in series.iter().enumerate() {
+                let c = colours[i];
+                let points = s
+                    .iter()
+                    .map(|x| (x.secs / 60.0, f(x)))
+                    .filter(|p| p.1.is_finite());
+                let label = format!("node{} daemon{suffix}", i + 1);
+                if suffix.is_empty() {
+                    chart
+                        .draw_series(LineSeries::new(points, c.stroke_width(2)))
+                        .map_err(plot_err)?
+                        .label(label)
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                        });
+                } else {
+                    chart
+                        .draw_series(DashedLineSeries::new(points, 6, 4, c.stroke_width(2)))
+                        .map_err(plot_err)?
+                        .label(label)
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(1))
+                        });
+                }
+            }
         }
         chart
             .configure_series_labels()
@@ -395,6 +430,8 @@ mod tests {
             fds: v,
             rss: v,
             anon: v,
+            heap_in_use: v,
+            heap_free: f64::NAN,
         }
     }
 
@@ -426,5 +463,6 @@ mod tests {
         chart(&path, &[s.clone(), s], 300.0).expect("chart");
         let svg = std::fs::read_to_string(&path).expect("read svg");
         assert!(svg.contains("Open descriptors") && svg.contains("node2 daemon"));
+        assert!(svg.contains("Heap in use"));
     }
 }

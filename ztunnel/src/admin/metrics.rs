@@ -60,6 +60,7 @@ impl MetricsRoutes {
         ]);
         m.set_certificates(&self.certs.snapshot());
         m.set_worker_loads(&self.workers.loads());
+        m.set_heap(crate::memory::heap());
         m.set_invalid_policies(&self.state.borrow().authz.invalid_counts());
     }
 }

@@ -226,21 +226,29 @@ pub fn outbound(
     })
 }
 
-/// The route to `wp` for a flow to `authority` (`target` names what it fronts, for errors).
+/// The route to `wp` for a flow to `authority` (`target` names what it fronts, for errors):
+/// one of its pods with an address in the flow's family (the flow is dialled from the source
+/// pod's address of that family), dialled at that address.
 fn hand_off(wp: &Arc<Waypoint>, authority: SocketAddr, target: String) -> Route {
-    match wp.pick() {
+    let like = authority.ip();
+    match wp.pick_like(like) {
         Some(pod) => Route::Waypoint {
             target: HboneTarget {
                 authority,
-                connect: SocketAddr::new(pod.dial_ip(authority.ip()), wp.port),
+                connect: SocketAddr::new(pod.dial_ip(like), wp.port),
                 identities: vec![(*pod.identity).clone()],
                 workload: pod,
             },
             waypoint: wp.clone(),
         },
-        None => Route::NoRoute(ResolveError::NoWaypointPod {
+        None if wp.endpoints.is_empty() => Route::NoRoute(ResolveError::NoWaypointPod {
             waypoint: wp.key(),
             target,
+        }),
+        None => Route::NoRoute(ResolveError::NoWaypointPodInFamily {
+            waypoint: wp.key(),
+            target,
+            family: if like.is_ipv6() { "IPv6" } else { "IPv4" },
         }),
     }
 }

@@ -106,6 +106,11 @@ impl SocketFactory for PlainSockets {
     fn listen(&self, _leg: Leg, addr: SocketAddr, _capture: bool) -> io::Result<TcpListener> {
         let sock = super::tcp_socket(addr)?;
         sock.set_reuseaddr(true)?;
+        if addr.is_ipv6() {
+            // As the daemon's listeners: `[::]:15008` beside `0.0.0.0:15008` (a dual-stack
+            // waypoint), each family on its own socket, IPv4 peers never IPv4-mapped.
+            socket2::SockRef::from(&sock).set_only_v6(true)?;
+        }
         sock.bind(addr)?;
         sock.listen(1024)
     }
@@ -129,5 +134,34 @@ mod tests {
         let _c = f.connect(Leg::Pod, Some(src), dst).await.expect("connect");
         let (_, peer) = l.accept().await.expect("accept");
         assert_eq!(peer.ip(), src);
+    }
+
+    /// A plain IPv6 wildcard listener leaves IPv4 to its twin on the same port.
+    #[tokio::test]
+    async fn plain_ipv6_listeners_sit_beside_ipv4_ones() {
+        let f = PlainSockets {
+            connect_timeout: Duration::from_secs(5),
+        };
+        let v4 = f
+            .listen(Leg::Hbone, "0.0.0.0:0".parse().expect("addr"), false)
+            .expect("listen IPv4");
+        let port = v4.local_addr().expect("addr").port();
+        let v6 = f
+            .listen(
+                Leg::Hbone,
+                SocketAddr::new("::".parse().expect("ip"), port),
+                false,
+            )
+            .expect("the IPv6 wildcard on the same port");
+        let _c = f
+            .connect(
+                Leg::Pod,
+                None,
+                SocketAddr::new("::1".parse().expect("ip"), port),
+            )
+            .await
+            .expect("connect over IPv6");
+        let (_, peer) = v6.accept().await.expect("accept");
+        assert_eq!(peer.ip(), "::1".parse::<IpAddr>().expect("ip"));
     }
 }

@@ -264,6 +264,18 @@ pub enum ResolveError {
         /// The Service (`namespace/name`) or pod address it fronts.
         target: String,
     },
+    /// The destination's waypoint has ready pods, but none with an address in the flow's
+    /// family (an IPv6 flow, IPv4-only waypoint pods): a flow keeps its address family from
+    /// the client to the endpoint, and the waypoint is never bypassed.
+    #[error("waypoint {waypoint} of {target} has no ready pod with an {family} address")]
+    NoWaypointPodInFamily {
+        /// `namespace/name` of the waypoint.
+        waypoint: String,
+        /// The Service (`namespace/name`) or pod address it fronts.
+        target: String,
+        /// `IPv4` or `IPv6`: the flow's family.
+        family: &'static str,
+    },
 }
 
 /// An immutable snapshot of everything the daemon knows.

@@ -163,14 +163,17 @@ impl Waypoint {
         self.endpoints.iter().any(|w| w.has_ip(ip))
     }
 
-    /// The next pod to hand a flow to (round robin), `None` when it has no ready pod.
-    pub fn pick(&self) -> Option<Arc<Workload>> {
+    /// The next pod to hand a flow to (round robin), `None` when it has no ready pod with an
+    /// address in the family of `like` (the flow's original destination): the source pod dials
+    /// from its address of that family, so an IPv6 flow reaches the waypoint at an IPv6
+    /// address, as it would reach a pod.
+    pub fn pick_like(&self, like: std::net::IpAddr) -> Option<Arc<Workload>> {
         let n = self.endpoints.len();
-        if n == 0 {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        self.endpoints.get(i).cloned()
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.endpoints[(start + i) % n])
+            .find(|w| w.ip_like(like).is_some())
+            .cloned()
     }
 }
 
@@ -262,6 +265,11 @@ mod tests {
                 "{f:?}"
             );
         }
-        assert!(w(WaypointFor::All).pick().is_none(), "no pods, no pick");
+        assert!(
+            w(WaypointFor::All)
+                .pick_like(std::net::Ipv4Addr::LOCALHOST.into())
+                .is_none(),
+            "no pods, no pick"
+        );
     }
 }

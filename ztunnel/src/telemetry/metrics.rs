@@ -222,6 +222,11 @@ struct WorkerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeapLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CaptureStateLabels {
     state: &'static str,
 }
@@ -260,6 +265,7 @@ pub struct Metrics {
     policies_invalid: Family<PolicyLabels, Gauge>,
     capture_drops: Family<DropLabels, Counter>,
     capture_pods: Family<CaptureStateLabels, Gauge>,
+    heap: Family<HeapLabels, Gauge>,
 }
 
 impl Metrics {
@@ -283,6 +289,7 @@ impl Metrics {
             policies_invalid: Family::default(),
             capture_drops: Family::default(),
             capture_pods: Family::default(),
+            heap: Family::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         r.register(
@@ -351,6 +358,11 @@ impl Metrics {
             m.worker_connections.clone(),
         );
         r.register(
+            "ztunnel_heap_bytes",
+            "The allocator's heap: bytes in use, and bytes free but kept by it (given back to the kernel after bursts and as free heap grows)",
+            m.heap.clone(),
+        );
+        r.register(
             "ztunnel_policies_invalid",
             "Policies in the current state that failed validation and are enforced failing closed, by kind and action (PeerAuthentication: the mode they are read as, STRICT)",
             m.policies_invalid.clone(),
@@ -410,6 +422,15 @@ impl Metrics {
                     worker: i.to_string(),
                 })
                 .set(gauge(*n));
+        }
+    }
+
+    /// Sets the heap gauges from [`crate::memory::heap`].
+    pub fn set_heap(&self, heap: crate::memory::Heap) {
+        for (state, bytes) in [("in_use", heap.in_use), ("free", heap.free)] {
+            self.heap
+                .get_or_create(&HeapLabels { state })
+                .set(gauge(bytes));
         }
     }
 

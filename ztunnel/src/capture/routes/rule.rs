@@ -95,6 +95,8 @@ fn remove_family(family: &str, mark: u32, table: u32) -> Result<(), CaptureError
         "No such file or directory",
         "No such process",
         "Cannot find",
+        // The capture table was never filled (capture was off), or is already gone.
+        "FIB table does not exist",
     ];
     let mut result = Ok(());
     for _ in 0..16 {

@@ -441,3 +441,84 @@ async fn a_waypoint_proving_another_identity_is_not_trusted() {
     );
     assert!(m.waypoint.seen.lock().expect("lock").is_empty());
 }
+
+/// In a dual-stack mesh, an IPv6 flow to a Service's IPv6 VIP is handed to a waypoint pod that
+/// has an IPv6 address, dialled at that address, the IPv6 VIP and port as authority; an IPv4
+/// flow stays IPv4. A waypoint whose ready pods are all IPv4-only fails an IPv6 flow (naming
+/// the family) rather than switch families or bypass the waypoint.
+#[test]
+fn an_ipv6_flow_reaches_the_waypoint_at_an_ipv6_address() {
+    let dual = |name: &str, node: &str, ips: &[&str], labels: &str| {
+        let all: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+        format!(
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: mesh, labels: {{{labels}}}}}, \
+             spec: {{nodeName: {node}, serviceAccountName: {name}}}, status: {{podIP: \"{}\", podIPs: [{}], phase: Running}}}}\n",
+            ips[0],
+            all.join(", ")
+        )
+    };
+    let mut y = NAMESPACES.to_string();
+    y += &dual("x", "n1", &["10.0.1.1", "fd00:1::1"], "app: x");
+    y += &dual("y", "n2", &["10.0.2.1", "fd00:2::1"], "app: y");
+    let wp_label = "gateway.networking.k8s.io/gateway-name";
+    y += &dual("wp4", "n2", &["10.0.2.8"], &format!("{wp_label}: wp"));
+    y += &dual(
+        "wp6",
+        "n2",
+        &["10.0.2.9", "fd00:2::9"],
+        &format!("{wp_label}: wp"),
+    );
+    y += &dual("old", "n2", &["10.0.2.10"], &format!("{wp_label}: v4only"));
+    y += &gateway("wp", "mesh", "service", 15008);
+    y += &gateway("v4only", "mesh", "service", 15008);
+    for (name, v4, v6, wp) in [
+        ("svc", "10.96.0.7", "fd00:96::7", "wp"),
+        ("svc-o", "10.96.0.8", "fd00:96::8", "v4only"),
+    ] {
+        y += &format!(
+            "---\n{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: mesh, labels: {{istio.io/use-waypoint: {wp}}}}}, \
+             spec: {{clusterIP: {v4}, clusterIPs: [{v4}, \"{v6}\"], selector: {{app: y}}, ports: [{{port: 80, targetPort: 8080}}]}}}}\n"
+        );
+    }
+    let s = state(&y);
+    let out = |src: &str, dst: SocketAddr| {
+        route::outbound(&s, &node(), src.parse().expect("ip"), dst).expect("routed")
+    };
+    for _ in 0..4 {
+        let o = out("fd00:1::1", addr("fd00:96::7", 80));
+        let (t, wp) = handed_off(&o);
+        assert_eq!(wp, "mesh/wp");
+        assert_eq!(t.workload.name, "wp6", "only wp6 has an IPv6 address");
+        assert_eq!(t.connect, addr("fd00:2::9", 15008));
+        assert_eq!(t.authority, addr("fd00:96::7", 80));
+        assert_eq!(
+            t.identities,
+            [SpiffeId::new("cluster.local", "mesh", "wp6")]
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for _ in 0..4 {
+        let o = out("10.0.1.1", addr("10.96.0.7", 80));
+        let (t, _) = handed_off(&o);
+        assert!(t.connect.is_ipv4(), "{}", t.connect);
+        assert_eq!(t.authority, addr("10.96.0.7", 80));
+        seen.insert(t.workload.name.to_string());
+    }
+    assert_eq!(seen, BTreeSet::from(["wp4".into(), "wp6".into()]));
+    let o = out("fd00:1::1", addr("fd00:96::8", 80));
+    let Route::NoRoute(e) = o.route else {
+        panic!("expected no route, got {:?}", o.route)
+    };
+    assert_eq!(
+        e.to_string(),
+        "waypoint mesh/v4only of mesh/svc-o has no ready pod with an IPv6 address"
+    );
+    assert_eq!(
+        FlowError::NoRoute(e).status(),
+        http::StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(matches!(
+        out("10.0.1.1", addr("10.96.0.8", 80)).route,
+        Route::Waypoint { .. }
+    ));
+}
