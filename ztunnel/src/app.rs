@@ -623,6 +623,12 @@ fn serve_cni(
     })?;
     if let Some(c) = &cfg.cni {
         tracing::info!(socket = %c.socket.display(), "cni endpoint listening");
+        // Installed once the endpoint listens: the plugin's first ADD finds the daemon.
+        if let Some(install) = &c.install {
+            let stats = crate::cni::install::InstallStats::default();
+            shared.metrics.register(|r| stats.register(r));
+            tokio::spawn(crate::cni::install::keep_installed(install.clone(), stats));
+        }
     }
     Ok(rx)
 }

@@ -24,7 +24,9 @@ use serde::Serialize;
 use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
 use cni::cni_config;
-pub use cni::CniConfig;
+pub use cni::{
+    CniConfig, CniDirArgs, CniInstall, CniInstallArgs, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR,
+};
 use inbound::inbound_limits;
 pub use inbound::InboundLimits;
 pub use parse::parse;
@@ -173,6 +175,23 @@ pub struct RunArgs {
     /// state (as a pod of this node with that address); then its capture is removed.
     #[arg(long, env = "ZTUNNEL_CNI_PENDING_TIMEOUT", default_value_t = Dur::secs(120))]
     pub cni_pending_timeout: Dur,
+    /// Install `ztunnel-cni` on the node and keep it installed: copy the binary into
+    /// --cni-bin-dir and add the plugin (talking to --cni-socket) to the chain of the node's
+    /// CNI configuration in --cni-conf-dir, then re-check every 2s and add it back when the
+    /// primary CNI rewrites its file. The entry stays when the daemon stops (pods wait for the
+    /// next daemon); `ztunnel uninstall` removes it.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CNI_INSTALL",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub cni_install: bool,
+    /// What --cni-install installs, and where.
+    #[command(flatten)]
+    pub cni: CniInstallArgs,
     /// Outbound capture listener (traffic leaving enrolled pods).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
@@ -896,6 +915,7 @@ impl Config {
                 Path::new(&a.cni_socket),
                 a.cni_pending_timeout.0,
                 &admin_socket,
+                a.cni_install.then_some(&a.cni),
             )?,
             admin_socket,
             handover_socket,

@@ -98,6 +98,47 @@ fn cni_socket_is_checked() {
 }
 
 #[test]
+fn cni_install_is_checked() {
+    let cni = Config::resolve(base()).expect("valid").cni.expect("on");
+    assert_eq!(cni.install, None, "off by default");
+    let cni = resolve(&["--cni-install"]).expect("valid").cni.expect("on");
+    assert_eq!(
+        cni.install,
+        Some(CniInstall {
+            bin_dir: DEFAULT_CNI_BIN_DIR.into(),
+            conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            plugin_binary: None,
+            socket: DEFAULT_CNI_SOCKET.into(),
+            exclude_namespaces: vec!["kube-system".into()],
+        })
+    );
+    let cni = resolve(&[
+        "--cni-install=true",
+        "--cni-exclude-namespaces",
+        "istio-system,kube-system,istio-system",
+        "--cni-conf-dir",
+        "/host/etc/cni/net.d",
+    ])
+    .expect("valid")
+    .cni
+    .expect("on");
+    let install = cni.install.expect("install");
+    assert_eq!(install.exclude_namespaces, ["istio-system", "kube-system"]);
+    assert_eq!(install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+    for (bad, names) in [
+        (&["--cni-install", "--cni-socket", ""][..], "--cni-install"),
+        (&["--cni-install", "--cni-bin-dir", "bin"], "--cni-bin-dir"),
+        (
+            &["--cni-install", "--cni-exclude-namespaces", "Kube_System"],
+            "--cni-exclude-namespaces",
+        ),
+    ] {
+        let e = resolve(bad).expect_err("invalid").to_string();
+        assert!(e.contains(names), "{bad:?}: {e}");
+    }
+}
+
+#[test]
 fn errors_name_the_setting() {
     let mut a = base();
     a.hbone_port = 15001;
@@ -492,6 +533,7 @@ fn help_shows_each_default() {
         "kubeconfig",
         "bpf-pin-dir",
         "uplink",
+        "cni-plugin-binary",
     ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {
