@@ -9,6 +9,9 @@
 //!   adds the plugin once it appears, adds it back within seconds when the primary CNI
 //!   rewrites the file without it, the pods of the installed chain are captured, and `ztunnel
 //!   uninstall` leaves the primary's conflist as it was and removes the binary;
+//! - with `--cni-owner` (on `--source kube`), a daemon that stops while its DaemonSet exists
+//!   leaves the plugin in place (a restart, an upgrade), and one that stops after the
+//!   DaemonSet was deleted (the release uninstalled) removes it from the node;
 //! - an enrolled pod connecting to a pod on the other node at once after ADD returns (the
 //!   connect starts within 1 ms) is captured: the fabric carries only TLS on 15008 and never
 //!   the payload; the connection is held until the state names the pod, then carries its
@@ -389,6 +392,69 @@ fn the_daemon_installs_the_plugin_and_keeps_it_in_the_conflist() {
     assert!(installed(&c).is_some(), "the entry outlives the daemon");
     let out = c.daemon(1).uninstall().expect("ztunnel uninstall");
     assert!(out.contains("cni plugin uninstalled"), "{out}");
+    assert_eq!(
+        c.cni_conflist(1).expect("conflist"),
+        primary,
+        "the primary CNI's chain as it wrote it"
+    );
+    assert!(!binary.exists(), "binary removed");
+}
+
+#[test]
+fn the_plugin_leaves_the_node_with_its_daemonset_kube() {
+    let mut c = Cluster::start_kube(ClusterSpec::new(1).namespace("mesh", true))
+        .expect("cluster with an API server");
+    c.kube()
+        .api
+        .apply(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, namespace: \
+             istio-system}\nspec:\n  selector: {matchLabels: {app: ztunnel}}\n  template:\n    \
+             metadata: {labels: {app: ztunnel}}\n    spec: {containers: [{name: ztunnel, image: \
+             localhost/ztunnel}]}\n",
+        )
+        .expect("the DaemonSet object (no kubelet runs it)");
+    let binary = c.cni_bin_dir(1).join("ztunnel-cni");
+    std::fs::create_dir_all(c.cni_bin_dir(1)).expect("bin dir");
+    let primary = c.cni_primary(1).expect("primary conflist");
+    let plugin = mesh_tests::cni_plugin_bin();
+    let flags = [
+        "--cni-install",
+        "--cni-owner",
+        "istio-system/ztunnel",
+        "--cni-plugin-binary",
+        plugin.to_str().expect("utf-8 path"),
+    ];
+    c.start_daemon(1, &flags).expect("daemon ready");
+    wait_installed(&c, "first start");
+    // A restart: the DaemonSet is still there, so the plugin stays.
+    c.daemon(1).terminate().expect("daemon stops");
+    c.daemon(1)
+        .wait_for_log(
+            |l| message(l) == "cni install: the DaemonSet remains; ztunnel-cni stays on the node",
+            WAIT,
+        )
+        .expect("the daemon found its DaemonSet");
+    assert!(
+        installed(&c).is_some() && binary.exists(),
+        "kept across a restart"
+    );
+
+    // The release is uninstalled: the DaemonSet goes first, then its pods stop.
+    c.start_daemon(1, &flags).expect("daemon ready again");
+    c.kube()
+        .api
+        .kubectl(&["delete", "daemonset", "ztunnel", "-n", "istio-system"])
+        .expect("deleting the DaemonSet");
+    c.daemon(1).terminate().expect("daemon stops");
+    c.daemon(1)
+        .wait_for_log(
+            |l| {
+                message(l)
+                    == "cni install: the DaemonSet is gone; ztunnel-cni removed from the node"
+            },
+            WAIT,
+        )
+        .expect("the daemon removed the plugin");
     assert_eq!(
         c.cni_conflist(1).expect("conflist"),
         primary,

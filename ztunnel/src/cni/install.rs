@@ -5,14 +5,17 @@
 //!
 //! The configuration belongs to the node's primary CNI, which may rewrite it at any time (at
 //! its own start, on an upgrade) and drop the entry: the daemon (`--cni-install`) therefore
-//! re-checks every [`CHECK_INTERVAL`] and adds the entry back ([`keep_installed`]). The entry
-//! stays when the daemon stops: the plugin fails closed, so new pods of the node wait for the
-//! next daemon rather than start outside the mesh. [`uninstall`] (`ztunnel uninstall`, `ztunnel
-//! cni uninstall`) removes the entry and the binary, entry first.
+//! re-checks every [`CHECK_INTERVAL`] and adds the entry back ([`Keeper`]). The entry stays when
+//! the daemon stops for a restart or an upgrade: the plugin fails closed, so new pods of the
+//! node wait for the next daemon rather than start outside the mesh. When the daemon stops
+//! because its DaemonSet was deleted (`--cni-owner`: the release was uninstalled), it removes
+//! the plugin ([`Keeper::release_if_owner_gone`]). [`uninstall`] (`ztunnel uninstall`,
+//! `ztunnel cni uninstall`) removes the entry and the binary, entry first.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +26,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::conflist::{self, ConfigError, PLUGIN_TYPE};
-use crate::config::CniInstall;
+use crate::config::{CniInstall, CniOwner};
 
 /// How often the daemon checks that the plugin is still installed.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -32,15 +35,14 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     /// A file or directory could not be read or written.
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}: {error}", path.display())]
     Io {
         /// What was being done.
         action: &'static str,
         /// On which file.
         path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error (in the message, not as a source, so a chain prints it once).
+        error: std::io::Error,
     },
     /// The node's configuration cannot take the plugin; it was not changed.
     #[error(transparent)]
@@ -59,10 +61,10 @@ pub enum InstallError {
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstallError {
     let path = path.to_path_buf();
-    move |source| InstallError::Io {
+    move |error| InstallError::Io {
         action,
         path,
-        source,
+        error,
     }
 }
 
@@ -93,37 +95,45 @@ pub enum BinaryCheck {
 /// Installs the plugin: the binary first (the runtime must find it once the entry is there),
 /// then the entry in the primary configuration. Changes nothing that is already in place.
 pub fn install(s: &CniInstall, check: BinaryCheck) -> Result<Installed, InstallError> {
+    let (binary, binary_written) = install_binary(s, check)?;
+    let (config, config_written, replaced) = install_entry(s)?;
+    Ok(Installed {
+        binary,
+        binary_written,
+        config,
+        config_written,
+        replaced,
+    })
+}
+
+/// Copies the plugin binary into the CNI binary directory unless it is there already: where,
+/// and whether it was written.
+pub fn install_binary(s: &CniInstall, check: BinaryCheck) -> Result<(PathBuf, bool), InstallError> {
     let source = match &s.plugin_binary {
         Some(p) => p.clone(),
         None => next_to_executable()?,
     };
     let binary = s.bin_dir.join(PLUGIN_TYPE);
-    let binary_written = copy_binary(&source, &binary, check)?;
+    let written = copy_binary(&source, &binary, check)?;
+    Ok((binary, written))
+}
+
+/// Adds the entry to the primary configuration unless it has it: the configuration, whether
+/// it was written, and the single-plugin file it replaced.
+pub fn install_entry(s: &CniInstall) -> Result<(PathBuf, bool, Option<PathBuf>), InstallError> {
     let (config, text) = primary(&s.conf_dir)?.ok_or_else(|| InstallError::NoConfig {
         dir: s.conf_dir.clone(),
     })?;
     let entry = conflist::plugin_entry(&s.socket, &s.exclude_namespaces);
     let Some(rewrite) = conflist::with_plugin(&config, &text, &entry)? else {
-        return Ok(Installed {
-            binary,
-            binary_written,
-            config,
-            config_written: false,
-            replaced: None,
-        });
+        return Ok((config, false, None));
     };
     let mode = file_mode(&config)?;
     write_atomically(&rewrite.path, &json_bytes(&rewrite.content), mode)?;
     if let Some(old) = &rewrite.replaces {
         std::fs::remove_file(old).map_err(io("removing the converted", old))?;
     }
-    Ok(Installed {
-        binary,
-        binary_written,
-        config: rewrite.path,
-        config_written: true,
-        replaced: rewrite.replaces,
-    })
+    Ok((rewrite.path, true, rewrite.replaces))
 }
 
 /// What [`uninstall`] removed.
@@ -193,26 +203,142 @@ impl InstallStats {
     }
 }
 
-/// The daemon's part (`--cni-install`): installs the plugin, then checks every
-/// [`CHECK_INTERVAL`] that it is still in place and puts it back, on a blocking thread. Logs
-/// each write, and each new error once (an error repeats every check until resolved).
-pub async fn keep_installed(settings: CniInstall, stats: InstallStats) {
+/// The daemon's installation (`--cni-install`): [`Keeper::spawn`] starts the task that keeps
+/// the plugin in place; [`Keeper::release_if_owner_gone`] removes it at exit when the release
+/// was uninstalled.
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    settings: CniInstall,
+    /// Held by each installation pass; `true` once the plugin was removed at exit, after which
+    /// no pass writes anything.
+    released: Arc<Mutex<bool>>,
+}
+
+impl Keeper {
+    /// Starts keeping the plugin installed (see [`keep_installed`]).
+    pub fn spawn(settings: CniInstall, stats: InstallStats) -> Keeper {
+        let keeper = Keeper {
+            settings,
+            released: Arc::default(),
+        };
+        tokio::spawn(keep_installed(keeper.clone(), stats));
+        keeper
+    }
+
+    /// At exit (not after a hand-over): with `--cni-owner`, asks the API server for the
+    /// DaemonSet running the daemon, and when it is gone or being deleted removes the plugin
+    /// from the node (entry, then binary) and stops the keeper. Otherwise (a restart, an
+    /// upgrade, an API server that does not answer) the plugin stays: the next daemon of the
+    /// node serves it.
+    pub async fn release_if_owner_gone(&self) {
+        let Some(owner) = &self.settings.owner else {
+            return;
+        };
+        let gone = tokio::time::timeout(OWNER_CHECK_TIMEOUT, owner_gone(owner)).await;
+        let key = format!("{}/{}", owner.namespace, owner.name);
+        match gone {
+            Ok(Ok(false)) => {
+                info!(daemonset = %key, "cni install: the DaemonSet remains; ztunnel-cni stays on the node");
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!(daemonset = %key, error = %e, "cni install: cannot tell whether the DaemonSet remains; ztunnel-cni stays on the node");
+                return;
+            }
+            Err(_) => {
+                warn!(daemonset = %key, timeout = ?OWNER_CHECK_TIMEOUT, "cni install: no answer about the DaemonSet; ztunnel-cni stays on the node");
+                return;
+            }
+            Ok(Ok(true)) => {}
+        }
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        *released = true;
+        match uninstall(&self.settings.bin_dir, &self.settings.conf_dir) {
+            Ok(gone) => info!(
+                daemonset = %key,
+                configs = ?gone.configs,
+                binary_removed = gone.binary_removed,
+                "cni install: the DaemonSet is gone; ztunnel-cni removed from the node"
+            ),
+            Err(e) => {
+                warn!(daemonset = %key, error = %e, "cni install: removing ztunnel-cni failed")
+            }
+        }
+    }
+}
+
+/// How long the exit check waits for the API server.
+const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the DaemonSet is gone (not found) or being deleted.
+async fn owner_gone(owner: &CniOwner) -> Result<bool, String> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let client = crate::source::kube::client(owner.kubeconfig.as_deref()).await?;
+    let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, &owner.namespace);
+    match api.get_opt(&owner.name).await {
+        Ok(None) => Ok(true),
+        Ok(Some(ds)) => Ok(ds.metadata.deletion_timestamp.is_some()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The keeper's task: installs the plugin, then checks every [`CHECK_INTERVAL`] that it is
+/// still in place and puts it back, on a blocking thread. Logs each write, and each new error
+/// once (an error repeats every check until resolved).
+async fn keep_installed(keeper: Keeper, stats: InstallStats) {
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check = BinaryCheck::Content;
     let mut last_error: Option<String> = None;
     loop {
         tick.tick().await;
-        let s = settings.clone();
-        let result = tokio::task::spawn_blocking(move || install(&s, check)).await;
-        match result {
-            Ok(Ok(done)) => {
-                check = BinaryCheck::Size;
+        let k = keeper.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let released = k.released.lock().unwrap_or_else(|e| e.into_inner());
+            if *released {
+                return None;
+            }
+            let binary = install_binary(&k.settings, check);
+            // The entry only once the runtime can find the binary it names.
+            let entry = binary.as_ref().ok().map(|_| install_entry(&k.settings));
+            Some((binary, entry))
+        })
+        .await;
+        let (binary, entry) = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "cni install: the check did not finish");
+                continue;
+            }
+        };
+        if let Ok((path, true)) = &binary {
+            stats
+                .writes
+                .get_or_create(&WriteLabels { file: "binary" })
+                .inc();
+            info!(path = %path.display(), "cni install: plugin binary written");
+        }
+        if binary.is_ok() {
+            check = BinaryCheck::Size;
+        }
+        if let Some(Ok((path, true, replaced))) = &entry {
+            stats
+                .writes
+                .get_or_create(&WriteLabels { file: "config" })
+                .inc();
+            info!(
+                path = %path.display(),
+                replaced = replaced.as_ref().map(|p| p.display().to_string()),
+                "cni install: ztunnel-cni added to the node's CNI configuration"
+            );
+        }
+        match binary.err().or(entry.and_then(Result::err)) {
+            None => {
                 last_error = None;
                 stats.installed.set(1);
-                report(&done, &stats);
             }
-            Ok(Err(e)) => {
+            Some(e) => {
                 stats.installed.set(0);
                 let message = e.to_string();
                 if last_error.as_ref() != Some(&message) {
@@ -220,36 +346,21 @@ pub async fn keep_installed(settings: CniInstall, stats: InstallStats) {
                     last_error = Some(message);
                 }
             }
-            Err(e) => warn!(error = %e, "cni install: the check did not finish"),
         }
     }
 }
 
-fn report(done: &Installed, stats: &InstallStats) {
-    if done.binary_written {
-        stats
-            .writes
-            .get_or_create(&WriteLabels { file: "binary" })
-            .inc();
-        info!(path = %done.binary.display(), "cni install: plugin binary written");
-    }
-    if done.config_written {
-        stats
-            .writes
-            .get_or_create(&WriteLabels { file: "config" })
-            .inc();
-        info!(
-            path = %done.config.display(),
-            replaced = done.replaced.as_ref().map(|p| p.display().to_string()),
-            "cni install: ztunnel-cni added to the node's CNI configuration"
-        );
-    }
-}
-
-/// `ztunnel-cni` in the directory of the running executable.
+/// `ztunnel-cni` in the directory of the running executable (from `/proc/self/exe`, else from
+/// the path it was started by, as in a chroot without `/proc`).
 fn next_to_executable() -> Result<PathBuf, InstallError> {
-    let exe =
-        std::env::current_exe().map_err(io("finding", Path::new("the running executable")))?;
+    let exe = std::env::current_exe().or_else(|e| {
+        std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .ok_or(e)
+    });
+    let exe = exe.map_err(io("finding", Path::new("the running executable")))?;
     Ok(exe.with_file_name(PLUGIN_TYPE))
 }
 
@@ -374,6 +485,7 @@ mod tests {
             plugin_binary: Some(plugin),
             socket: "/run/ztunnel/cni.sock".into(),
             exclude_namespaces: vec!["kube-system".into()],
+            owner: None,
         };
         Node { dir, s }
     }

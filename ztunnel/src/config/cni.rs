@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args};
 use serde::Serialize;
 
-use super::{duration_str, invalid, ConfigError};
+use super::{duration_str, invalid, ConfigError, SourceConfig};
 
 /// The runtime's usual CNI binary directory.
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
@@ -81,6 +81,19 @@ pub struct CniInstall {
     pub socket: PathBuf,
     /// The entry's `excludeNamespaces`.
     pub exclude_namespaces: Vec<String>,
+    /// The DaemonSet whose deletion removes the plugin when the daemon stops (`--cni-owner`).
+    pub owner: Option<CniOwner>,
+}
+
+/// The DaemonSet running the daemon, and how to ask the API server about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CniOwner {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The daemon's `--kubeconfig` (`None`: the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl CniInstallArgs {
@@ -120,6 +133,7 @@ impl CniInstallArgs {
             plugin_binary: self.cni_plugin_binary.clone(),
             socket: socket.to_path_buf(),
             exclude_namespaces: exclude,
+            owner: None,
         })
     }
 }
@@ -132,6 +146,8 @@ pub(super) fn cni_config(
     pending_timeout: Duration,
     admin_socket: &Path,
     install: Option<&CniInstallArgs>,
+    owner: Option<&str>,
+    source: &SourceConfig,
 ) -> Result<Option<CniConfig>, ConfigError> {
     if socket.as_os_str().is_empty() {
         if install.is_some() {
@@ -162,9 +178,38 @@ pub(super) fn cni_config(
             "must be at least 1s: an announced pod needs time to appear in the state",
         ));
     }
+    let mut install = install.map(|i| i.resolve(socket)).transpose()?;
+    if let Some(owner) = owner.filter(|o| !o.is_empty()) {
+        let Some(install) = &mut install else {
+            return Err(invalid(
+                "cni-owner",
+                "only means something with --cni-install",
+            ));
+        };
+        let SourceConfig::Kube { kubeconfig } = source else {
+            return Err(invalid(
+                "cni-owner",
+                "needs --source kube: the DaemonSet is looked up on the API server",
+            ));
+        };
+        let Some((namespace, name)) = owner
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+        else {
+            return Err(invalid(
+                "cni-owner",
+                format!("{owner:?} is not <namespace>/<daemonset>"),
+            ));
+        };
+        install.owner = Some(CniOwner {
+            namespace: namespace.into(),
+            name: name.into(),
+            kubeconfig: kubeconfig.clone(),
+        });
+    }
     Ok(Some(CniConfig {
         socket: socket.to_path_buf(),
         pending_timeout,
-        install: install.map(|i| i.resolve(socket)).transpose()?,
+        install,
     }))
 }

@@ -25,7 +25,8 @@ use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
 use cni::cni_config;
 pub use cni::{
-    CniConfig, CniDirArgs, CniInstall, CniInstallArgs, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR,
+    CniConfig, CniDirArgs, CniInstall, CniInstallArgs, CniOwner, DEFAULT_CNI_BIN_DIR,
+    DEFAULT_CNI_CONF_DIR,
 };
 use inbound::inbound_limits;
 pub use inbound::InboundLimits;
@@ -189,6 +190,13 @@ pub struct RunArgs {
         default_value_t = false
     )]
     pub cni_install: bool,
+    /// With --cni-install and `--source kube`: the DaemonSet running this daemon, as
+    /// `<namespace>/<name>`. When the daemon stops (not for a hand-over) and that DaemonSet is
+    /// gone or being deleted (the release was uninstalled), the daemon removes the plugin from
+    /// the node, so the node's pods no longer wait for a daemon that will not come back; it
+    /// stays when the API server cannot tell. Unset: the plugin stays.
+    #[arg(long, env = "ZTUNNEL_CNI_OWNER")]
+    pub cni_owner: Option<String>,
     /// What --cni-install installs, and where.
     #[command(flatten)]
     pub cni: CniInstallArgs,
@@ -900,6 +908,14 @@ impl Config {
         if let Err(e) = crate::telemetry::parse_log_filter(&a.log_level) {
             return Err(invalid("log-level", e));
         }
+        let cni = cni_config(
+            Path::new(&a.cni_socket),
+            a.cni_pending_timeout.0,
+            &admin_socket,
+            a.cni_install.then_some(&a.cni),
+            a.cni_owner.as_deref(),
+            &source,
+        )?;
         Ok(Config {
             node_name,
             trust_domain,
@@ -911,12 +927,7 @@ impl Config {
             drain_timeout: a.drain_timeout.0,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            cni: cni_config(
-                Path::new(&a.cni_socket),
-                a.cni_pending_timeout.0,
-                &admin_socket,
-                a.cni_install.then_some(&a.cni),
-            )?,
+            cni,
             admin_socket,
             handover_socket,
             capture,

@@ -110,6 +110,27 @@ fn cni_install_is_checked() {
             plugin_binary: None,
             socket: DEFAULT_CNI_SOCKET.into(),
             exclude_namespaces: vec!["kube-system".into()],
+            owner: None,
+        })
+    );
+    // Only checked to exist.
+    let kubeconfig =
+        std::env::temp_dir().join(format!("cni-owner-{}.kubeconfig", std::process::id()));
+    std::fs::write(&kubeconfig, "").expect("kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
+    let kube_args = |extra: &[&str]| {
+        let kube = ["--cni-install", "--source", "kube", "--kubeconfig", kc];
+        let mut a = args(&[&kube[..], extra].concat()).expect("parses");
+        a.state = None;
+        Config::resolve(a)
+    };
+    let kube = kube_args(&["--cni-owner", "istio-system/ztunnel"]).expect("valid");
+    assert_eq!(
+        kube.cni.and_then(|c| c.install?.owner),
+        Some(CniOwner {
+            namespace: "istio-system".into(),
+            name: "ztunnel".into(),
+            kubeconfig: Some(kubeconfig.clone()),
         })
     );
     let cni = resolve(&[
@@ -128,6 +149,8 @@ fn cni_install_is_checked() {
     for (bad, names) in [
         (&["--cni-install", "--cni-socket", ""][..], "--cni-install"),
         (&["--cni-install", "--cni-bin-dir", "bin"], "--cni-bin-dir"),
+        (&["--cni-owner", "ns/ds"], "--cni-owner"),
+        (&["--cni-install", "--cni-owner", "ns/ds"], "--source kube"),
         (
             &["--cni-install", "--cni-exclude-namespaces", "Kube_System"],
             "--cni-exclude-namespaces",
@@ -136,6 +159,11 @@ fn cni_install_is_checked() {
         let e = resolve(bad).expect_err("invalid").to_string();
         assert!(e.contains(names), "{bad:?}: {e}");
     }
+    for bad in ["ztunnel", "/ztunnel", "a/b/c"] {
+        let e = kube_args(&["--cni-owner", bad]).expect_err("invalid");
+        assert!(e.to_string().contains("--cni-owner"), "{bad}: {e}");
+    }
+    let _ = std::fs::remove_file(&kubeconfig);
 }
 
 #[test]
@@ -534,6 +562,7 @@ fn help_shows_each_default() {
         "bpf-pin-dir",
         "uplink",
         "cni-plugin-binary",
+        "cni-owner",
     ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {
