@@ -536,7 +536,7 @@ mod tests {
         );
 
         let gone = uninstall(&n.s.bin_dir, &n.s.conf_dir).expect("uninstalls");
-        assert_eq!(gone.configs, [conf.clone()]);
+        assert_eq!(gone.configs, std::slice::from_ref(&conf));
         assert!(gone.binary_removed && !bin.exists());
         let v: Value = serde_json::from_slice(&std::fs::read(&conf).expect("read")).expect("json");
         assert_eq!(v, ptp_list());
