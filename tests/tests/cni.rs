@@ -11,7 +11,8 @@
 //!   uninstall` leaves the primary's conflist as it was and removes the binary;
 //! - with `--cni-owner` (on `--source kube`), a daemon that stops while its DaemonSet exists
 //!   leaves the plugin in place (a restart, an upgrade), and one that stops after the
-//!   DaemonSet was deleted (the release uninstalled) removes it from the node;
+//!   DaemonSet was deleted removes it from the node, also when its binding and service account
+//!   went with it (as `helm uninstall` deletes them);
 //! - an enrolled pod connecting to a pod on the other node at once after ADD returns (the
 //!   connect starts within 1 ms) is captured: the fabric carries only TLS on 15008 and never
 //!   the payload; the connection is held until the state names the pod, then carries its
@@ -400,19 +401,39 @@ fn the_daemon_installs_the_plugin_and_keeps_it_in_the_conflist() {
     assert!(!binary.exists(), "binary removed");
 }
 
+const DAEMONSET: &str = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, \
+     namespace: istio-system}\nspec:\n  selector: {matchLabels: {app: ztunnel}}\n  template:\n    \
+     metadata: {labels: {app: ztunnel}}\n    spec: {containers: [{name: ztunnel, image: \
+     localhost/ztunnel}]}\n";
+
+/// Stops node 1's daemon and returns why it said it removed the plugin (its `reason`), or
+/// `None` when it said the plugin stays.
+fn stop_and_wait_verdict(c: &Cluster) -> Option<String> {
+    let skip = c.daemon(1).log_lines().len();
+    c.daemon(1).terminate().expect("daemon stops");
+    let line = c
+        .daemon(1)
+        .wait_for_log_after(
+            skip,
+            |l| message(l).starts_with("cni install: the DaemonSet"),
+            WAIT,
+        )
+        .expect("the daemon checked its DaemonSet");
+    (message(&line) == "cni install: the DaemonSet is gone; ztunnel-cni removed from the node")
+        .then(|| field(&line, "reason").to_string())
+}
+
 #[test]
 fn the_plugin_leaves_the_node_with_its_daemonset_kube() {
     let mut c = Cluster::start_kube(ClusterSpec::new(1).namespace("mesh", true))
         .expect("cluster with an API server");
-    c.kube()
-        .api
-        .apply(
-            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, namespace: \
-             istio-system}\nspec:\n  selector: {matchLabels: {app: ztunnel}}\n  template:\n    \
-             metadata: {labels: {app: ztunnel}}\n    spec: {containers: [{name: ztunnel, image: \
-             localhost/ztunnel}]}\n",
-        )
-        .expect("the DaemonSet object (no kubelet runs it)");
+    let create_daemonset = |c: &Cluster| {
+        c.kube()
+            .api
+            .apply(DAEMONSET)
+            .expect("the DaemonSet object (no kubelet runs it)");
+    };
+    create_daemonset(&c);
     let binary = c.cni_bin_dir(1).join("ztunnel-cni");
     std::fs::create_dir_all(c.cni_bin_dir(1)).expect("bin dir");
     let primary = c.cni_primary(1).expect("primary conflist");
@@ -424,41 +445,52 @@ fn the_plugin_leaves_the_node_with_its_daemonset_kube() {
         "--cni-plugin-binary",
         plugin.to_str().expect("utf-8 path"),
     ];
+    let removed = |c: &Cluster, what: &str| {
+        assert_eq!(
+            c.cni_conflist(1).expect("conflist"),
+            primary,
+            "{what}: the primary CNI's chain as it wrote it"
+        );
+        assert!(!binary.exists(), "{what}: binary removed");
+    };
+
+    // A restart or an upgrade: the DaemonSet is still there, so the plugin stays.
     c.start_daemon(1, &flags).expect("daemon ready");
     wait_installed(&c, "first start");
-    // A restart: the DaemonSet is still there, so the plugin stays.
-    c.daemon(1).terminate().expect("daemon stops");
-    c.daemon(1)
-        .wait_for_log(
-            |l| message(l) == "cni install: the DaemonSet remains; ztunnel-cni stays on the node",
-            WAIT,
-        )
-        .expect("the daemon found its DaemonSet");
+    assert_eq!(stop_and_wait_verdict(&c), None, "kept across a restart");
     assert!(
         installed(&c).is_some() && binary.exists(),
         "kept across a restart"
     );
 
-    // The release is uninstalled: the DaemonSet goes first, then its pods stop.
+    // The DaemonSet deleted: the daemon finds it gone and takes the plugin away.
     c.start_daemon(1, &flags).expect("daemon ready again");
     c.kube()
         .api
         .kubectl(&["delete", "daemonset", "ztunnel", "-n", "istio-system"])
         .expect("deleting the DaemonSet");
-    c.daemon(1).terminate().expect("daemon stops");
-    c.daemon(1)
-        .wait_for_log(
-            |l| {
-                message(l)
-                    == "cni install: the DaemonSet is gone; ztunnel-cni removed from the node"
-            },
-            WAIT,
-        )
-        .expect("the daemon removed the plugin");
-    assert_eq!(
-        c.cni_conflist(1).expect("conflist"),
-        primary,
-        "the primary CNI's chain as it wrote it"
+    let reason = stop_and_wait_verdict(&c).expect("removed once the DaemonSet is deleted");
+    assert_eq!(reason, "not found");
+    removed(&c, "DaemonSet deleted");
+
+    // `helm uninstall` deletes the DaemonSet, the daemon's binding and its service account
+    // together, so its read may be refused by the time it stops: that counts as gone too.
+    create_daemonset(&c);
+    c.start_daemon(1, &flags)
+        .expect("daemon ready a third time");
+    wait_installed(&c, "third start");
+    for args in [
+        &["delete", "daemonset", "ztunnel", "-n", "istio-system"][..],
+        &["delete", "clusterrolebinding", "ztunnel"],
+        &["delete", "serviceaccount", "ztunnel", "-n", "istio-system"],
+    ] {
+        c.kube().api.kubectl(args).expect("kubectl delete");
+    }
+    let reason = stop_and_wait_verdict(&c).expect("removed after the release's deletion");
+    eprintln!("removed after the release's deletion because: {reason}");
+    assert!(
+        reason.contains("403") || reason.contains("401") || reason == "not found",
+        "{reason}"
     );
-    assert!(!binary.exists(), "binary removed");
+    removed(&c, "release deleted");
 }

@@ -226,8 +226,8 @@ impl Keeper {
     }
 
     /// At exit (not after a hand-over): with `--cni-owner`, asks the API server for the
-    /// DaemonSet running the daemon, and when it is gone or being deleted removes the plugin
-    /// from the node (entry, then binary) and stops the keeper. Otherwise (a restart, an
+    /// DaemonSet running the daemon, and when it is gone or being deleted (see [`owner_gone`])
+    /// removes the plugin from the node (entry, then binary) and stops the keeper. Otherwise (a restart, an
     /// upgrade, an API server that does not answer) the plugin stays: the next daemon of the
     /// node serves it.
     pub async fn release_if_owner_gone(&self) {
@@ -236,8 +236,8 @@ impl Keeper {
         };
         let gone = tokio::time::timeout(OWNER_CHECK_TIMEOUT, owner_gone(owner)).await;
         let key = format!("{}/{}", owner.namespace, owner.name);
-        match gone {
-            Ok(Ok(false)) => {
+        let reason = match gone {
+            Ok(Ok(None)) => {
                 info!(daemonset = %key, "cni install: the DaemonSet remains; ztunnel-cni stays on the node");
                 return;
             }
@@ -249,13 +249,14 @@ impl Keeper {
                 warn!(daemonset = %key, timeout = ?OWNER_CHECK_TIMEOUT, "cni install: no answer about the DaemonSet; ztunnel-cni stays on the node");
                 return;
             }
-            Ok(Ok(true)) => {}
-        }
+            Ok(Ok(Some(reason))) => reason,
+        };
         let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
         *released = true;
         match uninstall(&self.settings.bin_dir, &self.settings.conf_dir) {
             Ok(gone) => info!(
                 daemonset = %key,
+                reason,
                 configs = ?gone.configs,
                 binary_removed = gone.binary_removed,
                 "cni install: the DaemonSet is gone; ztunnel-cni removed from the node"
@@ -270,14 +271,26 @@ impl Keeper {
 /// How long the exit check waits for the API server.
 const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether the DaemonSet is gone (not found) or being deleted.
-async fn owner_gone(owner: &CniOwner) -> Result<bool, String> {
+/// Why the DaemonSet counts as gone (`None`: it remains). `helm uninstall` deletes the
+/// DaemonSet, the daemon's ServiceAccount and its ClusterRoleBinding together, so by the time a
+/// daemon stops its credentials may be refused: a 401 (the account is gone) or a 403 (the
+/// binding is gone) on a read it was allowed at start counts as gone as well. A wrong guess
+/// there costs little: the next daemon of the node installs the plugin again at start. An API
+/// server that cannot be reached is no answer (an error): the plugin stays.
+async fn owner_gone(owner: &CniOwner) -> Result<Option<&'static str>, String> {
     use k8s_openapi::api::apps::v1::DaemonSet;
     let client = crate::source::kube::client(owner.kubeconfig.as_deref()).await?;
     let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, &owner.namespace);
     match api.get_opt(&owner.name).await {
-        Ok(None) => Ok(true),
-        Ok(Some(ds)) => Ok(ds.metadata.deletion_timestamp.is_some()),
+        Ok(None) => Ok(Some("not found")),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => Ok(Some("being deleted")),
+        Ok(Some(_)) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 401 => Ok(Some(
+            "the daemon's service account is no longer accepted (401)",
+        )),
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(Some(
+            "the daemon may no longer read it (403: its binding is gone)",
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
