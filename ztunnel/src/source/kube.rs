@@ -503,7 +503,8 @@ fn describe(kind: &Kind, e: &watcher::Error) -> String {
 }
 
 /// An API client through `kubeconfig`, or the in-cluster service account when `None` (the
-/// source's watches, and the daemon's other reads such as [`crate::cni::install`]'s).
+/// source's watches, the CA service's reviews, and the daemon's exit check in
+/// [`crate::cni::install`]).
 pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, String> {
     let config = match kubeconfig {
         Some(path) => {
