@@ -1,9 +1,11 @@
 //! The daemon's OCI image, built with umoci (apt `umoci`): no container engine, no registry, no
 //! base image. Its root filesystem holds the `ztunnel` binary at `/usr/local/bin/ztunnel`, the
-//! machine's `ip` (iproute2) at `/usr/bin/ip` (capture installs its policy route by running
-//! `ip`: `ztunnel::capture::routes`), and exactly the shared objects `ldd` says the two load
-//! (libc, libgcc_s and the dynamic loader for the daemon; libbpf, libelf, libmnl, libbsd,
-//! libcap, libz, libmd for `ip`), copied from this machine at the paths they are looked up;
+//! chained CNI plugin `ztunnel-cni` next to it (the daemon's `--cni-install` copies it onto the
+//! node from there), the machine's `ip` (iproute2) at `/usr/bin/ip` (capture installs its
+//! policy route by running `ip`: `ztunnel::capture::routes`), and exactly the shared objects
+//! `ldd` says the three load (libc, libgcc_s and the dynamic loader for the daemon and the
+//! plugin; libbpf, libelf, libmnl, libbsd, libcap, libz, libmd for `ip`), copied from this
+//! machine at the paths they are looked up;
 //! nothing else (no shell, no package manager). Entrypoint: the daemon. `cargo xtask image`
 //! builds it from the release binary under `<target>/image/`; the image tests build it from the
 //! debug binary.
@@ -16,6 +18,8 @@ use serde_json::Value;
 
 /// Where the binary lives in the image.
 pub const BINARY_PATH: &str = "/usr/local/bin/ztunnel";
+/// Where the CNI plugin lives in the image: next to the daemon, where `--cni-install` looks.
+pub const CNI_PLUGIN_PATH: &str = "/usr/local/bin/ztunnel-cni";
 /// Where `ip` lives in the image (on the image's `PATH`).
 pub const IP_PATH: &str = "/usr/bin/ip";
 /// The image's `PATH`.
@@ -26,6 +30,8 @@ pub const PATH: &str = "/usr/local/bin:/usr/bin";
 pub struct ImageSpec {
     /// The `ztunnel` executable to put in the image.
     pub binary: PathBuf,
+    /// The `ztunnel-cni` executable to put next to it.
+    pub cni_plugin: PathBuf,
     /// Output directory: `<out>/ztunnel` (OCI layout) and `<out>/ztunnel-<tag>.oci.tar`.
     pub out_dir: PathBuf,
     /// The tag in the layout (and the version label).
@@ -79,10 +85,13 @@ pub fn runtime_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     parse_ldd(&text)
 }
 
-/// The shared objects of the daemon and of `ip` together, each once.
-pub fn image_libraries(binary: &Path, ip: &Path) -> Result<Vec<PathBuf>> {
-    let mut libs = runtime_libraries(binary)?;
-    libs.extend(runtime_libraries(ip)?);
+/// The shared objects of the image's executables (the daemon, the plugin, `ip`) together, each
+/// once.
+pub fn image_libraries(executables: &[&Path]) -> Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for exe in executables {
+        libs.extend(runtime_libraries(exe)?);
+    }
     libs.sort();
     libs.dedup();
     Ok(libs)
@@ -152,8 +161,9 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage> {
     };
     let ip = crate::find_tool("ip").context("`ip` not found; install iproute2")?;
     put(&spec.binary, BINARY_PATH, 0o755)?;
+    put(&spec.cni_plugin, CNI_PLUGIN_PATH, 0o755)?;
     put(&ip, IP_PATH, 0o755)?;
-    for lib in image_libraries(&spec.binary, &ip)? {
+    for lib in image_libraries(&[&spec.binary, &spec.cni_plugin, &ip])? {
         put(&lib, &lib.to_string_lossy(), 0o755)?;
     }
     // Mount points the pod fills (scratch space, the CA directory); empty in the image.

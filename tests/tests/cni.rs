@@ -1,7 +1,18 @@
 //! No plaintext window at pod start: pods created through a real CNI chain (Debian's `ptp` +
 //! `host-local`, then `ztunnel-cni`, run as a container runtime runs them) are captured when
-//! ADD returns, before the daemon's state shows them (docs/CNI.md):
+//! ADD returns, before the daemon's state shows them (docs/CNI.md). The chain is the node's
+//! conflist as the installer leaves it: the primary CNI's file with `ptp` alone, `ztunnel-cni`
+//! added by `ztunnel cni install` (or the daemon's `--cni-install`) and run from the node's
+//! CNI binary directory where the installer copied it.
 //!
+//! - the daemon started with `--cni-install` before the primary CNI has written its conflist
+//!   adds the plugin once it appears, adds it back within seconds when the primary CNI
+//!   rewrites the file without it, the pods of the installed chain are captured, and `ztunnel
+//!   uninstall` leaves the primary's conflist as it was and removes the binary;
+//! - with `--cni-owner` (on `--source kube`), a daemon that stops while its DaemonSet exists
+//!   leaves the plugin in place (a restart, an upgrade), and one that stops after the
+//!   DaemonSet was deleted removes it from the node, also when its binding and service account
+//!   went with it (as `helm uninstall` deletes them);
 //! - an enrolled pod connecting to a pod on the other node at once after ADD returns (the
 //!   connect starts within 1 ms) is captured: the fabric carries only TLS on 15008 and never
 //!   the payload; the connection is held until the state names the pod, then carries its
@@ -283,4 +294,203 @@ fn pod_of_a_namespace_not_enrolled_starts_uncaptured() {
     );
     let outs = c.cni_del(&sandbox).expect("DEL runs");
     assert!(outs.iter().all(|o| o.success), "{outs:?}");
+}
+
+/// Node 1's conflist when it is `ptp` followed by the `ztunnel-cni` entry.
+fn installed(c: &Cluster) -> Option<Value> {
+    let list = c.cni_conflist(1).ok()?;
+    let plugins = list["plugins"].as_array()?;
+    (plugins.len() == 2 && plugins[1]["type"] == "ztunnel-cni").then_some(list.clone())
+}
+
+/// Waits for [`installed`], saying how long it took.
+fn wait_installed(c: &Cluster, what: &str) -> Value {
+    let since = Instant::now();
+    while since.elapsed() < WAIT {
+        if let Some(list) = installed(c) {
+            eprintln!("{what}: entry in place {:?} after", since.elapsed());
+            return list;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: no ztunnel-cni entry in {:?}", c.cni_conflist(1));
+}
+
+#[test]
+fn the_daemon_installs_the_plugin_and_keeps_it_in_the_conflist() {
+    let mut c = Cluster::start(ClusterSpec::new(1).namespace("mesh", true)).expect("cluster");
+    let conf_dir = c.cni_conf_dir(1);
+    let binary = c.cni_bin_dir(1).join("ztunnel-cni");
+    std::fs::create_dir_all(c.cni_bin_dir(1)).expect("bin dir");
+    // The daemon may start before the node's primary CNI has written its configuration.
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    let plugin = mesh_tests::cni_plugin_bin();
+    let plugin = plugin.to_str().expect("utf-8 path");
+    c.start_daemon(1, &["--cni-install", "--cni-plugin-binary", plugin])
+        .expect("daemon ready");
+    c.daemon(1)
+        .wait_for_log(
+            |l| {
+                message(l) == "cni install: ztunnel-cni is not installed on the node"
+                    && field(l, "error").contains("no CNI network configuration")
+            },
+            WAIT,
+        )
+        .expect("the daemon says it waits for the primary CNI");
+    let primary = c.cni_primary(1).expect("primary conflist");
+    let list = wait_installed(&c, "primary written");
+    assert_eq!(
+        list["plugins"][0], primary["plugins"][0],
+        "ptp kept as it was"
+    );
+    let entry = &list["plugins"][1];
+    assert_eq!(entry["socket"], c.cni_socket(1).display().to_string());
+    assert_eq!(entry["failOpen"], false);
+    assert_eq!(
+        entry["excludeNamespaces"],
+        serde_json::json!(["kube-system"])
+    );
+    assert_eq!(
+        std::fs::read(&binary).expect("installed binary"),
+        std::fs::read(plugin).expect("built binary"),
+        "the binary is the built plugin"
+    );
+
+    // The primary CNI rewrites its conflist (a restart, an upgrade): the entry comes back.
+    c.cni_primary(1).expect("rewritten");
+    let restored = Instant::now();
+    wait_installed(&c, "primary rewritten");
+    assert!(
+        restored.elapsed() < Duration::from_secs(10),
+        "restored within the 2 s check (on a busy host): {:?}",
+        restored.elapsed()
+    );
+    let (_, metrics) = node_http(&c, 1, 15020, "GET", "/metrics").expect("metrics");
+    for line in [
+        "ztunnel_cni_plugin_installed 1",
+        r#"ztunnel_cni_install_writes_total{file="config"} 2"#,
+        r#"ztunnel_cni_install_writes_total{file="binary"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+
+    // A pod created through the installed chain is captured when ADD returns.
+    let mut sandbox = c
+        .cni_sandbox(PodSpec::new("mesh/installed", 1))
+        .expect("sandbox");
+    add_ok(&c, &mut sandbox);
+    let pod = c.cni_pod(&sandbox).expect("pod address");
+    assert!(
+        enrolled(&c, 1).contains(&pod.ip.to_string()),
+        "{} captured through the installed chain",
+        pod.ip
+    );
+    let outs = c.cni_del(&sandbox).expect("DEL runs");
+    assert!(outs.iter().all(|o| o.success), "{outs:?}");
+
+    // The entry stays when the daemon stops (the plugin fails closed); uninstall removes it.
+    c.daemon(1).terminate().expect("daemon stops");
+    assert!(installed(&c).is_some(), "the entry outlives the daemon");
+    let out = c.daemon(1).uninstall().expect("ztunnel uninstall");
+    assert!(out.contains("cni plugin uninstalled"), "{out}");
+    assert_eq!(
+        c.cni_conflist(1).expect("conflist"),
+        primary,
+        "the primary CNI's chain as it wrote it"
+    );
+    assert!(!binary.exists(), "binary removed");
+}
+
+const DAEMONSET: &str = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, \
+     namespace: istio-system}\nspec:\n  selector: {matchLabels: {app: ztunnel}}\n  template:\n    \
+     metadata: {labels: {app: ztunnel}}\n    spec: {containers: [{name: ztunnel, image: \
+     localhost/ztunnel}]}\n";
+
+/// Stops node 1's daemon and returns why it said it removed the plugin (its `reason`), or
+/// `None` when it said the plugin stays.
+fn stop_and_wait_verdict(c: &Cluster) -> Option<String> {
+    let skip = c.daemon(1).log_lines().len();
+    c.daemon(1).terminate().expect("daemon stops");
+    let line = c
+        .daemon(1)
+        .wait_for_log_after(
+            skip,
+            |l| message(l).starts_with("cni install: the DaemonSet"),
+            WAIT,
+        )
+        .expect("the daemon checked its DaemonSet");
+    (message(&line) == "cni install: the DaemonSet is gone; ztunnel-cni removed from the node")
+        .then(|| field(&line, "reason").to_string())
+}
+
+#[test]
+fn the_plugin_leaves_the_node_with_its_daemonset_kube() {
+    let mut c = Cluster::start_kube(ClusterSpec::new(1).namespace("mesh", true))
+        .expect("cluster with an API server");
+    let create_daemonset = |c: &Cluster| {
+        c.kube()
+            .api
+            .apply(DAEMONSET)
+            .expect("the DaemonSet object (no kubelet runs it)");
+    };
+    create_daemonset(&c);
+    let binary = c.cni_bin_dir(1).join("ztunnel-cni");
+    std::fs::create_dir_all(c.cni_bin_dir(1)).expect("bin dir");
+    let primary = c.cni_primary(1).expect("primary conflist");
+    let plugin = mesh_tests::cni_plugin_bin();
+    let flags = [
+        "--cni-install",
+        "--cni-owner",
+        "istio-system/ztunnel",
+        "--cni-plugin-binary",
+        plugin.to_str().expect("utf-8 path"),
+    ];
+    let removed = |c: &Cluster, what: &str| {
+        assert_eq!(
+            c.cni_conflist(1).expect("conflist"),
+            primary,
+            "{what}: the primary CNI's chain as it wrote it"
+        );
+        assert!(!binary.exists(), "{what}: binary removed");
+    };
+
+    // A restart or an upgrade: the DaemonSet is still there, so the plugin stays.
+    c.start_daemon(1, &flags).expect("daemon ready");
+    wait_installed(&c, "first start");
+    assert_eq!(stop_and_wait_verdict(&c), None, "kept across a restart");
+    assert!(
+        installed(&c).is_some() && binary.exists(),
+        "kept across a restart"
+    );
+
+    // The DaemonSet deleted: the daemon finds it gone and takes the plugin away.
+    c.start_daemon(1, &flags).expect("daemon ready again");
+    c.kube()
+        .api
+        .kubectl(&["delete", "daemonset", "ztunnel", "-n", "istio-system"])
+        .expect("deleting the DaemonSet");
+    let reason = stop_and_wait_verdict(&c).expect("removed once the DaemonSet is deleted");
+    assert_eq!(reason, "not found");
+    removed(&c, "DaemonSet deleted");
+
+    // `helm uninstall` deletes the DaemonSet, the daemon's binding and its service account
+    // together, so its read may be refused by the time it stops: that counts as gone too.
+    create_daemonset(&c);
+    c.start_daemon(1, &flags)
+        .expect("daemon ready a third time");
+    wait_installed(&c, "third start");
+    for args in [
+        &["delete", "daemonset", "ztunnel", "-n", "istio-system"][..],
+        &["delete", "clusterrolebinding", "ztunnel"],
+        &["delete", "serviceaccount", "ztunnel", "-n", "istio-system"],
+    ] {
+        c.kube().api.kubectl(args).expect("kubectl delete");
+    }
+    let reason = stop_and_wait_verdict(&c).expect("removed after the release's deletion");
+    eprintln!("removed after the release's deletion because: {reason}");
+    assert!(
+        reason.contains("403") || reason.contains("401") || reason == "not found",
+        "{reason}"
+    );
+    removed(&c, "release deleted");
 }

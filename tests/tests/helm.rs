@@ -50,8 +50,9 @@ fn helm(args: &[&str]) -> Value {
     helm_in(None, args)
 }
 
-/// [`helm`] inside network namespace `netns` (where an API server of that namespace is).
-fn helm_in(netns: Option<&str>, args: &[&str]) -> Value {
+/// Runs `tests/helm/helm_sdk.py <args>` (inside network namespace `netns`, when given), whatever
+/// its outcome.
+fn helm_output_in(netns: Option<&str>, args: &[&str]) -> std::process::Output {
     let script = mesh_tests::workspace_root().join("tests/helm/helm_sdk.py");
     let py = helm_python();
     let mut cmd = match netns {
@@ -62,11 +63,21 @@ fn helm_in(netns: Option<&str>, args: &[&str]) -> Value {
         }
         None => Command::new(&py),
     };
-    let out = cmd
-        .arg(&script)
+    cmd.arg(&script)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", py.display()));
+        .unwrap_or_else(|e| panic!("starting {}: {e}", py.display()))
+}
+
+/// [`helm_output_in`] without a namespace.
+fn helm_output(args: &[&str]) -> std::process::Output {
+    helm_output_in(None, args)
+}
+
+/// [`helm`] inside network namespace `netns` (where an API server of that namespace is).
+fn helm_in(netns: Option<&str>, args: &[&str]) -> Value {
+    let py = helm_python();
+    let out = helm_output_in(netns, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -219,7 +230,35 @@ fn helm_chart_installs_into_the_api_server_kube() {
         json!({"path": "/run/ztunnel", "type": "DirectoryOrCreate"})
     );
     assert_eq!(pod["containers"][0]["ports"][0]["containerPort"], 15008);
+    // The node's CNI directories, where the daemon installs ztunnel-cni (cni.enabled).
+    for (name, path) in [("cni-bin", "/opt/cni/bin"), ("cni-conf", "/etc/cni/net.d")] {
+        let v = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"));
+        assert_eq!(
+            v["hostPath"],
+            json!({"path": path, "type": "DirectoryOrCreate"})
+        );
+    }
     let c = &pod["containers"][0];
+    for (name, path) in [
+        ("cni-bin", "/host/opt/cni/bin"),
+        ("cni-conf", "/host/etc/cni/net.d"),
+        ("run", "/run/ztunnel"),
+    ] {
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .any(|m| m["name"] == name && m["mountPath"] == path),
+            "{name} at {path}: {}",
+            c["volumeMounts"]
+        );
+    }
     let args: Vec<&str> = c["args"]
         .as_array()
         .expect("args are a list")
@@ -230,12 +269,18 @@ fn helm_chart_installs_into_the_api_server_kube() {
         ["--source", "kube"],
         ["--drain-timeout", "20s"],
         ["--handover-socket", "/run/ztunnel/handover.sock"],
+        ["--cni-socket", "/run/ztunnel/cni.sock"],
+        ["--cni-bin-dir", "/host/opt/cni/bin"],
+        ["--cni-conf-dir", "/host/etc/cni/net.d"],
+        ["--cni-exclude-namespaces", "kube-system,istio-system"],
+        ["--cni-owner", "istio-system/ztunnel"],
     ] {
         assert!(
             args.windows(2).any(|w| w == pair),
             "{pair:?} in the args: {args:?}"
         );
     }
+    assert!(args.contains(&"--cni-install"), "{args:?}");
     assert_eq!(
         c["env"][0],
         json!({"name": "ZTUNNEL_NODE_NAME",
@@ -294,6 +339,8 @@ fn helm_chart_installs_into_the_api_server_kube() {
         &["get", "authorizationpolicies,peerauthentications", "-A"],
     )
     .expect("the chart's account lists the Istio policies (CRDs from the chart)");
+    api.kubectl_as(&zt, &["get", "daemonset", "ztunnel", "-n", NAMESPACE])
+        .expect("the chart's account reads its DaemonSet (--cni-owner)");
     let denied = api
         .kubectl_output(&zt, &["get", "secrets", "-n", NAMESPACE], None)
         .expect("running kubectl");
@@ -320,7 +367,8 @@ fn helm_chart_installs_into_the_api_server_kube() {
         .expect("server-side dry-run apply of the rendered manifest");
     assert!(out.contains("daemonset.apps/ztunnel"), "{out}");
 
-    // An upgrade with another drain timeout rolls the grace period along.
+    // An upgrade with another drain timeout rolls the grace period along; without the CNI
+    // plugin, the daemon neither installs it nor mounts the node's CNI directories.
     let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
     let chart = chart_dir().to_string_lossy().into_owned();
     helm(&[
@@ -329,15 +377,19 @@ fn helm_chart_installs_into_the_api_server_kube() {
         NAMESPACE,
         RELEASE,
         &chart,
-        r#"{"drainTimeout": 60}"#,
+        r#"{"drainTimeout": 60, "cni": {"enabled": false}}"#,
     ]);
     let ds = api
         .kubectl_json(&["get", "daemonset", "ztunnel", "-n", NAMESPACE])
         .expect("reading the DaemonSet");
-    assert_eq!(
-        ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
-        65
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["terminationGracePeriodSeconds"], 65);
+    let text = pod.to_string();
+    assert!(
+        !text.contains("cni-bin") && !text.contains("cni-conf") && !text.contains("--cni-"),
+        "no CNI installation left: {pod}"
     );
+    kubernetes_validate(&write(dir.path(), "no-cni.yaml", &manifest(&api)));
     helm(&["uninstall", &kubeconfig, NAMESPACE, RELEASE]);
     let gone = api
         .kubectl_output(
@@ -367,7 +419,12 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
             "extraEnv": [{"name": "ZTUNNEL_LOG_LEVEL", "value": "debug"}],
             "podAnnotations": {"example.com/note": "x"},
             "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "256Mi"}},
-            "handover": {"enabled": false},
+            "handover": {"enabled": false, "hostPath": "/var/run/mesh"},
+            "cni": {
+                "binDir": "/home/kubernetes/bin",
+                "confDir": "/etc/cni/net.d",
+                "excludeNamespaces": ["kube-system", "calico-system", "istio-system"],
+            },
         }),
     );
     let docs = documents(&text);
@@ -430,20 +487,63 @@ fn helm_ca_service_mode_and_other_values_install_kube() {
         volume["secret"]["items"],
         json!([{"key": "root-cert.pem", "path": "root-cert.pem"}])
     );
-    // Without hand-over: the old pod goes first, the ports are declared, no shared /run.
+    // Without hand-over: the old pod goes first, the ports are declared; the node's socket
+    // directory is still shared, for the CNI socket, which the plugin's entry names by its
+    // host path (mounted there too).
     assert!(args.iter().any(|a| a == "--handover=false"), "{args:?}");
     assert_eq!(
         ds["spec"]["updateStrategy"]["rollingUpdate"],
         json!({"maxUnavailable": 1})
     );
     assert_eq!(c["ports"][0]["containerPort"], 15008);
+    let run = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "run")
+        .expect("the run volume, for the CNI socket");
+    assert_eq!(run["hostPath"]["path"], "/var/run/mesh");
+    let mounts: Vec<(&str, &str)> = c["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .filter_map(|m| Some((m["name"].as_str()?, m["mountPath"].as_str()?)))
+        .collect();
+    for want in [("run", "/run/ztunnel"), ("run", "/var/run/mesh")] {
+        assert!(mounts.contains(&want), "{want:?} in {mounts:?}");
+    }
+    for pair in [
+        ["--cni-socket", "/var/run/mesh/cni.sock"],
+        [
+            "--cni-exclude-namespaces",
+            "kube-system,calico-system,istio-system",
+        ],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    let bin = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "cni-bin")
+        .expect("the cni-bin volume");
+    assert_eq!(bin["hostPath"]["path"], "/home/kubernetes/bin");
+    // A relative CNI directory is refused at render time.
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let refused = helm_output(&[
+        "upgrade",
+        &kubeconfig,
+        NAMESPACE,
+        RELEASE,
+        &chart,
+        r#"{"cni": {"confDir": "etc/cni/net.d"}}"#,
+    ]);
     assert!(
-        !pod["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .any(|v| v["name"] == "run"),
-        "no shared /run/ztunnel"
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("cni.confDir must be an absolute"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
     api.stop().expect("stopping the API server");
 }
@@ -484,8 +584,10 @@ fn oci_image_unpacks_and_runs_kube() {
     mesh_tests::require_root().expect("root");
     let dir = tempfile::tempdir().expect("temporary directory");
     let binary = mesh_tests::ztunnel_bin();
+    let plugin = mesh_tests::cni_plugin_bin();
     let built = image::build(&ImageSpec {
         binary: binary.clone(),
+        cni_plugin: plugin.clone(),
         out_dir: dir.path().to_path_buf(),
         tag: env!("CARGO_PKG_VERSION").into(),
         source: "file:///ztunnel".into(),
@@ -494,11 +596,15 @@ fn oci_image_unpacks_and_runs_kube() {
     .unwrap_or_else(|e| panic!("building the image: {e:#}"));
     assert!(built.archive.is_file(), "the oci-archive is written");
 
-    // Exactly the binary, `ip` and what the two link.
+    // Exactly the daemon, the CNI plugin, `ip` and what the three link.
     let ip = mesh_tests::find_tool("ip").expect("ip (iproute2)");
-    let mut expected = vec![image::BINARY_PATH.to_string(), image::IP_PATH.to_string()];
+    let mut expected = vec![
+        image::BINARY_PATH.to_string(),
+        image::CNI_PLUGIN_PATH.to_string(),
+        image::IP_PATH.to_string(),
+    ];
     expected.extend(
-        image::image_libraries(&binary, &ip)
+        image::image_libraries(&[&binary, &plugin, &ip])
             .expect("ldd")
             .iter()
             .map(|p| p.to_string_lossy().into_owned()),
@@ -538,6 +644,65 @@ fn oci_image_unpacks_and_runs_kube() {
     assert_eq!(
         stdout.trim(),
         format!("ztunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // The image installs its own plugin: `ztunnel cni install` (the binary found next to the
+    // daemon) into a node's directories, and the installed plugin runs there.
+    let rootfs = bundle.join("rootfs");
+    let conf_dir = rootfs.join("host/etc/cni/net.d");
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    std::fs::create_dir_all(rootfs.join("host/opt/cni/bin")).expect("bin dir");
+    let primary = json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "ptp"}]});
+    write(&conf_dir, "10-k8s.conflist", &primary.to_string());
+    let chroot_run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(mesh_tests::find_tool("chroot").expect("chroot"))
+            .arg(&rootfs)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running chroot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?} in the image: {text}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = chroot_run(
+        &[
+            image::BINARY_PATH,
+            "cni",
+            "install",
+            "--cni-bin-dir",
+            "/host/opt/cni/bin",
+            "--cni-conf-dir",
+            "/host/etc/cni/net.d",
+        ],
+        &[],
+    );
+    assert!(out.contains("cni plugin installed"), "{out}");
+    let list: Value = serde_json::from_str(
+        &std::fs::read_to_string(conf_dir.join("10-k8s.conflist")).expect("conflist"),
+    )
+    .expect("json");
+    assert_eq!(list["plugins"][1]["type"], "ztunnel-cni", "{list}");
+    assert_eq!(
+        std::fs::read(rootfs.join("host/opt/cni/bin/ztunnel-cni")).expect("installed"),
+        std::fs::read(&plugin).expect("built plugin")
+    );
+    let out = chroot_run(
+        &["/host/opt/cni/bin/ztunnel-cni"],
+        &[("CNI_COMMAND", "VERSION")],
+    );
+    let versions: Value = serde_json::from_str(&out).expect("a CNI version result");
+    assert!(
+        versions["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("1.0.0"))),
+        "{versions}"
     );
 }
 
@@ -686,6 +851,7 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     let version = env!("CARGO_PKG_VERSION");
     let built = image::build(&ImageSpec {
         binary: mesh_tests::ztunnel_bin(),
+        cni_plugin: mesh_tests::cni_plugin_bin(),
         out_dir: dir.path().join("image"),
         tag: version.into(),
         source: "file:///ztunnel".into(),
@@ -761,6 +927,13 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
     std::fs::copy(api.ca_cert(), sa.join("ca.crt")).expect("copying the cluster CA");
 
     let bpffs = Bpffs(dir.path().join("bpffs"));
+    // The node's CNI directories, with the primary CNI's conflist.
+    let cni_bin = dir.path().join("cni-bin");
+    let cni_conf = dir.path().join("cni-conf");
+    std::fs::create_dir_all(&cni_bin).expect("cni bin dir");
+    std::fs::create_dir_all(&cni_conf).expect("cni conf dir");
+    let primary = json!({"cniVersion": "0.4.0", "name": "k8s", "plugins": [{"type": "ptp"}]});
+    write(&cni_conf, "10-k8s.conflist", &primary.to_string());
     let sc = &container["securityContext"];
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     let caps: Vec<String> = sc["capabilities"]["add"]
@@ -799,6 +972,15 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
             (Some("bpffs"), None) => {
                 let bpf = bpffs.mount();
                 format!("type=bind,src={},dst={dst},options=rbind:rw", bpf.display())
+            }
+            // The node's CNI directories (hostPath): this test's own.
+            (Some(name @ ("cni-bin" | "cni-conf")), None) => {
+                let src = if name == "cni-bin" {
+                    &cni_bin
+                } else {
+                    &cni_conf
+                };
+                format!("type=bind,src={},dst={dst},options=rbind:rw", src.display())
             }
             other => panic!("a volume mount this test does not know: {other:?}"),
         };
@@ -896,6 +1078,37 @@ fn oci_image_runs_the_chart_daemonset_container_kube() {
         .expect("CapEff");
     let want = caps.iter().fold(0u64, |m, c| m | 1 << cap_bit(c));
     assert_eq!(cap_eff, want, "effective capabilities {cap_eff:#x}");
+
+    // The daemon installed the image's plugin on the "node", with the chart's settings and no
+    // capability beyond the chart's.
+    let conflist = cni_conf.join("10-k8s.conflist");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let entry = loop {
+        let list: Value = std::fs::read_to_string(&conflist)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        if list["plugins"][1]["type"] == "ztunnel-cni" {
+            break list["plugins"][1].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ztunnel-cni entry in {list}:\n{}",
+            log.join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(entry["socket"], "/run/ztunnel/cni.sock", "{entry}");
+    assert_eq!(entry["failOpen"], false, "{entry}");
+    assert_eq!(
+        entry["excludeNamespaces"],
+        json!(["kube-system", NAMESPACE]),
+        "{entry}"
+    );
+    assert_eq!(
+        std::fs::read(cni_bin.join("ztunnel-cni")).expect("the installed plugin"),
+        std::fs::read(mesh_tests::cni_plugin_bin()).expect("the built plugin")
+    );
 
     // `kubectl exec <pod> -- ztunnel status`: the image's binary reads the admin API.
     let status = ctrd.ctr(&[

@@ -1,5 +1,6 @@
 //! `cargo xtask image [--debug]`: the daemon's OCI image (`mesh_tests::image`), built with umoci
-//! from the release binary (`--debug`: the debug one, for a quick try), written to
+//! from the release binaries of the daemon and the CNI plugin (`--debug`: the debug ones, for a
+//! quick try), written to
 //! `<target>/image/ztunnel/` (OCI image layout, tag = the workspace version) and
 //! `<target>/image/ztunnel-<version>.oci.tar` (the same as one archive).
 
@@ -20,18 +21,26 @@ pub fn run(args: &[String]) -> Result<bool> {
     super::test::install_packages(&["umoci"])?;
     let root = mesh_tests::workspace_root();
     let mut build = super::cargo();
-    build.args(["build", "-p", "ztunnel", "--bin", "ztunnel"]);
+    build.args([
+        "build",
+        "-p",
+        "ztunnel",
+        "--bin",
+        "ztunnel",
+        "-p",
+        "ztunnel-cni",
+    ]);
     if !debug {
         build.arg("--release");
     }
     super::run_status(build.current_dir(&root))?;
     let target = super::target_dir()?;
-    let binary = target
-        .join(if debug { "debug" } else { "release" })
-        .join("ztunnel");
+    let out = target.join(if debug { "debug" } else { "release" });
+    let binary = out.join("ztunnel");
     let version = env!("CARGO_PKG_VERSION").to_string();
     let spec = ImageSpec {
         binary,
+        cni_plugin: out.join("ztunnel-cni"),
         out_dir: target.join("image"),
         tag: version.clone(),
         source: source_url(&root),

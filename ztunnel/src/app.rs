@@ -41,6 +41,7 @@ use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::SocketError;
 use crate::admin::{self, CaptureSnapshot, CaptureView, Readiness};
 use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
+use crate::cni::install::Keeper;
 use crate::cni::{Announcement, CniStats, Pending};
 use crate::config::Config;
 use crate::dns::{self, DnsStats};
@@ -154,9 +155,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let data_plane = start_data_plane(&shared, listeners.data_plane)?;
     serve_admin(&shared, listeners.admin, &data_plane, dns)?;
     let mut handover = serve_handover(&shared, listeners.handover);
-    let cni_rx = match listeners.cni {
-        Some(l) => Some(serve_cni(&shared, l)?),
-        None => None,
+    let (cni_rx, cni_keeper) = match listeners.cni {
+        Some(l) => {
+            let (rx, keeper) = serve_cni(&shared, l)?;
+            (Some(rx), keeper)
+        }
+        None => (None, None),
     };
 
     let mut signals = Signals::install()?;
@@ -197,6 +201,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         &mut handover,
     )
     .await;
+    if let (Some(keeper), Stop::Requested) = (&cni_keeper, stop) {
+        // First, so that an uninstalled release's plugin does not hold the node's new pods.
+        keeper.release_if_owner_gone().await;
+    }
     drain_and_exit(&shared, capture, &mut signals, stop).await?;
     if stop == Stop::HandedOver {
         // The successor serves on them now.
@@ -606,7 +614,7 @@ async fn issue_first_certificates(shared: &Shared, state: &State) -> Result<(), 
 fn serve_cni(
     shared: &Shared,
     listener: std::os::unix::net::UnixListener,
-) -> Result<tokio::sync::mpsc::Receiver<Announcement>, AppError> {
+) -> Result<(tokio::sync::mpsc::Receiver<Announcement>, Option<Keeper>), AppError> {
     let cfg = &shared.cfg;
     let rx = crate::cni::server::spawn(listener, shared.serving.clone()).map_err(|error| {
         AppError::CniSocket(SocketError::Io {
@@ -622,7 +630,17 @@ fn serve_cni(
     if let Some(c) = &cfg.cni {
         tracing::info!(socket = %c.socket.display(), "cni endpoint listening");
     }
-    Ok(rx)
+    // Installed once the endpoint listens: the plugin's first ADD finds the daemon.
+    let keeper = cfg
+        .cni
+        .as_ref()
+        .and_then(|c| c.install.clone())
+        .map(|install| {
+            let stats = crate::cni::install::InstallStats::default();
+            shared.metrics.register(|r| stats.register(r));
+            crate::cni::install::Keeper::spawn(install, stats)
+        });
+    Ok((rx, keeper))
 }
 
 /// Loads and attaches the capture programs (when capture is on) and brings them in line with

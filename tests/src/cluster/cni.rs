@@ -5,10 +5,17 @@
 //! the previous one's result as `prevResult`; DEL runs them in reverse order with the ADD's
 //! result.
 //!
-//! The chain is Debian's `containernetworking-plugins` (`ptp` with `host-local` IPAM, in
-//! [`CNI_BIN_DIR`]) followed by `ztunnel-cni`. Node i's pods get `10.244.<i>.224`-`.254` (the
-//! node's pod range, which the other nodes route to it; above the harness's own pods), a `/24`
-//! on `eth0` with routes to the pod and service ranges through the host side of their veth
+//! Each node has its own CNI directories under the work dir ([`Cluster::cni_conf_dir`],
+//! [`Cluster::cni_bin_dir`]; never the host's), which its daemon is given as `--cni-conf-dir`
+//! and `--cni-bin-dir`. The node's primary CNI is Debian's `containernetworking-plugins`
+//! (`ptp` with `host-local` IPAM, in [`CNI_BIN_DIR`]): [`Cluster::cni_primary`] writes its
+//! conflist, and `ztunnel-cni` joins the chain the way it does on a real node, through the
+//! installer (`ztunnel cni install`, [`Cluster::cni_install`], or the daemon's
+//! `--cni-install`). The chain that runs is the one the runtime would pick: the lexically first
+//! configuration of the node's directory, each plugin found on `CNI_PATH` (the node's binary
+//! directory, then [`CNI_BIN_DIR`]). Node i's pods get `10.244.<i>.224`-`.254` (the node's pod
+//! range, which the other nodes route to it; above the harness's own pods), a `/24` on `eth0`
+//! with routes to the pod and service ranges through the host side of their veth
 //! (`10.244.<i>.1`), and the node a host route to them: the same shape as the harness's
 //! hand-made pods, with another gateway. No default route.
 
@@ -61,9 +68,26 @@ impl CniOutput {
 }
 
 impl Cluster {
-    /// Node i's conflist: `ptp` (+ `host-local`) then `ztunnel-cni` talking to the node's
-    /// daemon socket, written under the work dir (and returned).
-    pub fn cni_conflist(&self, node: usize) -> Result<Value> {
+    /// Node i's CNI configuration directory (the daemon's `--cni-conf-dir`).
+    pub fn cni_conf_dir(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("cni")
+            .join(format!("node{node}"))
+            .join("net.d")
+    }
+
+    /// Node i's CNI binary directory (the daemon's `--cni-bin-dir`), first on `CNI_PATH`.
+    pub fn cni_bin_dir(&self, node: usize) -> PathBuf {
+        self.workdir
+            .join("cni")
+            .join(format!("node{node}"))
+            .join("bin")
+    }
+
+    /// Writes node i's primary CNI configuration, `10-mesh.conflist` with `ptp` (+
+    /// `host-local`) alone, as the node's network plugin would (over the file, as a CNI does
+    /// when it starts), and returns it.
+    pub fn cni_primary(&self, node: usize) -> Result<Value> {
         let ipam_dir = self.workdir.join("cni").join(format!("node{node}-ipam"));
         let conf = json!({
             "cniVersion": "1.0.0",
@@ -83,21 +107,52 @@ impl Cluster {
                         "routes": [{"dst": "10.244.0.0/16"}, {"dst": "10.96.0.0/16"}],
                     },
                 },
-                {
-                    "type": "ztunnel-cni",
-                    "socket": self.cni_socket(node),
-                    "timeout": 10,
-                },
             ],
         });
-        let path = self
-            .workdir
-            .join("cni")
-            .join(format!("node{node}.conflist"));
-        std::fs::create_dir_all(self.workdir.join("cni")).context("creating the cni dir")?;
+        let dir = self.cni_conf_dir(node);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("10-mesh.conflist");
         std::fs::write(&path, serde_json::to_vec_pretty(&conf)?)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(conf)
+    }
+
+    /// Runs the installer, `ztunnel cni install`, for node i (its directories, its daemon's
+    /// socket, the built `ztunnel-cni`), as an operator or an init container would; its output
+    /// line.
+    pub fn cni_install(&self, node: usize) -> Result<String> {
+        std::fs::create_dir_all(self.cni_bin_dir(node)).context("creating the CNI bin dir")?;
+        let out = super::run(
+            Command::new(crate::ztunnel_bin())
+                .args(["cni", "install", "--cni-socket"])
+                .arg(self.cni_socket(node))
+                .arg("--cni-conf-dir")
+                .arg(self.cni_conf_dir(node))
+                .arg("--cni-bin-dir")
+                .arg(self.cni_bin_dir(node))
+                .arg("--cni-plugin-binary")
+                .arg(crate::cni_plugin_bin()),
+        )
+        .with_context(|| format!("ztunnel cni install on node{node}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Node i's chain, as the runtime reads it: the lexically first `*.conflist` of its
+    /// configuration directory.
+    pub fn cni_conflist(&self, node: usize) -> Result<Value> {
+        let dir = self.cni_conf_dir(node);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.') && n.ends_with(".conflist"))
+            .collect();
+        names.sort();
+        let name = names
+            .first()
+            .with_context(|| format!("no conflist in {}", dir.display()))?;
+        let path = dir.join(name);
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// Makes the network namespace of a new pod (what a runtime does before the plugins run).
@@ -108,6 +163,12 @@ impl Cluster {
                 "{CNI_BIN_DIR}/ptp not found; install the CNI plugins with `apt-get install -y \
                  containernetworking-plugins` (or run `cargo xtask test`, which installs them)"
             );
+        }
+        // A node whose CNI is not set up yet gets it now: the primary conflist, then the
+        // installer (a test of the installer itself sets the node up before).
+        if self.cni_conflist(spec.node).is_err() {
+            self.cni_primary(spec.node)?;
+            self.cni_install(spec.node)?;
         }
         let k = self.created.len();
         let netns = format!("{}-n{}c{k}", self.names.prefix, spec.node);
@@ -213,21 +274,23 @@ impl Cluster {
         if let Some(prev) = prev {
             input["prevResult"] = prev.clone();
         }
-        let ours = crate::cni_plugin_bin();
-        let ours_dir = ours.parent().map(PathBuf::from).unwrap_or_default();
-        let bin = if kind == "ztunnel-cni" {
-            ours
-        } else {
-            PathBuf::from(CNI_BIN_DIR).join(&kind)
-        };
         let spec = &sandbox.spec;
+        // Found on CNI_PATH as the runtime finds it: the node's directory (where the installer
+        // put ztunnel-cni), then the distribution's plugins.
+        let path = [self.cni_bin_dir(spec.node), PathBuf::from(CNI_BIN_DIR)];
+        let bin = path
+            .iter()
+            .map(|d| d.join(&kind))
+            .find(|b| b.is_file())
+            .with_context(|| format!("CNI plugin {kind} is in none of {path:?}"))?;
+        let cni_path = std::env::join_paths(&path).context("CNI_PATH")?;
         // Plugins run in the node's network namespace, as the runtime does on a node.
         let mut cmd: Command = in_netns(&self.node_netns(spec.node), &bin);
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &sandbox.container_id)
             .env("CNI_NETNS", format!("/run/netns/{}", sandbox.netns))
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", format!("{CNI_BIN_DIR}:{}", ours_dir.display()))
+            .env("CNI_PATH", &cni_path)
             .env(
                 "CNI_ARGS",
                 format!(

@@ -424,6 +424,9 @@ impl Cluster {
                 ("ZTUNNEL_HANDOVER_SOCKET", self.handover_socket(node).into()),
                 ("ZTUNNEL_BPF_PIN_DIR", self.pin_dir(node).into()),
                 ("ZTUNNEL_CNI_SOCKET", self.cni_socket(node).into()),
+                // Never the host's CNI directories (`--cni-install`, `ztunnel uninstall`).
+                ("ZTUNNEL_CNI_CONF_DIR", self.cni_conf_dir(node).into()),
+                ("ZTUNNEL_CNI_BIN_DIR", self.cni_bin_dir(node).into()),
             ],
         })
     }

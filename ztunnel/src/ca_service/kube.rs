@@ -26,19 +26,7 @@ impl std::fmt::Debug for KubeDirectory {
 impl KubeDirectory {
     /// Connects with `kubeconfig`, else the in-cluster service account.
     pub async fn connect(kubeconfig: Option<&Path>) -> Result<KubeDirectory, String> {
-        let config = match kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-            }
-            None => {
-                kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
-            }
-        };
-        let client = Client::try_from(config).map_err(|e| format!("API client: {e}"))?;
+        let client = crate::source::kube::client(kubeconfig).await?;
         Ok(KubeDirectory { client })
     }
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, Dur, Mark, RunArgs, DEFAULT_CERT_TTL, DEFAULT_TRUST_DOMAIN};
+use crate::config::{
+    CniDirArgs, CniInstallArgs, ConfigError, Dur, Mark, RunArgs, DEFAULT_CERT_TTL,
+    DEFAULT_TRUST_DOMAIN,
+};
 use crate::status::{AdminArgs, StatusArgs, View};
 use authz_check::AuthzCommand;
 
@@ -69,12 +72,85 @@ pub enum Command {
     /// invalid policy enforced failing closed, an L7 rule the node cannot see), and what it
     /// means for traffic. Exit status: 0 clean, 1 findings, 2 bad input.
     Analyze(analyze::AnalyzeArgs),
-    /// Remove the capture a daemon left in place (it stopped without --detach-on-exit, or was
-    /// killed): detaches the eBPF programs, removes their pins and the ip rule and route.
-    /// Enrolled pods' traffic then flows directly, outside the mesh. Run it in the node's
-    /// network namespace with the daemon's --node-name / --bpf-pin-dir, --capture-mark and
-    /// --route-table, and no daemon running there.
+    /// Remove what a daemon left in place on the node: the CNI plugin it installed
+    /// (--cni-install: its entry in the node's CNI configuration, then its binary; new pods
+    /// then start without asking a daemon) and the capture (it stopped without
+    /// --detach-on-exit, or was killed: detaches the eBPF programs, removes their pins and the
+    /// ip rule and route; enrolled pods' traffic then flows directly, outside the mesh). Run it
+    /// in the node's network namespace with the daemon's --node-name / --bpf-pin-dir,
+    /// --capture-mark, --route-table and --cni-*-dir, and no daemon running there (one with
+    /// --cni-install would add the plugin back).
     Uninstall(UninstallArgs),
+    /// Install the chained CNI plugin on the node, or remove it (what the daemon's
+    /// --cni-install does at start, once).
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+/// `ztunnel cni …`
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy `ztunnel-cni` into --cni-bin-dir and add it (talking to --cni-socket) to the chain
+    /// of the node's CNI configuration in --cni-conf-dir; nothing is written that is already
+    /// in place. Fails, changing no configuration, while there is none or it is malformed.
+    Install {
+        /// The daemon's CNI endpoint, written into the entry.
+        #[arg(long, env = "ZTUNNEL_CNI_SOCKET", default_value = crate::config::DEFAULT_CNI_SOCKET)]
+        cni_socket: PathBuf,
+        /// What is installed, and where.
+        #[command(flatten)]
+        install: CniInstallArgs,
+    },
+    /// Remove the plugin's entry from the node's CNI configuration, then its binary.
+    Uninstall(CniDirArgs),
+}
+
+impl CniCommand {
+    fn run(self) -> anyhow::Result<()> {
+        use crate::cni::install;
+        match self {
+            CniCommand::Install {
+                cni_socket,
+                install: args,
+            } => {
+                if !cni_socket.is_absolute() {
+                    anyhow::bail!("--cni-socket must be an absolute path");
+                }
+                let settings = args.resolve(&cni_socket)?;
+                let done = install::install(&settings, install::BinaryCheck::Content)?;
+                let state = |written| if written { "written" } else { "unchanged" };
+                println!(
+                    "cni plugin installed: {} {}, {} {}",
+                    done.binary.display(),
+                    state(done.binary_written),
+                    done.config.display(),
+                    state(done.config_written),
+                );
+            }
+            CniCommand::Uninstall(dirs) => print_cni_uninstalled(&dirs)?,
+        }
+        Ok(())
+    }
+}
+
+/// Removes the plugin from the node and says what was removed.
+fn print_cni_uninstalled(dirs: &CniDirArgs) -> anyhow::Result<()> {
+    let gone = crate::cni::install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)?;
+    let configs: Vec<String> = gone
+        .configs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    println!(
+        "cni plugin uninstalled: entry removed from [{}], binary {}",
+        configs.join(", "),
+        if gone.binary_removed {
+            "removed"
+        } else {
+            "was not there"
+        }
+    );
+    Ok(())
 }
 
 /// `ztunnel uninstall`: where the daemon's capture state is (the daemon's own settings).
@@ -92,6 +168,9 @@ pub struct UninstallArgs {
     /// The daemon's --route-table (its local route is removed).
     #[arg(long, env = "ZTUNNEL_ROUTE_TABLE", default_value_t = 1501)]
     route_table: u32,
+    /// Where the daemon's --cni-install put the CNI plugin.
+    #[command(flatten)]
+    cni: CniDirArgs,
 }
 
 impl UninstallArgs {
@@ -101,6 +180,8 @@ impl UninstallArgs {
             (None, Some(node)) => PathBuf::from(format!("/sys/fs/bpf/ztunnel/{node}")),
             (None, None) => anyhow::bail!("give --bpf-pin-dir or --node-name"),
         };
+        // The plugin first: new pods stop waiting for a daemon before capture goes.
+        print_cni_uninstalled(&self.cni)?;
         let removed =
             crate::capture::uninstall_pinned(&dir, self.capture_mark.0, self.route_table)?;
         println!(
@@ -188,6 +269,7 @@ impl Command {
             }
             Command::Quit(a) => crate::status::quit(&a).map_err(Into::into),
             Command::Uninstall(a) => a.run(),
+            Command::Cni(c) => c.run(),
             Command::Authz(AuthzCommand::Check(args)) => {
                 // Policy rejections and caveats are logged while the state is built: show them.
                 let _ = tracing_subscriber::fmt()

@@ -26,7 +26,13 @@
 //! the state names the pod (then they go out over HBONE with its identity) and reset if it
 //! does not in time; connections to it are refused, since the daemon cannot prove who it is.
 //! Nothing of the pod goes out in clear either way.
+//!
+//! [`install`] puts the plugin on the node (`--cni-install`, `ztunnel cni install`): the binary
+//! into the CNI binary directory and its entry into the chain of the node's configuration
+//! ([`conflist`]), kept there when the primary CNI rewrites the file.
 
+pub mod conflist;
+pub mod install;
 pub mod server;
 
 use std::collections::BTreeMap;

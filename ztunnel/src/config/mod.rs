@@ -24,7 +24,10 @@ use serde::Serialize;
 use crate::identity::{CaError, CertificateAuthority, FileCa, RemoteCa};
 
 use cni::cni_config;
-pub use cni::CniConfig;
+pub use cni::{
+    CniConfig, CniDirArgs, CniInstall, CniInstallArgs, CniOwner, DEFAULT_CNI_BIN_DIR,
+    DEFAULT_CNI_CONF_DIR,
+};
 use inbound::inbound_limits;
 pub use inbound::InboundLimits;
 pub use parse::parse;
@@ -173,6 +176,30 @@ pub struct RunArgs {
     /// state (as a pod of this node with that address); then its capture is removed.
     #[arg(long, env = "ZTUNNEL_CNI_PENDING_TIMEOUT", default_value_t = Dur::secs(120))]
     pub cni_pending_timeout: Dur,
+    /// Install `ztunnel-cni` on the node and keep it installed: copy the binary into
+    /// --cni-bin-dir and add the plugin (talking to --cni-socket) to the chain of the node's
+    /// CNI configuration in --cni-conf-dir, then re-check every 2s and add it back when the
+    /// primary CNI rewrites its file. The entry stays when the daemon stops (pods wait for the
+    /// next daemon); `ztunnel uninstall` removes it.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CNI_INSTALL",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub cni_install: bool,
+    /// With --cni-install and `--source kube`: the DaemonSet running this daemon, as
+    /// `<namespace>/<name>`. When the daemon stops (not for a hand-over) and that DaemonSet is
+    /// gone or being deleted (the release was uninstalled), the daemon removes the plugin from
+    /// the node, so the node's pods no longer wait for a daemon that will not come back; it
+    /// stays when the API server cannot tell. Unset: the plugin stays.
+    #[arg(long, env = "ZTUNNEL_CNI_OWNER")]
+    pub cni_owner: Option<String>,
+    /// What --cni-install installs, and where.
+    #[command(flatten)]
+    pub cni: CniInstallArgs,
     /// Outbound capture listener (traffic leaving enrolled pods).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
@@ -881,6 +908,14 @@ impl Config {
         if let Err(e) = crate::telemetry::parse_log_filter(&a.log_level) {
             return Err(invalid("log-level", e));
         }
+        let cni = cni_config(
+            Path::new(&a.cni_socket),
+            a.cni_pending_timeout.0,
+            &admin_socket,
+            a.cni_install.then_some(&a.cni),
+            a.cni_owner.as_deref(),
+            &source,
+        )?;
         Ok(Config {
             node_name,
             trust_domain,
@@ -892,11 +927,7 @@ impl Config {
             drain_timeout: a.drain_timeout.0,
             ports,
             admin_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            cni: cni_config(
-                Path::new(&a.cni_socket),
-                a.cni_pending_timeout.0,
-                &admin_socket,
-            )?,
+            cni,
             admin_socket,
             handover_socket,
             capture,

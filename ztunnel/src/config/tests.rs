@@ -98,6 +98,75 @@ fn cni_socket_is_checked() {
 }
 
 #[test]
+fn cni_install_is_checked() {
+    let cni = Config::resolve(base()).expect("valid").cni.expect("on");
+    assert_eq!(cni.install, None, "off by default");
+    let cni = resolve(&["--cni-install"]).expect("valid").cni.expect("on");
+    assert_eq!(
+        cni.install,
+        Some(CniInstall {
+            bin_dir: DEFAULT_CNI_BIN_DIR.into(),
+            conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            plugin_binary: None,
+            socket: DEFAULT_CNI_SOCKET.into(),
+            exclude_namespaces: vec!["kube-system".into()],
+            owner: None,
+        })
+    );
+    // Only checked to exist.
+    let kubeconfig =
+        std::env::temp_dir().join(format!("cni-owner-{}.kubeconfig", std::process::id()));
+    std::fs::write(&kubeconfig, "").expect("kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
+    let kube_args = |extra: &[&str]| {
+        let kube = ["--cni-install", "--source", "kube", "--kubeconfig", kc];
+        let mut a = args(&[&kube[..], extra].concat()).expect("parses");
+        a.state = None;
+        Config::resolve(a)
+    };
+    let kube = kube_args(&["--cni-owner", "istio-system/ztunnel"]).expect("valid");
+    assert_eq!(
+        kube.cni.and_then(|c| c.install?.owner),
+        Some(CniOwner {
+            namespace: "istio-system".into(),
+            name: "ztunnel".into(),
+            kubeconfig: Some(kubeconfig.clone()),
+        })
+    );
+    let cni = resolve(&[
+        "--cni-install=true",
+        "--cni-exclude-namespaces",
+        "istio-system,kube-system,istio-system",
+        "--cni-conf-dir",
+        "/host/etc/cni/net.d",
+    ])
+    .expect("valid")
+    .cni
+    .expect("on");
+    let install = cni.install.expect("install");
+    assert_eq!(install.exclude_namespaces, ["istio-system", "kube-system"]);
+    assert_eq!(install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+    for (bad, names) in [
+        (&["--cni-install", "--cni-socket", ""][..], "--cni-install"),
+        (&["--cni-install", "--cni-bin-dir", "bin"], "--cni-bin-dir"),
+        (&["--cni-owner", "ns/ds"], "--cni-owner"),
+        (&["--cni-install", "--cni-owner", "ns/ds"], "--source kube"),
+        (
+            &["--cni-install", "--cni-exclude-namespaces", "Kube_System"],
+            "--cni-exclude-namespaces",
+        ),
+    ] {
+        let e = resolve(bad).expect_err("invalid").to_string();
+        assert!(e.contains(names), "{bad:?}: {e}");
+    }
+    for bad in ["ztunnel", "/ztunnel", "a/b/c"] {
+        let e = kube_args(&["--cni-owner", bad]).expect_err("invalid");
+        assert!(e.to_string().contains("--cni-owner"), "{bad}: {e}");
+    }
+    let _ = std::fs::remove_file(&kubeconfig);
+}
+
+#[test]
 fn errors_name_the_setting() {
     let mut a = base();
     a.hbone_port = 15001;
@@ -492,6 +561,8 @@ fn help_shows_each_default() {
         "kubeconfig",
         "bpf-pin-dir",
         "uplink",
+        "cni-plugin-binary",
+        "cni-owner",
     ];
     let settings = parse::settings();
     for arg in settings.get_arguments() {

@@ -171,19 +171,7 @@ impl KubeSource {
     }
 
     async fn client(&self) -> Result<Client, String> {
-        let config = match &self.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-            }
-            None => {
-                kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
-            }
-        };
-        Client::try_from(config).map_err(|e| format!("API client: {e}"))
+        client(self.kubeconfig.as_deref()).await
     }
 
     /// Starts one watch task per kind (once).
@@ -512,6 +500,25 @@ fn describe(kind: &Kind, e: &watcher::Error) -> String {
         ),
         _ => e.to_string(),
     }
+}
+
+/// An API client through `kubeconfig`, or the in-cluster service account when `None` (the
+/// source's watches, the CA service's reviews, and the daemon's exit check in
+/// [`crate::cni::install`]).
+pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => {
+            kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
+        }
+    };
+    Client::try_from(config).map_err(|e| format!("API client: {e}"))
 }
 
 #[cfg(test)]

@@ -20,4 +20,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if or (kindIs "string" .Values.drainTimeout) (lt (int .Values.drainTimeout) 0) -}}
 {{- fail "drainTimeout is a number of seconds (30, not \"30s\")" -}}
 {{- end -}}
+{{- if .Values.cni.enabled -}}
+{{- range $k := list "binDir" "confDir" -}}
+{{- if not (isAbs (get $.Values.cni $k)) -}}
+{{- fail (printf "cni.%s must be an absolute path on the node, not %q" $k (get $.Values.cni $k)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not (isAbs .Values.handover.hostPath) -}}
+{{- fail (printf "handover.hostPath must be an absolute path on the node, not %q" .Values.handover.hostPath) -}}
+{{- end -}}
 {{- end -}}
