@@ -98,31 +98,24 @@ impl Reclaim {
         let settled = self.winding_down && fell > 0 && now == self.last;
         self.last = now;
         self.since_check += 1;
-        if fell < TRIM_AFTER_DROP && !settled {
+        let burst = fell >= TRIM_AFTER_DROP || settled;
+        if burst {
+            self.winding_down = !settled;
+            self.peak = now;
+        } else {
             if self.since_check < STEADY_CHECK {
                 return None;
             }
             self.since_check = 0;
-            if free_heap_bytes() < self.free_floor + STEADY_FREE_GROWTH {
+            if heap().free < self.free_floor + STEADY_FREE_GROWTH {
                 return None;
             }
-            let before = resident_bytes();
-            release_startup_memory(false);
-            self.free_floor = free_heap_bytes();
-            return Some(before.saturating_sub(resident_bytes()));
         }
-        self.winding_down = !settled;
-        self.peak = now;
         let before = resident_bytes();
-        release_startup_memory(code_pages);
-        self.free_floor = free_heap_bytes();
+        release_startup_memory(burst && code_pages);
+        self.free_floor = heap().free;
         Some(before.saturating_sub(resident_bytes()))
     }
-}
-
-/// Bytes free in all of glibc's arenas (including chunks too small to give back).
-fn free_heap_bytes() -> usize {
-    heap().free
 }
 
 /// The allocator's heap, summed over its arenas.
