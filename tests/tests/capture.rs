@@ -340,14 +340,7 @@ fn another_tc_program_still_sees_captured_traffic() {
             "classifier",
         ],
     ] {
-        // iproute2 keeps its own pins (`tc/globals`, ...) on the first bpffs it finds mounted,
-        // which may be another test's cluster: point it at this cluster's.
-        let bpffs = cluster.workdir().join("bpf");
-        let o = mesh_tests::cluster::in_netns(&cluster.node_netns(1), "tc")
-            .env("TC_BPF_MNT", &bpffs)
-            .args(&args)
-            .output()
-            .expect("tc");
+        let o = cluster.node_exec(1, "tc", &args).expect("tc");
         assert!(
             o.status.success(),
             "tc {args:?}: {}",

@@ -197,8 +197,13 @@ impl Cluster {
 
     /// Runs a program inside node i's namespace (e.g. `ss`, `bpftool`).
     pub fn node_exec(&self, node: usize, program: &str, args: &[&str]) -> Result<Output> {
-        in_netns(&self.node_netns(node), program)
-            .args(args)
+        let mut cmd = in_netns(&self.node_netns(node), program);
+        // iproute2 (`tc ... bpf obj`) keeps its own pins on the first bpffs it finds mounted,
+        // which may be another test's cluster: point it at this cluster's.
+        if let Some(bpffs) = &self.bpffs {
+            cmd.env("TC_BPF_MNT", bpffs);
+        }
+        cmd.args(args)
             .output()
             .with_context(|| format!("running {program} in node{node}"))
     }
