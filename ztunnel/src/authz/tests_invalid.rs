@@ -314,14 +314,22 @@ fn only_spec_is_policed() {
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]},
         "status": {"validationMessages": [{"type": {"code": "IST0001"}}]},
     });
-    let Ok(Some(k8s::Object::AuthorizationPolicy(p))) = k8s::from_json(json.clone()) else {
+    let Ok(Some(k8s::Object::AuthorizationPolicy(p))) = k8s::from_json_text(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        &json.to_string(),
+    ) else {
         panic!("types");
     };
     assert_eq!(p.spec_error, None);
     // The same object from the API server with a misspelled key: kept, with the field.
     let mut bad = json;
     bad["spec"]["rules"][0]["from"][0]["source"]["namespace"] = serde_json::json!(["x"]);
-    let Ok(Some(k8s::Object::AuthorizationPolicy(p))) = k8s::from_json(bad) else {
+    let Ok(Some(k8s::Object::AuthorizationPolicy(p))) = k8s::from_json_text(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        &bad.to_string(),
+    ) else {
         panic!("types");
     };
     let e = p.spec_error.expect("unknown field found");

@@ -5,7 +5,7 @@
 //! dumps load as they are. [`core`] holds the core `v1` kinds (Namespace, Pod, Service),
 //! [`security`] the `security.istio.io` policy kinds (AuthorizationPolicy, PeerAuthentication),
 //! and [`gateway`] the Gateway API kinds of waypoints (Gateway, HTTPRoute). [`parse_file`] reads
-//! them from multi-document YAML with file, document and field errors, [`from_json`] from the
+//! them from multi-document YAML with file, document and field errors, [`from_json_text`] from the
 //! JSON an API server sends; both go through one typed translation, so every source of cluster
 //! state produces the same [`Object`]s.
 //!
@@ -35,18 +35,14 @@ pub struct ObjectError {
     pub message: String,
 }
 
-/// Types an object an API server sent (JSON with `apiVersion` and `kind`) through the same
-/// translation as the state files. `Ok(None)` for kinds the daemon does not use.
-pub fn from_json(value: serde_json::Value) -> Result<Option<Object>, ObjectError> {
-    let text = |k: &str| {
-        value
-            .get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string()
-    };
-    let (api, kind) = (text("apiVersion"), text("kind"));
-    yaml::typed_object(&api, &kind, value)
+/// Types one object of the kind `api`/`kind` from its JSON text, as an API server sends it.
+/// The text is read once, straight into the typed object: fields the daemon does not use
+/// (`managedFields`, container specs, status conditions) are skipped, not built, so typing an
+/// object leaves almost nothing behind on the heap. Items of a list carry no `apiVersion` or
+/// `kind`, so the caller names them.
+pub fn from_json_text(api: &str, kind: &str, json: &str) -> Result<Option<Object>, ObjectError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    yaml::typed_object(api, kind, &mut de)
         .map_err(|(field, message)| ObjectError { field, message })
 }
 

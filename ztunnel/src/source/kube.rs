@@ -20,9 +20,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource};
+use kube::core::ObjectMeta as WatchMeta;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::Client;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 
 use super::{log_applied, SourceError, SourceHealth, StateSource};
@@ -131,10 +134,24 @@ enum Update {
 struct KindState {
     /// `(namespace, name)` of every object of the kind in the model.
     keys: HashSet<Key>,
-    /// Objects of a re-list in progress.
-    relist: Option<Vec<(Key, Typed)>>,
+    /// A list in progress.
+    relist: Option<Relist>,
     /// Listed at least once.
     synced: bool,
+}
+
+/// A list of one kind in progress.
+#[derive(Debug, Default)]
+struct Relist {
+    /// Objects known before the list began that it has not brought (yet): at its end, they
+    /// are gone.
+    unseen: HashSet<Key>,
+    /// Objects of a re-list, held until it is complete so that the state in force is never a
+    /// mix of the old and the new view. The first list of a kind has no view to protect (the
+    /// daemon is not ready until every kind is listed), so its objects are applied as they
+    /// arrive: each typed object is freed before the next is read, instead of 10,000 of them
+    /// being alive at once while the model allocates what it keeps among them.
+    held: Vec<(Key, Typed)>,
 }
 
 /// Follows the API server and publishes a new [`State`] after each burst of changes.
@@ -195,30 +212,39 @@ impl KubeSource {
         };
         let mut changed = false;
         match update {
-            Update::Relist => ks.relist = Some(Vec::new()),
-            Update::Apply { key, object } => match &mut ks.relist {
-                Some(buf) => buf.push((key, *object)),
-                None => {
-                    changed = apply_object(&mut self.model, kind, &key, *object);
-                    ks.keys.insert(key);
+            Update::Relist => {
+                ks.relist = Some(Relist {
+                    unseen: std::mem::take(&mut ks.keys),
+                    held: Vec::new(),
+                })
+            }
+            Update::Apply { key, object } => {
+                if let Some(list) = &mut ks.relist {
+                    list.unseen.remove(&key);
                 }
-            },
+                match &mut ks.relist {
+                    Some(list) if ks.synced => list.held.push((key.clone(), *object)),
+                    _ => changed = apply_object(&mut self.model, kind, &key, *object),
+                }
+                ks.keys.insert(key);
+            }
             Update::Delete { key } => {
                 self.model.delete(kind.kind, &key.0, &key.1);
+                if let Some(list) = &mut ks.relist {
+                    list.unseen.remove(&key);
+                }
                 ks.keys.remove(&key);
                 changed = true;
             }
             Update::Listed => {
-                let listed = ks.relist.take().unwrap_or_default();
-                let seen: HashSet<Key> = listed.iter().map(|(k, _)| k.clone()).collect();
-                for gone in ks.keys.difference(&seen) {
+                let Relist { unseen, held } = ks.relist.take().unwrap_or_default();
+                for gone in unseen {
                     self.model.delete(kind.kind, &gone.0, &gone.1);
                     changed = true;
                 }
-                for (key, object) in listed {
+                for (key, object) in held {
                     changed |= apply_object(&mut self.model, kind, &key, object);
                 }
-                ks.keys = seen;
                 if !ks.synced {
                     tracing::info!(kind = kind.kind, objects = ks.keys.len(), "kube: listed");
                 }
@@ -396,7 +422,7 @@ async fn watch_kind(
             }
         }
     };
-    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let api: Api<RawObject> = Api::all_with(client, &ar);
     // A watcher resumes a broken watch silently, so a recovery would never be seen; instead
     // each failure ends this watcher and a new one lists the kind again (after a backoff),
     // which both proves the view current and replaces whatever was missed.
@@ -452,7 +478,84 @@ async fn resource(client: &Client, kind: &Kind) -> Result<Option<ApiResource>, S
     }
 }
 
-fn key_of(o: &DynamicObject) -> Key {
+/// An object as the API server sent it: its JSON text, typed only once it has been taken off
+/// the wire, and the metadata the watch itself needs (name, namespace, resource version).
+///
+/// Why not `DynamicObject`: that builds a JSON tree of the whole object (`managedFields`,
+/// container specs, conditions: thousands of small allocations per pod), and typing went
+/// through a second tree. At 10,000 pods that garbage, interleaved on the heap with what the
+/// model keeps, stayed resident as fragments. The text of one object is a single allocation,
+/// and typing it reads only the fields the daemon uses.
+#[derive(Clone, Debug)]
+struct RawObject {
+    metadata: WatchMeta,
+    json: Box<RawValue>,
+}
+
+impl<'de> Deserialize<'de> for RawObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The only metadata read before typing; an object whose metadata does not even fit
+        /// this is rejected when typed, with its field, not here (which would fail its page).
+        #[derive(Default, Deserialize)]
+        #[serde(default, rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            namespace: Option<String>,
+            resource_version: Option<String>,
+        }
+        #[derive(Default, Deserialize)]
+        #[serde(default)]
+        struct Head {
+            metadata: Meta,
+        }
+        let json = Box::<RawValue>::deserialize(d)?;
+        let head: Head = serde_json::from_str(json.get()).unwrap_or_default();
+        Ok(RawObject {
+            metadata: WatchMeta {
+                name: head.metadata.name,
+                namespace: head.metadata.namespace,
+                resource_version: head.metadata.resource_version,
+                ..WatchMeta::default()
+            },
+            json,
+        })
+    }
+}
+
+impl kube::Resource for RawObject {
+    type DynamicType = ApiResource;
+    type Scope = kube::core::DynamicResourceScope;
+
+    fn group(ar: &ApiResource) -> std::borrow::Cow<'_, str> {
+        ar.group.as_str().into()
+    }
+
+    fn version(ar: &ApiResource) -> std::borrow::Cow<'_, str> {
+        ar.version.as_str().into()
+    }
+
+    fn kind(ar: &ApiResource) -> std::borrow::Cow<'_, str> {
+        ar.kind.as_str().into()
+    }
+
+    fn api_version(ar: &ApiResource) -> std::borrow::Cow<'_, str> {
+        ar.api_version.as_str().into()
+    }
+
+    fn plural(ar: &ApiResource) -> std::borrow::Cow<'_, str> {
+        ar.plural.as_str().into()
+    }
+
+    fn meta(&self) -> &WatchMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut WatchMeta {
+        &mut self.metadata
+    }
+}
+
+fn key_of(o: &RawObject) -> Key {
     (
         o.metadata.namespace.clone().unwrap_or_default(),
         o.metadata.name.clone().unwrap_or_default(),
@@ -461,16 +564,8 @@ fn key_of(o: &DynamicObject) -> Key {
 
 /// Types an object through the translation the state files use. Items of a list carry no
 /// `apiVersion`/`kind`; the watched resource supplies them.
-fn typed(ar: &ApiResource, o: DynamicObject) -> Result<Option<Object>, ObjectError> {
-    let mut value = serde_json::to_value(&o).map_err(|e| ObjectError {
-        field: ".".into(),
-        message: e.to_string(),
-    })?;
-    if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), ar.api_version.clone().into());
-        map.insert("kind".into(), ar.kind.clone().into());
-    }
-    k8s::from_json(value)
+fn typed(ar: &ApiResource, o: RawObject) -> Result<Option<Object>, ObjectError> {
+    k8s::from_json_text(&ar.api_version, &ar.kind, o.json.get())
 }
 
 /// An operator-facing reason for a failed list or watch: what is missing, and which
@@ -538,8 +633,63 @@ mod tests {
         });
         Update::Apply {
             key: ("a".into(), name.into()),
-            object: Box::new(k8s::from_json(json)),
+            object: Box::new(k8s::from_json_text("v1", "Pod", &json.to_string())),
         }
+    }
+
+    fn pods_resource() -> ApiResource {
+        ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            plural: "pods".into(),
+        }
+    }
+
+    #[test]
+    fn a_list_page_and_a_watch_event_keep_each_object_whole_until_typed() {
+        // As an API server sends a page of pods: one good, one whose IP is not a string.
+        // The page must load (the bad pod fails alone, naming its field), and what the
+        // watch itself needs (name, namespace, resource version) is read without typing.
+        let page = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"41"},
+            "items":[
+              {"metadata":{"name":"good","namespace":"a","resourceVersion":"40",
+                           "managedFields":[{"manager":"kubelet","fieldsV1":{"f:status":{}}}]},
+               "spec":{"nodeName":"n1","containers":[{"name":"app","image":"x"}]},
+               "status":{"podIP":"10.0.0.1","phase":"Running","conditions":[{"type":"Ready"}]}},
+              {"metadata":{"name":"bad","namespace":"a","resourceVersion":"39"},
+               "status":{"podIP":5,"phase":"Running"}}]}"#;
+        let list: kube::core::ObjectList<RawObject> =
+            serde_json::from_str(page).expect("the page loads");
+        assert_eq!(list.items.len(), 2);
+        assert_eq!(key_of(&list.items[0]), ("a".into(), "good".into()));
+        assert_eq!(
+            list.items[1].metadata.resource_version.as_deref(),
+            Some("39")
+        );
+        let ar = pods_resource();
+        let mut items = list.items.into_iter();
+        let good = typed(&ar, items.next().expect("good"));
+        let Ok(Some(Object::Pod(pod))) = good else {
+            panic!("typed: {good:?}");
+        };
+        assert_eq!(pod.metadata.name, "good");
+        let bad = typed(&ar, items.next().expect("bad")).expect_err("rejected");
+        assert_eq!(bad.field, "status.podIP");
+
+        let event = r#"{"type":"MODIFIED","object":{"kind":"Pod","apiVersion":"v1",
+            "metadata":{"name":"good","namespace":"a","resourceVersion":"42"},
+            "status":{"podIP":"10.0.0.2","phase":"Running"}}}"#;
+        let event: kube::core::WatchEvent<RawObject> =
+            serde_json::from_str(event).expect("the event loads");
+        let kube::core::WatchEvent::Modified(o) = event else {
+            panic!("modified");
+        };
+        assert_eq!(
+            kube::ResourceExt::resource_version(&o).as_deref(),
+            Some("42")
+        );
     }
 
     #[test]
@@ -549,13 +699,10 @@ mod tests {
         src.apply(pods, Update::Relist);
         src.apply(pods, pod("p1", "10.0.0.1"));
         src.apply(pods, pod("p2", "10.0.0.2"));
+        // The first list is applied as it arrives (nothing is published until every kind
+        // is listed).
         assert!(!src.complete());
-        assert_eq!(
-            src.model.snapshot(1).workloads.len(),
-            0,
-            "buffered until listed"
-        );
-        assert!(src.apply(pods, Update::Listed));
+        assert!(!src.apply(pods, Update::Listed));
         assert_eq!(src.model.snapshot(2).workloads.len(), 2);
 
         // The watch breaks; the last state stays, and the view is reported stale.
@@ -567,6 +714,11 @@ mod tests {
         src.apply(pods, Update::Relist);
         src.apply(pods, pod("p2", "10.0.0.2"));
         src.apply(pods, pod("p3", "not-an-ip"));
+        assert_eq!(
+            src.model.snapshot(4).workloads.len(),
+            2,
+            "a re-list is held until complete"
+        );
         assert!(src.apply(pods, Update::Listed));
         let s = src.model.snapshot(4);
         assert_eq!(s.workloads.len(), 1);
