@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! meshload rr  --to IP:PORT --size BYTES --secs S [--rate PER_SEC] [--warmup S]
-//! meshload crr --to IP:PORT --secs S [--conns K]
+//! meshload crr --to IP:PORT --secs S [--conns K | --rate PER_SEC]
 //! meshload hold --to IP:PORT --conns K --secs S [--bytes N]
 //! meshload churn --to IP:PORT --rate PER_SEC --secs S [--bytes N] [--threads T]
 //! ```
@@ -15,7 +15,9 @@
 //! microseconds. `crr`: `conns` threads each opening a connection, reading the HELLO line (so
 //! the whole path, tunnel included, was set up) and closing normally, for `secs`; prints connections per
 //! second and how many attempts failed (each failure costs its timeout, so failures also
-//! lower the rate). `rr` exits non-zero on any I/O error: a broken path must not report.
+//! lower the rate). `crr --rate`: one thread opening connections on a fixed schedule instead,
+//! each timed from its scheduled start to its HELLO line: the set-up latency of a new flow
+//! (p50/p90/p99/max) at a load that leaves the path otherwise idle. `rr` exits non-zero on any I/O error: a broken path must not report.
 //! `hold`: opens `conns` connections one after another, echoes `bytes` (default 256 KiB) on
 //! each, as a connection that did some work before going idle (every buffer on the path has
 //! been used); prints a first JSON line once all are open (`opened`, `failed`, `open_secs`),
@@ -109,6 +111,10 @@ struct CrrArgs {
     /// Client threads.
     #[arg(long, default_value_t = 1)]
     conns: usize,
+    /// New connections per second on a fixed schedule, one thread, each timed; 0: as fast as
+    /// `conns` threads can.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "conns")]
+    rate: f64,
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -201,15 +207,7 @@ fn rr(a: &RrArgs) -> Res<serde_json::Value> {
         let scheduled = match interval {
             Some(iv) => {
                 let at = start + iv * i;
-                // Sleep most of the way, spin the rest: a sleeping thread wakes tens of
-                // microseconds late, which would be charged to every path alike as latency.
-                let now = Instant::now();
-                if at > now + SPIN {
-                    std::thread::sleep(at - now - SPIN);
-                }
-                while Instant::now() < at {
-                    std::hint::spin_loop();
-                }
+                wait_until(at);
                 at
             }
             None => Instant::now(),
@@ -222,23 +220,12 @@ fn rr(a: &RrArgs) -> Res<serde_json::Value> {
         i += 1;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    lat_ns.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat_ns.is_empty() {
-            return 0.0;
-        }
-        let idx = ((lat_ns.len() as f64 * p).ceil() as usize).clamp(1, lat_ns.len()) - 1;
-        lat_ns[idx] as f64 / 1000.0
-    };
-    Ok(json!({
-        "requests": lat_ns.len(),
-        "secs": elapsed,
-        "rps": lat_ns.len() as f64 / elapsed,
-        "p50_us": pct(0.50),
-        "p90_us": pct(0.90),
-        "p99_us": pct(0.99),
-        "max_us": pct(1.0),
-    }))
+    let requests = lat_ns.len();
+    let mut report = percentiles(lat_ns);
+    report["requests"] = json!(requests);
+    report["secs"] = json!(elapsed);
+    report["rps"] = json!(requests as f64 / elapsed);
+    Ok(report)
 }
 
 /// How much of the wait before a scheduled request is spun rather than slept.
@@ -253,7 +240,15 @@ fn precise_timers() {
 }
 
 fn crr(a: &CrrArgs) -> Res<serde_json::Value> {
-    let CrrArgs { to, secs, conns } = *a;
+    let CrrArgs {
+        to,
+        secs,
+        conns,
+        rate,
+    } = *a;
+    if rate > 0.0 {
+        return crr_timed(to, secs, rate);
+    }
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let handles: Vec<_> = (0..conns.max(1))
@@ -297,6 +292,73 @@ fn crr(a: &CrrArgs) -> Res<serde_json::Value> {
         json!({"connections": total, "failed": failed, "last_error": last_error,
               "secs": elapsed, "cps": total as f64 / elapsed}),
     )
+}
+
+/// `crr --rate`: new connections on a schedule, each timed from its scheduled start until its
+/// HELLO line arrived (the tunnel, if any, is up). A failure is counted and the schedule goes
+/// on; the caller judges.
+fn crr_timed(to: SocketAddr, secs: f64, rate: f64) -> Res<serde_json::Value> {
+    precise_timers();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut lat_ns: Vec<u64> = Vec::new();
+    let (mut failed, mut last_error) = (0u64, String::new());
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    for i in 0u32.. {
+        let at = start + interval * i;
+        if at >= end {
+            break;
+        }
+        wait_until(at);
+        match open(to) {
+            Ok(s) => {
+                lat_ns.push(at.elapsed().as_nanos() as u64);
+                drop(s);
+            }
+            Err(e) => {
+                failed += 1;
+                last_error = e;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let connections = lat_ns.len();
+    let mut report = percentiles(lat_ns);
+    report["connections"] = json!(connections);
+    report["failed"] = json!(failed);
+    report["last_error"] = json!(last_error);
+    report["secs"] = json!(elapsed);
+    Ok(report)
+}
+
+/// Sleeps most of the way to `at`, then spins the rest: a sleeping thread wakes tens of
+/// microseconds late, which would be charged to every path alike as latency.
+fn wait_until(at: Instant) {
+    let now = Instant::now();
+    if at > now + SPIN {
+        std::thread::sleep(at - now - SPIN);
+    }
+    while Instant::now() < at {
+        std::hint::spin_loop();
+    }
+}
+
+/// p50/p90/p99/max in microseconds of latencies in nanoseconds.
+fn percentiles(mut lat_ns: Vec<u64>) -> serde_json::Value {
+    lat_ns.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat_ns.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat_ns.len() as f64 * p).ceil() as usize).clamp(1, lat_ns.len()) - 1;
+        lat_ns[idx] as f64 / 1000.0
+    };
+    json!({
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "max_us": pct(1.0),
+    })
 }
 
 fn hold(a: &HoldArgs) -> Res<serde_json::Value> {

@@ -484,7 +484,30 @@ fn measure(
             .into();
         let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
         push(s, mode, "conn_per_s", num(&v, "cps")?);
-        push(s, mode, "conn_failed", num(&v, "failed")?);
+        let failed = num(&v, "failed")?;
+        // New connections at a fixed 200/s, each timed to the server's first line: what one
+        // new flow waits for its path (capture, tunnel, policy) on an otherwise idle path.
+        let args: Vec<String> = [
+            "crr",
+            "--to",
+            &echo,
+            "--rate",
+            "200",
+            "--secs",
+            &o.secs.to_string(),
+        ]
+        .map(String::from)
+        .into();
+        let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
+        for p in ["p50", "p99"] {
+            push(
+                s,
+                mode,
+                &format!("conn_setup_{p}_us"),
+                num(&v, &format!("{p}_us"))?,
+            );
+        }
+        push(s, mode, "conn_failed", failed + num(&v, "failed")?);
     }
     if want("loaded") {
         // 64 B requests back to back while one bulk stream runs between the same two pods:
