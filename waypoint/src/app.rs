@@ -324,6 +324,7 @@ pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
         idle_timeout: Duration::from_secs(60),
         connect_timeout,
         stream_window: window,
+        send_buffer: window,
         connection_window: window.saturating_mul(4),
         max_frame_size: 1 << 20,
         tcp_congestion: None,

@@ -4,14 +4,23 @@
 //! The state: 10,000 pods in 200 namespaces (100 of them on this node), 2,000 Services and
 //! 1,000 AuthorizationPolicies. For each source (state files: one file per namespace, or with
 //! `--one-file` all of it in one 3.6 MB file rewritten whole on every change; or a real
-//! kube-apiserver holding the objects) a release daemon with capture off follows it on a
-//! one-node namespace cluster, and the run reports: the time to ready, memory once ready
+//! kube-apiserver holding the objects) a release daemon follows it on a one-node namespace
+//! cluster, and the run reports: the time to ready, memory once ready
 //! (RSS and anonymous, and the allocator's heap in use and free), the time from a change (a
 //! pod relabelled, a namespace label flipped, a policy edited) to the daemon logging it
 //! applied, split into the daemon's own work (`took_us` of its `state applied` line) and the
-//! whole path, memory after the changes, and the daemon's CPU while pods are updated at 50 per
-//! second. Results: a table on stdout and
-//! JSON in target/bench/.
+//! whole path, memory after the changes, the daemon's CPU while pods are updated at 50 per
+//! second, and the set-up latency of new flows through the daemon, quiet and during that churn.
+//! Results: a table on stdout and JSON in target/bench/.
+//!
+//! Capture is on. The 100 pods of the state on this node are addresses only, routed in the
+//! node's namespace to one interface (`scale0`, a veth whose peer stays in the node's
+//! namespace too: this kernel has no dummy devices), as a CNI routes each pod to its veth:
+//! capture attaches there and enrolls them, so the daemon becomes ready as on a real node. Two
+//! real pods (`flow/client`, `flow/server`, an ambient namespace of their own) carry the flows:
+//! `meshload crr --rate 100`, each new connection timed from its scheduled start to the
+//! server's first line, through the daemon's outbound capture, its state lookups and policy
+//! check against the 1,000 policies, and the same-node inbound path.
 //!
 //! The end-to-end figure starts before the change is made: for files, before the file is
 //! written (the daemon polls every 500 ms, so half a poll interval on average is part of it);
@@ -25,7 +34,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::cluster::{message, Cluster, ClusterSpec};
+use mesh_tests::cluster::{message, Cluster, ClusterSpec, PodSpec};
 use serde_json::{json, Value};
 
 use super::probe;
@@ -382,12 +391,74 @@ fn stats(v: &[f64]) -> Value {
     json!({"median": probe::median(&s), "max": s.last().copied().unwrap_or(f64::NAN), "n": s.len()})
 }
 
+/// New connections per second of the flow-latency probe: enough samples for a p99 in a few
+/// seconds, little enough load that it measures set-up latency, not a queue.
+const FLOW_RATE: f64 = 100.0;
+/// Where the flow probe's server listens.
+const FLOW_PORT: u16 = 8080;
+
+/// `meshload crr --rate` from `flow/client` to `flow/server` for `secs`: set-up latency
+/// percentiles of new flows (µs). Started and collected separately so that it can run while
+/// the churn runs.
+fn flow_probe(cluster: &Cluster, secs: f64) -> Result<std::process::Child> {
+    let to = format!("{}:{FLOW_PORT}", cluster.pod("flow/server").ip);
+    let args = [
+        "crr",
+        "--to",
+        &to,
+        "--rate",
+        &FLOW_RATE.to_string(),
+        "--secs",
+        &secs.to_string(),
+    ]
+    .map(String::from);
+    probe::meshload_spawn(cluster.pod("flow/client"), &args)
+}
+
+fn flow_result(child: std::process::Child) -> Result<Value> {
+    let v = probe::meshload_result(child)?;
+    if v["failed"].as_f64().unwrap_or(1.0) > 0.0 {
+        bail!("flow probe: new connections failed: {v}");
+    }
+    Ok(
+        json!({"p50_us": v["p50_us"], "p90_us": v["p90_us"], "p99_us": v["p99_us"], "max_us": v["max_us"], "n": v["connections"]}),
+    )
+}
+
+/// Routes the addresses of the state's pods on this node to one veth in node 1's
+/// namespace (see the module doc).
+fn route_local_pods(cluster: &Cluster) -> Result<()> {
+    for args in [
+        &[
+            "link", "add", "scale0", "type", "veth", "peer", "name", "scale0p",
+        ][..],
+        &["link", "set", "scale0", "up"],
+        &["link", "set", "scale0p", "up"],
+        &["route", "add", "10.120.0.0/16", "dev", "scale0"],
+    ] {
+        let out = cluster.node_exec(1, "ip", args)?;
+        if !out.status.success() {
+            bail!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn measure(o: &Opts, source: &str) -> Result<Value> {
-    let spec = ClusterSpec::new(1);
+    let spec = ClusterSpec::new(1)
+        .namespace("flow", true)
+        .pod(PodSpec::new("flow/client", 1).sa("client"))
+        .pod(PodSpec::new("flow/server", 1).sa("server"));
     let mut cluster = match source {
         "kube" => Cluster::start_kube(spec)?,
         _ => Cluster::start(spec)?,
     };
+    route_local_pods(&cluster)?;
+    let _server = cluster.pod("flow/server").serve(FLOW_PORT, "server")?;
     let kube = source == "kube";
     let texts = std::sync::Mutex::new(vec![String::new(); NAMESPACES]);
     if kube {
@@ -408,7 +479,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
         }
     }
     let t = Instant::now();
-    cluster.start_daemon(1, &["--capture=false", "--dns-capture=false"])?;
+    cluster.start_daemon(1, &["--dns-capture=false"])?;
     let ready = t.elapsed().as_secs_f64();
     let pid = cluster.daemon(1).pid().context("daemon pid")?;
     std::thread::sleep(Duration::from_secs(2));
@@ -443,8 +514,10 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     std::thread::sleep(Duration::from_secs(2));
     let mem_after = probe::mem(pid)?;
     let mem_after_heap = probe::heap(&cluster, 1);
+    let flow_quiet = flow_result(flow_probe(&cluster, o.churn_secs)?)?;
 
     // Churn: 50 pod updates per second (five per 100 ms tick), the daemon's CPU meanwhile.
+    let flows = flow_probe(&cluster, o.churn_secs)?;
     let cpu0 = probe::cpu_secs(pid)?;
     let start = Instant::now();
     let mut updates = 0usize;
@@ -475,6 +548,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     }
     let churn_secs = start.elapsed().as_secs_f64();
     let cpu = probe::cpu_secs(pid)? - cpu0;
+    let flow_churn = flow_result(flows)?;
     let mem_churn = probe::mem(pid)?;
     let mem_churn_heap = probe::heap(&cluster, 1);
     drop(cluster);
@@ -489,6 +563,7 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
         "namespace_label_ms": took_json(&took[1]),
         "policy_edit_ms": took_json(&took[2]),
         "churn": {"updates_per_sec": updates as f64 / churn_secs, "daemon_cpu_pct": 100.0 * cpu / churn_secs},
+        "new_flow_setup_us": {"quiet": flow_quiet, "churn": flow_churn, "rate_per_sec": FLOW_RATE},
     }))
 }
 
@@ -505,8 +580,8 @@ pub fn run(args: &[String]) -> Result<bool> {
         eprintln!("scale: {source}: {}", serde_json::to_string(&r)?);
         results.push(r);
     }
-    println!("\n| source | ready s | RSS / anon MiB ready | after changes | after churn | pod relabel ms (e2e / daemon) | namespace label ms | policy edit ms | churn: updates/s, daemon CPU % |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| source | ready s | RSS / anon MiB ready | after changes | after churn | pod relabel ms (e2e / daemon) | namespace label ms | policy edit ms | churn: updates/s, daemon CPU % | new flow p50 / p99 µs, quiet -> churn |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         let m = |k: &str| {
             format!(
@@ -528,8 +603,9 @@ pub fn run(args: &[String]) -> Result<bool> {
             }
             t
         };
+        let f = |k: &str, p: &str| r["new_flow_setup_us"][k][p].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0}, {:.1} |",
+            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0}, {:.1} | {:.0} / {:.0} -> {:.0} / {:.0} |",
             r["source"].as_str().unwrap_or(""),
             r["ready_secs"].as_f64().unwrap_or(0.0),
             m("mem_ready_mib"),
@@ -540,6 +616,10 @@ pub fn run(args: &[String]) -> Result<bool> {
             c("policy_edit_ms"),
             r["churn"]["updates_per_sec"].as_f64().unwrap_or(0.0),
             r["churn"]["daemon_cpu_pct"].as_f64().unwrap_or(0.0),
+            f("quiet", "p50_us"),
+            f("quiet", "p99_us"),
+            f("churn", "p50_us"),
+            f("churn", "p99_us"),
         );
     }
     let out = json!({

@@ -1,5 +1,5 @@
 //! Cluster state from user and API-server input: a state file's multi-document YAML through
-//! `k8s::parse_file`, each document also as API-server JSON through `k8s::from_json`, the
+//! `k8s::parse_file`, each document also as API-server JSON text through `k8s::from_json_text`, the
 //! objects into `state::State::build` and the incremental `state::Model` (apply, snapshot,
 //! delete), and the snapshot serialized as the admin API's config dump does.
 #![no_main]
@@ -19,10 +19,11 @@ fn objects_from_json(text: &str) -> Vec<Object> {
         let Ok(value) = serde_yaml_ng::Value::deserialize(doc) else {
             break;
         };
-        let Ok(json) = serde_json::to_value(&value) else {
+        let Ok(json) = serde_json::to_string(&value) else {
             continue;
         };
-        if let Ok(Some(o)) = k8s::from_json(json) {
+        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        if let Ok(Some(o)) = k8s::from_json_text(field("apiVersion"), field("kind"), &json) {
             out.push(o);
         }
     }

@@ -294,6 +294,12 @@ pub struct RunArgs {
     /// stream window.
     #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW", default_value_t = Size::mib(32))]
     pub hbone_connection_window: Size,
+    /// Bytes one HBONE stream may queue in the sending daemon beyond what its socket took: more
+    /// lets a flow's sender run further ahead of a slow connection, at that much memory per
+    /// busy flow; what a flow sends beyond it waits in the pod's own socket. `0`: the stream
+    /// window. Bytes, or with KiB/MiB, from 16 KiB.
+    #[arg(long, env = "ZTUNNEL_HBONE_SEND_BUFFER", default_value_t = Size(0))]
+    pub hbone_send_buffer: Size,
     /// Unsent bytes an HBONE socket may hold in the kernel (`TCP_NOTSENT_LOWAT`); beyond it
     /// data waits in HTTP/2, where the flows sharing the connection take turns, instead of in
     /// the socket's single queue, where every flow waits behind what is already there. `0`
@@ -496,9 +502,10 @@ pub struct HboneConfig {
     /// TCP connect + TLS handshake timeout.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// HTTP/2 stream flow-control window (`--hbone-stream-window`), sent in both directions;
-    /// also the most a stream may queue in h2 for sending.
+    /// HTTP/2 stream flow-control window (`--hbone-stream-window`), sent in both directions.
     pub stream_window: u32,
+    /// The most a stream may queue in h2 for sending (`--hbone-send-buffer`).
+    pub send_buffer: u32,
     /// HTTP/2 connection flow-control window (`--hbone-connection-window`).
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
@@ -883,6 +890,16 @@ impl Config {
                 ),
             ));
         }
+        let send_buffer = match a.hbone_send_buffer.0 {
+            0 => stream_window,
+            n if n < 16 * 1024 => {
+                return Err(invalid(
+                    "hbone-send-buffer",
+                    format!("{n} bytes is less than 16 KiB"),
+                ))
+            }
+            n => n,
+        };
         let spread = a.hbone_spread;
         if spread == 0 {
             return Err(invalid("hbone-spread", "must be at least 1"));
@@ -893,6 +910,7 @@ impl Config {
             idle_timeout: a.hbone_idle_timeout.0,
             connect_timeout: a.connect_timeout.0,
             stream_window,
+            send_buffer,
             connection_window,
             max_frame_size: 1024 * 1024,
             tcp_congestion: a.hbone_tcp_congestion.0,

@@ -280,7 +280,7 @@ impl Inner {
             .initial_window_size(self.cfg.stream_window)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
-            .max_send_buffer_size(self.cfg.stream_window as usize)
+            .max_send_buffer_size(self.cfg.send_buffer as usize)
             .handshake::<_, Bytes>(tls_stream)
             .await
             .map_err(|error| HboneError::H2 { addr, error })?;

@@ -252,7 +252,7 @@ impl<H: Handler> Server<H> {
             .initial_window_size(self.cfg.stream_window)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
-            .max_send_buffer_size(self.cfg.stream_window as usize)
+            .max_send_buffer_size(self.cfg.send_buffer as usize)
             .max_concurrent_streams(lim.max_streams)
             .max_header_list_size(lim.max_header_list_size)
             .handshake::<_, Bytes>(tls_stream)
