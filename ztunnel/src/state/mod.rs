@@ -392,6 +392,11 @@ impl State {
     /// each under the first of its addresses that leads to it.
     pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.iter().filter_map(|(ip, w)| {
+            // A pod with one address is under it once; only the others need a lookup (this
+            // runs over every pod several times per state change).
+            if w.ips.len() < 2 {
+                return Some(w);
+            }
             let first = w
                 .ips
                 .iter()
