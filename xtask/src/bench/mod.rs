@@ -13,6 +13,7 @@
 mod overhead;
 mod probe;
 mod scale;
+mod sched;
 mod sidecar;
 mod soak;
 mod waypoint;
@@ -79,8 +80,10 @@ const SCENARIOS: &[&str] = &[
     "conns",
     "loaded",
     "profile",
+    "sched",
 ];
-/// The scenarios run when none is named (`profile` needs perf and is asked for explicitly).
+/// The scenarios run when none is named (`profile` and `sched` need perf and are asked for
+/// explicitly).
 const DEFAULT_SCENARIOS: usize = 5;
 
 #[derive(Debug)]
@@ -281,7 +284,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         return scale::run(&args[1..]);
     }
     let o = parse(args)?;
-    let profile = o.scenarios.iter().any(|s| s == "profile");
+    let profile = o.scenarios.iter().any(|s| s == "profile" || s == "sched");
     let envoy = prepare(profile)?;
     let load_before = uptime();
     let spec = ClusterSpec::new(2)
@@ -476,6 +479,14 @@ fn measure(
                     }
                 }
             }
+        }
+    }
+    if want("sched") {
+        let data = crate::target_dir()?
+            .join("bench")
+            .join(format!("sched-{}.data", mode.name()));
+        for (k, v) in sched::hops(client, &echo, o.secs.min(3.0), o.rate, &dp.pids, &data)? {
+            push(s, mode, &k, v);
         }
     }
     if want("connrate") {
