@@ -1,15 +1,21 @@
 //! `cargo xtask bench [scenario...]` and `cargo xtask overhead`: the project's performance
 //! method (docs/BENCHMARKS.md). Every scenario is measured on the shared test
-//! cluster for three paths in the same run, round by round so drift hits all of them alike:
+//! cluster for three paths (four with `ISTIO_ZTUNNEL_BIN`) in the same run, round by round so
+//! drift hits all of them alike:
 //!
 //! - `direct`: pod to pod, no data plane at all (daemons stopped, no sidecars);
 //! - `ambient`: through this project's daemons (one per node, HBONE mTLS between nodes);
 //! - `envoy`: through Envoy sidecars (one per pod; the client connects to its sidecar's
-//!   loopback listener, so sidecar-mode iptables redirection is not part of the cost).
+//!   loopback listener, so sidecar-mode iptables redirection is not part of the cost);
+//! - `istio`, only when `ISTIO_ZTUNNEL_BIN` names a build of Istio's own ztunnel: one instance
+//!   per pod in its dedicated mode, HBONE mTLS between them, the client pod's connections
+//!   redirected to its instance by iptables ([`istio`]). The project's aims are ratios
+//!   against this path.
 //!
-//! Results are medians over `--runs` rounds, with ratios to `direct`; a table on the terminal
-//! and a JSON file under `<target>/bench/`.
+//! Results are medians over `--runs` rounds, with ratios to `direct` (and of `ambient` to
+//! `istio`); a table on the terminal and a JSON file under `<target>/bench/`.
 
+mod istio;
 mod overhead;
 mod probe;
 mod scale;
@@ -43,7 +49,7 @@ const PEER_MAX_STREAMS_DEFAULT: usize = 8192;
 const SIDECAR_IPERF: u16 = 15101;
 const SIDECAR_ECHO: u16 = 15102;
 
-/// The three data-plane paths, in measuring order.
+/// The data-plane paths, in measuring order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
     /// No data plane.
@@ -52,6 +58,8 @@ pub enum Mode {
     Ambient,
     /// One Envoy per pod.
     Envoy,
+    /// One Istio ztunnel per pod, dedicated mode (opt-in, [`istio::BIN_ENV`]).
+    Istio,
 }
 
 impl Mode {
@@ -60,6 +68,7 @@ impl Mode {
             Mode::Direct => 0,
             Mode::Ambient => 1,
             Mode::Envoy => 2,
+            Mode::Istio => 3,
         }
     }
 
@@ -68,6 +77,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Ambient => "ambient",
             Mode::Envoy => "envoy",
+            Mode::Istio => "istio",
         }
     }
 }
@@ -180,6 +190,7 @@ impl Drop for KillOnDrop {
 struct Dataplane {
     pids: Vec<u32>,
     _sidecars: Vec<sidecar::Sidecar>,
+    _istio: Option<istio::Mesh>,
 }
 
 /// Brings up `mode`'s data plane for client/server pairs and checks it really carries traffic.
@@ -196,6 +207,7 @@ fn bring_up(
         Mode::Direct => Ok(Dataplane {
             pids: Vec::new(),
             _sidecars: Vec::new(),
+            _istio: None,
         }),
         Mode::Ambient => {
             let nodes = cluster.spec().nodes;
@@ -219,6 +231,7 @@ fn bring_up(
             Ok(Dataplane {
                 pids,
                 _sidecars: Vec::new(),
+                _istio: None,
             })
         }
         Mode::Envoy => {
@@ -242,6 +255,18 @@ fn bring_up(
             Ok(Dataplane {
                 pids,
                 _sidecars: sidecars,
+                _istio: None,
+            })
+        }
+        Mode::Istio => {
+            let bin = istio::binary()?.with_context(|| format!("{} is unset", istio::BIN_ENV))?;
+            let off = Mode::Istio.port_offset();
+            let ports = [IPERF_PORT + off, ECHO_PORT + off];
+            let mesh = istio::bring_up(&bin, cluster.workdir(), pairs, &ports)?;
+            Ok(Dataplane {
+                pids: mesh.pids(),
+                _sidecars: Vec::new(),
+                _istio: Some(mesh),
             })
         }
     }
@@ -282,7 +307,14 @@ pub fn run(args: &[String]) -> Result<bool> {
     }
     let o = parse(args)?;
     let profile = o.scenarios.iter().any(|s| s == "profile");
+    let istio_bin = istio::binary()?;
     let envoy = prepare(profile)?;
+    let mut modes = vec![Mode::Direct, Mode::Ambient, Mode::Envoy];
+    if let Some(bin) = &istio_bin {
+        eprintln!("bench: istio path with {}", bin.display());
+        istio::prepare()?;
+        modes.push(Mode::Istio);
+    }
     let load_before = uptime();
     let spec = ClusterSpec::new(2)
         .namespace("bench", true)
@@ -293,7 +325,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let server = cluster.pod("bench/server").clone();
     let mut servers = Vec::new();
     let mut iperfs = Vec::new();
-    for m in [Mode::Direct, Mode::Ambient, Mode::Envoy] {
+    for &m in &modes {
         servers.push(server.serve(ECHO_PORT + m.port_offset(), "server")?);
         if m == Mode::Ambient {
             // `conns` holds half its connections the other way (see `held_connections`).
@@ -338,9 +370,8 @@ pub fn run(args: &[String]) -> Result<bool> {
     };
     let mut samples = Samples::new();
     let mut profile_report = None;
-    let modes = [Mode::Direct, Mode::Ambient, Mode::Envoy];
     for round in 1..=o.runs {
-        for mode in modes {
+        for &mode in &modes {
             if profile && mode != Mode::Ambient && o.scenarios.len() == 1 {
                 continue;
             }
@@ -853,35 +884,52 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
         (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
         _ => "-".into(),
     };
-    let mut t = String::new();
-    t.push_str(&format!(
-        "\n| metric (median of {} runs) | direct | ambient | envoy | ambient/direct | envoy/direct |\n|---|---|---|---|---|---|\n",
-        o.runs
-    ));
+    // The istio path has columns only when it was measured (`ISTIO_ZTUNNEL_BIN`).
+    let istio = s.keys().any(|(mode, _)| *mode == Mode::Istio);
+    let modes: &[Mode] = if istio {
+        &[Mode::Direct, Mode::Ambient, Mode::Envoy, Mode::Istio]
+    } else {
+        &[Mode::Direct, Mode::Ambient, Mode::Envoy]
+    };
+    let mut head = format!("| metric (median of {} runs) |", o.runs);
+    for mode in modes {
+        head.push_str(&format!(" {} |", mode.name()));
+    }
+    for mode in &modes[1..] {
+        head.push_str(&format!(" {}/direct |", mode.name()));
+    }
+    if istio {
+        head.push_str(" ambient/istio |");
+    }
+    let cols = head.matches('|').count() - 1;
+    let mut t = format!("\n{head}\n|{}\n", "---|".repeat(cols));
     let mut jm = serde_json::Map::new();
     for m in &metrics {
-        let (d, a, e) = (
-            med(Mode::Direct, m),
-            med(Mode::Ambient, m),
-            med(Mode::Envoy, m),
-        );
-        t.push_str(&format!(
-            "| {m} | {} | {} | {} | {} | {} |\n",
-            cell(d),
-            cell(a),
-            cell(e),
-            ratio(a, d),
-            ratio(e, d)
-        ));
+        let d = med(Mode::Direct, m);
+        let mut row = format!("| {m} |");
+        for &mode in modes {
+            row.push_str(&format!(" {} |", cell(med(mode, m))));
+        }
+        for &mode in &modes[1..] {
+            row.push_str(&format!(" {} |", ratio(med(mode, m), d)));
+        }
+        if istio {
+            row.push_str(&format!(
+                " {} |",
+                ratio(med(Mode::Ambient, m), med(Mode::Istio, m))
+            ));
+        }
+        t.push_str(&row);
+        t.push('\n');
         let samples = |mode: Mode| s.get(&(mode, m.to_string())).cloned().unwrap_or_default();
-        jm.insert(
-            m.to_string(),
-            json!({
-                "direct": d, "ambient": a, "envoy": e,
-                "samples": {"direct": samples(Mode::Direct), "ambient": samples(Mode::Ambient),
-                            "envoy": samples(Mode::Envoy)},
-            }),
-        );
+        let mut entry = serde_json::Map::new();
+        let mut all = serde_json::Map::new();
+        for &mode in modes {
+            entry.insert(mode.name().into(), json!(med(mode, m)));
+            all.insert(mode.name().into(), json!(samples(mode)));
+        }
+        entry.insert("samples".into(), Value::Object(all));
+        jm.insert(m.to_string(), Value::Object(entry));
     }
     // Added latency and the performance targets.
     let added = |mode: Mode, m: &str| match (med(mode, m), med(Mode::Direct, m)) {
@@ -895,7 +943,7 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
             checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
         }
     };
-    for mode in [Mode::Ambient, Mode::Envoy] {
+    for &mode in &modes[1..] {
         let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
         if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
             check(
@@ -956,13 +1004,17 @@ fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
         "loaded_rr64",
     ] {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-        t.push_str(&format!(
-            "  {tag:<13} ambient p50 +{} p99 +{}   envoy p50 +{} p99 +{}\n",
-            f(added(Mode::Ambient, &format!("{tag}_p50_us"))),
-            f(added(Mode::Ambient, &format!("{tag}_p99_us"))),
-            f(added(Mode::Envoy, &format!("{tag}_p50_us"))),
-            f(added(Mode::Envoy, &format!("{tag}_p99_us"))),
-        ));
+        t.push_str(&format!("  {tag:<13}"));
+        for &mode in &modes[1..] {
+            t.push_str(&format!(
+                " {} p50 +{} p99 +{}  ",
+                mode.name(),
+                f(added(mode, &format!("{tag}_p50_us"))),
+                f(added(mode, &format!("{tag}_p99_us"))),
+            ));
+        }
+        t.truncate(t.trim_end().len());
+        t.push('\n');
     }
     t.push_str("\ntargets:\n");
     for c in &checks {
