@@ -14,7 +14,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -138,16 +138,9 @@ fn env(pod: &Workload, config: &str) -> Vec<(&'static str, String)> {
 
 /// One running Istio ztunnel in a pod. Killed on drop.
 pub struct Proxy {
-    child: Child,
+    child: super::KillOnDrop,
     /// The ztunnel's pid (`ip netns exec` and `setpriv` exec it, so this is ztunnel itself).
     pub pid: u32,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Starts Istio's ztunnel `bin` in `pod` (config for all of `pods`, log under `workdir`) as
@@ -185,7 +178,7 @@ pub fn start(bin: &Path, workdir: &Path, pod: &Pod, pods: &[&Pod]) -> Result<Pro
         .with_context(|| format!("starting Istio's ztunnel in {}", pod.key()))?;
     let mut proxy = Proxy {
         pid: child.id(),
-        child,
+        child: super::KillOnDrop(child),
     };
     let ready = format!("http://127.0.0.1:{READY_PORT}/healthz/ready");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -194,7 +187,7 @@ pub fn start(bin: &Path, workdir: &Path, pod: &Pod, pods: &[&Pod]) -> Result<Pro
         if probe.status.success() {
             return Ok(proxy);
         }
-        if let Some(status) = proxy.child.try_wait()? {
+        if let Some(status) = proxy.child.0.try_wait()? {
             bail!(
                 "Istio's ztunnel in {} exited ({status}); log {}:\n{}",
                 pod.key(),
