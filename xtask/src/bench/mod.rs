@@ -1,17 +1,24 @@
 //! `cargo xtask bench [scenario...]` and `cargo xtask overhead`: the project's performance
 //! method (docs/BENCHMARKS.md). Every scenario is measured on the shared test
-//! cluster for three paths in the same run, round by round so drift hits all of them alike:
+//! cluster for three paths (four with `ISTIO_ZTUNNEL_BIN`) in the same run, round by round so
+//! drift hits all of them alike:
 //!
 //! - `direct`: pod to pod, no data plane at all (daemons stopped, no sidecars);
 //! - `ambient`: through this project's daemons (one per node, HBONE mTLS between nodes);
 //! - `envoy`: through Envoy sidecars (one per pod; the client connects to its sidecar's
-//!   loopback listener, so sidecar-mode iptables redirection is not part of the cost).
+//!   loopback listener, so sidecar-mode iptables redirection is not part of the cost);
+//! - `istio`, only when `ISTIO_ZTUNNEL_BIN` names a build of Istio's own ztunnel: one instance
+//!   per pod in its dedicated mode, HBONE mTLS between them, the client pod's connections
+//!   redirected to its instance by iptables ([`istio`]). The project's aims are ratios
+//!   against this path.
 //!
-//! Results are medians over `--runs` rounds, with ratios to `direct`; a table on the terminal
-//! and a JSON file under `<target>/bench/`.
+//! Results are medians over `--runs` rounds, with ratios to `direct` (and of `ambient` to
+//! `istio`); a table on the terminal and a JSON file under `<target>/bench/`.
 
+mod istio;
 mod overhead;
 mod probe;
+mod report;
 mod scale;
 mod sched;
 mod sidecar;
@@ -44,7 +51,7 @@ const PEER_MAX_STREAMS_DEFAULT: usize = 8192;
 const SIDECAR_IPERF: u16 = 15101;
 const SIDECAR_ECHO: u16 = 15102;
 
-/// The three data-plane paths, in measuring order.
+/// The data-plane paths, in measuring order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
     /// No data plane.
@@ -53,6 +60,8 @@ pub enum Mode {
     Ambient,
     /// One Envoy per pod.
     Envoy,
+    /// One Istio ztunnel per pod, dedicated mode (opt-in, [`istio::BIN_ENV`]).
+    Istio,
 }
 
 impl Mode {
@@ -61,6 +70,7 @@ impl Mode {
             Mode::Direct => 0,
             Mode::Ambient => 1,
             Mode::Envoy => 2,
+            Mode::Istio => 3,
         }
     }
 
@@ -69,6 +79,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Ambient => "ambient",
             Mode::Envoy => "envoy",
+            Mode::Istio => "istio",
         }
     }
 }
@@ -183,6 +194,7 @@ impl Drop for KillOnDrop {
 struct Dataplane {
     pids: Vec<u32>,
     _sidecars: Vec<sidecar::Sidecar>,
+    _istio: Option<istio::Mesh>,
 }
 
 /// Brings up `mode`'s data plane for client/server pairs and checks it really carries traffic.
@@ -199,6 +211,7 @@ fn bring_up(
         Mode::Direct => Ok(Dataplane {
             pids: Vec::new(),
             _sidecars: Vec::new(),
+            _istio: None,
         }),
         Mode::Ambient => {
             let nodes = cluster.spec().nodes;
@@ -222,6 +235,7 @@ fn bring_up(
             Ok(Dataplane {
                 pids,
                 _sidecars: Vec::new(),
+                _istio: None,
             })
         }
         Mode::Envoy => {
@@ -245,6 +259,18 @@ fn bring_up(
             Ok(Dataplane {
                 pids,
                 _sidecars: sidecars,
+                _istio: None,
+            })
+        }
+        Mode::Istio => {
+            let bin = istio::binary()?.with_context(|| format!("{} is unset", istio::BIN_ENV))?;
+            let off = Mode::Istio.port_offset();
+            let ports = [IPERF_PORT + off, ECHO_PORT + off];
+            let mesh = istio::bring_up(&bin, cluster.workdir(), pairs, &ports)?;
+            Ok(Dataplane {
+                pids: mesh.pids(),
+                _sidecars: Vec::new(),
+                _istio: Some(mesh),
             })
         }
     }
@@ -285,7 +311,14 @@ pub fn run(args: &[String]) -> Result<bool> {
     }
     let o = parse(args)?;
     let profile = o.scenarios.iter().any(|s| s == "profile" || s == "sched");
+    let istio_bin = istio::binary()?;
     let envoy = prepare(profile)?;
+    let mut modes = vec![Mode::Direct, Mode::Ambient, Mode::Envoy];
+    if let Some(bin) = &istio_bin {
+        eprintln!("bench: istio path with {}", bin.display());
+        istio::prepare()?;
+        modes.push(Mode::Istio);
+    }
     let load_before = uptime();
     let spec = ClusterSpec::new(2)
         .namespace("bench", true)
@@ -296,7 +329,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let server = cluster.pod("bench/server").clone();
     let mut servers = Vec::new();
     let mut iperfs = Vec::new();
-    for m in [Mode::Direct, Mode::Ambient, Mode::Envoy] {
+    for &m in &modes {
         servers.push(server.serve(ECHO_PORT + m.port_offset(), "server")?);
         if m == Mode::Ambient {
             // `conns` holds half its connections the other way (see `held_connections`).
@@ -341,9 +374,8 @@ pub fn run(args: &[String]) -> Result<bool> {
     };
     let mut samples = Samples::new();
     let mut profile_report = None;
-    let modes = [Mode::Direct, Mode::Ambient, Mode::Envoy];
     for round in 1..=o.runs {
-        for mode in modes {
+        for &mode in &modes {
             if profile && mode != Mode::Ambient && o.scenarios.len() == 1 {
                 continue;
             }
@@ -362,7 +394,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
     }
     let load_after = uptime();
-    let report = report(&o, &samples, &load_before, &load_after);
+    let report = report::report(&o, &samples, &load_before, &load_after);
     let dir = crate::target_dir()?.join("bench");
     std::fs::create_dir_all(&dir)?;
     let mut doc = report.json;
@@ -847,163 +879,4 @@ pub fn now_utc() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
-}
-
-struct Report {
-    table: String,
-    json: Value,
-}
-
-fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
-    let mut metrics: Vec<&String> = s.keys().map(|(_, m)| m).collect();
-    metrics.sort();
-    metrics.dedup();
-    let med = |mode: Mode, m: &str| s.get(&(mode, m.to_string())).map(|v| probe::median(v));
-    let cell = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-        _ => "-".into(),
-    };
-    let mut t = String::new();
-    t.push_str(&format!(
-        "\n| metric (median of {} runs) | direct | ambient | envoy | ambient/direct | envoy/direct |\n|---|---|---|---|---|---|\n",
-        o.runs
-    ));
-    let mut jm = serde_json::Map::new();
-    for m in &metrics {
-        let (d, a, e) = (
-            med(Mode::Direct, m),
-            med(Mode::Ambient, m),
-            med(Mode::Envoy, m),
-        );
-        t.push_str(&format!(
-            "| {m} | {} | {} | {} | {} | {} |\n",
-            cell(d),
-            cell(a),
-            cell(e),
-            ratio(a, d),
-            ratio(e, d)
-        ));
-        let samples = |mode: Mode| s.get(&(mode, m.to_string())).cloned().unwrap_or_default();
-        jm.insert(
-            m.to_string(),
-            json!({
-                "direct": d, "ambient": a, "envoy": e,
-                "samples": {"direct": samples(Mode::Direct), "ambient": samples(Mode::Ambient),
-                            "envoy": samples(Mode::Envoy)},
-            }),
-        );
-    }
-    // Added latency and the performance targets.
-    let added = |mode: Mode, m: &str| match (med(mode, m), med(Mode::Direct, m)) {
-        (Some(x), Some(d)) => Some(x - d),
-        _ => None,
-    };
-    let mut checks = Vec::new();
-    let mut check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, target: &str| {
-        if let Some(v) = value {
-            let verdict = if ok(v) { "met" } else { "MISSED" };
-            checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
-        }
-    };
-    for mode in [Mode::Ambient, Mode::Envoy] {
-        let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
-        if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
-            check(
-                &format!(
-                    "{} held connections failed or lost, all rounds",
-                    mode.name()
-                ),
-                Some(f + l),
-                &|v| v == 0.0,
-                "0",
-            );
-        }
-    }
-    let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
-    check(
-        "ambient single-stream throughput / direct",
-        tput(Mode::Ambient),
-        &|v| v >= 0.34,
-        ">= 0.34",
-    );
-    check(
-        "ambient single-stream throughput / envoy",
-        ratio_f(
-            med(Mode::Ambient, "tput_1_gbps"),
-            med(Mode::Envoy, "tput_1_gbps"),
-        ),
-        &|v| v > 1.0,
-        "> 1",
-    );
-    let a64 = added(Mode::Ambient, "rr64_p50_us");
-    let e64 = added(Mode::Envoy, "rr64_p50_us");
-    check(
-        "ambient added p50, 64 B back-to-back (us)",
-        a64,
-        &|v| v <= 26.0,
-        "<= 26",
-    );
-    if let (Some(a), Some(e)) = (a64, e64) {
-        check(
-            "ambient added p50 - envoy added p50 (us)",
-            Some(a - e),
-            &|v| v < 0.0,
-            "< 0",
-        );
-    }
-    check(
-        "ambient idle RSS per daemon (MiB)",
-        med(Mode::Ambient, "mem_idle_rss_mb"),
-        &|v| v <= 9.0 * 1000.0 * 1000.0 / 1024.0 / 1024.0,
-        "<= 9 MB (8.58 MiB)",
-    );
-    t.push_str("\nadded p50/p99 latency over direct (us):\n");
-    for tag in [
-        "rr64",
-        "rr64_fixed",
-        "rr1024",
-        "rr1024_fixed",
-        "loaded_rr64",
-    ] {
-        let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-        t.push_str(&format!(
-            "  {tag:<13} ambient p50 +{} p99 +{}   envoy p50 +{} p99 +{}\n",
-            f(added(Mode::Ambient, &format!("{tag}_p50_us"))),
-            f(added(Mode::Ambient, &format!("{tag}_p99_us"))),
-            f(added(Mode::Envoy, &format!("{tag}_p50_us"))),
-            f(added(Mode::Envoy, &format!("{tag}_p99_us"))),
-        ));
-    }
-    t.push_str("\ntargets:\n");
-    for c in &checks {
-        t.push_str(&format!(
-            "  {:<48} {:>10.3}  target {:<20} {}\n",
-            c["check"].as_str().unwrap_or_default(),
-            c["value"].as_f64().unwrap_or(f64::NAN),
-            c["target"].as_str().unwrap_or_default(),
-            c["verdict"].as_str().unwrap_or_default()
-        ));
-    }
-    t.push_str(&format!("\nload before: {before}\nload after:  {after}\n"));
-    let json = json!({
-        "date": now_utc(),
-        "machine": machine(),
-        "load_before": before,
-        "load_after": after,
-        "runs": o.runs,
-        "secs": o.secs,
-        "fixed_rate_per_s": o.rate,
-        "scenarios": o.scenarios,
-        "metrics": jm,
-        "targets": checks,
-    });
-    Report { table: t, json }
-}
-
-fn ratio_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-        _ => None,
-    }
 }

@@ -1,0 +1,186 @@
+//! The `bench` report: a Markdown table of the medians per path with their ratios, the added
+//! latency over `direct`, the performance targets, and the JSON document of every sample.
+
+use serde_json::{json, Value};
+
+use super::{machine, now_utc, probe, Mode, Opts, Samples};
+
+pub(super) struct Report {
+    pub table: String,
+    pub json: Value,
+}
+
+pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
+    let mut metrics: Vec<&String> = s.keys().map(|(_, m)| m).collect();
+    metrics.sort();
+    metrics.dedup();
+    let med = |mode: Mode, m: &str| s.get(&(mode, m.to_string())).map(|v| probe::median(v));
+    let cell = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    // The istio path has columns only when it was measured (`ISTIO_ZTUNNEL_BIN`).
+    let istio = s.keys().any(|(mode, _)| *mode == Mode::Istio);
+    let modes: &[Mode] = if istio {
+        &[Mode::Direct, Mode::Ambient, Mode::Envoy, Mode::Istio]
+    } else {
+        &[Mode::Direct, Mode::Ambient, Mode::Envoy]
+    };
+    let mut head = format!("| metric (median of {} runs) |", o.runs);
+    for mode in modes {
+        head.push_str(&format!(" {} |", mode.name()));
+    }
+    for mode in &modes[1..] {
+        head.push_str(&format!(" {}/direct |", mode.name()));
+    }
+    if istio {
+        head.push_str(" ambient/istio |");
+    }
+    let cols = head.matches('|').count() - 1;
+    let mut t = format!("\n{head}\n|{}\n", "---|".repeat(cols));
+    let mut jm = serde_json::Map::new();
+    for m in &metrics {
+        let d = med(Mode::Direct, m);
+        let mut row = format!("| {m} |");
+        for &mode in modes {
+            row.push_str(&format!(" {} |", cell(med(mode, m))));
+        }
+        for &mode in &modes[1..] {
+            row.push_str(&format!(" {} |", ratio(med(mode, m), d)));
+        }
+        if istio {
+            row.push_str(&format!(
+                " {} |",
+                ratio(med(Mode::Ambient, m), med(Mode::Istio, m))
+            ));
+        }
+        t.push_str(&row);
+        t.push('\n');
+        let samples = |mode: Mode| s.get(&(mode, m.to_string())).cloned().unwrap_or_default();
+        let mut entry = serde_json::Map::new();
+        let mut all = serde_json::Map::new();
+        for &mode in modes {
+            entry.insert(mode.name().into(), json!(med(mode, m)));
+            all.insert(mode.name().into(), json!(samples(mode)));
+        }
+        entry.insert("samples".into(), Value::Object(all));
+        jm.insert(m.to_string(), Value::Object(entry));
+    }
+    // Added latency and the performance targets.
+    let added = |mode: Mode, m: &str| match (med(mode, m), med(Mode::Direct, m)) {
+        (Some(x), Some(d)) => Some(x - d),
+        _ => None,
+    };
+    let mut checks = Vec::new();
+    let mut check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, target: &str| {
+        if let Some(v) = value {
+            let verdict = if ok(v) { "met" } else { "MISSED" };
+            checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
+        }
+    };
+    for &mode in &modes[1..] {
+        let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
+        if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
+            check(
+                &format!(
+                    "{} held connections failed or lost, all rounds",
+                    mode.name()
+                ),
+                Some(f + l),
+                &|v| v == 0.0,
+                "0",
+            );
+        }
+    }
+    let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
+    check(
+        "ambient single-stream throughput / direct",
+        tput(Mode::Ambient),
+        &|v| v >= 0.34,
+        ">= 0.34",
+    );
+    check(
+        "ambient single-stream throughput / envoy",
+        ratio_f(
+            med(Mode::Ambient, "tput_1_gbps"),
+            med(Mode::Envoy, "tput_1_gbps"),
+        ),
+        &|v| v > 1.0,
+        "> 1",
+    );
+    let a64 = added(Mode::Ambient, "rr64_p50_us");
+    let e64 = added(Mode::Envoy, "rr64_p50_us");
+    check(
+        "ambient added p50, 64 B back-to-back (us)",
+        a64,
+        &|v| v <= 26.0,
+        "<= 26",
+    );
+    if let (Some(a), Some(e)) = (a64, e64) {
+        check(
+            "ambient added p50 - envoy added p50 (us)",
+            Some(a - e),
+            &|v| v < 0.0,
+            "< 0",
+        );
+    }
+    check(
+        "ambient idle RSS per daemon (MiB)",
+        med(Mode::Ambient, "mem_idle_rss_mb"),
+        &|v| v <= 9.0 * 1000.0 * 1000.0 / 1024.0 / 1024.0,
+        "<= 9 MB (8.58 MiB)",
+    );
+    t.push_str("\nadded p50/p99 latency over direct (us):\n");
+    for tag in [
+        "rr64",
+        "rr64_fixed",
+        "rr1024",
+        "rr1024_fixed",
+        "loaded_rr64",
+    ] {
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        t.push_str(&format!("  {tag:<13}"));
+        for &mode in &modes[1..] {
+            t.push_str(&format!(
+                " {} p50 +{} p99 +{}  ",
+                mode.name(),
+                f(added(mode, &format!("{tag}_p50_us"))),
+                f(added(mode, &format!("{tag}_p99_us"))),
+            ));
+        }
+        t.truncate(t.trim_end().len());
+        t.push('\n');
+    }
+    t.push_str("\ntargets:\n");
+    for c in &checks {
+        t.push_str(&format!(
+            "  {:<48} {:>10.3}  target {:<20} {}\n",
+            c["check"].as_str().unwrap_or_default(),
+            c["value"].as_f64().unwrap_or(f64::NAN),
+            c["target"].as_str().unwrap_or_default(),
+            c["verdict"].as_str().unwrap_or_default()
+        ));
+    }
+    t.push_str(&format!("\nload before: {before}\nload after:  {after}\n"));
+    let json = json!({
+        "date": now_utc(),
+        "machine": machine(),
+        "load_before": before,
+        "load_after": after,
+        "runs": o.runs,
+        "secs": o.secs,
+        "fixed_rate_per_s": o.rate,
+        "scenarios": o.scenarios,
+        "metrics": jm,
+        "targets": checks,
+    });
+    Report { table: t, json }
+}
+
+fn ratio_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    }
+}
