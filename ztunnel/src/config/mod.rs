@@ -296,9 +296,9 @@ pub struct RunArgs {
     pub hbone_connection_window: Size,
     /// Bytes one HBONE stream may queue in the sending daemon beyond what its socket took: more
     /// lets a flow's sender run further ahead of a slow connection, at that much memory per
-    /// busy flow; what a flow sends beyond it waits in the pod's own socket. `0`: the stream
-    /// window. Bytes, or with KiB/MiB, from 16 KiB.
-    #[arg(long, env = "ZTUNNEL_HBONE_SEND_BUFFER", default_value_t = Size(0))]
+    /// busy flow; what a flow sends beyond it waits in the pod's own socket, as it would
+    /// without a mesh. `0`: the stream window. Bytes, or with KiB/MiB, from 16 KiB.
+    #[arg(long, env = "ZTUNNEL_HBONE_SEND_BUFFER", default_value_t = Size::kib(256))]
     pub hbone_send_buffer: Size,
     /// Unsent bytes an HBONE socket may hold in the kernel (`TCP_NOTSENT_LOWAT`); beyond it
     /// data waits in HTTP/2, where the flows sharing the connection take turns, instead of in

@@ -213,8 +213,14 @@ impl KubeSource {
         let mut changed = false;
         match update {
             Update::Relist => {
+                // A list that broke off and starts again: what the first attempt had not
+                // seen yet is still unconfirmed.
+                let mut unseen = std::mem::take(&mut ks.keys);
+                if let Some(broken) = ks.relist.take() {
+                    unseen.extend(broken.unseen);
+                }
                 ks.relist = Some(Relist {
-                    unseen: std::mem::take(&mut ks.keys),
+                    unseen,
                     held: Vec::new(),
                 })
             }
@@ -732,6 +738,28 @@ mod tests {
             },
         );
         assert!(src.model.snapshot(5).workloads.is_empty());
+
+        // A re-list that breaks off and starts again: p4 and p5 are in force; the first
+        // attempt brings p4 only, the second p6 only. At its end p4 and p5 are both gone,
+        // although the second attempt began after p5 had already gone unconfirmed.
+        src.apply(pods, Update::Relist);
+        src.apply(pods, pod("p4", "10.0.0.4"));
+        src.apply(pods, pod("p5", "10.0.0.5"));
+        assert!(src.apply(pods, Update::Listed));
+        src.apply(pods, Update::Relist);
+        src.apply(pods, pod("p4", "10.0.0.4"));
+        src.apply(pods, Update::Error("connection reset".into()));
+        src.apply(pods, Update::Relist);
+        src.apply(pods, pod("p6", "10.0.0.6"));
+        assert_eq!(
+            src.model.snapshot(6).workloads.len(),
+            2,
+            "p4, p5 until listed"
+        );
+        assert!(src.apply(pods, Update::Listed));
+        let s = src.model.snapshot(7);
+        assert_eq!(s.workloads.len(), 1);
+        assert!(s.workload("10.0.0.6".parse().expect("ip")).is_some());
     }
 
     #[test]
