@@ -542,17 +542,7 @@ fn measure(
         // sockets behind in whichever namespace connects to the server (the client pod, the
         // server node for ambient, the server's sidecar), so that every later connect()
         // searches the local ports for a free one: milliseconds per connection.
-        let args: Vec<String> = [
-            "crr",
-            "--to",
-            &echo,
-            "--rate",
-            "200",
-            "--secs",
-            &o.secs.to_string(),
-        ]
-        .map(String::from)
-        .into();
+        let args = probe::crr_args(&echo, o.secs, Some(200.0));
         let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
         for p in ["p50", "p99"] {
             push(
@@ -563,9 +553,7 @@ fn measure(
             );
         }
         let failed = num(&v, "failed")?;
-        let args: Vec<String> = ["crr", "--to", &echo, "--secs", &o.secs.to_string()]
-            .map(String::from)
-            .into();
+        let args = probe::crr_args(&echo, o.secs, None);
         let v = probe::meshload_result(probe::meshload_spawn(client, &args)?)?;
         push(s, mode, "conn_per_s", num(&v, "cps")?);
         push(s, mode, "conn_failed", failed + num(&v, "failed")?);

@@ -256,6 +256,22 @@ pub fn meshload_result(child: Child) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("meshload JSON")
 }
 
+/// `meshload crr` arguments: connections back to back, or with `rate` on a fixed schedule,
+/// each timed.
+pub fn crr_args(to: &str, secs: f64, rate: Option<f64>) -> Vec<String> {
+    let mut a = vec![
+        "crr".to_string(),
+        "--to".into(),
+        to.into(),
+        "--secs".into(),
+        secs.to_string(),
+    ];
+    if let Some(r) = rate {
+        a.extend(["--rate".to_string(), r.to_string()]);
+    }
+    a
+}
+
 /// `meshload rr` arguments.
 pub fn rr_args(to: &str, size: usize, secs: f64, rate: Option<f64>) -> Vec<String> {
     let mut a = vec![

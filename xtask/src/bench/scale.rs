@@ -402,16 +402,7 @@ const FLOW_PORT: u16 = 8080;
 /// the churn runs.
 fn flow_probe(cluster: &Cluster, secs: f64) -> Result<std::process::Child> {
     let to = format!("{}:{FLOW_PORT}", cluster.pod("flow/server").ip);
-    let args = [
-        "crr",
-        "--to",
-        &to,
-        "--rate",
-        &FLOW_RATE.to_string(),
-        "--secs",
-        &secs.to_string(),
-    ]
-    .map(String::from);
+    let args = probe::crr_args(&to, secs, Some(FLOW_RATE));
     probe::meshload_spawn(cluster.pod("flow/client"), &args)
 }
 

@@ -132,7 +132,8 @@ enum Update {
 /// Per kind: what is known and whether it is current.
 #[derive(Debug, Default)]
 struct KindState {
-    /// `(namespace, name)` of every object of the kind in the model.
+    /// `(namespace, name)` of every object of the kind in the model, and of those a re-list
+    /// in progress holds.
     keys: HashSet<Key>,
     /// A list in progress.
     relist: Option<Relist>,
