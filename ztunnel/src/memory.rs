@@ -139,38 +139,49 @@ pub fn heap() -> Heap {
     }
 }
 
-/// Gives the heap a state change left free back to the kernel, at most once per
-/// [`TRIM_INTERVAL`]; returns whether it trimmed.
+/// Gives the heap that state changes left free back to the kernel: a trim [`TRIM_INTERVAL`]
+/// after a change, repeated while changes go on, so at most one trim per interval and none
+/// owed once they stop. Returns the trims this call made: 0 when a trim another call has
+/// scheduled covers this change. Sleeps on the calling thread (a blocking one).
 ///
 /// A change frees the previous snapshot's indexes and the parsed objects, in whichever
 /// glibc arenas the threads that built them used (the file source parses on blocking threads,
 /// which come and go): left alone, a stream of changes grew the daemon's resident size by tens
-/// of MiB over a few hundred updates although the state did not grow. Called off the data
-/// path (on the source's blocking thread, or one of its own), after the new state is in force.
-pub fn trim_after_state_change() -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static LAST_MS: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let last = LAST_MS.load(Ordering::Relaxed);
-    let interval = u64::try_from(TRIM_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-    if now.saturating_sub(last) < interval
-        || LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
-        return false;
+/// of MiB over a few hundred updates although the state did not grow. The trim trails the
+/// change rather than skipping it when one ran less than an interval ago: skipped, the last
+/// second of a burst stayed resident until a change that might never come. Called off the
+/// data path (on a blocking thread of the source), after the new state is in force.
+pub fn trim_after_state_change() -> usize {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    static CHANGES: AtomicU64 = AtomicU64::new(0);
+    static SCHEDULED: AtomicBool = AtomicBool::new(false);
+    CHANGES.fetch_add(1, SeqCst);
+    if SCHEDULED.swap(true, SeqCst) {
+        return 0;
     }
-    // SAFETY: as in `release_startup_memory`: malloc_trim walks the allocator's own lists.
-    unsafe {
-        libc::malloc_trim(0);
+    let mut trims = 0;
+    loop {
+        std::thread::sleep(TRIM_INTERVAL);
+        let seen = CHANGES.load(SeqCst);
+        // SAFETY: as in `release_startup_memory`: malloc_trim walks the allocator's own lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        trims += 1;
+        if CHANGES.load(SeqCst) != seen {
+            continue;
+        }
+        SCHEDULED.store(false, SeqCst);
+        // A change counted between the check and the store saw a trim scheduled and left it
+        // to this one: trim again unless a newer call has taken over.
+        if CHANGES.load(SeqCst) == seen || SCHEDULED.swap(true, SeqCst) {
+            return trims;
+        }
     }
-    true
 }
 
-/// How often a stream of state changes may trim the heap ([`trim_after_state_change`]).
+/// How long a trim trails the state change that asked for it, and so the most often state
+/// changes trim the heap ([`trim_after_state_change`]).
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Resident bytes of this process (`/proc/self/statm`); 0 when unreadable.
@@ -227,6 +238,19 @@ fn page_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Changes close together share one trim; one that arrives while a trim is pending is
+    /// left to it, and the next burst gets its own.
+    #[test]
+    fn a_trim_trails_each_burst_of_state_changes() {
+        let first = std::thread::spawn(trim_after_state_change);
+        std::thread::sleep(TRIM_INTERVAL / 4);
+        let asked = std::time::Instant::now();
+        assert_eq!(trim_after_state_change(), 0, "covered by the pending trim");
+        assert!(asked.elapsed() < TRIM_INTERVAL / 4, "did not wait for it");
+        assert_eq!(first.join().expect("the trimming thread"), 1);
+        assert_eq!(trim_after_state_change(), 1, "a later change trims again");
+    }
 
     #[test]
     fn only_whole_pages_are_released() {

@@ -9,8 +9,9 @@
 //! (RSS and anonymous, and the allocator's heap in use and free), the time from a change (a
 //! pod relabelled, a namespace label flipped, a policy edited) to the daemon logging it
 //! applied, split into the daemon's own work (`took_us` of its `state applied` line) and the
-//! whole path, memory after the changes, the daemon's CPU while pods are updated at 50 per
-//! second, and the set-up latency of new flows through the daemon, quiet and during that churn.
+//! whole path, memory 2 s after the changes, the daemon's CPU while pods are updated at 50 per
+//! second, memory 2 s after that churn, and the set-up latency of new flows through the
+//! daemon, quiet and during the churn.
 //! Results: a table on stdout and JSON in target/bench/.
 //!
 //! Capture is on. The 100 pods of the state on this node are addresses only, routed in the
@@ -540,6 +541,9 @@ fn measure(o: &Opts, source: &str) -> Result<Value> {
     let churn_secs = start.elapsed().as_secs_f64();
     let cpu = probe::cpu_secs(pid)? - cpu0;
     let flow_churn = flow_result(flows)?;
+    // As after the changes: memory once the daemon has settled (its heap trim trails the last
+    // change by a second), not in the middle of the last update.
+    std::thread::sleep(Duration::from_secs(2));
     let mem_churn = probe::mem(pid)?;
     let mem_churn_heap = probe::heap(&cluster, 1);
     drop(cluster);

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -109,9 +109,39 @@ pub enum FileError {
 #[derive(Debug)]
 pub struct FileSource {
     interval: Duration,
-    /// The poller's state; locked only by the one poll in progress (on a blocking thread).
+    /// The poller's state; locked only by the one poll in progress (on the poll thread).
     poller: Arc<Mutex<Poller>>,
+    /// Where polls are sent to run ([`spawn_poll_thread`]); started by the first poll, and
+    /// again if it ever stops.
+    polls: Mutex<Option<mpsc::Sender<PollRequest>>>,
     health: Arc<SourceHealth>,
+}
+
+/// A poll to run on the poll thread, and how to tell its caller it is done.
+type PollRequest = Box<dyn FnOnce(Result<(), SourceError>) + Send>;
+
+/// Starts the thread every poll of a source runs on, for the source's life (it ends when the
+/// source is dropped). One thread rather than the blocking pool's, which come and go and take
+/// turns: glibc gives each thread its own arena, and with the model's objects spread over
+/// several arenas, each kept pages part live and part free. A stream of 500 file updates grew
+/// the daemon's resident memory by 8 MiB while the heap in use stayed flat.
+fn spawn_poll_thread(poller: Arc<Mutex<Poller>>) -> std::io::Result<mpsc::Sender<PollRequest>> {
+    let (tx, rx) = mpsc::channel::<PollRequest>();
+    std::thread::Builder::new()
+        .name("state-files".into())
+        .spawn(move || {
+            for done in rx {
+                let mut p = poller.lock().unwrap_or_else(|p| p.into_inner());
+                let polled = p.poll().map(|state| {
+                    if state.is_some() {
+                        p.pending = state;
+                    }
+                });
+                drop(p);
+                done(polled);
+            }
+        })?;
+    Ok(tx)
 }
 
 #[derive(Debug)]
@@ -148,6 +178,7 @@ impl FileSource {
                 written: None,
                 pending: None,
             })),
+            polls: Mutex::new(None),
             health,
         }
     }
@@ -161,30 +192,41 @@ impl FileSource {
         self.poller.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads the source once, on the calling thread. Returns a new state when anything
-    /// accepted changed.
+    /// Reads the source once (on the poll thread, waiting for it). Returns a new state when
+    /// anything accepted changed.
     pub fn poll(&mut self) -> Result<Option<State>, SourceError> {
-        self.poller().poll()
+        let (tx, rx) = mpsc::channel();
+        self.start_poll(Box::new(move |polled| {
+            let _ = tx.send(polled);
+        }))?;
+        rx.recv().unwrap_or_else(|_| Err(poll_lost()))?;
+        Ok(self.poller().pending.take())
     }
 
-    /// [`FileSource::poll`] on a blocking thread. A new state is kept in the poller until
-    /// handed out, so a caller dropped mid-poll (start-up racing signals) loses nothing.
+    /// [`FileSource::poll`] without blocking the runtime. A new state is kept in the poller
+    /// until handed out, so a caller dropped mid-poll (start-up racing signals) loses nothing.
     async fn poll_off_thread(&self) -> Result<Option<State>, SourceError> {
-        let poller = self.poller.clone();
-        let polled = tokio::task::spawn_blocking(move || {
-            let mut p = poller.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(state) = p.poll()? {
-                p.pending = Some(state);
-            }
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(SourceError::Poll {
-                error: e.to_string(),
-            })
-        });
-        polled.map(|()| self.poller().pending.take())
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.start_poll(Box::new(move |polled| {
+            let _ = tx.send(polled);
+        }))?;
+        rx.await.unwrap_or_else(|_| Err(poll_lost()))?;
+        Ok(self.poller().pending.take())
+    }
+
+    /// Hands a poll to the poll thread, starting it first if needed.
+    fn start_poll(&self, request: PollRequest) -> Result<(), SourceError> {
+        let mut polls = self.polls.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = match polls.take() {
+            Some(tx) => tx,
+            None => spawn_poll_thread(self.poller.clone()).map_err(|e| SourceError::Poll {
+                error: format!("cannot start the thread that reads the state files: {e}"),
+            })?,
+        };
+        // A thread that stopped (its poll panicked) is replaced at the next poll.
+        tx.send(request).map_err(|_| poll_lost())?;
+        *polls = Some(tx);
+        Ok(())
     }
 
     /// Whether every file present has parsed at least once: until then the state is
@@ -526,6 +568,13 @@ impl FileSource {
                 }
             }
         }
+    }
+}
+
+/// A poll that ended without answering: its thread stopped.
+fn poll_lost() -> SourceError {
+    SourceError::Poll {
+        error: "the thread reading the state files stopped".into(),
     }
 }
 

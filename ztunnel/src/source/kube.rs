@@ -129,12 +129,10 @@ enum Update {
     Error(String),
 }
 
-/// Per kind: what is known and whether it is current.
+/// Per kind: whether it is current. Which objects of the kind exist is the model's to say
+/// ([`Model::keys`]), asked when a list begins.
 #[derive(Debug, Default)]
 struct KindState {
-    /// `(namespace, name)` of every object of the kind in the model, and of those a re-list
-    /// in progress holds.
-    keys: HashSet<Key>,
     /// A list in progress.
     relist: Option<Relist>,
     /// Listed at least once.
@@ -144,9 +142,11 @@ struct KindState {
 /// A list of one kind in progress.
 #[derive(Debug, Default)]
 struct Relist {
-    /// Objects known before the list began that it has not brought (yet): at its end, they
-    /// are gone.
+    /// Objects in the model when the list began that it has not brought (yet): at its end,
+    /// they are gone.
     unseen: HashSet<Key>,
+    /// Objects the list brought, for the log.
+    listed: usize,
     /// Objects of a re-list, held until it is complete so that the state in force is never a
     /// mix of the old and the new view. The first list of a kind has no view to protect (the
     /// daemon is not ready until every kind is listed), so its objects are applied as they
@@ -214,37 +214,38 @@ impl KubeSource {
         let mut changed = false;
         match update {
             Update::Relist => {
-                // A list that broke off and starts again: what the first attempt had not
-                // seen yet is still unconfirmed.
-                let mut unseen = std::mem::take(&mut ks.keys);
-                if let Some(broken) = ks.relist.take() {
-                    unseen.extend(broken.unseen);
-                }
+                // Everything the model holds of the kind is unconfirmed until listed again,
+                // including what a list that broke off had already applied or confirmed.
                 ks.relist = Some(Relist {
-                    unseen,
-                    held: Vec::new(),
+                    unseen: self.model.keys(kind.kind),
+                    ..Relist::default()
                 })
             }
-            Update::Apply { key, object } => {
-                if let Some(list) = &mut ks.relist {
+            Update::Apply { key, object } => match &mut ks.relist {
+                Some(list) => {
                     list.unseen.remove(&key);
+                    list.listed += 1;
+                    if ks.synced {
+                        list.held.push((key, *object));
+                    } else {
+                        changed = apply_object(&mut self.model, kind, &key, *object);
+                    }
                 }
-                match &mut ks.relist {
-                    Some(list) if ks.synced => list.held.push((key.clone(), *object)),
-                    _ => changed = apply_object(&mut self.model, kind, &key, *object),
-                }
-                ks.keys.insert(key);
-            }
+                None => changed = apply_object(&mut self.model, kind, &key, *object),
+            },
             Update::Delete { key } => {
                 self.model.delete(kind.kind, &key.0, &key.1);
                 if let Some(list) = &mut ks.relist {
                     list.unseen.remove(&key);
                 }
-                ks.keys.remove(&key);
                 changed = true;
             }
             Update::Listed => {
-                let Relist { unseen, held } = ks.relist.take().unwrap_or_default();
+                let Relist {
+                    unseen,
+                    listed,
+                    held,
+                } = ks.relist.take().unwrap_or_default();
                 for gone in unseen {
                     self.model.delete(kind.kind, &gone.0, &gone.1);
                     changed = true;
@@ -253,7 +254,7 @@ impl KubeSource {
                     changed |= apply_object(&mut self.model, kind, &key, object);
                 }
                 if !ks.synced {
-                    tracing::info!(kind = kind.kind, objects = ks.keys.len(), "kube: listed");
+                    tracing::info!(kind = kind.kind, objects = listed, "kube: listed");
                 }
                 ks.synced = true;
                 self.health.set_ok(kind.kind);

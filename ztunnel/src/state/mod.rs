@@ -76,8 +76,9 @@ pub struct Workload {
     /// Whether the pod's DNS goes to the DNS proxy when enrolled (annotation
     /// [`DNS_CAPTURE_ANNOTATION`] not `"false"`).
     pub dns_capture: bool,
-    /// `spec.dnsPolicy` (`None` here means the Kubernetes default, `ClusterFirst`).
-    pub dns_policy: Option<String>,
+    /// `spec.dnsPolicy` (`None` here means the Kubernetes default, `ClusterFirst`). Interned:
+    /// the API server writes `ClusterFirst` into every pod that does not set it.
+    pub dns_policy: Option<SharedStr>,
     /// `spec.dnsConfig.searches`.
     pub dns_searches: Vec<String>,
 }
@@ -496,6 +497,33 @@ metadata: {name: plain}
 ---
 {apiVersion: v1, kind: Service, metadata: {name: s, namespace: mesh}, spec: {clusterIP: 10.96.0.1, selector: {app: s}, ports: [{port: 80, targetPort: web}]}}
 "#;
+
+    #[test]
+    fn the_model_names_what_it_holds_of_each_kind_and_deleting_those_empties_it() {
+        // A list source deletes what the model names and the new list did not bring; every
+        // kind the sources deliver must be named under the key the source deletes by.
+        let policy = "\n---\n{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny, namespace: mesh}, spec: {action: DENY, rules: [{}]}}";
+        let objs = crate::k8s::parse_file(Path::new("t.yaml"), &format!("{BASE}{policy}"))
+            .expect("parses");
+        let mut m = model::Model::new("cluster.local");
+        for o in objs {
+            m.apply(o);
+        }
+        let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+        assert_eq!(
+            m.keys("Namespace"),
+            [key("", "mesh"), key("", "plain")].into()
+        );
+        assert_eq!(m.keys("Pod").len(), 4, "the pending pod too");
+        assert_eq!(m.keys("Service"), [key("mesh", "s")].into());
+        assert_eq!(m.keys("AuthorizationPolicy"), [key("mesh", "deny")].into());
+        for kind in ["Namespace", "Pod", "Service", "AuthorizationPolicy"] {
+            for (ns, name) in m.keys(kind) {
+                m.delete(kind, &ns, &name);
+            }
+        }
+        assert!(m.is_empty());
+    }
 
     #[test]
     fn enrollment_follows_labels() {
