@@ -142,16 +142,16 @@ pub fn heap() -> Heap {
 /// Gives the heap that state changes left free back to the kernel: a trim [`TRIM_INTERVAL`]
 /// after a change, repeated while changes go on, so at most one trim per interval and none
 /// owed once they stop. Returns the trims this call made: 0 when a trim another call has
-/// scheduled covers this change. Sleeps on the calling thread (a blocking one).
+/// scheduled covers this change. Spawned as a task: it waits on the runtime's timer (a
+/// runtime shutting down drops it rather than waiting) and trims on a blocking thread.
 ///
 /// A change frees the previous snapshot's indexes and the parsed objects, in whichever
-/// glibc arenas the threads that built them used (the file source parses on blocking threads,
-/// which come and go): left alone, a stream of changes grew the daemon's resident size by tens
-/// of MiB over a few hundred updates although the state did not grow. The trim trails the
-/// change rather than skipping it when one ran less than an interval ago: skipped, the last
-/// second of a burst stayed resident until a change that might never come. Called off the
-/// data path (on a blocking thread of the source), after the new state is in force.
-pub fn trim_after_state_change() -> usize {
+/// glibc arenas the threads that built them used: left alone, a stream of changes grew the
+/// daemon's resident size by tens of MiB over a few hundred updates although the state did
+/// not grow. The trim trails the change rather than skipping it when one ran less than an
+/// interval ago: skipped, the last second of a burst stayed resident until a change that
+/// might never come.
+pub async fn trim_after_state_change() -> usize {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
     static CHANGES: AtomicU64 = AtomicU64::new(0);
     static SCHEDULED: AtomicBool = AtomicBool::new(false);
@@ -161,13 +161,11 @@ pub fn trim_after_state_change() -> usize {
     }
     let mut trims = 0;
     loop {
-        std::thread::sleep(TRIM_INTERVAL);
+        tokio::time::sleep(TRIM_INTERVAL).await;
         let seen = CHANGES.load(SeqCst);
         // SAFETY: as in `release_startup_memory`: malloc_trim walks the allocator's own lists.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        trims += 1;
+        let trimmed = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        trims += usize::from(trimmed.is_ok());
         if CHANGES.load(SeqCst) != seen {
             continue;
         }
@@ -241,15 +239,23 @@ mod tests {
 
     /// Changes close together share one trim; one that arrives while a trim is pending is
     /// left to it, and the next burst gets its own.
-    #[test]
-    fn a_trim_trails_each_burst_of_state_changes() {
-        let first = std::thread::spawn(trim_after_state_change);
-        std::thread::sleep(TRIM_INTERVAL / 4);
+    #[tokio::test]
+    async fn a_trim_trails_each_burst_of_state_changes() {
+        let first = tokio::spawn(trim_after_state_change());
+        tokio::time::sleep(TRIM_INTERVAL / 4).await;
         let asked = std::time::Instant::now();
-        assert_eq!(trim_after_state_change(), 0, "covered by the pending trim");
+        assert_eq!(
+            trim_after_state_change().await,
+            0,
+            "covered by the pending trim"
+        );
         assert!(asked.elapsed() < TRIM_INTERVAL / 4, "did not wait for it");
-        assert_eq!(first.join().expect("the trimming thread"), 1);
-        assert_eq!(trim_after_state_change(), 1, "a later change trims again");
+        assert_eq!(first.await.expect("the trimming task"), 1);
+        assert_eq!(
+            trim_after_state_change().await,
+            1,
+            "a later change trims again"
+        );
     }
 
     #[test]

@@ -558,7 +558,7 @@ impl FileSource {
                     let since_write = written.and_then(|w| w.elapsed().ok());
                     log_applied(&state, Some(started.elapsed()), since_write);
                     tx.send_replace(Arc::new(state));
-                    tokio::task::spawn_blocking(crate::memory::trim_after_state_change);
+                    tokio::spawn(crate::memory::trim_after_state_change());
                 }
                 Ok(None) => self.health.set_ok("files"),
                 Err(e) => {

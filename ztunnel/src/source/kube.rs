@@ -324,7 +324,7 @@ impl KubeSource {
         let state = self.model.snapshot(self.generation);
         log_applied(&state, arrived.map(|t| t.elapsed()), None);
         tx.send_replace(Arc::new(state));
-        tokio::task::spawn_blocking(crate::memory::trim_after_state_change);
+        tokio::spawn(crate::memory::trim_after_state_change());
     }
 }
 
