@@ -223,7 +223,7 @@ impl FileSource {
                 error: format!("cannot start the thread that reads the state files: {e}"),
             })?,
         };
-        // A thread that stopped (its poll panicked) is replaced at the next poll.
+        // A thread that stopped (a poll panicked) fails this poll and is replaced at the next.
         tx.send(request).map_err(|_| poll_lost())?;
         *polls = Some(tx);
         Ok(())
