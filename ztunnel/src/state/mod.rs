@@ -51,7 +51,7 @@ pub struct Workload {
     pub ip: IpAddr,
     /// Every pod IP, the primary first: a dual-stack pod has one IPv4 and one IPv6 address,
     /// and a flow to or from either is the pod's.
-    pub ips: Vec<IpAddr>,
+    pub ips: Box<[IpAddr]>,
     /// Pod labels.
     pub labels: Labels,
     /// In the mesh: namespace labelled ambient, pod not opted out, not host-network, not a
@@ -80,7 +80,7 @@ pub struct Workload {
     /// the API server writes `ClusterFirst` into every pod that does not set it.
     pub dns_policy: Option<SharedStr>,
     /// `spec.dnsConfig.searches`.
-    pub dns_searches: Vec<String>,
+    pub dns_searches: Box<[String]>,
 }
 
 /// A pod's named container ports, as a small slice (a map's smallest node is ~300 bytes).
@@ -704,7 +704,7 @@ metadata: {name: plain}
         let a = s.workload(ip("fd00::1")).expect("a by its IPv6 address");
         assert_eq!(a.name, "a");
         assert_eq!(a.ip, ip("10.0.0.1"), "podIP stays the primary address");
-        assert_eq!(a.ips, [ip("10.0.0.1"), ip("fd00::1")]);
+        assert_eq!(*a.ips, [ip("10.0.0.1"), ip("fd00::1")]);
         assert!(Arc::ptr_eq(a, s.workload(ip("10.0.0.1")).expect("a")));
         assert_eq!(a.ip_like(ip("fd00::9")), Some(ip("fd00::1")));
         assert_eq!(

@@ -358,11 +358,11 @@ impl Model {
             .pods
             .get(&k)
             .and_then(|e| e.workload.as_ref())
-            .map(|w| w.ips.clone())
+            .map(|w| w.ips.to_vec())
             .unwrap_or_default();
         for old_ip in old
             .and_then(|e| e.workload)
-            .map(|w| w.ips.clone())
+            .map(|w| w.ips.to_vec())
             .unwrap_or_default()
         {
             if !new_ips.contains(&old_ip) && self.owns(old_ip, &k) {
@@ -559,7 +559,7 @@ impl Model {
             name: meta.name.clone(),
             node: i.intern(p.spec.node_name.as_deref().unwrap_or_default()),
             ip,
-            ips,
+            ips: ips.into(),
             labels: i.labels(&meta.labels),
             enrolled: false,
             waypoint: None,
@@ -575,7 +575,7 @@ impl Model {
                 .spec
                 .dns_config
                 .as_ref()
-                .map(|c| c.searches.clone())
+                .map(|c| c.searches.as_slice().into())
                 .unwrap_or_default(),
             identity: self.identity(&namespace, &service_account),
             namespace,

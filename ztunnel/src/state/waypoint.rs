@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::Workload;
 use crate::k8s::gateway::WaypointFor;
+use crate::k8s::SharedStr;
 
 /// Label on a Namespace, Service or Pod naming the waypoint its traffic goes through (`none`:
 /// none, even when the namespace has one).
@@ -43,10 +44,10 @@ pub const DEFAULT_WAYPOINT_PORT: u16 = 15008;
 /// A waypoint named by an attachment label: `namespace/name` of its Gateway.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct WaypointRef {
-    /// The Gateway's namespace.
-    pub namespace: String,
+    /// The Gateway's namespace (shared: every pod of a namespace with a waypoint holds one).
+    pub namespace: SharedStr,
     /// The Gateway's name.
-    pub name: String,
+    pub name: SharedStr,
 }
 
 impl WaypointRef {
@@ -87,8 +88,8 @@ impl UseWaypoint {
                     .map(|v| v.trim())
                     .filter(|v| !v.is_empty())
                     .unwrap_or(ns)
-                    .to_string(),
-                name: name.to_string(),
+                    .into(),
+                name: name.into(),
             }),
         }
     }
