@@ -259,30 +259,25 @@ pub fn meshload_result(child: Child) -> Result<Value> {
 /// `meshload crr` arguments: connections back to back, or with `rate` on a fixed schedule,
 /// each timed.
 pub fn crr_args(to: &str, secs: f64, rate: Option<f64>) -> Vec<String> {
-    let mut a = vec![
-        "crr".to_string(),
-        "--to".into(),
-        to.into(),
-        "--secs".into(),
-        secs.to_string(),
-    ];
-    if let Some(r) = rate {
-        a.extend(["--rate".to_string(), r.to_string()]);
-    }
-    a
+    meshload_args("crr", to, &[], secs, rate)
 }
 
 /// `meshload rr` arguments.
 pub fn rr_args(to: &str, size: usize, secs: f64, rate: Option<f64>) -> Vec<String> {
-    let mut a = vec![
-        "rr".to_string(),
-        "--to".into(),
-        to.into(),
-        "--size".into(),
-        size.to_string(),
-        "--secs".into(),
-        secs.to_string(),
-    ];
+    meshload_args("rr", to, &["--size".into(), size.to_string()], secs, rate)
+}
+
+/// `meshload <kind> --to <to> <extra...> --secs <secs> [--rate <rate>]`.
+fn meshload_args(
+    kind: &str,
+    to: &str,
+    extra: &[String],
+    secs: f64,
+    rate: Option<f64>,
+) -> Vec<String> {
+    let mut a = vec![kind.to_string(), "--to".into(), to.into()];
+    a.extend_from_slice(extra);
+    a.extend(["--secs".into(), secs.to_string()]);
     if let Some(r) = rate {
         a.extend(["--rate".to_string(), r.to_string()]);
     }

@@ -10,6 +10,52 @@ pub(super) struct Report {
     pub json: Value,
 }
 
+/// A run's performance targets, each a measured value against its target with a verdict:
+/// printed under the run's table and kept in its JSON (`cargo xtask bench` and `bench
+/// waypoint`).
+#[derive(Default)]
+pub(super) struct Targets(Vec<Value>);
+
+impl Targets {
+    /// Records `value` against `target` (met when `ok`); nothing when it was not measured.
+    pub fn check(
+        &mut self,
+        name: &str,
+        value: Option<f64>,
+        ok: impl Fn(f64) -> bool,
+        target: &str,
+    ) {
+        if let Some(v) = value {
+            let verdict = if ok(v) { "met" } else { "MISSED" };
+            self.0
+                .push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
+        }
+    }
+
+    /// The `targets:` list, its columns as wide as their longest entry.
+    pub fn text(&self) -> String {
+        let text = |c: &Value, k: &str| c[k].as_str().unwrap_or_default().to_string();
+        let width = |k: &str| self.0.iter().map(|c| text(c, k).len()).max().unwrap_or(0);
+        let (name_w, target_w) = (width("check"), width("target"));
+        let mut t = String::from("\ntargets:\n");
+        for c in &self.0 {
+            t.push_str(&format!(
+                "  {:<name_w$} {:>10.3}  target {:<target_w$} {}\n",
+                text(c, "check"),
+                c["value"].as_f64().unwrap_or(f64::NAN),
+                text(c, "target"),
+                text(c, "verdict"),
+            ));
+        }
+        t
+    }
+
+    /// The targets for the run's JSON document.
+    pub fn json(&self) -> Value {
+        Value::Array(self.0.clone())
+    }
+}
+
 pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report {
     let mut metrics: Vec<&String> = s.keys().map(|(_, m)| m).collect();
     metrics.sort();
@@ -72,63 +118,57 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
         (Some(x), Some(d)) => Some(x - d),
         _ => None,
     };
-    let mut checks = Vec::new();
-    let mut check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, target: &str| {
-        if let Some(v) = value {
-            let verdict = if ok(v) { "met" } else { "MISSED" };
-            checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
-        }
-    };
+    let mut targets = Targets::default();
     for &mode in &modes[1..] {
         let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
         if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
-            check(
+            targets.check(
                 &format!(
                     "{} held connections failed or lost, all rounds",
                     mode.name()
                 ),
                 Some(f + l),
-                &|v| v == 0.0,
+                |v| v == 0.0,
                 "0",
             );
         }
     }
     let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));
-    check(
+    targets.check(
         "ambient single-stream throughput / direct",
         tput(Mode::Ambient),
-        &|v| v >= 0.34,
+        |v| v >= 0.34,
         ">= 0.34",
     );
-    check(
+    targets.check(
         "ambient single-stream throughput / envoy",
         ratio_f(
             med(Mode::Ambient, "tput_1_gbps"),
             med(Mode::Envoy, "tput_1_gbps"),
         ),
-        &|v| v > 1.0,
+        |v| v > 1.0,
         "> 1",
     );
     let a64 = added(Mode::Ambient, "rr64_p50_us");
     let e64 = added(Mode::Envoy, "rr64_p50_us");
-    check(
+    targets.check(
         "ambient added p50, 64 B back-to-back (us)",
         a64,
-        &|v| v <= 26.0,
+        |v| v <= 26.0,
         "<= 26",
     );
     if let (Some(a), Some(e)) = (a64, e64) {
-        check(
+        targets.check(
             "ambient added p50 - envoy added p50 (us)",
             Some(a - e),
-            &|v| v < 0.0,
+            |v| v < 0.0,
             "< 0",
         );
     }
-    check(
+    targets.check(
         "ambient idle RSS per daemon (MiB)",
         med(Mode::Ambient, "mem_idle_rss_mb"),
-        &|v| v <= 9.0 * 1000.0 * 1000.0 / 1024.0 / 1024.0,
+        |v| v <= 9.0 * 1000.0 * 1000.0 / 1024.0 / 1024.0,
         "<= 9 MB (8.58 MiB)",
     );
     t.push_str("\nadded p50/p99 latency over direct (us):\n");
@@ -152,16 +192,7 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
         t.truncate(t.trim_end().len());
         t.push('\n');
     }
-    t.push_str("\ntargets:\n");
-    for c in &checks {
-        t.push_str(&format!(
-            "  {:<48} {:>10.3}  target {:<20} {}\n",
-            c["check"].as_str().unwrap_or_default(),
-            c["value"].as_f64().unwrap_or(f64::NAN),
-            c["target"].as_str().unwrap_or_default(),
-            c["verdict"].as_str().unwrap_or_default()
-        ));
-    }
+    t.push_str(&targets.text());
     t.push_str(&format!("\nload before: {before}\nload after:  {after}\n"));
     let json = json!({
         "date": now_utc(),
@@ -173,7 +204,7 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
         "fixed_rate_per_s": o.rate,
         "scenarios": o.scenarios,
         "metrics": jm,
-        "targets": checks,
+        "targets": targets.json(),
     });
     Report { table: t, json }
 }
@@ -182,5 +213,25 @@ fn ratio_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b != 0.0 => Some(a / b),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_keep_measured_values_with_their_verdicts() {
+        let mut t = Targets::default();
+        t.check("ratio", Some(1.2), |v| v > 1.0, "> 1");
+        t.check("added p50 (us)", Some(30.0), |v| v <= 26.0, "<= 26");
+        t.check("not measured", None, |_| true, "any");
+        let json = t.json();
+        assert_eq!(json.as_array().map(Vec::len), Some(2));
+        assert_eq!(json[1]["verdict"], "MISSED");
+        assert_eq!(
+            t.text(),
+            "\ntargets:\n  ratio               1.200  target > 1   met\n  added p50 (us)     30.000  target <= 26 MISSED\n"
+        );
     }
 }

@@ -622,21 +622,15 @@ fn report(o: &Opts, s: &Samples) -> (String, Value) {
         (Some(w), Some(e)) if e != 0.0 => Some(w / e),
         _ => None,
     };
-    let mut checks = Vec::new();
-    let mut check = |name: &str, v: Option<f64>, ok: fn(f64) -> bool, target: &str| {
-        if let Some(v) = v {
-            let verdict = if ok(v) { "met" } else { "MISSED" };
-            checks.push(json!({"check": name, "value": v, "target": target, "verdict": verdict}));
-        }
-    };
+    let mut targets = super::report::Targets::default();
     for p in ["h1", "h2"] {
-        check(
+        targets.check(
             &format!("{p} requests/s under load, waypoint / envoy"),
             ratio(&format!("{p}_load_rps")),
             |v| v > 1.0,
             "> 1",
         );
-        check(
+        targets.check(
             &format!("{p} p50 one at a time, waypoint / envoy"),
             ratio(&format!("{p}_rr_p50_us")),
             |v| v < 1.0,
@@ -644,23 +638,14 @@ fn report(o: &Opts, s: &Samples) -> (String, Value) {
         );
     }
     for m in ["anon", "rss"] {
-        check(
+        targets.check(
             &format!("memory under load ({m}), waypoint / envoy"),
             ratio(&format!("mem_load_{m}_mb")),
             |v| v <= 1.0 / 3.0,
             "<= 0.33",
         );
     }
-    t.push_str("\ntargets:\n");
-    for c in &checks {
-        t.push_str(&format!(
-            "  {:<46} {:>7.3}  target {:<8} {}\n",
-            c["check"].as_str().unwrap_or_default(),
-            c["value"].as_f64().unwrap_or(f64::NAN),
-            c["target"].as_str().unwrap_or_default(),
-            c["verdict"].as_str().unwrap_or_default()
-        ));
-    }
+    t.push_str(&targets.text());
     let doc = json!({
         "date": super::now_utc(),
         "machine": super::machine(),
@@ -669,7 +654,7 @@ fn report(o: &Opts, s: &Samples) -> (String, Value) {
         "concurrency": o.concurrency,
         "envoy_concurrency": 2,
         "metrics": jm,
-        "targets": checks,
+        "targets": targets.json(),
     });
     (t, doc)
 }
