@@ -43,6 +43,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+use crate::tail_file;
+
 pub use binary::{apiserver_cache_dir, ensure_apiserver, KUBE_VERSION};
 
 /// How long etcd plus kube-apiserver may take to answer `/readyz` (a loaded 2-core machine
@@ -814,14 +816,6 @@ fn terminate(mut child: Child, what: &str) {
     eprintln!("mesh-tests: {what} ignored SIGTERM for {TERM_GRACE:?}; killing it");
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// The last `lines` lines of a file ("" when unreadable).
-fn tail_file(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Kills the processes and removes the work dirs that a test process killed before its

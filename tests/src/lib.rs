@@ -101,6 +101,14 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
+/// The last `lines` lines of a log file ("" when unreadable), for error messages.
+pub fn tail_file(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// The daemon binary: `ZTUNNEL_BIN`, else `<target>/debug/ztunnel`.
 ///
 /// Panics when it does not exist: every caller is a test or the demo, and the fix (build the

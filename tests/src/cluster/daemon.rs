@@ -210,9 +210,7 @@ impl Daemon {
 
     /// The last `n` lines, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::tail_file(&self.log_path(), n)
     }
 
     /// Every complete JSON line of the current process's log, in order. Non-JSON lines (panic

@@ -133,9 +133,7 @@ impl WaypointProc {
 
     /// The last `n` lines of its log, for messages.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::tail_file(&self.log, n)
     }
 
     /// Waits until the log has at least `n` request lines (it writes each when the response

@@ -313,7 +313,7 @@ fn make_apiserver(tree: &Path, work: &Path, log_path: &Path) -> Result<()> {
         bail!(
             "make WHAT=cmd/kube-apiserver failed ({status}); last lines of {}:\n{}",
             log_path.display(),
-            super::tail_file(log_path, 30)
+            crate::tail_file(log_path, 30)
         );
     }
     Ok(())

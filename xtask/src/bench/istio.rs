@@ -192,7 +192,7 @@ pub fn start(bin: &Path, workdir: &Path, pod: &Pod, pods: &[&Pod]) -> Result<Pro
                 "Istio's ztunnel in {} exited ({status}); log {}:\n{}",
                 pod.key(),
                 log.display(),
-                tail(&log)
+                mesh_tests::tail_file(&log, 20)
             );
         }
         if Instant::now() > deadline {
@@ -200,20 +200,14 @@ pub fn start(bin: &Path, workdir: &Path, pod: &Pod, pods: &[&Pod]) -> Result<Pro
                 "Istio's ztunnel in {} was not ready within 30 s; log {}:\n{}",
                 pod.key(),
                 log.display(),
-                tail(&log)
+                mesh_tests::tail_file(&log, 20)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// The `iptables` rule (after `-A`/`-D`) that sends `client`'s connections to `dst` on `ports`
+/// The `iptables` rule (after `-A`) that sends `client`'s connections to `dst` on `ports`
 /// into its instance's outbound listener, except the instance's own.
 fn redirect_rule(dst: Ipv4Addr, ports: &[u16]) -> Vec<String> {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();

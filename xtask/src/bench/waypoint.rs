@@ -233,11 +233,7 @@ impl Hop {
     fn log_tail(&self) -> String {
         match self {
             Hop::Waypoint(w) => w.log_tail(5),
-            Hop::Envoy { access_log, .. } => {
-                let t = std::fs::read_to_string(access_log).unwrap_or_default();
-                let lines: Vec<&str> = t.lines().collect();
-                lines[lines.len().saturating_sub(5)..].join("\n")
-            }
+            Hop::Envoy { access_log, .. } => mesh_tests::tail_file(access_log, 5),
         }
     }
 
