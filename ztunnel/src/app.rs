@@ -98,8 +98,8 @@ pub enum AppError {
         /// The kernel's answer.
         error: std::io::Error,
     },
-    /// The data-plane worker threads could not be started.
-    #[error("cannot start the data-plane worker threads: {0}")]
+    /// The data-plane worker threads could not be started, or not given the listeners.
+    #[error("cannot start the data-plane workers: {0}")]
     Workers(std::io::Error),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
@@ -420,10 +420,15 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         hbone.push(v6.hbone);
     }
     for (listener, kind) in captured {
-        let serve = proxy
-            .clone()
-            .serve(listener, kind, workers.clone(), drain.clone());
-        tokio::spawn(shared.serving.clone().run(serve));
+        let (proxy, w, d, serving) = (
+            proxy.clone(),
+            workers.clone(),
+            drain.clone(),
+            shared.serving.clone(),
+        );
+        workers
+            .spawn_acceptor(listener, move |l| serving.run(proxy.serve(l, kind, w, d)))
+            .map_err(AppError::Workers)?;
     }
     // An HBONE connection does not count for the drain itself: its streams do. Connections
     // are admitted at accept, so one over a limit is reset before a worker or TLS sees it.
@@ -439,12 +444,14 @@ fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<Da
         server.clone().serve_admitted(tcp, peer, admitted)
     };
     for listener in hbone {
-        let (w, d) = (workers.clone(), drain.clone());
+        let (w, d, serving) = (workers.clone(), drain.clone(), shared.serving.clone());
         let (admit, serve) = (admit.clone(), serve.clone());
-        tokio::spawn(shared.serving.clone().run(async move {
-            w.accept_loop_admitting(listener, "hbone", &d, admit, serve)
-                .await
-        }));
+        workers
+            .spawn_acceptor(listener, move |l| {
+                serving
+                    .run(async move { w.accept_loop_admitting(l, "hbone", &d, admit, serve).await })
+            })
+            .map_err(AppError::Workers)?;
     }
     Ok(DataPlane {
         pool,

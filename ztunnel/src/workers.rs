@@ -7,9 +7,13 @@
 //! VM an inter-processor interrupt). Here a 64-byte round trip costs each daemon no futex at all
 //! (strace in docs/BENCHMARKS.md). Envoy serves a connection on one worker for the same reason.
 //!
-//! Placement: the accept loops run on the control runtime and hand each accepted socket to the
-//! worker serving the fewest connections at that moment (ties go to the lowest index, so a
-//! quiet daemon keeps its flows, and their pooled HBONE connections, on one worker). A pooled
+//! Placement: the accept loops run on the first worker ([`Workers::spawn_acceptor`]) and hand
+//! each accepted socket to the worker serving the fewest connections at that moment (ties go
+//! to the lowest index, so a quiet daemon keeps its flows, and their pooled HBONE connections,
+//! on one worker). A socket placed on the first worker is served by the task that accepted
+//! it, with no hand-over: a new connection to a quiet daemon wakes one thread, where accepting
+//! on the control thread woke two (the control thread, then the worker it handed the socket
+//! to, re-registering the socket with that worker's `epoll`). A pooled
 //! HBONE connection is driven by the worker that dialed it, and the pool prefers connections
 //! driven by the flow's own worker ([`current`]). So a request flow and a bulk transfer
 //! between the same two pods run on different workers when there is more than one, instead of
@@ -109,12 +113,31 @@ impl Workers {
             .collect()
     }
 
-    /// The worker serving the fewest connections (the first of equals).
-    fn least_busy(&self) -> &Worker {
+    /// The index of the worker serving the fewest connections (the first of equals).
+    fn least_busy(&self) -> usize {
         self.workers
             .iter()
-            .min_by_key(|w| w.live.load(Ordering::Relaxed))
-            .expect("Workers::start makes at least one worker")
+            .enumerate()
+            .min_by_key(|(_, w)| w.live.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i)
+    }
+
+    /// Runs `accept`, an accept loop over `listener`, on the first worker, for as long as
+    /// `accept` runs: the listener moves to that worker's I/O driver, so a new connection
+    /// wakes the worker that (in a quiet daemon) also serves it.
+    pub fn spawn_acceptor<F, Fut>(&self, listener: TcpListener, accept: F) -> io::Result<()>
+    where
+        F: FnOnce(TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let std = listener.into_std()?;
+        self.workers[0].handle.spawn(async move {
+            match TcpListener::from_std(std) {
+                Ok(listener) => accept(listener).await,
+                Err(e) => tracing::error!(error = %e, "worker cannot register a listener"),
+            }
+        });
+        Ok(())
     }
 
     /// Accepts on `listener` for as long as the process runs and serves each connection with
@@ -180,13 +203,25 @@ impl Workers {
     }
 
     /// Serves `tcp` with `serve` on the least busy worker. The socket moves to that worker's
-    /// I/O driver, so all its readiness events arrive there.
+    /// I/O driver (unless it is there already: accepted on that worker), so all its readiness
+    /// events arrive there.
     pub fn serve<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let worker = self.least_busy();
+        let index = self.least_busy();
+        let worker = &self.workers[index];
+        worker.live.fetch_add(1, Ordering::Relaxed);
+        let live = Live(worker.live.clone());
+        if current() == Some(index) {
+            // Already on this worker's driver: served here, without a hand-over.
+            tokio::spawn(async move {
+                let _live = live;
+                serve(tcp).await
+            });
+            return;
+        }
         let std = match tcp.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -194,8 +229,6 @@ impl Workers {
                 return;
             }
         };
-        worker.live.fetch_add(1, Ordering::Relaxed);
-        let live = Live(worker.live.clone());
         worker.handle.spawn(async move {
             let _live = live;
             match TcpStream::from_std(std) {
@@ -247,6 +280,39 @@ mod tests {
         assert!(name.starts_with("ztunnel-dp-"), "served on {name:?}");
         assert_eq!(index, Some(0), "an idle daemon serves on its first worker");
         assert_eq!(current(), None, "the test thread is no worker");
+    }
+
+    /// The accept loop runs on the first worker; a connection it places there is served by
+    /// the same thread, the next one (the first worker now busier) on the second worker.
+    #[tokio::test]
+    async fn accepting_runs_on_the_first_worker_which_serves_what_it_keeps() {
+        let workers = Arc::new(Workers::start(2, AcceptErrors::new()).expect("workers"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = workers.clone();
+        workers
+            .spawn_acceptor(listener, move |l| async move {
+                let drain = Drain::default();
+                let serve = move |mut tcp: TcpStream, _, guard| {
+                    let tx = tx.clone();
+                    async move {
+                        use tokio::io::AsyncReadExt;
+                        let _ = tx.send(current());
+                        let _ = tcp.read(&mut [0u8; 1]).await;
+                        drop(guard);
+                    }
+                };
+                w.accept_loop(l, "test", &drain, serve).await
+            })
+            .expect("acceptor");
+        let _first = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(rx.recv().expect("served"), Some(0));
+        let _second = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(rx.recv().expect("served"), Some(1));
+        assert_eq!(workers.loads(), vec![1, 1]);
     }
 
     #[tokio::test]

@@ -10,11 +10,12 @@
 //! waits (in its handshake, or idle between flows) holds none, and a bulk transfer keeps one
 //! while its reads come back full.
 
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Read buffer size once the socket has data.
@@ -84,33 +85,35 @@ impl AsyncRead for Transport {
         if out.remaining() >= READ_BUF {
             return Pin::new(&mut this.tcp).poll_read(cx, out);
         }
-        loop {
-            if this.buf.capacity() == 0 {
-                // Wait for data before taking a buffer.
-                ready!(this.tcp.poll_read_ready(cx))?;
-                this.buf.reserve_exact(READ_BUF);
-            }
-            this.buf.clear();
-            // Into the spare capacity: no zeroing of the buffer per read.
-            match this.tcp.try_read_buf(&mut this.buf) {
-                Ok(n) => {
-                    this.full = n >= READ_BUF;
-                    if n == 0 {
-                        this.buf = Vec::new();
-                        return Poll::Ready(Ok(()));
-                    }
+        if this.buf.capacity() == 0 {
+            // Wait for data before taking a buffer.
+            ready!(this.tcp.poll_read_ready(cx))?;
+            this.buf.reserve_exact(READ_BUF);
+        }
+        this.buf.clear();
+        // tokio's own read, into the spare capacity (no zeroing per read): after a short read
+        // it marks the socket not ready, so the next call waits in `epoll_wait` instead of
+        // trying a read that fails with `EAGAIN` (one syscall fewer per burst: a small request
+        // is one burst).
+        match pin!(this.tcp.read_buf(&mut this.buf)).poll(cx) {
+            Poll::Ready(Ok(n)) => {
+                this.full = n >= READ_BUF;
+                if n == 0 {
+                    this.buf = Vec::new();
+                } else {
                     this.take_buffered(out);
-                    return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale; give the buffer back and wait again.
-                    this.buf = Vec::new();
-                    this.full = false;
-                }
-                Err(e) => {
-                    this.buf = Vec::new();
-                    return Poll::Ready(Err(e));
-                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                this.buf = Vec::new();
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                // Readiness was stale; give the buffer back until data comes.
+                this.buf = Vec::new();
+                this.full = false;
+                Poll::Pending
             }
         }
     }
