@@ -433,18 +433,44 @@ async fn send_connect(
 }
 
 /// A fresh W3C trace context (sampled flag off): enough for a downstream tracer to join.
+///
+/// The IDs need to be unique, not secret: they come from a keyed hash (SipHash, keys drawn
+/// once per thread from the OS) of a per-thread counter, so a new flow costs no `getrandom`
+/// syscall, as drawing from the system's secure random source did.
 fn traceparent() -> String {
-    let mut b = [0u8; 24];
-    let _ = rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, RandomState};
+    thread_local! {
+        static IDS: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
+    }
+    let [trace_hi, trace_lo, span] = IDS.with(|(keys, counter)| {
+        [0, 1, 2].map(|_| {
+            let n = counter.get();
+            counter.set(n.wrapping_add(1));
+            // All-zero IDs are invalid; the odds are 2^-64, the guard costs nothing.
+            keys.hash_one(n).max(1)
+        })
+    });
+    format!("00-{trace_hi:016x}{trace_lo:016x}-{span:016x}-00")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The trace context has the W3C shape and a new trace ID per flow.
+    #[test]
+    fn each_flow_gets_a_well_formed_new_trace_context() {
+        let (a, b) = (traceparent(), traceparent());
+        for t in [&a, &b] {
+            let parts: Vec<&str> = t.split('-').collect();
+            assert_eq!(parts.len(), 4, "{t}");
+            assert_eq!((parts[0], parts[3]), ("00", "00"), "{t}");
+            assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{t}");
+            assert!(t.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{t}");
+        }
+        assert_ne!(a[3..35], b[3..35], "trace IDs repeat");
+    }
 
     fn conn(worker: usize, active: usize) -> Candidate {
         Candidate {
