@@ -195,12 +195,7 @@ impl FileSource {
     /// Reads the source once (on the poll thread, waiting for it). Returns a new state when
     /// anything accepted changed.
     pub fn poll(&mut self) -> Result<Option<State>, SourceError> {
-        let (tx, rx) = mpsc::channel();
-        self.start_poll(Box::new(move |polled| {
-            let _ = tx.send(polled);
-        }))?;
-        rx.recv().unwrap_or_else(|_| Err(poll_lost()))?;
-        Ok(self.poller().pending.take())
+        futures::executor::block_on(self.poll_off_thread())
     }
 
     /// [`FileSource::poll`] without blocking the runtime. A new state is kept in the poller
