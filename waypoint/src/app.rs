@@ -313,7 +313,7 @@ fn waypoint_env(e: ConfigError) -> ConfigError {
     }
 }
 
-/// HBONE settings for a waypoint: the daemon's defaults, with `window` per stream, and all
+/// HBONE settings for a waypoint: the daemon's defaults, with a fixed `window` per stream, and all
 /// streams to one endpoint on one connection (up to 100 streams) before another is dialled:
 /// the waypoint's streams carry kept HTTP connections, not bulk flows that would hold each
 /// other up.
@@ -324,6 +324,7 @@ pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
         idle_timeout: Duration::from_secs(60),
         connect_timeout,
         stream_window: window,
+        stream_window_start: window,
         send_buffer: window,
         connection_window: window.saturating_mul(4),
         max_frame_size: 1 << 20,

@@ -20,9 +20,11 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use crate::burst::{BurstReader, Readable};
+use crate::hbone::window::{Progress, Window, STALLED_AFTER};
 use crate::socket::reset_on_close;
 
 /// Length of an HTTP/2 frame header, which h2 writes in front of each DATA payload.
@@ -72,11 +74,13 @@ pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outco
 }
 
 /// Copies both ways between a TCP socket and an HTTP/2 stream (an HBONE flow), reporting
-/// bytes to `sink` as they move.
+/// bytes to `sink` as they move, and to the connection's adaptive `window` (if any) whether
+/// the socket took what came from the tunnel at once.
 pub async fn hbone(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    window: Option<&Window>,
     sink: &ByteSink,
 ) -> Outcome {
     let (mut rd, mut wr) = tcp.into_split();
@@ -90,9 +94,14 @@ pub async fn hbone(
             send.send_data(Bytes::new(), true).map_err(h2_io)
         });
         let down = pin!(async {
+            let mut progress = Progress::default();
             while let Some(chunk) = recv.data().await {
                 let chunk = chunk.map_err(h2_io)?;
-                wr.write_all(&chunk).await?;
+                let refused = write_refused(&mut wr, &chunk, window).await?;
+                if let Some(w) = window {
+                    let queued = || crate::socket::unacked_bytes(wr.as_ref()).ok();
+                    w.passed_on(&mut progress, chunk.len(), refused, queued);
+                }
                 bytes.from_tunnel += chunk.len() as u64;
                 sink.from_tunnel(chunk.len());
                 // An error here only means the stream is already gone; data() reports it next.
@@ -179,6 +188,38 @@ async fn copy<R: Readable, W: AsyncWrite + Unpin>(
         count(chunk.len());
     }
     wr.shutdown().await
+}
+
+/// Writes all of `chunk`; true when the socket took none of it at first (still full of the
+/// data before: the destination is not keeping up). A partial write is not a refusal: a large
+/// chunk may not fit a buffer that a fast reader is draining. The first attempt is the write
+/// `write_all` would make, so this costs no extra syscall. A write that then waits
+/// [`STALLED_AFTER`] on a connection whose adaptive `window` has grown tells it the
+/// destination has stalled.
+async fn write_refused(
+    wr: &mut OwnedWriteHalf,
+    chunk: &[u8],
+    window: Option<&Window>,
+) -> io::Result<bool> {
+    let n = match wr.try_write(chunk) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if n < chunk.len() {
+        let mut rest = pin!(wr.write_all(&chunk[n..]));
+        match window {
+            Some(w) if w.grown() => tokio::select! {
+                r = &mut rest => r?,
+                () = tokio::time::sleep(STALLED_AFTER) => {
+                    w.stalled();
+                    rest.await?;
+                }
+            },
+            _ => rest.await?,
+        }
+    }
+    Ok(n == 0 && !chunk.is_empty())
 }
 
 /// Sends one chunk on an HTTP/2 stream as flow control allows.

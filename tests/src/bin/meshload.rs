@@ -132,6 +132,11 @@ struct HoldArgs {
     /// cannot fill both directions' buffers).
     #[arg(long, default_value_t = 256 * 1024)]
     bytes: usize,
+    /// Once all are open, write to each without ever reading the echo, until the path takes no
+    /// more: a destination that stops reading, whose flows fill every buffer on the way. At
+    /// the end each reads back everything it wrote before the last echo.
+    #[arg(long)]
+    stall: bool,
 }
 
 fn main() -> ExitCode {
@@ -367,6 +372,7 @@ fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
         conns,
         secs,
         bytes,
+        stall,
     } = *a;
     if bytes > 1024 * 1024 {
         return Err(format!("--bytes {bytes}: at most 1 MiB"));
@@ -400,10 +406,17 @@ fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
         }
     }
     let open_secs = start.elapsed().as_secs_f64();
+    let stalled = if stall {
+        fill(&mut open_conns).map_err(|e| format!("stalling: {e}"))?
+    } else {
+        vec![0; open_conns.len()]
+    };
+    let stalled_total: usize = stalled.iter().sum();
     // The first line tells the caller that all are open (it samples memory meanwhile).
     println!(
         "{}",
-        json!({"opened": open_conns.len(), "failed": failed, "open_secs": open_secs})
+        json!({"opened": open_conns.len(), "failed": failed, "open_secs": open_secs,
+               "stalled_bytes": stalled_total})
     );
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -412,9 +425,9 @@ fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
     let probe = [0xa5u8; 64];
     let mut back = [0u8; 64];
     let mut lost = 0usize;
-    for (i, s) in open_conns.iter_mut().enumerate() {
-        let ok = s
-            .write_all(&probe)
+    for (i, (s, &n)) in open_conns.iter_mut().zip(&stalled).enumerate() {
+        let ok = drain_echo(s, n)
+            .and_then(|()| s.write_all(&probe))
             .and_then(|()| s.read_exact(&mut back))
             .map(|()| back == probe);
         match ok {
@@ -433,7 +446,57 @@ fn hold(a: &HoldArgs) -> Res<serde_json::Value> {
     Ok(json!({
         "conns": conns, "bytes": bytes, "open_secs": open_secs, "opened": conns - failed,
         "failed": failed, "lost": lost, "last_error": last_error,
+        "stalled_bytes": stalled_total,
     }))
+}
+
+/// Writes a pattern to every connection without reading, until none has taken anything for
+/// half a second; returns what each took.
+fn fill(conns: &mut [TcpStream]) -> std::io::Result<Vec<usize>> {
+    let chunk = vec![0x3cu8; 64 * 1024];
+    let mut taken = vec![0usize; conns.len()];
+    for s in conns.iter() {
+        s.set_nonblocking(true)?;
+    }
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        let mut any = false;
+        for (s, t) in conns.iter_mut().zip(&mut taken) {
+            match s.write(&chunk) {
+                Ok(n) => {
+                    *t += n;
+                    any |= n > 0;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if any {
+            quiet_since = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for s in conns.iter() {
+        s.set_nonblocking(false)?;
+    }
+    Ok(taken)
+}
+
+/// Reads back `n` bytes of echo of what [`fill`] wrote, checking the pattern.
+fn drain_echo(s: &mut TcpStream, mut n: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let k = s.read(&mut buf[..n.min(64 * 1024)])?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..k].iter().any(|&b| b != 0x3c) {
+            return Err(std::io::Error::other("stalled data came back changed"));
+        }
+        n -= k;
+    }
+    Ok(())
 }
 
 /// One churn connection: open, echo `bytes` of a pattern that depends on `seq`, compare.

@@ -90,12 +90,13 @@ const SCENARIOS: &[&str] = &[
     "connrate",
     "conns",
     "loaded",
+    "stalled",
     "profile",
     "sched",
 ];
 /// The scenarios run when none is named (`profile` and `sched` need perf and are asked for
 /// explicitly).
-const DEFAULT_SCENARIOS: usize = 5;
+const DEFAULT_SCENARIOS: usize = 6;
 
 #[derive(Debug)]
 struct Opts {
@@ -586,9 +587,26 @@ fn measure(
             let back = format!("{}:{}", client.ip, ECHO_PORT + mode.port_offset());
             holders.push((server, back));
         }
-        held_connections(o, mode, dp, &holders, s)?;
+        held_connections(o, mode, dp, &holders, Hold::Idle(o.conns), s)?;
+    }
+    if want("stalled") && has_dp {
+        held_connections(o, mode, dp, &[(client, echo)], Hold::Stalled, s)?;
     }
     Ok(())
+}
+
+/// Flows the `stalled` scenario holds.
+const STALLED_FLOWS: usize = 16;
+
+/// What `held_connections` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// `conns`: this many idle connections.
+    Idle(usize),
+    /// `stalled`: [`STALLED_FLOWS`] flows whose client writes until the path takes no more
+    /// and never reads the echo, so the echo server stops reading too: both directions of
+    /// every flow hold what each hop lets them.
+    Stalled,
 }
 
 /// One iperf3 transfer with what was measured around it.
@@ -640,11 +658,15 @@ fn transfer(
 /// flow and keeps 2,048 free, so under the common limit of 20,000 open files one daemon can
 /// terminate about 8,900 flows, and 10,000 fit only when each node's daemon terminates half.
 /// The memory per connection (both nodes summed) is the same either way.
+///
+/// `stalled` ([`Hold::Stalled`]) reports the same per flow as `stalled_mem_per_conn_*_kb`,
+/// and the bytes each client got the path to take before it stopped, `stalled_taken_mib`.
 fn held_connections(
     o: &Opts,
     mode: Mode,
     dp: &Dataplane,
     holders: &[(&Pod, String)],
+    hold_kind: Hold,
     s: &mut Samples,
 ) -> Result<()> {
     use std::io::BufRead;
@@ -652,11 +674,15 @@ fn held_connections(
     let mem_all =
         || -> Result<Vec<probe::Mem>> { dp.pids.iter().map(|&p| probe::mem(p)).collect() };
     let before = mem_all()?;
+    let (conns, stall) = match hold_kind {
+        Hold::Idle(n) => (n, false),
+        Hold::Stalled => (STALLED_FLOWS, true),
+    };
     let n = holders.len().max(1);
     let mut running = Vec::new();
     for (i, (pod, echo)) in holders.iter().enumerate() {
-        let share = o.conns / n + usize::from(i < o.conns % n);
-        let args: Vec<String> = [
+        let share = conns / n + usize::from(i < conns % n);
+        let mut args: Vec<String> = [
             "hold",
             "--to",
             echo,
@@ -667,11 +693,18 @@ fn held_connections(
         ]
         .map(String::from)
         .into();
+        if stall {
+            args.extend([
+                "--stall".to_string(),
+                "--bytes".to_string(),
+                "1024".to_string(),
+            ]);
+        }
         let mut child = probe::meshload_spawn(pod, &args)?;
         let out = std::io::BufReader::new(child.stdout.take().context("meshload stdout")?);
         running.push((child, out));
     }
-    let mut open_secs: f64 = 0.0;
+    let (mut open_secs, mut taken): (f64, f64) = (0.0, 0.0);
     for (child, out) in &mut running {
         let mut first = String::new();
         out.read_line(&mut first).context("reading meshload")?;
@@ -691,6 +724,7 @@ fn held_connections(
             }
         };
         open_secs = open_secs.max(num(&opened, "open_secs")?);
+        taken += num(&opened, "stalled_bytes")?;
     }
     std::thread::sleep(Duration::from_secs_f64(hold / 2.0));
     let during = mem_all()?;
@@ -710,9 +744,29 @@ fn held_connections(
             last_error = v["last_error"].clone();
         }
     }
-    push(s, mode, "conns_open_s", open_secs);
-    push(s, mode, "conns_failed", failed);
-    push(s, mode, "conns_lost", lost);
+    if failed > 0.0 || lost > 0.0 {
+        eprintln!(
+            "bench: {} path: {failed} of {} connections failed to open and {lost} held ones were \
+             lost (last error: {last_error})",
+            mode.name(),
+            conns,
+        );
+    }
+    let prefix = if stall { "stalled_" } else { "" };
+    if stall {
+        push(s, mode, "stalled_failed", failed);
+        push(s, mode, "stalled_lost", lost);
+        push(
+            s,
+            mode,
+            "stalled_taken_mib",
+            taken / conns as f64 / 1048576.0,
+        );
+    } else {
+        push(s, mode, "conns_open_s", open_secs);
+        push(s, mode, "conns_failed", failed);
+        push(s, mode, "conns_lost", lost);
+    }
     let sum = |m: &[probe::Mem]| m.iter().fold(probe::Mem::default(), |a, &b| a + b);
     let (during_all, before_all) = (sum(&during), sum(&before));
     // MiB over all processes -> KiB per connection.
@@ -721,8 +775,16 @@ fn held_connections(
         ("anon", during_all.anon, before_all.anon),
         ("pss", during_all.pss, before_all.pss),
     ] {
-        let per_conn = (now - then) * 1024.0 / o.conns as f64;
-        push(s, mode, &format!("mem_per_conn_{kind}_kb"), per_conn);
+        let per_conn = (now - then) * 1024.0 / conns as f64;
+        push(
+            s,
+            mode,
+            &format!("{prefix}mem_per_conn_{kind}_kb"),
+            per_conn,
+        );
+    }
+    if stall {
+        return Ok(());
     }
     // Each process on its own (for the daemons, N is the node).
     for (i, (d, b)) in during.iter().zip(&before).enumerate() {
@@ -733,14 +795,6 @@ fn held_connections(
             mode,
             &format!("mem_before_hold_anon_mb_{}", i + 1),
             b.anon,
-        );
-    }
-    if failed > 0.0 || lost > 0.0 {
-        eprintln!(
-            "bench: {} path: {failed} of {} connections failed to open and {lost} held ones were \
-             lost (last error: {last_error})",
-            mode.name(),
-            o.conns,
         );
     }
     Ok(())

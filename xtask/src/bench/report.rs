@@ -121,16 +121,18 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
     let mut targets = Targets::default();
     for &mode in &modes[1..] {
         let bad = |m: &str| s.get(&(mode, m.to_string())).map(|v| v.iter().sum::<f64>());
-        if let (Some(f), Some(l)) = (bad("conns_failed"), bad("conns_lost")) {
-            targets.check(
-                &format!(
-                    "{} held connections failed or lost, all rounds",
-                    mode.name()
-                ),
-                Some(f + l),
-                |v| v == 0.0,
-                "0",
-            );
+        for (what, failed, lost) in [
+            ("held connections", "conns_failed", "conns_lost"),
+            ("stalled flows", "stalled_failed", "stalled_lost"),
+        ] {
+            if let (Some(f), Some(l)) = (bad(failed), bad(lost)) {
+                targets.check(
+                    &format!("{} {what} failed or lost, all rounds", mode.name()),
+                    Some(f + l),
+                    |v| v == 0.0,
+                    "0",
+                );
+            }
         }
     }
     let tput = |mode| ratio_f(med(mode, "tput_1_gbps"), med(Mode::Direct, "tput_1_gbps"));

@@ -290,6 +290,18 @@ pub struct RunArgs {
     /// hold in the receiving daemon. Bytes, or with KiB/MiB, from 65535 bytes.
     #[arg(long, env = "ZTUNNEL_HBONE_STREAM_WINDOW", default_value_t = Size::mib(8))]
     pub hbone_stream_window: Size,
+    /// HTTP/2 flow-control window each HBONE stream starts with. A connection's window doubles,
+    /// up to --hbone-stream-window, each time one of its flows has passed two windows on to a
+    /// destination that keeps up, and returns to this one when a destination stalls (a write
+    /// to it waits 100 ms) or the connection idles; so a flow whose destination reads slowly
+    /// holds about this much in the receiving daemon. At or above --hbone-stream-window: fixed
+    /// windows of that size. Bytes, or with KiB/MiB, from 65535 bytes.
+    #[arg(
+        long,
+        env = "ZTUNNEL_HBONE_STREAM_WINDOW_START",
+        default_value_t = Size::kib(256)
+    )]
+    pub hbone_stream_window_start: Size,
     /// HTTP/2 flow-control window of each HBONE connection, shared by its streams; at least the
     /// stream window.
     #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW", default_value_t = Size::mib(32))]
@@ -502,8 +514,11 @@ pub struct HboneConfig {
     /// TCP connect + TLS handshake timeout.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// HTTP/2 stream flow-control window (`--hbone-stream-window`), sent in both directions.
+    /// The most a stream's HTTP/2 flow-control window grows to (`--hbone-stream-window`).
     pub stream_window: u32,
+    /// The window streams start with (`--hbone-stream-window-start`); equal to
+    /// `stream_window`: fixed windows.
+    pub stream_window_start: u32,
     /// The most a stream may queue in h2 for sending (`--hbone-send-buffer`).
     pub send_buffer: u32,
     /// HTTP/2 connection flow-control window (`--hbone-connection-window`).
@@ -514,6 +529,16 @@ pub struct HboneConfig {
     pub tcp_congestion: Option<String>,
     /// `TCP_NOTSENT_LOWAT` of HBONE sockets (`--hbone-notsent-lowat`; `None`: not set).
     pub notsent_lowat: Option<u32>,
+}
+
+impl HboneConfig {
+    /// Where each connection's stream windows start and how far they may grow.
+    pub fn window_bounds(&self) -> crate::hbone::window::Bounds {
+        crate::hbone::window::Bounds {
+            start: self.stream_window_start,
+            max: self.stream_window,
+        }
+    }
 }
 
 /// The DNS proxy's settings, with its limits checked.
@@ -880,6 +905,9 @@ impl Config {
             return Err(invalid("hbone-max-streams", "must be at least 1"));
         }
         let stream_window = window("hbone-stream-window", a.hbone_stream_window)?;
+        // A start above the maximum is the maximum: fixed windows.
+        let stream_window_start =
+            window("hbone-stream-window-start", a.hbone_stream_window_start)?.min(stream_window);
         let connection_window = window("hbone-connection-window", a.hbone_connection_window)?;
         if connection_window < stream_window {
             return Err(invalid(
@@ -910,6 +938,7 @@ impl Config {
             idle_timeout: a.hbone_idle_timeout.0,
             connect_timeout: a.connect_timeout.0,
             stream_window,
+            stream_window_start,
             send_buffer,
             connection_window,
             max_frame_size: 1024 * 1024,

@@ -260,6 +260,25 @@ fn flow_control_windows() {
 }
 
 #[test]
+fn stream_windows_start_small_and_grow_to_the_stream_window() {
+    let c = Config::resolve(base()).expect("valid");
+    let b = c.hbone.window_bounds();
+    assert_eq!((b.start, b.max), (256 << 10, 8 << 20));
+    let c = resolve(&["--hbone-stream-window-start", "8MiB"]).expect("valid");
+    assert_eq!(c.hbone.stream_window_start, 8 << 20, "fixed windows");
+    let c = resolve(&["--hbone-stream-window", "128KiB"]).expect("valid");
+    assert_eq!(
+        c.hbone.stream_window_start,
+        128 << 10,
+        "a start above the maximum is the maximum"
+    );
+    let e = resolve(&["--hbone-stream-window-start", "1000"])
+        .expect_err("below the protocol's minimum")
+        .to_string();
+    assert!(e.contains("--hbone-stream-window-start"), "{e}");
+}
+
+#[test]
 fn hbone_send_buffer() {
     let c = Config::resolve(base()).expect("valid");
     assert_eq!(c.hbone.send_buffer, 256 << 10);

@@ -21,6 +21,7 @@ use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use super::window::{pinger, Ended, Window};
 use super::{HboneError, BAGGAGE, FORWARDED, TRACEPARENT};
 use crate::config::HboneConfig;
 use crate::identity::{CertManager, SpiffeId};
@@ -61,6 +62,9 @@ pub struct Flow {
     pub recv: RecvStream,
     /// Identity the server proved in the handshake.
     pub peer_identity: Option<SpiffeId>,
+    /// The connection's adaptive receive window, told how the flow's data is taken
+    /// ([`crate::splice::hbone`]).
+    pub window: Option<Arc<Window>>,
     _slot: Slot,
 }
 
@@ -73,6 +77,7 @@ struct Conn {
     /// The peer's concurrent stream limit, updated as its SETTINGS arrive.
     peer_max: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    window: Option<Arc<Window>>,
     idle_since: Mutex<Instant>,
     /// The data-plane worker driving the connection (the one that dialed it).
     worker: Option<usize>,
@@ -160,6 +165,7 @@ impl Pool {
                         send,
                         recv,
                         peer_identity: conn.peer_identity.clone(),
+                        window: conn.window.clone(),
                         _slot: slot,
                     })
                 }
@@ -276,8 +282,9 @@ impl Inner {
         .map_err(|error| HboneError::Tls { addr, error })?;
         super::tune(tls_stream.get_mut().1);
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
+        let bounds = self.cfg.window_bounds();
         let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(self.cfg.stream_window)
+            .initial_window_size(bounds.start)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
             .max_send_buffer_size(self.cfg.send_buffer as usize)
@@ -285,17 +292,24 @@ impl Inner {
             .await
             .map_err(|error| HboneError::H2 { addr, error })?;
         let closed = Arc::new(AtomicBool::new(false));
+        let window = Window::new(bounds);
         let peer_max = Arc::new(AtomicUsize::new(usize::MAX));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let mut connection = connection;
         if let Some(ping) = connection.ping_pong() {
-            tokio::spawn(keepalive(ping, closed.clone(), id));
+            tokio::spawn(keepalive(ping, window.clone(), closed.clone(), id));
         }
-        let (done, max) = (closed.clone(), peer_max.clone());
+        let (done, max, resize) = (closed.clone(), peer_max.clone(), window.clone());
         tokio::spawn(async move {
             // Drive the connection, tracking the peer's SETTINGS_MAX_CONCURRENT_STREAMS so the
-            // pool never queues flows behind a limit the peer imposes.
+            // pool never queues flows behind a limit the peer imposes, and putting in force the
+            // stream windows its flows' progress asks for.
             let result = poll_fn(|cx| {
+                if let Some(w) = &resize {
+                    if w.poll_resize(cx).is_ready() {
+                        w.apply(|n| connection.set_initial_window_size(n));
+                    }
+                }
                 let r = Pin::new(&mut connection).poll(cx);
                 max.store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
                 r
@@ -314,6 +328,7 @@ impl Inner {
             active: AtomicUsize::new(1),
             peer_max,
             closed,
+            window,
             idle_since: Mutex::new(Instant::now()),
             worker: crate::workers::current(),
         }))
@@ -381,24 +396,22 @@ fn pick(conns: &[Candidate], here: Option<usize>, spread: usize) -> Option<usize
         .map(|(i, _)| i)
 }
 
-/// Pings an otherwise quiet connection; one unanswered ping marks it closed so no new flow
-/// is put on a connection whose peer or path has died.
-async fn keepalive(mut ping: h2::PingPong, closed: Arc<AtomicBool>, id: u64) {
-    loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        if closed.load(Ordering::Acquire) {
-            return;
-        }
-        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await;
-        if !matches!(pong, Ok(Ok(_))) {
-            tracing::info!(
-                conn = id,
-                "HBONE keepalive failed; connection dropped from the pool"
-            );
-            closed.store(true, Ordering::Release);
-            return;
-        }
+/// Pings the connection (keepalive; an idle one's adaptive `window` returns to its start);
+/// one unanswered ping marks it closed so no new flow is put on a connection whose peer or
+/// path has died.
+async fn keepalive(
+    ping: h2::PingPong,
+    window: Option<Arc<Window>>,
+    closed: Arc<AtomicBool>,
+    id: u64,
+) {
+    if pinger(ping, window, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT).await == Ended::Silent {
+        tracing::info!(
+            conn = id,
+            "HBONE keepalive failed; connection dropped from the pool"
+        );
     }
+    closed.store(true, Ordering::Release);
 }
 
 async fn send_connect(

@@ -7,6 +7,7 @@ pub mod client;
 pub mod limits;
 pub mod server;
 pub mod transport;
+pub mod window;
 
 use std::io;
 

@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::limits::{Admitted, Limits, OpenMark, Reason};
+use super::window::{pinger, resized, Ended, Window};
 use crate::config::{HboneConfig, InboundLimits};
 use crate::drain::Drain;
 use crate::identity::{CertManager, SpiffeId};
@@ -37,6 +38,10 @@ use crate::tls;
 
 /// A served HBONE connection.
 type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<super::Transport>, Bytes>;
+
+/// A connection past its handshakes: the HTTP/2 connection, the client's identity, the local
+/// address it came to, and its adaptive receive window.
+type Handshaken = (ServerConn, SpiffeId, SocketAddr, Option<Arc<Window>>);
 
 /// One CONNECT stream, validated as far as HBONE itself goes.
 #[derive(Debug)]
@@ -59,6 +64,9 @@ pub struct Responder {
     respond: SendResponse<Bytes>,
     /// Data from the client.
     pub recv: RecvStream,
+    /// The connection's adaptive receive window, told how the stream's data is taken
+    /// ([`crate::splice::hbone`]).
+    pub window: Option<Arc<Window>>,
     /// Tells the limits the stream's descriptors are open once it is accepted.
     opened: Option<OpenMark>,
 }
@@ -229,7 +237,7 @@ impl<H: Handler> Server<H> {
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-    ) -> Result<(ServerConn, SpiffeId, SocketAddr), (Reason, String)> {
+    ) -> Result<Handshaken, (Reason, String)> {
         let failed = |e: String| (Reason::HandshakeFailed, e);
         let local = tcp.local_addr().map_err(|e| failed(e.to_string()))?;
         let id = self.handler.identity_for(local).ok_or_else(|| {
@@ -241,6 +249,7 @@ impl<H: Handler> Server<H> {
         let acceptor = TlsAcceptor::from(self.tls_config(&id).await.map_err(failed)?);
         super::set_tcp_keepalive(&tcp, self.limits.config().tcp_keepalive);
         let lim = self.limits.config();
+        let bounds = self.cfg.window_bounds();
         let mut tls_stream = acceptor
             .accept(super::transport(tcp, &self.cfg))
             .await
@@ -249,7 +258,7 @@ impl<H: Handler> Server<H> {
         let peer_identity = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or_else(|| failed("client certificate has no SPIFFE identity".to_string()))?;
         let conn = h2::server::Builder::new()
-            .initial_window_size(self.cfg.stream_window)
+            .initial_window_size(bounds.start)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_frame_size(self.cfg.max_frame_size)
             .max_send_buffer_size(self.cfg.send_buffer as usize)
@@ -259,7 +268,7 @@ impl<H: Handler> Server<H> {
             .await
             .map_err(|e| failed(format!("HTTP/2 handshake failed: {e}")))?;
         tracing::debug!(%peer, %local, client = %peer_identity, "HBONE connection accepted");
-        Ok((conn, peer_identity, local))
+        Ok((conn, peer_identity, local, Window::new(bounds)))
     }
 
     async fn serve_connection(
@@ -275,7 +284,7 @@ impl<H: Handler> Server<H> {
             lim.handshake_timeout,
             self.handshake(tcp, peer),
         ));
-        let (mut conn, peer_identity, local) = tokio::select! {
+        let (mut conn, peer_identity, local, window) = tokio::select! {
             r = handshake => match r {
                 Ok(r) => r?,
                 Err(_) => {
@@ -297,6 +306,7 @@ impl<H: Handler> Server<H> {
             .map_err(|r| (r, format!("client {peer_identity}")))?;
         let keepalive = keepalive(
             conn.ping_pong(),
+            window.clone(),
             lim.keepalive_interval,
             lim.keepalive_timeout,
         );
@@ -311,6 +321,12 @@ impl<H: Handler> Server<H> {
                     conn.graceful_shutdown();
                     goaway_sent = true;
                     tracing::debug!(%peer, "HBONE connection draining: GOAWAY sent");
+                    continue;
+                }
+                () = resized(window.as_deref()) => {
+                    if let Some(w) = &window {
+                        w.apply(|n| conn.set_initial_window_size(n));
+                    }
                     continue;
                 }
                 _ = &mut keepalive => {
@@ -337,6 +353,7 @@ impl<H: Handler> Server<H> {
             let mut responder = Responder {
                 respond,
                 recv,
+                window: window.clone(),
                 opened: None,
             };
             let authority = match connect_authority(&parts.method, &parts.uri) {
@@ -381,20 +398,20 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// Pings the client every `interval` (HTTP/2 PING) and resolves when one is not answered
-/// within `timeout`; pending forever if the connection offers no pinger (it always does once).
-async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
-    let Some(mut ping) = ping else {
+/// Pings the client every `interval` (HTTP/2 PING; an idle connection's adaptive `window`
+/// returns to its start); resolves when one is not answered within `timeout`. Pending forever if the
+/// connection offers no pinger (it always does once) or has ended (`accept` reports that).
+async fn keepalive(
+    ping: Option<h2::PingPong>,
+    window: Option<Arc<Window>>,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let Some(ping) = ping else {
         return std::future::pending().await;
     };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            // The connection is gone (its own end is reported by `accept`), or silent.
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
-        }
+    if pinger(ping, window, interval, timeout).await == Ended::Closed {
+        std::future::pending().await
     }
 }
 

@@ -83,6 +83,7 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.refuse(&[&report], &e, Refuse::Stream(responder)),
         };
+        let window = responder.window.clone();
         let (send, recv) = match responder.accept() {
             Ok(halves) => halves,
             Err(e) => return self.refuse(&[&report], &FlowError::Accept(e), Refuse::Gone),
@@ -90,7 +91,7 @@ impl Proxy {
         let meter = report.open(&self.metrics);
         let sockets = dup(&pod).into_iter().collect();
         let sink = meter.server_side();
-        let splice = pin!(splice::hbone(pod, send, recv, &sink));
+        let splice = pin!(splice::hbone(pod, send, recv, window.as_deref(), &sink));
         match reg.run(splice, sockets).await {
             // The socket side here is the server: what it sent went to the client.
             Ok((bytes, err)) => {

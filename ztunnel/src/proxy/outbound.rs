@@ -157,8 +157,14 @@ impl Proxy {
         match self.pool.connect(&key, &req).await {
             Ok(flow) => {
                 let meter = report.open(&self.metrics);
-                let (bytes, err) =
-                    splice::hbone(tcp, flow.send, flow.recv, &meter.client_side()).await;
+                let (bytes, err) = splice::hbone(
+                    tcp,
+                    flow.send,
+                    flow.recv,
+                    flow.window.as_deref(),
+                    &meter.client_side(),
+                )
+                .await;
                 report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
             }
             Err(e) => self.refuse(&[report], &e.into(), Refuse::Reset(&tcp)),

@@ -128,6 +128,19 @@ pub fn set_notsent_lowat(sock: &impl AsRawFd, bytes: u32) -> io::Result<()> {
     set_int(sock, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet (`SIOCOUTQ`): what is
+/// queued in the kernel towards a destination that has not taken it.
+pub fn unacked_bytes(sock: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) on an open TCP socket writes one int through the pointer,
+    // which points at a live local of that type.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &raw mut n) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Fails when the kernel cannot give a socket congestion control `name` (not built in, module
 /// not loaded, or not allowed), so a bad setting stops the daemon before it binds anything.
 pub fn check_congestion(name: &str) -> io::Result<()> {

@@ -33,6 +33,7 @@ pub(super) fn hbone_config() -> HboneConfig {
         idle_timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(5),
         stream_window: 1 << 20,
+        stream_window_start: 64 << 10,
         send_buffer: 1 << 20,
         connection_window: 4 << 20,
         max_frame_size: 1 << 20,
