@@ -261,13 +261,13 @@ pub fn h2_io(e: h2::Error) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// A connected loopback pair: (client side, accepted side).
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let c = TcpStream::connect(l.local_addr().expect("addr"))
             .await

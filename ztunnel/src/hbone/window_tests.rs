@@ -85,10 +85,11 @@ async fn refusals_reset_growth_and_idle_returns_to_the_start() {
 /// force by its driver.
 mod over_h2 {
     use super::*;
+    use crate::splice::tests::pair as tcp_pair;
     use crate::splice::{self, ByteSink};
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     /// Kernel buffer of each socket towards the destination.
     const KERNEL_BUF: usize = 32 << 10;
@@ -97,15 +98,6 @@ mod over_h2 {
         start: 64 << 10,
         max: 1 << 20,
     };
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let c = TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (s, _) = l.accept().await.expect("accept");
-        (c, s)
-    }
 
     /// A sender's stream to a receiving connection whose stream is spliced to the returned
     /// destination socket; the receiving connection's window.
