@@ -30,7 +30,7 @@
 //! tracked and the windows are fixed.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,8 +50,8 @@ pub struct Bounds {
 #[derive(Debug)]
 pub struct Window {
     bounds: Bounds,
-    /// Bytes its flows have passed on to their destinations.
-    passed: AtomicU64,
+    /// Whether its flows passed anything on since the pinger's last tick.
+    active: AtomicBool,
     /// The stream window wanted in force.
     wanted: AtomicU32,
     /// The stream window the driver last put in force.
@@ -75,7 +75,7 @@ impl Window {
         (bounds.start < bounds.max).then(|| {
             Arc::new(Window {
                 bounds,
-                passed: AtomicU64::new(0),
+                active: AtomicBool::new(false),
                 wanted: AtomicU32::new(bounds.start),
                 applied: AtomicU32::new(bounds.start),
                 resize: AtomicBool::new(false),
@@ -95,7 +95,10 @@ impl Window {
         refused: bool,
         queued: impl FnOnce() -> Option<usize>,
     ) {
-        self.passed.fetch_add(n as u64, Ordering::Relaxed);
+        // Loaded first so that a busy connection does not write the shared line per chunk.
+        if n > 0 && !self.active.load(Ordering::Relaxed) {
+            self.active.store(true, Ordering::Relaxed);
+        }
         if refused {
             progress.since = 0;
             return;
@@ -169,7 +172,8 @@ impl Window {
 
     /// At a keepalive tick: back to the start window if nothing was passed on since the last
     /// one; a window the driver could not put in force yet is asked for again.
-    fn tick(&self, idle: bool) {
+    fn tick(&self) {
+        let idle = !self.active.swap(false, Ordering::Relaxed);
         if idle && self.wanted.load(Ordering::Relaxed) != self.bounds.start {
             self.wanted.store(self.bounds.start, Ordering::Relaxed);
             self.wake_driver();
@@ -220,12 +224,6 @@ pub async fn pinger(
     interval: Duration,
     timeout: Duration,
 ) -> Ended {
-    let passed = || {
-        window
-            .as_ref()
-            .map_or(0, |w| w.passed.load(Ordering::Relaxed))
-    };
-    let mut at_tick = passed();
     loop {
         tokio::time::sleep(interval).await;
         match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
@@ -234,9 +232,7 @@ pub async fn pinger(
             Err(_) => return Ended::Silent,
         }
         if let Some(w) = &window {
-            let now = passed();
-            w.tick(now == at_tick);
-            at_tick = now;
+            w.tick();
         }
     }
 }

@@ -65,7 +65,8 @@ async fn refusals_reset_growth_and_idle_returns_to_the_start() {
     w.resized().await;
     w.apply(|_| Err("settings pending"));
     assert_eq!(w.applied.load(Ordering::Relaxed), B.start);
-    w.tick(false);
+    // A tick after data was passed on: not idle, so the refused change is asked for again.
+    w.tick();
     w.resized().await;
     let mut set = Vec::new();
     w.apply(|n| {
@@ -74,7 +75,8 @@ async fn refusals_reset_growth_and_idle_returns_to_the_start() {
     });
     assert_eq!(set, [512 << 10]);
 
-    w.tick(true);
+    // Nothing passed on since the last tick: idle.
+    w.tick();
     w.resized().await;
     w.apply(|_| Ok::<_, String>(()));
     assert_eq!(w.applied.load(Ordering::Relaxed), B.start);
