@@ -35,10 +35,16 @@ fn two_pods() -> ClusterSpec {
 /// A TCP connection from `pod` to `to` (made inside the pod's network namespace, so capture
 /// takes it into the mesh), past the server's `HELLO` line; or how it failed.
 fn try_open(pod: &Pod, to: SocketAddr) -> Result<TcpStream, String> {
+    // A refusal can land before `connect` returns: the daemon accepts and resets so fast that
+    // the reset is what the non-blocking connect's poll reports.
     let mut tcp = in_netns(&pod.netns, move || {
-        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?)
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5)))
     })
-    .map_err(|e| format!("connect: {e:#}"))?;
+    .map_err(|e| format!("connect: {e:#}"))?
+    .map_err(|e| match e.kind() {
+        ErrorKind::ConnectionReset => "reset".to_string(),
+        _ => format!("connect: {e}"),
+    })?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let mut hello = Vec::new();
