@@ -18,6 +18,8 @@
 //! - `image [--debug]`: the daemon's OCI image with umoci, under `<target>/image/`.
 //! - `fuzz TARGET [--secs N]`, `fuzz --list`: a libFuzzer target of `ztunnel/fuzz/` with
 //!   cargo-fuzz on the nightly toolchain (docs/RELIABILITY.md, "Fuzzing").
+//! - `link-order [--rounds N]`: the functions a ready daemon runs, from the demo under `perf`,
+//!   into `ztunnel/link-order.txt`, which the release link lays out together.
 
 mod bench;
 mod demo;
@@ -26,6 +28,7 @@ mod demo_waypoint;
 mod fuzz;
 mod image;
 mod interrupt;
+mod link_order;
 mod test;
 
 use std::path::PathBuf;
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
             "soak" => bench::soak(rest),
             "image" => image::run(rest),
             "fuzz" => fuzz::run(rest),
+            "link-order" => link_order::run(rest),
             "help" | "-h" | "--help" => {
                 usage();
                 Ok(true)
@@ -94,7 +98,9 @@ fn usage() {
          \n  soak [--minutes N] [--rate R]           N minutes of churn + long transfers; descriptors and\
          \n                                          memory of both daemons must stay flat (root)\
          \n  image [--debug]                         OCI image of the release (or debug) binary under target/image/ (root)\
-         \n  fuzz TARGET [--secs N] | fuzz --list    run a fuzz target of ztunnel/fuzz/ (nightly, cargo-fuzz)"
+         \n  fuzz TARGET [--secs N] | fuzz --list    run a fuzz target of ztunnel/fuzz/ (nightly, cargo-fuzz)\
+         \n  link-order [--rounds N]                 regenerate ztunnel/link-order.txt, the release daemon's\
+         \n                                          code layout, from the demo under perf (root)"
     );
 }
 
