@@ -56,6 +56,24 @@ fn spec() -> ClusterSpec {
     super::demo_waypoint::add_to(spec)
 }
 
+/// Builds the debug binaries the demo runs (with `ZTUNNEL_BIN` set, it runs that daemon instead).
+pub fn build() -> Result<()> {
+    super::run_status(
+        super::cargo()
+            .args([
+                "build",
+                "-p",
+                "ztunnel",
+                "-p",
+                "mesh-tests",
+                "-p",
+                "waypoint",
+                "--bins",
+            ])
+            .current_dir(mesh_tests::workspace_root()),
+    )
+}
+
 /// One driven flow and what was observed about it.
 struct Flow {
     title: &'static str,
@@ -83,20 +101,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     mesh_tests::require_root()?;
     if !background {
         super::test::prepare_machine(kube)?;
-        super::run_status(
-            super::cargo()
-                .args([
-                    "build",
-                    "-p",
-                    "ztunnel",
-                    "-p",
-                    "mesh-tests",
-                    "-p",
-                    "waypoint",
-                    "--bins",
-                ])
-                .current_dir(mesh_tests::workspace_root()),
-        )?;
+        build()?;
     }
     if up {
         return demo_up::up(kube);

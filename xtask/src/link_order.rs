@@ -24,6 +24,7 @@ const SETTLED: usize = 5;
 /// allocator's own `madvise` calls return a few pages of heap at a time).
 const RELEASE_LEN: u64 = 1 << 20;
 
+/// `cargo xtask link-order [--rounds N]` (module doc); `Ok(true)` once the list is written.
 pub fn run(args: &[String]) -> Result<bool> {
     let mut rounds = 3;
     let mut it = args.iter();
@@ -70,15 +71,13 @@ pub fn run(args: &[String]) -> Result<bool> {
         let mut kept: Vec<String> = old.into_iter().filter(|s| defined.contains(s)).collect();
         let known: HashSet<String> = kept.iter().cloned().collect();
         let new: Vec<String> = seen.into_iter().filter(|s| !known.contains(s)).collect();
-        println!(
-            "link-order: round {round}: {placed} listed names in this build, {} new",
-            new.len()
-        );
-        kept.extend(new.iter().cloned());
+        let added = new.len();
+        println!("link-order: round {round}: {placed} listed names in this build, {added} new");
+        kept.extend(new);
         let mut text = kept.join("\n");
         text.push('\n');
         std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
-        if new.len() < SETTLED {
+        if added < SETTLED {
             break;
         }
     }
@@ -119,20 +118,7 @@ fn defined_functions(bin: &Path) -> Result<HashSet<String>> {
 fn record(bin: &Path, data: &Path) -> Result<()> {
     let xtask = std::env::current_exe().context("this program's path")?;
     // The demo builds its debug binaries first; build them outside the recording.
-    crate::run_status(
-        crate::cargo()
-            .args([
-                "build",
-                "-p",
-                "ztunnel",
-                "-p",
-                "mesh-tests",
-                "-p",
-                "waypoint",
-                "--bins",
-            ])
-            .current_dir(mesh_tests::workspace_root()),
-    )?;
+    crate::demo::build()?;
     crate::run_status(
         Command::new("perf")
             .args(["record", "-q", "-a", "-d", "-c", "1", "-e", "page-faults"])
