@@ -43,36 +43,26 @@ pub fn run(args: &[String]) -> Result<bool> {
     crate::test::install_packages(&["linux-perf", "binutils"])?;
     let root = mesh_tests::workspace_root();
     let list = root.join("ztunnel").join("link-order.txt");
-    let bin = crate::target_dir()?.join("release").join("ztunnel");
     let data = crate::target_dir()?.join("link-order.perf.data");
     for round in 1..=rounds {
-        crate::run_status(
-            crate::cargo()
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "ztunnel",
-                    "-p",
-                    "mesh-tests",
-                    "--bins",
-                ])
-                .current_dir(&root),
-        )?;
+        let bin = crate::bench::build_release()?.join("ztunnel");
         let defined = defined_functions(&bin)?;
-        let old: Vec<String> = std::fs::read_to_string(&list)
+        // The listed names this build still has: the ones it laid out.
+        let mut kept: Vec<String> = std::fs::read_to_string(&list)
             .unwrap_or_default()
             .lines()
+            .filter(|s| defined.contains(*s))
             .map(str::to_string)
             .collect();
-        let placed = old.iter().filter(|s| defined.contains(*s)).count();
         record(&bin, &data)?;
         let seen = faulted_after_release(&data, &bin)?;
-        let mut kept: Vec<String> = old.into_iter().filter(|s| defined.contains(s)).collect();
         let known: HashSet<String> = kept.iter().cloned().collect();
         let new: Vec<String> = seen.into_iter().filter(|s| !known.contains(s)).collect();
         let added = new.len();
-        println!("link-order: round {round}: {placed} listed names in this build, {added} new");
+        println!(
+            "link-order: round {round}: {} listed names in this build, {added} new",
+            kept.len()
+        );
         kept.extend(new);
         let mut text = kept.join("\n");
         text.push('\n');

