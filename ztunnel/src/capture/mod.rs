@@ -34,10 +34,12 @@
 
 mod announced;
 mod devconf;
+mod error;
 mod ipv6;
 mod links;
 mod pins;
 mod routes;
+mod settings;
 mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,16 +49,19 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
-use aya::programs::links::{FdLink, LinkError};
+use aya::programs::links::FdLink;
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{ProgramError, SchedClassifier};
-use aya::{Ebpf, EbpfError, EbpfLoader};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 
 pub use announced::interface_index;
+pub use error::CaptureError;
 use pins::{Hook, PinDir};
 use routes::RouteTable;
 pub use routes::RULE_PRIORITY;
+use settings::validate;
+pub use settings::CaptureSettings;
 pub use status::PodCapture;
 
 /// The compiled `ebpf/capture.bpf.c` (built by `build.rs`).
@@ -83,42 +88,6 @@ const STAT_COUNT: u32 = 3;
 const POD_ENROLLED: u32 = 1;
 /// Value flag: the pod's DNS (port 53) is steered to the DNS proxy (`ZT_POD_DNS`).
 const POD_DNS: u32 = 2;
-
-/// What capture needs to know about the daemon. The ports are those of the daemon's listeners,
-/// which must be `IP_TRANSPARENT` (set before `bind`) and carry `SO_MARK = daemon_mark`:
-/// outbound and inbound plaintext on 127.0.0.1, HBONE on 0.0.0.0.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CaptureSettings {
-    /// SYNs leaving an enrolled pod are assigned to `127.0.0.1:<outbound_port>` (15001).
-    pub outbound_port: u16,
-    /// SYNs to a local enrolled pod from a non-mesh source: `127.0.0.1:<port>` (15006).
-    pub inbound_plaintext_port: u16,
-    /// SYNs to `<local enrolled pod ip>:<hbone_port>` (from other nodes): the HBONE listener (15008).
-    pub hbone_port: u16,
-    /// UDP and TCP to port 53 from enrolled pods whose [`LocalPod::dns_capture`] is set go to
-    /// `127.0.0.1:<dns_port>` (15053; UDP socket transparent with `IP_RECVORIGDSTADDR`).
-    /// `0` turns DNS capture off for the whole node.
-    pub dns_port: u16,
-    /// Mark set on every packet the programs assign; routed locally by the capture ip rule.
-    /// Must not share bits with `daemon_mark`.
-    pub capture_mark: u32,
-    /// `SO_MARK` of the daemon's own sockets; the programs never touch packets carrying any of
-    /// its bits.
-    pub daemon_mark: u32,
-    /// Routing table for `ip rule fwmark <capture_mark> lookup <table>` and
-    /// `local default dev lo`. Must be owned by us (not 253-255, the kernel's).
-    pub route_table: u32,
-    /// Node interfaces facing other nodes (e.g. `eth0`): inbound traffic for local pods.
-    /// Empty: discovered from the routing table on every sync (the interfaces of the default
-    /// route, of routes via a gateway, and of connected subnets no local pod is on).
-    pub uplinks: Vec<String>,
-    /// Leave the node's own traffic to enrolled pods alone (no `zt_host_redirect`): it reaches
-    /// the pods in plaintext without policy or logs, as before capture. Off by default.
-    pub exempt_node_traffic: bool,
-    /// bpffs directory of this node's pinned maps, program and links (created if absent; its
-    /// nearest existing ancestor must be on bpffs).
-    pub pin_dir: PathBuf,
-}
 
 /// Packets the programs dropped since the maps were created (they survive daemon restarts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,161 +118,6 @@ pub struct LocalPod {
     pub enrolled: bool,
     /// Whether the pod's DNS is captured too (only when enrolled; pod annotation opt-out).
     pub dns_capture: bool,
-}
-
-/// Capture failures, phrased for the operator.
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    /// Settings that cannot work (the field is named).
-    #[error("invalid capture settings: {0}")]
-    InvalidSettings(String),
-    /// The eBPF object could not be parsed or its maps created.
-    #[error(
-        "cannot load the capture eBPF object (needs root, or CAP_BPF + CAP_NET_ADMIN + \
-         CAP_SYS_ADMIN, and a kernel with BTF): {error}"
-    )]
-    Object {
-        /// What aya reported.
-        error: EbpfError,
-    },
-    /// The object lacks a program or map this code expects (built from another source?).
-    #[error("the embedded capture eBPF object has no {0}; rebuild ztunnel (ebpf/capture.bpf.c)")]
-    ObjectMismatch(String),
-    /// The kernel rejected the program; the message includes the verifier log.
-    #[error("the kernel rejected eBPF program {program}: {error}")]
-    Program {
-        /// Program name.
-        program: &'static str,
-        /// Includes the verifier log for load failures.
-        error: ProgramError,
-    },
-    /// Attaching to an interface failed.
-    #[error("cannot attach capture program to interface {iface}: {error}")]
-    Attach {
-        /// Interface name.
-        iface: String,
-        /// What aya reported.
-        error: ProgramError,
-    },
-    /// Detaching from an interface failed.
-    #[error("cannot detach capture program from interface {iface}: {error}")]
-    Detach {
-        /// Interface name.
-        iface: String,
-        /// What aya reported.
-        error: ProgramError,
-    },
-    /// An interface (uplink or pod veth) does not exist in this network namespace.
-    #[error("interface {iface} not found in this network namespace: {error}")]
-    Interface {
-        /// Interface name.
-        iface: String,
-        /// Lookup error.
-        error: io::Error,
-    },
-    /// No node-side interface could be found for a pod (yet); retried on the next sync.
-    #[error("no node-side interface for pod {pod} ({ip}) yet: {reason}; will retry")]
-    NoPodInterface {
-        /// `ns/name`.
-        pod: String,
-        /// The pod address whose route was looked up.
-        ip: IpAddr,
-        /// Why the route did not identify a veth.
-        reason: String,
-    },
-    /// A dual-stack pod's IPv4 and IPv6 routes lead to different node interfaces. Both
-    /// addresses are bound to the IPv4 route's interface, so the pod's IPv6 packets, which
-    /// enter through the other one, are dropped as spoofed until the routes agree.
-    #[error(
-        "pod {pod}: the route to {ipv4} leads to {iface4} but the route to {ipv6} to \
-         {iface6}; capture binds both to {iface4}, so its IPv6 traffic is dropped until the \
-         CNI routes both addresses to one interface"
-    )]
-    InterfaceMismatch {
-        /// `ns/name`.
-        pod: String,
-        /// The pod's IPv4 address.
-        ipv4: Ipv4Addr,
-        /// Where its route leads.
-        iface4: String,
-        /// The pod's IPv6 address.
-        ipv6: Ipv6Addr,
-        /// Where its route leads.
-        iface6: String,
-    },
-    /// Updating the enrolled-pod map failed.
-    #[error(
-        "cannot update the enrolled-pod eBPF map for {ip}: {error} (map holds at most 4096 pods)"
-    )]
-    Map {
-        /// Pod IP.
-        ip: Ipv4Addr,
-        /// What aya reported.
-        error: MapError,
-    },
-    /// Updating the IPv6 enrolled-pod map failed.
-    #[error(
-        "cannot update the IPv6 enrolled-pod eBPF map for {ip}: {error} (map holds at most 4096 pods)"
-    )]
-    MapV6 {
-        /// Pod IPv6 address.
-        ip: Ipv6Addr,
-        /// What aya reported.
-        error: MapError,
-    },
-    /// Reading the routing table failed.
-    #[error("cannot read routing table {path}: {error}")]
-    Routes {
-        /// File read.
-        path: String,
-        /// Read error.
-        error: io::Error,
-    },
-    /// The pin directory is not on a bpf filesystem, so pins could not outlive the daemon.
-    #[error(
-        "{path} is not on a bpf filesystem: mount one where it outlives the daemon (`mount -t \
-         bpf bpf /sys/fs/bpf` in the host's mount namespace; in a pod, a hostPath volume of \
-         /sys/fs/bpf), or point --bpf-pin-dir at one"
-    )]
-    NotBpffs {
-        /// The configured pin directory.
-        path: PathBuf,
-    },
-    /// Creating, reading or removing a pin failed.
-    #[error("bpffs pin {path}: {error}")]
-    Pin {
-        /// The pin or directory.
-        path: PathBuf,
-        /// What failed.
-        error: io::Error,
-    },
-    /// A pinned link could not be pinned, opened or given the new program.
-    #[error("capture link of interface {iface}: {error}")]
-    Link {
-        /// Interface name.
-        iface: String,
-        /// What aya reported.
-        error: LinkError,
-    },
-    /// A setting of the node's interfaces the node-local path needs could not be made.
-    #[error(
-        "cannot set {path} = 1 (rtnetlink): {error}; the node's own traffic to enrolled pods \
-         needs it (CAP_NET_ADMIN in the node's network namespace), or set --exempt-node-traffic"
-    )]
-    Sysctl {
-        /// The setting, in sysctl notation.
-        path: String,
-        /// Write error.
-        error: io::Error,
-    },
-    /// An `ip` command (rule/route set-up) failed.
-    #[error("`{command}` failed: {detail}")]
-    Command {
-        /// The command line.
-        command: String,
-        /// Exit status and stderr, or why it could not run.
-        detail: String,
-    },
 }
 
 /// One program attachment.
@@ -358,49 +172,6 @@ impl std::fmt::Debug for Capture {
             .field("enrolled", &self.enrolled)
             .finish_non_exhaustive()
     }
-}
-
-fn validate(s: &CaptureSettings) -> Result<(), CaptureError> {
-    let bad = |m: String| Err(CaptureError::InvalidSettings(m));
-    let ports = [
-        ("outbound_port", s.outbound_port),
-        ("inbound_plaintext_port", s.inbound_plaintext_port),
-        ("hbone_port", s.hbone_port),
-        ("dns_port", s.dns_port),
-    ];
-    for (i, (name, port)) in ports.iter().enumerate() {
-        if *port == 0 && *name == "dns_port" {
-            continue;
-        }
-        if *port == 0 {
-            return bad(format!("{name} must not be 0"));
-        }
-        if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
-            return bad(format!("{name} and {other} are both {port}"));
-        }
-    }
-    if s.capture_mark == 0 || s.daemon_mark == 0 {
-        return bad("capture_mark and daemon_mark must be non-zero".to_string());
-    }
-    if s.capture_mark & s.daemon_mark != 0 {
-        return bad(format!(
-            "capture_mark {:#x} and daemon_mark {:#x} share bits: the daemon's own packets \
-             would be routed to itself",
-            s.capture_mark, s.daemon_mark
-        ));
-    }
-    if s.route_table == 0 || (253..=255).contains(&s.route_table) {
-        return bad(format!(
-            "route_table {} is reserved (0, 253 default, 254 main, 255 local)",
-            s.route_table
-        ));
-    }
-    for u in &s.uplinks {
-        if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) {
-            return bad(format!("uplink {u:?} is not a valid interface name"));
-        }
-    }
-    Ok(())
 }
 
 /// Interface index in the calling thread's network namespace.
@@ -835,35 +606,6 @@ fn assert_send_sync() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings() -> CaptureSettings {
-        CaptureSettings {
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            hbone_port: 15008,
-            dns_port: 15053,
-            capture_mark: 0x1000,
-            daemon_mark: 0x539,
-            route_table: 100,
-            uplinks: vec!["eth0".into()],
-            exempt_node_traffic: false,
-            pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel/node1"),
-        }
-    }
-
-    #[test]
-    fn validates_settings() {
-        assert!(validate(&settings()).is_ok());
-        let mut s = settings();
-        s.capture_mark = 0x1;
-        assert!(validate(&s).is_err(), "0x1 overlaps 0x539");
-        let mut s = settings();
-        s.hbone_port = 15001;
-        assert!(validate(&s).is_err());
-        let mut s = settings();
-        s.route_table = 254;
-        assert!(validate(&s).is_err());
-    }
 
     #[test]
     fn map_key_is_network_order() {
