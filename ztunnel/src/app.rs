@@ -1,6 +1,7 @@
 //! Start-up, steady state and shutdown of the daemon.
 //!
-//! [`run`] is a sequence of phases, each a function below:
+//! [`run`] is a sequence of phases, each a function below or in a submodule (`data_plane`:
+//! what serves traffic; `steady_state`: the daemon once ready; `listeners`: every socket):
 //!
 //! 1. `check_host`: the configured TCP congestion controls exist; the open-file limit is raised.
 //! 2. The state source ([`crate::source`]): its first read, published on a `watch` channel.
@@ -27,7 +28,6 @@
 //! traffic is held, never sent in clear, until the next daemon adopts it; with
 //! `--detach-on-exit` the daemon removes it (traffic then flows directly again).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,29 +39,29 @@ use crate::accept::AcceptErrors;
 use crate::admin::metrics::MetricsRoutes;
 use crate::admin::routes::AdminRoutes;
 use crate::admin::socket::SocketError;
-use crate::admin::{self, CaptureSnapshot, CaptureView, Readiness};
-use crate::capture::{Capture, CaptureError, CaptureSettings, LocalPod};
+use crate::admin::{self, CaptureView, Readiness};
+use crate::capture::{Capture, CaptureError, CaptureSettings};
 use crate::cni::install::Keeper;
 use crate::cni::{Announcement, CniStats, Pending};
 use crate::config::Config;
-use crate::dns::{self, DnsStats};
+use crate::dns::DnsStats;
 use crate::drain::Drain;
 use crate::handover::{self, HandoverError, Offer, Serving};
-use crate::hbone::client::Pool;
-use crate::hbone::limits::Limits;
-use crate::hbone::server::Server;
-use crate::identity::{CaError, CertError, CertManager, SpiffeId};
-use crate::proxy::route::Node;
-use crate::proxy::{Captured, Proxy};
+use crate::identity::{CaError, CertError, CertManager};
 use crate::socket::{self, SocketFactory, TransparentSockets};
 use crate::source::{self, SourceError, SourceHealth, StateSource};
 use crate::state::State;
 use crate::telemetry::Metrics;
-use crate::workers::Workers;
 
+mod data_plane;
 mod listeners;
+mod steady_state;
 
-use listeners::{DataPlaneListeners, DnsSockets, Listeners};
+use data_plane::{start_data_plane, start_dns, DataPlane};
+use listeners::Listeners;
+use steady_state::{
+    local_identities, steady_state, sync_capture, update_certificates, MainLoop, Stop,
+};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -120,9 +120,6 @@ pub enum AppError {
     #[error("cannot start the admin thread: {0}")]
     Admin(std::io::Error),
 }
-
-/// How often capture is re-checked against the state without a state change.
-const CAPTURE_RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGTERM/SIGINT (or admin `/quitquitquit`), then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
@@ -317,173 +314,6 @@ impl Shared {
             capture: Arc::default(),
             serving,
             handover_stats,
-        }
-    }
-}
-
-/// The DNS proxy's counters (registered whether or not it runs), and the proxy itself when
-/// configured. Upstreams default to /etc/resolv.conf; without any, forwarded names get
-/// SERVFAIL.
-fn start_dns(shared: &Shared, sockets: Option<DnsSockets>) -> Arc<DnsStats> {
-    let stats = Arc::new(DnsStats::default());
-    shared.metrics.register(|r| stats.register(r));
-    let cfg = &shared.cfg;
-    let (Some(d), Some(DnsSockets { udp, tcp, ipv6 })) = (&cfg.dns, sockets) else {
-        return stats;
-    };
-    let upstreams = if d.upstreams.is_empty() {
-        dns::upstream::read_resolv_conf(std::path::Path::new("/etc/resolv.conf")).unwrap_or_else(
-            |e| {
-                tracing::warn!(error = %e, "dns: no upstream; names outside the mesh get SERVFAIL");
-                Vec::new()
-            },
-        )
-    } else {
-        d.upstreams.clone()
-    };
-    tracing::info!(port = cfg.ports.dns, upstreams = ?upstreams, "dns proxy listening");
-    let upstream = Arc::new(dns::upstream::Resolver::new(&upstreams, d.upstream_timeout));
-    let handler = dns::Handler::new(
-        shared.state.clone(),
-        &cfg.cluster_domain,
-        upstream,
-        stats.clone(),
-    );
-    let gate = dns::limits::Gate::new(d.limits, stats.refused.clone());
-    let serving = &shared.serving;
-    for (udp, tcp) in std::iter::once((udp, tcp)).chain(ipv6) {
-        tokio::spawn(serving.clone().run(dns::server::run_udp(
-            udp,
-            handler.clone(),
-            cfg.daemon_mark,
-            gate.clone(),
-        )));
-        tokio::spawn(serving.clone().run(dns::server::run_tcp(
-            tcp,
-            handler.clone(),
-            gate.clone(),
-            shared.accept_errors.clone(),
-        )));
-    }
-    stats
-}
-
-/// What serves flows, as `start_data_plane` built it. The main task re-checks open flows
-/// through the proxy on state changes; metrics and the admin API read the pool and workers.
-struct DataPlane {
-    /// HBONE connections to other nodes.
-    pool: Pool,
-    /// The data-plane worker threads.
-    workers: Arc<Workers>,
-    /// Outbound and inbound flows.
-    proxy: Arc<Proxy>,
-}
-
-/// Starts the data plane on `listeners`: the worker threads, the HBONE pool, the proxy, the
-/// HBONE server, and the accept loops of 15001, 15006 and 15008 (tasks of this runtime that
-/// hand each accepted socket to a worker).
-fn start_data_plane(shared: &Shared, listeners: DataPlaneListeners) -> Result<DataPlane, AppError> {
-    let cfg = &shared.cfg;
-    let (sockets, drain) = (&shared.sockets, &shared.drain);
-    let pool = Pool::new(cfg.hbone.clone(), shared.certs.clone(), sockets.clone());
-    let workers = Arc::new(
-        Workers::start(cfg.worker_threads, shared.accept_errors.clone())
-            .map_err(AppError::Workers)?,
-    );
-    let proxy = Proxy::new(
-        Node::from_config(cfg),
-        &cfg.root_namespace,
-        shared.state.clone(),
-        pool.clone(),
-        sockets.clone(),
-        shared.metrics.clone(),
-    );
-    let limits = Limits::new(cfg.hbone_inbound.clone());
-    shared.metrics.register(|r| limits.register(r));
-    tokio::spawn(watch_resources(limits.clone(), cfg.release_code_pages));
-    let server = Server::with_limits(
-        cfg.hbone.clone(),
-        limits.clone(),
-        &cfg.trust_domain,
-        shared.certs.clone(),
-        proxy.clone(),
-        drain.clone(),
-    );
-    let mut captured = vec![
-        (listeners.outbound, Captured::Outbound),
-        (listeners.inbound_plaintext, Captured::InboundPlaintext),
-    ];
-    let mut hbone = vec![listeners.hbone];
-    if let Some(v6) = listeners.ipv6 {
-        captured.push((v6.outbound, Captured::Outbound));
-        captured.push((v6.inbound_plaintext, Captured::InboundPlaintext));
-        hbone.push(v6.hbone);
-    }
-    for (listener, kind) in captured {
-        let (proxy, w, d, serving) = (
-            proxy.clone(),
-            workers.clone(),
-            drain.clone(),
-            shared.serving.clone(),
-        );
-        workers
-            .spawn_acceptor(listener, move |l| serving.run(proxy.serve(l, kind, w, d)))
-            .map_err(AppError::Workers)?;
-    }
-    // An HBONE connection does not count for the drain itself: its streams do. Connections
-    // are admitted at accept, so one over a limit is reset before a worker or TLS sees it.
-    let admit = move |peer: SocketAddr| match limits.admit(peer.ip()) {
-        Ok(admitted) => Some(admitted),
-        Err(reason) => {
-            limits.refused_connection(reason, peer, "reset at accept");
-            None
-        }
-    };
-    let serve = move |tcp, peer, guard, admitted| {
-        drop(guard);
-        server.clone().serve_admitted(tcp, peer, admitted)
-    };
-    for listener in hbone {
-        let (w, d, serving) = (workers.clone(), drain.clone(), shared.serving.clone());
-        let (admit, serve) = (admit.clone(), serve.clone());
-        workers
-            .spawn_acceptor(listener, move |l| {
-                serving
-                    .run(async move { w.accept_loop_admitting(l, "hbone", &d, admit, serve).await })
-            })
-            .map_err(AppError::Workers)?;
-    }
-    Ok(DataPlane {
-        pool,
-        workers,
-        proxy,
-    })
-}
-
-/// How often descriptors are counted, held-back refusal lines written, and a drop in
-/// connections checked for memory to give back.
-const RESOURCE_TICK: Duration = Duration::from_secs(1);
-
-/// Every [`RESOURCE_TICK`]: counts the process's descriptors for the HBONE limits, writes the
-/// refusal summaries held back, and gives freed heap back to the kernel after a burst of
-/// inbound connections ended or when steady traffic left it growing
-/// ([`crate::memory::Reclaim`]).
-async fn watch_resources(limits: Arc<Limits>, code_pages: bool) {
-    let mut reclaim = crate::memory::Reclaim::default();
-    let mut tick = tokio::time::interval(RESOURCE_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let l = limits.clone();
-        let counted = tokio::task::spawn_blocking(move || {
-            l.sample_descriptors();
-            l
-        })
-        .await;
-        let Ok(l) = counted else { continue };
-        l.flush_logs();
-        if let Some(released) = reclaim.after(l.in_use(), code_pages) {
-            tracing::debug!(bytes = released, "free heap given back to the kernel");
         }
     }
 }
@@ -698,141 +528,6 @@ fn become_ready(shared: &Shared, state: &State) {
     tracing::debug!(bytes = released, "start-up memory released");
 }
 
-/// Why the daemon left its steady state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// A signal or `/quitquitquit`: drain and exit.
-    Requested,
-    /// A new daemon of this node accepts on the sockets now: drain and exit, leaving capture
-    /// and the socket files to it.
-    HandedOver,
-}
-
-/// What the main task owns in `steady_state`: capture, the pods the CNI plugin announced,
-/// and the plugin's requests.
-struct MainLoop<'a> {
-    capture: &'a mut Option<Capture>,
-    pending: Pending,
-    cni: Option<tokio::sync::mpsc::Receiver<Announcement>>,
-    cni_stats: CniStats,
-}
-
-/// The next CNI request, or never without a CNI endpoint.
-async fn next_announcement(
-    rx: &mut Option<tokio::sync::mpsc::Receiver<Announcement>>,
-) -> Option<Announcement> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Follows state changes (open flows re-checked, certificates, capture), answers the CNI
-/// plugin ([`crate::cni::answer`]: capture in place before the answer) and re-syncs capture
-/// now and then (a pod's veth may appear after its object does; announcements expire), until
-/// SIGTERM, SIGINT, `/quitquitquit` or a completed hand-over. While a hand-over is in progress
-/// capture is the new daemon's to change (CNI requests wait; those still waiting when the
-/// hand-over completes fail, and the runtime retries them with the new daemon), readiness
-/// answers 503, and a signal waits for its outcome (a second one stops accepting at once,
-/// leaving the shared queues to the new daemon).
-async fn steady_state(
-    shared: &Shared,
-    data_plane: &DataPlane,
-    main: MainLoop<'_>,
-    mut state_rx: watch::Receiver<Arc<State>>,
-    signals: &mut Signals,
-    handover: &mut Option<mpsc::UnboundedReceiver<handover::Event>>,
-) -> Stop {
-    let cfg = &shared.cfg;
-    let MainLoop {
-        capture,
-        mut pending,
-        cni: mut cni_rx,
-        cni_stats,
-    } = main;
-    let mut resync = tokio::time::interval(CAPTURE_RESYNC);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut handing_over, mut stop_asked) = (false, false);
-    loop {
-        let event = async {
-            match handover.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = resync.tick(), if !handing_over => {
-                let state = state_rx.borrow().clone();
-                sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, false);
-            }
-            changed = state_rx.changed() => {
-                if changed.is_err() {
-                    return Stop::Requested;
-                }
-                let state = state_rx.borrow_and_update().clone();
-                data_plane.proxy.recheck_connections(&state);
-                update_certificates(cfg, &shared.certs, &state);
-                if !handing_over {
-                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
-                }
-            }
-            Some(a) = next_announcement(&mut cni_rx), if !handing_over => {
-                let state = state_rx.borrow().clone();
-                let sync = |c: &mut Capture, p: &mut Pending| {
-                    sync_capture(cfg, Some(c), &state, p, &shared.capture, &shared.readiness, true);
-                };
-                let reply = crate::cni::answer(
-                    &a.request,
-                    &state,
-                    &cfg.node_name,
-                    &mut pending,
-                    capture.as_mut(),
-                    sync,
-                    &cni_stats,
-                );
-                // The plugin may have given up meanwhile; nothing to do then.
-                let _ = a.reply.send(reply);
-            }
-            signal = signals.recv() => {
-                if !handing_over {
-                    tracing::info!("{signal} received; draining");
-                    return Stop::Requested;
-                }
-                if stop_asked {
-                    tracing::info!("{signal} received again during the hand-over; no longer \
-                        accepting (the new daemon takes what waits), draining");
-                    shared.serving.close();
-                    return Stop::HandedOver;
-                }
-                tracing::info!("{signal} received during a hand-over; serving until the new \
-                    daemon is ready (another signal stops accepting now)");
-                stop_asked = true;
-            }
-            _ = shared.drain.started() => {
-                tracing::info!("drain requested through the admin socket");
-                return Stop::Requested;
-            }
-            Some(event) = event => match event {
-                handover::Event::Started { .. } => {
-                    handing_over = true;
-                    shared.readiness.set_handing_over(true);
-                }
-                handover::Event::Aborted => {
-                    handing_over = false;
-                    shared.readiness.set_handing_over(false);
-                    if stop_asked {
-                        tracing::info!("draining, as signalled during the hand-over");
-                        return Stop::Requested;
-                    }
-                    let state = state_rx.borrow().clone();
-                    sync_capture(cfg, capture.as_mut(), &state, &mut pending, &shared.capture, &shared.readiness, true);
-                }
-                handover::Event::Completed { .. } => return Stop::HandedOver,
-            },
-        }
-    }
-}
-
 /// Drains (new connections refused, open flows awaited up to `--drain-timeout` or until
 /// another signal), then, with `--detach-on-exit`, removes capture (traffic flows directly
 /// again); otherwise leaves it pinned, failing closed until the next daemon. After a
@@ -896,80 +591,4 @@ async fn drain_and_exit(
         None => tracing::info!("exiting"),
     }
     Ok(())
-}
-
-fn local_identities(cfg: &Config, state: &State) -> BTreeSet<SpiffeId> {
-    state
-        .local_workloads(&cfg.node_name)
-        .filter(|w| w.enrolled)
-        .map(|w| (*w.identity).clone())
-        .collect()
-}
-
-fn update_certificates(cfg: &Config, certs: &Arc<CertManager>, state: &State) {
-    certs.set_identities(&local_identities(cfg, state));
-}
-
-/// Brings capture in line with `state`. Logs `capture updated` after a state change, and after
-/// a periodic resync only when the attached interfaces changed.
-fn sync_capture(
-    cfg: &Config,
-    capture: Option<&mut Capture>,
-    state: &State,
-    pending: &mut Pending,
-    view: &CaptureView,
-    readiness: &Readiness,
-    state_changed: bool,
-) {
-    let Some(capture) = capture else { return };
-    let mut pods: Vec<LocalPod> = state
-        .local_workloads(&cfg.node_name)
-        .filter_map(|w| LocalPod::new(w.key(), &w.ips, w.enrolled, w.dns_capture))
-        .collect();
-    // Pods the CNI plugin announced that the state does not show yet.
-    pending.merge(&mut pods, std::time::Instant::now());
-    let problems = capture.sync(&pods);
-    for (pod, error) in &problems {
-        // Warn once per state change; the periodic retries stay quiet.
-        if state_changed {
-            tracing::warn!(%pod, %error, "capture not in place for pod; retrying");
-        } else {
-            tracing::debug!(%pod, %error, "capture still not in place for pod");
-        }
-    }
-    let enrolled = pods.iter().filter(|p| p.enrolled).count();
-    let interfaces = capture.attached();
-    let attached = interfaces.len();
-    let blockers: Vec<String> = capture
-        .pods()
-        .iter()
-        .filter_map(|p| {
-            let problem = p.problem.as_deref().filter(|_| !p.captured)?;
-            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-            Some(format!(
-                "capture of pod {} ({}) not in place: {problem}",
-                p.name,
-                ips.join(", ")
-            ))
-        })
-        .collect();
-    let blocked = blockers.len();
-    readiness.set_blockers(blockers);
-    let interfaces_changed = view.update(CaptureSnapshot {
-        interfaces,
-        enrolled: capture.enrolled(),
-        enrolled_pods: capture.enrolled_pods(),
-        drops: capture.drop_counts(),
-        uplinks: capture.uplinks().to_vec(),
-        pods: capture.pods().to_vec(),
-    });
-    if state_changed || interfaces_changed {
-        tracing::info!(
-            generation = state.generation,
-            enrolled,
-            not_captured = blocked,
-            interfaces = attached,
-            "capture updated"
-        );
-    }
 }
