@@ -530,7 +530,6 @@ pub fn uninstall_pinned(
     Ok(removed)
 }
 
-/// The map key: the address as it sits in the packet (network byte order).
 /// Sets an enrolled-pod map (IPv4 or IPv6) to exactly `want`, diffing against `written`
 /// (what this daemon wrote, or found in the pinned map): stale addresses are removed, new or
 /// changed ones written, and each failure is added to `problems` with its pod.
@@ -579,6 +578,7 @@ fn sync_pod_map<A, K>(
     }
 }
 
+/// The map key: the address as it sits in the packet (network byte order).
 fn map_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
