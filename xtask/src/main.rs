@@ -37,6 +37,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 fn main() -> ExitCode {
+    // Before any thread exists: changing the environment is not thread-safe.
+    forget_cargo_run_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     // The commands that build clusters clean up after Ctrl-C or SIGTERM at any point.
     if matches!(
@@ -107,6 +109,28 @@ fn usage() {
 /// The cargo that runs us (so toolchain overrides carry over).
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Forgets the variables `cargo run` set for this binary (`CARGO_PKG_NAME=xtask`,
+/// `CARGO_MANIFEST_DIR`, ...), so that the commands it starts do not inherit them. Build
+/// scripts such as ring's rerun when those change: a build started from here would otherwise
+/// rebuild such dependencies, and the next plain `cargo build` would rebuild them again.
+fn forget_cargo_run_env() {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            std::env::remove_var(name);
+        }
+    }
 }
 
 /// Runs a command, failing unless it exits 0.
