@@ -279,6 +279,16 @@ impl Args {
     /// The settings these flags describe.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let window = self.hbone_stream_window.0.max(65_535);
+        if config::connection_window(STREAMS, window).is_none() {
+            return Err(ConfigError::Invalid {
+                flag: "hbone-stream-window".into(),
+                env: "WAYPOINT_HBONE_STREAM_WINDOW".into(),
+                message: format!(
+                    "{window} bytes for each of up to {STREAMS} streams of a connection is more \
+                     than an HTTP/2 connection window can hold (2 GiB - 1)"
+                ),
+            });
+        }
         Ok(Settings {
             identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
             pod_ips: self.pod_ips()?,
@@ -313,20 +323,23 @@ fn waypoint_env(e: ConfigError) -> ConfigError {
     }
 }
 
+/// Streams on one of the waypoint's HBONE connections.
+const STREAMS: u32 = 100;
+
 /// HBONE settings for a waypoint: the daemon's defaults, with a fixed `window` per stream, and all
-/// streams to one endpoint on one connection (up to 100 streams) before another is dialled:
+/// streams to one endpoint on one connection (up to [`STREAMS`]) before another is dialled:
 /// the waypoint's streams carry kept HTTP connections, not bulk flows that would hold each
 /// other up.
 pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
     HboneConfig {
-        max_streams: 100,
+        max_streams: STREAMS,
         spread: 1,
         idle_timeout: Duration::from_secs(60),
         connect_timeout,
         stream_window: window,
         stream_window_start: window,
         send_buffer: window,
-        connection_window: window.saturating_mul(4),
+        connection_window: config::connection_window(STREAMS, window).unwrap_or((1 << 31) - 1),
         max_frame_size: 1 << 20,
         tcp_congestion: None,
         notsent_lowat: None,

@@ -249,7 +249,9 @@ pub struct RunArgs {
     /// HTTP/2 flow-control window of each HBONE stream (one flow): how much a sender may have in
     /// flight before the receiving daemon has passed it on, which must cover the TCP buffers on
     /// the way or the flow stalls on it; also what a flow whose destination stops reading may
-    /// hold in the receiving daemon. Bytes, or with KiB/MiB, from 65535 bytes.
+    /// hold in the receiving daemon. A connection's own window is this times the most streams
+    /// it may carry, so that flows whose destinations stop reading never hold up the others on
+    /// their connection. Bytes, or with KiB/MiB, from 65535 bytes.
     #[arg(long, env = "ZTUNNEL_HBONE_STREAM_WINDOW", default_value_t = Size::mib(8))]
     pub hbone_stream_window: Size,
     /// HTTP/2 flow-control window each HBONE stream starts with. A connection's window doubles,
@@ -264,10 +266,6 @@ pub struct RunArgs {
         default_value_t = Size::kib(256)
     )]
     pub hbone_stream_window_start: Size,
-    /// HTTP/2 flow-control window of each HBONE connection, shared by its streams; at least the
-    /// stream window.
-    #[arg(long, env = "ZTUNNEL_HBONE_CONNECTION_WINDOW", default_value_t = Size::mib(32))]
-    pub hbone_connection_window: Size,
     /// Bytes one HBONE stream may queue in the sending daemon beyond what its socket took: more
     /// lets a flow's sender run further ahead of a slow connection, at that much memory per
     /// busy flow; what a flow sends beyond it waits in the pod's own socket, as it would

@@ -153,7 +153,7 @@ pub struct HboneConfig {
     pub stream_window_start: u32,
     /// The most a stream may queue in h2 for sending (`--hbone-send-buffer`).
     pub send_buffer: u32,
-    /// HTTP/2 connection flow-control window (`--hbone-connection-window`).
+    /// HTTP/2 flow-control window of a whole connection ([`connection_window`]).
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
     pub max_frame_size: u32,
@@ -193,6 +193,22 @@ pub enum SourceConfig {
         kubeconfig: Option<PathBuf>,
     },
 }
+
+/// The HTTP/2 window of a whole HBONE connection that carries up to `streams` streams of
+/// `stream_window` each: room for every stream's whole window, or `None` when that is more
+/// than a window can be (2 GiB - 1). A stream whose destination stops reading keeps what it
+/// was sent, and as much of the connection's window, in the receiving daemon until the
+/// destination reads; with a smaller connection window a few such streams would hold all of it,
+/// and the connection's other flows, whose destinations read, would wait for them forever.
+/// Memory stays bounded by the stream windows (which only grow for destinations that keep up)
+/// and the stream limits.
+pub fn connection_window(streams: u32, stream_window: u32) -> Option<u32> {
+    let w = u64::from(streams.max(1)) * u64::from(stream_window);
+    u32::try_from(w).ok().filter(|&w| w <= MAX_WINDOW)
+}
+
+/// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// Checks the state-source flags (`--source`, `--state`, `--state-poll-interval`,
 /// `--kubeconfig`) together; the waypoint takes the same flags and calls this too.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::cni::cni_config;
 use super::inbound::inbound_limits;
 use super::{
-    ca_config, invalid, source_config, CaptureConfig, Config, ConfigError, DnsConfig, HboneConfig,
-    LogFormat, Ports, RunArgs, Size,
+    ca_config, connection_window, invalid, source_config, CaptureConfig, Config, ConfigError,
+    DnsConfig, HboneConfig, LogFormat, Ports, RunArgs, Size,
 };
 
 impl Config {
@@ -139,16 +139,17 @@ impl Config {
         // A start above the maximum is the maximum: fixed windows.
         let stream_window_start =
             window("hbone-stream-window-start", a.hbone_stream_window_start)?.min(stream_window);
-        let connection_window = window("hbone-connection-window", a.hbone_connection_window)?;
-        if connection_window < stream_window {
-            return Err(invalid(
-                "hbone-connection-window",
+        let streams = max_streams.max(hbone_inbound.max_streams);
+        let connection_window = connection_window(streams, stream_window).ok_or_else(|| {
+            invalid(
+                "hbone-stream-window",
                 format!(
-                    "{connection_window} bytes is less than --hbone-stream-window \
-                     ({stream_window} bytes): one flow could never use its whole window"
+                    "{stream_window} bytes for each of up to {streams} streams of a connection \
+                     (--hbone-max-streams, --hbone-inbound-max-streams) is more than an HTTP/2 \
+                     connection window can hold (2 GiB - 1): lower one of them"
                 ),
-            ));
-        }
+            )
+        })?;
         let send_buffer = match a.hbone_send_buffer.0 {
             0 => stream_window,
             n if n < 16 * 1024 => {

@@ -231,21 +231,16 @@ fn bounds_and_cross_checks() {
 
 #[test]
 fn flow_control_windows() {
+    // A connection's window holds the whole window of every stream it may carry.
     let c = Config::resolve(base()).expect("valid");
     assert_eq!(c.hbone.stream_window, 8 << 20);
-    assert_eq!(c.hbone.connection_window, 32 << 20);
+    assert_eq!(c.hbone.connection_window, 100 * (8 << 20));
 
-    let c = resolve(&[
-        "--hbone-stream-window",
-        "512KiB",
-        "--hbone-connection-window",
-        "1048576",
-    ])
-    .expect("valid");
-    assert_eq!(
-        (c.hbone.stream_window, c.hbone.connection_window),
-        (512 << 10, 1 << 20)
-    );
+    let c = resolve(&["--hbone-stream-window", "512KiB"]).expect("valid");
+    assert_eq!(c.hbone.stream_window, 512 << 10);
+    assert_eq!(c.hbone.connection_window, 100 * (512 << 10));
+    let c = resolve(&["--hbone-inbound-max-streams", "200"]).expect("valid");
+    assert_eq!(c.hbone.connection_window, 200 * (8 << 20));
 
     for bad in ["4MB", "1000", "2048MiB", "", "MiB"] {
         let e = resolve(&["--hbone-stream-window", bad])
@@ -253,10 +248,26 @@ fn flow_control_windows() {
             .to_string();
         assert!(e.contains("--hbone-stream-window"), "{bad}: {e}");
     }
+    // 100 streams of 64 MiB: more than a window can be.
     let e = resolve(&["--hbone-stream-window", "64MiB"])
-        .expect_err("connection < stream")
+        .expect_err("streams x window > 2 GiB")
         .to_string();
-    assert!(e.contains("--hbone-connection-window"), "{e}");
+    assert!(
+        e.contains("--hbone-stream-window") && e.contains("2 GiB"),
+        "{e}"
+    );
+    let c = resolve(&[
+        "--hbone-stream-window",
+        "64MiB",
+        "--hbone-max-streams",
+        "16",
+        "--hbone-inbound-max-streams",
+        "16",
+    ])
+    .expect("16 streams of 64 MiB fit");
+    assert_eq!(c.hbone.connection_window, 16 * (64 << 20));
+    assert_eq!(super::connection_window(32, 64 << 20), None);
+    assert_eq!(super::connection_window(0, 1 << 20), Some(1 << 20));
 }
 
 #[test]
@@ -391,12 +402,12 @@ fn file_is_overridden_by_flags() {
 
     std::fs::write(
         &path,
-        "hbone-stream-window: 1048576\nhbone-connection-window: 64MiB\n",
+        "hbone-stream-window: 1048576\nhbone-inbound-max-streams: 200\n",
     )
     .expect("write");
     let c = resolve(&["--config", file]).expect("valid");
     assert_eq!(c.hbone.stream_window, 1 << 20);
-    assert_eq!(c.hbone.connection_window, 64 << 20);
+    assert_eq!(c.hbone.connection_window, 200 << 20);
 
     std::fs::write(&path, "hbone-prot: 1\n").expect("write");
     let e = resolve(&["--config", file])

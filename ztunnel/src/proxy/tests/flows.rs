@@ -35,7 +35,7 @@ pub(super) fn hbone_config() -> HboneConfig {
         stream_window: 1 << 20,
         stream_window_start: 64 << 10,
         send_buffer: 1 << 20,
-        connection_window: 4 << 20,
+        connection_window: crate::config::connection_window(100, 1 << 20).expect("fits"),
         max_frame_size: 1 << 20,
         tcp_congestion: None,
         notsent_lowat: None,
@@ -69,6 +69,11 @@ const VIP: u8 = 50;
 
 impl Mesh {
     async fn start(net: u8) -> Mesh {
+        Mesh::start_with(net, hbone_config()).await
+    }
+
+    /// The same with both proxies' HBONE settings `cfg`.
+    async fn start_with(net: u8, cfg: HboneConfig) -> Mesh {
         let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
             connect_timeout: Duration::from_secs(5),
         });
@@ -122,7 +127,7 @@ impl Mesh {
                 hbone_port,
                 own_ports: vec![hbone_port],
             };
-            let pool = Pool::new(hbone_config(), certs.clone(), sockets.clone());
+            let pool = Pool::new(cfg.clone(), certs.clone(), sockets.clone());
             Proxy::new(
                 node,
                 "istio-system",
@@ -135,7 +140,7 @@ impl Mesh {
         let (m1, m2) = (Metrics::new("cluster.local"), Metrics::new("cluster.local"));
         let (n1, n2) = (proxy("n1", &m1), proxy("n2", &m2));
         let server = Server::new(
-            hbone_config(),
+            cfg.clone(),
             "cluster.local",
             certs.clone(),
             n2.clone(),
@@ -512,4 +517,42 @@ async fn a_policy_change_closes_an_open_flow_it_now_denies() {
         r.is_err(),
         "a revoked flow must end in a reset, not EOF: {r:?}"
     );
+}
+
+/// A flow whose client stops reading fills every hop with its echo, up to its stream's window
+/// in the receiving daemon. Another flow on the same HBONE connection must still move: the
+/// connection's window is never all taken by streams whose destinations do not read.
+#[tokio::test]
+async fn a_stalled_flow_does_not_stop_another_on_the_same_connection() {
+    let cfg = HboneConfig {
+        spread: 1,
+        stream_window: 1 << 20,
+        stream_window_start: 1 << 20,
+        ..hbone_config()
+    };
+    let mesh = Mesh::start_with(12, cfg).await;
+    let to = mesh.addr(B, mesh.app[0]);
+    // The stalled flow: written to until nothing more is taken for half a second, never read.
+    let mut stalled = mesh.outbound(A, to).await;
+    let chunk = vec![0x3c; 64 << 10];
+    let mut taken = 0;
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), stalled.write(&chunk)).await
+    {
+        taken += n;
+    }
+    assert!(
+        taken > 2 << 20,
+        "the stalled flow filled its hops: {taken} bytes"
+    );
+    let data = payload(256 << 10);
+    let got = mesh
+        .send(A, to, &data)
+        .await
+        .expect("the other flow completes");
+    assert!(
+        got == answer(mesh.ip(A), &data),
+        "the other flow's bytes arrive intact"
+    );
+    drop(stalled);
 }
