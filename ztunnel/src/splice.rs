@@ -24,7 +24,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use crate::burst::{BurstReader, Readable};
-use crate::hbone::window::{Progress, Window, STALLED_AFTER};
+use crate::hbone::window::{Progress, Window};
 use crate::socket::reset_on_close;
 
 /// Length of an HTTP/2 frame header, which h2 writes in front of each DATA payload.
@@ -97,7 +97,7 @@ pub async fn hbone(
             let mut progress = Progress::default();
             while let Some(chunk) = recv.data().await {
                 let chunk = chunk.map_err(h2_io)?;
-                let refused = write_refused(&mut wr, &chunk, window).await?;
+                let refused = write_refused(&mut wr, &chunk).await?;
                 if let Some(w) = window {
                     let queued = || crate::socket::unacked_bytes(wr.as_ref()).ok();
                     w.passed_on(&mut progress, chunk.len(), refused, queued);
@@ -193,31 +193,15 @@ async fn copy<R: Readable, W: AsyncWrite + Unpin>(
 /// Writes all of `chunk`; true when the socket took none of it at first (still full of the
 /// data before: the destination is not keeping up). A partial write is not a refusal: a large
 /// chunk may not fit a buffer that a fast reader is draining. The first attempt is the write
-/// `write_all` would make, so this costs no extra syscall. A write that then waits
-/// [`STALLED_AFTER`] on a connection whose adaptive `window` has grown tells it the
-/// destination has stalled.
-async fn write_refused(
-    wr: &mut OwnedWriteHalf,
-    chunk: &[u8],
-    window: Option<&Window>,
-) -> io::Result<bool> {
+/// `write_all` would make, so this costs no extra syscall.
+async fn write_refused(wr: &mut OwnedWriteHalf, chunk: &[u8]) -> io::Result<bool> {
     let n = match wr.try_write(chunk) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
     if n < chunk.len() {
-        let mut rest = pin!(wr.write_all(&chunk[n..]));
-        match window {
-            Some(w) if w.grown() => tokio::select! {
-                r = &mut rest => r?,
-                () = tokio::time::sleep(STALLED_AFTER) => {
-                    w.stalled();
-                    rest.await?;
-                }
-            },
-            _ => rest.await?,
-        }
+        wr.write_all(&chunk[n..]).await?;
     }
     Ok(n == 0 && !chunk.is_empty())
 }

@@ -256,9 +256,9 @@ pub struct RunArgs {
     pub hbone_stream_window: Size,
     /// HTTP/2 flow-control window each HBONE stream starts with. A connection's window doubles,
     /// up to --hbone-stream-window, each time one of its flows has passed two windows on to a
-    /// destination that keeps up, and returns to this one when a destination stalls (a write
-    /// to it waits 100 ms) or the connection idles; so a flow whose destination reads slowly
-    /// holds about this much in the receiving daemon. At or above --hbone-stream-window: fixed
+    /// destination that keeps up; it never shrinks (h2 would strand streams), so a flow whose
+    /// destination reads slowly holds about this much in the receiving daemon unless another
+    /// flow of its connection grew the window first. At or above --hbone-stream-window: fixed
     /// windows of that size. Bytes, or with KiB/MiB, from 65535 bytes.
     #[arg(
         long,

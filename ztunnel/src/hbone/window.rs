@@ -14,20 +14,21 @@
 //! take megabytes before a write would block: a destination that stops reading would
 //! otherwise look fast for several windows. So a flow whose destination does not keep up
 //! keeps the start window, and that is what it may hold in this daemon; a bulk flow reaches
-//! the maximum within a few windows of data (256 KiB to 8 MiB: 30 MiB moved). A destination
-//! that kept up and then stops (a write to it waits 100 ms, [`STALLED_AFTER`]) puts the window
-//! back to the start: what the sender already had in flight still arrives, but no more than
-//! the start window follows it.
+//! the maximum within a few windows of data (256 KiB to 8 MiB: 30 MiB moved).
 //!
 //! The window is the connection's (`SETTINGS_INITIAL_WINDOW_SIZE` moves the window of every
 //! stream it carries, as the protocol defines it), so streams sharing a connection share its
-//! size. A connection that passed nothing on for a keepalive interval returns to the start
-//! window. The signal costs the data path little: the copy loop's first write attempt
-//! reports whether the destination took anything, a counter per flow is compared with the
-//! window once per chunk, the kernel's queue is read (one `ioctl`) only when a flow is about
-//! to double the window, and a timer runs only for a write that has to wait while the window
-//! is above the start. With the start window equal to the maximum nothing is
-//! tracked and the windows are fixed.
+//! size. It only grows. Shrinking it would strand streams: h2 applies a smaller setting to
+//! the open streams without announcing the window they had freed but not yet announced (it
+//! waits until that is half a window), so a stream whose data had all been read can be left
+//! with no window on the sender's side and nothing more to read that would announce some; it
+//! never moves again (the test `h2_strands_a_stream_when_its_window_shrinks`). So a flow that
+//! was fast and then stops can hold up to the window its connection grew to; a pooled
+//! connection that idles is released, and the next starts small again. The signal costs the
+//! data path little: the copy loop's first write attempt reports whether the destination took
+//! anything, a counter per flow is compared with the window once per chunk, and the kernel's
+//! queue is read (one `ioctl`) only when a flow is about to double the window. With the start
+//! window equal to the maximum nothing is tracked and the windows are fixed.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -40,7 +41,7 @@ use futures::task::AtomicWaker;
 /// The window sizes a connection moves between (bytes, both within HTTP/2's limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
-    /// Where streams start, and where an idle connection returns.
+    /// Where streams start.
     pub start: u32,
     /// The most a stream's window grows to.
     pub max: u32,
@@ -50,8 +51,6 @@ pub struct Bounds {
 #[derive(Debug)]
 pub struct Window {
     bounds: Bounds,
-    /// Whether its flows passed anything on since the pinger's last tick.
-    active: AtomicBool,
     /// The stream window wanted in force.
     wanted: AtomicU32,
     /// The stream window the driver last put in force.
@@ -75,7 +74,6 @@ impl Window {
         (bounds.start < bounds.max).then(|| {
             Arc::new(Window {
                 bounds,
-                active: AtomicBool::new(false),
                 wanted: AtomicU32::new(bounds.start),
                 applied: AtomicU32::new(bounds.start),
                 resize: AtomicBool::new(false),
@@ -95,10 +93,6 @@ impl Window {
         refused: bool,
         queued: impl FnOnce() -> Option<usize>,
     ) {
-        // Loaded first so that a busy connection does not write the shared line per chunk.
-        if n > 0 && !self.active.load(Ordering::Relaxed) {
-            self.active.store(true, Ordering::Relaxed);
-        }
         if refused {
             progress.since = 0;
             return;
@@ -114,20 +108,6 @@ impl Window {
             if self.wanted.fetch_max(next, Ordering::Relaxed) < next {
                 self.wake_driver();
             }
-        }
-    }
-
-    /// Whether the window has grown: only then is a destination's stall worth watching for.
-    pub fn grown(&self) -> bool {
-        self.wanted.load(Ordering::Relaxed) > self.bounds.start
-    }
-
-    /// A flow's destination has taken nothing for [`STALLED_AFTER`]: back to the start window,
-    /// since more window would only let more wait in this daemon.
-    pub fn stalled(&self) {
-        if self.grown() {
-            self.wanted.store(self.bounds.start, Ordering::Relaxed);
-            self.wake_driver();
         }
     }
 
@@ -170,14 +150,9 @@ impl Window {
         }
     }
 
-    /// At a keepalive tick: back to the start window if nothing was passed on since the last
-    /// one; a window the driver could not put in force yet is asked for again.
+    /// At a keepalive tick: a window the driver could not put in force yet is asked for again.
     fn tick(&self) {
-        let idle = !self.active.swap(false, Ordering::Relaxed);
-        if idle && self.wanted.load(Ordering::Relaxed) != self.bounds.start {
-            self.wanted.store(self.bounds.start, Ordering::Relaxed);
-            self.wake_driver();
-        } else if self.wanted.load(Ordering::Relaxed) != self.applied.load(Ordering::Relaxed) {
+        if self.wanted.load(Ordering::Relaxed) != self.applied.load(Ordering::Relaxed) {
             self.wake_driver();
         }
     }
@@ -187,10 +162,6 @@ impl Window {
         self.driver.wake();
     }
 }
-
-/// How long a write to a flow's destination may wait before the destination counts as
-/// stalled ([`Window::stalled`]): far longer than a reading application's scheduling delays.
-pub const STALLED_AFTER: Duration = Duration::from_millis(100);
 
 /// The window after a flow moved `since` bytes without a refusal, or `None` to keep `now`:
 /// doubled (up to the maximum) once it moved two windows.
@@ -215,8 +186,8 @@ pub enum Ended {
     Closed,
 }
 
-/// Pings the peer every `interval` (keepalive); at each answer, a `window` that passed nothing
-/// on since the previous one returns to its start. Returns when a PING goes unanswered within
+/// Pings the peer every `interval` (keepalive); at each answer, a `window` change the driver
+/// could not put in force yet is asked for again. Returns when a PING goes unanswered within
 /// `timeout` or the connection ends.
 pub async fn pinger(
     mut ping: h2::PingPong,
