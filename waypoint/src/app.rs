@@ -339,7 +339,7 @@ pub fn hbone_config(window: u32, connect_timeout: Duration) -> HboneConfig {
         stream_window: window,
         stream_window_start: window,
         send_buffer: window,
-        connection_window: config::connection_window(STREAMS, window).unwrap_or((1 << 31) - 1),
+        connection_window: config::connection_window(STREAMS, window).unwrap_or(config::MAX_WINDOW),
         max_frame_size: 1 << 20,
         tcp_congestion: None,
         notsent_lowat: None,

@@ -208,7 +208,7 @@ pub fn connection_window(streams: u32, stream_window: u32) -> Option<u32> {
 }
 
 /// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
-const MAX_WINDOW: u32 = (1 << 31) - 1;
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// Checks the state-source flags (`--source`, `--state`, `--state-poll-interval`,
 /// `--kubeconfig`) together; the waypoint takes the same flags and calls this too.
