@@ -7,7 +7,8 @@
 //! - a clean EOF on one side half-closes the other side, and the splice ends when both
 //!   directions are done;
 //! - an error on either side aborts both: TCP sockets are reset (RST, not FIN) and the HTTP/2
-//!   stream is cancelled, so neither application mistakes a failure for a clean end of data.
+//!   stream is cancelled, so neither application mistakes a failure for a clean end of data;
+//! - an [`Abort`] (a policy change revoking the flow) ends it the same way, from outside.
 //!
 //! Reads go through [`crate::burst::BurstReader`], whose buffer exists only while the socket
 //! has data.
@@ -15,6 +16,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
+use std::task::Poll;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -22,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use crate::burst::{BurstReader, Readable};
 use crate::hbone::window::{Progress, Window};
@@ -53,9 +56,51 @@ impl Transferred {
 /// How a splice ended: the bytes moved, and the error that aborted it, if any.
 pub type Outcome = (Transferred, Option<io::Error>);
 
+/// Ends a splice before its flow does: when a reason arrives, the splice resets its sockets
+/// (and cancels its stream) and returns an error that [`aborted`] recognises. The splice owns
+/// its sockets to the end, so nothing else needs a handle to them for this.
+#[derive(Debug)]
+pub struct Abort<'a>(Option<&'a mut oneshot::Receiver<String>>);
+
+impl<'a> Abort<'a> {
+    /// For a flow nothing ends early.
+    pub const NEVER: Abort<'static> = Abort(None);
+
+    /// Ends the splice when `reason` receives one; a dropped sender never ends it.
+    pub fn on(reason: &'a mut oneshot::Receiver<String>) -> Abort<'a> {
+        Abort(Some(reason))
+    }
+
+    async fn wait(self) -> io::Error {
+        if let Some(Ok(reason)) = match self.0 {
+            Some(rx) => Some(rx.await),
+            None => None,
+        } {
+            return io::Error::new(io::ErrorKind::ConnectionAborted, Aborted(reason));
+        }
+        std::future::pending().await
+    }
+}
+
+/// The error of a splice that an [`Abort`] ended, with the abort's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Aborted(String);
+
+/// The reason, when `err` is the error of a splice an [`Abort`] ended.
+pub fn aborted(err: &io::Error) -> Option<&str> {
+    let inner = err.get_ref()?.downcast_ref::<Aborted>()?;
+    Some(&inner.0)
+}
+
 /// Copies both ways between two TCP sockets (`a` is the side [`Transferred::to_tunnel`] is
-/// read from), reporting bytes to `sink` as they move.
-pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outcome {
+/// read from), reporting bytes to `sink` as they move, until both are done or `abort` ends it.
+pub async fn plain(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    sink: &ByteSink,
+    abort: Abort<'_>,
+) -> Outcome {
     let mut bytes = Transferred::default();
     let err = {
         let (ar, mut aw) = a.split();
@@ -64,7 +109,7 @@ pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outco
         let down = pin!(copy(br, &mut aw, &mut bytes.from_tunnel, |n| {
             sink.from_tunnel(n)
         }));
-        both(up, down).await
+        both(up, down, abort).await
     };
     if err.is_some() {
         reset_on_close(&a);
@@ -75,13 +120,15 @@ pub async fn plain(mut a: TcpStream, mut b: TcpStream, sink: &ByteSink) -> Outco
 
 /// Copies both ways between a TCP socket and an HTTP/2 stream (an HBONE flow), reporting
 /// bytes to `sink` as they move, and to the connection's adaptive `window` (if any) whether
-/// the socket took what came from the tunnel at once.
+/// the socket took what came from the tunnel at once; until both directions are done or
+/// `abort` ends it.
 pub async fn hbone(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     window: Option<&Window>,
     sink: &ByteSink,
+    abort: Abort<'_>,
 ) -> Outcome {
     let (mut rd, mut wr) = tcp.into_split();
     let mut bytes = Transferred::default();
@@ -109,7 +156,7 @@ pub async fn hbone(
             }
             wr.shutdown().await
         });
-        both(up, down).await
+        both(up, down, abort).await
     };
     if err.is_some() {
         send.send_reset(h2::Reason::CANCEL);
@@ -161,16 +208,52 @@ impl ByteSink {
     }
 }
 
-/// Runs both directions to the end; the first error ends both and is returned. The two
-/// come pinned by the caller, so each is stored once, in the caller's state: futures taken by
-/// value would be kept twice in every held flow's task.
+/// Runs both directions to the end; the first error, or `abort`, ends both and is returned.
+/// The two come pinned by the caller, so each is stored once, in the caller's state: futures
+/// taken by value would be kept twice in every held flow's task.
 async fn both(
     mut up: Pin<&mut impl Future<Output = io::Result<()>>>,
     mut down: Pin<&mut impl Future<Output = io::Result<()>>>,
+    abort: Abort<'_>,
 ) -> Option<io::Error> {
-    tokio::select! {
-        r = &mut up => match r { Ok(()) => (&mut down).await.err(), Err(e) => Some(e) },
-        r = &mut down => match r { Ok(()) => (&mut up).await.err(), Err(e) => Some(e) },
+    let mut abort = pin!(abort.wait());
+    let (mut up_done, mut down_done) = (false, false);
+    poll_fn(|cx| {
+        if let Poll::Ready(e) = abort.as_mut().poll(cx) {
+            return Poll::Ready(Some(e));
+        }
+        if let Some(e) = poll_half(&mut up_done, up.as_mut(), cx) {
+            return Poll::Ready(Some(e));
+        }
+        if let Some(e) = poll_half(&mut down_done, down.as_mut(), cx) {
+            return Poll::Ready(Some(e));
+        }
+        if up_done && down_done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Polls one direction of [`both`] unless it is `done`; sets `done` when it ends cleanly and
+/// returns its error.
+fn poll_half(
+    done: &mut bool,
+    half: Pin<&mut impl Future<Output = io::Result<()>>>,
+    cx: &mut std::task::Context<'_>,
+) -> Option<io::Error> {
+    if *done {
+        return None;
+    }
+    match half.poll(cx) {
+        Poll::Ready(Ok(())) => {
+            *done = true;
+            None
+        }
+        Poll::Ready(Err(e)) => Some(e),
+        Poll::Pending => None,
     }
 }
 
@@ -266,7 +349,7 @@ pub(crate) mod tests {
     async fn plain_copies_both_ways_with_half_close() {
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default()).await });
+        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
         let up: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         client.write_all(&up).await.expect("write");
         client.shutdown().await.expect("half-close");
@@ -294,7 +377,7 @@ pub(crate) mod tests {
     async fn plain_propagates_a_reset() {
         let (client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default()).await });
+        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
         reset_on_close(&client);
         drop(client);
         let mut buf = [0u8; 16];
@@ -305,5 +388,29 @@ pub(crate) mod tests {
             "the server must see the client's reset"
         );
         assert!(splice.await.expect("splice").1.is_some());
+    }
+
+    /// An abort ends a splice that both sides keep open: each side gets a reset, and the
+    /// splice's error carries the reason, after the bytes that had already crossed.
+    #[tokio::test]
+    async fn an_abort_resets_both_sides_and_names_its_reason() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (tx, mut rx) = oneshot::channel();
+        let splice = tokio::spawn(async move {
+            plain(a, b, &ByteSink::default(), Abort::on(&mut rx)).await
+        });
+        client.write_all(b"before").await.expect("write");
+        let mut buf = [0u8; 6];
+        server.read_exact(&mut buf).await.expect("read");
+        tx.send("revoked for the test".to_string()).expect("send");
+        let (bytes, err) = splice.await.expect("splice");
+        let err = err.expect("an aborted splice reports an error");
+        assert_eq!(aborted(&err), Some("revoked for the test"));
+        assert_eq!(bytes.to_tunnel, 6);
+        for side in [&mut client, &mut server] {
+            let r = side.read(&mut buf).await;
+            assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        }
     }
 }

@@ -191,7 +191,6 @@ impl Workers {
                         reset_on_close(&tcp);
                         continue;
                     };
-                    let _ = tcp.set_nodelay(true);
                     let (guard, serve) = (drain.guard(), serve.clone());
                     self.serve(tcp, move |tcp| serve(tcp, peer, guard, admitted));
                 }
@@ -244,6 +243,7 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socket::{Leg, SocketFactory};
 
     /// A connected loopback pair: (client side, accepted side).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -283,13 +283,16 @@ mod tests {
     }
 
     /// The accept loop runs on the first worker; a connection it places there is served by
-    /// the same thread, the next one (the first worker now busier) on the second worker.
+    /// the same thread, the next one (the first worker now busier) on the second worker. Each
+    /// accepted socket has Nagle's algorithm off, inherited from the factory's listener.
     #[tokio::test]
     async fn accepting_runs_on_the_first_worker_which_serves_what_it_keeps() {
         let workers = Arc::new(Workers::start(2, AcceptErrors::new()).expect("workers"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = crate::socket::PlainSockets {
+            connect_timeout: std::time::Duration::from_secs(1),
+        }
+        .listen(Leg::Pod, "127.0.0.1:0".parse().expect("addr"), false)
+        .expect("listen");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = std::sync::mpsc::channel();
         let w = workers.clone();
@@ -300,7 +303,7 @@ mod tests {
                     let tx = tx.clone();
                     async move {
                         use tokio::io::AsyncReadExt;
-                        let _ = tx.send(current());
+                        let _ = tx.send((current(), tcp.nodelay().ok()));
                         let _ = tcp.read(&mut [0u8; 1]).await;
                         drop(guard);
                     }
@@ -309,9 +312,9 @@ mod tests {
             })
             .expect("acceptor");
         let _first = TcpStream::connect(addr).await.expect("connect");
-        assert_eq!(rx.recv().expect("served"), Some(0));
+        assert_eq!(rx.recv().expect("served"), (Some(0), Some(true)));
         let _second = TcpStream::connect(addr).await.expect("connect");
-        assert_eq!(rx.recv().expect("served"), Some(1));
+        assert_eq!(rx.recv().expect("served"), (Some(1), Some(true)));
         assert_eq!(workers.loads(), vec![1, 1]);
     }
 

@@ -31,10 +31,10 @@ pub(super) enum Hold {
 /// counted (`conns_failed`, `conns_lost`); the report checks both are 0.
 ///
 /// `holders` are (client pod, echo address) pairs sharing the connections. In ambient mode
-/// there are two, one each way between the nodes: a daemon holds two descriptors per inbound
-/// flow and keeps 2,048 free, so under the common limit of 20,000 open files one daemon can
-/// terminate about 8,900 flows, and 10,000 fit only when each node's daemon terminates half.
-/// The memory per connection (both nodes summed) is the same either way.
+/// there are two, one each way between the nodes, so that each daemon terminates half and
+/// stays well inside the common limit of 20,000 open files (a daemon holds a descriptor per
+/// inbound flow and keeps 2,048 free). The memory per connection (both nodes summed) is the
+/// same either way.
 ///
 /// `stalled` ([`Hold::Stalled`]) reports the same per flow as `stalled_mem_per_conn_*_kb`,
 /// and the bytes each client got the path to take before it stopped, `stalled_taken_mib`.

@@ -10,11 +10,11 @@
 //!   certificate) and, separately, per source address (each pod dials from its own IP), each
 //!   capped (`--hbone-inbound-peer-max-connections`, `--hbone-inbound-peer-max-streams`).
 //! - **Descriptors**: every inbound connection holds one descriptor and every stream
-//!   [`FDS_PER_STREAM`] (its connection to the pod, and the duplicate kept to reset it when a
-//!   policy change revokes the flow). When fewer than `--hbone-inbound-fd-headroom` remain below
-//!   the open-file limit, new connections and streams are refused to the identities and
-//!   addresses holding at least an even share of the inbound descriptors: the abuser is
-//!   refused first, peers with a few flows and the node's own outbound flows still get theirs.
+//!   [`FDS_PER_STREAM`] (its connection to the pod). When fewer than
+//!   `--hbone-inbound-fd-headroom` remain below the open-file limit, new connections and
+//!   streams are refused to the identities and addresses holding at least an even share of
+//!   the inbound descriptors: the abuser is refused first, peers with a few flows and the
+//!   node's own outbound flows still get theirs.
 //!   Descriptors in use are counted from `/proc/self/fd` once a second
 //!   ([`Limits::sample_descriptors`]) and moved by the server's own opens and closes in
 //!   between, so the check costs a few atomic loads.
@@ -42,9 +42,9 @@ use crate::config::InboundLimits;
 use crate::identity::SpiffeId;
 use crate::telemetry::throttle::Throttle;
 
-/// Descriptors an inbound stream holds: its connection to the pod and the duplicate of it that
-/// `proxy::connections` keeps to reset the flow on revocation.
-pub const FDS_PER_STREAM: usize = 2;
+/// Descriptors an inbound stream holds: its connection to the pod (a revocation ends the
+/// flow through its splice, which owns that socket, so no second handle is kept).
+pub const FDS_PER_STREAM: usize = 1;
 
 /// How often each kind of refusal is logged at most (the rest are counted into the next line).
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);

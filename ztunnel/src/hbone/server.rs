@@ -159,15 +159,15 @@ impl<H: Handler> Server<H> {
         })
     }
 
-    /// Accepts connections forever, each served on a task of its own. Like the daemon's accept
-    /// loops, it turns Nagle's algorithm off: an HTTP/2 response often leaves in two writes
-    /// (HEADERS, then DATA), and with Nagle the second waits for the peer's ACK of the first.
+    /// Accepts connections forever, each served on a task of its own. `listener` comes from a
+    /// [`crate::socket::SocketFactory`], so what it accepts has Nagle's algorithm off: an
+    /// HTTP/2 response often leaves in two writes (HEADERS, then DATA), and with Nagle the
+    /// second waits for the peer's ACK of the first.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let errors = crate::accept::AcceptErrors::new();
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
                     tokio::spawn(self.clone().serve(tcp, peer));
                 }
                 Err(e) => {

@@ -79,7 +79,7 @@ async fn refusals_reset_growth_and_the_window_never_shrinks() {
 mod over_h2 {
     use super::*;
     use crate::splice::tests::pair as tcp_pair;
-    use crate::splice::{self, ByteSink};
+    use crate::splice::{self, Abort, ByteSink};
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpStream;
@@ -124,7 +124,7 @@ mod over_h2 {
             let w2 = w.clone();
             tokio::spawn(async move {
                 let sink = ByteSink::default();
-                splice::hbone(to_dest, send, req.into_body(), Some(&w2), &sink).await
+                splice::hbone(to_dest, send, req.into_body(), Some(&w2), &sink, Abort::NEVER).await
             });
             loop {
                 tokio::select! {

@@ -3,21 +3,19 @@
 //! Each inbound flow registers its authorization attributes before it is decided; the
 //! [`Registration`] removes it again when the flow ends (drop). On every state change
 //! [`Connections::recheck`] evaluates each open flow against the new policies and revokes the
-//! denied ones: the flow's splice is abandoned and its sockets are reset, so both applications
-//! see a failure rather than a clean end of data.
+//! denied ones: the flow's splice ends and resets its sockets, so both applications see a
+//! failure rather than a clean end of data.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use crate::authz::{self, Decision, Request};
 use crate::identity::SpiffeId;
+use crate::splice::Abort;
 use crate::state::State;
 
 /// What authorization looks at for one flow.
@@ -145,32 +143,11 @@ impl Drop for Registration {
 }
 
 impl Registration {
-    /// Runs `fut` (the flow's splice) until it ends, or until the flow is revoked. On
-    /// revocation the splice is dropped after `sockets` (handles to the flow's TCP sockets,
-    /// made with [`dup`] before the splice took them) are set to reset on close; the HTTP/2
-    /// stream, if any, is cancelled when its handles drop. Returns the revocation reason.
-    ///
-    /// `fut` comes pinned by the caller (`std::pin::pin!`) so the splice is stored once, in
-    /// the caller's state: a future taken by value and pinned here would be kept twice in
-    /// every held connection's task.
-    pub async fn run<T>(
-        &mut self,
-        mut fut: Pin<&mut impl Future<Output = T>>,
-        sockets: Vec<socket2::Socket>,
-    ) -> Result<T, String> {
-        tokio::select! {
-            out = &mut fut => Ok(out),
-            reason = &mut self.revoked => match reason {
-                Ok(reason) => {
-                    for s in &sockets {
-                        let _ = s.set_linger(Some(Duration::ZERO));
-                    }
-                    Err(reason)
-                }
-                // Never revoked (sender gone): just finish.
-                Err(_) => Ok(fut.await),
-            },
-        }
+    /// Ends the flow's splice when a policy change revokes the flow: its sockets are reset and
+    /// its HTTP/2 stream, if any, cancelled ([`crate::splice::Abort`]); the splice's error
+    /// then carries the reason ([`crate::splice::aborted`]).
+    pub fn abort(&mut self) -> Abort<'_> {
+        Abort::on(&mut self.revoked)
     }
 }
 
@@ -178,7 +155,7 @@ impl Registration {
 mod tests {
     use super::*;
     use std::path::Path;
-    use std::pin::pin;
+    use std::time::Duration;
 
     fn state(policies: &str) -> State {
         let yaml = format!(
@@ -204,12 +181,18 @@ mod tests {
         assert_eq!(conns.recheck(&state(""), "istio-system"), 0);
         let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: mesh}\nspec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/bad]}}]}]}\n";
         assert_eq!(conns.recheck(&state(deny), "istio-system"), 1);
-        let r = denied
-            .run(pin!(std::future::pending::<()>()), Vec::new())
-            .await;
-        assert_eq!(r, Err("denied by a policy change".to_string()));
-        let r = kept.run(pin!(async { 7 }), Vec::new()).await;
-        assert_eq!(r, Ok(7));
+        let splice = |abort| async move {
+            let (_client, a) = crate::splice::tests::pair().await;
+            let (b, _server) = crate::splice::tests::pair().await;
+            crate::splice::plain(a, b, &Default::default(), abort).await.1
+        };
+        let err = splice(denied.abort()).await.expect("the denied flow ends");
+        assert_eq!(
+            crate::splice::aborted(&err),
+            Some("denied by a policy change")
+        );
+        let kept_ended = tokio::time::timeout(Duration::from_millis(100), splice(kept.abort()));
+        assert!(kept_ended.await.is_err(), "the allowed flow goes on");
         drop(kept);
         drop(denied);
         assert!(conns.is_empty());

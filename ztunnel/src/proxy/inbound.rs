@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,8 +27,9 @@ use super::route;
 use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::identity::SpiffeId;
-use crate::socket::{dup, Leg};
+use crate::socket::Leg;
 use crate::splice::{self, Transferred};
+use crate::telemetry::ConnMeter;
 use crate::telemetry::{FlowReport, Protocol, Reporter};
 
 impl Handler for Proxy {
@@ -89,18 +90,11 @@ impl Proxy {
             Err(e) => return self.refuse(&[&report], &FlowError::Accept(e), Refuse::Gone),
         };
         let meter = report.open(&self.metrics);
-        let sockets = dup(&pod).into_iter().collect();
         let sink = meter.server_side();
-        let splice = pin!(splice::hbone(pod, send, recv, window.as_deref(), &sink));
-        match reg.run(splice, sockets).await {
-            // The socket side here is the server: what it sent went to the client.
-            Ok((bytes, err)) => {
-                report.closed(meter, bytes.reversed(), err.as_ref().map(|e| e as _), None)
-            }
-            Err(reason) => {
-                report.closed(meter, Transferred::default(), Some(&reason), Some(&reason))
-            }
-        }
+        let abort = reg.abort();
+        let (bytes, err) = splice::hbone(pod, send, recv, window.as_deref(), &sink, abort).await;
+        // The socket side here is the server: what it sent went to the client.
+        closed(&[&report], [meter], bytes.reversed(), err);
     }
 
     /// Serves one captured plaintext connection from `src` to its end.
@@ -217,20 +211,8 @@ impl Proxy {
             .map(|m| m.client_side())
             .reduce(|a, b| a.join(b))
             .unwrap_or_default();
-        let sockets = [dup(&tcp), dup(&pod)].into_iter().flatten().collect();
-        let splice = pin!(splice::plain(tcp, pod, &sink));
-        let (bytes, err, revoked) = match reg.run(splice, sockets).await {
-            Ok((bytes, err)) => (bytes, err.map(|e| e.to_string()), None),
-            Err(reason) => (Transferred::default(), Some(reason.clone()), Some(reason)),
-        };
-        for (r, m) in reports.iter().zip(meters) {
-            r.closed(
-                m,
-                bytes,
-                err.as_ref().map(|e| e as _),
-                revoked.as_ref().map(|e| e as _),
-            );
-        }
+        let (bytes, err) = splice::plain(tcp, pod, &sink, reg.abort()).await;
+        closed(reports, meters, bytes, err);
     }
 
     /// The last hop into a local pod, from the client's own IP.
@@ -239,5 +221,25 @@ impl Proxy {
             .sockets
             .connect(Leg::Pod, Some(client.ip()), pod)
             .await?)
+    }
+}
+
+/// Counts and logs a finished flow for every reporter, each with its meter; a flow a policy
+/// change revoked reports that as its deny reason too.
+fn closed(
+    reports: &[&FlowReport<'_>],
+    meters: impl IntoIterator<Item = ConnMeter>,
+    bytes: Transferred,
+    err: Option<std::io::Error>,
+) {
+    let err = err.as_ref();
+    let revoked = err.and_then(splice::aborted);
+    for (r, m) in reports.iter().zip(meters) {
+        r.closed(
+            m,
+            bytes,
+            err.map(|e| e as _),
+            revoked.as_ref().map(|e| e as _),
+        );
     }
 }

@@ -13,7 +13,7 @@ use super::route::{self, HboneTarget, Outbound, Route};
 use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::client::{ConnectRequest, PoolKey};
 use crate::socket::{reset_on_close, Leg};
-use crate::splice;
+use crate::splice::{self, Abort};
 use crate::state::{State, Workload};
 use crate::telemetry::{FlowReport, Protocol, Reporter};
 
@@ -131,7 +131,7 @@ impl Proxy {
             Err(e) => return self.refuse(&[report], &e.into(), Refuse::Reset(&tcp)),
         };
         let meter = report.open(&self.metrics);
-        let (bytes, err) = splice::plain(tcp, upstream, &meter.client_side()).await;
+        let (bytes, err) = splice::plain(tcp, upstream, &meter.client_side(), Abort::NEVER).await;
         report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
     }
 
@@ -163,6 +163,7 @@ impl Proxy {
                     flow.recv,
                     flow.window.as_deref(),
                     &meter.client_side(),
+                    Abort::NEVER,
                 )
                 .await;
                 report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);

@@ -35,7 +35,7 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug {
     /// addresses; `None`: the node's own address).
     fn connect(&self, leg: Leg, src: Option<IpAddr>, dst: SocketAddr) -> Connecting<'_>;
     /// Binds a listener on `addr`; a `capture` listener accepts connections addressed to any
-    /// IP that the capture steers to it.
+    /// IP that the capture steers to it. What it accepts has Nagle's algorithm off.
     fn listen(&self, leg: Leg, addr: SocketAddr, capture: bool) -> io::Result<TcpListener>;
 }
 
@@ -106,6 +106,7 @@ impl SocketFactory for PlainSockets {
     fn listen(&self, _leg: Leg, addr: SocketAddr, _capture: bool) -> io::Result<TcpListener> {
         let sock = super::tcp_socket(addr)?;
         sock.set_reuseaddr(true)?;
+        sock.set_nodelay(true)?;
         if addr.is_ipv6() {
             // As the daemon's listeners: `[::]:15008` beside `0.0.0.0:15008` (a dual-stack
             // waypoint), each family on its own socket, IPv4 peers never IPv4-mapped.

@@ -24,7 +24,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Binds a listener; `transparent` sockets may accept connections to any address. Accepted
-/// sockets inherit `congestion` (`None`: the node's default).
+/// sockets inherit `congestion` (`None`: the node's default) and have Nagle's algorithm off.
 pub fn listener(
     addr: SocketAddr,
     transparent: bool,
@@ -34,6 +34,8 @@ pub fn listener(
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
+    // Linux copies this to every socket the listener accepts: no `setsockopt` per connection.
+    s.set_tcp_nodelay(true)?;
     set_mark(&s, mark)?;
     if let Some(cc) = congestion {
         s.set_tcp_congestion(cc.as_bytes())?;
@@ -113,11 +115,6 @@ fn timed_out(dst: SocketAddr, timeout: Duration) -> io::Error {
 /// Makes the next close send RST instead of FIN, so the application sees a failure.
 pub fn reset_on_close(tcp: &impl std::os::fd::AsFd) {
     let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-}
-
-/// A second handle to a TCP socket, to reset it after the code owning it is dropped.
-pub fn dup(tcp: &TcpStream) -> Option<Socket> {
-    SockRef::from(tcp).try_clone().ok()
 }
 
 /// Sets `TCP_NOTSENT_LOWAT`: the socket then reports itself writable, and takes more data, only
@@ -219,7 +216,8 @@ mod tests {
     }
 
     /// A transparent connect from an IPv6 source keeps it (`IP_BIND_ADDRESS_NO_PORT` applies
-    /// to IPv6 sockets too); here the source is `::1`, the one IPv6 address a test has.
+    /// to IPv6 sockets too); here the source is `::1`, the one IPv6 address a test has. The
+    /// accepted socket has Nagle's algorithm off without a `setsockopt` of its own.
     #[tokio::test]
     async fn ipv6_listener_and_connect_from_a_chosen_source() {
         if !host_has_ipv6() {
@@ -235,6 +233,7 @@ mod tests {
         let (t, peer) = l.accept().await.expect("accept");
         assert_eq!(peer.ip(), src);
         assert_eq!(t.local_addr().expect("local"), dst, "original destination");
+        assert!(t.nodelay().expect("TCP_NODELAY"), "inherited from the listener");
         let v6only = SockRef::from(&l).only_v6().expect("IPV6_V6ONLY");
         assert!(v6only, "IPv6 listeners leave IPv4 to their twin");
     }
