@@ -344,7 +344,9 @@ fn hbone_server_stays_bounded_under_attack() {
     let open_streams = metric(&c, 2, "ztunnel_hbone_inbound_streams");
     println!(
         "stream flood: RSS {rss_flood} KiB, {open_streams} streams open, peak {peak_fds} of \
-         {DAEMON_FDS} descriptors, real flows took {took:?}"
+         {DAEMON_FDS} descriptors, {} connections refused for descriptors, real flows took \
+         {took:?}",
+        refused_conns(&c, "fd_headroom")
     );
     for t in &took {
         assert!(
