@@ -349,7 +349,8 @@ pub(crate) mod tests {
     async fn plain_copies_both_ways_with_half_close() {
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
+        let splice =
+            tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
         let up: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         client.write_all(&up).await.expect("write");
         client.shutdown().await.expect("half-close");
@@ -377,7 +378,8 @@ pub(crate) mod tests {
     async fn plain_propagates_a_reset() {
         let (client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let splice = tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
+        let splice =
+            tokio::spawn(async move { plain(a, b, &ByteSink::default(), Abort::NEVER).await });
         reset_on_close(&client);
         drop(client);
         let mut buf = [0u8; 16];
@@ -397,9 +399,10 @@ pub(crate) mod tests {
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
         let (tx, mut rx) = oneshot::channel();
-        let splice = tokio::spawn(async move {
-            plain(a, b, &ByteSink::default(), Abort::on(&mut rx)).await
-        });
+        let splice =
+            tokio::spawn(
+                async move { plain(a, b, &ByteSink::default(), Abort::on(&mut rx)).await },
+            );
         client.write_all(b"before").await.expect("write");
         let mut buf = [0u8; 6];
         server.read_exact(&mut buf).await.expect("read");

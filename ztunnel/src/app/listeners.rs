@@ -108,9 +108,11 @@ impl Listeners {
             let l = match got {
                 Some(l) => {
                     l.set_nonblocking(true).map_err(err)?;
-                    // Nagle off as on the factory's listeners: a predecessor of an older version may not
-                    // have set it.
-                    socket2::SockRef::from(&l).set_tcp_nodelay(true).map_err(err)?;
+                    // Nagle off, as on the factory's listeners: a predecessor of an older
+                    // version may not have set it.
+                    socket2::SockRef::from(&l)
+                        .set_tcp_nodelay(true)
+                        .map_err(err)?;
                     TcpListener::from_std(l).map_err(err)?
                 }
                 None => sockets.listen(leg, addr, capture).map_err(err)?,

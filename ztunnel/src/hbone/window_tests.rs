@@ -124,7 +124,15 @@ mod over_h2 {
             let w2 = w.clone();
             tokio::spawn(async move {
                 let sink = ByteSink::default();
-                splice::hbone(to_dest, send, req.into_body(), Some(&w2), &sink, Abort::NEVER).await
+                splice::hbone(
+                    to_dest,
+                    send,
+                    req.into_body(),
+                    Some(&w2),
+                    &sink,
+                    Abort::NEVER,
+                )
+                .await
             });
             loop {
                 tokio::select! {

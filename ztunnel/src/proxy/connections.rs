@@ -184,7 +184,9 @@ mod tests {
         let splice = |abort| async move {
             let (_client, a) = crate::splice::tests::pair().await;
             let (b, _server) = crate::splice::tests::pair().await;
-            crate::splice::plain(a, b, &Default::default(), abort).await.1
+            crate::splice::plain(a, b, &Default::default(), abort)
+                .await
+                .1
         };
         let err = splice(denied.abort()).await.expect("the denied flow ends");
         assert_eq!(

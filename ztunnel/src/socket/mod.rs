@@ -233,7 +233,10 @@ mod tests {
         let (t, peer) = l.accept().await.expect("accept");
         assert_eq!(peer.ip(), src);
         assert_eq!(t.local_addr().expect("local"), dst, "original destination");
-        assert!(t.nodelay().expect("TCP_NODELAY"), "inherited from the listener");
+        assert!(
+            t.nodelay().expect("TCP_NODELAY"),
+            "inherited from the listener"
+        );
         let v6only = SockRef::from(&l).only_v6().expect("IPV6_V6ONLY");
         assert!(v6only, "IPv6 listeners leave IPv4 to their twin");
     }
