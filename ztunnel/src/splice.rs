@@ -72,11 +72,10 @@ impl<'a> Abort<'a> {
     }
 
     async fn wait(self) -> io::Error {
-        if let Some(Ok(reason)) = match self.0 {
-            Some(rx) => Some(rx.await),
-            None => None,
-        } {
-            return io::Error::new(io::ErrorKind::ConnectionAborted, Aborted(reason));
+        if let Some(rx) = self.0 {
+            if let Ok(reason) = rx.await {
+                return io::Error::new(io::ErrorKind::ConnectionAborted, Aborted(reason));
+            }
         }
         std::future::pending().await
     }
