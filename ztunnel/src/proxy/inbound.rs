@@ -24,12 +24,11 @@ use tokio::net::TcpStream;
 
 use super::connections::{FlowAttrs, Registration};
 use super::route;
-use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
+use super::{closed, original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::server::{Handler, InboundRequest, Responder};
 use crate::identity::SpiffeId;
 use crate::socket::Leg;
-use crate::splice::{self, Transferred};
-use crate::telemetry::ConnMeter;
+use crate::splice;
 use crate::telemetry::{FlowReport, Protocol, Reporter};
 
 impl Handler for Proxy {
@@ -221,25 +220,5 @@ impl Proxy {
             .sockets
             .connect(Leg::Pod, Some(client.ip()), pod)
             .await?)
-    }
-}
-
-/// Counts and logs a finished flow for every reporter, each with its meter; a flow a policy
-/// change revoked reports that as its deny reason too.
-fn closed(
-    reports: &[&FlowReport<'_>],
-    meters: impl IntoIterator<Item = ConnMeter>,
-    bytes: Transferred,
-    err: Option<std::io::Error>,
-) {
-    let err = err.as_ref();
-    let revoked = err.and_then(splice::aborted);
-    for (r, m) in reports.iter().zip(meters) {
-        r.closed(
-            m,
-            bytes,
-            err.map(|e| e as _),
-            revoked.as_ref().map(|e| e as _),
-        );
     }
 }

@@ -34,8 +34,9 @@ use tokio::sync::watch;
 use crate::drain::Drain;
 use crate::hbone::client::Pool;
 use crate::socket::{reset_on_close, SocketFactory};
+use crate::splice::{self, Transferred};
 use crate::state::{Service, State, Workload};
-use crate::telemetry::{Failure, FlowReport, Metrics};
+use crate::telemetry::{ConnMeter, Failure, FlowReport, Metrics};
 use crate::workers::Workers;
 use route::Node;
 
@@ -220,4 +221,24 @@ fn reported_service<'a>(
     dst: Option<&Workload>,
 ) -> Option<&'a Service> {
     dialled.or_else(|| state.service_of(dst?.ip).map(|s| &**s))
+}
+
+/// Counts and logs a finished splice for every reporter, each with its meter; a flow a policy
+/// change revoked ([`splice::aborted`]) reports that as its deny reason too.
+fn closed(
+    reports: &[&FlowReport<'_>],
+    meters: impl IntoIterator<Item = ConnMeter>,
+    bytes: Transferred,
+    err: Option<std::io::Error>,
+) {
+    let err = err.as_ref();
+    let revoked = err.and_then(splice::aborted);
+    for (r, m) in reports.iter().zip(meters) {
+        r.closed(
+            m,
+            bytes,
+            err.map(|e| e as _),
+            revoked.as_ref().map(|e| e as _),
+        );
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::route::{self, HboneTarget, Outbound, Route};
-use super::{original_destination, reported_service, FlowError, Proxy, Refuse};
+use super::{closed, original_destination, reported_service, FlowError, Proxy, Refuse};
 use crate::hbone::client::{ConnectRequest, PoolKey};
 use crate::socket::{reset_on_close, Leg};
 use crate::splice::{self, Abort};
@@ -132,7 +132,7 @@ impl Proxy {
         };
         let meter = report.open(&self.metrics);
         let (bytes, err) = splice::plain(tcp, upstream, &meter.client_side(), Abort::NEVER).await;
-        report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
+        closed(&[report], [meter], bytes, err);
     }
 
     async fn via_hbone(
@@ -166,7 +166,7 @@ impl Proxy {
                     Abort::NEVER,
                 )
                 .await;
-                report.closed(meter, bytes, err.as_ref().map(|e| e as _), None);
+                closed(&[report], [meter], bytes, err);
             }
             Err(e) => self.refuse(&[report], &e.into(), Refuse::Reset(&tcp)),
         }
