@@ -28,6 +28,15 @@ pub(super) fn measure(
             SIDECAR_IPERF,
             format!("127.0.0.1:{SIDECAR_ECHO}"),
         ),
+        Mode::Relay => {
+            let off = mode.port_offset();
+            let at = super::relay::CLIENT_SIDE;
+            (
+                at.to_string(),
+                IPERF_PORT + off,
+                format!("{at}:{}", ECHO_PORT + off),
+            )
+        }
         _ => (
             server.ip.to_string(),
             IPERF_PORT + mode.port_offset(),

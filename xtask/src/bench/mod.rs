@@ -10,7 +10,9 @@
 //! - `istio`, only when `ISTIO_ZTUNNEL_BIN` names a build of Istio's own ztunnel: one instance
 //!   per pod in its dedicated mode, HBONE mTLS between them, the client pod's connections
 //!   redirected to its instance by iptables ([`istio`]). The project's aims are ratios
-//!   against this path.
+//!   against this path;
+//! - `relay`, only with `--relay`: a plain TCP relay where each daemon runs, the floor of any
+//!   user-space proxy on the ambient path ([`relay`]).
 //!
 //! Results are medians over `--runs` rounds, with ratios to `direct` (and of `ambient` to
 //! `istio`); a table on the terminal and a JSON file under `<target>/bench/`.
@@ -22,6 +24,7 @@ mod measure;
 mod overhead;
 mod probe;
 mod profile;
+mod relay;
 mod report;
 mod scale;
 mod sched;
@@ -69,6 +72,8 @@ pub enum Mode {
     Envoy,
     /// One Istio ztunnel per pod, dedicated mode (opt-in, [`istio::BIN_ENV`]).
     Istio,
+    /// A plain TCP relay in each daemon's place (opt-in, `--relay`).
+    Relay,
 }
 
 impl Mode {
@@ -78,6 +83,7 @@ impl Mode {
             Mode::Ambient => 1,
             Mode::Envoy => 2,
             Mode::Istio => 3,
+            Mode::Relay => 4,
         }
     }
 
@@ -87,6 +93,7 @@ impl Mode {
             Mode::Ambient => "ambient",
             Mode::Envoy => "envoy",
             Mode::Istio => "istio",
+            Mode::Relay => "relay",
         }
     }
 }
@@ -113,6 +120,8 @@ struct Opts {
     rate: f64,
     /// Connections held open by the `conns` scenario.
     conns: usize,
+    /// Whether to measure the `relay` path too.
+    relay: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -122,6 +131,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         secs: 5.0,
         rate: 1000.0,
         conns: 500,
+        relay: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -134,9 +144,11 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--secs" => o.secs = val("--secs")?.max(1.0),
             "--rate" => o.rate = val("--rate")?.max(1.0),
             "--conns" => o.conns = val("--conns")?.max(1.0) as usize,
+            "--relay" => o.relay = true,
             s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
             other => bail!(
-                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R --conns K; \
+                "unknown argument `{other}` (scenarios: {}; flags: --runs N --secs S --rate R --conns K \
+                 --relay; \
                  or `bench waypoint` alone)",
                 SCENARIOS.join(" ")
             ),
@@ -216,6 +228,7 @@ struct Dataplane {
     pids: Vec<u32>,
     _sidecars: Vec<sidecar::Sidecar>,
     _istio: Option<istio::Mesh>,
+    _relays: Vec<KillOnDrop>,
 }
 
 /// Brings up `mode`'s data plane for client/server pairs and checks it really carries traffic.
@@ -233,6 +246,7 @@ fn bring_up(
             pids: Vec::new(),
             _sidecars: Vec::new(),
             _istio: None,
+            _relays: Vec::new(),
         }),
         Mode::Ambient => {
             let nodes = cluster.spec().nodes;
@@ -257,6 +271,7 @@ fn bring_up(
                 pids,
                 _sidecars: Vec::new(),
                 _istio: None,
+                _relays: Vec::new(),
             })
         }
         Mode::Envoy => {
@@ -281,6 +296,7 @@ fn bring_up(
                 pids,
                 _sidecars: sidecars,
                 _istio: None,
+                _relays: Vec::new(),
             })
         }
         Mode::Istio => {
@@ -292,6 +308,21 @@ fn bring_up(
                 pids: mesh.pids(),
                 _sidecars: Vec::new(),
                 _istio: Some(mesh),
+                _relays: Vec::new(),
+            })
+        }
+        Mode::Relay => {
+            let (c, s) = &pairs[0];
+            let (relays, pids) = relay::start(cluster, c, s)?;
+            let port = ECHO_PORT + Mode::Relay.port_offset();
+            c.send(&SendOpts::to(&format!("{}:{port}", relay::CLIENT_SIDE)))?
+                .check()
+                .context("relay check")?;
+            Ok(Dataplane {
+                pids,
+                _sidecars: Vec::new(),
+                _istio: None,
+                _relays: relays,
             })
         }
     }
@@ -339,6 +370,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         eprintln!("bench: istio path with {}", bin.display());
         istio::prepare()?;
         modes.push(Mode::Istio);
+    }
+    if o.relay {
+        modes.push(Mode::Relay);
     }
     let load_before = uptime();
     let spec = ClusterSpec::new(2)

@@ -66,22 +66,41 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
         (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
         _ => "-".into(),
     };
-    // The istio path has columns only when it was measured (`ISTIO_ZTUNNEL_BIN`).
-    let istio = s.keys().any(|(mode, _)| *mode == Mode::Istio);
-    let modes: &[Mode] = if istio {
-        &[Mode::Direct, Mode::Ambient, Mode::Envoy, Mode::Istio]
-    } else {
-        &[Mode::Direct, Mode::Ambient, Mode::Envoy]
-    };
+    // The istio and relay paths have columns only when they were measured
+    // (`ISTIO_ZTUNNEL_BIN`, `--relay`).
+    let measured = |m: Mode| s.keys().any(|(mode, _)| *mode == m);
+    let (istio, relay) = (measured(Mode::Istio), measured(Mode::Relay));
+    let modes: Vec<Mode> = [
+        Mode::Direct,
+        Mode::Ambient,
+        Mode::Envoy,
+        Mode::Istio,
+        Mode::Relay,
+    ]
+    .into_iter()
+    .filter(|&m| m <= Mode::Envoy || measured(m))
+    .collect();
+    // Ratios of one path to another beyond those to `direct`: the aims against Istio's
+    // ztunnel, and how far each mesh data plane is above the floor of a plain relay.
+    let mut pairs = Vec::new();
+    if istio {
+        pairs.push((Mode::Ambient, Mode::Istio));
+    }
+    if relay {
+        pairs.push((Mode::Ambient, Mode::Relay));
+        if istio {
+            pairs.push((Mode::Istio, Mode::Relay));
+        }
+    }
     let mut head = format!("| metric (median of {} runs) |", o.runs);
-    for mode in modes {
+    for mode in &modes {
         head.push_str(&format!(" {} |", mode.name()));
     }
     for mode in &modes[1..] {
         head.push_str(&format!(" {}/direct |", mode.name()));
     }
-    if istio {
-        head.push_str(" ambient/istio |");
+    for (a, b) in &pairs {
+        head.push_str(&format!(" {}/{} |", a.name(), b.name()));
     }
     let cols = head.matches('|').count() - 1;
     let mut t = format!("\n{head}\n|{}\n", "---|".repeat(cols));
@@ -89,24 +108,21 @@ pub(super) fn report(o: &Opts, s: &Samples, before: &str, after: &str) -> Report
     for m in &metrics {
         let d = med(Mode::Direct, m);
         let mut row = format!("| {m} |");
-        for &mode in modes {
+        for &mode in &modes {
             row.push_str(&format!(" {} |", cell(med(mode, m))));
         }
         for &mode in &modes[1..] {
             row.push_str(&format!(" {} |", ratio(med(mode, m), d)));
         }
-        if istio {
-            row.push_str(&format!(
-                " {} |",
-                ratio(med(Mode::Ambient, m), med(Mode::Istio, m))
-            ));
+        for &(a, b) in &pairs {
+            row.push_str(&format!(" {} |", ratio(med(a, m), med(b, m))));
         }
         t.push_str(&row);
         t.push('\n');
         let samples = |mode: Mode| s.get(&(mode, m.to_string())).cloned().unwrap_or_default();
         let mut entry = serde_json::Map::new();
         let mut all = serde_json::Map::new();
-        for &mode in modes {
+        for &mode in &modes {
             entry.insert(mode.name().into(), json!(med(mode, m)));
             all.insert(mode.name().into(), json!(samples(mode)));
         }
