@@ -6,6 +6,7 @@
 //! meshload crr --to IP:PORT --secs S [--conns K | --rate PER_SEC]
 //! meshload hold --to IP:PORT --conns K --secs S [--bytes N]
 //! meshload churn --to IP:PORT --rate PER_SEC --secs S [--bytes N] [--threads T]
+//! meshload seal [--record BYTES] [--secs S]
 //! ```
 //!
 //! `rr`: one connection, a request of `size` bytes, wait for the whole echo, repeat. Without
@@ -27,6 +28,8 @@
 //! `churn`: new connections on a fixed schedule of `rate` per second for `secs`, each echoing
 //! `bytes` of a pattern of its own, compared, then closed normally: the steady load of a soak
 //! run; prints how many succeeded and failed (exit 0 either way: the caller judges).
+//! `seal`: no network; seals TLS 1.3 records with the daemons' cipher for `secs` on one thread
+//! and prints GB of payload per second: the cipher's share of the per-byte cost.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -60,6 +63,18 @@ enum Cmd {
     Hold(HoldArgs),
     /// Short connections at a steady rate, each echoing and checking a few KiB.
     Churn(ChurnArgs),
+    /// Seal TLS 1.3 records as the daemons do: GB of payload per second on one thread.
+    Seal(SealArgs),
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+struct SealArgs {
+    /// Payload bytes per record (TLS allows at most 16 KiB).
+    #[arg(long, default_value_t = 16384)]
+    record: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 1.0)]
+    secs: f64,
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -145,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Crr(a) => crr(&a),
         Cmd::Hold(a) => hold(&a),
         Cmd::Churn(a) => churn(&a),
+        Cmd::Seal(a) => seal(&a),
     };
     match result {
         Ok(report) => {
@@ -572,5 +588,46 @@ fn churn(a: &ChurnArgs) -> Res<serde_json::Value> {
     Ok(json!({
         "connections": ok, "failed": failed, "late": late, "last_error": last_error,
         "secs": elapsed, "cps": ok as f64 / elapsed, "bytes": bytes,
+    }))
+}
+
+/// How fast one thread seals TLS 1.3 records with the daemons' provider (rustls with ring) and
+/// the suite their HBONE connections negotiate (TLS13_AES_256_GCM_SHA384, the first offered).
+/// Every byte through the mesh is sealed by one daemon and opened by the other at about the
+/// same speed, so 2 / this figure is the CPU seconds per GB that any HBONE data plane pays on
+/// top of a plain relay before it does anything else (docs/BENCHMARKS.md).
+fn seal(a: &SealArgs) -> Res<serde_json::Value> {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    use rustls::{ContentType, ProtocolVersion};
+    if a.record == 0 || a.record > 16 * 1024 {
+        return Err(format!("--record {}: 1 to 16384 bytes", a.record));
+    }
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384
+        .tls13()
+        .ok_or("TLS13_AES_256_GCM_SHA384 is not a TLS 1.3 suite")?;
+    let mut enc = suite
+        .aead_alg
+        .encrypter(AeadKey::from([7u8; 32]), Iv::new([1u8; 12]));
+    let payload = vec![0x5a_u8; a.record];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(a.secs);
+    let mut records = 0u64;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            let msg = OutboundPlainMessage {
+                typ: ContentType::ApplicationData,
+                version: ProtocolVersion::TLSv1_2,
+                payload: OutboundChunks::Single(&payload),
+            };
+            let sealed = enc.encrypt(msg, records).map_err(|e| e.to_string())?;
+            std::hint::black_box(sealed);
+            records += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = records * a.record as u64;
+    Ok(json!({
+        "suite": "TLS13_AES_256_GCM_SHA384", "record": a.record, "records": records,
+        "secs": secs, "gb_per_s": bytes as f64 / secs / 1e9,
     }))
 }

@@ -256,6 +256,19 @@ pub fn meshload_result(child: Child) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("meshload JSON")
 }
 
+/// `meshload seal` on the host, one second: GB of payload per second that one thread seals
+/// into TLS records as the daemons do.
+pub fn tls_seal_gb_per_s() -> Result<f64> {
+    let child = std::process::Command::new(crate::bench::meshload_bin())
+        .args(["seal", "--secs", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting meshload seal")?;
+    super::measure::num(&meshload_result(child)?, "gb_per_s")
+}
+
 /// `meshload crr` arguments: connections back to back, or with `rate` on a fixed schedule,
 /// each timed.
 pub fn crr_args(to: &str, secs: f64, rate: Option<f64>) -> Vec<String> {
