@@ -223,6 +223,41 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Waits until `ss -Htln` (as `ss` runs it, in the process's namespace) lists every address of
+/// `want` (`ip:port`), for at most `within`. `what` names the process in errors; if it exits
+/// first, the error carries its `log`.
+fn wait_listening(
+    what: &str,
+    ss: impl Fn() -> Result<std::process::Output>,
+    want: &[String],
+    child: &mut Child,
+    log: &std::path::Path,
+    within: Duration,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let out = ss()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if want.iter().all(|a| text.split_whitespace().any(|w| w == a)) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{what} exited ({status}); log {}:\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{what} did not listen on {want:?} within {} s",
+                within.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The data plane of one mode while it is up: whose CPU and memory count.
 struct Dataplane {
     pids: Vec<u32>,
@@ -313,7 +348,8 @@ fn bring_up(
         }
         Mode::Relay => {
             let (c, s) = &pairs[0];
-            let (relays, pids) = relay::start(cluster, c, s)?;
+            let relays = relay::start(cluster, c, s)?;
+            let pids = relays.iter().map(|r| r.0.id()).collect();
             let port = ECHO_PORT + Mode::Relay.port_offset();
             c.send(&SendOpts::to(&format!("{}:{port}", relay::CLIENT_SIDE)))?
                 .check()

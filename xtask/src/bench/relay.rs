@@ -12,11 +12,10 @@
 //! Without a connection pool each new connection also costs a handshake between the relays,
 //! so its connection figures are not a floor.
 
-use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use mesh_tests::cluster::{in_netns, node_ip, Cluster, Pod};
 
 use super::{KillOnDrop, Mode, ECHO_PORT, IPERF_PORT};
@@ -30,64 +29,36 @@ fn binary() -> std::path::PathBuf {
 }
 
 /// Starts both relays for `client` to `server` on the relay path's two ports; returns them
-/// with their pids once each listens.
-pub fn start(cluster: &Cluster, client: &Pod, server: &Pod) -> Result<(Vec<KillOnDrop>, Vec<u32>)> {
+/// once each listens.
+pub fn start(cluster: &Cluster, client: &Pod, server: &Pod) -> Result<Vec<KillOnDrop>> {
     let off = Mode::Relay.port_offset();
     let far = node_ip(server.node);
     let mut relays = Vec::new();
-    let mut pids = Vec::new();
     for (node, listen, target) in [
         (client.node, CLIENT_SIDE.to_string(), far.to_string()),
         (server.node, far.to_string(), server.ip.to_string()),
     ] {
-        let pairs: Vec<String> = [ECHO_PORT + off, IPERF_PORT + off]
-            .iter()
-            .map(|p| format!("{listen}:{p}={target}:{p}"))
-            .collect();
+        let ports = [ECHO_PORT + off, IPERF_PORT + off];
+        let want: Vec<String> = ports.iter().map(|p| format!("{listen}:{p}")).collect();
         let log = cluster.workdir().join(format!("relay-node{node}.log"));
         let child = in_netns(&cluster.node_netns(node), binary())
             .args(["--threads", &super::istio::WORKER_THREADS.to_string()])
-            .args(&pairs)
+            .args(ports.iter().map(|p| format!("{listen}:{p}={target}:{p}")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?)
             .spawn()
             .with_context(|| format!("starting the relay in node{node}"))?;
-        pids.push(child.id());
         let mut child = KillOnDrop(child);
-        let want: Vec<String> = pairs
-            .iter()
-            .filter_map(|p| p.split_once('=').map(|(l, _)| l.to_string()))
-            .collect();
-        wait_listening(cluster, node, &want, &mut child, &log)?;
+        super::wait_listening(
+            &format!("the relay in node{node}"),
+            || cluster.node_exec(node, "ss", &["-Htln"]),
+            &want,
+            &mut child.0,
+            &log,
+            Duration::from_secs(10),
+        )?;
         relays.push(child);
     }
-    Ok((relays, pids))
-}
-
-fn wait_listening(
-    cluster: &Cluster,
-    node: usize,
-    want: &[String],
-    child: &mut KillOnDrop,
-    log: &Path,
-) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = cluster.node_exec(node, "ss", &["-Htln"])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if want.iter().all(|a| text.split_whitespace().any(|w| w == a)) {
-            return Ok(());
-        }
-        if let Some(status) = child.0.try_wait()? {
-            bail!(
-                "the relay in node{node} exited ({status}): {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("the relay in node{node} did not listen on {want:?} within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Ok(relays)
 }

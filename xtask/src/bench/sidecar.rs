@@ -9,7 +9,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::cluster::Pod;
@@ -243,30 +243,15 @@ pub fn run_envoy(
         pid: child.id(),
         child,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = pod.exec("ss", ["-Htln"])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let listening = |a: &String| text.split_whitespace().any(|w| w == a);
-        if want.iter().all(listening) {
-            return Ok(sc);
-        }
-        if let Some(status) = sc.child.try_wait()? {
-            bail!(
-                "envoy in {} exited ({status}); log {}:\n{}",
-                pod.key(),
-                log.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "envoy in {} did not listen on {want:?} within 30 s",
-                pod.key()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    super::wait_listening(
+        &format!("envoy in {}", pod.key()),
+        || pod.exec("ss", ["-Htln"]),
+        want,
+        &mut sc.child,
+        &log,
+        Duration::from_secs(30),
+    )?;
+    Ok(sc)
 }
 
 #[cfg(test)]
