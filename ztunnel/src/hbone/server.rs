@@ -398,9 +398,10 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// Pings the client every `interval` (HTTP/2 PING; an idle connection's adaptive `window`
-/// returns to its start); resolves when one is not answered within `timeout`. Pending forever if the
-/// connection offers no pinger (it always does once) or has ended (`accept` reports that).
+/// Pings the client every `interval` (HTTP/2 PING; at each answer, an adaptive `window`
+/// change not yet in force is asked for again); resolves when one is not answered within
+/// `timeout`. Pending forever if the connection offers no pinger (it always does once) or has
+/// ended (`accept` reports that).
 async fn keepalive(
     ping: Option<h2::PingPong>,
     window: Option<Arc<Window>>,

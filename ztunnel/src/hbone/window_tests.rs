@@ -75,7 +75,7 @@ async fn refusals_reset_growth_and_the_window_never_shrinks() {
 
 /// Real h2 over loopback TCP, the receiving side run as the daemon runs it: the stream
 /// copied to its destination by [`crate::splice::hbone`], the connection's windows put in
-/// force by its driver.
+/// force by its driver, refused changes asked for again by its [`pinger`].
 mod over_h2 {
     use super::*;
     use crate::splice::tests::pair as tcp_pair;
@@ -117,6 +117,16 @@ mod over_h2 {
                 .handshake::<_, Bytes>(server_tcp)
                 .await
                 .expect("h2 handshake");
+            // The daemon's keepalive, at a test's pace: a window change refused while the
+            // previous SETTINGS awaits its acknowledgement is asked for again at the next answer.
+            let ping = conn.ping_pong().expect("pinger");
+            let interval = Duration::from_millis(20);
+            tokio::spawn(pinger(
+                ping,
+                Some(w.clone()),
+                interval,
+                Duration::from_secs(5),
+            ));
             let (req, mut respond) = conn.accept().await.expect("stream").expect("request");
             let send = respond
                 .send_response(http::Response::new(()), false)
